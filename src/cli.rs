@@ -1,0 +1,71 @@
+//! Command-line interface (clap).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::DeleteMode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "drmirror",
+    version,
+    about = "Keeps a disaster-recovery mirror of a directory tree current within seconds"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+fn parse_delete(s: &str) -> Result<DeleteMode, String> {
+    DeleteMode::parse(s).ok_or_else(|| "expected true, false, startup or running".to_string())
+}
+
+fn parse_delay(s: &str) -> Result<Duration, String> {
+    crate::config::parse_delay_arg(s)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Mirror a source to one or more targets, in the foreground.
+    Run {
+        /// TOML configuration file (see README "Configuration").
+        #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "delay"])]
+        config: Option<PathBuf>,
+        /// Directory to mirror.
+        #[arg(long)]
+        source: Option<PathBuf>,
+        /// Local directory to mirror into (repeatable).
+        #[arg(long)]
+        target: Vec<PathBuf>,
+        /// State directory holding the journal (default: see README).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Exclude pattern, gitignore syntax (repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Delete mode: true, false, startup or running.
+        #[arg(long, value_parser = parse_delete)]
+        delete: Option<DeleteMode>,
+        /// Batching delay, e.g. 100ms.
+        #[arg(long, value_parser = parse_delay)]
+        delay: Option<Duration>,
+    },
+    /// Compare a source tree with its mirror; exit 1 listing differences.
+    Verify {
+        #[arg(long)]
+        source: PathBuf,
+        #[arg(long)]
+        target: PathBuf,
+        /// Also compare file contents (BLAKE3, in parallel).
+        #[arg(long)]
+        checksum: bool,
+        /// Exclude pattern, gitignore syntax (repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Do not compare owner and group (compared by default when root).
+        #[arg(long)]
+        no_owner: bool,
+    },
+}

@@ -1,0 +1,518 @@
+//! Configuration: the TOML file, the `run` quick form, and their validation.
+//!
+//! Everything a daemon needs is checked here, before any state is touched:
+//! an invalid configuration is one line naming the field and the problem
+//! (exit code 2), never a half-started mirror.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// lsyncd's `delete` semantics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeleteMode {
+    /// Remove extraneous target entries at startup and propagate deletes.
+    #[default]
+    Always,
+    /// Never delete anything on the target.
+    Never,
+    /// Only remove extraneous target entries during the startup scan.
+    Startup,
+    /// Only propagate deletes seen while running.
+    Running,
+}
+
+impl DeleteMode {
+    pub fn at_startup(self) -> bool {
+        matches!(self, DeleteMode::Always | DeleteMode::Startup)
+    }
+    pub fn while_running(self) -> bool {
+        matches!(self, DeleteMode::Always | DeleteMode::Running)
+    }
+    pub fn parse(s: &str) -> Option<DeleteMode> {
+        Some(match s {
+            "true" => DeleteMode::Always,
+            "false" => DeleteMode::Never,
+            "startup" => DeleteMode::Startup,
+            "running" => DeleteMode::Running,
+            _ => return None,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for DeleteMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = DeleteMode;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"true, false, "startup" or "running""#)
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<DeleteMode, E> {
+                Ok(if v {
+                    DeleteMode::Always
+                } else {
+                    DeleteMode::Never
+                })
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DeleteMode, E> {
+                match v {
+                    "startup" => Ok(DeleteMode::Startup),
+                    "running" => Ok(DeleteMode::Running),
+                    _ => Err(E::invalid_value(de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Capture backend selection (`fanotify` arrives with the capture issue).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchMode {
+    #[default]
+    Auto,
+    Inotify,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. \"200ms\", \"1s\")"))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = Duration;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(r#"a duration such as "200ms" or a number of seconds"#)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+            parse_duration(v).map_err(E::custom)
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
+            Duration::try_from_secs_f64(v).map_err(E::custom)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+            u64::try_from(v)
+                .map(Duration::from_secs)
+                .map_err(|_| E::custom("negative duration"))
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// Bounds on the on-disk backlog of one target.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backlog {
+    pub max_entries: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for Backlog {
+    fn default() -> Self {
+        Backlog {
+            max_entries: 10_000_000,
+            max_bytes: 4 << 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: Option<String>,
+    pub path: PathBuf,
+}
+
+pub const DEFAULT_DELAY: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    source: PathBuf,
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    #[serde(default)]
+    delete: DeleteMode,
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    delay: Option<Duration>,
+    #[serde(default)]
+    watch: WatchMode,
+    #[serde(default)]
+    backlog: Backlog,
+    #[serde(default, rename = "target")]
+    targets: Vec<TargetConfig>,
+}
+
+fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
+/// A validated target.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// A validated configuration: paths are absolute and canonical.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub source: PathBuf,
+    pub state_dir: PathBuf,
+    pub exclude: Vec<String>,
+    pub delete: DeleteMode,
+    pub delay: Duration,
+    pub watch: WatchMode,
+    pub backlog: Backlog,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {msg}")]
+    Syntax { file: String, msg: String },
+    #[error("`{field}`: {problem}")]
+    Field { field: String, problem: String },
+    #[error("cannot read {file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+}
+
+fn field(field: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field: field.to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// Quick-form settings from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct QuickForm {
+    pub source: Option<PathBuf>,
+    pub targets: Vec<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub exclude: Vec<String>,
+    pub delete: Option<DeleteMode>,
+    pub delay: Option<Duration>,
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &file.display().to_string())
+    }
+
+    pub fn from_toml(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(text, file, &e))?;
+        validate(raw)
+    }
+
+    pub fn from_quick(q: QuickForm) -> Result<Config, ConfigError> {
+        let source = q
+            .source
+            .ok_or_else(|| field("source", "missing (--source DIR)"))?;
+        if q.targets.is_empty() {
+            return Err(field("target", "missing (--target DIR)"));
+        }
+        validate(RawConfig {
+            source,
+            state_dir: q.state_dir,
+            exclude: q.exclude,
+            delete: q.delete.unwrap_or_default(),
+            delay: q.delay,
+            watch: WatchMode::Auto,
+            backlog: Backlog::default(),
+            targets: q
+                .targets
+                .into_iter()
+                .map(|path| TargetConfig { name: None, path })
+                .collect(),
+        })
+    }
+}
+
+/// One line: the file, the line number, the key on that line, and the parser's
+/// message (toml's own rendering spans several lines with a source excerpt).
+fn syntax_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
+    let msg = e.message().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return ConfigError::Syntax {
+            file: file.to_string(),
+            msg,
+        };
+    };
+    let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'));
+    let msg = match key {
+        Some(k) if !k.is_empty() && !msg.contains(&format!("`{k}`")) => format!("`{k}`: {msg}"),
+        _ => msg,
+    };
+    ConfigError::Syntax {
+        file: file.to_string(),
+        msg: format!("line {line_no}: {msg}"),
+    }
+}
+
+/// `path` made absolute and canonical; for a path that does not exist yet,
+/// its nearest existing ancestor is canonicalised and the rest appended.
+fn canonical_lenient(path: &Path) -> std::io::Result<PathBuf> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    };
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        match cur.canonicalize() {
+            Ok(c) => {
+                let mut out = c;
+                for comp in rest.iter().rev() {
+                    out.push(comp);
+                }
+                return Ok(out);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let (Some(parent), Some(name)) = (cur.parent(), cur.file_name()) else {
+                    return Err(e);
+                };
+                if name == ".." {
+                    return Err(e);
+                }
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The documented default state directory for a source.
+pub fn default_state_dir(source: &Path) -> PathBuf {
+    let base = if let Some(d) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+        // systemd's StateDirectory= may list several, colon-separated.
+        let first = d
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        return PathBuf::from(first);
+    } else if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        PathBuf::from(x).join("drmirror")
+    } else if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        PathBuf::from(h).join(".local/state/drmirror")
+    } else {
+        PathBuf::from("/var/lib/drmirror")
+    };
+    let s = source.to_string_lossy();
+    let name: String = s
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    let hash = crc32fast::hash(source.as_os_str().as_encoded_bytes());
+    base.join(format!("{name}-{hash:08x}"))
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let source = raw
+        .source
+        .canonicalize()
+        .map_err(|e| field("source", format!("{}: {e}", raw.source.display())))?;
+    if !source.is_dir() {
+        return Err(field(
+            "source",
+            format!("{} is not a directory", source.display()),
+        ));
+    }
+    if raw.targets.is_empty() {
+        return Err(field("target", "at least one [[target]] is required"));
+    }
+    let mut targets: Vec<Target> = Vec::new();
+    for t in &raw.targets {
+        let path = canonical_lenient(&t.path)
+            .map_err(|e| field("target", format!("{}: {e}", t.path.display())))?;
+        if path.starts_with(&source) {
+            return Err(field(
+                "target",
+                format!(
+                    "{} is inside the source {}",
+                    path.display(),
+                    source.display()
+                ),
+            ));
+        }
+        if source.starts_with(&path) {
+            return Err(field(
+                "target",
+                format!(
+                    "{} contains the source {}",
+                    path.display(),
+                    source.display()
+                ),
+            ));
+        }
+        let name = t.name.clone().unwrap_or_else(|| path.display().to_string());
+        if name.is_empty() {
+            return Err(field("target.name", "must not be empty"));
+        }
+        if targets.iter().any(|o| o.name == name) {
+            return Err(field(
+                "target.name",
+                format!("duplicate target name {name:?}"),
+            ));
+        }
+        if targets.iter().any(|o| o.path == path) {
+            return Err(field(
+                "target",
+                format!("{} is listed twice", path.display()),
+            ));
+        }
+        targets.push(Target { name, path });
+    }
+    let state_dir = raw
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| default_state_dir(&source));
+    let state_dir = canonical_lenient(&state_dir)
+        .map_err(|e| field("state_dir", format!("{}: {e}", state_dir.display())))?;
+    if state_dir.starts_with(&source) {
+        return Err(field(
+            "state_dir",
+            format!(
+                "{} is inside the source {}",
+                state_dir.display(),
+                source.display()
+            ),
+        ));
+    }
+    for t in &targets {
+        if state_dir.starts_with(&t.path) || t.path.starts_with(&state_dir) {
+            return Err(field(
+                "state_dir",
+                format!(
+                    "{} overlaps the target {}",
+                    state_dir.display(),
+                    t.path.display()
+                ),
+            ));
+        }
+    }
+    let mut gi = ignore::gitignore::GitignoreBuilder::new(&source);
+    for pat in &raw.exclude {
+        gi.add_line(None, pat)
+            .map_err(|e| field("exclude", format!("{pat:?}: {e}")))?;
+    }
+    gi.build().map_err(|e| field("exclude", e.to_string()))?;
+    if raw.backlog.max_entries == 0 {
+        return Err(field("backlog.max_entries", "must be at least 1"));
+    }
+    if raw.backlog.max_bytes == 0 {
+        return Err(field("backlog.max_bytes", "must be at least 1"));
+    }
+    let delay = raw.delay.unwrap_or(DEFAULT_DELAY);
+    if delay > Duration::from_secs(3600) {
+        return Err(field("delay", "must be at most 1h"));
+    }
+    Ok(Config {
+        source,
+        state_dir,
+        exclude: raw.exclude,
+        delete: raw.delete,
+        delay,
+        watch: raw.watch,
+        backlog: raw.backlog,
+        targets,
+    })
+}
+
+/// Parses a `--delay` argument.
+pub fn parse_delay_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dirs() -> (tempfile::TempDir, String, String) {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("src")).unwrap();
+        let s = t.path().join("src").display().to_string();
+        let d = t.path().join("dst").display().to_string();
+        (t, s, d)
+    }
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text, "c.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let (t, s, d) = dirs();
+        let c = Config::from_toml(
+            &format!(
+                "source = {s:?}\nstate_dir = {:?}\nexclude = [\"*.tmp\"]\ndelete = \"running\"\ndelay = \"250ms\"\nwatch = \"inotify\"\n[backlog]\nmax_entries = 5\n[[target]]\nname = \"dr\"\npath = {d:?}\n",
+                t.path().join("state").display().to_string()
+            ),
+            "c.toml",
+        )
+        .unwrap();
+        assert_eq!(c.delete, DeleteMode::Running);
+        assert_eq!(c.delay, Duration::from_millis(250));
+        assert_eq!(c.backlog.max_entries, 5);
+        assert_eq!(c.targets[0].name, "dr");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let (_t, s, d) = dirs();
+        assert!(err(&format!("sorce = {s:?}")).contains("sorce"));
+        let e = err(&format!(
+            "source = {s:?}\ndelete = 3\n[[target]]\npath = {d:?}\n"
+        ));
+        assert!(e.contains("delete"), "{e}");
+        let e = err(&format!(
+            "source = {s:?}\ndelay = \"soon\"\n[[target]]\npath = {d:?}\n"
+        ));
+        assert!(e.contains("delay"), "{e}");
+        let e = err(&format!(
+            "source = \"/nonexistent/x\"\n[[target]]\npath = {d:?}\n"
+        ));
+        assert!(e.contains("`source`"), "{e}");
+        let e = err(&format!(
+            "source = {s:?}\n[[target]]\npath = \"{s}/inner\"\n"
+        ));
+        assert!(e.contains("`target`") && e.contains("inside"), "{e}");
+        let e = err(&format!(
+            "source = {s:?}\nstate_dir = \"{s}/st\"\n[[target]]\npath = {d:?}\n"
+        ));
+        assert!(e.contains("`state_dir`"), "{e}");
+        let e = err(&format!("source = {s:?}\n"));
+        assert!(e.contains("target"), "{e}");
+        assert!(!err("source = [").contains('\n'));
+    }
+}

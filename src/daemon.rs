@@ -1,0 +1,367 @@
+//! `drmirror run`: lifecycle of the mirror daemon.
+//!
+//! Start order: lock the state dir, open the journal, open the targets,
+//! start capture, say `drmirror ready` — then compare the source with each
+//! target in the background (the startup scan) while live changes already
+//! flow. Stop (SIGTERM/SIGINT): stop capture and shippers at a batch
+//! boundary, flush the journal, exit 0.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Sender};
+
+use crate::config::{Config, WatchMode};
+use crate::filter::Filter;
+use crate::fsops::Root;
+use crate::journal::{flags, Change, Journal, JournalError, TargetId};
+use crate::ship::{ShipStats, Shipper};
+use crate::sync::{Compare, ScanStats};
+use crate::target::local::{DeletePolicy, LocalTarget};
+use crate::watch::inotify::InotifyWatcher;
+use crate::watch::{Event, WatchError, Watcher};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another drmirror is already running with state directory {0}")]
+    AlreadyRunning(PathBuf),
+    #[error("journal in {path}: {source}")]
+    Journal { path: PathBuf, source: JournalError },
+    #[error(transparent)]
+    JournalRuntime(#[from] JournalError),
+    #[error("source {path}: {source}")]
+    Source {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("target {name} ({path}): {source}")]
+    Target {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("exclude patterns: {0}")]
+    Filter(#[from] ignore::Error),
+    #[error("change capture: {0}")]
+    Watch(#[from] WatchError),
+    #[error("signal handling: {0}")]
+    Signals(std::io::Error),
+    #[error("a worker thread panicked: {0}")]
+    Panic(String),
+}
+
+/// Raises the soft fd limit to the hard one: walks and parallel copies
+/// hold many descriptors at once.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+}
+
+fn lock_state_dir(dir: &std::path::Path) -> Result<File, DaemonError> {
+    let err = |source| DaemonError::StateDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(err)?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(f),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(DaemonError::AlreadyRunning(dir.to_path_buf())),
+        Err(e) => Err(err(e.into())),
+    }
+}
+
+/// Merges a poll's events into journal changes: dirty paths coalesce, renames
+/// keep their order relative to the dirty paths around them.
+pub fn to_changes(events: Vec<Event>) -> Vec<Change> {
+    let mut out = Vec::new();
+    let mut seg: std::collections::HashMap<Vec<u8>, u8> = std::collections::HashMap::new();
+    let flush = |seg: &mut std::collections::HashMap<Vec<u8>, u8>, out: &mut Vec<Change>| {
+        out.extend(
+            seg.drain()
+                .map(|(path, flags)| Change::Dirty { path, flags }),
+        );
+    };
+    for e in events {
+        match e {
+            Event::Dirty { path, flags } => *seg.entry(path).or_insert(0) |= flags,
+            Event::Overflow => {
+                *seg.entry(Vec::new()).or_insert(0) |= flags::RECURSIVE | flags::LIVE
+            }
+            Event::Rename { from, to } => {
+                flush(&mut seg, &mut out);
+                out.push(Change::Rename { from, to });
+            }
+        }
+    }
+    flush(&mut seg, &mut out);
+    out
+}
+
+struct Shared {
+    stop: Arc<AtomicBool>,
+    fatal: tokio::sync::mpsc::UnboundedSender<DaemonError>,
+}
+
+impl Shared {
+    fn fail(&self, e: DaemonError) {
+        let _ = self.fatal.send(e);
+    }
+}
+
+/// Runs the daemon until a signal or a fatal error.
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    raise_fd_limit();
+    let _lock = lock_state_dir(&cfg.state_dir)?;
+    let jpath = cfg.state_dir.join("journal");
+    let journal = Arc::new(
+        Journal::open(&jpath).map_err(|source| DaemonError::Journal {
+            path: jpath.clone(),
+            source,
+        })?,
+    );
+    let owner = rustix::process::geteuid().is_root();
+    let source = Arc::new(
+        Root::open(&cfg.source).map_err(|source| DaemonError::Source {
+            path: cfg.source.clone(),
+            source,
+        })?,
+    );
+    let filter = Arc::new(Filter::new(&cfg.source, &cfg.exclude)?);
+    let policy = DeletePolicy {
+        at_startup: cfg.delete.at_startup(),
+        while_running: cfg.delete.while_running(),
+    };
+
+    struct T {
+        id: TargetId,
+        name: String,
+        target: Arc<LocalTarget>,
+        wake: Sender<()>,
+        wake_rx: crossbeam_channel::Receiver<()>,
+        scan_done: Arc<AtomicBool>,
+        scan_stats: Arc<ScanStats>,
+    }
+    let mut targets = Vec::new();
+    for t in &cfg.targets {
+        let target = LocalTarget::open(&t.path, owner).map_err(|source| DaemonError::Target {
+            name: t.name.clone(),
+            path: t.path.clone(),
+            source,
+        })?;
+        let (wake, wake_rx) = bounded(1);
+        targets.push(T {
+            id: journal.target_id(&t.name)?,
+            name: t.name.clone(),
+            target: Arc::new(target),
+            wake,
+            wake_rx,
+            scan_done: Arc::new(AtomicBool::new(false)),
+            scan_stats: Arc::new(ScanStats::default()),
+        });
+    }
+
+    let started = Instant::now();
+    let mut watcher: Box<dyn Watcher> = match cfg.watch {
+        WatchMode::Auto | WatchMode::Inotify => Box::new(InotifyWatcher::start(
+            &cfg.source,
+            filter.clone(),
+            journal.clone(),
+        )?),
+    };
+    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        stop: Arc::new(AtomicBool::new(false)),
+        fatal: fatal_tx,
+    });
+    let stop = shared.stop.clone();
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+
+    // Capture.
+    {
+        let shared = shared.clone();
+        let journal = journal.clone();
+        let ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
+        let wakers: Vec<Sender<()>> = targets.iter().map(|t| t.wake.clone()).collect();
+        tracing::info!(
+            "drmirror ready backend={} watches={} source={} targets={} setup_ms={}",
+            watcher.backend(),
+            watcher.watched(),
+            cfg.source.display(),
+            targets.len(),
+            started.elapsed().as_millis()
+        );
+        threads.push(
+            std::thread::Builder::new()
+                .name("capture".into())
+                .spawn(move || {
+                    let mut events = Vec::new();
+                    while !shared.stop.load(Ordering::Relaxed) {
+                        if let Err(e) = watcher.poll(&mut events, Duration::from_millis(200)) {
+                            shared.fail(e.into());
+                            return;
+                        }
+                        if events.is_empty() {
+                            continue;
+                        }
+                        let changes = to_changes(std::mem::take(&mut events));
+                        if let Err(e) = journal.record(&ids, &changes) {
+                            shared.fail(e.into());
+                            return;
+                        }
+                        for w in &wakers {
+                            let _ = w.try_send(());
+                        }
+                    }
+                })
+                .map_err(DaemonError::Signals)?,
+        );
+    }
+
+    // Shippers and startup scans.
+    for t in &targets {
+        let shipper = Shipper {
+            t: t.id,
+            name: t.name.clone(),
+            journal: journal.clone(),
+            source: source.clone(),
+            target: t.target.clone(),
+            filter: filter.clone(),
+            policy,
+            owner,
+            delay: cfg.delay,
+            wake: t.wake_rx.clone(),
+            stop: stop.clone(),
+            stats: Arc::new(ShipStats::default()),
+            scan_done: t.scan_done.clone(),
+            scan_stats: t.scan_stats.clone(),
+            retry: Default::default(),
+            cursor: None,
+            reported_initial: false,
+        };
+        let sh = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("ship-{}", t.id))
+                .spawn(move || {
+                    if let Err(e) = shipper.run() {
+                        sh.fail(e.into());
+                    }
+                })
+                .map_err(DaemonError::Signals)?,
+        );
+
+        let sh = shared.clone();
+        let (journal, source, target, filter) = (
+            journal.clone(),
+            source.clone(),
+            t.target.clone(),
+            filter.clone(),
+        );
+        let (id, name, scan_done, stats, wake) = (
+            t.id,
+            t.name.clone(),
+            t.scan_done.clone(),
+            t.scan_stats.clone(),
+            t.wake.clone(),
+        );
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("scan-{}", t.id))
+                .spawn(move || {
+                    let pb = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+                    pb.set_style(
+                        indicatif::ProgressStyle::with_template("{spinner} startup scan of {msg}: {pos} entries compared ({per_sec})")
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                    );
+                    pb.set_message(name.clone());
+                    pb.enable_steady_tick(Duration::from_millis(200));
+                    let cmp = Compare {
+                        source: &source,
+                        target: &target,
+                        journal: &journal,
+                        t: id,
+                        filter: &filter,
+                        owner,
+                        stats: &stats,
+                        stop: &sh.stop,
+                        progress: Some(&pb),
+                    };
+                    let t0 = Instant::now();
+                    let r = cmp.source_walk(b"", flags::STARTUP).and_then(|()| {
+                        let _ = wake.try_send(());
+                        cmp.target_walk(b"", flags::STARTUP)
+                    });
+                    pb.finish_and_clear();
+                    match r {
+                        Ok(()) => {
+                            tracing::info!(
+                                "startup scan done target={} scanned={} differing={} in_sync={} errors={} secs={:.2}",
+                                name,
+                                stats.scanned.load(Ordering::Relaxed),
+                                stats.enqueued.load(Ordering::Relaxed),
+                                stats.in_sync.load(Ordering::Relaxed),
+                                stats.errors.load(Ordering::Relaxed),
+                                t0.elapsed().as_secs_f64()
+                            );
+                            scan_done.store(true, Ordering::Release);
+                            let _ = wake.try_send(());
+                        }
+                        Err(e) => sh.fail(e.into()),
+                    }
+                })
+                .map_err(DaemonError::Signals)?,
+        );
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Signals)?;
+    let outcome: Result<(), DaemonError> = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); Ok(()) }
+            Some(e) = fatal_rx.recv() => Err(e),
+        }
+    });
+    stop.store(true, Ordering::SeqCst);
+    for t in &targets {
+        let _ = t.wake.try_send(());
+    }
+    let mut panicked = None;
+    for th in threads {
+        let name = th.thread().name().unwrap_or("worker").to_string();
+        if th.join().is_err() {
+            panicked = Some(name);
+        }
+    }
+    journal.flush()?;
+    outcome?;
+    if let Some(name) = panicked {
+        return Err(DaemonError::Panic(name));
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,333 @@
+//! Symlink-safe filesystem access beneath a root directory.
+//!
+//! Every access drmirror makes to the source or a target goes through a
+//! [`Root`]: the parent directory of an entry is opened with `openat2(2)`
+//! and `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, and the entry itself is then
+//! used with `*at` calls and `O_NOFOLLOW`. A symlink inside the tree is
+//! therefore mirrored as a symlink and never followed, and no path — however
+//! the source changes underneath us — can make drmirror read or write outside
+//! the root. (A path through a symlink is simply "not there": the source no
+//! longer holds that path as a directory entry, and its delete follows.)
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use rustix::io::Errno;
+
+use crate::meta::{Kind, Meta};
+use crate::paths;
+
+/// The `openat2` resolution used for every lookup below a root.
+const BENEATH: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+/// Prefix of drmirror's temporary files in a target. Leftovers of a crash are
+/// removed by the startup scan.
+pub const TEMP_PREFIX: &[u8] = b".drmirror-";
+pub const TEMP_SUFFIX: &[u8] = b".tmp";
+
+/// True for the names of drmirror's own temporary files.
+pub fn is_temp_name(name: &[u8]) -> bool {
+    name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX)
+}
+
+/// True for errors that mean "this path does not exist as a plain entry":
+/// missing, or a parent that is no longer a directory or is now a symlink.
+pub fn is_missing(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno::ENOENT) | Some(libc_errno::ENOTDIR) | Some(libc_errno::ELOOP)
+    )
+}
+
+/// The few errno values compared by number (rustix returns `io::Error`s
+/// through `From<Errno>`, which keeps the raw number).
+pub mod libc_errno {
+    pub const ENOENT: i32 = 2;
+    pub const EACCES: i32 = 13;
+    pub const EEXIST: i32 = 17;
+    pub const EXDEV: i32 = 18;
+    pub const ENOTDIR: i32 = 20;
+    pub const EISDIR: i32 = 21;
+    pub const ENOSPC: i32 = 28;
+    pub const ELOOP: i32 = 40;
+    pub const ENOTEMPTY: i32 = 39;
+    pub const EAGAIN: i32 = 11;
+}
+
+fn cstr_name(name: &[u8]) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))
+}
+
+/// A directory that drmirror reads or writes beneath, held open by fd.
+#[derive(Debug)]
+pub struct Root {
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl Root {
+    pub fn open(path: &Path) -> io::Result<Root> {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Root {
+            path: path.to_path_buf(),
+            fd,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Opens directory `rel` beneath the root; `read` opens it for listing,
+    /// otherwise as an `O_PATH` handle for `*at` calls.
+    pub fn open_dir(&self, rel: &[u8], read: bool) -> io::Result<OwnedFd> {
+        let flags = if read {
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC
+        } else {
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC
+        };
+        let c = if rel.is_empty() {
+            cstr_name(b".")?
+        } else {
+            cstr_name(rel)?
+        };
+        // openat2 returns EAGAIN when a concurrent rename raced the lookup;
+        // the kernel asks callers to retry.
+        let mut tries = 0;
+        loop {
+            match rustix::fs::openat2(&self.fd, c.as_c_str(), flags, Mode::empty(), BENEATH) {
+                Err(Errno::AGAIN) if tries < 16 => tries += 1,
+                r => return r.map_err(io::Error::from),
+            }
+        }
+    }
+
+    /// `lstat` of `rel`; `None` when it does not exist as a plain entry.
+    pub fn lstat(&self, rel: &[u8]) -> io::Result<Option<Meta>> {
+        let r = if rel.is_empty() {
+            rustix::fs::fstat(&self.fd).map_err(io::Error::from)
+        } else {
+            let (parent, name) = paths::split(rel);
+            self.open_dir(parent, false).and_then(|dir| {
+                rustix::fs::statat(&dir, cstr_name(name)?.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(io::Error::from)
+            })
+        };
+        match r {
+            Ok(st) => Ok(Some(Meta::from_stat(&st))),
+            Err(e) if is_missing(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The text of symlink `rel`.
+    pub fn read_link(&self, rel: &[u8]) -> io::Result<Vec<u8>> {
+        let (parent, name) = paths::split(rel);
+        let dir = self.open_dir(parent, false)?;
+        read_link_at(dir.as_fd(), name)
+    }
+
+    /// Opens regular file `rel` for reading, without following a symlink and
+    /// without blocking on a FIFO that replaced it. `None` when missing.
+    pub fn open_file(&self, rel: &[u8]) -> io::Result<Option<(File, Meta)>> {
+        let (parent, name) = paths::split(rel);
+        let r = self.open_dir(parent, false).and_then(|dir| {
+            rustix::fs::openat(
+                &dir,
+                cstr_name(name)?.as_c_str(),
+                OFlags::RDONLY
+                    | OFlags::NOFOLLOW
+                    | OFlags::NONBLOCK
+                    | OFlags::CLOEXEC
+                    | OFlags::NOCTTY,
+                Mode::empty(),
+            )
+            .map_err(io::Error::from)
+        });
+        match r {
+            Ok(fd) => {
+                let st = rustix::fs::fstat(&fd)?;
+                Ok(Some((File::from(fd), Meta::from_stat(&st))))
+            }
+            Err(e) if is_missing(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens (creating as needed) the directory `rel` beneath the root for
+    /// `*at` calls. Components that exist as something other than a
+    /// directory are removed first: the source holds a directory there.
+    pub fn ensure_dir(&self, rel: &[u8]) -> io::Result<OwnedFd> {
+        match self.open_dir(rel, false) {
+            Ok(fd) => return Ok(fd),
+            Err(e) if is_missing(&e) => {}
+            Err(e) => return Err(e),
+        }
+        let mut cur = rustix::fs::openat(
+            &self.fd,
+            c".",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        for comp in rel.split(|&b| b == b'/') {
+            let name = cstr_name(comp)?;
+            cur = open_or_make_dir(cur.as_fd(), &name)?;
+        }
+        Ok(cur)
+    }
+}
+
+fn open_or_make_dir(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
+    let open = |p: BorrowedFd<'_>| {
+        rustix::fs::openat(
+            p,
+            name,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    };
+    match open(parent) {
+        Ok(fd) => return Ok(fd),
+        Err(Errno::NOENT) => {}
+        Err(Errno::NOTDIR) | Err(Errno::LOOP) => remove_tree_at(parent, name.to_bytes())?,
+        Err(e) => return Err(e.into()),
+    }
+    match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(open(parent)?)
+}
+
+/// Reads a symlink's text relative to a directory fd.
+pub fn read_link_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Vec<u8>> {
+    let target = rustix::fs::readlinkat(dir, cstr_name(name)?.as_c_str(), Vec::new())?;
+    Ok(target.into_bytes())
+}
+
+/// `lstat` of `name` in `dir`; `None` when missing.
+pub fn lstat_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<Meta>> {
+    match rustix::fs::statat(dir, cstr_name(name)?.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(Meta::from_stat(&st))),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes `name` in `dir`, recursively when it is a directory; never follows
+/// symlinks. Missing is success.
+pub fn remove_tree_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
+    let c = cstr_name(name)?;
+    match rustix::fs::unlinkat(dir, c.as_c_str(), AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => return Ok(()),
+        Err(Errno::ISDIR) | Err(Errno::PERM) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let sub = match rustix::fs::openat(
+        dir,
+        c.as_c_str(),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let names = list_dir(sub.as_fd())?;
+    for child in names {
+        remove_tree_at(sub.as_fd(), &child)?;
+    }
+    match rustix::fs::unlinkat(dir, c.as_c_str(), AtFlags::REMOVEDIR) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The names in an open directory (without `.` and `..`).
+pub fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
+    let mut d = rustix::fs::Dir::read_from(dir)?;
+    let mut out = Vec::new();
+    while let Some(ent) = d.read() {
+        let ent = ent?;
+        let n = ent.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            out.push(n.to_vec());
+        }
+    }
+    Ok(out)
+}
+
+/// A timestamp for `utimensat`/`futimens` from nanoseconds since the epoch.
+pub fn timespec(ns: i64) -> Timespec {
+    Timespec {
+        tv_sec: ns.div_euclid(1_000_000_000),
+        tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+    }
+}
+
+/// Timestamps that set mtime and leave atime alone.
+pub fn mtime_only(ns: i64) -> Timestamps {
+    Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT as _,
+        },
+        last_modification: timespec(ns),
+    }
+}
+
+/// Sets mode, owner (when `owner`) and mtime of `name` in `dir` to `m`.
+/// Symlinks get owner and mtime only (Linux has no symlink modes).
+pub fn set_attrs_at(dir: BorrowedFd<'_>, name: &[u8], m: &Meta, owner: bool) -> io::Result<()> {
+    let c = cstr_name(name)?;
+    if owner {
+        rustix::fs::chownat(
+            dir,
+            c.as_c_str(),
+            Some(rustix::fs::Uid::from_raw(m.uid)),
+            Some(rustix::fs::Gid::from_raw(m.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+    }
+    if m.kind != Kind::Symlink {
+        // Linux's fchmodat cannot refuse to follow a symlink (fchmodat2 is
+        // too new to rely on). The target is written by drmirror alone, so a
+        // fresh lstat showing a non-symlink is enough to chmod by name.
+        match lstat_at(dir, name)? {
+            Some(cur) if cur.kind != Kind::Symlink => rustix::fs::chmodat(
+                dir,
+                c.as_c_str(),
+                Mode::from_raw_mode(m.mode),
+                AtFlags::empty(),
+            )?,
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "entry vanished or became a symlink while setting attributes",
+                ))
+            }
+        }
+    }
+    rustix::fs::utimensat(
+        dir,
+        c.as_c_str(),
+        &mtime_only(m.mtime_ns),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,919 @@
+//! The persistent journal: one RocksDB database in the state directory.
+//!
+//! | CF        | key                         | value                          |
+//! |-----------|-----------------------------|--------------------------------|
+//! | `dirs`    | directory path              | (empty)                        |
+//! | `pending` | target id (u16 BE) + path   | [`Pending`]: seq, first seen, flags |
+//! | `renames` | target id + seq (u64 BE)    | `from` NUL `to`                |
+//! | `index`   | target id + path            | [`Meta`] of what the target holds |
+//! | `meta`    | name                        | schema version, seq, target ids |
+//!
+//! `pending` is state-based: an entry says "make the target's entry at this
+//! path match the source's, whatever it is now". That makes replay harmless
+//! and coalescing free — 10,000 writes to one file are one key — and it is
+//! written with a merge operator so that capture never reads before it
+//! writes. Renames are the one thing order matters for; they travel in
+//! `renames` in sequence order, are applied before the path entries of the
+//! same batch, and always mark both their paths dirty, so a rename that
+//! cannot be applied as such degrades into copies, never into a wrong tree.
+//!
+//! Every captured change is written (WAL on) before anything acts on it; a
+//! pending entry is removed, and the index updated, in one `WriteBatch` after
+//! the target confirmed the apply — and only if no newer change to the path
+//! arrived meanwhile (its sequence number is compared under a lock).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, MergeOperands, Options,
+    ReadOptions, WriteBatch, WriteOptions, DB,
+};
+
+use crate::meta::Meta;
+use crate::paths;
+
+/// Version of the on-disk layout. A journal written by another version is
+/// refused: guessing at its meaning could silently corrupt the mirror.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const CF_DIRS: &str = "dirs";
+const CF_PENDING: &str = "pending";
+const CF_RENAMES: &str = "renames";
+const CF_INDEX: &str = "index";
+const CF_META: &str = "meta";
+const CFS: [&str; 5] = [CF_DIRS, CF_PENDING, CF_RENAMES, CF_INDEX, CF_META];
+
+const META_SCHEMA: &[u8] = b"schema_version";
+const META_SEQ: &[u8] = b"seq";
+const META_NEXT_TARGET: &[u8] = b"next_target_id";
+
+/// Identifies a target inside the journal (assigned once per target name).
+pub type TargetId = u16;
+
+/// Flags of a pending entry (OR-ed when entries coalesce).
+pub mod flags {
+    /// The whole subtree must be rescanned (moved in, overflow, failed rename).
+    pub const RECURSIVE: u8 = 1;
+    /// Content changed: copy even if the metadata looks the same (timestamps
+    /// are coarse; a write in the same tick may leave size and mtime alone).
+    pub const CONTENT: u8 = 2;
+    /// Seen by the startup scan: a missing source entry is deleted on the
+    /// target only if `delete` allows it at startup.
+    pub const STARTUP: u8 = 4;
+    /// Seen live: a missing source entry is deleted if `delete` allows it
+    /// while running.
+    pub const LIVE: u8 = 8;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal database error: {0}")]
+    Db(#[from] rocksdb::Error),
+    #[error(
+        "journal schema version {found} is not supported by this drmirror (supports {supported}); \
+         use a matching drmirror or move the state directory aside to start over"
+    )]
+    UnknownSchema { found: u32, supported: u32 },
+    #[error("journal is corrupt: {0}")]
+    Corrupt(String),
+    #[error("too many targets in one journal")]
+    TooManyTargets,
+}
+
+pub type Result<T> = std::result::Result<T, JournalError>;
+
+/// A pending entry's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub seq: u64,
+    pub first_seen_ns: u64,
+    pub flags: u8,
+}
+
+impl Pending {
+    const LEN: usize = 17;
+
+    fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..8].copy_from_slice(&self.seq.to_le_bytes());
+        b[8..16].copy_from_slice(&self.first_seen_ns.to_le_bytes());
+        b[16] = self.flags;
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Pending> {
+        if b.len() != Self::LEN {
+            return None;
+        }
+        let mut s = [0u8; 8];
+        s.copy_from_slice(&b[..8]);
+        let mut f = [0u8; 8];
+        f.copy_from_slice(&b[8..16]);
+        Some(Pending {
+            seq: u64::from_le_bytes(s),
+            first_seen_ns: u64::from_le_bytes(f),
+            flags: b[16],
+        })
+    }
+
+    /// Coalesces two entries for one path: newest seq, oldest first-seen.
+    fn merge(self, o: Pending) -> Pending {
+        Pending {
+            seq: self.seq.max(o.seq),
+            first_seen_ns: self.first_seen_ns.min(o.first_seen_ns),
+            flags: self.flags | o.flags,
+        }
+    }
+}
+
+fn pending_merge(_key: &[u8], existing: Option<&[u8]>, ops: &MergeOperands) -> Option<Vec<u8>> {
+    let mut acc = existing.and_then(Pending::decode);
+    for op in ops {
+        // An undecodable operand cannot come from this code; skipping it keeps
+        // the entry (and so the path's replication) rather than failing reads.
+        if let Some(p) = Pending::decode(op) {
+            acc = Some(match acc {
+                Some(a) => a.merge(p),
+                None => p,
+            });
+        }
+    }
+    acc.map(|p| p.encode().to_vec())
+}
+
+/// A change captured from the kernel or found by a scan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Dirty { path: Vec<u8>, flags: u8 },
+    Rename { from: Vec<u8>, to: Vec<u8> },
+}
+
+/// A rename waiting to be applied to a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingRename {
+    pub seq: u64,
+    pub from: Vec<u8>,
+    pub to: Vec<u8>,
+}
+
+/// What a shipper confirms after the target applied a batch.
+#[derive(Default, Debug)]
+pub struct Completion {
+    /// Pending entries applied (removed unless a newer change arrived).
+    pub done: Vec<(Vec<u8>, u64)>,
+    /// The target now holds this entry with this (source) metadata.
+    pub index_put: Vec<(Vec<u8>, Meta)>,
+    /// The target no longer holds this path nor anything below it.
+    pub index_remove_tree: Vec<Vec<u8>>,
+    /// Renames applied (or given up as renames) on the target.
+    pub renames_done: Vec<u64>,
+    /// Subtrees the target moved: the index follows.
+    pub index_moves: Vec<(Vec<u8>, Vec<u8>)>,
+    /// New pending entries (a failed rename degrades into these).
+    pub requeue: Vec<(Vec<u8>, u8)>,
+}
+
+impl Completion {
+    pub fn is_empty(&self) -> bool {
+        self.done.is_empty()
+            && self.index_put.is_empty()
+            && self.index_remove_tree.is_empty()
+            && self.renames_done.is_empty()
+            && self.index_moves.is_empty()
+            && self.requeue.is_empty()
+    }
+}
+
+/// The journal. Cheap to share behind an `Arc`.
+pub struct Journal {
+    db: DB,
+    seq: AtomicU64,
+    /// Serialises read-check-write sequences (completion, renames) against
+    /// capture; plain capture writes are merges and need no read.
+    lock: Mutex<()>,
+}
+
+fn key(t: TargetId, path: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + path.len());
+    k.extend_from_slice(&t.to_be_bytes());
+    k.extend_from_slice(path);
+    k
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut v = prefix.to_vec();
+    while let Some(last) = v.pop() {
+        if last < 0xff {
+            v.push(last + 1);
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Key range of `path`'s descendants (not `path` itself) for target `t`.
+fn subtree_range(t: TargetId, path: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    if path.is_empty() {
+        let start = key(t, b"");
+        let end = prefix_end(&start).unwrap_or_else(|| vec![0xff; 3]);
+        // The root's own key equals the prefix; descendants start after it.
+        let mut s = start;
+        s.push(0);
+        return (s, end);
+    }
+    let mut start = key(t, path);
+    start.push(b'/');
+    let mut end = key(t, path);
+    end.push(b'/' + 1);
+    (start, end)
+}
+
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Journal {
+    /// Opens (creating) the journal in `dir`.
+    pub fn open(dir: &Path) -> Result<Journal> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        opts.set_max_background_jobs(2);
+        opts.set_keep_log_file_num(4);
+        let mut pending_opts = Options::default();
+        pending_opts.set_merge_operator_associative("drmirror_pending_v1", pending_merge);
+        pending_opts.set_write_buffer_size(64 << 20);
+        let cfs = CFS.iter().map(|name| {
+            let o = if *name == CF_PENDING {
+                pending_opts.clone()
+            } else {
+                Options::default()
+            };
+            ColumnFamilyDescriptor::new(*name, o)
+        });
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        let j = Journal {
+            db,
+            seq: AtomicU64::new(0),
+            lock: Mutex::new(()),
+        };
+        j.check_schema()?;
+        let seq = j.meta_u64(META_SEQ)?.unwrap_or(0);
+        j.seq.store(seq, Ordering::SeqCst);
+        Ok(j)
+    }
+
+    fn check_schema(&self) -> Result<()> {
+        match self.meta_get(META_SCHEMA)? {
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_slice())
+                    .map(u32::from_le_bytes)
+                    .map_err(|_| JournalError::Corrupt("schema_version is not 4 bytes".into()))?;
+                if found != SCHEMA_VERSION {
+                    return Err(JournalError::UnknownSchema {
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+                Ok(())
+            }
+            None => {
+                let meta = self.cf(CF_META)?;
+                let any = self
+                    .db
+                    .iterator_cf(meta, IteratorMode::Start)
+                    .next()
+                    .is_some();
+                if any {
+                    return Err(JournalError::Corrupt(
+                        "meta has entries but no schema_version".into(),
+                    ));
+                }
+                self.db
+                    .put_cf(meta, META_SCHEMA, SCHEMA_VERSION.to_le_bytes())?;
+                Ok(())
+            }
+        }
+    }
+
+    fn cf(&self, name: &str) -> Result<&ColumnFamily> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| JournalError::Corrupt(format!("column family {name} missing")))
+    }
+
+    pub fn meta_get(&self, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_META)?, k)?)
+    }
+
+    pub fn meta_put(&self, k: &[u8], v: &[u8]) -> Result<()> {
+        Ok(self.db.put_cf(self.cf(CF_META)?, k, v)?)
+    }
+
+    fn meta_u64(&self, k: &[u8]) -> Result<Option<u64>> {
+        match self.meta_get(k)? {
+            None => Ok(None),
+            Some(v) => <[u8; 8]>::try_from(v.as_slice())
+                .map(|a| Some(u64::from_le_bytes(a)))
+                .map_err(|_| {
+                    JournalError::Corrupt(format!("meta {} is not 8 bytes", paths::display(k)))
+                }),
+        }
+    }
+
+    /// The journal id of a target, assigned on first use.
+    pub fn target_id(&self, name: &str) -> Result<TargetId> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let k = [b"target/".as_slice(), name.as_bytes()].concat();
+        if let Some(v) = self.meta_get(&k)? {
+            return <[u8; 2]>::try_from(v.as_slice())
+                .map(u16::from_be_bytes)
+                .map_err(|_| JournalError::Corrupt("target id is not 2 bytes".into()));
+        }
+        let next = self.meta_u64(META_NEXT_TARGET)?.unwrap_or(0);
+        let id = TargetId::try_from(next).map_err(|_| JournalError::TooManyTargets)?;
+        let mut b = WriteBatch::default();
+        let meta = self.cf(CF_META)?;
+        b.put_cf(meta, &k, id.to_be_bytes());
+        b.put_cf(meta, META_NEXT_TARGET, (next + 1).to_le_bytes());
+        self.db.write(b)?;
+        Ok(id)
+    }
+
+    fn next_seqs(&self, n: u64) -> u64 {
+        self.seq.fetch_add(n, Ordering::SeqCst) + 1
+    }
+
+    /// Write-ahead of captured changes for every target, in one batch.
+    pub fn record(&self, targets: &[TargetId], changes: &[Change]) -> Result<()> {
+        if changes.is_empty() || targets.is_empty() {
+            return Ok(());
+        }
+        // Held even for plain merges: `complete` reads a sequence number and
+        // deletes on a match, and a merge landing in between would be lost.
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let first = self.next_seqs(changes.len() as u64);
+        let now = now_ns();
+        let pending = self.cf(CF_PENDING)?;
+        let renames = self.cf(CF_RENAMES)?;
+        let mut b = WriteBatch::default();
+        for (i, c) in changes.iter().enumerate() {
+            let seq = first + i as u64;
+            match c {
+                Change::Dirty { path, flags } => {
+                    let v = Pending {
+                        seq,
+                        first_seen_ns: now,
+                        flags: *flags,
+                    }
+                    .encode();
+                    for &t in targets {
+                        b.merge_cf(pending, key(t, path), v);
+                    }
+                }
+                Change::Rename { from, to } => {
+                    // Moving pending entries reads the database: what this
+                    // batch holds so far must be visible to that read.
+                    if !b.is_empty() {
+                        self.db.write(std::mem::take(&mut b))?;
+                    }
+                    let mut v = Vec::with_capacity(from.len() + 1 + to.len());
+                    v.extend_from_slice(from);
+                    v.push(0);
+                    v.extend_from_slice(to);
+                    for &t in targets {
+                        let mut k = t.to_be_bytes().to_vec();
+                        k.extend_from_slice(&seq.to_be_bytes());
+                        b.put_cf(renames, k, &v);
+                        // Earlier pending changes below `from` now live below `to`.
+                        self.move_pending(&mut b, t, from, to, seq)?;
+                        let mark = Pending {
+                            seq,
+                            first_seen_ns: now,
+                            flags: flags::LIVE,
+                        }
+                        .encode();
+                        b.merge_cf(pending, key(t, from), mark);
+                        b.merge_cf(pending, key(t, to), mark);
+                    }
+                }
+            }
+        }
+        b.put_cf(
+            self.cf(CF_META)?,
+            META_SEQ,
+            (first + changes.len() as u64 - 1).to_le_bytes(),
+        );
+        self.db.write(b)?;
+        Ok(())
+    }
+
+    /// Moves the pending entries of `from` and its subtree to `to` (within `b`).
+    fn move_pending(
+        &self,
+        b: &mut WriteBatch,
+        t: TargetId,
+        from: &[u8],
+        to: &[u8],
+        seq: u64,
+    ) -> Result<()> {
+        let pending = self.cf(CF_PENDING)?;
+        let mut moved = Vec::new();
+        if let Some(v) = self.db.get_cf(pending, key(t, from))? {
+            moved.push((from.to_vec(), v));
+        }
+        let (start, end) = subtree_range(t, from);
+        for item in self.range(CF_PENDING, &start, &end)? {
+            let (k, v) = item;
+            moved.push((k[2..].to_vec(), v));
+        }
+        for (path, v) in moved {
+            let Some(mut p) = Pending::decode(&v) else {
+                continue;
+            };
+            b.delete_cf(pending, key(t, &path));
+            p.seq = seq;
+            let np = paths::rebase(&path, from, to);
+            b.merge_cf(pending, key(t, &np), p.encode());
+        }
+        Ok(())
+    }
+
+    fn range(&self, cf: &str, start: &[u8], end: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_vec());
+        let it = self.db.iterator_cf_opt(
+            self.cf(cf)?,
+            ro,
+            IteratorMode::From(start, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in it {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` pending entries of target `t` in path order, starting
+    /// strictly after `after` (or from the first).
+    pub fn pending_batch(
+        &self,
+        t: TargetId,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Pending)>> {
+        let start = match after {
+            Some(p) => {
+                let mut k = key(t, p);
+                k.push(0);
+                k
+            }
+            None => key(t, b""),
+        };
+        let end = prefix_end(&t.to_be_bytes()).unwrap_or_else(|| vec![0xff; 3]);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end);
+        let it = self.db.iterator_cf_opt(
+            self.cf(CF_PENDING)?,
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in it.take(limit) {
+            let (k, v) = item?;
+            let p = Pending::decode(&v).ok_or_else(|| {
+                JournalError::Corrupt(format!("pending value of {} bytes", v.len()))
+            })?;
+            out.push((k[2..].to_vec(), p));
+        }
+        Ok(out)
+    }
+
+    /// Number of pending entries of target `t` (walks them: for status and
+    /// tests, not for hot paths).
+    pub fn pending_count(&self, t: TargetId) -> Result<u64> {
+        let start = key(t, b"");
+        let end = prefix_end(&start).unwrap_or_else(|| vec![0xff; 3]);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end);
+        let mut n = 0;
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_PENDING)?,
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The oldest renames waiting for target `t`, in sequence order.
+    pub fn renames(&self, t: TargetId, limit: usize) -> Result<Vec<PendingRename>> {
+        let start = t.to_be_bytes().to_vec();
+        let end = prefix_end(&start).unwrap_or_else(|| vec![0xff; 3]);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf_opt(
+                self.cf(CF_RENAMES)?,
+                ro,
+                IteratorMode::From(&start, Direction::Forward),
+            )
+            .take(limit)
+        {
+            let (k, v) = item?;
+            let seq = <[u8; 8]>::try_from(&k[2..])
+                .map(u64::from_be_bytes)
+                .map_err(|_| JournalError::Corrupt("rename key".into()))?;
+            let nul = v
+                .iter()
+                .position(|&b| b == 0)
+                .ok_or_else(|| JournalError::Corrupt("rename value".into()))?;
+            out.push(PendingRename {
+                seq,
+                from: v[..nul].to_vec(),
+                to: v[nul + 1..].to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// What the index says target `t` holds at `path`.
+    pub fn index_get(&self, t: TargetId, path: &[u8]) -> Result<Option<Meta>> {
+        match self.db.get_pinned_cf(self.cf(CF_INDEX)?, key(t, path))? {
+            None => Ok(None),
+            Some(v) => Meta::decode(&v)
+                .map(Some)
+                .ok_or_else(|| JournalError::Corrupt(format!("index value of {} bytes", v.len()))),
+        }
+    }
+
+    /// Records index entries (a scan found the target already holding them).
+    pub fn index_put_many(&self, t: TargetId, entries: &[(Vec<u8>, Meta)]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let index = self.cf(CF_INDEX)?;
+        let mut b = WriteBatch::default();
+        for (p, m) in entries {
+            b.put_cf(index, key(t, p), m.encode());
+        }
+        Ok(self.db.write(b)?)
+    }
+
+    /// Applies a shipper's confirmation atomically.
+    pub fn complete(&self, t: TargetId, c: &Completion) -> Result<()> {
+        if c.is_empty() {
+            return Ok(());
+        }
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = self.cf(CF_PENDING)?;
+        let index = self.cf(CF_INDEX)?;
+        let renames = self.cf(CF_RENAMES)?;
+        let mut b = WriteBatch::default();
+        for (from, to) in &c.index_moves {
+            let mut moved = Vec::new();
+            if let Some(v) = self.db.get_cf(index, key(t, from))? {
+                moved.push((from.clone(), v));
+            }
+            let (start, end) = subtree_range(t, from);
+            for (k, v) in self.range(CF_INDEX, &start, &end)? {
+                moved.push((k[2..].to_vec(), v));
+            }
+            // Whatever the target held at `to` was replaced by the rename.
+            b.delete_cf(index, key(t, to));
+            let (ts, te) = subtree_range(t, to);
+            b.delete_range_cf(index, ts, te);
+            for (p, v) in moved {
+                b.delete_cf(index, key(t, &p));
+                b.put_cf(index, key(t, &paths::rebase(&p, from, to)), v);
+            }
+        }
+        for p in &c.index_remove_tree {
+            b.delete_cf(index, key(t, p));
+            let (s, e) = subtree_range(t, p);
+            b.delete_range_cf(index, s, e);
+        }
+        for (p, m) in &c.index_put {
+            b.put_cf(index, key(t, p), m.encode());
+        }
+        for (p, seq) in &c.done {
+            let k = key(t, p);
+            let current = self
+                .db
+                .get_pinned_cf(pending, &k)?
+                .and_then(|v| Pending::decode(&v));
+            if matches!(current, Some(cur) if cur.seq == *seq) {
+                b.delete_cf(pending, &k);
+            }
+        }
+        for seq in &c.renames_done {
+            let mut k = t.to_be_bytes().to_vec();
+            k.extend_from_slice(&seq.to_be_bytes());
+            b.delete_cf(renames, k);
+        }
+        if !c.requeue.is_empty() {
+            let first = self.next_seqs(c.requeue.len() as u64);
+            let now = now_ns();
+            for (i, (p, f)) in c.requeue.iter().enumerate() {
+                let v = Pending {
+                    seq: first + i as u64,
+                    first_seen_ns: now,
+                    flags: *f,
+                };
+                b.merge_cf(pending, key(t, p), v.encode());
+            }
+            b.put_cf(
+                self.cf(CF_META)?,
+                META_SEQ,
+                self.seq.load(Ordering::SeqCst).to_le_bytes(),
+            );
+        }
+        self.db.write(b)?;
+        Ok(())
+    }
+
+    /// Enqueues entries for one target only (a subtree scan of that target).
+    pub fn enqueue(&self, t: TargetId, entries: &[(Vec<u8>, u8)]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let first = self.next_seqs(entries.len() as u64);
+        let now = now_ns();
+        let pending = self.cf(CF_PENDING)?;
+        let mut b = WriteBatch::default();
+        for (i, (p, f)) in entries.iter().enumerate() {
+            let v = Pending {
+                seq: first + i as u64,
+                first_seen_ns: now,
+                flags: *f,
+            };
+            b.merge_cf(pending, key(t, p), v.encode());
+        }
+        b.put_cf(
+            self.cf(CF_META)?,
+            META_SEQ,
+            (first + entries.len() as u64 - 1).to_le_bytes(),
+        );
+        Ok(self.db.write(b)?)
+    }
+
+    /// Records watched directories (the persisted watch tree).
+    pub fn dirs_put(&self, dirs: &[Vec<u8>]) -> Result<()> {
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        let cf = self.cf(CF_DIRS)?;
+        let mut b = WriteBatch::default();
+        for d in dirs {
+            b.put_cf(cf, d, b"");
+        }
+        Ok(self.db.write(b)?)
+    }
+
+    /// Forgets a watched directory and its subtree.
+    pub fn dirs_remove_tree(&self, dir: &[u8]) -> Result<()> {
+        let cf = self.cf(CF_DIRS)?;
+        let mut b = WriteBatch::default();
+        if dir.is_empty() {
+            b.delete_range_cf(cf, b"".as_slice(), &[0xffu8; 1][..]);
+            b.delete_cf(cf, b"");
+        } else {
+            b.delete_cf(cf, dir);
+            let mut s = dir.to_vec();
+            s.push(b'/');
+            let mut e = dir.to_vec();
+            e.push(b'/' + 1);
+            b.delete_range_cf(cf, s, e);
+        }
+        Ok(self.db.write(b)?)
+    }
+
+    /// Number of recorded watch-tree directories.
+    pub fn dirs_count(&self) -> Result<u64> {
+        let mut n = 0;
+        for item in self.db.iterator_cf(self.cf(CF_DIRS)?, IteratorMode::Start) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Flushes memtables and the WAL to disk (clean shutdown).
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        for name in CFS {
+            self.db.flush_cf(self.cf(name)?)?;
+        }
+        Ok(())
+    }
+
+    /// Sync of the WAL, for callers that need a change durable past a power loss.
+    pub fn sync_wal(&self) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        Ok(self.db.write_opt(WriteBatch::default(), &wo)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::Kind;
+
+    fn dirty(p: &[u8], f: u8) -> Change {
+        Change::Dirty {
+            path: p.to_vec(),
+            flags: f,
+        }
+    }
+
+    #[test]
+    fn ten_thousand_writes_coalesce_into_one_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t = j.target_id("t").unwrap();
+        for i in 0..10_000u32 {
+            let f = if i == 5 { flags::CONTENT } else { flags::LIVE };
+            j.record(&[t], &[dirty(b"dir/file", f)]).unwrap();
+        }
+        let b = j.pending_batch(t, None, 100).unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].0, b"dir/file");
+        assert_eq!(b[0].1.flags, flags::CONTENT | flags::LIVE);
+        assert_eq!(b[0].1.seq, 10_000);
+        assert_eq!(j.pending_count(t).unwrap(), 1);
+    }
+
+    #[test]
+    fn completion_keeps_entries_changed_meanwhile() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t = j.target_id("t").unwrap();
+        j.record(&[t], &[dirty(b"a", 0), dirty(b"b", 0)]).unwrap();
+        let batch = j.pending_batch(t, None, 10).unwrap();
+        j.record(&[t], &[dirty(b"b", 0)]).unwrap();
+        let m = Meta {
+            kind: Kind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 1,
+            mtime_ns: 1,
+            ctime_ns: 1,
+            ino: 1,
+            dev: 1,
+        };
+        let c = Completion {
+            done: batch.iter().map(|(p, v)| (p.clone(), v.seq)).collect(),
+            index_put: vec![(b"a".to_vec(), m)],
+            ..Default::default()
+        };
+        j.complete(t, &c).unwrap();
+        let left = j.pending_batch(t, None, 10).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].0, b"b");
+        assert_eq!(j.index_get(t, b"a").unwrap(), Some(m));
+    }
+
+    #[test]
+    fn rename_moves_pending_subtree_and_targets_are_separate() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t1 = j.target_id("one").unwrap();
+        let t2 = j.target_id("two").unwrap();
+        assert_ne!(t1, t2);
+        j.record(&[t1, t2], &[dirty(b"d/x", flags::CONTENT), dirty(b"dx", 0)])
+            .unwrap();
+        j.record(
+            &[t1],
+            &[Change::Rename {
+                from: b"d".to_vec(),
+                to: b"e/f".to_vec(),
+            }],
+        )
+        .unwrap();
+        let paths1: Vec<_> = j
+            .pending_batch(t1, None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(
+            paths1,
+            vec![
+                b"d".to_vec(),
+                b"dx".to_vec(),
+                b"e/f".to_vec(),
+                b"e/f/x".to_vec()
+            ]
+        );
+        let paths2: Vec<_> = j
+            .pending_batch(t2, None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(paths2, vec![b"d/x".to_vec(), b"dx".to_vec()]);
+        let r = j.renames(t1, 10).unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].from.as_slice(), r[0].to.as_slice()),
+            (&b"d"[..], &b"e/f"[..])
+        );
+        assert!(j.renames(t2, 10).unwrap().is_empty());
+        // Cursor continues after a key.
+        let rest = j.pending_batch(t1, Some(b"dx"), 10).unwrap();
+        assert_eq!(rest.len(), 2);
+    }
+
+    #[test]
+    fn index_moves_follow_renames() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t = j.target_id("t").unwrap();
+        let m = Meta {
+            kind: Kind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime_ns: 1,
+            ctime_ns: 1,
+            ino: 1,
+            dev: 1,
+        };
+        j.index_put_many(
+            t,
+            &[
+                (b"a".to_vec(), m),
+                (b"a/b".to_vec(), m),
+                (b"ab".to_vec(), m),
+            ],
+        )
+        .unwrap();
+        j.complete(
+            t,
+            &Completion {
+                index_moves: vec![(b"a".to_vec(), b"z".to_vec())],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(j.index_get(t, b"a").unwrap().is_none());
+        assert!(j.index_get(t, b"a/b").unwrap().is_none());
+        assert!(j.index_get(t, b"ab").unwrap().is_some());
+        assert!(j.index_get(t, b"z/b").unwrap().is_some());
+        j.complete(
+            t,
+            &Completion {
+                index_remove_tree: vec![b"z".to_vec()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(j.index_get(t, b"z").unwrap().is_none());
+        assert!(j.index_get(t, b"z/b").unwrap().is_none());
+        assert!(j.index_get(t, b"ab").unwrap().is_some());
+    }
+
+    #[test]
+    fn unknown_schema_is_refused_and_state_survives_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(d.path()).unwrap();
+            let t = j.target_id("t").unwrap();
+            j.record(&[t], &[dirty(b"x", 0)]).unwrap();
+        }
+        {
+            let j = Journal::open(d.path()).unwrap();
+            let t = j.target_id("t").unwrap();
+            assert_eq!(j.pending_count(t).unwrap(), 1);
+            // seq continues after a reopen
+            j.record(&[t], &[dirty(b"y", 0)]).unwrap();
+            let b = j.pending_batch(t, Some(b"x"), 1).unwrap();
+            assert_eq!(b[0].1.seq, 2);
+            j.meta_put(META_SCHEMA, &99u32.to_le_bytes()).unwrap();
+        }
+        match Journal::open(d.path()) {
+            Err(JournalError::UnknownSchema {
+                found: 99,
+                supported,
+            }) => assert_eq!(supported, SCHEMA_VERSION),
+            other => panic!("expected UnknownSchema, got {:?}", other.err()),
+        }
+    }
+}

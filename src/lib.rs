@@ -1,0 +1,33 @@
+//! drmirror: a disaster-recovery mirror of a directory tree, current within
+//! seconds, restartable in seconds. The architecture is in
+//! `shared/design.md`; the data flow and its modules:
+//!
+//! ```text
+//! kernel ─► watch (inotify) ─► daemon::to_changes ─► journal (RocksDB, write-ahead)
+//!                                                        │
+//! sync (startup / subtree compare, parallel scan) ──────►│
+//!                                                        ▼
+//!                                   ship (one shipper per target) ─► target::local
+//! ```
+//!
+//! - [`paths`]: relative paths as raw bytes; [`meta`]: what is compared.
+//! - [`fsops`]: symlink-safe `*at` access beneath a root; [`scan`]: the parallel walk.
+//! - [`journal`]: the persistent backlog, index and watch tree.
+//! - [`watch`]: capture backends; [`filter`]: excludes.
+//! - [`sync`]: compare walks; [`ship`]: applying the backlog; [`target`]: writing the mirror.
+//! - [`verify`]: comparing two trees; [`config`], [`cli`], [`daemon`]: the front.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod filter;
+pub mod fsops;
+pub mod journal;
+pub mod meta;
+pub mod paths;
+pub mod scan;
+pub mod ship;
+pub mod sync;
+pub mod target;
+pub mod verify;
+pub mod watch;

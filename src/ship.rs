@@ -1,0 +1,326 @@
+//! The shipper: one per target, draining that target's backlog.
+//!
+//! A round takes the oldest renames (applied in order), then a batch of
+//! pending paths (applied in parallel: every apply is idempotent and creates
+//! the parents it needs), re-stamps the directories it touched (deepest
+//! first: writing into a directory changes its mtime), flushes the target,
+//! and only then tells the journal. A path that fails is retried with
+//! exponential backoff and never holds back the others.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use rayon::prelude::*;
+
+use crate::filter::Filter;
+use crate::fsops::Root;
+use crate::journal::{flags, Completion, Journal, JournalError, Pending, TargetId};
+use crate::meta::Kind;
+use crate::paths;
+use crate::sync::{Compare, ScanStats};
+use crate::target::local::{DeletePolicy, LocalTarget};
+use crate::target::{ApplyError, Outcome};
+
+const BATCH: usize = 2048;
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Counters of one shipper (this process run).
+#[derive(Default, Debug)]
+pub struct ShipStats {
+    pub copied: AtomicU64,
+    pub unchanged: AtomicU64,
+    pub deleted: AtomicU64,
+    pub renamed: AtomicU64,
+    pub bytes: AtomicU64,
+    pub errors: AtomicU64,
+    /// Paths currently waiting for a retry.
+    pub failing: AtomicU64,
+}
+
+pub struct Shipper {
+    pub t: TargetId,
+    pub name: String,
+    pub journal: Arc<Journal>,
+    pub source: Arc<Root>,
+    pub target: Arc<LocalTarget>,
+    pub filter: Arc<Filter>,
+    pub policy: DeletePolicy,
+    pub owner: bool,
+    pub delay: Duration,
+    pub wake: Receiver<()>,
+    pub stop: Arc<AtomicBool>,
+    pub stats: Arc<ShipStats>,
+    /// Set by the startup scan when it has enqueued everything.
+    pub scan_done: Arc<AtomicBool>,
+    pub scan_stats: Arc<ScanStats>,
+    pub retry: HashMap<Vec<u8>, (Instant, u32)>,
+    pub cursor: Option<Vec<u8>>,
+    pub reported_initial: bool,
+}
+
+/// What a round did.
+struct Round {
+    /// Entries were processed (more may be waiting right away).
+    worked: bool,
+    /// Nothing at all is pending any more, apart from paths in backoff.
+    drained: bool,
+}
+
+impl Shipper {
+    /// Runs until `stop` is set; returns a journal error, which is fatal.
+    pub fn run(mut self) -> Result<(), JournalError> {
+        while !self.stop.load(Ordering::Relaxed) {
+            // Read before the round: a scan that finished before the round
+            // began has all its entries visible to it.
+            let scan_was_done = self.scan_done.load(Ordering::Acquire);
+            let r = self.round()?;
+            if r.drained && scan_was_done && !self.reported_initial {
+                self.report_initial();
+            }
+            if r.worked {
+                continue;
+            }
+            let wait = self
+                .retry
+                .values()
+                .map(|(at, _)| at.saturating_duration_since(Instant::now()))
+                .min()
+                .unwrap_or(Duration::from_secs(1))
+                .clamp(Duration::from_millis(10), Duration::from_secs(1));
+            if self.wake.recv_timeout(wait).is_ok() {
+                // Let a burst gather into one batch.
+                std::thread::sleep(self.delay);
+                while self.wake.try_recv().is_ok() {}
+            }
+        }
+        Ok(())
+    }
+
+    fn report_initial(&mut self) {
+        self.reported_initial = true;
+        let s = &self.stats;
+        tracing::info!(
+            "initial sync complete target={} scanned={} copied={} skipped={} deleted={} failed={}",
+            self.name,
+            self.scan_stats.scanned.load(Ordering::Relaxed),
+            s.copied.load(Ordering::Relaxed),
+            self.scan_stats.in_sync.load(Ordering::Relaxed),
+            s.deleted.load(Ordering::Relaxed),
+            self.retry.len(),
+        );
+    }
+
+    fn due(&self, path: &[u8], now: Instant) -> bool {
+        self.retry.get(path).is_none_or(|(at, _)| *at <= now)
+    }
+
+    fn round(&mut self) -> Result<Round, JournalError> {
+        let mut c = Completion::default();
+        let mut touched: BTreeSet<Vec<u8>> = BTreeSet::new();
+        let mut wrote = false;
+
+        let renames = self.journal.renames(self.t, 256)?;
+        for r in &renames {
+            match self.target.rename(&r.from, &r.to) {
+                Ok(true) => {
+                    self.stats.renamed.fetch_add(1, Ordering::Relaxed);
+                    c.index_moves.push((r.from.clone(), r.to.clone()));
+                    wrote = true;
+                }
+                Ok(false) => c
+                    .requeue
+                    .push((r.to.clone(), flags::RECURSIVE | flags::LIVE)),
+                Err(e) => {
+                    // Degrade to copies rather than retry in a loop.
+                    tracing::warn!(
+                        "rename on target {} failed, copying instead: {e}",
+                        self.name
+                    );
+                    c.requeue
+                        .push((r.to.clone(), flags::RECURSIVE | flags::LIVE));
+                }
+            }
+            for p in [&r.from, &r.to] {
+                if let Some(parent) = paths::parent(p) {
+                    touched.insert(parent.to_vec());
+                }
+            }
+            c.renames_done.push(r.seq);
+        }
+        if !renames.is_empty() {
+            // Renames first, durably, so that path entries see their result.
+            if wrote {
+                self.sync_target();
+            }
+            self.journal.complete(self.t, &std::mem::take(&mut c))?;
+            wrote = false;
+        }
+
+        let batch = self
+            .journal
+            .pending_batch(self.t, self.cursor.as_deref(), BATCH)?;
+        let full = batch.len() == BATCH;
+        let at_start = self.cursor.is_none();
+        self.cursor = if full {
+            batch.last().map(|(p, _)| p.clone())
+        } else {
+            None
+        };
+        let now = Instant::now();
+        let todo: Vec<&(Vec<u8>, Pending)> =
+            batch.iter().filter(|(p, _)| self.due(p, now)).collect();
+
+        let results: Vec<(&Vec<u8>, &Pending, Result<Outcome, ApplyError>)> = todo
+            .par_iter()
+            .map(|(p, v)| {
+                (
+                    p,
+                    v,
+                    self.target.apply(&self.source, p, v.flags, self.policy),
+                )
+            })
+            .collect();
+
+        let mut scans = Vec::new();
+        for (p, v, r) in results {
+            match r {
+                Ok(o) => {
+                    if self.retry.remove(p.as_slice()).is_some() {
+                        tracing::info!(target = %self.name, path = %paths::display(p), "applied after earlier failures");
+                    }
+                    c.done.push((p.clone(), v.seq));
+                    let parent = paths::parent(p).map(|x| x.to_vec());
+                    match o {
+                        Outcome::Copied { meta, bytes } => {
+                            self.stats.copied.fetch_add(1, Ordering::Relaxed);
+                            self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+                            c.index_put.push((p.clone(), meta));
+                            touched.extend(parent);
+                            wrote = true;
+                        }
+                        Outcome::Unchanged { meta } => {
+                            self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+                            c.index_put.push((p.clone(), meta));
+                        }
+                        Outcome::Dir {
+                            meta,
+                            created,
+                            scan,
+                        } => {
+                            if created {
+                                self.stats.copied.fetch_add(1, Ordering::Relaxed);
+                                touched.extend(parent);
+                                wrote = true;
+                            }
+                            c.index_put.push((p.clone(), meta));
+                            touched.insert(p.clone());
+                            if scan {
+                                scans.push((p.clone(), v.flags, created));
+                            }
+                        }
+                        Outcome::Deleted => {
+                            self.stats.deleted.fetch_add(1, Ordering::Relaxed);
+                            c.index_remove_tree.push(p.clone());
+                            touched.extend(parent);
+                            wrote = true;
+                        }
+                        Outcome::DeleteSkipped | Outcome::Special | Outcome::Vanished => {}
+                    }
+                }
+                Err(e) => self.failed(p, e),
+            }
+        }
+        self.stats
+            .failing
+            .store(self.retry.len() as u64, Ordering::Relaxed);
+
+        for d in touched.iter().rev() {
+            if self.filter.excluded(d, true) {
+                continue;
+            }
+            match self.source.lstat(d) {
+                Ok(Some(m)) if m.kind == Kind::Dir => match self.target.set_dir_attrs(d, &m) {
+                    Ok(()) => {
+                        c.index_put.push((d.clone(), m));
+                        wrote = true;
+                    }
+                    Err(e) => tracing::debug!("{e}"),
+                },
+                _ => {}
+            }
+        }
+        if wrote {
+            self.sync_target();
+        }
+        self.journal.complete(self.t, &c)?;
+
+        // Subtrees to compare (new or moved-in directories, rescans). After
+        // the commit above, so a crash here re-runs the scan, not the copies.
+        for (p, f, created) in scans {
+            self.scan_subtree(&p, f, created)?;
+        }
+        Ok(Round {
+            worked: !todo.is_empty() || !renames.is_empty(),
+            drained: at_start
+                && !full
+                && renames.is_empty()
+                && batch.iter().all(|(p, _)| self.retry.contains_key(p)),
+        })
+    }
+
+    fn scan_subtree(&self, p: &[u8], f: u8, created: bool) -> Result<(), JournalError> {
+        let stats = ScanStats::default();
+        let cmp = Compare {
+            source: &self.source,
+            target: &self.target,
+            journal: &self.journal,
+            t: self.t,
+            filter: &self.filter,
+            owner: self.owner,
+            stats: &stats,
+            stop: &self.stop,
+            progress: None,
+        };
+        let flag = f & (flags::LIVE | flags::STARTUP);
+        let flag = if flag == 0 { flags::LIVE } else { flag };
+        cmp.source_walk(p, flag)?;
+        if !created {
+            cmp.target_walk(p, flag)?;
+        }
+        tracing::debug!(
+            target = %self.name, path = %paths::display(p),
+            scanned = stats.scanned.load(Ordering::Relaxed),
+            enqueued = stats.enqueued.load(Ordering::Relaxed),
+            "subtree compared"
+        );
+        Ok(())
+    }
+
+    fn failed(&mut self, p: &[u8], e: ApplyError) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let attempts = self.retry.get(p).map(|(_, n)| n + 1).unwrap_or(1);
+        let backoff = match e {
+            ApplyError::Changing { .. } => RETRY_MIN,
+            _ => (RETRY_MIN * 2u32.saturating_pow(attempts.min(16) - 1)).min(RETRY_MAX),
+        };
+        if attempts == 1 {
+            tracing::warn!(target = %self.name, kind = e.kind(), "{e}; will retry");
+        } else {
+            tracing::debug!(target = %self.name, attempts, "{e}; will retry");
+        }
+        self.retry
+            .insert(p.to_vec(), (Instant::now() + backoff, attempts));
+    }
+
+    fn sync_target(&self) {
+        if let Err(e) = self.target.sync() {
+            // The journal still records the batch: the files are in place;
+            // only their durability past a power loss is in doubt.
+            tracing::warn!(target = %self.name, "syncfs failed: {e}");
+        }
+    }
+}

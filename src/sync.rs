@@ -1,0 +1,203 @@
+//! Comparing a source subtree with a target and enqueuing the differences:
+//! the initial sync, the startup rescan, and the rescans of moved-in or
+//! overflowed subtrees all come down to these two walks.
+//!
+//! The source walk compares every entry with the target (metadata, and the
+//! link text of symlinks) and enqueues only what differs; entries already in
+//! place are recorded in the index. That makes the initial sync resumable: a
+//! killed sync restarts the walk, finds what it already copied, and copies
+//! the rest. The target walk finds entries the source no longer has.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::filter::Filter;
+use crate::fsops::{self, Root};
+use crate::journal::{Journal, JournalError, TargetId};
+use crate::meta::{Kind, Meta};
+use crate::paths;
+use crate::scan;
+use crate::target::local::LocalTarget;
+
+/// Counters of a compare walk.
+#[derive(Default, Debug)]
+pub struct ScanStats {
+    pub scanned: AtomicU64,
+    pub enqueued: AtomicU64,
+    pub in_sync: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// Everything a compare walk needs.
+pub struct Compare<'a> {
+    pub source: &'a Root,
+    pub target: &'a LocalTarget,
+    pub journal: &'a Journal,
+    pub t: TargetId,
+    pub filter: &'a Filter,
+    pub owner: bool,
+    pub stats: &'a ScanStats,
+    pub stop: &'a AtomicBool,
+    pub progress: Option<&'a indicatif::ProgressBar>,
+}
+
+fn symlink_same(
+    src_dir: &Root,
+    rel: &[u8],
+    tdir: Option<&std::os::fd::OwnedFd>,
+    name: &[u8],
+) -> bool {
+    let Some(tdir) = tdir else { return false };
+    match (
+        src_dir.read_link(rel),
+        fsops::read_link_at(tdir.as_fd(), name),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+impl Compare<'_> {
+    fn keep_first(err: &Mutex<Option<JournalError>>, e: JournalError) {
+        let mut g = err.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(e);
+        }
+    }
+
+    /// Compares `start` (itself included) and its subtree with the target,
+    /// enqueuing differences with `flag`.
+    pub fn source_walk(&self, start: &[u8], flag: u8) -> Result<(), JournalError> {
+        // The start directory itself.
+        if let Ok(Some(m)) = self.source.lstat(start) {
+            let t = self.target.root().lstat(start).ok().flatten();
+            if !matches!(t, Some(t) if m.mirrors(&t, self.owner)) {
+                self.journal.enqueue(self.t, &[(start.to_vec(), flag)])?;
+            }
+        }
+        let err = Mutex::new(None);
+        scan::walk(
+            self.source,
+            start,
+            |dir, children| {
+                if self.stop.load(Ordering::Relaxed) {
+                    children.iter_mut().for_each(|c| c.descend = false);
+                    return;
+                }
+                let tdir = self.target.root().open_dir(dir, false).ok();
+                let mut todo = Vec::new();
+                let mut same: Vec<(Vec<u8>, Meta)> = Vec::new();
+                for c in children.iter_mut() {
+                    if self.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
+                        c.descend = false;
+                        continue;
+                    }
+                    if c.meta.kind == Kind::Other {
+                        continue;
+                    }
+                    let name = paths::split(&c.rel).1;
+                    let t = tdir
+                        .as_ref()
+                        .and_then(|d| fsops::lstat_at(d.as_fd(), name).ok().flatten());
+                    let equal = match t {
+                        Some(t) if c.meta.mirrors(&t, self.owner) => {
+                            c.meta.kind != Kind::Symlink
+                                || symlink_same(self.source, &c.rel, tdir.as_ref(), name)
+                        }
+                        _ => false,
+                    };
+                    if equal {
+                        same.push((c.rel.clone(), c.meta));
+                    } else {
+                        todo.push((c.rel.clone(), flag));
+                    }
+                }
+                self.stats
+                    .scanned
+                    .fetch_add(children.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .in_sync
+                    .fetch_add(same.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .enqueued
+                    .fetch_add(todo.len() as u64, Ordering::Relaxed);
+                if let Some(p) = self.progress {
+                    p.inc(children.len() as u64);
+                }
+                if let Err(e) = self.journal.enqueue(self.t, &todo) {
+                    Self::keep_first(&err, e);
+                }
+                if let Err(e) = self.journal.index_put_many(self.t, &same) {
+                    Self::keep_first(&err, e);
+                }
+            },
+            |p, e| self.walk_error("source", p, e),
+        );
+        match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Walks the target below `start` and enqueues (with `flag`) every entry
+    /// the source does not hold as the same kind. Leftover temporary files of
+    /// an interrupted copy are removed on the spot.
+    pub fn target_walk(&self, start: &[u8], flag: u8) -> Result<(), JournalError> {
+        let err = Mutex::new(None);
+        scan::walk(
+            self.target.root(),
+            start,
+            |dir, children| {
+                if self.stop.load(Ordering::Relaxed) {
+                    children.iter_mut().for_each(|c| c.descend = false);
+                    return;
+                }
+                let sdir = self.source.open_dir(dir, false).ok();
+                let tdir = self.target.root().open_dir(dir, false).ok();
+                let mut todo = Vec::new();
+                for c in children.iter_mut() {
+                    let name = paths::split(&c.rel).1;
+                    if fsops::is_temp_name(name) && c.meta.kind != Kind::Dir {
+                        if let Some(td) = tdir.as_ref() {
+                            let _ = fsops::remove_tree_at(td.as_fd(), name);
+                        }
+                        c.descend = false;
+                        continue;
+                    }
+                    if self.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
+                        c.descend = false;
+                        continue;
+                    }
+                    let s = sdir
+                        .as_ref()
+                        .and_then(|d| fsops::lstat_at(d.as_fd(), name).ok().flatten());
+                    match s {
+                        Some(s) if s.kind == c.meta.kind => {}
+                        _ => {
+                            c.descend = false;
+                            todo.push((c.rel.clone(), flag));
+                        }
+                    }
+                }
+                self.stats
+                    .enqueued
+                    .fetch_add(todo.len() as u64, Ordering::Relaxed);
+                if let Err(e) = self.journal.enqueue(self.t, &todo) {
+                    Self::keep_first(&err, e);
+                }
+            },
+            |p, e| self.walk_error("target", p, e),
+        );
+        match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn walk_error(&self, side: &str, p: &[u8], e: &io::Error) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(side, path = %paths::display(p), "cannot scan directory: {e}");
+    }
+}

@@ -1,0 +1,236 @@
+//! `drmirror verify`: compare a source tree with its mirror.
+//!
+//! Both walks are parallel; `--checksum` hashes both sides of every regular
+//! file (BLAKE3) in parallel as well. Special files are not mirrored and are
+//! not compared.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+
+use crate::filter::Filter;
+use crate::fsops::{self, Root};
+use crate::meta::{Kind, Meta};
+use crate::paths;
+use crate::scan;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub checksum: bool,
+    pub owner: bool,
+    pub filter: Filter,
+}
+
+/// One difference between the trees.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Difference {
+    pub path: Vec<u8>,
+    /// `missing`, `extra`, or `differs(what)`.
+    pub what: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub entries: u64,
+    pub differences: Vec<Difference>,
+    /// Directories or files that could not be read (each also a difference).
+    pub errors: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("cannot open {path}: {source}")]
+    Root { path: String, source: io::Error },
+}
+
+fn compare_meta(s: &Meta, t: &Meta, owner: bool) -> Option<&'static str> {
+    if s.kind != t.kind {
+        return Some("type");
+    }
+    if s.kind == Kind::File && s.size != t.size {
+        return Some("size");
+    }
+    if s.kind != Kind::Symlink && s.mode != t.mode {
+        return Some("mode");
+    }
+    if s.mtime_ns != t.mtime_ns {
+        return Some("mtime");
+    }
+    if owner && (s.uid != t.uid || s.gid != t.gid) {
+        return Some("owner");
+    }
+    None
+}
+
+fn hash_file(root: &Root, rel: &[u8]) -> io::Result<Option<blake3::Hash>> {
+    let Some((f, _)) = root.open_file(rel)? else {
+        return Ok(None);
+    };
+    let mut h = blake3::Hasher::new();
+    h.update_reader(f)?;
+    Ok(Some(h.finalize()))
+}
+
+/// Compares `src` and `dst`.
+pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyError> {
+    let open = |p: &Path| {
+        Root::open(p).map_err(|source| VerifyError::Root {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    let s = open(src)?;
+    let d = open(dst)?;
+    let diffs = Mutex::new(Vec::new());
+    let entries = AtomicU64::new(1);
+    let errors = AtomicU64::new(0);
+    let push = |path: &[u8], what: String| {
+        diffs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Difference {
+                path: path.to_vec(),
+                what,
+            })
+    };
+    match (s.lstat(b""), d.lstat(b"")) {
+        (Ok(Some(a)), Ok(Some(b))) => {
+            if let Some(w) = compare_meta(&a, &b, opts.owner) {
+                push(b"", format!("differs({w})"));
+            }
+        }
+        (a, b) => {
+            return Err(VerifyError::Root {
+                path: if a.is_err() { src } else { dst }.display().to_string(),
+                source: a
+                    .err()
+                    .or(b.err())
+                    .unwrap_or_else(|| io::Error::other("not found")),
+            })
+        }
+    }
+    let on_error = |p: &[u8], e: &io::Error| {
+        errors.fetch_add(1, Ordering::Relaxed);
+        push(p, format!("unreadable({e})"));
+    };
+    scan::walk(
+        &s,
+        b"",
+        |dir, children| {
+            let tdir = d.open_dir(dir, false).ok();
+            let mut files = Vec::new();
+            for c in children.iter_mut() {
+                if c.meta.kind == Kind::Other
+                    || opts.filter.excluded(&c.rel, c.meta.kind == Kind::Dir)
+                {
+                    c.descend = false;
+                    continue;
+                }
+                entries.fetch_add(1, Ordering::Relaxed);
+                let name = paths::split(&c.rel).1;
+                let t = tdir
+                    .as_ref()
+                    .and_then(|td| fsops::lstat_at(td.as_fd(), name).ok().flatten());
+                let Some(t) = t else {
+                    push(&c.rel, "missing".into());
+                    c.descend = false;
+                    continue;
+                };
+                if let Some(w) = compare_meta(&c.meta, &t, opts.owner) {
+                    push(&c.rel, format!("differs({w})"));
+                    if w == "type" {
+                        c.descend = false;
+                        continue;
+                    }
+                }
+                if c.meta.kind == Kind::Symlink {
+                    let a = s.read_link(&c.rel).ok();
+                    let b = tdir
+                        .as_ref()
+                        .and_then(|td| fsops::read_link_at(td.as_fd(), name).ok());
+                    if a != b {
+                        push(&c.rel, "differs(symlink)".into());
+                    }
+                }
+                if opts.checksum && c.meta.kind == Kind::File && c.meta.size == t.size {
+                    files.push(c.rel.clone());
+                }
+            }
+            files
+                .par_iter()
+                .for_each(|rel| match (hash_file(&s, rel), hash_file(&d, rel)) {
+                    (Ok(a), Ok(b)) if a == b => {}
+                    (Ok(_), Ok(_)) => push(rel, "differs(content)".into()),
+                    (Err(e), _) | (_, Err(e)) => on_error(rel, &e),
+                });
+        },
+        on_error,
+    );
+    scan::walk(
+        &d,
+        b"",
+        |dir, children| {
+            let sdir = s.open_dir(dir, false).ok();
+            for c in children.iter_mut() {
+                if opts.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
+                    c.descend = false;
+                    continue;
+                }
+                let name = paths::split(&c.rel).1;
+                let src = sdir
+                    .as_ref()
+                    .and_then(|sd| fsops::lstat_at(sd.as_fd(), name).ok().flatten());
+                match src {
+                    Some(m) if m.kind != Kind::Other => {
+                        if m.kind != c.meta.kind {
+                            c.descend = false;
+                        }
+                    }
+                    _ => {
+                        push(&c.rel, "extra".into());
+                        c.descend = false;
+                    }
+                }
+            }
+        },
+        |p, e| {
+            errors.fetch_add(1, Ordering::Relaxed);
+            push(p, format!("unreadable-target({e})"));
+        },
+    );
+    let mut differences = diffs.into_inner().unwrap_or_else(|p| p.into_inner());
+    differences.sort();
+    differences.dedup();
+    Ok(Report {
+        entries: entries.load(Ordering::Relaxed),
+        differences,
+        errors: errors.load(Ordering::Relaxed),
+    })
+}
+
+impl Report {
+    /// The documented output: one line per difference, then a summary.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for d in &self.differences {
+            out.push_str(&format!("{}: {}\n", d.what, paths::display(&d.path)));
+        }
+        if self.differences.is_empty() {
+            out.push_str(&format!(
+                "verify: trees are identical ({} entries)\n",
+                self.entries
+            ));
+        } else {
+            out.push_str(&format!(
+                "verify: {} differences in {} entries\n",
+                self.differences.len(),
+                self.entries
+            ));
+        }
+        out
+    }
+}

@@ -1,0 +1,420 @@
+//! inotify backend: one watch per directory.
+//!
+//! Watches are added for the whole tree at start (the persisted watch tree in
+//! `dirs` lets the restart issue skip the walk), for new directories as they
+//! appear, and are re-keyed in memory when a directory is renamed: inotify
+//! keeps a watch on the inode, so only our path bookkeeping has to move.
+//! A directory moved out of the source has its watches removed, or events
+//! from outside the source would arrive under stale paths.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use rustix::event::{PollFd, PollFlags};
+
+use super::{Event, WatchError, Watcher};
+use crate::filter::Filter;
+use crate::fsops::Root;
+use crate::journal::{flags, Journal};
+use crate::meta::Kind;
+use crate::paths;
+
+fn mask() -> WatchMask {
+    WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::MODIFY
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::ATTRIB
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF
+        | WatchMask::DONT_FOLLOW
+        | WatchMask::ONLYDIR
+        | WatchMask::EXCL_UNLINK
+}
+
+struct Raw {
+    wd: WatchDescriptor,
+    mask: EventMask,
+    cookie: u32,
+    name: Option<Vec<u8>>,
+}
+
+pub struct InotifyWatcher {
+    ino: Inotify,
+    root: Root,
+    filter: Arc<Filter>,
+    journal: Arc<Journal>,
+    by_wd: HashMap<WatchDescriptor, Vec<u8>>,
+    by_path: BTreeMap<Vec<u8>, WatchDescriptor>,
+    buf: Vec<u8>,
+    moved_from: HashMap<u32, (Vec<u8>, bool)>,
+}
+
+fn read_limit() -> u64 {
+    std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+impl InotifyWatcher {
+    /// Sets up watches on every (non-excluded) directory of the source.
+    pub fn start(
+        source: &Path,
+        filter: Arc<Filter>,
+        journal: Arc<Journal>,
+    ) -> Result<Self, WatchError> {
+        let ino = Inotify::init().map_err(|source| WatchError::Add {
+            path: "inotify_init".into(),
+            source,
+        })?;
+        let root = Root::open(source).map_err(|e| WatchError::Add {
+            path: source.display().to_string(),
+            source: e,
+        })?;
+        let mut w = InotifyWatcher {
+            ino,
+            root,
+            filter,
+            journal,
+            by_wd: HashMap::new(),
+            by_path: BTreeMap::new(),
+            buf: vec![0u8; 256 * 1024],
+            moved_from: HashMap::new(),
+        };
+        w.journal.dirs_remove_tree(b"")?;
+        w.add_tree(b"")?;
+        Ok(w)
+    }
+
+    /// Watches `rel` and every directory below it.
+    fn add_tree(&mut self, rel: &[u8]) -> Result<(), WatchError> {
+        let dirs = Mutex::new(vec![rel.to_vec()]);
+        let filter = &self.filter;
+        crate::scan::walk(
+            &self.root,
+            rel,
+            |_, children| {
+                let mut found = Vec::new();
+                for c in children.iter_mut() {
+                    if c.meta.kind == Kind::Dir {
+                        if filter.excluded(&c.rel, true) {
+                            c.descend = false;
+                        } else {
+                            found.push(c.rel.clone());
+                        }
+                    }
+                }
+                dirs.lock().unwrap_or_else(|p| p.into_inner()).extend(found);
+            },
+            |p, e| tracing::warn!(path = %paths::display(p), "cannot list directory to watch it: {e}"),
+        );
+        let mut dirs = dirs.into_inner().unwrap_or_else(|p| p.into_inner());
+        dirs.sort();
+        let needed = dirs.len();
+        let mut added = Vec::with_capacity(dirs.len());
+        for d in dirs {
+            match self.add_watch(&d) {
+                Ok(()) => added.push(d),
+                Err(e) if crate::fsops::is_missing(&e) => {}
+                Err(e) if e.raw_os_error() == Some(crate::fsops::libc_errno::ENOSPC) => {
+                    let limit = read_limit();
+                    return Err(WatchError::WatchLimit {
+                        added: self.by_wd.len(),
+                        needed: self.by_wd.len() + needed - added.len(),
+                        limit,
+                        suggest: ((self.by_wd.len() + needed) as u64 * 2).max(limit * 2),
+                    });
+                }
+                Err(source) => {
+                    return Err(WatchError::Add {
+                        path: paths::under(self.root.path(), &d).display().to_string(),
+                        source,
+                    })
+                }
+            }
+        }
+        self.journal.dirs_put(&added)?;
+        Ok(())
+    }
+
+    fn add_watch(&mut self, rel: &[u8]) -> io::Result<()> {
+        let wd = self
+            .ino
+            .watches()
+            .add(paths::under(self.root.path(), rel), mask())?;
+        if let Some(old) = self.by_wd.insert(wd.clone(), rel.to_vec()) {
+            if old != rel {
+                self.by_path.remove(&old);
+            }
+        }
+        self.by_path.insert(rel.to_vec(), wd);
+        Ok(())
+    }
+
+    fn subtree_keys(&self, dir: &[u8]) -> Vec<Vec<u8>> {
+        self.by_path
+            .range(dir.to_vec()..)
+            .take_while(|(p, _)| p.starts_with(dir))
+            .filter(|(p, _)| paths::is_within(p, dir))
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    fn unwatch_tree(&mut self, dir: &[u8]) -> Result<(), WatchError> {
+        for p in self.subtree_keys(dir) {
+            if let Some(wd) = self.by_path.remove(&p) {
+                self.by_wd.remove(&wd);
+                // The kernel may already have dropped it (deleted directory).
+                let _ = self.ino.watches().remove(wd);
+            }
+        }
+        self.journal.dirs_remove_tree(dir)?;
+        Ok(())
+    }
+
+    fn rekey_tree(&mut self, from: &[u8], to: &[u8]) -> Result<(), WatchError> {
+        let keys = self.subtree_keys(from);
+        let mut moved = Vec::with_capacity(keys.len());
+        for p in keys {
+            if let Some(wd) = self.by_path.remove(&p) {
+                let np = paths::rebase(&p, from, to);
+                self.by_wd.insert(wd.clone(), np.clone());
+                moved.push((np, wd));
+            }
+        }
+        let new_paths: Vec<Vec<u8>> = moved.iter().map(|(p, _)| p.clone()).collect();
+        for (p, wd) in moved {
+            self.by_path.insert(p, wd);
+        }
+        self.journal.dirs_remove_tree(from)?;
+        self.journal.dirs_put(&new_paths)?;
+        Ok(())
+    }
+
+    fn dirty_parent(out: &mut Vec<Event>, path: &[u8]) {
+        if let Some(p) = paths::parent(path) {
+            out.push(Event::Dirty {
+                path: p.to_vec(),
+                flags: flags::LIVE,
+            });
+        }
+    }
+
+    fn on_new(
+        &mut self,
+        path: Vec<u8>,
+        is_dir: bool,
+        out: &mut Vec<Event>,
+    ) -> Result<(), WatchError> {
+        // Even an excluded entry changes its parent's mtime, which is mirrored.
+        Self::dirty_parent(out, &path);
+        if self.filter.excluded(&path, is_dir) {
+            return Ok(());
+        }
+        if is_dir {
+            // Watch first, then let the subtree scan find what was created
+            // before the watch existed (`mkdir -p a/b/c; touch a/b/c/f`).
+            match self.add_tree(&path) {
+                Ok(()) => {}
+                Err(e @ WatchError::WatchLimit { .. }) => return Err(e),
+                Err(e) => tracing::warn!("{e}"),
+            }
+            out.push(Event::Dirty {
+                path,
+                flags: flags::RECURSIVE | flags::LIVE,
+            });
+        } else {
+            out.push(Event::Dirty {
+                path,
+                flags: flags::CONTENT | flags::LIVE,
+            });
+        }
+        Ok(())
+    }
+
+    fn on_gone(
+        &mut self,
+        path: Vec<u8>,
+        is_dir: bool,
+        out: &mut Vec<Event>,
+    ) -> Result<(), WatchError> {
+        Self::dirty_parent(out, &path);
+        if self.filter.excluded(&path, is_dir) {
+            return Ok(());
+        }
+        if is_dir {
+            self.unwatch_tree(&path)?;
+        }
+        out.push(Event::Dirty {
+            path,
+            flags: flags::LIVE,
+        });
+        Ok(())
+    }
+
+    fn on_rename(
+        &mut self,
+        from: Vec<u8>,
+        to: Vec<u8>,
+        is_dir: bool,
+        out: &mut Vec<Event>,
+    ) -> Result<(), WatchError> {
+        let fe = self.filter.excluded(&from, is_dir);
+        let te = self.filter.excluded(&to, is_dir);
+        match (fe, te) {
+            (true, true) => {
+                Self::dirty_parent(out, &from);
+                Self::dirty_parent(out, &to);
+                Ok(())
+            }
+            (true, false) => self.on_new(to, is_dir, out),
+            (false, true) => self.on_gone(from, is_dir, out),
+            (false, false) => {
+                if is_dir {
+                    self.rekey_tree(&from, &to)?;
+                }
+                Self::dirty_parent(out, &from);
+                Self::dirty_parent(out, &to);
+                out.push(Event::Rename { from, to });
+                Ok(())
+            }
+        }
+    }
+
+    fn read_raw(&mut self) -> Result<Vec<Raw>, WatchError> {
+        match self.ino.read_events(&mut self.buf) {
+            Ok(evs) => Ok(evs
+                .map(|e| Raw {
+                    wd: e.wd,
+                    mask: e.mask,
+                    cookie: e.cookie,
+                    name: e
+                        .name
+                        .map(|n| std::os::unix::ffi::OsStrExt::as_bytes(n).to_vec()),
+                })
+                .collect()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Vec::new()),
+            Err(e) => Err(WatchError::Read(e)),
+        }
+    }
+
+    fn handle(&mut self, r: Raw, out: &mut Vec<Event>) -> Result<(), WatchError> {
+        if r.mask.contains(EventMask::Q_OVERFLOW) {
+            tracing::warn!("inotify queue overflowed: events were lost, rescanning the source");
+            out.push(Event::Overflow);
+            return Ok(());
+        }
+        let Some(dir) = self.by_wd.get(&r.wd).cloned() else {
+            return Ok(());
+        };
+        if r.mask.contains(EventMask::IGNORED) {
+            self.by_wd.remove(&r.wd);
+            if self.by_path.get(&dir) == Some(&r.wd) {
+                self.by_path.remove(&dir);
+            }
+            return Ok(());
+        }
+        let Some(name) = r.name else {
+            if dir.is_empty()
+                && r.mask
+                    .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF)
+            {
+                return Err(WatchError::SourceGone(
+                    self.root.path().display().to_string(),
+                ));
+            }
+            return Ok(());
+        };
+        let path = paths::join(&dir, &name);
+        let is_dir = r.mask.contains(EventMask::ISDIR);
+        if r.mask.contains(EventMask::MOVED_FROM) {
+            self.moved_from.insert(r.cookie, (path, is_dir));
+        } else if r.mask.contains(EventMask::MOVED_TO) {
+            match self.moved_from.remove(&r.cookie) {
+                Some((from, _)) => self.on_rename(from, path, is_dir, out)?,
+                None => self.on_new(path, is_dir, out)?,
+            }
+        } else if r.mask.contains(EventMask::CREATE) {
+            self.on_new(path, is_dir, out)?;
+        } else if r.mask.contains(EventMask::DELETE) {
+            self.on_gone(path, is_dir, out)?;
+        } else if r
+            .mask
+            .intersects(EventMask::MODIFY | EventMask::CLOSE_WRITE)
+        {
+            if !self.filter.excluded(&path, is_dir) {
+                out.push(Event::Dirty {
+                    path,
+                    flags: flags::CONTENT | flags::LIVE,
+                });
+            }
+        } else if r.mask.contains(EventMask::ATTRIB) && !self.filter.excluded(&path, is_dir) {
+            out.push(Event::Dirty {
+                path,
+                flags: flags::LIVE,
+            });
+        }
+        Ok(())
+    }
+
+    fn wait(&self, timeout: Duration) -> Result<bool, WatchError> {
+        let ts = rustix::fs::Timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: timeout.subsec_nanos() as _,
+        };
+        let mut fds = [PollFd::new(&self.ino, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(n) => Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => Ok(false),
+            Err(e) => Err(WatchError::Read(e.into())),
+        }
+    }
+}
+
+impl Watcher for InotifyWatcher {
+    fn backend(&self) -> &'static str {
+        "inotify"
+    }
+
+    fn watched(&self) -> usize {
+        self.by_wd.len()
+    }
+
+    fn poll(&mut self, out: &mut Vec<Event>, timeout: Duration) -> Result<(), WatchError> {
+        if !self.wait(timeout)? {
+            return Ok(());
+        }
+        // Drain what is queued, bounded so that the journal write (and so
+        // replication) is never held back by a never-ending stream.
+        for _ in 0..64 {
+            let raws = self.read_raw()?;
+            if raws.is_empty() {
+                break;
+            }
+            for r in raws {
+                self.handle(r, out)?;
+            }
+        }
+        if !self.moved_from.is_empty() {
+            // The kernel queues MOVED_FROM and MOVED_TO one after the other;
+            // a read can fall between them. Give the pair a moment.
+            if self.wait(Duration::from_millis(5))? {
+                for r in self.read_raw()? {
+                    self.handle(r, out)?;
+                }
+            }
+            let unmatched: Vec<(Vec<u8>, bool)> = self.moved_from.drain().map(|(_, v)| v).collect();
+            for (path, is_dir) in unmatched {
+                self.on_gone(path, is_dir, out)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,207 @@
+//! kill -9 under load: after every crash the restarted daemon converges.
+
+use crate::util::*;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+const PATHS: u64 = 200;
+const DIRS: u64 = 10;
+
+/// A thread that keeps creating, modifying, renaming and deleting files in
+/// a fixed set of ~200 paths. `pause()` returns only once no operation is in
+/// flight.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    pause: Arc<AtomicBool>,
+    lock: Arc<Mutex<()>>,
+    ops: Arc<AtomicU64>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Starts paused.
+    fn start(root: PathBuf, seed: u64) -> Writer {
+        for k in 0..DIRS {
+            mkdirp(&root.join(format!("w{k}")));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(AtomicBool::new(true));
+        let lock = Arc::new(Mutex::new(()));
+        let ops = Arc::new(AtomicU64::new(0));
+        let (s, p, l, o) = (stop.clone(), pause.clone(), lock.clone(), ops.clone());
+        let handle = thread::spawn(move || {
+            let mut rng = XorShift::new(seed);
+            while !s.load(Ordering::SeqCst) {
+                let paused = {
+                    let _g = l.lock().unwrap_or_else(|e| e.into_inner());
+                    if p.load(Ordering::SeqCst) {
+                        true
+                    } else {
+                        one_op(&root, &mut rng);
+                        o.fetch_add(1, Ordering::SeqCst);
+                        false
+                    }
+                };
+                if paused {
+                    thread::sleep(ms(5));
+                } else {
+                    thread::sleep(std::time::Duration::from_micros(rng.below(3000)));
+                }
+            }
+        });
+        Writer {
+            stop,
+            pause,
+            lock,
+            ops,
+            handle: Some(handle),
+        }
+    }
+
+    fn pause(&self) {
+        self.pause.store(true, Ordering::SeqCst);
+        // Wait for the operation in flight, if any.
+        drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn resume(&self) {
+        self.pause.store(false, Ordering::SeqCst);
+    }
+
+    fn ops(&self) -> u64 {
+        self.ops.load(Ordering::SeqCst)
+    }
+
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            h.join().expect("writer thread panicked");
+        }
+        self.ops()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn path_of(root: &Path, i: u64) -> PathBuf {
+    root.join(format!("w{}", i % DIRS))
+        .join(format!("p{:03}", i))
+}
+
+/// One random operation; failures (missing files etc.) are expected and
+/// ignored.
+fn one_op(root: &Path, rng: &mut XorShift) {
+    let i = rng.below(PATHS);
+    let p = path_of(root, i);
+    match rng.below(100) {
+        0..=34 => {
+            let len = rng.below(16_384) as usize;
+            let _ = fs::write(&p, pattern(len, rng.next_u64()));
+        }
+        35..=49 => {
+            if let Ok(mut f) = OpenOptions::new().append(true).open(&p) {
+                let _ = f.write_all(&pattern(rng.range(1, 2048) as usize, rng.next_u64()));
+            }
+        }
+        50..=64 => {
+            let j = rng.below(PATHS);
+            let _ = fs::rename(&p, path_of(root, j));
+        }
+        65..=79 => {
+            let _ = fs::remove_file(&p);
+        }
+        80..=87 => {
+            let modes = [0o600, 0o644, 0o640, 0o755];
+            let m = modes[rng.below(modes.len() as u64) as usize];
+            let _ = fs::set_permissions(&p, fs::Permissions::from_mode(m));
+        }
+        88..=93 => {
+            let dir = root.join(format!("w{}", i % DIRS)).join("sub");
+            if dir.exists() {
+                let _ = fs::remove_dir_all(&dir);
+            } else if fs::create_dir(&dir).is_ok() {
+                for k in 0..3u64 {
+                    let _ = fs::write(
+                        dir.join(format!("s{k}")),
+                        pattern((100 * k) as usize, rng.next_u64()),
+                    );
+                }
+            }
+        }
+        94..=96 => {
+            let from = root.join(format!("w{}", i % DIRS)).join("sub");
+            let to = root.join(format!("w{}", rng.below(DIRS))).join("sub");
+            let _ = fs::rename(&from, &to);
+        }
+        _ => {
+            let _ = fs::remove_file(&p);
+            let _ = std::os::unix::fs::symlink(format!("p{:03}", rng.below(PATHS)), &p);
+        }
+    }
+}
+
+/// ≥ 10 cycles of: load while live → kill -9 → load while down → pause →
+/// restart → converge (with checksums).
+#[test]
+fn crash_kill9_under_write_load_converges_every_cycle() {
+    const CYCLES: usize = 10;
+    let env = Env::new();
+    let root = env.s("load");
+    let writer = Writer::start(root.clone(), 0x5eed_1234);
+    // Some initial content.
+    writer.resume();
+    thread::sleep(ms(300));
+    writer.pause();
+
+    let mut rng = XorShift::new(42);
+    let mut d = env.start(&[]);
+    env.converge(&["--checksum"], &d);
+    for cycle in 0..CYCLES {
+        let before = writer.ops();
+        writer.resume();
+        thread::sleep(ms(rng.range(200, 1500)));
+        d.kill9();
+        thread::sleep(ms(rng.below(300)));
+        writer.pause();
+        let during = writer.ops() - before;
+        eprintln!("crash cycle {cycle}: {during} operations, restarting");
+        assert!(during > 0, "cycle {cycle}: the writer made no changes");
+        d = env.start(&[]);
+        env.converge_for(&["--checksum"], &d, secs(120));
+    }
+    let ops = writer.stop();
+    assert!(ops > 200, "the writer made only {ops} operations");
+    d.terminate();
+}
+
+/// kill -9 right after a burst of creations and renames, while the backlog is
+/// (likely) still pending.
+#[test]
+fn crash_with_pending_backlog() {
+    let env = Env::new();
+    write(&env.s("seed"), b"seed");
+    let d = env.start(&[]);
+    env.converge(&[], &d);
+    gen_tree(&env.s("burst"), 3000, 300);
+    rename(&env.s("burst/d0002"), &env.s("moved_d0002"));
+    remove_dir_all(&env.s("burst/d0003"));
+    write(&env.s("seed"), b"seed changed");
+    d.kill9();
+    let d2 = env.start(&[]);
+    env.converge_for(&["--checksum"], &d2, secs(120));
+    assert_eq!(count_files(&env.d("burst"), &is_gen_name), 2400);
+    assert_eq!(count_files(&env.d("moved_d0002"), &is_gen_name), 300);
+    d2.terminate();
+}

@@ -1,0 +1,230 @@
+//! Startup: initial sync, restarts (clean and unclean), resume after a kill
+//! during the initial sync.
+
+use crate::util::*;
+use std::ffi::OsString;
+use std::fs;
+use std::thread;
+use std::time::Instant;
+
+#[test]
+fn initial_sync_of_rich_tree() {
+    let env = Env::new();
+    let files = populate_rich(&env.src);
+    let d = env.start(&[]);
+    let copied = d.initial_copied(secs(120));
+    env.converge(&["--checksum"], &d);
+    assert!(
+        copied >= files as u64,
+        "initial sync reported copied={copied}, but {files} files had to be copied\n{}",
+        d.log_tail()
+    );
+    // Spot checks beyond verify.
+    assert!(lmeta(&env.d("links/dirlink")).file_type().is_symlink());
+    assert_eq!(
+        read_link(&env.d("links/escape")),
+        std::path::PathBuf::from("../..")
+    );
+    assert_eq!(mode_of(&env.d("modes/private")), 0o700);
+    assert_eq!(mtime_of(&env.d("emptydir")), (1_200_000_000, 999_999_999));
+    for name in odd_names() {
+        assert_eq!(
+            read(&env.dst.join(&name)),
+            read(&env.src.join(&name)),
+            "{name:?}"
+        );
+    }
+    d.terminate();
+}
+
+#[test]
+fn initial_sync_20000_files() {
+    let env = Env::new();
+    gen_tree(&env.src, 20_000, 1000);
+    let d = env.start(&[]);
+    let copied = d.initial_copied(secs(240));
+    env.converge_for(&[], &d, secs(180));
+    assert!(
+        copied >= 20_000,
+        "copied={copied} < 20000\n{}",
+        d.log_tail()
+    );
+    assert_eq!(count_files(&env.dst, &is_gen_name), 20_000);
+    d.terminate();
+}
+
+#[test]
+fn target_created_if_missing() {
+    let env = Env::new();
+    write(&env.s("a/b"), b"b");
+    let target = env.root.join("fresh/nested/target");
+    let args: Vec<OsString> = vec![
+        OsString::from("run"),
+        OsString::from("--source"),
+        env.src.clone().into_os_string(),
+        OsString::from("--target"),
+        target.clone().into_os_string(),
+        OsString::from("--state"),
+        env.state.clone().into_os_string(),
+    ];
+    let d = env.spawn_args(&args);
+    d.wait_ready();
+    write(&env.s("live"), b"live");
+    wait_converged(&env.src, &target, &[], Some(&d));
+    assert_eq!(read(&target.join("a/b")), b"b");
+    d.terminate();
+}
+
+#[test]
+fn restart_after_clean_stop_copies_nothing() {
+    let env = Env::new();
+    gen_tree(&env.s("t"), 500, 100);
+    write(&env.s("x/y"), b"y");
+    symlink("x/y", &env.s("link"));
+
+    let d1 = env.start(&[]);
+    let c1 = d1.initial_copied(secs(120));
+    env.converge(&[], &d1);
+    d1.terminate();
+    assert!(
+        c1 >= 501,
+        "first run copied={c1}, expected >= 501\n{}",
+        d1.log_tail()
+    );
+
+    let d2 = env.start(&[]);
+    let line = d2.wait_initial_sync(secs(120));
+    let c2 = kv(&line, "copied").unwrap_or_else(|| panic!("no copied= in {line:?}"));
+    assert_eq!(
+        c2,
+        0,
+        "restart without changes re-copied entries: {line}\n{}",
+        d2.log_tail()
+    );
+    env.converge(&[], &d2);
+    // Still live after the fast restart.
+    write(&env.s("after_restart"), b"after");
+    env.converge(&[], &d2);
+    d2.terminate();
+}
+
+fn changes_while_stopped(kill: bool) {
+    let env = Env::new();
+    gen_tree(&env.s("t"), 300, 50);
+    write(&env.s("mod.txt"), b"mod");
+    write(&env.s("del.txt"), b"del");
+    write(&env.s("ren.txt"), b"ren");
+    write(&env.s("rmdir/x/y"), b"y");
+    write(&env.s("same_size"), &pattern(2048, 1));
+
+    let d1 = env.start(&[]);
+    env.converge(&[], &d1);
+    if kill {
+        d1.kill9();
+    } else {
+        d1.terminate();
+    }
+    // Make sure new mtimes differ from the mirrored ones.
+    thread::sleep(ms(20));
+
+    write(&env.s("new.txt"), b"new");
+    remove_file(&env.s("del.txt"));
+    append(&env.s("mod.txt"), b" modified");
+    rename(&env.s("ren.txt"), &env.s("renamed.txt"));
+    chmod(&env.s("t/d0000/f0000000"), 0o600);
+    set_mtime(&env.s("t/d0001/f0000050"), 1_111_111_111, 111);
+    remove_dir_all(&env.s("rmdir"));
+    write(&env.s("newdir/a/b/c"), b"c");
+    symlink("newdir/a", &env.s("newlink"));
+    fs::write(env.s("same_size"), pattern(2048, 2)).expect("rewrite same_size");
+    remove_dir_all(&env.s("t/d0005"));
+
+    let d2 = env.start(&[]);
+    env.converge(&["--checksum"], &d2);
+    assert!(!exists(&env.d("del.txt")));
+    assert!(!exists(&env.d("ren.txt")));
+    assert!(!exists(&env.d("rmdir")));
+    assert_eq!(read(&env.d("renamed.txt")), b"ren");
+    d2.terminate();
+}
+
+#[test]
+fn changes_while_stopped_cleanly_are_mirrored() {
+    changes_while_stopped(false);
+}
+
+#[test]
+fn changes_while_killed_are_mirrored() {
+    changes_while_stopped(true);
+}
+
+#[test]
+fn sigint_stops_cleanly() {
+    let env = Env::new();
+    write(&env.s("a"), b"a");
+    let d = env.start(&[]);
+    env.converge(&[], &d);
+    d.stop_with(rustix::process::Signal::INT);
+}
+
+/// kill -9 in the middle of the initial sync of 100,000 files; the restarted
+/// daemon must resume instead of starting over.
+#[test]
+fn kill9_during_initial_sync_resumes() {
+    const N: usize = 100_000;
+    const KILL_AT: usize = 5_000;
+    let env = Env::new();
+    gen_tree(&env.src, N, 1000);
+
+    let d1 = env.spawn(&[]);
+    let deadline = Instant::now() + secs(300);
+    let mut seen = 0;
+    loop {
+        seen = count_files(&env.dst, &is_gen_name).max(seen);
+        if seen >= KILL_AT {
+            break;
+        }
+        if d1.log().contains("initial sync complete") {
+            panic!(
+                "the initial sync of {N} files finished before the test saw {KILL_AT} files on the target \
+                 (saw {seen}); cannot test the resume\n{}",
+                d1.log_tail()
+            );
+        }
+        if let Some(st) = d1.poll_exit() {
+            panic!(
+                "drmirror exited ({st}) during the initial sync\n{}",
+                d1.log_tail()
+            );
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "only {seen} files on the target after 300 s\n{}",
+                d1.log_tail()
+            );
+        }
+        thread::sleep(ms(5));
+    }
+    d1.kill9();
+    let at_kill = count_files(&env.dst, &is_gen_name);
+    assert!(
+        at_kill < N && !d1.log().contains("initial sync complete"),
+        "the initial sync had completed ({at_kill} files) before the kill; cannot test the resume\n{}",
+        d1.log_tail()
+    );
+    eprintln!("killed with {at_kill} of {N} files on the target");
+
+    let d2 = env.spawn(&[]);
+    d2.wait_ready();
+    let line = d2.wait_initial_sync(secs(300));
+    let copied2 = kv(&line, "copied").unwrap_or_else(|| panic!("no copied= in {line:?}"));
+    env.converge_for(&[], &d2, secs(240));
+    let bound = (N - at_kill + 1000) as u64;
+    assert!(
+        copied2 <= bound,
+        "the restarted initial sync copied {copied2} entries; {at_kill} of {N} files were already on the \
+         target, so at most {bound} should have been copied (it started over?)\n{line}"
+    );
+    assert_eq!(count_files(&env.dst, &is_gen_name), N);
+    d2.terminate();
+}

@@ -1,0 +1,13 @@
+//! drmirror integration tests: one binary (`cargo test --release --test it`).
+//!
+//! Every test runs the real `drmirror` binary against its own temp dirs and
+//! checks the result with `drmirror verify` plus direct file checks. The CLI
+//! contract the tests rely on is docs/cli.md.
+
+mod config;
+mod crash;
+mod initial;
+mod live;
+mod modes;
+mod util;
+mod verify_cmd;

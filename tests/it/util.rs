@@ -1,0 +1,1115 @@
+//! Shared helpers for the integration tests: temp trees, the daemon process,
+//! `drmirror verify`, polling with informative failures.
+//!
+//! Everything is path/`OsStr` based so that names with invalid UTF-8 or
+//! newlines work. Every wait has a deadline and panics with the daemon log
+//! tail, so a failing test says what the daemon was doing.
+#![allow(dead_code)]
+
+use std::cell::{Cell, RefCell};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_drmirror");
+
+/// uid/gid of `nobody` / `nogroup`.
+pub const NOBODY: (u32, u32) = (65534, 65534);
+
+/// Default time allowed for the mirror to converge.
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+pub fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+pub fn ms(m: u64) -> Duration {
+    Duration::from_millis(m)
+}
+
+// ---------------------------------------------------------------------------
+// Text helpers
+// ---------------------------------------------------------------------------
+
+/// Removes ANSI CSI escape sequences (tracing may colour its output).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            if it.peek() == Some(&'[') {
+                it.next();
+                for c2 in it.by_ref() {
+                    if ('@'..='~').contains(&c2) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The last `n` lines of `s`.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    let mut out = String::new();
+    if start > 0 {
+        out.push_str(&format!("[... {start} earlier lines ...]\n"));
+    }
+    out.push_str(&lines[start..].join("\n"));
+    out
+}
+
+/// The first `n` lines of `s` plus its last line (verify's summary).
+pub fn head(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    if lines.len() <= n + 1 {
+        return lines.join("\n");
+    }
+    format!(
+        "{}\n[... {} more lines ...]\n{}",
+        lines[..n].join("\n"),
+        lines.len() - n - 1,
+        lines[lines.len() - 1]
+    )
+}
+
+/// Parses `key=N` out of a log line (`copied=12`). The key must not be the
+/// tail of a longer word.
+pub fn kv(line: &str, key: &str) -> Option<u64> {
+    let pat = format!("{key}=");
+    let bytes = line.as_bytes();
+    let mut start = 0;
+    while let Some(pos) = line[start..].find(&pat) {
+        let abs = start + pos;
+        let before_ok = abs == 0 || {
+            let b = bytes[abs - 1];
+            !(b.is_ascii_alphanumeric() || b == b'_')
+        };
+        let rest = &line[abs + pat.len()..];
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        if before_ok && !digits.is_empty() {
+            return digits.parse().ok();
+        }
+        start = abs + pat.len();
+    }
+    None
+}
+
+/// Builds an `OsString` from raw bytes (may be invalid UTF-8).
+pub fn os(bytes: &[u8]) -> OsString {
+    OsString::from_vec(bytes.to_vec())
+}
+
+/// TOML basic string for a path.
+pub fn toml_str(p: &Path) -> String {
+    let s = p.to_str().expect("temp paths are UTF-8");
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Deterministic pseudo random numbers and data
+// ---------------------------------------------------------------------------
+
+/// xorshift64: deterministic, no dependency.
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> XorShift {
+        XorShift((seed ^ 0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// Uniform-ish in `0..n` (0 when n == 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+
+    /// In `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi.saturating_sub(lo))
+    }
+}
+
+/// `len` pseudo random bytes determined by `seed` (never all zeros).
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut r = XorShift::new(seed);
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        v.extend_from_slice(&r.next_u64().to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+// ---------------------------------------------------------------------------
+// File system helpers (all panic with the path on error)
+// ---------------------------------------------------------------------------
+
+pub fn mkdirp(p: &Path) {
+    fs::create_dir_all(p).unwrap_or_else(|e| panic!("mkdir -p {}: {e}", p.display()));
+}
+
+/// Writes `data` to `p`, creating parent directories.
+pub fn write(p: &Path, data: &[u8]) {
+    if let Some(parent) = p.parent() {
+        mkdirp(parent);
+    }
+    fs::write(p, data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+}
+
+/// Creates `p` with exactly `mode` (no umask surprises) and content.
+pub fn write_mode(p: &Path, data: &[u8], mode: u32) {
+    if let Some(parent) = p.parent() {
+        mkdirp(parent);
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(p)
+        .unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+    f.write_all(data)
+        .unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+    drop(f);
+    chmod(p, mode);
+}
+
+pub fn append(p: &Path, data: &[u8]) {
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(p)
+        .unwrap_or_else(|e| panic!("open for append {}: {e}", p.display()));
+    f.write_all(data)
+        .unwrap_or_else(|e| panic!("append {}: {e}", p.display()));
+}
+
+pub fn read(p: &Path) -> Vec<u8> {
+    fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+/// `lstat`.
+pub fn lmeta(p: &Path) -> fs::Metadata {
+    fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()))
+}
+
+/// Exists without following a final symlink.
+pub fn exists(p: &Path) -> bool {
+    fs::symlink_metadata(p).is_ok()
+}
+
+pub fn ino(p: &Path) -> u64 {
+    lmeta(p).ino()
+}
+
+pub fn mode_of(p: &Path) -> u32 {
+    lmeta(p).mode() & 0o7777
+}
+
+pub fn chmod(p: &Path, mode: u32) {
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {:o} {}: {e}", mode, p.display()));
+}
+
+pub fn lchown(p: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid))
+        .unwrap_or_else(|e| panic!("lchown {uid}:{gid} {}: {e}", p.display()));
+}
+
+pub fn symlink(text: impl AsRef<Path>, link: &Path) {
+    if let Some(parent) = link.parent() {
+        mkdirp(parent);
+    }
+    std::os::unix::fs::symlink(text.as_ref(), link).unwrap_or_else(|e| {
+        panic!(
+            "symlink {} -> {}: {e}",
+            link.display(),
+            text.as_ref().display()
+        )
+    });
+}
+
+pub fn read_link(p: &Path) -> PathBuf {
+    fs::read_link(p).unwrap_or_else(|e| panic!("readlink {}: {e}", p.display()))
+}
+
+pub fn rename(from: &Path, to: &Path) {
+    fs::rename(from, to)
+        .unwrap_or_else(|e| panic!("rename {} -> {}: {e}", from.display(), to.display()));
+}
+
+pub fn remove_file(p: &Path) {
+    fs::remove_file(p).unwrap_or_else(|e| panic!("rm {}: {e}", p.display()));
+}
+
+pub fn remove_dir_all(p: &Path) {
+    fs::remove_dir_all(p).unwrap_or_else(|e| panic!("rm -r {}: {e}", p.display()));
+}
+
+/// Sets atime and mtime of `p` (not following symlinks), nanosecond precision.
+pub fn set_mtime(p: &Path, sec: i64, nsec: i64) {
+    use rustix::fs::{utimensat, AtFlags, Timespec, Timestamps, CWD};
+    let ts = Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec as _,
+    };
+    let times = Timestamps {
+        last_access: ts,
+        last_modification: ts,
+    };
+    utimensat(CWD, p, &times, AtFlags::SYMLINK_NOFOLLOW)
+        .unwrap_or_else(|e| panic!("utimensat {}: {e}", p.display()));
+}
+
+/// (seconds, nanoseconds) of the mtime, not following symlinks.
+pub fn mtime_of(p: &Path) -> (i64, i64) {
+    let m = lmeta(p);
+    (m.mtime(), m.mtime_nsec())
+}
+
+/// Copies the mtime of `from` to `to` (both not followed).
+pub fn copy_mtime(from: &Path, to: &Path) {
+    let (s, ns) = mtime_of(from);
+    set_mtime(to, s, ns);
+}
+
+/// All entries below `root` (not followed, root excluded), relative, sorted.
+pub fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        let rd = match fs::read_dir(&dir) {
+            Ok(r) => r,
+            Err(_) => continue,
+        };
+        for e in rd.flatten() {
+            let r = rel.join(e.file_name());
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(r.clone());
+            }
+            out.push(r);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Counts regular files below `root` whose name satisfies `pred`.
+/// Tolerates entries vanishing during the walk.
+pub fn count_files(root: &Path, pred: &dyn Fn(&OsStr) -> bool) -> usize {
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = match fs::read_dir(&d) {
+            Ok(r) => r,
+            Err(_) => continue,
+        };
+        for e in rd.flatten() {
+            let ft = match e.file_type() {
+                Ok(t) => t,
+                Err(_) => continue,
+            };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() && pred(&e.file_name()) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// `chown -R -h uid:gid root` (root included).
+pub fn chown_r(root: &Path, uid: u32, gid: u32) {
+    lchown(root, uid, gid);
+    for rel in walk(root) {
+        lchown(&root.join(rel), uid, gid);
+    }
+}
+
+/// Creates `files` files below `root` in directories `dNNNN` of `per_dir`
+/// files each, named `fNNNNNNN` (global index), sizes 0..=4096 bytes with
+/// index-dependent content. Returns the file paths.
+pub fn gen_tree(root: &Path, files: usize, per_dir: usize) -> Vec<PathBuf> {
+    mkdirp(root);
+    let per_dir = per_dir.max(1);
+    let mut out = Vec::with_capacity(files);
+    let mut buf: Vec<u8> = Vec::with_capacity(4097);
+    for i in 0..files {
+        let dir = root.join(format!("d{:04}", i / per_dir));
+        if i % per_dir == 0 {
+            mkdirp(&dir);
+        }
+        let p = dir.join(format!("f{:07}", i));
+        let size = (i.wrapping_mul(2_654_435_761) >> 7) % 4097;
+        buf.clear();
+        buf.extend((0..size).map(|j| ((i.wrapping_mul(31)).wrapping_add(j * 7) % 251) as u8));
+        fs::write(&p, &buf).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        out.push(p);
+    }
+    out
+}
+
+/// True for names produced by `gen_tree` (`f` + 7 digits).
+pub fn is_gen_name(n: &OsStr) -> bool {
+    let b = n.as_bytes();
+    b.len() == 8 && b[0] == b'f' && b[1..].iter().all(|c| c.is_ascii_digit())
+}
+
+/// File names that break naive implementations.
+pub fn odd_names() -> Vec<OsString> {
+    let v: Vec<&[u8]> = vec![
+        &b"with space.txt"[..],
+        &b"new\nline"[..],
+        &b"bad\xff"[..],
+        &b"bad\xc3(utf8"[..],
+        "ünïcødé 日本語 🎉.txt".as_bytes(),
+        &b"tab\there"[..],
+        &b"back\\slash"[..],
+        &b"quote\"'"[..],
+        &b"-dash"[..],
+        &b".hidden"[..],
+        &b"glob*?[x]"[..],
+        &b"percent%20"[..],
+        &b"trailing space "[..],
+        &b"CR\rname"[..],
+    ];
+    v.into_iter().map(os).collect()
+}
+
+/// Populates `root` with a tree exercising every kind of entry the mirror
+/// must reproduce. Returns the number of regular files (names) created.
+pub fn populate_rich(root: &Path) -> usize {
+    mkdirp(root);
+    let mut files = 0;
+    for name in odd_names() {
+        write(&root.join(&name), name.as_bytes());
+        files += 1;
+        write(&root.join("odd_dirs").join(&name).join("inner"), b"inner");
+        files += 1;
+    }
+    write(&root.join("empty"), b"");
+    files += 1;
+
+    let mut deep = root.join("deep");
+    for _ in 0..70 {
+        deep.push("d");
+    }
+    write(&deep.join("bottom.txt"), b"bottom of a 70-level tree");
+    files += 1;
+
+    write(&root.join("links/target.txt"), b"link target");
+    files += 1;
+    symlink("target.txt", &root.join("links/rel"));
+    symlink("/etc/passwd", &root.join("links/abs"));
+    symlink("no/such/thing", &root.join("links/dangling"));
+    write(&root.join("links/realdir/f"), b"in realdir");
+    files += 1;
+    symlink("realdir", &root.join("links/dirlink"));
+    symlink("../..", &root.join("links/escape"));
+
+    write_mode(&root.join("modes/m600"), b"600", 0o600);
+    write_mode(&root.join("modes/m755"), b"#!/bin/sh\n", 0o755);
+    write_mode(&root.join("modes/m444"), b"444", 0o444);
+    files += 3;
+    write(&root.join("modes/private/f"), b"private");
+    files += 1;
+    chmod(&root.join("modes/private"), 0o700);
+
+    write(&root.join("big.bin"), &pattern(3 << 20, 77));
+    files += 1;
+    fs::hard_link(root.join("big.bin"), root.join("big.hardlink")).expect("hard link");
+    files += 1;
+
+    mkdirp(&root.join("emptydir/nested_empty"));
+
+    if is_root() {
+        write(&root.join("owned/f"), b"owned by 1234:5678");
+        files += 1;
+        lchown(&root.join("owned/f"), 1234, 5678);
+        lchown(&root.join("owned"), 1234, 5678);
+    }
+
+    files += gen_tree(&root.join("gen"), 300, 60).len();
+
+    // Explicit times last (children were created above).
+    set_mtime(&root.join("modes/m600"), 1_000_000_000, 123_456_789);
+    set_mtime(&root.join("links/rel"), 1_100_000_000, 1);
+    set_mtime(&root.join("emptydir/nested_empty"), 1_150_000_000, 5);
+    set_mtime(&root.join("emptydir"), 1_200_000_000, 999_999_999);
+    files
+}
+
+/// Copies the tree `src` onto `dst` (dst may exist and be empty), preserving
+/// type, content, mode, owner (when root), mtime (ns) and symlink text; the
+/// root's mode and mtime included.
+pub fn clone_tree(src: &Path, dst: &Path) {
+    if !exists(dst) {
+        fs::create_dir(dst).unwrap_or_else(|e| panic!("mkdir {}: {e}", dst.display()));
+    }
+    let rd = fs::read_dir(src).unwrap_or_else(|e| panic!("readdir {}: {e}", src.display()));
+    for e in rd {
+        let e = e.expect("readdir entry");
+        clone_entry(&e.path(), &dst.join(e.file_name()));
+    }
+    copy_attrs(src, dst);
+}
+
+fn clone_entry(s: &Path, d: &Path) {
+    let m = lmeta(s);
+    let ft = m.file_type();
+    if ft.is_symlink() {
+        symlink(read_link(s), d);
+        if is_root() {
+            lchown(d, m.uid(), m.gid());
+        }
+        set_mtime(d, m.mtime(), m.mtime_nsec());
+    } else if ft.is_dir() {
+        fs::create_dir(d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+        let rd = fs::read_dir(s).unwrap_or_else(|e| panic!("readdir {}: {e}", s.display()));
+        for e in rd {
+            let e = e.expect("readdir entry");
+            clone_entry(&e.path(), &d.join(e.file_name()));
+        }
+        copy_attrs(s, d);
+    } else if ft.is_file() {
+        fs::copy(s, d).unwrap_or_else(|e| panic!("copy {} -> {}: {e}", s.display(), d.display()));
+        copy_attrs(s, d);
+    } else {
+        panic!("clone_tree: unsupported file type at {}", s.display());
+    }
+}
+
+fn copy_attrs(s: &Path, d: &Path) {
+    let m = lmeta(s);
+    if is_root() {
+        lchown(d, m.uid(), m.gid());
+    }
+    chmod(d, m.mode() & 0o7777);
+    set_mtime(d, m.mtime(), m.mtime_nsec());
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+/// Output of a finished command.
+pub struct CmdOut {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOut {
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "exit code {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code,
+            head(&self.stdout, 60),
+            tail(&self.stderr, 60)
+        )
+    }
+}
+
+/// Runs `cmd` to completion with captured output; kills it and panics after
+/// `timeout`.
+pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> CmdOut {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut so = child.stdout.take().expect("stdout pipe");
+    let mut se = child.stderr.take().expect("stderr pipe");
+    let t1 = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let t2 = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait().expect("try_wait") {
+            Some(st) => break Some(st),
+            None => {
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                thread::sleep(ms(10));
+            }
+        }
+    };
+    let out = CmdOut {
+        code: status.and_then(|s| s.code()),
+        stdout: strip_ansi(&String::from_utf8_lossy(&t1.join().unwrap_or_default())),
+        stderr: strip_ansi(&String::from_utf8_lossy(&t2.join().unwrap_or_default())),
+    };
+    if status.is_none() {
+        panic!(
+            "command {cmd:?} did not finish within {timeout:?}; {}",
+            out.describe()
+        );
+    }
+    out
+}
+
+/// Runs `drmirror ARGS` (default log level, no colour), waits up to `timeout`.
+pub fn drmirror(args: &[OsString], timeout: Duration) -> CmdOut {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("STATE_DIRECTORY")
+        .env("NO_COLOR", "1");
+    run_timeout(&mut cmd, timeout)
+}
+
+static LOG_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A running `drmirror run` process; stdout and stderr go to a log file.
+pub struct Daemon {
+    child: RefCell<Child>,
+    status: Cell<Option<ExitStatus>>,
+    pub log_path: PathBuf,
+    pub pid: u32,
+}
+
+impl Daemon {
+    /// Spawns `BIN ARGS` (args include the `run` subcommand) with
+    /// `RUST_LOG=info`, logging to a new file in `log_dir`. `user` runs it as
+    /// that uid/gid (needs root); `bin` overrides the binary path.
+    pub fn spawn(
+        args: &[OsString],
+        log_dir: &Path,
+        user: Option<(u32, u32)>,
+        bin: Option<&Path>,
+    ) -> Daemon {
+        let n = LOG_SEQ.fetch_add(1, Ordering::SeqCst);
+        let log_path = log_dir.join(format!("daemon-{n}.log"));
+        let bin: PathBuf = bin
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(BIN));
+        let mut attempts = 0;
+        let child = loop {
+            let log = File::create(&log_path)
+                .unwrap_or_else(|e| panic!("create log {}: {e}", log_path.display()));
+            let log2 = log.try_clone().expect("clone log fd");
+            let mut cmd = Command::new(&bin);
+            cmd.args(args)
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1")
+                .env_remove("STATE_DIRECTORY")
+                .current_dir("/")
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log2))
+                .stderr(Stdio::from(log));
+            if let Some((uid, gid)) = user {
+                cmd.uid(uid).gid(gid);
+            }
+            match cmd.spawn() {
+                Ok(c) => break c,
+                // ETXTBSY: a freshly copied binary still open in a child
+                // forked by a parallel test; retry briefly.
+                Err(e) if e.raw_os_error() == Some(26) && attempts < 100 => {
+                    attempts += 1;
+                    thread::sleep(ms(50));
+                }
+                Err(e) => panic!("spawn {} {:?}: {e}", bin.display(), args),
+            }
+        };
+        let pid = child.id();
+        Daemon {
+            child: RefCell::new(child),
+            status: Cell::new(None),
+            log_path,
+            pid,
+        }
+    }
+
+    /// The exit status if the process has exited.
+    pub fn poll_exit(&self) -> Option<ExitStatus> {
+        if let Some(s) = self.status.get() {
+            return Some(s);
+        }
+        let r = self
+            .child
+            .borrow_mut()
+            .try_wait()
+            .expect("try_wait on drmirror");
+        if r.is_some() {
+            self.status.set(r);
+        }
+        r
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.poll_exit().is_none()
+    }
+
+    /// The whole log so far (ANSI stripped, lossy UTF-8).
+    pub fn log(&self) -> String {
+        strip_ansi(&String::from_utf8_lossy(
+            &fs::read(&self.log_path).unwrap_or_default(),
+        ))
+    }
+
+    pub fn log_tail(&self) -> String {
+        format!(
+            "--- daemon log {} (tail) ---\n{}",
+            self.log_path.display(),
+            tail(&self.log(), 80)
+        )
+    }
+
+    /// Waits until a log line contains `needle`; returns that line. Panics
+    /// with the log on timeout or if the process exits first.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            if let Some(st) = self.poll_exit() {
+                let log = self.log();
+                if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+                    return line.to_string();
+                }
+                panic!(
+                    "drmirror (pid {}) exited ({st}) before logging {needle:?}\n{}",
+                    self.pid,
+                    self.log_tail()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timeout after {timeout:?} waiting for {needle:?} in the log of drmirror (pid {})\n{}",
+                    self.pid,
+                    self.log_tail()
+                );
+            }
+            thread::sleep(ms(50));
+        }
+    }
+
+    /// Waits for `drmirror ready` (60 s).
+    pub fn wait_ready(&self) {
+        self.wait_log("drmirror ready", secs(60));
+    }
+
+    /// Waits for the `initial sync complete` line and returns it.
+    pub fn wait_initial_sync(&self, timeout: Duration) -> String {
+        self.wait_log("initial sync complete", timeout)
+    }
+
+    /// `copied=N` of the first `initial sync complete` line.
+    pub fn initial_copied(&self, timeout: Duration) -> u64 {
+        let line = self.wait_initial_sync(timeout);
+        kv(&line, "copied").unwrap_or_else(|| {
+            panic!(
+                "no copied=N in the initial sync line {line:?}\n{}",
+                self.log_tail()
+            )
+        })
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.pid as i32).expect("nonzero pid");
+        rustix::process::kill_process(pid, sig)
+            .unwrap_or_else(|e| panic!("kill({}, {sig:?}): {e}", self.pid));
+    }
+
+    /// Waits for the process to exit; kills it and panics after `timeout`.
+    pub fn wait_exit(&self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.poll_exit() {
+                return st;
+            }
+            if Instant::now() >= deadline {
+                self.force_kill();
+                panic!(
+                    "drmirror (pid {}) did not exit within {timeout:?}\n{}",
+                    self.pid,
+                    self.log_tail()
+                );
+            }
+            thread::sleep(ms(20));
+        }
+    }
+
+    fn force_kill(&self) {
+        if self.status.get().is_some() {
+            return;
+        }
+        let st: Option<ExitStatus> = {
+            let mut c = self.child.borrow_mut();
+            let _ = c.kill();
+            let r = c.wait().ok();
+            r
+        };
+        if st.is_some() {
+            self.status.set(st);
+        }
+    }
+
+    /// SIGKILL and reap. Panics if the process had already exited (a crash
+    /// test must crash a live process).
+    pub fn kill9(&self) {
+        if let Some(st) = self.poll_exit() {
+            panic!(
+                "kill9: drmirror (pid {}) had already exited ({st})\n{}",
+                self.pid,
+                self.log_tail()
+            );
+        }
+        self.force_kill();
+        assert!(
+            self.status.get().is_some(),
+            "kill9: could not reap pid {}",
+            self.pid
+        );
+    }
+
+    /// SIGTERM, wait (30 s), assert exit code 0 and `stopped cleanly`.
+    pub fn terminate(&self) {
+        self.stop_with(rustix::process::Signal::TERM);
+    }
+
+    /// Like `terminate` with another signal (SIGINT).
+    pub fn stop_with(&self, sig: rustix::process::Signal) {
+        if let Some(st) = self.poll_exit() {
+            panic!(
+                "stop: drmirror (pid {}) had already exited ({st})\n{}",
+                self.pid,
+                self.log_tail()
+            );
+        }
+        self.signal(sig);
+        let st = self.wait_exit(secs(30));
+        assert_eq!(
+            st.code(),
+            Some(0),
+            "drmirror exit status after {sig:?}: {st}\n{}",
+            self.log_tail()
+        );
+        let log = self.log();
+        assert!(
+            log.contains("stopped cleanly"),
+            "no `stopped cleanly` in the log after {sig:?}\n{}",
+            self.log_tail()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.status.get().is_none() {
+            let c = self.child.get_mut();
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// verify
+// ---------------------------------------------------------------------------
+
+/// Runs `drmirror verify --source SRC --target DST EXTRA...`.
+pub fn verify_out(src: &Path, dst: &Path, extra: &[&str]) -> CmdOut {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("verify")
+        .arg("--source")
+        .arg(src)
+        .arg("--target")
+        .arg(dst)
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1");
+    run_timeout(&mut cmd, secs(300))
+}
+
+/// (identical?, stdout+stderr)
+pub fn verify(src: &Path, dst: &Path, extra: &[&str]) -> (bool, String) {
+    let o = verify_out(src, dst, extra);
+    (o.code == Some(0), o.all())
+}
+
+/// Polls verify every 200 ms until the trees are identical (90 s).
+pub fn wait_converged(src: &Path, dst: &Path, extra: &[&str], d: Option<&Daemon>) -> String {
+    wait_converged_for(src, dst, extra, d, CONVERGE_TIMEOUT)
+}
+
+/// Polls verify every 200 ms until the trees are identical; panics with the
+/// last verify output and the daemon log on timeout or if the daemon died.
+pub fn wait_converged_for(
+    src: &Path,
+    dst: &Path,
+    extra: &[&str],
+    d: Option<&Daemon>,
+    timeout: Duration,
+) -> String {
+    let start = Instant::now();
+    loop {
+        let o = verify_out(src, dst, extra);
+        if o.code == Some(0) {
+            return o.stdout;
+        }
+        if let Some(d) = d {
+            if let Some(st) = d.poll_exit() {
+                panic!(
+                    "drmirror exited ({st}) while waiting for {} -> {} to converge (verify {:?})\nlast verify: {}\n{}",
+                    src.display(),
+                    dst.display(),
+                    extra,
+                    o.describe(),
+                    d.log_tail()
+                );
+            }
+        }
+        if start.elapsed() >= timeout {
+            panic!(
+                "not converged after {timeout:?}: {} -> {} (verify {:?})\nlast verify: {}\n{}",
+                src.display(),
+                dst.display(),
+                extra,
+                o.describe(),
+                d.map(|d| d.log_tail()).unwrap_or_default()
+            );
+        }
+        thread::sleep(ms(200));
+    }
+}
+
+/// Polls `cond` every 50 ms; panics with `what` and the daemon log on timeout.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    d: Option<&Daemon>,
+    mut cond: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return;
+        }
+        if let Some(d) = d {
+            if let Some(st) = d.poll_exit() {
+                panic!(
+                    "drmirror exited ({st}) while waiting until {what}\n{}",
+                    d.log_tail()
+                );
+            }
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "timeout after {timeout:?} waiting until {what}\n{}",
+                d.map(|d| d.log_tail()).unwrap_or_default()
+            );
+        }
+        thread::sleep(ms(50));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fixture
+// ---------------------------------------------------------------------------
+
+/// A temp dir holding `src/`, `dst/` and `state/` (all created, empty).
+pub struct Env {
+    pub tmp: tempfile::TempDir,
+    pub root: PathBuf,
+    pub src: PathBuf,
+    pub dst: PathBuf,
+    pub state: PathBuf,
+}
+
+static CONFIG_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+impl Env {
+    pub fn new() -> Env {
+        let tmp = tempfile::Builder::new()
+            .prefix("drm")
+            .tempdir_in("/tmp")
+            .expect("create temp dir in /tmp");
+        let root = tmp.path().to_path_buf();
+        let src = root.join("src");
+        let dst = root.join("dst");
+        let state = root.join("state");
+        for d in [&src, &dst, &state] {
+            fs::create_dir(d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+        }
+        Env {
+            tmp,
+            root,
+            src,
+            dst,
+            state,
+        }
+    }
+
+    /// Path below src.
+    pub fn s(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.src.join(rel)
+    }
+
+    /// Path below dst.
+    pub fn d(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.dst.join(rel)
+    }
+
+    /// `run --source SRC --target DST --state STATE EXTRA...`
+    pub fn run_args(&self, extra: &[&str]) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec![
+            OsString::from("run"),
+            OsString::from("--source"),
+            self.src.clone().into_os_string(),
+            OsString::from("--target"),
+            self.dst.clone().into_os_string(),
+            OsString::from("--state"),
+            self.state.clone().into_os_string(),
+        ];
+        a.extend(extra.iter().map(OsString::from));
+        a
+    }
+
+    /// Spawns the daemon on src/dst/state (does not wait for ready).
+    pub fn spawn(&self, extra: &[&str]) -> Daemon {
+        Daemon::spawn(&self.run_args(extra), &self.root, None, None)
+    }
+
+    /// Spawns the daemon and waits for `drmirror ready`.
+    pub fn start(&self, extra: &[&str]) -> Daemon {
+        let d = self.spawn(extra);
+        d.wait_ready();
+        d
+    }
+
+    /// Spawns `drmirror ARGS` (ARGS include `run`).
+    pub fn spawn_args(&self, args: &[OsString]) -> Daemon {
+        Daemon::spawn(args, &self.root, None, None)
+    }
+
+    /// Writes a config file into the temp dir and returns its path.
+    pub fn write_config(&self, toml: &str) -> PathBuf {
+        let n = CONFIG_SEQ.fetch_add(1, Ordering::SeqCst);
+        let p = self.root.join(format!("config-{n}.toml"));
+        write(&p, toml.as_bytes());
+        p
+    }
+
+    /// Spawns `drmirror run --config FILE` with `toml` as the file.
+    pub fn spawn_config(&self, toml: &str) -> Daemon {
+        let p = self.write_config(toml);
+        self.spawn_args(&[
+            OsString::from("run"),
+            OsString::from("--config"),
+            p.into_os_string(),
+        ])
+    }
+
+    /// Minimal valid config for src/dst/state plus extra top-level lines.
+    pub fn config_text(&self, top_level_extra: &str) -> String {
+        format!(
+            "source = {}\nstate_dir = {}\n{}\n\n[[target]]\npath = {}\n",
+            toml_str(&self.src),
+            toml_str(&self.state),
+            top_level_extra,
+            toml_str(&self.dst)
+        )
+    }
+
+    pub fn verify(&self, extra: &[&str]) -> (bool, String) {
+        verify(&self.src, &self.dst, extra)
+    }
+
+    pub fn verify_out(&self, extra: &[&str]) -> CmdOut {
+        verify_out(&self.src, &self.dst, extra)
+    }
+
+    /// wait_converged(src, dst, extra, Some(d)).
+    pub fn converge(&self, extra: &[&str], d: &Daemon) -> String {
+        wait_converged(&self.src, &self.dst, extra, Some(d))
+    }
+
+    pub fn converge_for(&self, extra: &[&str], d: &Daemon, timeout: Duration) -> String {
+        wait_converged_for(&self.src, &self.dst, extra, Some(d), timeout)
+    }
+
+    /// A path to the drmirror binary that `uid` can execute: the original if
+    /// every ancestor directory is world-searchable, else a copy in the temp
+    /// dir.
+    pub fn bin_for_other_user(&self) -> PathBuf {
+        let orig = PathBuf::from(BIN);
+        let world_ok = |p: &Path| {
+            fs::metadata(p)
+                .map(|m| m.mode() & 0o001 != 0)
+                .unwrap_or(false)
+        };
+        if orig
+            .ancestors()
+            .all(|a| a.as_os_str().is_empty() || world_ok(a))
+        {
+            return orig;
+        }
+        let copy = self.root.join("drmirror-bin");
+        fs::copy(&orig, &copy)
+            .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", orig.display(), copy.display()));
+        chmod(&copy, 0o755);
+        copy
+    }
+}
