@@ -185,6 +185,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             &cfg.source,
             filter.clone(),
             journal.clone(),
+            targets.first().map(|t| t.id),
         )?),
     };
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -256,6 +257,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             retry: Default::default(),
             cursor: None,
             reported_initial: false,
+            acc: Default::default(),
+            acc_wrote: false,
+            last_flush: Instant::now(),
         };
         let sh = shared.clone();
         threads.push(

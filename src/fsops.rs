@@ -36,6 +36,16 @@ pub fn is_temp_name(name: &[u8]) -> bool {
     name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX)
 }
 
+/// True for temporary files left by an earlier drmirror process (the pid is
+/// part of the name): this process's own are copies in flight.
+pub fn is_stale_temp_name(name: &[u8]) -> bool {
+    if !is_temp_name(name) {
+        return false;
+    }
+    let own = format!("{}-", std::process::id());
+    !name[TEMP_PREFIX.len()..].starts_with(own.as_bytes())
+}
+
 /// True for errors that mean "this path does not exist as a plain entry":
 /// missing, or a parent that is no longer a directory or is now a symlink.
 pub fn is_missing(e: &io::Error) -> bool {

@@ -177,6 +177,16 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// Appends `o` (applied after `self`).
+    pub fn merge(&mut self, o: Completion) {
+        self.done.extend(o.done);
+        self.index_put.extend(o.index_put);
+        self.index_remove_tree.extend(o.index_remove_tree);
+        self.renames_done.extend(o.renames_done);
+        self.index_moves.extend(o.index_moves);
+        self.requeue.extend(o.requeue);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.done.is_empty()
             && self.index_put.is_empty()

@@ -27,6 +27,8 @@ use crate::target::{ApplyError, Outcome};
 const BATCH: usize = 2048;
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Longest time applied changes wait for their syncfs + journal commit.
+const GROUP_COMMIT: Duration = Duration::from_secs(1);
 
 /// Counters of one shipper (this process run).
 #[derive(Default, Debug)]
@@ -60,6 +62,10 @@ pub struct Shipper {
     pub retry: HashMap<Vec<u8>, (Instant, u32)>,
     pub cursor: Option<Vec<u8>>,
     pub reported_initial: bool,
+    /// Applied but not yet committed (see [`Shipper::flush`]).
+    pub acc: Completion,
+    pub acc_wrote: bool,
+    pub last_flush: Instant,
 }
 
 /// What a round did.
@@ -73,6 +79,12 @@ struct Round {
 impl Shipper {
     /// Runs until `stop` is set; returns a journal error, which is fatal.
     pub fn run(mut self) -> Result<(), JournalError> {
+        let r = self.serve();
+        let f = self.flush();
+        r.and(f)
+    }
+
+    fn serve(&mut self) -> Result<(), JournalError> {
         while !self.stop.load(Ordering::Relaxed) {
             // Read before the round: a scan that finished before the round
             // began has all its entries visible to it.
@@ -152,11 +164,11 @@ impl Shipper {
             c.renames_done.push(r.seq);
         }
         if !renames.is_empty() {
-            // Renames first, durably, so that path entries see their result.
-            if wrote {
-                self.sync_target();
-            }
-            self.journal.complete(self.t, &std::mem::take(&mut c))?;
+            // Renames are committed on their own, after everything before
+            // them: their index moves must not be reordered.
+            self.acc.merge(std::mem::take(&mut c));
+            self.acc_wrote |= wrote;
+            self.flush()?;
             wrote = false;
         }
 
@@ -213,9 +225,11 @@ impl Shipper {
                         } => {
                             if created {
                                 self.stats.copied.fetch_add(1, Ordering::Relaxed);
-                                touched.extend(parent);
                                 wrote = true;
                             }
+                            // Even when it existed: a copy in this batch may
+                            // have created it as the parent of a file.
+                            touched.extend(parent);
                             c.index_put.push((p.clone(), meta));
                             touched.insert(p.clone());
                             if scan {
@@ -245,6 +259,7 @@ impl Shipper {
             match self.source.lstat(d) {
                 Ok(Some(m)) if m.kind == Kind::Dir => match self.target.set_dir_attrs(d, &m) {
                     Ok(()) => {
+                        tracing::trace!(path = %paths::display(d), "dir attrs set");
                         c.index_put.push((d.clone(), m));
                         wrote = true;
                     }
@@ -253,13 +268,19 @@ impl Shipper {
                 _ => {}
             }
         }
-        if wrote {
-            self.sync_target();
+        // Group commit: one syncfs and one journal write per second (or
+        // when the backlog is drained), not per batch. Removals and moves must
+        // not be reordered before earlier index puts, so they flush first.
+        if !c.index_remove_tree.is_empty() || !c.index_moves.is_empty() {
+            self.flush()?;
         }
-        self.journal.complete(self.t, &c)?;
+        self.acc.merge(c);
+        self.acc_wrote |= wrote;
+        if !full || self.last_flush.elapsed() >= GROUP_COMMIT {
+            self.flush()?;
+        }
 
-        // Subtrees to compare (new or moved-in directories, rescans). After
-        // the commit above, so a crash here re-runs the scan, not the copies.
+        // Subtrees to compare (new or moved-in directories, rescans).
         for (p, f, created) in scans {
             self.scan_subtree(&p, f, created)?;
         }
@@ -314,6 +335,18 @@ impl Shipper {
         }
         self.retry
             .insert(p.to_vec(), (Instant::now() + backoff, attempts));
+    }
+
+    /// Makes what was applied durable on the target, then tells the journal.
+    pub fn flush(&mut self) -> Result<(), JournalError> {
+        if self.acc_wrote {
+            self.sync_target();
+            self.acc_wrote = false;
+        }
+        let acc = std::mem::take(&mut self.acc);
+        self.journal.complete(self.t, &acc)?;
+        self.last_flush = Instant::now();
+        Ok(())
     }
 
     fn sync_target(&self) {

@@ -160,8 +160,10 @@ impl Compare<'_> {
                 for c in children.iter_mut() {
                     let name = paths::split(&c.rel).1;
                     if fsops::is_temp_name(name) && c.meta.kind != Kind::Dir {
-                        if let Some(td) = tdir.as_ref() {
-                            let _ = fsops::remove_tree_at(td.as_fd(), name);
+                        if fsops::is_stale_temp_name(name) {
+                            if let Some(td) = tdir.as_ref() {
+                                let _ = fsops::remove_tree_at(td.as_fd(), name);
+                            }
                         }
                         c.descend = false;
                         continue;

@@ -27,6 +27,8 @@ const COPY_TRIES: u32 = 3;
 
 pub struct LocalTarget {
     root: Root,
+    /// `syncfs` needs a readable fd; the root's is `O_PATH`.
+    sync_fd: OwnedFd,
     owner: bool,
     tmp_counter: AtomicU64,
 }
@@ -48,8 +50,14 @@ impl LocalTarget {
     /// Opens (creating if needed) the target directory.
     pub fn open(path: &Path, owner: bool) -> io::Result<LocalTarget> {
         std::fs::create_dir_all(path)?;
+        let sync_fd = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         Ok(LocalTarget {
             root: Root::open(path)?,
+            sync_fd,
             owner,
             tmp_counter: AtomicU64::new(0),
         })
@@ -61,7 +69,7 @@ impl LocalTarget {
 
     /// Flushes everything written so far to the target's disk.
     pub fn sync(&self) -> io::Result<()> {
-        rustix::fs::syncfs(self.root.fd())?;
+        rustix::fs::syncfs(&self.sync_fd)?;
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use rustix::event::{PollFd, PollFlags};
 use super::{Event, WatchError, Watcher};
 use crate::filter::Filter;
 use crate::fsops::Root;
-use crate::journal::{flags, Journal};
+use crate::journal::{flags, Journal, TargetId};
 use crate::meta::Kind;
 use crate::paths;
 
@@ -54,6 +54,12 @@ pub struct InotifyWatcher {
     by_path: BTreeMap<Vec<u8>, WatchDescriptor>,
     buf: Vec<u8>,
     moved_from: HashMap<u32, (Vec<u8>, bool)>,
+    /// Inode -> path of entries found in directories that appeared during
+    /// the current poll (see [`InotifyWatcher::match_moved`]).
+    recent: HashMap<u64, Vec<u8>>,
+    collect_recent: bool,
+    /// Whose index to ask for the inode of a path that moved away.
+    index_target: Option<TargetId>,
 }
 
 fn read_limit() -> u64 {
@@ -69,6 +75,7 @@ impl InotifyWatcher {
         source: &Path,
         filter: Arc<Filter>,
         journal: Arc<Journal>,
+        index_target: Option<TargetId>,
     ) -> Result<Self, WatchError> {
         let ino = Inotify::init().map_err(|source| WatchError::Add {
             path: "inotify_init".into(),
@@ -87,15 +94,21 @@ impl InotifyWatcher {
             by_path: BTreeMap::new(),
             buf: vec![0u8; 256 * 1024],
             moved_from: HashMap::new(),
+            recent: HashMap::new(),
+            collect_recent: false,
+            index_target,
         };
         w.journal.dirs_remove_tree(b"")?;
         w.add_tree(b"")?;
+        w.collect_recent = true;
         Ok(w)
     }
 
     /// Watches `rel` and every directory below it.
     fn add_tree(&mut self, rel: &[u8]) -> Result<(), WatchError> {
         let dirs = Mutex::new(vec![rel.to_vec()]);
+        let seen = Mutex::new(Vec::new());
+        let collect = self.collect_recent;
         let filter = &self.filter;
         crate::scan::walk(
             &self.root,
@@ -112,10 +125,16 @@ impl InotifyWatcher {
                     }
                 }
                 dirs.lock().unwrap_or_else(|p| p.into_inner()).extend(found);
+                if collect {
+                    let mut g = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    g.extend(children.iter().map(|c| (c.meta.ino, c.rel.clone())));
+                }
             },
             |p, e| tracing::warn!(path = %paths::display(p), "cannot list directory to watch it: {e}"),
         );
         let mut dirs = dirs.into_inner().unwrap_or_else(|p| p.into_inner());
+        self.recent
+            .extend(seen.into_inner().unwrap_or_else(|p| p.into_inner()));
         dirs.sort();
         let needed = dirs.len();
         let mut added = Vec::with_capacity(dirs.len());
@@ -288,6 +307,21 @@ impl InotifyWatcher {
         }
     }
 
+    /// `mkdir d && mv f d/` can finish before the watch on `d` exists, so
+    /// inotify reports MOVED_FROM without a MOVED_TO. The walk that added
+    /// the watches on `d` saw `d/f`; if its inode is the one the index
+    /// recorded for the moved-away path, it is that rename.
+    fn match_moved(&self, from: &[u8]) -> Option<Vec<u8>> {
+        if self.recent.is_empty() {
+            return None;
+        }
+        let t = self.index_target?;
+        let m = self.journal.index_get(t, from).ok().flatten()?;
+        let to = self.recent.get(&m.ino)?;
+        (to.as_slice() != from && !self.filter.excluded(to, m.kind == Kind::Dir))
+            .then(|| to.clone())
+    }
+
     fn read_raw(&mut self) -> Result<Vec<Raw>, WatchError> {
         match self.ino.read_events(&mut self.buf) {
             Ok(evs) => Ok(evs
@@ -412,9 +446,30 @@ impl Watcher for InotifyWatcher {
             }
             let unmatched: Vec<(Vec<u8>, bool)> = self.moved_from.drain().map(|(_, v)| v).collect();
             for (path, is_dir) in unmatched {
-                self.on_gone(path, is_dir, out)?;
+                match self.match_moved(&path) {
+                    Some(to) => {
+                        if is_dir {
+                            // add_tree already re-keyed the watches (same
+                            // inodes, same descriptors); forget old paths.
+                            self.journal.dirs_remove_tree(&path)?;
+                            let keys = self.subtree_keys(&path);
+                            for k in keys {
+                                if let Some(wd) = self.by_path.get(&k) {
+                                    if self.by_wd.get(wd) != Some(&k) {
+                                        self.by_path.remove(&k);
+                                    }
+                                }
+                            }
+                        }
+                        Self::dirty_parent(out, &path);
+                        Self::dirty_parent(out, &to);
+                        out.push(Event::Rename { from: path, to });
+                    }
+                    None => self.on_gone(path, is_dir, out)?,
+                }
             }
         }
+        self.recent.clear();
         Ok(())
     }
 }

@@ -142,7 +142,10 @@ pub struct XorShift(u64);
 
 impl XorShift {
     pub fn new(seed: u64) -> XorShift {
-        XorShift((seed ^ 0x9E37_79B9_7F4A_7C15) | 1)
+        // A bijective mix: seeds that differ only in bit 0 must still give
+        // different streams (`(seed ^ K) | 1` did not).
+        let s = seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        XorShift(if s == 0 { 1 } else { s })
     }
 
     pub fn next_u64(&mut self) -> u64 {
