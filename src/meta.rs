@@ -50,6 +50,8 @@ pub struct Meta {
 }
 
 impl Meta {
+    // `st_mtime` is i64 on 64-bit targets and narrower elsewhere.
+    #[allow(clippy::useless_conversion)]
     pub fn from_stat(st: &Stat) -> Meta {
         let kind = match FileType::from_raw_mode(st.st_mode) {
             FileType::RegularFile => Kind::File,
@@ -63,8 +65,8 @@ impl Meta {
             uid: st.st_uid,
             gid: st.st_gid,
             size: st.st_size as u64,
-            mtime_ns: st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64,
-            ctime_ns: st.st_ctime as i64 * 1_000_000_000 + st.st_ctime_nsec as i64,
+            mtime_ns: i64::from(st.st_mtime) * 1_000_000_000 + st.st_mtime_nsec as i64,
+            ctime_ns: i64::from(st.st_ctime) * 1_000_000_000 + st.st_ctime_nsec as i64,
             ino: st.st_ino,
             dev: st.st_dev,
         }

@@ -105,26 +105,54 @@ impl InotifyWatcher {
     }
 
     /// Watches `rel` and every directory below it.
+    ///
+    /// Each directory is watched *before* it is listed: a subdirectory
+    /// created after the watch raises an event, one created before is in the
+    /// listing. (Listing first leaves a window in which a new subdirectory is
+    /// neither, and everything later written into it would go unseen.)
     fn add_tree(&mut self, rel: &[u8]) -> Result<(), WatchError> {
-        let dirs = Mutex::new(vec![rel.to_vec()]);
+        let root_wd = match self.add_watch(rel) {
+            Ok(()) => true,
+            Err(e) if crate::fsops::is_missing(&e) => false,
+            Err(e) => return Err(self.add_error(rel, e, 1)),
+        };
+        if !root_wd {
+            return Ok(());
+        }
+        let added = Mutex::new(Vec::new());
+        let failed: Mutex<Option<(Vec<u8>, io::Error)>> = Mutex::new(None);
         let seen = Mutex::new(Vec::new());
         let collect = self.collect_recent;
         let filter = &self.filter;
+        let watches = self.ino.watches();
+        let source = self.root.path();
         crate::scan::walk(
             &self.root,
             rel,
             |_, children| {
-                let mut found = Vec::new();
+                let mut mine = Vec::new();
+                let mut w = watches.clone();
                 for c in children.iter_mut() {
-                    if c.meta.kind == Kind::Dir {
-                        if filter.excluded(&c.rel, true) {
+                    if c.meta.kind != Kind::Dir {
+                        continue;
+                    }
+                    if filter.excluded(&c.rel, true) {
+                        c.descend = false;
+                        continue;
+                    }
+                    match w.add(paths::under(source, &c.rel), mask()) {
+                        Ok(wd) => mine.push((c.rel.clone(), wd)),
+                        Err(e) if crate::fsops::is_missing(&e) => c.descend = false,
+                        Err(e) => {
                             c.descend = false;
-                        } else {
-                            found.push(c.rel.clone());
+                            let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                            if f.is_none() {
+                                *f = Some((c.rel.clone(), e));
+                            }
                         }
                     }
                 }
-                dirs.lock().unwrap_or_else(|p| p.into_inner()).extend(found);
+                added.lock().unwrap_or_else(|p| p.into_inner()).extend(mine);
                 if collect {
                     let mut g = seen.lock().unwrap_or_else(|p| p.into_inner());
                     g.extend(children.iter().map(|c| (c.meta.ino, c.rel.clone())));
@@ -132,48 +160,53 @@ impl InotifyWatcher {
             },
             |p, e| tracing::warn!(path = %paths::display(p), "cannot list directory to watch it: {e}"),
         );
-        let mut dirs = dirs.into_inner().unwrap_or_else(|p| p.into_inner());
+        let added = added.into_inner().unwrap_or_else(|p| p.into_inner());
         self.recent
             .extend(seen.into_inner().unwrap_or_else(|p| p.into_inner()));
-        dirs.sort();
-        let needed = dirs.len();
-        let mut added = Vec::with_capacity(dirs.len());
-        for d in dirs {
-            match self.add_watch(&d) {
-                Ok(()) => added.push(d),
-                Err(e) if crate::fsops::is_missing(&e) => {}
-                Err(e) if e.raw_os_error() == Some(crate::fsops::libc_errno::ENOSPC) => {
-                    let limit = read_limit();
-                    return Err(WatchError::WatchLimit {
-                        added: self.by_wd.len(),
-                        needed: self.by_wd.len() + needed - added.len(),
-                        limit,
-                        suggest: ((self.by_wd.len() + needed) as u64 * 2).max(limit * 2),
-                    });
-                }
-                Err(source) => {
-                    return Err(WatchError::Add {
-                        path: paths::under(self.root.path(), &d).display().to_string(),
-                        source,
-                    })
-                }
-            }
+        let mut dirs = Vec::with_capacity(added.len() + 1);
+        dirs.push(rel.to_vec());
+        for (p, wd) in added {
+            self.record_watch(p.clone(), wd);
+            dirs.push(p);
         }
-        self.journal.dirs_put(&added)?;
+        self.journal.dirs_put(&dirs)?;
+        if let Some((p, e)) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(self.add_error(&p, e, 0));
+        }
         Ok(())
     }
 
-    fn add_watch(&mut self, rel: &[u8]) -> io::Result<()> {
-        let wd = self
-            .ino
-            .watches()
-            .add(paths::under(self.root.path(), rel), mask())?;
-        if let Some(old) = self.by_wd.insert(wd.clone(), rel.to_vec()) {
+    fn add_error(&self, rel: &[u8], e: io::Error, more: usize) -> WatchError {
+        if e.raw_os_error() == Some(crate::fsops::libc_errno::ENOSPC) {
+            let limit = read_limit();
+            let needed = self.by_wd.len() + more.max(1);
+            WatchError::WatchLimit {
+                added: self.by_wd.len(),
+                needed,
+                limit,
+                suggest: (needed as u64 * 2).max(limit * 2),
+            }
+        } else {
+            WatchError::Add {
+                path: paths::under(self.root.path(), rel).display().to_string(),
+                source: e,
+            }
+        }
+    }
+
+    fn record_watch(&mut self, rel: Vec<u8>, wd: WatchDescriptor) {
+        if let Some(old) = self.by_wd.insert(wd.clone(), rel.clone()) {
             if old != rel {
                 self.by_path.remove(&old);
             }
         }
-        self.by_path.insert(rel.to_vec(), wd);
+        self.by_path.insert(rel, wd);
+    }
+
+    fn add_watch(&mut self, rel: &[u8]) -> io::Result<()> {
+        let path = paths::under(self.root.path(), rel);
+        let wd = self.ino.watches().add(path, mask())?;
+        self.record_watch(rel.to_vec(), wd);
         Ok(())
     }
 

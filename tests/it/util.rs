@@ -796,12 +796,10 @@ impl Daemon {
         if self.status.get().is_some() {
             return;
         }
-        let st: Option<ExitStatus> = {
-            let mut c = self.child.borrow_mut();
-            let _ = c.kill();
-            let r = c.wait().ok();
-            r
-        };
+        let mut c = self.child.borrow_mut();
+        let _ = c.kill();
+        let st: Option<ExitStatus> = c.wait().ok();
+        drop(c);
         if st.is_some() {
             self.status.set(st);
         }
