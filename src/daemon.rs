@@ -260,6 +260,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             acc: Default::default(),
             acc_wrote: false,
             last_flush: Instant::now(),
+            flush_tx: None,
         };
         let sh = shared.clone();
         threads.push(

@@ -25,6 +25,8 @@ use crate::target::local::{DeletePolicy, LocalTarget};
 use crate::target::{ApplyError, Outcome};
 
 const BATCH: usize = 2048;
+/// Longest run of same-directory entries one task applies.
+const GROUP: usize = 64;
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Longest time applied changes wait for their syncfs + journal commit.
@@ -66,6 +68,66 @@ pub struct Shipper {
     pub acc: Completion,
     pub acc_wrote: bool,
     pub last_flush: Instant,
+    /// To the flusher thread, while [`Shipper::run`] runs.
+    pub flush_tx: Option<crossbeam_channel::Sender<FlushJob>>,
+}
+
+/// Work for the flusher thread.
+pub enum FlushJob {
+    Commit { c: Completion, wrote: bool },
+    Barrier(crossbeam_channel::Sender<Result<(), JournalError>>),
+}
+
+fn sync_target(target: &LocalTarget, name: &str) {
+    let t0 = Instant::now();
+    let r = target.sync();
+    tracing::debug!(target = %name, ms = t0.elapsed().as_millis() as u64, "syncfs");
+    if let Err(e) = r {
+        // The journal still records the batch: the files are in place;
+        // only their durability past a power loss is in doubt.
+        tracing::warn!(target = %name, "syncfs failed: {e}");
+    }
+}
+
+fn commit(
+    journal: &Journal,
+    target: &LocalTarget,
+    t: TargetId,
+    name: &str,
+    c: &Completion,
+    wrote: bool,
+) -> Result<(), JournalError> {
+    if wrote {
+        sync_target(target, name);
+    }
+    journal.complete(t, c)
+}
+
+fn flusher_loop(
+    rx: crossbeam_channel::Receiver<FlushJob>,
+    journal: Arc<Journal>,
+    target: Arc<LocalTarget>,
+    t: TargetId,
+    name: String,
+) {
+    let mut failed: Option<JournalError> = None;
+    for job in rx {
+        match job {
+            FlushJob::Commit { c, wrote } => {
+                if failed.is_none() {
+                    if let Err(e) = commit(&journal, &target, t, &name, &c, wrote) {
+                        failed = Some(e);
+                    }
+                }
+            }
+            FlushJob::Barrier(ack) => {
+                let _ = ack.send(match failed.take() {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                });
+            }
+        }
+    }
 }
 
 /// What a round did.
@@ -79,9 +141,27 @@ struct Round {
 impl Shipper {
     /// Runs until `stop` is set; returns a journal error, which is fatal.
     pub fn run(mut self) -> Result<(), JournalError> {
-        let r = self.serve();
-        let f = self.flush();
-        r.and(f)
+        let (tx, rx) = crossbeam_channel::bounded(2);
+        let (journal, target, t, name) = (
+            self.journal.clone(),
+            self.target.clone(),
+            self.t,
+            self.name.clone(),
+        );
+        std::thread::scope(|s| {
+            let flusher = std::thread::Builder::new()
+                .name(format!("flush-{t}"))
+                .spawn_scoped(s, move || flusher_loop(rx, journal, target, t, name))
+                .map_err(|e| {
+                    JournalError::Corrupt(format!("cannot start the flusher thread: {e}"))
+                })?;
+            self.flush_tx = Some(tx);
+            let r = self.serve();
+            let f = self.flush_wait();
+            self.flush_tx = None;
+            let _ = flusher.join();
+            r.and(f)
+        })
     }
 
     fn serve(&mut self) -> Result<(), JournalError> {
@@ -135,6 +215,9 @@ impl Shipper {
         let mut touched: BTreeSet<Vec<u8>> = BTreeSet::new();
         let mut wrote = false;
 
+        if self.cursor.is_none() {
+            self.flush_wait()?;
+        }
         let renames = self.journal.renames(self.t, 256)?;
         for r in &renames {
             match self.target.rename(&r.from, &r.to) {
@@ -168,7 +251,7 @@ impl Shipper {
             // them: their index moves must not be reordered.
             self.acc.merge(std::mem::take(&mut c));
             self.acc_wrote |= wrote;
-            self.flush()?;
+            self.flush_wait()?;
             wrote = false;
         }
 
@@ -186,14 +269,30 @@ impl Shipper {
         let todo: Vec<&(Vec<u8>, Pending)> =
             batch.iter().filter(|(p, _)| self.due(p, now)).collect();
 
-        let results: Vec<(&Vec<u8>, &Pending, Result<Outcome, ApplyError>)> = todo
+        // Runs of entries with the same parent (the batch is in path order),
+        // at most GROUP long so that one big directory still spreads over
+        // all cores.
+        let mut groups: Vec<&[&(Vec<u8>, Pending)]> = Vec::new();
+        let mut start = 0;
+        for i in 1..=todo.len() {
+            let split = i == todo.len()
+                || i - start >= GROUP
+                || paths::split(&todo[i].0).0 != paths::split(&todo[start].0).0;
+            if split {
+                groups.push(&todo[start..i]);
+                start = i;
+            }
+        }
+        let results: Vec<(&Vec<u8>, &Pending, Result<Outcome, ApplyError>)> = groups
             .par_iter()
-            .map(|(p, v)| {
-                (
-                    p,
-                    v,
-                    self.target.apply(&self.source, p, v.flags, self.policy),
-                )
+            .flat_map_iter(|g| {
+                let parent = paths::split(&g[0].0).0;
+                let entries: Vec<(&[u8], u8)> =
+                    g.iter().map(|(p, v)| (p.as_slice(), v.flags)).collect();
+                let out = self
+                    .target
+                    .apply_group(&self.source, parent, &entries, self.policy);
+                g.iter().zip(out).map(|((p, v), r)| (p, v, r))
             })
             .collect();
 
@@ -337,23 +436,41 @@ impl Shipper {
             .insert(p.to_vec(), (Instant::now() + backoff, attempts));
     }
 
-    /// Makes what was applied durable on the target, then tells the journal.
+    /// Hands what was applied to the flusher thread, which makes it durable
+    /// on the target (syncfs) and then tells the journal, while this thread
+    /// goes on applying the next batch. At most two commits are in flight.
     pub fn flush(&mut self) -> Result<(), JournalError> {
-        if self.acc_wrote {
-            self.sync_target();
-            self.acc_wrote = false;
-        }
-        let acc = std::mem::take(&mut self.acc);
-        self.journal.complete(self.t, &acc)?;
+        let c = std::mem::take(&mut self.acc);
+        let wrote = std::mem::take(&mut self.acc_wrote);
         self.last_flush = Instant::now();
-        Ok(())
+        if c.is_empty() && !wrote {
+            return Ok(());
+        }
+        match &self.flush_tx {
+            Some(tx) => {
+                if tx.send(FlushJob::Commit { c, wrote }).is_err() {
+                    return Err(JournalError::Corrupt("flusher thread is gone".into()));
+                }
+                Ok(())
+            }
+            None => commit(&self.journal, &self.target, self.t, &self.name, &c, wrote),
+        }
     }
 
-    fn sync_target(&self) {
-        if let Err(e) = self.target.sync() {
-            // The journal still records the batch: the files are in place;
-            // only their durability past a power loss is in doubt.
-            tracing::warn!(target = %self.name, "syncfs failed: {e}");
+    /// [`Shipper::flush`], then waits until every commit so far is in the
+    /// journal: before reading the backlog from its start again (or the
+    /// renames), so that nothing in flight is applied twice.
+    pub fn flush_wait(&mut self) -> Result<(), JournalError> {
+        self.flush()?;
+        let Some(tx) = &self.flush_tx else {
+            return Ok(());
+        };
+        let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
+        if tx.send(FlushJob::Barrier(ack_tx)).is_err() {
+            return Err(JournalError::Corrupt("flusher thread is gone".into()));
         }
+        ack_rx
+            .recv()
+            .unwrap_or_else(|_| Err(JournalError::Corrupt("flusher thread is gone".into())))
     }
 }

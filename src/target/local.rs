@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{Mode, OFlags};
 
@@ -31,6 +31,9 @@ pub struct LocalTarget {
     sync_fd: OwnedFd,
     owner: bool,
     tmp_counter: AtomicU64,
+    /// O_TMPFILE + linkat works here (cleared at the first refusal).
+    tmpfile: AtomicBool,
+    pid: u32,
 }
 
 /// The result of a delete policy decision for a path whose source is gone.
@@ -60,6 +63,8 @@ impl LocalTarget {
             sync_fd,
             owner,
             tmp_counter: AtomicU64::new(0),
+            tmpfile: AtomicBool::new(true),
+            pid: std::process::id(),
         })
     }
 
@@ -76,7 +81,7 @@ impl LocalTarget {
     fn temp_name(&self) -> Vec<u8> {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let mut v = fsops::TEMP_PREFIX.to_vec();
-        v.extend_from_slice(format!("{}-{n}", std::process::id()).as_bytes());
+        v.extend_from_slice(format!("{}-{n}", self.pid).as_bytes());
         v.extend_from_slice(fsops::TEMP_SUFFIX);
         v
     }
@@ -111,6 +116,57 @@ impl LocalTarget {
             | Err(rustix::io::Errno::INVAL) => Ok(false),
             Err(e) => Err(ApplyError::target_write(to, e.into())),
         }
+    }
+
+    /// Applies entries that share one parent directory (`rels` all have
+    /// parent `parent`): both parents are opened once for the run instead of
+    /// once per entry, which is most of the per-file cost of small files.
+    pub fn apply_group(
+        &self,
+        source: &Root,
+        parent: &[u8],
+        entries: &[(&[u8], u8)],
+        policy: DeletePolicy,
+    ) -> Vec<Result<Outcome, ApplyError>> {
+        let src_dir = match source.open_dir(parent, false) {
+            Ok(d) => Some(d),
+            Err(e) if fsops::is_missing(&e) => None,
+            Err(e) => {
+                return entries
+                    .iter()
+                    .map(|(rel, _)| Err(ApplyError::source_read(rel, io::Error::from(e.kind()))))
+                    .collect()
+            }
+        };
+        let mut tdir: Option<OwnedFd> = None;
+        entries
+            .iter()
+            .map(|&(rel, f)| {
+                let Some(sd) = src_dir.as_ref() else {
+                    return self.remove(rel, f, policy);
+                };
+                let name = paths::split(rel).1;
+                let m = fsops::lstat_at(sd.as_fd(), name)
+                    .map_err(|e| ApplyError::source_read(rel, e))?;
+                match m {
+                    None => self.remove(rel, f, policy),
+                    Some(m) => match m.kind {
+                        Kind::Other => Ok(Outcome::Special),
+                        Kind::Dir => self.dir(rel, &m, f),
+                        Kind::Symlink => self.symlink(source, rel, f),
+                        Kind::File => {
+                            if tdir.is_none() {
+                                tdir = Some(self.parent_dir(rel)?);
+                            }
+                            match tdir.as_ref() {
+                                Some(td) => self.file_at(sd.as_fd(), td.as_fd(), rel, f),
+                                None => self.file(source, rel, f),
+                            }
+                        }
+                    },
+                }
+            })
+            .collect()
     }
 
     /// Makes the target's entry at `rel` match the source's.
@@ -282,62 +338,161 @@ impl LocalTarget {
         })
     }
 
+    /// An unnamed temp file in `td` (`None` name) or a named one.
+    fn create_temp(
+        &self,
+        td: BorrowedFd<'_>,
+        rel: &[u8],
+    ) -> Result<(OwnedFd, Option<Vec<u8>>), ApplyError> {
+        if self.tmpfile.load(Ordering::Relaxed) {
+            match rustix::fs::openat(
+                td,
+                c".",
+                OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            ) {
+                Ok(fd) => return Ok((fd, None)),
+                Err(rustix::io::Errno::OPNOTSUPP)
+                | Err(rustix::io::Errno::ISDIR)
+                | Err(rustix::io::Errno::INVAL) => {
+                    self.tmpfile.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(ApplyError::target_write(rel, e.into())),
+            }
+        }
+        let tmp = self.temp_name();
+        let fd = rustix::fs::openat(
+            td,
+            tmp.as_slice(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| ApplyError::target_write(rel, e.into()))?;
+        Ok((fd, Some(tmp)))
+    }
+
+    /// Gives a complete O_TMPFILE inode its name: directly when the name is
+    /// free, else under a temp name renamed over the old entry (atomic for
+    /// readers either way).
+    fn link_tmpfile(
+        &self,
+        out: &OwnedFd,
+        td: BorrowedFd<'_>,
+        name: &[u8],
+        rel: &[u8],
+    ) -> Result<(), ApplyError> {
+        match rustix::fs::linkat(out, c"", td, name, rustix::fs::AtFlags::EMPTY_PATH) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::EXIST) => {
+                let tmp = self.temp_name();
+                rustix::fs::linkat(
+                    out,
+                    c"",
+                    td,
+                    tmp.as_slice(),
+                    rustix::fs::AtFlags::EMPTY_PATH,
+                )
+                .map_err(|e| ApplyError::target_write(rel, e.into()))?;
+                self.install(td, &tmp, name, rel)
+            }
+            Err(e) => {
+                // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH: without it, use
+                // named temp files from now on (this copy is retried).
+                if matches!(
+                    e,
+                    rustix::io::Errno::NOENT | rustix::io::Errno::PERM | rustix::io::Errno::ACCESS
+                ) {
+                    self.tmpfile.store(false, Ordering::Relaxed);
+                }
+                Err(ApplyError::target_write(rel, e.into()))
+            }
+        }
+    }
+
     fn file(&self, source: &Root, rel: &[u8], f: u8) -> Result<Outcome, ApplyError> {
-        let dir = self.parent_dir(rel)?;
+        let sd = match source.open_dir(paths::split(rel).0, false) {
+            Ok(d) => d,
+            Err(e) if fsops::is_missing(&e) => return Ok(Outcome::Vanished),
+            Err(e) => return Err(ApplyError::source_read(rel, e)),
+        };
+        let td = self.parent_dir(rel)?;
+        self.file_at(sd.as_fd(), td.as_fd(), rel, f)
+    }
+
+    /// Copies regular file `rel` from source directory `sd` into target
+    /// directory `td` (its parents on either side) through a temporary name.
+    fn file_at(
+        &self,
+        sd: BorrowedFd<'_>,
+        td: BorrowedFd<'_>,
+        rel: &[u8],
+        f: u8,
+    ) -> Result<Outcome, ApplyError> {
         let name = paths::split(rel).1;
+        let unlink_tmp = |tmp: &Option<Vec<u8>>| {
+            if let Some(t) = tmp {
+                let _ = rustix::fs::unlinkat(td, t.as_slice(), rustix::fs::AtFlags::empty());
+            }
+        };
         for attempt in 1..=COPY_TRIES {
-            let Some((mut src, before)) = source
-                .open_file(rel)
-                .map_err(|e| ApplyError::source_read(rel, e))?
-            else {
-                // Vanished since capture: its delete event follows.
-                return Ok(Outcome::Vanished);
+            let src = match rustix::fs::openat(
+                sd,
+                name,
+                OFlags::RDONLY
+                    | OFlags::NOFOLLOW
+                    | OFlags::NONBLOCK
+                    | OFlags::CLOEXEC
+                    | OFlags::NOCTTY,
+                Mode::empty(),
+            ) {
+                Ok(fd) => fd,
+                // Gone, or replaced by a symlink: the event that did it follows.
+                Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::LOOP) => {
+                    return Ok(Outcome::Vanished)
+                }
+                Err(e) => return Err(ApplyError::source_read(rel, e.into())),
             };
+            let before = Meta::from_stat(
+                &rustix::fs::fstat(&src).map_err(|e| ApplyError::source_read(rel, e.into()))?,
+            );
             if before.kind != Kind::File {
                 return Ok(Outcome::Vanished);
             }
             if f & flags::CONTENT == 0 || attempt > 1 {
-                if let Ok(Some(t)) = fsops::lstat_at(dir.as_fd(), name) {
+                if let Ok(Some(t)) = fsops::lstat_at(td, name) {
                     if before.mirrors(&t, self.owner) {
                         return Ok(Outcome::Unchanged { meta: before });
                     }
                 }
             }
-            let tmp = self.temp_name();
-            let out = rustix::fs::openat(
-                &dir,
-                tmp.as_slice(),
-                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                Mode::from_raw_mode(0o600),
-            )
-            .map_err(|e| ApplyError::target_write(rel, e.into()))?;
-            let mut out = File::from(out);
-            let copied = io::copy(&mut src, &mut out);
-            let after = rustix::fs::fstat(&src).map(|st| Meta::from_stat(&st));
-            let cleanup = |e: io::Error, read: bool| {
-                let _ = rustix::fs::unlinkat(&dir, tmp.as_slice(), rustix::fs::AtFlags::empty());
-                if read {
-                    ApplyError::source_read(rel, e)
-                } else {
-                    ApplyError::target_write(rel, e)
-                }
-            };
-            let bytes = match copied {
+            // New content goes into an unnamed O_TMPFILE inode that is linked
+            // in only when complete (one directory update instead of a create
+            // plus a rename), or, where that is unavailable, a temp name.
+            let (out, tmp) = self.create_temp(td, rel)?;
+            let bytes = match copy_contents(&src, &out, before.size) {
                 Ok(b) => b,
-                Err(e) => {
-                    // io::copy does not say which side failed; ask the target.
-                    let target_side =
-                        matches!(e.raw_os_error(), Some(28) | Some(27) | Some(122) | Some(30));
-                    return Err(cleanup(e, !target_side));
+                Err((e, target_side)) => {
+                    unlink_tmp(&tmp);
+                    return Err(if target_side {
+                        ApplyError::target_write(rel, e)
+                    } else {
+                        ApplyError::source_read(rel, e)
+                    });
                 }
             };
-            let after = after.map_err(|e| cleanup(e.into(), true))?;
+            let after = match rustix::fs::fstat(&src) {
+                Ok(st) => Meta::from_stat(&st),
+                Err(e) => {
+                    unlink_tmp(&tmp);
+                    return Err(ApplyError::source_read(rel, e.into()));
+                }
+            };
             if after.size != before.size
                 || after.mtime_ns != before.mtime_ns
                 || after.ctime_ns != before.ctime_ns
                 || bytes != before.size
             {
-                let _ = rustix::fs::unlinkat(&dir, tmp.as_slice(), rustix::fs::AtFlags::empty());
+                unlink_tmp(&tmp);
                 continue;
             }
             let fin = (|| -> io::Result<()> {
@@ -352,9 +507,17 @@ impl LocalTarget {
                 rustix::fs::futimens(&out, &fsops::mtime_only(before.mtime_ns))?;
                 Ok(())
             })();
-            fin.map_err(|e| cleanup(e, false))?;
-            drop(out);
-            self.install(dir.as_fd(), &tmp, name, rel)?;
+            if let Err(e) = fin {
+                unlink_tmp(&tmp);
+                return Err(ApplyError::target_write(rel, e));
+            }
+            match tmp {
+                Some(t) => {
+                    drop(out);
+                    self.install(td, &t, name, rel)?;
+                }
+                None => self.link_tmpfile(&out, td, name, rel)?,
+            }
             return Ok(Outcome::Copied {
                 meta: before,
                 bytes,
@@ -364,5 +527,79 @@ impl LocalTarget {
             path: paths::display(rel),
             tries: COPY_TRIES,
         })
+    }
+}
+
+/// Below this size a read + write is cheaper than `copy_file_range`'s
+/// in-kernel splice setup (measured: most of a small file's copy cost).
+const SMALL_FILE: usize = 128 * 1024;
+
+fn copy_small(src: &OwnedFd, out: &OwnedFd) -> Result<u64, (io::Error, bool)> {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; SMALL_FILE]);
+    }
+    BUF.with(|b| {
+        let mut buf = b.borrow_mut();
+        let mut total = 0u64;
+        loop {
+            let n = match rustix::io::read(src, &mut buf[..]) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err((e.into(), false)),
+            };
+            let mut off = 0;
+            while off < n {
+                match rustix::io::write(out, &buf[off..n]) {
+                    Ok(w) => off += w,
+                    Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err((e.into(), true)),
+                }
+            }
+            total += n as u64;
+        }
+    })
+}
+
+/// Copies `expected` bytes (or up to EOF, if the file grew) from `src` to
+/// `out` in the kernel; falls back to read/write where `copy_file_range`
+/// does not work across these filesystems. The error says which side failed.
+fn copy_contents(src: &OwnedFd, out: &OwnedFd, expected: u64) -> Result<u64, (io::Error, bool)> {
+    if expected <= SMALL_FILE as u64 {
+        return copy_small(src, out);
+    }
+    let mut done: u64 = 0;
+    loop {
+        // Stop at the expected size without the extra EOF probe: a file that
+        // grew meanwhile shows in the fstat after the copy.
+        if done == expected && expected > 0 {
+            return Ok(done);
+        }
+        let want = (expected.saturating_sub(done)).clamp(1 << 16, 1 << 30) as usize;
+        match rustix::fs::copy_file_range(src, None, out, None, want) {
+            Ok(0) => return Ok(done),
+            Ok(n) => done += n as u64,
+            Err(rustix::io::Errno::XDEV)
+            | Err(rustix::io::Errno::INVAL)
+            | Err(rustix::io::Errno::NOSYS)
+            | Err(rustix::io::Errno::OPNOTSUPP)
+                if done == 0 =>
+            {
+                let mut r = File::from(src.try_clone().map_err(|e| (e, false))?);
+                let mut w = File::from(out.try_clone().map_err(|e| (e, true))?);
+                return io::copy(&mut r, &mut w).map_err(|e| {
+                    let target_side =
+                        matches!(e.raw_os_error(), Some(28) | Some(27) | Some(122) | Some(30));
+                    (e, target_side)
+                });
+            }
+            Err(
+                e @ (rustix::io::Errno::NOSPC
+                | rustix::io::Errno::FBIG
+                | rustix::io::Errno::DQUOT
+                | rustix::io::Errno::ROFS),
+            ) => return Err((e.into(), true)),
+            Err(e) => return Err((e.into(), false)),
+        }
     }
 }
