@@ -226,7 +226,10 @@ impl LocalTarget {
         Ok(Outcome::Dir {
             meta: *m,
             created: !existed,
-            scan: !existed || f & flags::RECURSIVE != 0,
+            // A directory new on the target needs its subtree compared when
+            // the change was seen live (it may hold entries no event named);
+            // the startup scan already walks the whole tree itself.
+            scan: f & flags::RECURSIVE != 0 || (!existed && f & flags::LIVE != 0),
         })
     }
 
