@@ -508,6 +508,16 @@ impl Journal {
         Ok(out)
     }
 
+    /// The pending entry of `path` for target `t`, if any.
+    pub fn pending_get(&self, t: TargetId, path: &[u8]) -> Result<Option<Pending>> {
+        match self.db.get_pinned_cf(self.cf(CF_PENDING)?, key(t, path))? {
+            None => Ok(None),
+            Some(v) => Pending::decode(&v).map(Some).ok_or_else(|| {
+                JournalError::Corrupt(format!("pending value of {} bytes", v.len()))
+            }),
+        }
+    }
+
     /// Number of pending entries of target `t` (walks them: for status and
     /// tests, not for hot paths).
     pub fn pending_count(&self, t: TargetId) -> Result<u64> {

@@ -19,6 +19,22 @@ fn init_logging() {
         .init();
 }
 
+/// The error chain on one line, without repeating a cause that an outer
+/// message already quotes.
+fn render(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let m = cause.to_string();
+        if !out.contains(&m) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&m);
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -53,7 +69,7 @@ fn main() -> ExitCode {
             match drmirror::daemon::run(cfg).context("drmirror run") {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
+                    tracing::error!("{}", render(&e));
                     ExitCode::from(1)
                 }
             }

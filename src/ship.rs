@@ -61,7 +61,7 @@ pub struct Shipper {
     /// Set by the startup scan when it has enqueued everything.
     pub scan_done: Arc<AtomicBool>,
     pub scan_stats: Arc<ScanStats>,
-    pub retry: HashMap<Vec<u8>, (Instant, u32)>,
+    pub retry: HashMap<Vec<u8>, Retry>,
     pub cursor: Option<Vec<u8>>,
     pub reported_initial: bool,
     /// Applied but not yet committed (see [`Shipper::flush`]).
@@ -70,6 +70,16 @@ pub struct Shipper {
     pub last_flush: Instant,
     /// To the flusher thread, while [`Shipper::run`] runs.
     pub flush_tx: Option<crossbeam_channel::Sender<FlushJob>>,
+}
+
+/// A path that failed and waits before its next attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    at: Instant,
+    attempts: u32,
+    /// The pending entry's sequence number at the failure: a newer change
+    /// to the path (a chmod that makes it readable, say) retries at once.
+    seq: Option<u64>,
 }
 
 /// Work for the flusher thread.
@@ -179,7 +189,7 @@ impl Shipper {
             let wait = self
                 .retry
                 .values()
-                .map(|(at, _)| at.saturating_duration_since(Instant::now()))
+                .map(|r| r.at.saturating_duration_since(Instant::now()))
                 .min()
                 .unwrap_or(Duration::from_secs(1))
                 .clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -206,8 +216,29 @@ impl Shipper {
         );
     }
 
-    fn due(&self, path: &[u8], now: Instant) -> bool {
-        self.retry.get(path).is_none_or(|(at, _)| *at <= now)
+    fn due(&self, path: &[u8], seq: u64, now: Instant) -> bool {
+        self.retry
+            .get(path)
+            .is_none_or(|r| r.at <= now || r.seq.is_some_and(|s| s != seq))
+    }
+
+    /// Schedules the next attempt at `p` with exponential backoff.
+    fn schedule_retry(&mut self, p: &[u8], seq: Option<u64>, quick: bool) -> u32 {
+        let attempts = self.retry.get(p).map(|r| r.attempts + 1).unwrap_or(1);
+        let backoff = if quick {
+            RETRY_MIN
+        } else {
+            (RETRY_MIN * 2u32.saturating_pow(attempts.min(16) - 1)).min(RETRY_MAX)
+        };
+        self.retry.insert(
+            p.to_vec(),
+            Retry {
+                at: Instant::now() + backoff,
+                attempts,
+                seq,
+            },
+        );
+        attempts
     }
 
     fn round(&mut self) -> Result<Round, JournalError> {
@@ -266,8 +297,10 @@ impl Shipper {
             None
         };
         let now = Instant::now();
-        let todo: Vec<&(Vec<u8>, Pending)> =
-            batch.iter().filter(|(p, _)| self.due(p, now)).collect();
+        let todo: Vec<&(Vec<u8>, Pending)> = batch
+            .iter()
+            .filter(|(p, v)| self.due(p, v.seq, now))
+            .collect();
 
         // Runs of entries with the same parent (the batch is in path order),
         // at most GROUP long so that one big directory still spreads over
@@ -344,7 +377,7 @@ impl Shipper {
                         Outcome::DeleteSkipped | Outcome::Special | Outcome::Vanished => {}
                     }
                 }
-                Err(e) => self.failed(p, e),
+                Err(e) => self.failed(p, v.seq, e),
             }
         }
         self.stats
@@ -392,7 +425,7 @@ impl Shipper {
         })
     }
 
-    fn scan_subtree(&self, p: &[u8], f: u8, created: bool) -> Result<(), JournalError> {
+    fn scan_subtree(&mut self, p: &[u8], f: u8, created: bool) -> Result<(), JournalError> {
         let stats = ScanStats::default();
         let cmp = Compare {
             source: &self.source,
@@ -411,6 +444,14 @@ impl Shipper {
         if !created {
             cmp.target_walk(p, flag)?;
         }
+        // Unlistable directories were re-enqueued by the walk; back off
+        // before trying them again.
+        let failed =
+            std::mem::take(&mut *stats.failed_dirs.lock().unwrap_or_else(|p| p.into_inner()));
+        for d in failed {
+            let seq = self.journal.pending_get(self.t, &d)?.map(|v| v.seq);
+            self.schedule_retry(&d, seq, false);
+        }
         tracing::debug!(
             target = %self.name, path = %paths::display(p),
             scanned = stats.scanned.load(Ordering::Relaxed),
@@ -420,20 +461,15 @@ impl Shipper {
         Ok(())
     }
 
-    fn failed(&mut self, p: &[u8], e: ApplyError) {
+    fn failed(&mut self, p: &[u8], seq: u64, e: ApplyError) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        let attempts = self.retry.get(p).map(|(_, n)| n + 1).unwrap_or(1);
-        let backoff = match e {
-            ApplyError::Changing { .. } => RETRY_MIN,
-            _ => (RETRY_MIN * 2u32.saturating_pow(attempts.min(16) - 1)).min(RETRY_MAX),
-        };
+        let quick = matches!(e, ApplyError::Changing { .. });
+        let attempts = self.schedule_retry(p, Some(seq), quick);
         if attempts == 1 {
             tracing::warn!(target = %self.name, kind = e.kind(), "{e}; will retry");
         } else {
             tracing::debug!(target = %self.name, attempts, "{e}; will retry");
         }
-        self.retry
-            .insert(p.to_vec(), (Instant::now() + backoff, attempts));
     }
 
     /// Hands what was applied to the flusher thread, which makes it durable

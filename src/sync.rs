@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use crate::filter::Filter;
 use crate::fsops::{self, Root};
-use crate::journal::{Journal, JournalError, TargetId};
+use crate::journal::{flags, Journal, JournalError, TargetId};
 use crate::meta::{Kind, Meta};
 use crate::paths;
 use crate::scan;
@@ -28,6 +28,9 @@ pub struct ScanStats {
     pub enqueued: AtomicU64,
     pub in_sync: AtomicU64,
     pub errors: AtomicU64,
+    /// Source directories that could not be listed: re-enqueued as
+    /// recursive entries by the walk, so they are retried (with backoff).
+    pub failed_dirs: Mutex<Vec<Vec<u8>>>,
 }
 
 /// Everything a compare walk needs.
@@ -135,6 +138,17 @@ impl Compare<'_> {
             },
             |p, e| self.walk_error("source", p, e),
         );
+        let failed: Vec<(Vec<u8>, u8)> = self
+            .stats
+            .failed_dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|d| (d.clone(), flag | flags::RECURSIVE))
+            .collect();
+        if let Err(e) = self.journal.enqueue(self.t, &failed) {
+            Self::keep_first(&err, e);
+        }
         match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e),
             None => Ok(()),
@@ -200,6 +214,13 @@ impl Compare<'_> {
 
     fn walk_error(&self, side: &str, p: &[u8], e: &io::Error) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(side, path = %paths::display(p), "cannot scan directory: {e}");
+        tracing::warn!(side, path = %paths::display(p), "cannot scan directory: {e}; will retry");
+        if side == "source" {
+            self.stats
+                .failed_dirs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(p.to_vec());
+        }
     }
 }

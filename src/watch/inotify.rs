@@ -143,6 +143,12 @@ impl InotifyWatcher {
                     match w.add(paths::under(source, &c.rel), mask()) {
                         Ok(wd) => mine.push((c.rel.clone(), wd)),
                         Err(e) if crate::fsops::is_missing(&e) => c.descend = false,
+                        // Unreadable: its parent's watch reports the chmod
+                        // that makes it readable, and it is watched then.
+                        Err(e) if e.raw_os_error() == Some(crate::fsops::libc_errno::EACCES) => {
+                            tracing::warn!(path = %paths::display(&c.rel), "cannot watch directory: {e}; will watch it once it is readable");
+                            c.descend = false;
+                        }
                         Err(e) => {
                             c.descend = false;
                             let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
@@ -422,6 +428,13 @@ impl InotifyWatcher {
                     flags: flags::CONTENT | flags::LIVE,
                 });
             }
+        } else if r.mask.contains(EventMask::ATTRIB)
+            && is_dir
+            && !self.by_path.contains_key(&path)
+            && !self.filter.excluded(&path, true)
+        {
+            // A directory we could not watch (unreadable) may be readable now.
+            self.on_new(path, true, out)?;
         } else if r.mask.contains(EventMask::ATTRIB) && !self.filter.excluded(&path, is_dir) {
             out.push(Event::Dirty {
                 path,

@@ -673,3 +673,60 @@ fn live_two_targets() {
     assert_eq!(read(&dst2.join("live/one")), pattern(999, 10));
     d.terminate();
 }
+
+#[test]
+fn live_unreadable_directory_is_retried_once_readable() {
+    if !is_root() {
+        eprintln!("live_unreadable_directory_is_retried_once_readable: skipped, needs root");
+        return;
+    }
+    let env = Env::new();
+    write(&env.s("a.txt"), b"a");
+    write(&env.s("locked/inner/x.txt"), b"x");
+    write(&env.s("locked/y.txt"), b"y");
+    chown_r(&env.root, NOBODY.0, NOBODY.1);
+    chmod(&env.s("locked"), 0o000);
+    let bin = env.bin_for_other_user();
+    let d = Daemon::spawn(&env.run_args(&[]), &env.root, Some(NOBODY), Some(&bin));
+    d.wait_ready();
+
+    // Everything outside the locked directory arrives, the daemon keeps
+    // running, and the log names the directory it could not list.
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let o = env.verify_out(&["--no-owner"]);
+        let diffs: Vec<&str> = o
+            .stdout
+            .lines()
+            .filter(|l| !l.starts_with("verify:") && !l.trim().is_empty())
+            .collect();
+        if o.code == Some(1) && !diffs.is_empty() && diffs.iter().all(|l| l.contains("locked")) {
+            break;
+        }
+        if let Some(st) = d.poll_exit() {
+            panic!(
+                "drmirror exited ({st}) on an unreadable directory\n{}",
+                d.log_tail()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected only the locked directory to differ\n{}\n{}",
+            o.describe(),
+            d.log_tail()
+        );
+        thread::sleep(ms(200));
+    }
+    assert_eq!(read(&env.d("a.txt")), b"a");
+    assert!(
+        d.log().contains("locked"),
+        "log should name the directory\n{}",
+        d.log_tail()
+    );
+
+    // Readable again: its contents follow without a restart.
+    chmod(&env.s("locked"), 0o755);
+    env.converge(&["--checksum", "--no-owner"], &d);
+    assert_eq!(read(&env.d("locked/inner/x.txt")), b"x");
+    d.terminate();
+}
