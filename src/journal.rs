@@ -644,23 +644,7 @@ impl Journal {
             k.extend_from_slice(&seq.to_be_bytes());
             b.delete_cf(renames, k);
         }
-        if !c.requeue.is_empty() {
-            let first = self.next_seqs(c.requeue.len() as u64);
-            let now = now_ns();
-            for (i, (p, f)) in c.requeue.iter().enumerate() {
-                let v = Pending {
-                    seq: first + i as u64,
-                    first_seen_ns: now,
-                    flags: *f,
-                };
-                b.merge_cf(pending, key(t, p), v.encode());
-            }
-            b.put_cf(
-                self.cf(CF_META)?,
-                META_SEQ,
-                self.seq.load(Ordering::SeqCst).to_le_bytes(),
-            );
-        }
+        self.merge_pending(&mut b, t, &c.requeue)?;
         self.db.write(b)?;
         Ok(())
     }
@@ -671,10 +655,25 @@ impl Journal {
             return Ok(());
         }
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = WriteBatch::default();
+        self.merge_pending(&mut b, t, entries)?;
+        Ok(self.db.write(b)?)
+    }
+
+    /// Adds pending entries (fresh sequence numbers, first seen now) to `b`.
+    /// The caller holds the lock.
+    fn merge_pending(
+        &self,
+        b: &mut WriteBatch,
+        t: TargetId,
+        entries: &[(Vec<u8>, u8)],
+    ) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
         let first = self.next_seqs(entries.len() as u64);
         let now = now_ns();
         let pending = self.cf(CF_PENDING)?;
-        let mut b = WriteBatch::default();
         for (i, (p, f)) in entries.iter().enumerate() {
             let v = Pending {
                 seq: first + i as u64,
@@ -686,9 +685,9 @@ impl Journal {
         b.put_cf(
             self.cf(CF_META)?,
             META_SEQ,
-            (first + entries.len() as u64 - 1).to_le_bytes(),
+            self.seq.load(Ordering::SeqCst).to_le_bytes(),
         );
-        Ok(self.db.write(b)?)
+        Ok(())
     }
 
     /// Records watched directories (the persisted watch tree).
