@@ -31,7 +31,7 @@ pub enum Command {
     /// Mirror a source to one or more targets, in the foreground.
     Run {
         /// TOML configuration file (see README "Configuration").
-        #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "delay"])]
+        #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "delay", "metrics"])]
         config: Option<PathBuf>,
         /// Directory to mirror.
         #[arg(long)]
@@ -51,6 +51,27 @@ pub enum Command {
         /// Batching delay, e.g. 100ms.
         #[arg(long, value_parser = parse_delay)]
         delay: Option<Duration>,
+        /// Prometheus endpoint, e.g. 127.0.0.1:9731, or `off`.
+        #[arg(long)]
+        metrics: Option<String>,
+    },
+    /// Report the running daemon's lag, backlog and targets.
+    Status {
+        /// State directory of the daemon to ask.
+        #[arg(long, conflicts_with = "config")]
+        state: Option<PathBuf>,
+        /// Or: the daemon's configuration file (its state_dir is used).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Or: the source (the default state directory is derived from it).
+        #[arg(long, conflicts_with_all = ["state", "config"])]
+        source: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 when any target lags more than this many seconds.
+        #[arg(long, default_value_t = 60.0)]
+        max_lag: f64,
     },
     /// Compare a source tree with its mirror; exit 1 listing differences.
     Verify {

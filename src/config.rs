@@ -147,6 +147,8 @@ struct RawConfig {
     backlog: Backlog,
     #[serde(default, rename = "target")]
     targets: Vec<TargetConfig>,
+    #[serde(default)]
+    metrics_listen: Option<String>,
 }
 
 fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -171,7 +173,12 @@ pub struct Config {
     pub watch: WatchMode,
     pub backlog: Backlog,
     pub targets: Vec<Target>,
+    /// Prometheus endpoint; `None` when disabled (`"off"`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
+
+/// Default Prometheus endpoint (loopback only).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9731";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -202,6 +209,7 @@ pub struct QuickForm {
     pub exclude: Vec<String>,
     pub delete: Option<DeleteMode>,
     pub delay: Option<Duration>,
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -239,6 +247,7 @@ impl Config {
                 .into_iter()
                 .map(|path| TargetConfig { name: None, path })
                 .collect(),
+            metrics_listen: q.metrics_listen,
         })
     }
 }
@@ -433,6 +442,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     if raw.backlog.max_bytes == 0 {
         return Err(field("backlog.max_bytes", "must be at least 1"));
     }
+    let metrics_listen = crate::telemetry::parse_listen(
+        raw.metrics_listen
+            .as_deref()
+            .unwrap_or(DEFAULT_METRICS_LISTEN),
+    )
+    .map_err(|e| field("metrics_listen", e.to_string()))?;
     let delay = raw.delay.unwrap_or(DEFAULT_DELAY);
     if delay > Duration::from_secs(3600) {
         return Err(field("delay", "must be at most 1h"));
@@ -446,6 +461,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         watch: raw.watch,
         backlog: raw.backlog,
         targets,
+        metrics_listen,
     })
 }
 

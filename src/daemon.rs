@@ -116,6 +116,27 @@ pub fn to_changes(events: Vec<Event>) -> Vec<Change> {
     out
 }
 
+fn count_events(events: &[Event]) {
+    let (mut dirty, mut renames, mut overflows) = (0u64, 0u64, 0u64);
+    for e in events {
+        match e {
+            Event::Dirty { .. } => dirty += 1,
+            Event::Rename { .. } => renames += 1,
+            Event::Overflow => overflows += 1,
+        }
+    }
+    if dirty > 0 {
+        metrics::counter!("drmirror_events_total", "kind" => "change").increment(dirty);
+    }
+    if renames > 0 {
+        metrics::counter!("drmirror_events_total", "kind" => "rename").increment(renames);
+    }
+    if overflows > 0 {
+        metrics::counter!("drmirror_events_total", "kind" => "overflow").increment(overflows);
+        metrics::counter!("drmirror_kernel_overflows_total").increment(overflows);
+    }
+}
+
 struct Shared {
     stop: Arc<AtomicBool>,
     fatal: tokio::sync::mpsc::UnboundedSender<DaemonError>,
@@ -138,6 +159,14 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             source,
         })?,
     );
+    if let Some(addr) = cfg.metrics_listen {
+        // Metrics are how the RPO is watched, but a mirror that stops
+        // replicating because a port is taken would be worse.
+        match crate::telemetry::install(addr) {
+            Ok(()) => tracing::info!("metrics on http://{addr}/metrics"),
+            Err(e) => tracing::error!("{e}; running without the metrics endpoint"),
+        }
+    }
     let owner = rustix::process::geteuid().is_root();
     let source = Arc::new(
         Root::open(&cfg.source).map_err(|source| DaemonError::Source {
@@ -188,6 +217,23 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             targets.first().map(|t| t.id),
         )?),
     };
+    metrics::gauge!("drmirror_capture_backend", "backend" => watcher.backend()).set(1.0);
+    let board = Arc::new(crate::status::Board::new(crate::status::Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        source: cfg.source.display().to_string(),
+        capture_backend: watcher.backend().to_string(),
+        scan_running: true,
+        scan_entries: 0,
+        targets: targets
+            .iter()
+            .map(|t| crate::status::TargetStatus {
+                name: t.name.clone(),
+                up: true,
+                ..Default::default()
+            })
+            .collect(),
+    }));
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         stop: Arc::new(AtomicBool::new(false)),
@@ -195,6 +241,14 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     });
     let stop = shared.stop.clone();
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    threads.push(
+        crate::status::serve(&cfg.state_dir, board.clone(), stop.clone()).map_err(|source| {
+            DaemonError::StateDir {
+                path: cfg.state_dir.join(crate::status::SOCKET_NAME),
+                source,
+            }
+        })?,
+    );
 
     // Capture.
     {
@@ -210,12 +264,25 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             targets.len(),
             started.elapsed().as_millis()
         );
+        // Under systemd (Type=notify): capture is live, the scan follows.
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("capturing; startup scan running"),
+        ]);
+        let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
         threads.push(
             std::thread::Builder::new()
                 .name("capture".into())
                 .spawn(move || {
                     let mut events = Vec::new();
+                    let mut last_ping = Instant::now();
                     while !shared.stop.load(Ordering::Relaxed) {
+                        // The capture loop feeds the systemd watchdog: if it
+                        // hangs, the service manager restarts the daemon.
+                        if watchdog.is_some_and(|w| last_ping.elapsed() >= w) {
+                            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                            last_ping = Instant::now();
+                        }
                         if let Err(e) = watcher.poll(&mut events, Duration::from_millis(200)) {
                             shared.fail(e.into());
                             return;
@@ -223,6 +290,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         if events.is_empty() {
                             continue;
                         }
+                        count_events(&events);
                         let changes = to_changes(std::mem::take(&mut events));
                         if let Err(e) = journal.record(&ids, &changes) {
                             shared.fail(e.into());
@@ -261,6 +329,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             acc_wrote: false,
             last_flush: Instant::now(),
             flush_tx: None,
+            board: board.clone(),
+            last_report: None,
+            log_limit: Default::default(),
+            target_up: true,
         };
         let sh = shared.clone();
         threads.push(
@@ -275,6 +347,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         );
 
         let sh = shared.clone();
+        let board = board.clone();
         let (journal, source, target, filter) = (
             journal.clone(),
             source.clone(),
@@ -311,11 +384,18 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         progress: Some(&pb),
                     };
                     let t0 = Instant::now();
+                    metrics::gauge!("drmirror_scan_running").increment(1.0);
                     let r = cmp.source_walk(b"", flags::STARTUP).and_then(|()| {
                         let _ = wake.try_send(());
                         cmp.target_walk(b"", flags::STARTUP)
                     });
                     pb.finish_and_clear();
+                    metrics::gauge!("drmirror_scan_running").decrement(1.0);
+                    let scanned = stats.scanned.load(Ordering::Relaxed);
+                    board.update(|s| {
+                        s.scan_entries += scanned;
+                        s.scan_running = false;
+                    });
                     match r {
                         Ok(()) => {
                             tracing::info!(

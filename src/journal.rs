@@ -144,6 +144,15 @@ fn pending_merge(_key: &[u8], existing: Option<&[u8]>, ops: &MergeOperands) -> O
     acc.map(|p| p.encode().to_vec())
 }
 
+/// A summary of one target's backlog.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BacklogStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub oldest_ns: Option<u64>,
+    pub complete: bool,
+}
+
 /// A change captured from the kernel or found by a scan.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -516,6 +525,40 @@ impl Journal {
                 JournalError::Corrupt(format!("pending value of {} bytes", v.len()))
             }),
         }
+    }
+
+    /// Entries, bytes and the oldest first-seen time (ns) of target `t`'s
+    /// backlog, looking at `limit` entries at most (`complete` says whether
+    /// that was all of them): called about once a second for the metrics.
+    pub fn backlog_stats(&self, t: TargetId, limit: usize) -> Result<BacklogStats> {
+        let start = key(t, b"");
+        let end = prefix_end(&start).unwrap_or_else(|| vec![0xff; 3]);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end);
+        let mut st = BacklogStats {
+            complete: true,
+            ..Default::default()
+        };
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_PENDING)?,
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            if st.entries as usize >= limit {
+                st.complete = false;
+                break;
+            }
+            let (k, v) = item?;
+            st.entries += 1;
+            st.bytes += (k.len() + v.len()) as u64;
+            if let Some(p) = Pending::decode(&v) {
+                st.oldest_ns = Some(
+                    st.oldest_ns
+                        .map_or(p.first_seen_ns, |o| o.min(p.first_seen_ns)),
+                );
+            }
+        }
+        Ok(st)
     }
 
     /// Number of pending entries of target `t` (walks them: for status and

@@ -12,11 +12,16 @@ use drmirror::config::{Config, QuickForm};
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    // Under systemd the journal stamps every line: plain lines, no clock.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        fmt.without_time().init();
+    } else {
+        fmt.init();
+    }
 }
 
 /// The error chain on one line, without repeating a cause that an outer
@@ -35,6 +40,62 @@ fn render(e: &anyhow::Error) -> String {
     out
 }
 
+/// `drmirror status`: 0 when every target lags at most `max_lag` seconds,
+/// 1 above, 2 when the daemon cannot be asked.
+fn status(
+    state: Option<std::path::PathBuf>,
+    config: Option<std::path::PathBuf>,
+    source: Option<std::path::PathBuf>,
+    json: bool,
+    max_lag: f64,
+) -> ExitCode {
+    let dir = match (state, config, source) {
+        (Some(d), _, _) => d,
+        (None, Some(f), _) => match Config::load(&f) {
+            Ok(c) => c.state_dir,
+            Err(e) => {
+                eprintln!("drmirror: config error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None, Some(s)) => match s.canonicalize() {
+            Ok(s) => drmirror::config::default_state_dir(&s),
+            Err(e) => {
+                eprintln!("drmirror: status: source {}: {e}", s.display());
+                return ExitCode::from(2);
+            }
+        },
+        (None, None, None) => {
+            eprintln!("drmirror: status: give --state DIR, --config FILE or --source DIR");
+            return ExitCode::from(2);
+        }
+    };
+    match drmirror::status::query(&dir) {
+        Ok(s) => {
+            if json {
+                match serde_json::to_string_pretty(&s) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => {
+                        eprintln!("drmirror: status: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                print!("{}", drmirror::status::render(&s));
+            }
+            if s.targets.iter().all(|t| t.lag_seconds <= max_lag) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("drmirror: status: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -46,6 +107,7 @@ fn main() -> ExitCode {
             exclude,
             delete,
             delay,
+            metrics,
         } => {
             let cfg = match config {
                 Some(f) => Config::load(&f),
@@ -56,6 +118,7 @@ fn main() -> ExitCode {
                     exclude,
                     delete,
                     delay,
+                    metrics_listen: metrics,
                 }),
             };
             let cfg = match cfg {
@@ -74,6 +137,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status {
+            state,
+            config,
+            source,
+            json,
+            max_lag,
+        } => status(state, config, source, json, max_lag),
         Command::Verify {
             source,
             target,

@@ -70,6 +70,66 @@ pub struct Shipper {
     pub last_flush: Instant,
     /// To the flusher thread, while [`Shipper::run`] runs.
     pub flush_tx: Option<crossbeam_channel::Sender<FlushJob>>,
+    /// Live status for `drmirror status`.
+    pub board: Arc<crate::status::Board>,
+    pub last_report: Option<Instant>,
+    /// Caps warning lines when many paths fail at once (a target outage).
+    pub log_limit: LogLimit,
+    /// False while target writes fail (and nothing succeeds).
+    pub target_up: bool,
+}
+
+/// At most `LOG_BURST` warnings per `LOG_WINDOW`; then one line saying how
+/// many were held back (all of them stay at debug level and in the metrics).
+#[derive(Debug)]
+pub struct LogLimit {
+    window: Instant,
+    shown: u32,
+    held: u64,
+}
+
+const LOG_BURST: u32 = 10;
+const LOG_WINDOW: Duration = Duration::from_secs(30);
+
+impl Default for LogLimit {
+    fn default() -> Self {
+        LogLimit {
+            window: Instant::now(),
+            shown: 0,
+            held: 0,
+        }
+    }
+}
+
+impl LogLimit {
+    pub fn allow(&mut self) -> bool {
+        if self.window.elapsed() >= LOG_WINDOW {
+            if self.held > 0 {
+                tracing::warn!(
+                    "{} more failures in the last {}s were not logged (see drmirror_errors_total)",
+                    self.held,
+                    LOG_WINDOW.as_secs()
+                );
+            }
+            *self = LogLimit::default();
+        }
+        if self.shown < LOG_BURST {
+            self.shown += 1;
+            true
+        } else {
+            self.held += 1;
+            false
+        }
+    }
+}
+
+/// What one round applied, for the metrics.
+#[derive(Default)]
+struct Applied {
+    copied: u64,
+    deleted: u64,
+    mkdir: u64,
+    bytes: u64,
 }
 
 /// A path that failed and waits before its next attempt.
@@ -180,6 +240,7 @@ impl Shipper {
             // began has all its entries visible to it.
             let scan_was_done = self.scan_done.load(Ordering::Acquire);
             let r = self.round()?;
+            self.report(false)?;
             if r.drained && scan_was_done && !self.reported_initial {
                 self.report_initial();
             }
@@ -199,6 +260,48 @@ impl Shipper {
                 while self.wake.try_recv().is_ok() {}
             }
         }
+        Ok(())
+    }
+
+    /// Publishes lag, backlog and health (metrics and status), at most once
+    /// a second unless `now`.
+    fn report(&mut self, now: bool) -> Result<(), JournalError> {
+        if !now
+            && self
+                .last_report
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return Ok(());
+        }
+        self.last_report = Some(Instant::now());
+        let st = self.journal.backlog_stats(self.t, 1_000_000)?;
+        let lag = match (st.entries, st.oldest_ns) {
+            (0, _) | (_, None) => 0.0,
+            (_, Some(oldest)) => (crate::journal::now_ns().saturating_sub(oldest)) as f64 / 1e9,
+        };
+        let name = self.name.clone();
+        metrics::gauge!("drmirror_replication_lag_seconds", "target" => name.clone()).set(lag);
+        metrics::gauge!("drmirror_backlog_entries", "target" => name.clone())
+            .set(st.entries as f64);
+        metrics::gauge!("drmirror_backlog_bytes", "target" => name.clone()).set(st.bytes as f64);
+        metrics::gauge!("drmirror_target_up", "target" => name.clone()).set(if self.target_up {
+            1.0
+        } else {
+            0.0
+        });
+        let (up, failing, done) = (
+            self.target_up,
+            self.retry.len() as u64,
+            self.reported_initial,
+        );
+        self.board.update_target(&name, |t| {
+            t.lag_seconds = lag;
+            t.backlog_entries = st.entries;
+            t.backlog_bytes = st.bytes;
+            t.up = up;
+            t.failing_paths = failing;
+            t.initial_sync_done = done;
+        });
         Ok(())
     }
 
@@ -254,6 +357,7 @@ impl Shipper {
             match self.target.rename(&r.from, &r.to) {
                 Ok(true) => {
                     self.stats.renamed.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("drmirror_applied_total", "target" => self.name.clone(), "op" => "rename").increment(1);
                     c.index_moves.push((r.from.clone(), r.to.clone()));
                     wrote = true;
                 }
@@ -330,7 +434,12 @@ impl Shipper {
             .collect();
 
         let mut scans = Vec::new();
+        let mut applied = Applied::default();
+        let mut target_errors = 0u64;
         for (p, v, r) in results {
+            if matches!(r, Err(ApplyError::TargetWrite { .. })) {
+                target_errors += 1;
+            }
             match r {
                 Ok(o) => {
                     if self.retry.remove(p.as_slice()).is_some() {
@@ -342,6 +451,8 @@ impl Shipper {
                         Outcome::Copied { meta, bytes } => {
                             self.stats.copied.fetch_add(1, Ordering::Relaxed);
                             self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+                            applied.copied += 1;
+                            applied.bytes += bytes;
                             c.index_put.push((p.clone(), meta));
                             touched.extend(parent);
                             wrote = true;
@@ -357,6 +468,7 @@ impl Shipper {
                         } => {
                             if created {
                                 self.stats.copied.fetch_add(1, Ordering::Relaxed);
+                                applied.mkdir += 1;
                                 wrote = true;
                             }
                             // Even when it existed: a copy in this batch may
@@ -370,6 +482,7 @@ impl Shipper {
                         }
                         Outcome::Deleted => {
                             self.stats.deleted.fetch_add(1, Ordering::Relaxed);
+                            applied.deleted += 1;
                             c.index_remove_tree.push(p.clone());
                             touched.extend(parent);
                             wrote = true;
@@ -383,6 +496,7 @@ impl Shipper {
         self.stats
             .failing
             .store(self.retry.len() as u64, Ordering::Relaxed);
+        self.publish_applied(&applied, target_errors);
 
         for d in touched.iter().rev() {
             if self.filter.excluded(d, true) {
@@ -461,11 +575,44 @@ impl Shipper {
         Ok(())
     }
 
+    fn publish_applied(&mut self, a: &Applied, target_errors: u64) {
+        let name = self.name.clone();
+        for (op, n) in [
+            ("copy", a.copied),
+            ("delete", a.deleted),
+            ("mkdir", a.mkdir),
+        ] {
+            if n > 0 {
+                metrics::counter!("drmirror_applied_total", "target" => name.clone(), "op" => op)
+                    .increment(n);
+            }
+        }
+        if a.bytes > 0 {
+            metrics::counter!("drmirror_bytes_sent_total", "target" => name.clone())
+                .increment(a.bytes);
+        }
+        let any = a.copied + a.deleted + a.mkdir;
+        if any > 0 {
+            let now = crate::journal::now_ns() as f64 / 1e9;
+            metrics::gauge!("drmirror_last_apply_timestamp_seconds", "target" => name.clone())
+                .set(now);
+            self.board
+                .update_target(&name, |t| t.last_apply_unix = Some(now));
+            self.target_up = true;
+        } else if target_errors > 0 {
+            self.target_up = false;
+        }
+    }
+
     fn failed(&mut self, p: &[u8], seq: u64, e: ApplyError) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("drmirror_errors_total", "kind" => e.kind()).increment(1);
+        let msg = e.to_string();
+        self.board
+            .update_target(&self.name, |t| t.last_error = Some(msg));
         let quick = matches!(e, ApplyError::Changing { .. });
         let attempts = self.schedule_retry(p, Some(seq), quick);
-        if attempts == 1 {
+        if attempts == 1 && self.log_limit.allow() {
             tracing::warn!(target = %self.name, kind = e.kind(), "{e}; will retry");
         } else {
             tracing::debug!(target = %self.name, attempts, "{e}; will retry");

@@ -120,6 +120,7 @@ impl Compare<'_> {
                 self.stats
                     .scanned
                     .fetch_add(children.len() as u64, Ordering::Relaxed);
+                metrics::counter!("drmirror_scan_files_total").increment(children.len() as u64);
                 self.stats
                     .in_sync
                     .fetch_add(same.len() as u64, Ordering::Relaxed);

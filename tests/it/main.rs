@@ -9,5 +9,6 @@ mod crash;
 mod initial;
 mod live;
 mod modes;
+mod ops;
 mod util;
 mod verify_cmd;

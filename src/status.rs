@@ -1,0 +1,189 @@
+//! `drmirror status`: what the running daemon reports over a Unix socket in
+//! its state directory (`status.sock`), as JSON, and the client side.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub const SOCKET_NAME: &str = "status.sock";
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TargetStatus {
+    pub name: String,
+    /// Age of the oldest change not yet applied (the live RPO), seconds.
+    pub lag_seconds: f64,
+    pub backlog_entries: u64,
+    pub backlog_bytes: u64,
+    /// False while writes to the target fail.
+    pub up: bool,
+    pub last_error: Option<String>,
+    /// Unix time of the last applied change.
+    pub last_apply_unix: Option<f64>,
+    pub initial_sync_done: bool,
+    /// Paths waiting for a retry after an error.
+    pub failing_paths: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub source: String,
+    pub capture_backend: String,
+    pub scan_running: bool,
+    pub scan_entries: u64,
+    pub targets: Vec<TargetStatus>,
+}
+
+/// The daemon's live status, updated by its threads.
+#[derive(Default)]
+pub struct Board {
+    inner: Mutex<Status>,
+}
+
+impl Board {
+    pub fn new(status: Status) -> Board {
+        Board {
+            inner: Mutex::new(status),
+        }
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    pub fn update_target(&self, name: &str, f: impl FnOnce(&mut TargetStatus)) {
+        self.update(|s| {
+            if let Some(t) = s.targets.iter_mut().find(|t| t.name == name) {
+                f(t)
+            }
+        })
+    }
+
+    pub fn snapshot(&self) -> Status {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(
+        "no drmirror is running with state directory {dir} (cannot connect to {socket}: {source})"
+    )]
+    NotRunning {
+        dir: PathBuf,
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("reading status from {socket}: {source}")]
+    Io {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("malformed status from {socket}: {source}")]
+    Decode {
+        socket: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// Serves `board` on `state_dir/status.sock` until `stop` is set.
+pub fn serve(
+    state_dir: &Path,
+    board: Arc<Board>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let path = state_dir.join(SOCKET_NAME);
+    // A socket left by a crashed daemon; the state-dir lock guarantees no
+    // live daemon owns it.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    listener.set_nonblocking(true)?;
+    std::thread::Builder::new()
+        .name("status".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+                        if let Ok(mut body) = serde_json::to_vec(&board.snapshot()) {
+                            body.push(b'\n');
+                            let _ = conn.write_all(&body);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    Err(e) => {
+                        tracing::warn!("status socket: {e}");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        })
+}
+
+/// Asks the daemon using `state_dir` for its status.
+pub fn query(state_dir: &Path) -> Result<Status, StatusError> {
+    let socket = state_dir.join(SOCKET_NAME);
+    let mut conn = UnixStream::connect(&socket).map_err(|source| StatusError::NotRunning {
+        dir: state_dir.to_path_buf(),
+        socket: socket.clone(),
+        source,
+    })?;
+    let io = |source| StatusError::Io {
+        socket: socket.clone(),
+        source,
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io)?;
+    let mut body = Vec::new();
+    conn.read_to_end(&mut body).map_err(io)?;
+    serde_json::from_slice(&body).map_err(|source| StatusError::Decode {
+        socket: socket.clone(),
+        source,
+    })
+}
+
+/// The human rendering.
+pub fn render(s: &Status) -> String {
+    let mut out = format!(
+        "drmirror {} (pid {}) source {} capture {}{}\n",
+        s.version,
+        s.pid,
+        s.source,
+        s.capture_backend,
+        if s.scan_running {
+            format!(", scanning ({} entries so far)", s.scan_entries)
+        } else {
+            String::new()
+        }
+    );
+    for t in &s.targets {
+        out.push_str(&format!(
+            "  target {}: {} lag {:.1}s backlog {} entries ({} bytes){}{}\n",
+            t.name,
+            if t.up { "up" } else { "DOWN" },
+            t.lag_seconds,
+            t.backlog_entries,
+            t.backlog_bytes,
+            if t.initial_sync_done {
+                ""
+            } else {
+                ", initial sync running"
+            },
+            t.last_error
+                .as_ref()
+                .map(|e| format!(", last error: {e}"))
+                .unwrap_or_default(),
+        ));
+    }
+    out
+}

@@ -1,0 +1,328 @@
+//! Operations: `drmirror status`, the Prometheus endpoint scraped by a real
+//! Prometheus, the shipped alert rules (promtool) and systemd units.
+
+use crate::util::*;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::Instant;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn status(state: &Path, extra: &[&str]) -> CmdOut {
+    let mut args: Vec<OsString> = vec!["status".into(), "--state".into(), state.into()];
+    args.extend(extra.iter().map(OsString::from));
+    drmirror(&args, secs(20))
+}
+
+fn status_json(state: &Path) -> serde_json::Value {
+    let o = status(state, &["--json", "--max-lag", "1000000"]);
+    assert_eq!(o.code, Some(0), "status --json failed\n{}", o.describe());
+    serde_json::from_str(&o.stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e})\n{}", o.describe()))
+}
+
+fn target0(v: &serde_json::Value) -> &serde_json::Value {
+    &v["targets"][0]
+}
+
+/// A plain HTTP/1.0 GET on loopback (no HTTP client crate needed for this).
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+#[test]
+fn status_without_daemon_is_an_error() {
+    let env = Env::new();
+    let o = status(&env.state, &["--json"]);
+    assert_eq!(o.code, Some(2), "{}", o.describe());
+    assert!(
+        o.stderr.contains("no drmirror is running"),
+        "{}",
+        o.describe()
+    );
+    assert_eq!(o.stderr.trim().lines().count(), 1, "{}", o.describe());
+}
+
+struct Prometheus {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_prometheus(scrape_port: u16) -> Option<Prometheus> {
+    let bin = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())?;
+    let dir = tempfile::Builder::new()
+        .prefix("prom")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: drmirror\n    static_configs:\n      - targets: ['127.0.0.1:{scrape_port}']\n"
+        ),
+    )
+    .expect("write prometheus.yml");
+    let port = free_port();
+    let child = Command::new(bin)
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("prometheus.log")).expect("log"))
+        .spawn()
+        .expect("start prometheus");
+    Some(Prometheus {
+        child,
+        port,
+        _dir: dir,
+    })
+}
+
+/// The value of `drmirror_replication_lag_seconds` as Prometheus has it.
+fn prom_lag(p: &Prometheus) -> Option<f64> {
+    let body = http_get(
+        p.port,
+        "/api/v1/query?query=drmirror_replication_lag_seconds",
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let s = v["data"]["result"][0]["value"][1].as_str()?;
+    s.parse().ok()
+}
+
+/// One daemon run through three states: in sync, target down with a
+/// backlog, caught up again — checked through `drmirror status --json` and
+/// through a real Prometheus scraping the daemon.
+#[test]
+fn status_and_prometheus_follow_an_outage() {
+    if !is_root() {
+        eprintln!("status_and_prometheus_follow_an_outage: skipped, needs root (runs the daemon as nobody)");
+        return;
+    }
+    let env = Env::new();
+    write(&env.s("before"), b"before");
+    chown_r(&env.root, NOBODY.0, NOBODY.1);
+    let mport = free_port();
+    let prom = start_prometheus(mport);
+    if prom.is_none() {
+        panic!(
+            "prometheus is not installed: tools/install-deps installs Debian's prometheus package"
+        );
+    }
+    let prom = prom.expect("checked");
+    let maddr = format!("127.0.0.1:{mport}");
+    let bin = env.bin_for_other_user();
+    let d = Daemon::spawn(
+        &env.run_args(&["--metrics", &maddr]),
+        &env.root,
+        Some(NOBODY),
+        Some(&bin),
+    );
+    d.wait_ready();
+    env.converge(&[], &d);
+
+    // 1. In sync.
+    wait_until(
+        "status reports the initial sync done",
+        secs(30),
+        Some(&d),
+        || target0(&status_json(&env.state))["initial_sync_done"] == true,
+    );
+    let v = status_json(&env.state);
+    let t = target0(&v);
+    assert_eq!(t["lag_seconds"], 0.0, "{v}");
+    assert_eq!(t["backlog_entries"], 0, "{v}");
+    assert_eq!(t["up"], true, "{v}");
+    assert_eq!(v["capture_backend"], "inotify", "{v}");
+    assert_eq!(status(&env.state, &["--max-lag", "5"]).code, Some(0));
+    let metrics = http_get(mport, "/metrics").unwrap_or_default();
+    for name in [
+        "drmirror_replication_lag_seconds",
+        "drmirror_backlog_entries",
+        "drmirror_target_up",
+        "drmirror_build_info",
+        "drmirror_capture_backend",
+        "drmirror_applied_total",
+    ] {
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
+    }
+
+    // 2. Target down (not writable for the daemon's user), changes pile up.
+    chmod(&env.dst, 0o555);
+    for i in 0..20 {
+        let p = env.s(format!("during-{i}"));
+        write(&p, format!("written while down {i}").as_bytes());
+        // The daemon runs as nobody and cannot give files away.
+        lchown(&p, NOBODY.0, NOBODY.1);
+    }
+    wait_until(
+        "status shows the target down with a backlog",
+        secs(60),
+        Some(&d),
+        || {
+            let v = status_json(&env.state);
+            let t = target0(&v);
+            t["up"] == false
+                && t["backlog_entries"].as_u64().unwrap_or(0) >= 20
+                && t["lag_seconds"].as_f64().unwrap_or(0.0) > 1.0
+        },
+    );
+    let o = status(&env.state, &["--max-lag", "0.5"]);
+    assert_eq!(
+        o.code,
+        Some(1),
+        "lag above --max-lag must exit 1\n{}",
+        o.describe()
+    );
+    assert!(o.stdout.contains("DOWN"), "{}", o.describe());
+    let t0 = Instant::now();
+    let mut seen = None;
+    while t0.elapsed() < secs(60) {
+        if let Some(l) = prom_lag(&prom).filter(|l| *l > 0.0) {
+            seen = Some(l);
+            break;
+        }
+        thread::sleep(ms(500));
+    }
+    assert!(
+        seen.is_some(),
+        "Prometheus never saw a lag > 0 while the target was down"
+    );
+
+    // 3. Back up: the backlog drains by itself, lag returns to 0.
+    chmod(&env.dst, 0o755);
+    env.converge(&["--checksum"], &d);
+    wait_until(
+        "status shows lag 0 after catch-up",
+        secs(60),
+        Some(&d),
+        || {
+            let v = status_json(&env.state);
+            let t = target0(&v);
+            t["lag_seconds"] == 0.0 && t["backlog_entries"] == 0 && t["up"] == true
+        },
+    );
+    let t0 = Instant::now();
+    let mut last = None;
+    while t0.elapsed() < secs(60) {
+        last = prom_lag(&prom);
+        if last == Some(0.0) {
+            break;
+        }
+        thread::sleep(ms(500));
+    }
+    assert_eq!(
+        last,
+        Some(0.0),
+        "Prometheus lag did not return to 0 after catch-up"
+    );
+    d.terminate();
+}
+
+fn tool(name: &str) -> Option<PathBuf> {
+    ["/usr/bin", "/usr/local/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    let Some(promtool) = tool("promtool") else {
+        panic!(
+            "promtool is not installed: tools/install-deps installs Debian's prometheus package"
+        );
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/prometheus");
+    for args in [
+        vec!["check", "rules", "drmirror-alerts.yml"],
+        vec!["test", "rules", "drmirror-alerts.test.yml"],
+    ] {
+        let o = Command::new(&promtool)
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("run promtool");
+        assert!(
+            o.status.success(),
+            "promtool {args:?} failed\n{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+#[test]
+fn systemd_units_pass_systemd_analyze_verify() {
+    let Some(analyze) = tool("systemd-analyze") else {
+        eprintln!(
+            "systemd_units_pass_systemd_analyze_verify: skipped, systemd-analyze is not installed"
+        );
+        return;
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("unit")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+    let mut n = 0;
+    for e in std::fs::read_dir(&units).expect("systemd/") {
+        let p = e.expect("entry").path();
+        if p.extension().is_none_or(|x| x != "service") {
+            continue;
+        }
+        // The unit names the installed path; point it at the built binary so
+        // that verify also checks the command exists and is executable.
+        let text = std::fs::read_to_string(&p).expect("read unit");
+        let text = text.replace("/usr/local/bin/drmirror", env!("CARGO_BIN_EXE_drmirror"));
+        let out = tmp.path().join(p.file_name().expect("name"));
+        std::fs::write(&out, text).expect("write unit");
+        let o = Command::new(&analyze)
+            .args(["verify", "--man=no"])
+            .arg(&out)
+            .output()
+            .expect("run systemd-analyze");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            o.status.success() && said.trim().is_empty(),
+            "systemd-analyze verify {}:\n{said}",
+            p.display()
+        );
+        n += 1;
+    }
+    assert!(n >= 1, "no units in {}", units.display());
+}
