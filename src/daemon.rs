@@ -331,6 +331,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             flush_tx: None,
             board: board.clone(),
             last_report: None,
+            report_every: Duration::from_secs(1),
             log_limit: Default::default(),
             target_up: true,
         };

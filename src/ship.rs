@@ -73,6 +73,7 @@ pub struct Shipper {
     /// Live status for `drmirror status`.
     pub board: Arc<crate::status::Board>,
     pub last_report: Option<Instant>,
+    pub report_every: Duration,
     /// Caps warning lines when many paths fail at once (a target outage).
     pub log_limit: LogLimit,
     /// False while target writes fail (and nothing succeeds).
@@ -269,12 +270,16 @@ impl Shipper {
         if !now
             && self
                 .last_report
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+                .is_some_and(|t| t.elapsed() < self.report_every)
         {
             return Ok(());
         }
-        self.last_report = Some(Instant::now());
+        let t0 = Instant::now();
+        self.last_report = Some(t0);
         let st = self.journal.backlog_stats(self.t, 1_000_000)?;
+        // Counting a large backlog walks it: keep that under ~2% of the
+        // shipper's time (once a second while it is small).
+        self.report_every = (t0.elapsed() * 50).max(Duration::from_secs(1));
         let lag = match (st.entries, st.oldest_ns) {
             (0, _) | (_, None) => 0.0,
             (_, Some(oldest)) => (crate::journal::now_ns().saturating_sub(oldest)) as f64 / 1e9,
