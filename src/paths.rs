@@ -166,6 +166,37 @@ mod tests {
         assert!(validate(b"a b/\n/\xff").is_ok());
     }
 
+    fn arb_rel() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        // Components of arbitrary bytes except '/' and NUL, never "." or "..".
+        let comp = proptest::collection::vec(1u8..=255, 1..6)
+            .prop_filter("no slash", |c| !c.contains(&b'/'))
+            .prop_filter("no dots", |c| c != b"." && c != b"..");
+        proptest::collection::vec(comp, 0..5).prop_map(|cs| cs.join(&b'/'))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn split_join_roundtrip(rel in arb_rel()) {
+            proptest::prop_assert!(validate(&rel).is_ok());
+            if !rel.is_empty() {
+                let (p, n) = split(&rel);
+                proptest::prop_assert_eq!(join(p, n), rel.clone());
+                proptest::prop_assert!(is_within(&rel, p));
+            }
+        }
+
+        #[test]
+        fn rebase_moves_subtrees(a in arb_rel(), b in arb_rel(), rest in arb_rel()) {
+            proptest::prop_assume!(!a.is_empty() && !rest.is_empty());
+            let inside = join(&a, &rest);
+            let moved = rebase(&inside, &a, &b);
+            proptest::prop_assert_eq!(moved.clone(), join(&b, &rest));
+            proptest::prop_assert!(validate(&moved).is_ok());
+            proptest::prop_assert!(is_within(&moved, &b));
+        }
+    }
+
     #[test]
     fn display_escapes() {
         assert_eq!(display(b"a\nb"), "a\\nb");
