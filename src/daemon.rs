@@ -53,7 +53,7 @@ pub enum DaemonError {
     Filter(#[from] ignore::Error),
     #[error("change capture: {0}")]
     Watch(#[from] WatchError),
-    #[error("signal handling: {0}")]
+    #[error("cannot set up signal handling or worker threads: {0}")]
     Signals(std::io::Error),
     #[error("a worker thread panicked: {0}")]
     Panic(String),
@@ -240,6 +240,17 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         fatal: fatal_tx,
     });
     let stop = shared.stop.clone();
+    // Scans (startup, rescans) run on their own pool: rayon serves work from
+    // outside a pool only when its workers are idle, so a long scan on the
+    // global pool would hold back live capture (new directories are walked
+    // there) and the shippers' copies for as long as it runs.
+    let scan_pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .thread_name(|i| format!("scan-{i}"))
+            .build()
+            .map_err(|e| DaemonError::Signals(std::io::Error::other(e)))?,
+    );
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     threads.push(
         crate::status::serve(&cfg.state_dir, board.clone(), stop.clone()).map_err(|source| {
@@ -331,6 +342,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             flush_tx: None,
             board: board.clone(),
             last_report: None,
+            scan_pool: scan_pool.clone(),
             report_every: Duration::from_secs(1),
             log_limit: Default::default(),
             target_up: true,
@@ -349,6 +361,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
 
         let sh = shared.clone();
         let board = board.clone();
+        let scan_pool = scan_pool.clone();
         let (journal, source, target, filter) = (
             journal.clone(),
             source.clone(),
@@ -386,9 +399,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                     };
                     let t0 = Instant::now();
                     metrics::gauge!("drmirror_scan_running").increment(1.0);
-                    let r = cmp.source_walk(b"", flags::STARTUP).and_then(|()| {
-                        let _ = wake.try_send(());
-                        cmp.target_walk(b"", flags::STARTUP)
+                    let r = scan_pool.install(|| {
+                        cmp.source_walk(b"", flags::STARTUP).and_then(|()| {
+                            let _ = wake.try_send(());
+                            cmp.target_walk(b"", flags::STARTUP)
+                        })
                     });
                     pb.finish_and_clear();
                     metrics::gauge!("drmirror_scan_running").decrement(1.0);

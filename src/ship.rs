@@ -73,6 +73,8 @@ pub struct Shipper {
     /// Live status for `drmirror status`.
     pub board: Arc<crate::status::Board>,
     pub last_report: Option<Instant>,
+    /// Thread pool for subtree scans (see [`crate::daemon`]).
+    pub scan_pool: Arc<rayon::ThreadPool>,
     pub report_every: Duration,
     /// Caps warning lines when many paths fail at once (a target outage).
     pub log_limit: LogLimit,
@@ -149,14 +151,20 @@ pub enum FlushJob {
     Barrier(crossbeam_channel::Sender<Result<(), JournalError>>),
 }
 
-fn sync_target(target: &LocalTarget, name: &str) {
+fn sync_target(target: &LocalTarget, name: &str) -> bool {
     let t0 = Instant::now();
     let r = target.sync();
     tracing::debug!(target = %name, ms = t0.elapsed().as_millis() as u64, "syncfs");
-    if let Err(e) = r {
-        // The journal still records the batch: the files are in place;
-        // only their durability past a power loss is in doubt.
-        tracing::warn!(target = %name, "syncfs failed: {e}");
+    match r {
+        Ok(()) => true,
+        Err(e) => {
+            // Writeback failed (EIO, ENOSPC on thin or network storage):
+            // what was applied may not be on disk. Nothing is recorded as
+            // done; the entries stay pending and are applied again.
+            metrics::counter!("drmirror_errors_total", "kind" => "target_sync").increment(1);
+            tracing::error!(target = %name, "syncfs failed: {e}; the last changes will be applied again");
+            false
+        }
     }
 }
 
@@ -168,8 +176,8 @@ fn commit(
     c: &Completion,
     wrote: bool,
 ) -> Result<(), JournalError> {
-    if wrote {
-        sync_target(target, name);
+    if wrote && !sync_target(target, name) {
+        return Ok(());
     }
     journal.complete(t, c)
 }
@@ -331,13 +339,9 @@ impl Shipper {
     }
 
     /// Schedules the next attempt at `p` with exponential backoff.
-    fn schedule_retry(&mut self, p: &[u8], seq: Option<u64>, quick: bool) -> u32 {
+    fn schedule_retry(&mut self, p: &[u8], seq: Option<u64>) -> u32 {
         let attempts = self.retry.get(p).map(|r| r.attempts + 1).unwrap_or(1);
-        let backoff = if quick {
-            RETRY_MIN
-        } else {
-            (RETRY_MIN * 2u32.saturating_pow(attempts.min(16) - 1)).min(RETRY_MAX)
-        };
+        let backoff = (RETRY_MIN * 2u32.saturating_pow(attempts.min(16) - 1)).min(RETRY_MAX);
         self.retry.insert(
             p.to_vec(),
             Retry {
@@ -357,6 +361,19 @@ impl Shipper {
         if self.cursor.is_none() {
             self.flush_wait()?;
         }
+        // The batch is read before the renames: a rename recorded between
+        // the two reads is then applied before entries that predate it (and
+        // its own marks stay pending), never after entries that follow it.
+        let batch = self
+            .journal
+            .pending_batch(self.t, self.cursor.as_deref(), BATCH)?;
+        let full = batch.len() == BATCH;
+        let at_start = self.cursor.is_none();
+        self.cursor = if full {
+            batch.last().map(|(p, _)| p.clone())
+        } else {
+            None
+        };
         let renames = self.journal.renames(self.t, 256)?;
         for r in &renames {
             match self.target.rename(&r.from, &r.to) {
@@ -365,6 +382,12 @@ impl Shipper {
                     metrics::counter!("drmirror_applied_total", "target" => self.name.clone(), "op" => "rename").increment(1);
                     c.index_moves.push((r.from.clone(), r.to.clone()));
                     wrote = true;
+                    if !self.scan_done.load(Ordering::Acquire) {
+                        // The startup scan may have missed the subtree in
+                        // flight (neither under `from` nor yet under `to`).
+                        c.requeue
+                            .push((r.to.clone(), flags::RECURSIVE | flags::LIVE));
+                    }
                 }
                 Ok(false) => c
                     .requeue
@@ -395,16 +418,6 @@ impl Shipper {
             wrote = false;
         }
 
-        let batch = self
-            .journal
-            .pending_batch(self.t, self.cursor.as_deref(), BATCH)?;
-        let full = batch.len() == BATCH;
-        let at_start = self.cursor.is_none();
-        self.cursor = if full {
-            batch.last().map(|(p, _)| p.clone())
-        } else {
-            None
-        };
         let now = Instant::now();
         let todo: Vec<&(Vec<u8>, Pending)> = batch
             .iter()
@@ -498,6 +511,13 @@ impl Shipper {
                 Err(e) => self.failed(p, v.seq, e),
             }
         }
+        if at_start && !full {
+            // This batch was the whole backlog: a retry key it did not hold
+            // belongs to a path that moved or was superseded.
+            let live: std::collections::HashSet<&[u8]> =
+                batch.iter().map(|(p, _)| p.as_slice()).collect();
+            self.retry.retain(|k, _| live.contains(k.as_slice()));
+        }
         self.stats
             .failing
             .store(self.retry.len() as u64, Ordering::Relaxed);
@@ -559,17 +579,22 @@ impl Shipper {
         };
         let flag = f & (flags::LIVE | flags::STARTUP);
         let flag = if flag == 0 { flags::LIVE } else { flag };
-        cmp.source_walk(p, flag)?;
-        if !created {
-            cmp.target_walk(p, flag)?;
-        }
+        // On the scan pool: a big rescan must not queue in front of the
+        // capture thread's and this shipper's own work on the global pool.
+        self.scan_pool.install(|| -> Result<(), JournalError> {
+            cmp.source_walk(p, flag)?;
+            if !created {
+                cmp.target_walk(p, flag)?;
+            }
+            Ok(())
+        })?;
         // Unlistable directories were re-enqueued by the walk; back off
         // before trying them again.
         let failed =
             std::mem::take(&mut *stats.failed_dirs.lock().unwrap_or_else(|p| p.into_inner()));
         for d in failed {
             let seq = self.journal.pending_get(self.t, &d)?.map(|v| v.seq);
-            self.schedule_retry(&d, seq, false);
+            self.schedule_retry(&d, seq);
         }
         tracing::debug!(
             target = %self.name, path = %paths::display(p),
@@ -615,8 +640,11 @@ impl Shipper {
         let msg = e.to_string();
         self.board
             .update_target(&self.name, |t| t.last_error = Some(msg));
-        let quick = matches!(e, ApplyError::Changing { .. });
-        let attempts = self.schedule_retry(p, Some(seq), quick);
+        // A file that keeps changing raises new events all the time: those
+        // must not cut its backoff short, or every round would spend three
+        // full copies on it and hold back every other path.
+        let changing = matches!(e, ApplyError::Changing { .. });
+        let attempts = self.schedule_retry(p, (!changing).then_some(seq));
         if attempts == 1 && self.log_limit.allow() {
             tracing::warn!(target = %self.name, kind = e.kind(), "{e}; will retry");
         } else {

@@ -38,6 +38,9 @@ fn mask() -> WatchMask {
         | WatchMask::EXCL_UNLINK
 }
 
+/// A MOVED_FROM half: path, is_dir, and the subtree's watches then.
+type MovedFrom = (Vec<u8>, bool, Vec<(Vec<u8>, WatchDescriptor)>);
+
 struct Raw {
     wd: WatchDescriptor,
     mask: EventMask,
@@ -53,7 +56,12 @@ pub struct InotifyWatcher {
     by_wd: HashMap<WatchDescriptor, Vec<u8>>,
     by_path: BTreeMap<Vec<u8>, WatchDescriptor>,
     buf: Vec<u8>,
-    moved_from: HashMap<u32, (Vec<u8>, bool)>,
+    /// MOVED_FROM waiting for its MOVED_TO: path, is_dir, and (for a
+    /// directory) the watches of its subtree at that moment, so that a move
+    /// out removes exactly those even if the name is reused meanwhile.
+    moved_from: HashMap<u32, MovedFrom>,
+    /// Set once per poll when an overflow re-added the watches.
+    rewatched: bool,
     /// Inode -> path of entries found in directories that appeared during
     /// the current poll (see [`InotifyWatcher::match_moved`]).
     recent: HashMap<u64, Vec<u8>>,
@@ -94,6 +102,7 @@ impl InotifyWatcher {
             by_path: BTreeMap::new(),
             buf: vec![0u8; 256 * 1024],
             moved_from: HashMap::new(),
+            rewatched: false,
             recent: HashMap::new(),
             collect_recent: false,
             index_target,
@@ -381,6 +390,18 @@ impl InotifyWatcher {
     fn handle(&mut self, r: Raw, out: &mut Vec<Event>) -> Result<(), WatchError> {
         if r.mask.contains(EventMask::Q_OVERFLOW) {
             tracing::warn!("inotify queue overflowed: events were lost, rescanning the source");
+            if !self.rewatched {
+                // Lost events may include CREATE of directories: watch
+                // everything again (existing watches are returned as is),
+                // and forget renames whose other half may be lost.
+                self.rewatched = true;
+                self.moved_from.clear();
+                match self.add_tree(b"") {
+                    Ok(()) => {}
+                    Err(e @ WatchError::WatchLimit { .. }) => return Err(e),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
             out.push(Event::Overflow);
             return Ok(());
         }
@@ -408,10 +429,18 @@ impl InotifyWatcher {
         let path = paths::join(&dir, &name);
         let is_dir = r.mask.contains(EventMask::ISDIR);
         if r.mask.contains(EventMask::MOVED_FROM) {
-            self.moved_from.insert(r.cookie, (path, is_dir));
+            let wds = if is_dir {
+                self.subtree_keys(&path)
+                    .into_iter()
+                    .filter_map(|k| self.by_path.get(&k).cloned().map(|wd| (k, wd)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            self.moved_from.insert(r.cookie, (path, is_dir, wds));
         } else if r.mask.contains(EventMask::MOVED_TO) {
             match self.moved_from.remove(&r.cookie) {
-                Some((from, _)) => self.on_rename(from, path, is_dir, out)?,
+                Some((from, _, _)) => self.on_rename(from, path, is_dir, out)?,
                 None => self.on_new(path, is_dir, out)?,
             }
         } else if r.mask.contains(EventMask::CREATE) {
@@ -490,8 +519,8 @@ impl Watcher for InotifyWatcher {
                     self.handle(r, out)?;
                 }
             }
-            let unmatched: Vec<(Vec<u8>, bool)> = self.moved_from.drain().map(|(_, v)| v).collect();
-            for (path, is_dir) in unmatched {
+            let unmatched: Vec<_> = self.moved_from.drain().map(|(_, v)| v).collect();
+            for (path, is_dir, wds) in unmatched {
                 match self.match_moved(&path) {
                     Some(to) => {
                         if is_dir {
@@ -511,11 +540,34 @@ impl Watcher for InotifyWatcher {
                         Self::dirty_parent(out, &to);
                         out.push(Event::Rename { from: path, to });
                     }
-                    None => self.on_gone(path, is_dir, out)?,
+                    None => {
+                        // Moved out: drop exactly the watches it had (a new
+                        // entry of the same name may be watched already).
+                        for (k, wd) in wds {
+                            let _ = self.ino.watches().remove(wd.clone());
+                            self.by_wd.remove(&wd);
+                            if self.by_path.get(&k) == Some(&wd) {
+                                self.by_path.remove(&k);
+                            }
+                        }
+                        if is_dir {
+                            self.journal.dirs_remove_tree(&path)?;
+                            let still: Vec<Vec<u8>> = self.subtree_keys(&path);
+                            self.journal.dirs_put(&still)?;
+                        }
+                        Self::dirty_parent(out, &path);
+                        if !self.filter.excluded(&path, is_dir) {
+                            out.push(Event::Dirty {
+                                path,
+                                flags: flags::LIVE,
+                            });
+                        }
+                    }
                 }
             }
         }
         self.recent.clear();
+        self.rewatched = false;
         Ok(())
     }
 }

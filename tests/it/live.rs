@@ -730,3 +730,52 @@ fn live_unreadable_directory_is_retried_once_readable() {
     assert_eq!(read(&env.d("locked/inner/x.txt")), b"x");
     d.terminate();
 }
+
+#[test]
+fn live_log_rotation_keeps_both_files_right() {
+    let env = Env::new();
+    write(&env.s("app.log"), b"generation 0\n");
+    let d = env.start(&[]);
+    env.converge(&[], &d);
+    // logrotate's create mode, several generations back to back.
+    for g in 1..=5u32 {
+        for k in (1..g).rev() {
+            let from = env.s(format!("app.log.{k}"));
+            if exists(&from) {
+                rename(&from, &env.s(format!("app.log.{}", k + 1)));
+            }
+        }
+        rename(&env.s("app.log"), &env.s("app.log.1"));
+        write(&env.s("app.log"), format!("generation {g}\n").as_bytes());
+        append(&env.s("app.log.1"), b"late line after rotation\n");
+    }
+    env.converge(&["--checksum"], &d);
+    assert_eq!(read(&env.d("app.log")), b"generation 5\n");
+    d.terminate();
+}
+
+#[test]
+fn live_directory_moved_out_and_name_reused_keeps_watching() {
+    let env = Env::new();
+    let outside = env.root.join("outside");
+    mkdirp(&outside);
+    write(&env.s("work/old.txt"), b"old");
+    let d = env.start(&[]);
+    env.converge(&[], &d);
+    // Out, and a new directory of the same name in one breath.
+    rename(&env.s("work"), &outside.join("work"));
+    mkdirp(&env.s("work"));
+    env.converge(&[], &d);
+    // Changes in the new directory must still be seen...
+    write(&env.s("work/new.txt"), b"new");
+    // ...and changes in the moved-out one must not reach the mirror.
+    write(&outside.join("work/stray.txt"), b"stray");
+    env.converge(&["--checksum"], &d);
+    assert_eq!(read(&env.d("work/new.txt")), b"new");
+    assert!(
+        !exists(&env.d("work/stray.txt")),
+        "a change outside the source reached the mirror"
+    );
+    assert!(!exists(&env.d("work/old.txt")));
+    d.terminate();
+}
