@@ -384,6 +384,14 @@ impl Journal {
         let pending = self.cf(CF_PENDING)?;
         let renames = self.cf(CF_RENAMES)?;
         let mut b = WriteBatch::default();
+        // The counter goes into the first write: a rename below may split
+        // this call into several writes, and after a crash between them a
+        // reused sequence number could make `complete` drop a newer change.
+        b.put_cf(
+            self.cf(CF_META)?,
+            META_SEQ,
+            (first + changes.len() as u64 - 1).to_le_bytes(),
+        );
         for (i, c) in changes.iter().enumerate() {
             let seq = first + i as u64;
             match c {
