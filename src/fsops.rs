@@ -26,6 +26,14 @@ const BENEATH: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
     .union(ResolveFlags::NO_MAGICLINKS);
 
+/// How a source file is opened for copying: never through a symlink, and
+/// never blocking on a FIFO that replaced the file since it was seen.
+pub const SOURCE_READ: OFlags = OFlags::RDONLY
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::NONBLOCK)
+    .union(OFlags::CLOEXEC)
+    .union(OFlags::NOCTTY);
+
 /// Prefix of drmirror's temporary files in a target. Leftovers of a crash are
 /// removed by the startup scan.
 pub const TEMP_PREFIX: &[u8] = b".drmirror-";
@@ -160,11 +168,7 @@ impl Root {
             rustix::fs::openat(
                 &dir,
                 cstr_name(name)?.as_c_str(),
-                OFlags::RDONLY
-                    | OFlags::NOFOLLOW
-                    | OFlags::NONBLOCK
-                    | OFlags::CLOEXEC
-                    | OFlags::NOCTTY,
+                SOURCE_READ,
                 Mode::empty(),
             )
             .map_err(io::Error::from)

@@ -29,7 +29,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, MergeOperands, Options,
-    ReadOptions, WriteBatch, WriteOptions, DB,
+    ReadOptions, WriteBatch, DB,
 };
 
 use crate::meta::Meta;
@@ -434,11 +434,6 @@ impl Journal {
                 }
             }
         }
-        b.put_cf(
-            self.cf(CF_META)?,
-            META_SEQ,
-            (first + changes.len() as u64 - 1).to_le_bytes(),
-        );
         self.db.write(b)?;
         Ok(())
     }
@@ -772,16 +767,6 @@ impl Journal {
         Ok(self.db.write(b)?)
     }
 
-    /// Number of recorded watch-tree directories.
-    pub fn dirs_count(&self) -> Result<u64> {
-        let mut n = 0;
-        for item in self.db.iterator_cf(self.cf(CF_DIRS)?, IteratorMode::Start) {
-            item?;
-            n += 1;
-        }
-        Ok(n)
-    }
-
     /// Flushes memtables and the WAL to disk (clean shutdown).
     pub fn flush(&self) -> Result<()> {
         self.db.flush_wal(true)?;
@@ -789,13 +774,6 @@ impl Journal {
             self.db.flush_cf(self.cf(name)?)?;
         }
         Ok(())
-    }
-
-    /// Sync of the WAL, for callers that need a change durable past a power loss.
-    pub fn sync_wal(&self) -> Result<()> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        Ok(self.db.write_opt(WriteBatch::default(), &wo)?)
     }
 }
 

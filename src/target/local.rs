@@ -155,40 +155,18 @@ impl LocalTarget {
                         Kind::Dir => self.dir(rel, &m, f),
                         Kind::Symlink => self.symlink(source, rel, f),
                         Kind::File => {
-                            if tdir.is_none() {
-                                tdir = Some(self.parent_dir(rel)?);
-                            }
-                            match tdir.as_ref() {
-                                Some(td) => self.file_at(sd.as_fd(), td.as_fd(), rel, f),
-                                None => self.file(source, rel, f),
-                            }
+                            let td = match tdir.take() {
+                                Some(td) => td,
+                                None => self.parent_dir(rel)?,
+                            };
+                            let r = self.file_at(sd.as_fd(), td.as_fd(), rel, f);
+                            tdir = Some(td);
+                            r
                         }
                     },
                 }
             })
             .collect()
-    }
-
-    /// Makes the target's entry at `rel` match the source's.
-    pub fn apply(
-        &self,
-        source: &Root,
-        rel: &[u8],
-        f: u8,
-        policy: DeletePolicy,
-    ) -> Result<Outcome, ApplyError> {
-        let src = source
-            .lstat(rel)
-            .map_err(|e| ApplyError::source_read(rel, e))?;
-        match src {
-            None => self.remove(rel, f, policy),
-            Some(m) => match m.kind {
-                Kind::Other => Ok(Outcome::Special),
-                Kind::Dir => self.dir(rel, &m, f),
-                Kind::Symlink => self.symlink(source, rel, f),
-                Kind::File => self.file(source, rel, f),
-            },
-        }
     }
 
     fn remove(&self, rel: &[u8], f: u8, policy: DeletePolicy) -> Result<Outcome, ApplyError> {
@@ -412,16 +390,6 @@ impl LocalTarget {
         }
     }
 
-    fn file(&self, source: &Root, rel: &[u8], f: u8) -> Result<Outcome, ApplyError> {
-        let sd = match source.open_dir(paths::split(rel).0, false) {
-            Ok(d) => d,
-            Err(e) if fsops::is_missing(&e) => return Ok(Outcome::Vanished),
-            Err(e) => return Err(ApplyError::source_read(rel, e)),
-        };
-        let td = self.parent_dir(rel)?;
-        self.file_at(sd.as_fd(), td.as_fd(), rel, f)
-    }
-
     /// Copies regular file `rel` from source directory `sd` into target
     /// directory `td` (its parents on either side) through a temporary name.
     fn file_at(
@@ -438,16 +406,7 @@ impl LocalTarget {
             }
         };
         for attempt in 1..=COPY_TRIES {
-            let src = match rustix::fs::openat(
-                sd,
-                name,
-                OFlags::RDONLY
-                    | OFlags::NOFOLLOW
-                    | OFlags::NONBLOCK
-                    | OFlags::CLOEXEC
-                    | OFlags::NOCTTY,
-                Mode::empty(),
-            ) {
+            let src = match rustix::fs::openat(sd, name, fsops::SOURCE_READ, Mode::empty()) {
                 Ok(fd) => fd,
                 // Gone, or replaced by a symlink: the event that did it follows.
                 Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::LOOP) => {
