@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::DeleteMode;
+use crate::config::{DeleteMode, WatchMode};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,6 +22,10 @@ fn parse_delete(s: &str) -> Result<DeleteMode, String> {
     DeleteMode::parse(s).ok_or_else(|| "expected true, false, startup or running".to_string())
 }
 
+fn parse_watch(s: &str) -> Result<WatchMode, String> {
+    WatchMode::parse(s).ok_or_else(|| "expected auto, fanotify or inotify".to_string())
+}
+
 fn parse_delay(s: &str) -> Result<Duration, String> {
     crate::config::parse_delay_arg(s)
 }
@@ -31,7 +35,7 @@ pub enum Command {
     /// Mirror a source to one or more targets, in the foreground.
     Run {
         /// TOML configuration file (see README "Configuration").
-        #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "delay", "metrics"])]
+        #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "delay", "metrics", "watch"])]
         config: Option<PathBuf>,
         /// Directory to mirror.
         #[arg(long)]
@@ -54,6 +58,9 @@ pub enum Command {
         /// Prometheus endpoint, e.g. 127.0.0.1:9731, or `off`.
         #[arg(long)]
         metrics: Option<String>,
+        /// Capture backend: auto, fanotify or inotify.
+        #[arg(long, value_parser = parse_watch)]
+        watch: Option<WatchMode>,
     },
     /// Report the running daemon's lag, backlog and targets.
     Status {

@@ -69,13 +69,26 @@ impl<'de> Deserialize<'de> for DeleteMode {
     }
 }
 
-/// Capture backend selection (`fanotify` arrives with the capture issue).
+/// Capture backend selection: `auto` tries fanotify and falls back to
+/// inotify, logging why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WatchMode {
     #[default]
     Auto,
+    Fanotify,
     Inotify,
+}
+
+impl WatchMode {
+    pub fn parse(s: &str) -> Option<WatchMode> {
+        match s {
+            "auto" => Some(WatchMode::Auto),
+            "fanotify" => Some(WatchMode::Fanotify),
+            "inotify" => Some(WatchMode::Inotify),
+            _ => None,
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -210,6 +223,7 @@ pub struct QuickForm {
     pub delete: Option<DeleteMode>,
     pub delay: Option<Duration>,
     pub metrics_listen: Option<String>,
+    pub watch: Option<WatchMode>,
 }
 
 impl Config {
@@ -240,7 +254,7 @@ impl Config {
             exclude: q.exclude,
             delete: q.delete.unwrap_or_default(),
             delay: q.delay,
-            watch: WatchMode::Auto,
+            watch: q.watch.unwrap_or_default(),
             backlog: Backlog::default(),
             targets: q
                 .targets

@@ -22,6 +22,7 @@ use crate::journal::{flags, Change, Journal, JournalError, TargetId};
 use crate::ship::{ShipStats, Shipper};
 use crate::sync::{Compare, ScanStats};
 use crate::target::local::{DeletePolicy, LocalTarget};
+use crate::watch::fanotify::FanotifyWatcher;
 use crate::watch::inotify::InotifyWatcher;
 use crate::watch::{Event, WatchError, Watcher};
 
@@ -209,14 +210,37 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     }
 
     let started = Instant::now();
-    let mut watcher: Box<dyn Watcher> = match cfg.watch {
-        WatchMode::Auto | WatchMode::Inotify => Box::new(InotifyWatcher::start(
+    let inotify = || -> Result<Box<dyn Watcher>, WatchError> {
+        Ok(Box::new(InotifyWatcher::start(
             &cfg.source,
             filter.clone(),
             journal.clone(),
             targets.first().map(|t| t.id),
-        )?),
+        )?))
     };
+    let fanotify = || -> Result<Box<dyn Watcher>, WatchError> {
+        Ok(Box::new(FanotifyWatcher::start(
+            &cfg.source,
+            filter.clone(),
+            journal.clone(),
+        )?))
+    };
+    let mut watcher: Box<dyn Watcher> = match cfg.watch {
+        WatchMode::Inotify => inotify()?,
+        WatchMode::Fanotify => fanotify()?,
+        WatchMode::Auto => match fanotify() {
+            Ok(w) => {
+                tracing::info!("capture backend: fanotify (watch = \"auto\"; the kernel and filesystem support it)");
+                w
+            }
+            Err(e @ WatchError::Unsupported(_)) => {
+                tracing::info!("capture backend: inotify (watch = \"auto\"; {e})");
+                inotify()?
+            }
+            Err(e) => return Err(e.into()),
+        },
+    };
+    let dir_feed = watcher.dir_feed();
     metrics::gauge!("drmirror_capture_backend", "backend" => watcher.backend()).set(1.0);
     let board = Arc::new(crate::status::Board::new(crate::status::Status {
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -268,12 +292,13 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         let ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
         let wakers: Vec<Sender<()>> = targets.iter().map(|t| t.wake.clone()).collect();
         tracing::info!(
-            "drmirror ready backend={} watches={} source={} targets={} setup_ms={}",
+            "drmirror ready backend={} watches={} source={} targets={} setup_ms={} ({})",
             watcher.backend(),
             watcher.watched(),
             cfg.source.display(),
             targets.len(),
-            started.elapsed().as_millis()
+            started.elapsed().as_millis(),
+            watcher.describe()
         );
         // Under systemd (Type=notify): capture is live, the scan follows.
         let _ = sd_notify::notify(&[
@@ -317,7 +342,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     }
 
     // Shippers and startup scans.
-    for t in &targets {
+    for (i, t) in targets.iter().enumerate() {
         let shipper = Shipper {
             t: t.id,
             name: t.name.clone(),
@@ -368,6 +393,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             t.target.clone(),
             filter.clone(),
         );
+        // One scan reporting directories is enough for the watcher.
+        let dirs_seen = if i == 0 { dir_feed.clone() } else { None };
         let (id, name, scan_done, stats, wake) = (
             t.id,
             t.name.clone(),
@@ -396,6 +423,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         stats: &stats,
                         stop: &sh.stop,
                         progress: Some(&pb),
+                        dirs_seen: dirs_seen.as_ref(),
                     };
                     let t0 = Instant::now();
                     metrics::gauge!("drmirror_scan_running").increment(1.0);
@@ -432,6 +460,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 .map_err(DaemonError::Signals)?,
         );
     }
+
+    // The scan holds the only sender now: its end tells the watcher that the
+    // restored watch tree is confirmed.
+    drop(dir_feed);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

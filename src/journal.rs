@@ -44,6 +44,10 @@ const CF_PENDING: &str = "pending";
 const CF_RENAMES: &str = "renames";
 const CF_INDEX: &str = "index";
 const CF_META: &str = "meta";
+/// Sorts after every key (paths are at most PATH_MAX bytes, handles far
+/// shorter): the end of a delete_range over a whole column family.
+const KEY_MAX: [u8; 8192] = [0xff; 8192];
+const META_DIRS_BACKEND: &[u8] = b"dirs_backend";
 const CFS: [&str; 5] = [CF_DIRS, CF_PENDING, CF_RENAMES, CF_INDEX, CF_META];
 
 const META_SCHEMA: &[u8] = b"schema_version";
@@ -749,13 +753,50 @@ impl Journal {
         Ok(self.db.write(b)?)
     }
 
+    /// Clears the persisted watch tree and records which backend fills it
+    /// from now on (inotify keys it by path, fanotify by file handle).
+    pub fn dirs_reset(&self, backend: &[u8]) -> Result<()> {
+        let cf = self.cf(CF_DIRS)?;
+        let mut b = WriteBatch::default();
+        b.delete_range_cf(cf, b"".as_slice(), KEY_MAX.as_slice());
+        b.put_cf(self.cf(CF_META)?, META_DIRS_BACKEND, backend);
+        Ok(self.db.write(b)?)
+    }
+
+    /// Which backend wrote the persisted watch tree, if any.
+    pub fn dirs_backend(&self) -> Result<Option<Vec<u8>>> {
+        self.meta_get(META_DIRS_BACKEND)
+    }
+
+    /// The keys of the persisted watch tree, in key order.
+    pub fn dirs_list(&self) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_DIRS)?, IteratorMode::Start) {
+            out.push(item?.0.to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Applies changes to the persisted watch tree: keys to delete, then
+    /// keys to set.
+    pub fn dirs_update(&self, put: &[(Vec<u8>, Vec<u8>)], del: &[Vec<u8>]) -> Result<()> {
+        let cf = self.cf(CF_DIRS)?;
+        let mut b = WriteBatch::default();
+        for k in del {
+            b.delete_cf(cf, k);
+        }
+        for (k, v) in put {
+            b.put_cf(cf, k, v);
+        }
+        Ok(self.db.write(b)?)
+    }
+
     /// Forgets a watched directory and its subtree.
     pub fn dirs_remove_tree(&self, dir: &[u8]) -> Result<()> {
         let cf = self.cf(CF_DIRS)?;
         let mut b = WriteBatch::default();
         if dir.is_empty() {
-            b.delete_range_cf(cf, b"".as_slice(), &[0xffu8; 1][..]);
-            b.delete_cf(cf, b"");
+            b.delete_range_cf(cf, b"".as_slice(), KEY_MAX.as_slice());
         } else {
             b.delete_cf(cf, dir);
             let mut s = dir.to_vec();

@@ -108,6 +108,7 @@ fn main() -> ExitCode {
             delete,
             delay,
             metrics,
+            watch,
         } => {
             let cfg = match config {
                 Some(f) => Config::load(&f),
@@ -119,6 +120,7 @@ fn main() -> ExitCode {
                     delete,
                     delay,
                     metrics_listen: metrics,
+                    watch,
                 }),
             };
             let cfg = match cfg {

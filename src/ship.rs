@@ -567,6 +567,7 @@ impl Shipper {
     fn scan_subtree(&mut self, p: &[u8], f: u8, created: bool) -> Result<(), JournalError> {
         let stats = ScanStats::default();
         let cmp = Compare {
+            dirs_seen: None,
             source: &self.source,
             target: &self.target,
             journal: &self.journal,

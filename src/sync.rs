@@ -44,6 +44,8 @@ pub struct Compare<'a> {
     pub stats: &'a ScanStats,
     pub stop: &'a AtomicBool,
     pub progress: Option<&'a indicatif::ProgressBar>,
+    /// Where to report the directories listed (see [`crate::watch::Watcher::dir_feed`]).
+    pub dirs_seen: Option<&'a crossbeam_channel::Sender<Vec<Vec<u8>>>>,
 }
 
 fn symlink_same(
@@ -115,6 +117,16 @@ impl Compare<'_> {
                         same.push((c.rel.clone(), c.meta));
                     } else {
                         todo.push((c.rel.clone(), flag));
+                    }
+                }
+                if let Some(tx) = self.dirs_seen {
+                    let dirs: Vec<Vec<u8>> = children
+                        .iter()
+                        .filter(|c| c.descend && c.meta.kind == Kind::Dir)
+                        .map(|c| c.rel.clone())
+                        .collect();
+                    if !dirs.is_empty() {
+                        let _ = tx.send(dirs);
                     }
                 }
                 self.stats

@@ -146,8 +146,14 @@ impl LocalTarget {
                     return self.remove(rel, f, policy);
                 };
                 let name = paths::split(rel).1;
-                let m = fsops::lstat_at(sd.as_fd(), name)
-                    .map_err(|e| ApplyError::source_read(rel, e))?;
+                // The root (a rescan after a queue overflow) has no name
+                // in a parent directory.
+                let m = if rel.is_empty() {
+                    source.lstat(rel)
+                } else {
+                    fsops::lstat_at(sd.as_fd(), name)
+                }
+                .map_err(|e| ApplyError::source_read(rel, e))?;
                 match m {
                     None => self.remove(rel, f, policy),
                     Some(m) => match m.kind {

@@ -68,6 +68,13 @@ pub struct InotifyWatcher {
     collect_recent: bool,
     /// Whose index to ask for the inode of a path that moved away.
     index_target: Option<TargetId>,
+    /// Watches re-added from the journal's watch tree at start (0 after a
+    /// fresh walk).
+    restored: usize,
+    /// Directories the startup scan listed, while the restored watch tree
+    /// is being confirmed; the sending half goes to the scan.
+    feed_rx: Option<crossbeam_channel::Receiver<Vec<Vec<u8>>>>,
+    feed_tx: Option<crossbeam_channel::Sender<Vec<Vec<u8>>>>,
 }
 
 fn read_limit() -> u64 {
@@ -106,11 +113,91 @@ impl InotifyWatcher {
             recent: HashMap::new(),
             collect_recent: false,
             index_target,
+            restored: 0,
+            feed_rx: None,
+            feed_tx: None,
         };
-        w.journal.dirs_remove_tree(b"")?;
-        w.add_tree(b"")?;
+        let persisted = w.journal.dirs_backend()?.as_deref() == Some(b"inotify".as_slice());
+        let list = if persisted {
+            w.journal.dirs_list()?
+        } else {
+            Vec::new()
+        };
+        if list.first().is_some_and(|root| root.is_empty()) {
+            w.restore(list)?;
+            let (tx, rx) = crossbeam_channel::unbounded();
+            w.feed_tx = Some(tx);
+            w.feed_rx = Some(rx);
+        } else {
+            w.journal.dirs_reset(b"inotify")?;
+            w.add_tree(b"")?;
+        }
         w.collect_recent = true;
         Ok(w)
+    }
+
+    /// Re-adds the watches of the persisted watch tree, without walking.
+    ///
+    /// Directories created or renamed while the daemon was down are not in
+    /// it: the startup scan reports every directory it lists through
+    /// [`Watcher::dir_feed`], and those without a watch are watched then and
+    /// rescanned (see `drain_feed`).
+    fn restore(&mut self, list: Vec<Vec<u8>>) -> Result<(), WatchError> {
+        let needed = list.len();
+        let mut gone = Vec::new();
+        for rel in list {
+            if !rel.is_empty() && self.filter.excluded(&rel, true) {
+                gone.push(rel);
+                continue;
+            }
+            match self.add_watch(&rel) {
+                Ok(()) => {}
+                Err(e) if rel.is_empty() => {
+                    return Err(WatchError::Add {
+                        path: self.root.path().display().to_string(),
+                        source: e,
+                    })
+                }
+                Err(e)
+                    if crate::fsops::is_missing(&e)
+                        || e.raw_os_error() == Some(crate::fsops::libc_errno::EACCES) =>
+                {
+                    gone.push(rel)
+                }
+                Err(e) => {
+                    let more = needed - self.by_wd.len();
+                    return Err(self.add_error(&rel, e, more));
+                }
+            }
+        }
+        self.restored = self.by_wd.len();
+        self.journal.dirs_update(&[], &gone)?;
+        Ok(())
+    }
+
+    /// Watches the directories a scan reported that have no watch yet.
+    fn drain_feed(&mut self, out: &mut Vec<Event>) -> Result<(), WatchError> {
+        let Some(rx) = &self.feed_rx else {
+            return Ok(());
+        };
+        let mut batches = Vec::new();
+        loop {
+            match rx.try_recv() {
+                Ok(b) => batches.push(b),
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    self.feed_rx = None;
+                    break;
+                }
+            }
+        }
+        for dir in batches.into_iter().flatten() {
+            if !self.by_path.contains_key(&dir) && !self.filter.excluded(&dir, true) {
+                tracing::debug!(path = %paths::display(&dir), "directory appeared while stopped: watching it");
+                self.on_new(dir, true, out)?;
+            }
+        }
+        Ok(())
     }
 
     /// Watches `rel` and every directory below it.
@@ -265,27 +352,13 @@ impl InotifyWatcher {
         Ok(())
     }
 
-    fn dirty_parent(out: &mut Vec<Event>, path: &[u8]) {
-        if let Some(p) = paths::parent(path) {
-            out.push(Event::Dirty {
-                path: p.to_vec(),
-                flags: flags::LIVE,
-            });
-        }
-    }
-
     fn on_new(
         &mut self,
         path: Vec<u8>,
         is_dir: bool,
         out: &mut Vec<Event>,
     ) -> Result<(), WatchError> {
-        // Even an excluded entry changes its parent's mtime, which is mirrored.
-        Self::dirty_parent(out, &path);
-        if self.filter.excluded(&path, is_dir) {
-            return Ok(());
-        }
-        if is_dir {
+        if is_dir && !self.filter.excluded(&path, true) {
             // Watch first, then let the subtree scan find what was created
             // before the watch existed (`mkdir -p a/b/c; touch a/b/c/f`).
             match self.add_tree(&path) {
@@ -293,16 +366,8 @@ impl InotifyWatcher {
                 Err(e @ WatchError::WatchLimit { .. }) => return Err(e),
                 Err(e) => tracing::warn!("{e}"),
             }
-            out.push(Event::Dirty {
-                path,
-                flags: flags::RECURSIVE | flags::LIVE,
-            });
-        } else {
-            out.push(Event::Dirty {
-                path,
-                flags: flags::CONTENT | flags::LIVE,
-            });
         }
+        super::on_new(&self.filter, path, is_dir, true, out);
         Ok(())
     }
 
@@ -312,17 +377,10 @@ impl InotifyWatcher {
         is_dir: bool,
         out: &mut Vec<Event>,
     ) -> Result<(), WatchError> {
-        Self::dirty_parent(out, &path);
-        if self.filter.excluded(&path, is_dir) {
-            return Ok(());
-        }
-        if is_dir {
+        if is_dir && !self.filter.excluded(&path, true) {
             self.unwatch_tree(&path)?;
         }
-        out.push(Event::Dirty {
-            path,
-            flags: flags::LIVE,
-        });
+        super::on_gone(&self.filter, path, is_dir, out);
         Ok(())
     }
 
@@ -333,23 +391,17 @@ impl InotifyWatcher {
         is_dir: bool,
         out: &mut Vec<Event>,
     ) -> Result<(), WatchError> {
-        let fe = self.filter.excluded(&from, is_dir);
-        let te = self.filter.excluded(&to, is_dir);
-        match (fe, te) {
-            (true, true) => {
-                Self::dirty_parent(out, &from);
-                Self::dirty_parent(out, &to);
-                Ok(())
-            }
+        match (
+            self.filter.excluded(&from, is_dir),
+            self.filter.excluded(&to, is_dir),
+        ) {
             (true, false) => self.on_new(to, is_dir, out),
             (false, true) => self.on_gone(from, is_dir, out),
-            (false, false) => {
-                if is_dir {
+            (fe, _) => {
+                if is_dir && !fe {
                     self.rekey_tree(&from, &to)?;
                 }
-                Self::dirty_parent(out, &from);
-                Self::dirty_parent(out, &to);
-                out.push(Event::Rename { from, to });
+                super::on_rename(&self.filter, from, to, is_dir, out);
                 Ok(())
             }
         }
@@ -496,7 +548,23 @@ impl Watcher for InotifyWatcher {
         self.by_wd.len()
     }
 
+    fn describe(&self) -> String {
+        if self.restored > 0 {
+            format!(
+                "inotify: {} watches restored from the journal",
+                self.restored
+            )
+        } else {
+            format!("inotify: {} watches from a walk", self.by_wd.len())
+        }
+    }
+
+    fn dir_feed(&mut self) -> Option<crossbeam_channel::Sender<Vec<Vec<u8>>>> {
+        self.feed_tx.take()
+    }
+
     fn poll(&mut self, out: &mut Vec<Event>, timeout: Duration) -> Result<(), WatchError> {
+        self.drain_feed(out)?;
         if !self.wait(timeout)? {
             return Ok(());
         }
@@ -536,8 +604,8 @@ impl Watcher for InotifyWatcher {
                                 }
                             }
                         }
-                        Self::dirty_parent(out, &path);
-                        Self::dirty_parent(out, &to);
+                        super::dirty_parent(out, &path);
+                        super::dirty_parent(out, &to);
                         out.push(Event::Rename { from: path, to });
                     }
                     None => {
@@ -555,7 +623,7 @@ impl Watcher for InotifyWatcher {
                             let still: Vec<Vec<u8>> = self.subtree_keys(&path);
                             self.journal.dirs_put(&still)?;
                         }
-                        Self::dirty_parent(out, &path);
+                        super::dirty_parent(out, &path);
                         if !self.filter.excluded(&path, is_dir) {
                             out.push(Event::Dirty {
                                 path,

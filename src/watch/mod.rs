@@ -3,12 +3,18 @@
 //! A backend turns kernel notifications into [`Event`]s on paths relative to
 //! the source root: it keeps its own bookkeeping (watch descriptors, new
 //! directories, renamed subtrees) and persists its watch tree in the
-//! journal's `dirs` column family. The fanotify backend arrives with the
-//! change-capture issue; `watch = "auto"` picks inotify until then.
+//! journal's `dirs` column family. `watch = "auto"` picks fanotify where
+//! the kernel and filesystem allow it and inotify otherwise.
 
+pub mod fanotify;
+pub mod fid;
 pub mod inotify;
 
 use std::time::Duration;
+
+use crate::filter::Filter;
+use crate::journal::flags;
+use crate::paths;
 
 /// A normalised change notification.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +46,8 @@ pub enum WatchError {
         path: String,
         source: std::io::Error,
     },
+    #[error("fanotify unavailable: {0}")]
+    Unsupported(String),
     #[error("reading kernel events: {0}")]
     Read(std::io::Error),
     #[error("journal: {0}")]
@@ -54,4 +62,72 @@ pub trait Watcher: Send {
     fn poll(&mut self, out: &mut Vec<Event>, timeout: Duration) -> Result<(), WatchError>;
     /// Number of directories watched (inotify) or filesystems marked.
     fn watched(&self) -> usize;
+    /// How capture was set up, for the start-up log line.
+    fn describe(&self) -> String;
+    /// A channel on which the startup scan reports the directories it
+    /// lists, for a backend that restored its watches from the journal and
+    /// must pick up directories created while it was not running.
+    fn dir_feed(&mut self) -> Option<crossbeam_channel::Sender<Vec<Vec<u8>>>> {
+        None
+    }
+}
+
+/// Marks the parent of `path` dirty: an entry that appears, goes or is
+/// renamed changes its directory's mtime, which is mirrored.
+fn dirty_parent(out: &mut Vec<Event>, path: &[u8]) {
+    if let Some(p) = paths::parent(path) {
+        out.push(Event::Dirty {
+            path: p.to_vec(),
+            flags: flags::LIVE,
+        });
+    }
+}
+
+/// `path` appeared (created, or moved in from outside the source). A new
+/// directory is `recursive` when things inside it may have escaped capture.
+fn on_new(filter: &Filter, path: Vec<u8>, is_dir: bool, recursive: bool, out: &mut Vec<Event>) {
+    dirty_parent(out, &path);
+    if filter.excluded(&path, is_dir) {
+        return;
+    }
+    let f = match (is_dir, recursive) {
+        (true, true) => flags::RECURSIVE,
+        (true, false) => 0,
+        (false, _) => flags::CONTENT,
+    };
+    out.push(Event::Dirty {
+        path,
+        flags: f | flags::LIVE,
+    });
+}
+
+/// `path` went away (deleted, or moved out of the source). A directory is
+/// marked recursive: if a new one takes its name before the change is
+/// applied, the old subtree's leftovers on the target must be found.
+fn on_gone(filter: &Filter, path: Vec<u8>, is_dir: bool, out: &mut Vec<Event>) {
+    dirty_parent(out, &path);
+    if !filter.excluded(&path, is_dir) {
+        out.push(Event::Dirty {
+            path,
+            flags: flags::LIVE | if is_dir { flags::RECURSIVE } else { 0 },
+        });
+    }
+}
+
+/// A rename inside the source; an excluded side makes it a creation or a
+/// deletion for the mirror.
+fn on_rename(filter: &Filter, from: Vec<u8>, to: Vec<u8>, is_dir: bool, out: &mut Vec<Event>) {
+    match (filter.excluded(&from, is_dir), filter.excluded(&to, is_dir)) {
+        (true, true) => {
+            dirty_parent(out, &from);
+            dirty_parent(out, &to);
+        }
+        (true, false) => on_new(filter, to, is_dir, true, out),
+        (false, true) => on_gone(filter, from, is_dir, out),
+        (false, false) => {
+            dirty_parent(out, &from);
+            dirty_parent(out, &to);
+            out.push(Event::Rename { from, to });
+        }
+    }
 }

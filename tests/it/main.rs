@@ -4,6 +4,7 @@
 //! checks the result with `drmirror verify` plus direct file checks. The CLI
 //! contract the tests rely on is docs/cli.md.
 
+mod capture;
 mod config;
 mod crash;
 mod initial;

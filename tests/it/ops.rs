@@ -3,19 +3,10 @@
 
 use crate::util::*;
 use std::ffi::OsString;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::Instant;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 fn status(state: &Path, extra: &[&str]) -> CmdOut {
     let mut args: Vec<OsString> = vec!["status".into(), "--state".into(), state.into()];
@@ -32,16 +23,6 @@ fn status_json(state: &Path) -> serde_json::Value {
 
 fn target0(v: &serde_json::Value) -> &serde_json::Value {
     &v["targets"][0]
-}
-
-/// A plain HTTP/1.0 GET on loopback (no HTTP client crate needed for this).
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
 }
 
 #[test]

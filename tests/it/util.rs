@@ -10,6 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -977,6 +978,70 @@ pub struct Env {
     pub src: PathBuf,
     pub dst: PathBuf,
     pub state: PathBuf,
+    /// Capture backend passed to the daemon (`None`: its default, auto).
+    pub backend: Option<Backend>,
+}
+
+/// The capture backends the behavioural suite runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Fanotify,
+    Inotify,
+    Auto,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Fanotify => "fanotify",
+            Backend::Inotify => "inotify",
+            Backend::Auto => "auto",
+        }
+    }
+
+    /// The backend the daemon must report once ready: `auto` picks fanotify
+    /// whenever it is available, which here means running as root on a
+    /// kernel with FAN_RENAME (5.17+).
+    pub fn expected(self) -> &'static str {
+        match self {
+            Backend::Fanotify => "fanotify",
+            Backend::Inotify => "inotify",
+            Backend::Auto if fanotify_available().is_ok() => "fanotify",
+            Backend::Auto => "inotify",
+        }
+    }
+
+    /// `Err(reason)` when this backend cannot run here (printed as a skip).
+    pub fn unavailable(self) -> Option<String> {
+        match self {
+            Backend::Fanotify => fanotify_available().err(),
+            _ => None,
+        }
+    }
+}
+
+/// Whether fanotify filesystem marks with FAN_RENAME work here.
+pub fn fanotify_available() -> Result<(), String> {
+    if !is_root() {
+        return Err("fanotify needs CAP_SYS_ADMIN and the tests are not root".into());
+    }
+    let rel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = rel.trim().split(|c: char| !c.is_ascii_digit());
+    let major: u32 = it.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+    let minor: u32 = it.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+    if (major, minor) < (5, 17) {
+        return Err(format!("kernel {} lacks FAN_RENAME (5.17+)", rel.trim()));
+    }
+    Ok(())
+}
+
+/// Runs a suite test against `b`, or prints why it is skipped.
+pub fn with_backend(b: Backend, test: fn(Backend)) {
+    if let Some(why) = b.unavailable() {
+        eprintln!("SKIP ({}): {why}", b.name());
+        return;
+    }
+    test(b)
 }
 
 static CONFIG_SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -1000,7 +1065,15 @@ impl Env {
             src,
             dst,
             state,
+            backend: None,
         }
+    }
+
+    /// An environment whose daemons use capture backend `b`.
+    pub fn with(b: Backend) -> Env {
+        let mut e = Env::new();
+        e.backend = Some(b);
+        e
     }
 
     /// Path below src.
@@ -1024,6 +1097,10 @@ impl Env {
             OsString::from("--state"),
             self.state.clone().into_os_string(),
         ];
+        if let Some(b) = self.backend {
+            a.push(OsString::from("--watch"));
+            a.push(OsString::from(b.name()));
+        }
         a.extend(extra.iter().map(OsString::from));
         a
     }
@@ -1036,7 +1113,15 @@ impl Env {
     /// Spawns the daemon and waits for `drmirror ready`.
     pub fn start(&self, extra: &[&str]) -> Daemon {
         let d = self.spawn(extra);
-        d.wait_ready();
+        let line = d.wait_log("drmirror ready", secs(60));
+        if let Some(b) = self.backend {
+            assert!(
+                line.contains(&format!("backend={} ", b.expected())),
+                "watch = {} must run the {} backend here; ready line: {line}",
+                b.name(),
+                b.expected()
+            );
+        }
         d
     }
 
@@ -1065,8 +1150,12 @@ impl Env {
 
     /// Minimal valid config for src/dst/state plus extra top-level lines.
     pub fn config_text(&self, top_level_extra: &str) -> String {
+        let watch = match self.backend {
+            Some(b) if !top_level_extra.contains("watch") => format!("watch = \"{}\"\n", b.name()),
+            _ => String::new(),
+        };
         format!(
-            "source = {}\nstate_dir = {}\n{}\n\n[[target]]\npath = {}\n",
+            "source = {}\nstate_dir = {}\n{watch}{}\n\n[[target]]\npath = {}\n",
             toml_str(&self.src),
             toml_str(&self.state),
             top_level_extra,
@@ -1113,4 +1202,31 @@ impl Env {
         chmod(&copy, 0o755);
         copy
     }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A plain HTTP/1.0 GET on loopback (no HTTP client crate needed for this).
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+/// The value of a Prometheus sample line starting with `series` (name plus
+/// labels, e.g. `drmirror_events_total{kind="change"}`), 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

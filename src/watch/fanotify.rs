@@ -1,0 +1,676 @@
+//! fanotify backend: one `FAN_MARK_FILESYSTEM` mark per filesystem under
+//! the source, whatever the number of directories.
+//!
+//! Setup is O(1) in the tree size: no walk, no per-directory watch. Events
+//! carry the parent directory's file handle and the entry's name
+//! (`FAN_REPORT_DFID_NAME`) plus the object's own handle (`FAN_REPORT_FID`).
+//! A handle is turned into a path through an in-memory map of directory
+//! handles, learnt from the events themselves (a `mkdir` reports the new
+//! directory's handle) and, for directories that existed before the start,
+//! once per directory with `open_by_handle_at` + `readlink(/proc/self/fd/N)`.
+//! The mark covers the whole filesystem, so events outside the source (the
+//! state dir, a target on the same disk, anything else) are dropped here,
+//! counted, and never turn into work: no feedback loop.
+//!
+//! Renames use `FAN_RENAME` (Linux ≥ 5.17), which the kernel reports as one
+//! event with both the old and the new parent + name: the pairing that
+//! inotify leaves to cookies (and that can fall between two reads) is done by
+//! the kernel. A directory rename rewrites the cached paths of its subtree in
+//! memory, without a syscall or a rescan.
+//!
+//! The map of directory handles inside the source is also written to the
+//! journal's `dirs` column family. It is only trusted across restarts when
+//! the capture descriptor itself survived (the restart issue's FD-store
+//! handover); after any other start it is cleared, since directories may
+//! have moved while nobody was watching.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fanotify::low_level as fan;
+use rustix::event::{PollFd, PollFlags};
+
+use super::fid::{self, consts::*, Fid};
+use super::{Event, WatchError, Watcher};
+use crate::filter::Filter;
+use crate::journal::{flags, Journal};
+use crate::paths;
+
+const MASK: u64 = fan::FAN_CREATE
+    | fan::FAN_DELETE
+    | fan::FAN_MODIFY
+    | fan::FAN_CLOSE_WRITE
+    | fan::FAN_ATTRIB
+    | FAN_RENAME
+    | fan::FAN_DELETE_SELF
+    | fan::FAN_MOVE_SELF
+    | FAN_ONDIR;
+
+/// Past this many cached directory handles the cache is dropped and
+/// rebuilt lazily: a busy filesystem outside the source must not grow the
+/// daemon's memory without bound.
+const CACHE_LIMIT: usize = 1_000_000;
+
+/// A filesystem mounted at or below the source.
+#[derive(Debug, Clone)]
+pub struct Mount {
+    pub point: PathBuf,
+    pub fstype: String,
+}
+
+/// Undoes the octal escapes of `/proc/self/mountinfo` (`\040` for a space).
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// The mounts whose mount point is `source` or below it, from a
+/// `/proc/self/mountinfo` text.
+pub fn mounts_under(mountinfo: &str, source: &[u8]) -> Vec<Mount> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let mut parts = line.split(" - ");
+        let (Some(pre), Some(post)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Some(point) = pre.split(' ').nth(4) else {
+            continue;
+        };
+        let point = unescape(point);
+        let inside = point == source
+            || (point.starts_with(source)
+                && (source == b"/" || point.get(source.len()) == Some(&b'/')));
+        if inside {
+            out.push(Mount {
+                point: PathBuf::from(std::ffi::OsStr::from_bytes(&point)),
+                fstype: post.split(' ').next().unwrap_or("?").to_string(),
+            });
+        }
+    }
+    out
+}
+
+fn fsid_of(fd: impl AsFd) -> io::Result<[u8; 8]> {
+    let st = rustix::fs::fstatfs(fd)?;
+    // SAFETY: `Fsid` is `#[repr(C)] struct { int val[2]; }`, 8 bytes of
+    // plain integers with no padding or invalid bit patterns; its field is
+    // private, and transmute checks the sizes at compile time.
+    Ok(unsafe { std::mem::transmute::<rustix::fs::Fsid, [u8; 8]>(st.f_fsid) })
+}
+
+/// The handle of the directory open at `fd`, as a [`Fid::key`].
+fn handle_key(fd: impl AsFd, fsid: [u8; 8]) -> io::Result<Vec<u8>> {
+    const MAX_HANDLE_SZ: usize = 128;
+    // `struct file_handle` is 8 bytes of header then the handle: a u64
+    // buffer keeps the header aligned.
+    let mut buf = vec![0u64; (8 + MAX_HANDLE_SZ) / 8];
+    let fh = buf.as_mut_ptr().cast::<libc::file_handle>();
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `fh` points to a zeroed, 8-aligned buffer of 8 + MAX_HANDLE_SZ
+    // bytes; handle_bytes is set to the room left after the header, so the
+    // kernel writes within it. The path is an empty C string used with
+    // AT_EMPTY_PATH on a valid fd.
+    let rc = unsafe {
+        (*fh).handle_bytes = MAX_HANDLE_SZ as u32;
+        libc::name_to_handle_at(
+            fd.as_fd().as_raw_fd(),
+            c"".as_ptr(),
+            fh,
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let n = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    let htype = i32::from_ne_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    Ok(Fid {
+        fsid,
+        handle_type: htype,
+        handle: &bytes[8..8 + n.min(MAX_HANDLE_SZ)],
+    }
+    .key())
+}
+
+/// Opens the object a handle names (O_PATH: no permission to read it is
+/// needed, only CAP_DAC_READ_SEARCH).
+fn open_by_handle(mount: &OwnedFd, f: &Fid<'_>) -> io::Result<OwnedFd> {
+    let mut raw = Vec::with_capacity(8 + f.handle.len());
+    raw.extend_from_slice(&(f.handle.len() as u32).to_ne_bytes());
+    raw.extend_from_slice(&f.handle_type.to_ne_bytes());
+    raw.extend_from_slice(f.handle);
+    let mut buf = vec![0u64; raw.len().div_ceil(8)];
+    for (w, chunk) in buf.iter_mut().zip(raw.chunks(8)) {
+        let mut b = [0u8; 8];
+        b[..chunk.len()].copy_from_slice(chunk);
+        *w = u64::from_ne_bytes(b);
+    }
+    // SAFETY: `buf` holds a complete, 8-aligned `struct file_handle` whose
+    // handle_bytes matches the bytes that follow; the kernel only reads it.
+    let fd = unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            buf.as_mut_ptr().cast::<libc::file_handle>(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: open_by_handle_at returned a new descriptor that nothing else
+    // owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Why fanotify cannot serve this source, in one line.
+fn mark_error(point: &Path, fstype: &str, e: io::Error) -> WatchError {
+    let reason = match e.raw_os_error() {
+        Some(libc::ENODEV) | Some(libc::EOPNOTSUPP) | Some(libc::EXDEV) => format!(
+            "the {fstype} filesystem at {} cannot encode file handles ({e})",
+            point.display()
+        ),
+        Some(libc::EPERM) => {
+            "fanotify filesystem marks need CAP_SYS_ADMIN (run as root)".to_string()
+        }
+        Some(libc::EINVAL) => format!(
+            "the kernel refused the mark on {} ({e}); FAN_RENAME needs Linux 5.17 or later",
+            point.display()
+        ),
+        _ => format!("cannot mark {} ({fstype}): {e}", point.display()),
+    };
+    WatchError::Unsupported(reason)
+}
+
+pub struct FanotifyWatcher {
+    fd: OwnedFd,
+    source: PathBuf,
+    source_abs: Vec<u8>,
+    filter: Arc<Filter>,
+    journal: Arc<Journal>,
+    /// An fd on each marked filesystem, to resolve its handles with.
+    mounts: HashMap<[u8; 8], OwnedFd>,
+    root_key: Vec<u8>,
+    /// Directory handle key -> absolute path, and the reverse for renames.
+    cache: HashMap<Vec<u8>, Vec<u8>>,
+    by_path: BTreeMap<Vec<u8>, Vec<u8>>,
+    buf: Vec<u8>,
+    /// Handle map changes inside the source, written to `dirs` per poll.
+    dirs_put: Vec<(Vec<u8>, Vec<u8>)>,
+    dirs_del: Vec<Vec<u8>>,
+    marks: usize,
+}
+
+impl FanotifyWatcher {
+    /// Initialises the group and marks every filesystem under `source`.
+    pub fn start(
+        source: &Path,
+        filter: Arc<Filter>,
+        journal: Arc<Journal>,
+    ) -> Result<Self, WatchError> {
+        let source = std::fs::canonicalize(source).map_err(|e| WatchError::Add {
+            path: source.display().to_string(),
+            source: e,
+        })?;
+        let init_flags = fan::FAN_CLASS_NOTIF
+            | fan::FAN_CLOEXEC
+            | fan::FAN_NONBLOCK
+            | FAN_REPORT_DFID_NAME
+            | fan::FAN_REPORT_FID;
+        let raw = fan::fanotify_init(init_flags, (libc::O_RDONLY | libc::O_LARGEFILE) as u32)
+            .map_err(|e| {
+                WatchError::Unsupported(match e.raw_os_error() {
+                    Some(libc::EPERM) => "fanotify needs CAP_SYS_ADMIN (run as root)".into(),
+                    Some(libc::EINVAL) => format!(
+                        "the kernel does not support FAN_REPORT_DFID_NAME (Linux 5.9 or later): {e}"
+                    ),
+                    _ => format!("fanotify_init: {e}"),
+                })
+            })?;
+        // SAFETY: fanotify_init returned a new descriptor owned by no one else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let source_abs = source.as_os_str().as_bytes().to_vec();
+        let mountinfo =
+            std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| WatchError::Add {
+                path: "/proc/self/mountinfo".into(),
+                source: e,
+            })?;
+        let mut points = vec![Mount {
+            point: source.clone(),
+            fstype: "source".into(),
+        }];
+        points.extend(mounts_under(&mountinfo, &source_abs));
+        let mut mounts: HashMap<[u8; 8], OwnedFd> = HashMap::new();
+        for m in &points {
+            // An excluded mount point is not mirrored, so needs no mark.
+            let rel = m
+                .point
+                .as_os_str()
+                .as_bytes()
+                .strip_prefix(source_abs.as_slice());
+            if let Some(rel) = rel.and_then(|r| r.strip_prefix(b"/")) {
+                if filter.excluded(rel, true) {
+                    continue;
+                }
+            }
+            // Not O_PATH: open_by_handle_at refuses such a mount fd (EBADF).
+            let dir = match rustix::fs::open(
+                &m.point,
+                rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            ) {
+                Ok(d) => d,
+                // Over-mounted or gone since the mount table was read.
+                Err(_) if m.fstype != "source" => continue,
+                Err(e) => {
+                    return Err(WatchError::Add {
+                        path: m.point.display().to_string(),
+                        source: e.into(),
+                    })
+                }
+            };
+            let fsid = fsid_of(&dir).map_err(|e| mark_error(&m.point, &m.fstype, e))?;
+            if mounts.contains_key(&fsid) {
+                continue;
+            }
+            fan::fanotify_mark(
+                fd.as_raw_fd(),
+                fan::FAN_MARK_ADD | fan::FAN_MARK_FILESYSTEM,
+                MASK,
+                fan::AT_FDCWD,
+                m.point.as_path(),
+            )
+            .map_err(|e| mark_error(&m.point, &m.fstype, e))?;
+            mounts.insert(fsid, dir.into());
+        }
+        let marks = mounts.len();
+        let root_fd = rustix::fs::open(
+            &source,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| WatchError::Add {
+            path: source.display().to_string(),
+            source: e.into(),
+        })?;
+        let root_fsid = fsid_of(&root_fd).map_err(|e| mark_error(&source, "source", e))?;
+        let root_key =
+            handle_key(&root_fd, root_fsid).map_err(|e| mark_error(&source, "source", e))?;
+        let mut w = FanotifyWatcher {
+            fd,
+            source,
+            source_abs,
+            filter,
+            journal,
+            mounts,
+            root_key: root_key.clone(),
+            cache: HashMap::new(),
+            by_path: BTreeMap::new(),
+            buf: vec![0u8; 256 * 1024],
+            dirs_put: Vec::new(),
+            dirs_del: Vec::new(),
+            marks,
+        };
+        w.journal.dirs_reset(b"fanotify")?;
+        let abs = w.source_abs.clone();
+        w.learn(root_key, abs);
+        w.persist()?;
+        Ok(w)
+    }
+
+    /// The path of `abs` relative to the source, if it is inside.
+    fn rel<'p>(&self, abs: &'p [u8]) -> Option<&'p [u8]> {
+        let s = &self.source_abs;
+        if abs == s.as_slice() {
+            return Some(&[]);
+        }
+        let rest = abs.strip_prefix(s.as_slice())?;
+        if s.as_slice() == b"/" {
+            return Some(rest);
+        }
+        rest.strip_prefix(b"/")
+    }
+
+    fn learn(&mut self, key: Vec<u8>, abs: Vec<u8>) {
+        if self.cache.len() >= CACHE_LIMIT {
+            self.forget_all();
+        }
+        if let Some(rel) = self.rel(&abs) {
+            self.dirs_put.push((key.clone(), rel.to_vec()));
+        }
+        if let Some(old) = self.cache.insert(key.clone(), abs.clone()) {
+            if old != abs {
+                self.by_path.remove(&old);
+            }
+        }
+        self.by_path.insert(abs, key);
+    }
+
+    fn forget_all(&mut self) {
+        let root = self.cache.remove(&self.root_key);
+        self.cache.clear();
+        self.by_path.clear();
+        if let Some(r) = root {
+            self.by_path.insert(r.clone(), self.root_key.clone());
+            self.cache.insert(self.root_key.clone(), r);
+        }
+    }
+
+    fn subtree(&self, abs: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.by_path
+            .range(abs.to_vec()..)
+            .take_while(|(p, _)| p.starts_with(abs))
+            .filter(|(p, _)| p.len() == abs.len() || p.get(abs.len()) == Some(&b'/'))
+            .map(|(p, k)| (p.clone(), k.clone()))
+            .collect()
+    }
+
+    fn forget_tree(&mut self, abs: &[u8]) {
+        for (p, k) in self.subtree(abs) {
+            self.by_path.remove(&p);
+            self.cache.remove(&k);
+            if self.rel(&p).is_some() {
+                self.dirs_del.push(k);
+            }
+        }
+    }
+
+    fn move_tree(&mut self, from: &[u8], to: &[u8], moved: Option<Vec<u8>>) {
+        let entries = self.subtree(from);
+        for (p, _) in &entries {
+            self.by_path.remove(p);
+        }
+        for (p, k) in entries {
+            let np = paths::rebase(&p, from, to);
+            if self.rel(&np).is_none() && self.rel(&p).is_some() {
+                self.dirs_del.push(k.clone());
+            }
+            self.learn(k, np);
+        }
+        if let Some(k) = moved {
+            self.learn(k, to.to_vec());
+        }
+    }
+
+    /// The absolute path of the directory a handle names, if it still exists.
+    fn resolve(&mut self, f: &Fid<'_>) -> Option<Vec<u8>> {
+        let key = f.key();
+        if let Some(p) = self.cache.get(&key) {
+            return Some(p.clone());
+        }
+        let mount = self.mounts.get(&f.fsid)?;
+        let fd = match open_by_handle(mount, f) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::trace!(handle = ?f, "cannot open directory by handle: {e}");
+                return None;
+            }
+        };
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+        let abs = link.as_os_str().as_bytes().to_vec();
+        tracing::trace!(path = %String::from_utf8_lossy(&abs), "resolved a directory handle");
+        if abs.ends_with(b" (deleted)") || !abs.starts_with(b"/") {
+            return None;
+        }
+        metrics::counter!("drmirror_capture_handle_lookups_total").increment(1);
+        self.learn(key, abs.clone());
+        Some(abs)
+    }
+
+    fn persist(&mut self) -> Result<(), WatchError> {
+        if self.dirs_put.is_empty() && self.dirs_del.is_empty() {
+            return Ok(());
+        }
+        self.journal.dirs_update(
+            &std::mem::take(&mut self.dirs_put),
+            &std::mem::take(&mut self.dirs_del),
+        )?;
+        Ok(())
+    }
+
+    fn handle(&mut self, ev: fid::RawEvent<'_>, out: &mut Vec<Event>) -> Result<(), WatchError> {
+        let m = ev.mask;
+        if m & FAN_Q_OVERFLOW != 0 {
+            tracing::warn!("fanotify queue overflowed: events were lost, rescanning the source");
+            // Renames may be among the lost events: cached paths are suspect.
+            self.forget_all();
+            out.push(Event::Overflow);
+            return Ok(());
+        }
+        let is_dir = m & FAN_ONDIR != 0;
+        tracing::trace!(mask = format_args!("{m:#x}"), ?ev, "fanotify event");
+        if m & FAN_RENAME != 0 {
+            return self.on_rename(&ev, is_dir, out);
+        }
+        if m & (fan::FAN_DELETE_SELF | fan::FAN_MOVE_SELF) != 0 {
+            if let Some(f) = ev.fid {
+                if f.key() == self.root_key {
+                    return Err(WatchError::SourceGone(self.source.display().to_string()));
+                }
+                if is_dir && m & fan::FAN_DELETE_SELF != 0 {
+                    if let Some(p) = self.cache.get(&f.key()).cloned() {
+                        self.forget_tree(&p);
+                    }
+                }
+            }
+            if m & !(fan::FAN_DELETE_SELF | fan::FAN_MOVE_SELF | FAN_ONDIR) == 0 {
+                return Ok(());
+            }
+        }
+        let Some((dir, name)) = ev.dfid_name else {
+            return Ok(());
+        };
+        let Some(dir_abs) = self.resolve(&dir) else {
+            metrics::counter!("drmirror_capture_dropped_total", "reason" => "stale_handle")
+                .increment(1);
+            return Ok(());
+        };
+        let abs = if name == b"." {
+            dir_abs
+        } else {
+            paths::join(&dir_abs, name)
+        };
+        let Some(rel) = self.rel(&abs).map(<[u8]>::to_vec) else {
+            metrics::counter!("drmirror_capture_dropped_total", "reason" => "outside_source")
+                .increment(1);
+            if m & fan::FAN_DELETE != 0 && is_dir {
+                self.forget_tree(&abs);
+            }
+            return Ok(());
+        };
+        if m & fan::FAN_CREATE != 0 {
+            if is_dir {
+                if let Some(f) = ev.fid {
+                    self.learn(f.key(), abs.clone());
+                }
+            }
+            // No RECURSIVE for a new directory: the mark sees everything
+            // created inside it, however fast (unlike a new inotify watch).
+            super::on_new(&self.filter, rel, is_dir, false, out);
+            return Ok(());
+        }
+        if m & fan::FAN_DELETE != 0 {
+            if is_dir {
+                self.forget_tree(&abs);
+            }
+            super::on_gone(&self.filter, rel, is_dir, out);
+            return Ok(());
+        }
+        if !self.filter.excluded(&rel, is_dir) {
+            let content = !is_dir && m & (fan::FAN_MODIFY | fan::FAN_CLOSE_WRITE) != 0;
+            out.push(Event::Dirty {
+                path: rel,
+                flags: flags::LIVE | if content { flags::CONTENT } else { 0 },
+            });
+        }
+        Ok(())
+    }
+
+    fn on_rename(
+        &mut self,
+        ev: &fid::RawEvent<'_>,
+        is_dir: bool,
+        out: &mut Vec<Event>,
+    ) -> Result<(), WatchError> {
+        let (Some((od, on)), Some((nd, nn))) = (ev.old, ev.new) else {
+            return Ok(());
+        };
+        let from = self.resolve(&od).map(|d| paths::join(&d, on));
+        let to = self.resolve(&nd).map(|d| paths::join(&d, nn));
+        if let Some(from) = &from {
+            if from == &self.source_abs {
+                return Err(WatchError::SourceGone(self.source.display().to_string()));
+            }
+        }
+        if is_dir {
+            match (&from, &to) {
+                (Some(f), Some(t)) => self.move_tree(f, t, ev.fid.map(|x| x.key())),
+                (Some(f), None) => self.forget_tree(f),
+                (None, Some(t)) => {
+                    if let Some(x) = ev.fid {
+                        self.learn(x.key(), t.clone());
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        let from_rel = from
+            .as_deref()
+            .and_then(|f| self.rel(f))
+            .map(<[u8]>::to_vec);
+        let to_rel = to.as_deref().and_then(|t| self.rel(t)).map(<[u8]>::to_vec);
+        tracing::trace!(?from_rel, ?to_rel, "fanotify rename");
+        match (from_rel, to_rel) {
+            (Some(f), Some(t)) => super::on_rename(&self.filter, f, t, is_dir, out),
+            // Moved in from outside: its whole subtree is new to the mirror.
+            (None, Some(t)) => super::on_new(&self.filter, t, is_dir, true, out),
+            (Some(f), None) => super::on_gone(&self.filter, f, is_dir, out),
+            (None, None) => {
+                metrics::counter!("drmirror_capture_dropped_total", "reason" => "outside_source")
+                    .increment(1)
+            }
+        }
+        Ok(())
+    }
+
+    fn wait(&self, timeout: Duration) -> Result<bool, WatchError> {
+        let ts = rustix::fs::Timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: timeout.subsec_nanos() as _,
+        };
+        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(n) => Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => Ok(false),
+            Err(e) => Err(WatchError::Read(e.into())),
+        }
+    }
+
+    /// Reads what is queued; `false` once the queue is empty.
+    fn read_some(&mut self, out: &mut Vec<Event>) -> Result<bool, WatchError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let n = match rustix::io::read(&self.fd, &mut buf[..]) {
+            Ok(n) => n,
+            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => {
+                self.buf = buf;
+                return Ok(false);
+            }
+            Err(e) => {
+                self.buf = buf;
+                return Err(WatchError::Read(e.into()));
+            }
+        };
+        let mut r = Ok(n > 0);
+        for ev in fid::events(&buf[..n]) {
+            match ev {
+                Ok(ev) => {
+                    if let Err(e) = self.handle(ev, out) {
+                        r = Err(e);
+                        break;
+                    }
+                }
+                Err(e) => {
+                    // Unparseable: assume events were lost, rescan.
+                    tracing::error!("{e}; rescanning the source");
+                    self.forget_all();
+                    out.push(Event::Overflow);
+                }
+            }
+        }
+        self.buf = buf;
+        r
+    }
+}
+
+impl Watcher for FanotifyWatcher {
+    fn backend(&self) -> &'static str {
+        "fanotify"
+    }
+
+    fn watched(&self) -> usize {
+        self.marks
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "fanotify: {} filesystem mark{} covering {}",
+            self.marks,
+            if self.marks == 1 { "" } else { "s" },
+            self.source.display()
+        )
+    }
+
+    fn poll(&mut self, out: &mut Vec<Event>, timeout: Duration) -> Result<(), WatchError> {
+        if !self.wait(timeout)? {
+            return Ok(());
+        }
+        // Bounded, so that the journal write (and so replication) is never
+        // held back by a never-ending stream.
+        for _ in 0..64 {
+            if !self.read_some(out)? {
+                break;
+            }
+        }
+        self.persist()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mounts_under_the_source_are_found_with_escapes() {
+        let mi = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                  30 22 0:5 / /src/a\\040b rw - tmpfs tmpfs rw\n\
+                  31 22 0:6 / /srcx rw - tmpfs tmpfs rw\n\
+                  32 22 0:7 / /src rw shared:1 - xfs /dev/sdb rw\n";
+        let m = mounts_under(mi, b"/src");
+        let pts: Vec<_> = m.iter().map(|m| m.point.clone()).collect();
+        assert_eq!(pts, vec![PathBuf::from("/src/a b"), PathBuf::from("/src")]);
+        assert_eq!(m[0].fstype, "tmpfs");
+        assert_eq!(m[1].fstype, "xfs");
+        assert_eq!(mounts_under(mi, b"/").len(), 4);
+    }
+}

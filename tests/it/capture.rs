@@ -1,0 +1,221 @@
+//! Change capture beyond the behavioural suite in `live`: kernel queue
+//! overflow, filesystems mounted under the source, no feedback loop from
+//! the daemon's own writes, and inotify's walk-free restart.
+
+use crate::util::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Stops the daemon, creates more files than the kernel queue holds
+/// (16384 events by default, for both backends), resumes it: the overflow
+/// is logged, counted, and the rescan brings the target level.
+fn overflow_burst_is_rescanned(b: Backend) {
+    let env = Env::with(b);
+    write(&env.s("before"), b"x");
+    // Directories watched before the burst (inotify sees into them).
+    for i in 0..16 {
+        mkdirp(&env.s(format!("burst/d{i:02}")));
+    }
+    let d = env.start(&[]);
+    env.converge(&[], &d);
+    d.signal(rustix::process::Signal::STOP);
+    let limit: usize = std::fs::read_to_string(match b {
+        Backend::Inotify => "/proc/sys/fs/inotify/max_queued_events",
+        _ => "/proc/sys/fs/fanotify/max_queued_events",
+    })
+    .ok()
+    .and_then(|s| s.trim().parse().ok())
+    .unwrap_or(16384);
+    // Distinct files in a few directories: events on distinct objects are
+    // never merged by the kernel, so this overflows the queue for sure.
+    let n = limit + limit / 2;
+    for i in 0..n {
+        write(&env.s(format!("burst/d{:02}/f{i:06}", i % 16)), b"burst");
+    }
+    d.signal(rustix::process::Signal::CONT);
+    d.wait_log("queue overflowed", secs(60));
+    env.converge_for(&[], &d, secs(240));
+    assert_eq!(
+        count_files(&env.d("burst"), &|n| n.to_string_lossy().starts_with('f')),
+        n
+    );
+    d.terminate();
+}
+
+#[test]
+fn overflow_burst_is_rescanned_fanotify() {
+    with_backend(Backend::Fanotify, overflow_burst_is_rescanned)
+}
+
+#[test]
+fn overflow_burst_is_rescanned_inotify() {
+    with_backend(Backend::Inotify, overflow_burst_is_rescanned)
+}
+
+/// Unmounts (lazily) on drop, so a failing test leaves no mount behind.
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn mount(fstype: &str, at: &Path) -> Option<MountGuard> {
+    mkdirp(at);
+    let ok = Command::new("mount")
+        .args(["-t", fstype, fstype])
+        .arg(at)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("SKIP: cannot mount {fstype} at {}", at.display());
+        return None;
+    }
+    Some(MountGuard(at.to_path_buf()))
+}
+
+#[test]
+fn a_tmpfs_mounted_under_the_source_gets_its_own_mark() {
+    if let Err(why) = fanotify_available() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let env = Env::with(Backend::Fanotify);
+    write(&env.s("top"), b"top");
+    let Some(_m) = mount("tmpfs", &env.s("scratch")) else {
+        return;
+    };
+    write(&env.s("scratch/before"), b"before");
+    let d = env.start(&[]);
+    let ready = d.wait_log("drmirror ready", secs(5));
+    assert!(
+        ready.contains("2 filesystem marks"),
+        "expected a mark for / and one for the tmpfs: {ready}"
+    );
+    env.converge(&[], &d);
+    write(&env.s("scratch/live/after"), b"after");
+    rename(&env.s("scratch/before"), &env.s("scratch/renamed"));
+    env.converge(&[], &d);
+    assert_eq!(read(&env.d("scratch/live/after")), b"after");
+    d.terminate();
+}
+
+#[test]
+fn a_mount_fanotify_cannot_mark_is_named_and_auto_falls_back() {
+    if let Err(why) = fanotify_available() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let env = Env::with(Backend::Fanotify);
+    write(&env.s("top"), b"top");
+    // mqueue cannot encode file handles, and is empty: harmless to mirror.
+    let Some(_m) = mount("mqueue", &env.s("mq")) else {
+        return;
+    };
+    let d = env.spawn(&[]);
+    let st = d.wait_exit(secs(30));
+    assert_eq!(st.code(), Some(1), "{}", d.log_tail());
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("fanotify unavailable"))
+        .unwrap_or_else(|| panic!("no reason given\n{log}"));
+    assert!(
+        line.contains("mqueue") && line.contains("/mq") && line.contains("file handles"),
+        "the reason must name the filesystem type and the mount: {line}"
+    );
+
+    // auto: the same source runs on inotify, and says why.
+    let mut env = env;
+    env.backend = Some(Backend::Auto);
+    let d = env.spawn(&[]);
+    let ready = d.wait_log("drmirror ready", secs(30));
+    assert!(ready.contains("backend=inotify"), "{ready}");
+    let why = d.wait_log("capture backend: inotify", secs(5));
+    assert!(why.contains("mqueue"), "{why}");
+    env.converge(&[], &d);
+    write(&env.s("later"), b"later");
+    env.converge(&[], &d);
+    d.terminate();
+}
+
+/// The state dir and the target live on the same filesystem as the source
+/// here: with a filesystem-wide mark their writes reach the daemon, and must
+/// be dropped, not captured (a loop would show as a growing event count).
+fn no_feedback_loop(b: Backend) {
+    let env = Env::with(b);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = env.start(&["--metrics", &addr]);
+    for i in 0..200 {
+        write(&env.s(format!("f{i}")), &pattern(5000, i));
+    }
+    env.converge(&["--checksum"], &d);
+    std::thread::sleep(secs(2));
+    let events = |d: &Daemon| {
+        let text = http_get(port, "/metrics")
+            .unwrap_or_else(|| panic!("no /metrics on {addr}\n{}", d.log_tail()));
+        metric(&text, "drmirror_events_total")
+    };
+    let before = events(&d);
+    assert!(before >= 200.0, "the writes were not counted: {before}");
+    std::thread::sleep(secs(3));
+    let after = events(&d);
+    assert_eq!(
+        before, after,
+        "events kept arriving with the source idle: the daemon captures its own writes"
+    );
+    d.terminate();
+}
+
+#[test]
+fn no_feedback_loop_fanotify() {
+    with_backend(Backend::Fanotify, no_feedback_loop)
+}
+
+#[test]
+fn no_feedback_loop_inotify() {
+    with_backend(Backend::Inotify, no_feedback_loop)
+}
+
+#[test]
+fn inotify_restart_restores_watches_from_the_journal() {
+    let env = Env::with(Backend::Inotify);
+    write(&env.s("a/sub/f"), b"f");
+    write(&env.s("b/g"), b"g");
+    let d = env.start(&[]);
+    let first = d.wait_log("drmirror ready", secs(5));
+    assert!(first.contains("from a walk"), "{first}");
+    env.converge(&[], &d);
+    d.terminate();
+
+    // While stopped: a directory renamed, one created, one deleted.
+    rename(&env.s("a"), &env.s("a2"));
+    write(&env.s("new/deep/h"), b"h");
+    remove_dir_all(&env.s("b"));
+
+    let d = env.start(&[]);
+    let ready = d.wait_log("drmirror ready", secs(5));
+    assert!(
+        ready.contains("restored from the journal"),
+        "the second start must not walk: {ready}"
+    );
+    d.wait_log("startup scan done", secs(60));
+    env.converge(&[], &d);
+    // Directories the restored tree did not know are watched now.
+    write(&env.s("a2/sub/live"), b"1");
+    write(&env.s("new/deep/live"), b"2");
+    write(&env.s("new/deep/deeper/live"), b"3");
+    env.converge(&[], &d);
+    assert_eq!(read(&env.d("new/deep/deeper/live")), b"3");
+    d.terminate();
+
+    // And a third start restores the updated tree (a2, new; no a or b).
+    let d = env.start(&[]);
+    d.wait_log("restored from the journal", secs(5));
+    write(&env.s("new/deep/third"), b"3");
+    env.converge(&[], &d);
+    d.terminate();
+}
