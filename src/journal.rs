@@ -831,6 +831,31 @@ mod tests {
     }
 
     #[test]
+    fn watch_tree_reset_list_update() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        assert_eq!(j.dirs_backend().unwrap(), None);
+        j.dirs_reset(b"inotify").unwrap();
+        j.dirs_put(&[b"".to_vec(), b"a".to_vec(), b"a/b".to_vec(), b"\xff".to_vec()])
+            .unwrap();
+        assert_eq!(j.dirs_list().unwrap().len(), 4);
+        j.dirs_update(&[(b"c".to_vec(), Vec::new())], &[b"a/b".to_vec()])
+            .unwrap();
+        assert_eq!(
+            j.dirs_list().unwrap(),
+            vec![b"".to_vec(), b"a".to_vec(), b"c".to_vec(), b"\xff".to_vec()]
+        );
+        // A whole-tree removal and a reset leave nothing, even keys that
+        // start with 0xff (raw names, file handles).
+        j.dirs_remove_tree(b"").unwrap();
+        assert!(j.dirs_list().unwrap().is_empty());
+        j.dirs_update(&[(vec![0xff; 40], b"x".to_vec())], &[]).unwrap();
+        j.dirs_reset(b"fanotify").unwrap();
+        assert!(j.dirs_list().unwrap().is_empty());
+        assert_eq!(j.dirs_backend().unwrap().as_deref(), Some(b"fanotify".as_slice()));
+    }
+
+    #[test]
     fn ten_thousand_writes_coalesce_into_one_entry() {
         let d = tempfile::tempdir().unwrap();
         let j = Journal::open(d.path()).unwrap();

@@ -167,7 +167,10 @@ fn main() -> ExitCode {
             };
             match drmirror::verify::verify(&source, &target, &opts) {
                 Ok(r) => {
-                    print!("{}", r.render());
+                    // Not print!: a closed pipe (`| head`) must end the
+                    // output, not panic.
+                    use std::io::Write;
+                    let _ = std::io::stdout().lock().write_all(r.render().as_bytes());
                     if r.differences.is_empty() {
                         ExitCode::SUCCESS
                     } else {

@@ -143,14 +143,29 @@ impl InotifyWatcher {
     /// [`Watcher::dir_feed`], and those without a watch are watched then and
     /// rescanned (see `drain_feed`).
     fn restore(&mut self, list: Vec<Vec<u8>>) -> Result<(), WatchError> {
+        use rayon::prelude::*;
         let needed = list.len();
         let mut gone = Vec::new();
-        for rel in list {
-            if !rel.is_empty() && self.filter.excluded(&rel, true) {
+        // inotify_add_watch is mostly a path lookup: spread it over the cores.
+        let watches = self.ino.watches();
+        let source = self.root.path().to_path_buf();
+        let filter = self.filter.clone();
+        let added: Vec<(Vec<u8>, Option<io::Result<WatchDescriptor>>)> = list
+            .into_par_iter()
+            .map_with(watches, |w, rel| {
+                if !rel.is_empty() && filter.excluded(&rel, true) {
+                    return (rel, None);
+                }
+                let r = w.add(paths::under(&source, &rel), mask());
+                (rel, Some(r))
+            })
+            .collect();
+        for (rel, r) in added {
+            let Some(r) = r else {
                 gone.push(rel);
                 continue;
-            }
-            match self.add_watch(&rel) {
+            };
+            match r.map(|wd| self.record_watch(rel.clone(), wd)) {
                 Ok(()) => {}
                 Err(e) if rel.is_empty() => {
                     return Err(WatchError::Add {
