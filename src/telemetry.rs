@@ -83,6 +83,14 @@ fn describe() {
         "File and symlink bytes written to the target"
     );
     describe_counter!(
+        "drmirror_capture_dropped_total",
+        "fanotify events not captured: outside the source (other paths on the marked filesystems, the state dir, a target on the same disk) or naming a directory already gone"
+    );
+    describe_counter!(
+        "drmirror_capture_handle_lookups_total",
+        "Directory file handles resolved with open_by_handle_at (once per directory, then cached)"
+    );
+    describe_counter!(
         "drmirror_kernel_overflows_total",
         "Kernel event-queue overflows (each forces a rescan)"
     );
