@@ -138,6 +138,58 @@ fn count_events(events: &[Event]) {
     }
 }
 
+/// Test hook: abort right after taking events off the kernel queue, before
+/// recording them (the window the `capture_reading` flag exists for).
+const TEST_ABORT_AFTER_READ: &str = "DRMIRROR_TEST_ABORT_AFTER_READ";
+
+/// Kernel events to the journal, write-ahead, until `stop`.
+fn capture_loop(
+    watcher: &mut dyn Watcher,
+    journal: &Journal,
+    ids: &[TargetId],
+    wakers: &[Sender<()>],
+    stop: &AtomicBool,
+    watchdog: Option<Duration>,
+    board: &crate::status::Board,
+) -> Result<(), DaemonError> {
+    let abort_after_read = std::env::var_os(TEST_ABORT_AFTER_READ).is_some();
+    let mut events = Vec::new();
+    let mut last_ping = Instant::now();
+    let mut last_status = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        // The capture loop feeds the systemd watchdog: if it hangs, the
+        // service manager restarts the daemon.
+        if watchdog.is_some_and(|w| last_ping.elapsed() >= w) {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            last_ping = Instant::now();
+        }
+        if last_status.elapsed() >= Duration::from_secs(5) {
+            let line = crate::status::one_line(&board.snapshot());
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
+            last_status = Instant::now();
+        }
+        if !watcher.wait(Duration::from_millis(200))? {
+            continue;
+        }
+        metrics::counter!("drmirror_capture_wakeups_total").increment(1);
+        journal.set_capture_reading(true)?;
+        watcher.read(&mut events)?;
+        if abort_after_read && !events.is_empty() {
+            std::process::abort();
+        }
+        if !events.is_empty() {
+            count_events(&events);
+            let changes = to_changes(std::mem::take(&mut events));
+            journal.record(ids, &changes)?;
+            for w in wakers {
+                let _ = w.try_send(());
+            }
+        }
+        journal.set_capture_reading(false)?;
+    }
+    Ok(())
+}
+
 struct Shared {
     stop: Arc<AtomicBool>,
     fatal: tokio::sync::mpsc::UnboundedSender<DaemonError>,
@@ -210,6 +262,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     }
 
     let started = Instant::now();
+    let source_key = std::fs::canonicalize(&cfg.source)
+        .map(|p| p.into_os_string().into_encoded_bytes())
+        .unwrap_or_default();
     let inotify = || -> Result<Box<dyn Watcher>, WatchError> {
         Ok(Box::new(InotifyWatcher::start(
             &cfg.source,
@@ -219,16 +274,37 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         )?))
     };
     let fanotify = || -> Result<Box<dyn Watcher>, WatchError> {
-        Ok(Box::new(FanotifyWatcher::start(
-            &cfg.source,
-            filter.clone(),
-            journal.clone(),
-        )?))
+        let w = FanotifyWatcher::start(&cfg.source, filter.clone(), journal.clone())?;
+        if let Err(e) = w.ignore_dir(&jpath) {
+            tracing::warn!("{e}; journal writes will wake capture (and be dropped)");
+        }
+        Ok(Box::new(w))
     };
-    let mut watcher: Box<dyn Watcher> = match cfg.watch {
-        WatchMode::Inotify => inotify()?,
-        WatchMode::Fanotify => fanotify()?,
-        WatchMode::Auto => match fanotify() {
+    let mut adopted = None;
+    if let Some(fd) = crate::handover::take_stored() {
+        let same = journal
+            .meta_get(crate::journal::META_CAPTURE_SOURCE)?
+            .as_deref()
+            == Some(source_key.as_slice());
+        if cfg.watch == WatchMode::Inotify || !same {
+            tracing::info!("dropping the stored capture descriptor: it was set up for another source or backend");
+            crate::handover::remove_stored();
+        } else {
+            match FanotifyWatcher::adopt(fd, &cfg.source, filter.clone(), journal.clone()) {
+                Ok(w) => adopted = Some(w),
+                Err(e) => {
+                    tracing::warn!("cannot take over the stored capture descriptor: {e}");
+                    crate::handover::remove_stored();
+                }
+            }
+        }
+    }
+    let handed_over = adopted.is_some();
+    let mut watcher: Box<dyn Watcher> = match (adopted, cfg.watch) {
+        (Some(w), _) => Box::new(w),
+        (None, WatchMode::Inotify) => inotify()?,
+        (None, WatchMode::Fanotify) => fanotify()?,
+        (None, WatchMode::Auto) => match fanotify() {
             Ok(w) => {
                 tracing::info!("capture backend: fanotify (watch = \"auto\"; the kernel and filesystem support it)");
                 w
@@ -241,6 +317,38 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         },
     };
     let dir_feed = watcher.dir_feed();
+    if !handed_over {
+        if let Some(fd) = watcher.store_fd() {
+            if crate::handover::store(fd) {
+                journal.meta_put(crate::journal::META_CAPTURE_SOURCE, &source_key)?;
+            }
+        }
+    }
+    // Events the last run took off the kernel queue but never recorded are
+    // lost even when the queue itself was handed over.
+    let lost_read = journal.capture_was_reading()?;
+    journal.set_capture_reading(false)?;
+    let mut scans_complete = true;
+    for t in &targets {
+        scans_complete &= journal.scan_complete(t.id)?;
+    }
+    let seamless = handed_over && !lost_read && scans_complete;
+    if handed_over {
+        if seamless {
+            tracing::info!(
+                "capture handed over by the service manager: no event was missed, no rescan needed"
+            );
+        } else {
+            tracing::info!(
+                "capture handed over by the service manager, but {}: rescanning",
+                if lost_read {
+                    "the last run died holding events it had not recorded"
+                } else {
+                    "a startup scan had not finished"
+                }
+            );
+        }
+    }
     metrics::gauge!("drmirror_capture_backend", "backend" => watcher.backend()).set(1.0);
     let board = Arc::new(crate::status::Board::new(crate::status::Status {
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -303,38 +411,29 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         // Under systemd (Type=notify): capture is live, the scan follows.
         let _ = sd_notify::notify(&[
             sd_notify::NotifyState::Ready,
-            sd_notify::NotifyState::Status("capturing; startup scan running"),
+            sd_notify::NotifyState::Status(if seamless {
+                "capturing (handed over, no rescan)"
+            } else {
+                "capturing; startup scan running"
+            }),
         ]);
         let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+        let board = board.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("capture".into())
                 .spawn(move || {
-                    let mut events = Vec::new();
-                    let mut last_ping = Instant::now();
-                    while !shared.stop.load(Ordering::Relaxed) {
-                        // The capture loop feeds the systemd watchdog: if it
-                        // hangs, the service manager restarts the daemon.
-                        if watchdog.is_some_and(|w| last_ping.elapsed() >= w) {
-                            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-                            last_ping = Instant::now();
-                        }
-                        if let Err(e) = watcher.poll(&mut events, Duration::from_millis(200)) {
-                            shared.fail(e.into());
-                            return;
-                        }
-                        if events.is_empty() {
-                            continue;
-                        }
-                        count_events(&events);
-                        let changes = to_changes(std::mem::take(&mut events));
-                        if let Err(e) = journal.record(&ids, &changes) {
-                            shared.fail(e.into());
-                            return;
-                        }
-                        for w in &wakers {
-                            let _ = w.try_send(());
-                        }
+                    let r = capture_loop(
+                        watcher.as_mut(),
+                        &journal,
+                        &ids,
+                        &wakers,
+                        &shared.stop,
+                        watchdog,
+                        &board,
+                    );
+                    if let Err(e) = r {
+                        shared.fail(e);
                     }
                 })
                 .map_err(DaemonError::Signals)?,
@@ -406,6 +505,17 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             std::thread::Builder::new()
                 .name(format!("scan-{}", t.id))
                 .spawn(move || {
+                    if seamless {
+                        tracing::info!("startup scan skipped target={name}: capture was handed over and nothing was missed");
+                        board.update(|s| s.scan_running = false);
+                        scan_done.store(true, Ordering::Release);
+                        let _ = wake.try_send(());
+                        return;
+                    }
+                    if let Err(e) = journal.set_scan_complete(id, false) {
+                        sh.fail(e.into());
+                        return;
+                    }
                     let pb = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
                     pb.set_style(
                         indicatif::ProgressStyle::with_template("{spinner} startup scan of {msg}: {pos} entries compared ({per_sec})")
@@ -440,16 +550,26 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         s.scan_entries += scanned;
                         s.scan_running = false;
                     });
+                    // A walk cut short by a stop must run again next time.
+                    let r = r.and_then(|()| {
+                        if sh.stop.load(Ordering::Relaxed) {
+                            Ok(())
+                        } else {
+                            journal.set_scan_complete(id, true)
+                        }
+                    });
                     match r {
                         Ok(()) => {
+                            let secs = t0.elapsed().as_secs_f64();
                             tracing::info!(
-                                "startup scan done target={} scanned={} differing={} in_sync={} errors={} secs={:.2}",
+                                "startup scan done target={} scanned={} differing={} in_sync={} errors={} secs={:.2} rate={:.0}/s",
                                 name,
-                                stats.scanned.load(Ordering::Relaxed),
+                                scanned,
                                 stats.enqueued.load(Ordering::Relaxed),
                                 stats.in_sync.load(Ordering::Relaxed),
                                 stats.errors.load(Ordering::Relaxed),
-                                t0.elapsed().as_secs_f64()
+                                secs,
+                                scanned as f64 / secs.max(1e-6)
                             );
                             scan_done.store(true, Ordering::Release);
                             let _ = wake.try_send(());

@@ -48,6 +48,10 @@ const CF_META: &str = "meta";
 /// shorter): the end of a delete_range over a whole column family.
 const KEY_MAX: [u8; 8192] = [0xff; 8192];
 const META_DIRS_BACKEND: &[u8] = b"dirs_backend";
+const META_CAPTURE_READING: &[u8] = b"capture_reading";
+const META_SCAN_COMPLETE: &[u8] = b"scan_complete/";
+/// The source a stored capture descriptor was set up for.
+pub const META_CAPTURE_SOURCE: &[u8] = b"capture_source";
 const CFS: [&str; 5] = [CF_DIRS, CF_PENDING, CF_RENAMES, CF_INDEX, CF_META];
 
 const META_SCHEMA: &[u8] = b"schema_version";
@@ -339,6 +343,36 @@ impl Journal {
 
     pub fn meta_put(&self, k: &[u8], v: &[u8]) -> Result<()> {
         Ok(self.db.put_cf(self.cf(CF_META)?, k, v)?)
+    }
+
+    fn flag(&self, k: &[u8]) -> Result<bool> {
+        Ok(self.meta_get(k)?.as_deref() == Some(b"1".as_slice()))
+    }
+
+    fn set_flag(&self, k: &[u8], on: bool) -> Result<()> {
+        self.meta_put(k, if on { b"1" } else { b"0" })
+    }
+
+    /// Set while the capture loop holds events it has taken off the kernel
+    /// queue but not yet recorded: found set at start, those events may be
+    /// lost (the process died in between) and a rescan is due, even when
+    /// the kernel queue itself was handed over.
+    pub fn set_capture_reading(&self, on: bool) -> Result<()> {
+        self.set_flag(META_CAPTURE_READING, on)
+    }
+
+    pub fn capture_was_reading(&self) -> Result<bool> {
+        self.flag(META_CAPTURE_READING)
+    }
+
+    /// Whether target `t`'s last startup scan ran to its end (cleared when
+    /// one starts): a scan cut short by a crash must run again.
+    pub fn set_scan_complete(&self, t: TargetId, on: bool) -> Result<()> {
+        self.set_flag(&[META_SCAN_COMPLETE, &t.to_be_bytes()[..]].concat(), on)
+    }
+
+    pub fn scan_complete(&self, t: TargetId) -> Result<bool> {
+        self.flag(&[META_SCAN_COMPLETE, &t.to_be_bytes()[..]].concat())
     }
 
     fn meta_u64(&self, k: &[u8]) -> Result<Option<u64>> {
@@ -770,9 +804,15 @@ impl Journal {
 
     /// The keys of the persisted watch tree, in key order.
     pub fn dirs_list(&self) -> Result<Vec<Vec<u8>>> {
+        Ok(self.dirs_entries()?.into_iter().map(|(k, _)| k).collect())
+    }
+
+    /// The persisted watch tree's keys and values, in key order.
+    pub fn dirs_entries(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_DIRS)?, IteratorMode::Start) {
-            out.push(item?.0.to_vec());
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
         }
         Ok(out)
     }
@@ -836,8 +876,13 @@ mod tests {
         let j = Journal::open(d.path()).unwrap();
         assert_eq!(j.dirs_backend().unwrap(), None);
         j.dirs_reset(b"inotify").unwrap();
-        j.dirs_put(&[b"".to_vec(), b"a".to_vec(), b"a/b".to_vec(), b"\xff".to_vec()])
-            .unwrap();
+        j.dirs_put(&[
+            b"".to_vec(),
+            b"a".to_vec(),
+            b"a/b".to_vec(),
+            b"\xff".to_vec(),
+        ])
+        .unwrap();
         assert_eq!(j.dirs_list().unwrap().len(), 4);
         j.dirs_update(&[(b"c".to_vec(), Vec::new())], &[b"a/b".to_vec()])
             .unwrap();
@@ -849,10 +894,14 @@ mod tests {
         // start with 0xff (raw names, file handles).
         j.dirs_remove_tree(b"").unwrap();
         assert!(j.dirs_list().unwrap().is_empty());
-        j.dirs_update(&[(vec![0xff; 40], b"x".to_vec())], &[]).unwrap();
+        j.dirs_update(&[(vec![0xff; 40], b"x".to_vec())], &[])
+            .unwrap();
         j.dirs_reset(b"fanotify").unwrap();
         assert!(j.dirs_list().unwrap().is_empty());
-        assert_eq!(j.dirs_backend().unwrap().as_deref(), Some(b"fanotify".as_slice()));
+        assert_eq!(
+            j.dirs_backend().unwrap().as_deref(),
+            Some(b"fanotify".as_slice())
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod config;
 pub mod daemon;
 pub mod filter;
 pub mod fsops;
+pub mod handover;
 pub mod journal;
 pub mod meta;
 pub mod paths;

@@ -153,6 +153,27 @@ pub fn query(state_dir: &Path) -> Result<Status, StatusError> {
 }
 
 /// The human rendering.
+/// One line for systemd's `STATUS=` (shown by `systemctl status`).
+pub fn one_line(s: &Status) -> String {
+    let mut line = format!("capturing ({})", s.capture_backend);
+    if s.scan_running {
+        line.push_str(&format!(
+            "; startup scan: {} entries compared",
+            s.scan_entries
+        ));
+    }
+    for t in &s.targets {
+        line.push_str(&format!(
+            "; {}: {}lag {:.1}s, backlog {}",
+            t.name,
+            if t.up { "" } else { "DOWN, " },
+            t.lag_seconds,
+            t.backlog_entries
+        ));
+    }
+    line
+}
+
 pub fn render(s: &Status) -> String {
     let mut out = format!(
         "drmirror {} (pid {}) source {} capture {}{}\n",

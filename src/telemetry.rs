@@ -87,6 +87,10 @@ fn describe() {
         "fanotify events not captured: outside the source (other paths on the marked filesystems, the state dir, a target on the same disk) or naming a directory already gone"
     );
     describe_counter!(
+        "drmirror_capture_wakeups_total",
+        "Times the capture loop found kernel events to read"
+    );
+    describe_counter!(
         "drmirror_capture_handle_lookups_total",
         "Directory file handles resolved with open_by_handle_at (once per directory, then cached)"
     );

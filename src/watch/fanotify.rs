@@ -27,7 +27,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -227,10 +227,6 @@ impl FanotifyWatcher {
         filter: Arc<Filter>,
         journal: Arc<Journal>,
     ) -> Result<Self, WatchError> {
-        let source = std::fs::canonicalize(source).map_err(|e| WatchError::Add {
-            path: source.display().to_string(),
-            source: e,
-        })?;
         let init_flags = fan::FAN_CLASS_NOTIF
             | fan::FAN_CLOEXEC
             | fan::FAN_NONBLOCK
@@ -248,6 +244,34 @@ impl FanotifyWatcher {
             })?;
         // SAFETY: fanotify_init returned a new descriptor owned by no one else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Self::setup(fd, source, filter, journal, true)
+    }
+
+    /// Takes over a group an earlier run created and left in the service
+    /// manager's fd store: its marks and its queue of unread events are
+    /// intact, so nothing that happened in between is missed. The handle map
+    /// persisted by that run matches the queue (the caller checks that no
+    /// read was in flight when it died), so it is loaded as is.
+    pub fn adopt(
+        fd: OwnedFd,
+        source: &Path,
+        filter: Arc<Filter>,
+        journal: Arc<Journal>,
+    ) -> Result<Self, WatchError> {
+        Self::setup(fd, source, filter, journal, false)
+    }
+
+    fn setup(
+        fd: OwnedFd,
+        source: &Path,
+        filter: Arc<Filter>,
+        journal: Arc<Journal>,
+        mark: bool,
+    ) -> Result<Self, WatchError> {
+        let source = std::fs::canonicalize(source).map_err(|e| WatchError::Add {
+            path: source.display().to_string(),
+            source: e,
+        })?;
         let source_abs = source.as_os_str().as_bytes().to_vec();
         let mountinfo =
             std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| WatchError::Add {
@@ -294,14 +318,16 @@ impl FanotifyWatcher {
             if mounts.contains_key(&fsid) {
                 continue;
             }
-            fan::fanotify_mark(
-                fd.as_raw_fd(),
-                fan::FAN_MARK_ADD | fan::FAN_MARK_FILESYSTEM,
-                MASK,
-                fan::AT_FDCWD,
-                m.point.as_path(),
-            )
-            .map_err(|e| mark_error(&m.point, &m.fstype, e))?;
+            if mark {
+                fan::fanotify_mark(
+                    fd.as_raw_fd(),
+                    fan::FAN_MARK_ADD | fan::FAN_MARK_FILESYSTEM,
+                    MASK,
+                    fan::AT_FDCWD,
+                    m.point.as_path(),
+                )
+                .map_err(|e| mark_error(&m.point, &m.fstype, e))?;
+            }
             mounts.insert(fsid, dir.into());
         }
         let marks = mounts.len();
@@ -332,11 +358,40 @@ impl FanotifyWatcher {
             dirs_del: Vec::new(),
             marks,
         };
-        w.journal.dirs_reset(b"fanotify")?;
+        if mark {
+            w.journal.dirs_reset(b"fanotify")?;
+        } else if w.journal.dirs_backend()?.as_deref() == Some(b"fanotify".as_slice()) {
+            for (k, rel) in w.journal.dirs_entries()? {
+                let abs = paths::under(&w.source, &rel).into_os_string().into_vec();
+                w.by_path.insert(abs.clone(), k.clone());
+                w.cache.insert(k, abs);
+            }
+        }
         let abs = w.source_abs.clone();
         w.learn(root_key, abs);
         w.persist()?;
         Ok(w)
+    }
+
+    /// Asks the kernel to drop events on the entries of `dir` (not its
+    /// subdirectories) for this group: the journal's own directory, whose
+    /// writes would otherwise wake the capture loop, which writes to the
+    /// journal, which... (they would be dropped as outside the source, but
+    /// only after costing a read and a journal write each).
+    pub fn ignore_dir(&self, dir: &Path) -> Result<(), WatchError> {
+        const FAN_MARK_IGNORE: u32 = 0x0000_0400;
+        const FAN_EVENT_ON_CHILD: u64 = 0x0800_0000;
+        fan::fanotify_mark(
+            self.fd.as_raw_fd(),
+            fan::FAN_MARK_ADD | FAN_MARK_IGNORE | fan::FAN_MARK_IGNORED_SURV_MODIFY,
+            (MASK & !FAN_RENAME) | FAN_EVENT_ON_CHILD,
+            fan::AT_FDCWD,
+            dir,
+        )
+        .map_err(|e| WatchError::Add {
+            path: dir.display().to_string(),
+            source: e,
+        })
     }
 
     /// The path of `abs` relative to the source, if it is inside.
@@ -574,7 +629,7 @@ impl FanotifyWatcher {
         Ok(())
     }
 
-    fn wait(&self, timeout: Duration) -> Result<bool, WatchError> {
+    fn wait_fd(&self, timeout: Duration) -> Result<bool, WatchError> {
         let ts = rustix::fs::Timespec {
             tv_sec: timeout.as_secs() as i64,
             tv_nsec: timeout.subsec_nanos() as _,
@@ -641,10 +696,15 @@ impl Watcher for FanotifyWatcher {
         )
     }
 
-    fn poll(&mut self, out: &mut Vec<Event>, timeout: Duration) -> Result<(), WatchError> {
-        if !self.wait(timeout)? {
-            return Ok(());
-        }
+    fn wait(&mut self, timeout: Duration) -> Result<bool, WatchError> {
+        self.wait_fd(timeout)
+    }
+
+    fn store_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(self.fd.as_fd())
+    }
+
+    fn read(&mut self, out: &mut Vec<Event>) -> Result<(), WatchError> {
         // Bounded, so that the journal write (and so replication) is never
         // held back by a never-ending stream.
         for _ in 0..64 {

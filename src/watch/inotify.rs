@@ -540,7 +540,7 @@ impl InotifyWatcher {
         Ok(())
     }
 
-    fn wait(&self, timeout: Duration) -> Result<bool, WatchError> {
+    fn wait_fd(&self, timeout: Duration) -> Result<bool, WatchError> {
         let ts = rustix::fs::Timespec {
             tv_sec: timeout.as_secs() as i64,
             tv_nsec: timeout.subsec_nanos() as _,
@@ -578,11 +578,15 @@ impl Watcher for InotifyWatcher {
         self.feed_tx.take()
     }
 
-    fn poll(&mut self, out: &mut Vec<Event>, timeout: Duration) -> Result<(), WatchError> {
-        self.drain_feed(out)?;
-        if !self.wait(timeout)? {
-            return Ok(());
+    fn wait(&mut self, timeout: Duration) -> Result<bool, WatchError> {
+        if self.feed_rx.as_ref().is_some_and(|rx| !rx.is_empty()) {
+            return Ok(true);
         }
+        self.wait_fd(timeout)
+    }
+
+    fn read(&mut self, out: &mut Vec<Event>) -> Result<(), WatchError> {
+        self.drain_feed(out)?;
         // Drain what is queued, bounded so that the journal write (and so
         // replication) is never held back by a never-ending stream.
         for _ in 0..64 {
@@ -597,7 +601,7 @@ impl Watcher for InotifyWatcher {
         if !self.moved_from.is_empty() {
             // The kernel queues MOVED_FROM and MOVED_TO one after the other;
             // a read can fall between them. Give the pair a moment.
-            if self.wait(Duration::from_millis(5))? {
+            if self.wait_fd(Duration::from_millis(5))? {
                 for r in self.read_raw()? {
                     self.handle(r, out)?;
                 }

@@ -58,8 +58,24 @@ pub enum WatchError {
 pub trait Watcher: Send {
     /// The backend's name, as reported in logs and metrics.
     fn backend(&self) -> &'static str;
-    /// Waits up to `timeout` for kernel events and appends them to `out`.
-    fn poll(&mut self, out: &mut Vec<Event>, timeout: Duration) -> Result<(), WatchError>;
+    /// Waits up to `timeout` until [`Watcher::read`] has something to do.
+    fn wait(&mut self, timeout: Duration) -> Result<bool, WatchError>;
+    /// Consumes what the kernel has queued (bounded, never blocking long)
+    /// and appends it to `out`. Events consumed here exist nowhere else
+    /// until the caller has written them to the journal.
+    fn read(&mut self, out: &mut Vec<Event>) -> Result<(), WatchError>;
+    /// `wait` then `read`.
+    fn poll(&mut self, out: &mut Vec<Event>, timeout: Duration) -> Result<(), WatchError> {
+        if self.wait(timeout)? {
+            self.read(out)?;
+        }
+        Ok(())
+    }
+    /// The kernel descriptor to hand to the service manager's fd store, so
+    /// that its queue survives a restart of the daemon (fanotify only).
+    fn store_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
     /// Number of directories watched (inotify) or filesystems marked.
     fn watched(&self) -> usize;
     /// How capture was set up, for the start-up log line.

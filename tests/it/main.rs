@@ -7,6 +7,7 @@
 mod capture;
 mod config;
 mod crash;
+mod handover;
 mod initial;
 mod live;
 mod modes;

@@ -680,6 +680,31 @@ impl Daemon {
         }
     }
 
+    /// Spawns a prepared command (environment, pre-exec hooks) the same
+    /// way: `RUST_LOG=info`, output to a new log file in `log_dir`.
+    pub fn spawn_command(mut cmd: Command, log_dir: &Path) -> Daemon {
+        let n = LOG_SEQ.fetch_add(1, Ordering::SeqCst);
+        let log_path = log_dir.join(format!("daemon-{n}.log"));
+        let log = File::create(&log_path)
+            .unwrap_or_else(|e| panic!("create log {}: {e}", log_path.display()));
+        let log2 = log.try_clone().expect("clone log fd");
+        cmd.env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("STATE_DIRECTORY")
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log2))
+            .stderr(Stdio::from(log));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let pid = child.id();
+        Daemon {
+            child: RefCell::new(child),
+            status: Cell::new(None),
+            log_path,
+            pid,
+        }
+    }
+
     /// The exit status if the process has exited.
     pub fn poll_exit(&self) -> Option<ExitStatus> {
         if let Some(s) = self.status.get() {

@@ -1,0 +1,223 @@
+//! Zero-gap restart through the service manager's file-descriptor store.
+//!
+//! `Manager` plays systemd's part of the protocol, nothing more: it owns
+//! the `NOTIFY_SOCKET` datagram socket, keeps the descriptors a daemon
+//! sends with `FDSTORE=1` (SCM_RIGHTS), and passes them to the next daemon
+//! at fd 3 onwards with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID`.
+
+use crate::util::*;
+use std::io::IoSliceMut;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+
+struct Manager {
+    sock: UnixDatagram,
+    path: PathBuf,
+    stored: Vec<(String, OwnedFd)>,
+    messages: Vec<String>,
+}
+
+impl Manager {
+    fn new(env: &Env) -> Manager {
+        let path = env.root.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+        sock.set_read_timeout(Some(ms(100))).expect("timeout");
+        Manager {
+            sock,
+            path,
+            stored: Vec::new(),
+            messages: Vec::new(),
+        }
+    }
+
+    /// Receives notify messages until `done` holds or `timeout` passes.
+    fn pump(&mut self, timeout: std::time::Duration, done: impl Fn(&Manager) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !done(self) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            let mut buf = [0u8; 4096];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+            let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let n = match rustix::net::recvmsg(&self.sock, &mut iov, &mut cmsg, RecvFlags::empty())
+            {
+                Ok(r) => r.bytes,
+                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => panic!("recvmsg on the notify socket: {e}"),
+            };
+            let mut fds: Vec<OwnedFd> = Vec::new();
+            for m in cmsg.drain() {
+                if let RecvAncillaryMessage::ScmRights(it) = m {
+                    fds.extend(it);
+                }
+            }
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            let name = text
+                .lines()
+                .find_map(|l| l.strip_prefix("FDNAME="))
+                .unwrap_or("stored")
+                .to_string();
+            if text.lines().any(|l| l == "FDSTORE=1") {
+                self.stored
+                    .extend(fds.into_iter().map(|fd| (name.clone(), fd)));
+            } else if text.lines().any(|l| l == "FDSTOREREMOVE=1") {
+                self.stored.retain(|(n, _)| *n != name);
+            }
+            self.messages.push(text);
+        }
+        true
+    }
+
+    fn got(&self, line: &str) -> bool {
+        self.messages.iter().any(|m| m.lines().any(|l| l == line))
+    }
+
+    /// Starts `drmirror run` the way systemd would, with the stored fds.
+    fn spawn(&self, env: &Env, extra_env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new("/bin/sh");
+        // LISTEN_PID must be the daemon's own pid: the shell's, kept by exec.
+        let script = if self.stored.is_empty() {
+            r#"exec "$0" "$@""#
+        } else {
+            r#"LISTEN_PID=$$ exec "$0" "$@""#
+        };
+        cmd.arg("-c").arg(script).arg(BIN);
+        cmd.args(env.run_args(&[]));
+        cmd.env("NOTIFY_SOCKET", &self.path);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        if !self.stored.is_empty() {
+            let names: Vec<&str> = self.stored.iter().map(|(n, _)| n.as_str()).collect();
+            cmd.env("LISTEN_FDS", self.stored.len().to_string());
+            cmd.env("LISTEN_FDNAMES", names.join(":"));
+            let raw: Vec<i32> = self.stored.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+            // SAFETY: runs in the forked child before exec and only calls
+            // async-signal-safe fcntl/dup2 on descriptors this process owns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    // Move them out of the way first: a stored fd may sit
+                    // where another one must go.
+                    let mut high = Vec::new();
+                    for fd in &raw {
+                        let h = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 100);
+                        if h < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        high.push(h);
+                    }
+                    for (i, h) in high.iter().enumerate() {
+                        if libc::dup2(*h, 3 + i as i32) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        Daemon::spawn_command(cmd, &env.root)
+    }
+}
+
+fn setup() -> Option<(Env, Manager)> {
+    if let Err(why) = fanotify_available() {
+        eprintln!("SKIP: {why}");
+        return None;
+    }
+    let env = Env::with(Backend::Fanotify);
+    write(&env.s("a/f"), b"first");
+    write(&env.s("b/g"), b"g");
+    mkdirp(&env.s("c"));
+    let m = Manager::new(&env);
+    Some((env, m))
+}
+
+/// Starts a daemon under the manager and waits until it is ready, in sync,
+/// and has stored its capture descriptor.
+fn start_stored(env: &Env, m: &mut Manager, extra_env: &[(&str, &str)]) -> Daemon {
+    let d = m.spawn(env, extra_env);
+    d.wait_log("drmirror ready", secs(30));
+    assert!(
+        m.pump(secs(10), |m| m.got("READY=1") && !m.stored.is_empty()),
+        "no READY=1 and FDSTORE=1 on the notify socket; got {:?}\n{}",
+        m.messages,
+        d.log_tail()
+    );
+    env.converge(&[], &d);
+    d
+}
+
+#[test]
+fn fd_store_handover_misses_nothing_and_needs_no_rescan() {
+    let Some((env, mut m)) = setup() else { return };
+    let d = start_stored(&env, &mut m, &[]);
+    d.kill9();
+
+    // While no daemon runs: the kernel queue of the stored group keeps these.
+    write(&env.s("a/new1"), b"written while down");
+    append(&env.s("a/f"), b" and more");
+    write(&env.s("d/x"), b"new dir while down");
+    rename(&env.s("b"), &env.s("b2"));
+    std::fs::remove_dir(env.s("c")).expect("rmdir");
+
+    let d = m.spawn(&env, &[]);
+    let log = d.wait_log("capture handed over", secs(30));
+    assert!(log.contains("no rescan needed"), "{log}");
+    d.wait_log("startup scan skipped", secs(10));
+    env.converge(&["--checksum"], &d);
+    assert!(
+        !d.log().contains("startup scan done"),
+        "a rescan ran after a clean handover\n{}",
+        d.log_tail()
+    );
+    assert_eq!(
+        m.stored.len(),
+        1,
+        "the restarted daemon must reuse the stored descriptor, not add one"
+    );
+    // And capture goes on live.
+    write(&env.s("after"), b"after");
+    env.converge(&[], &d);
+    d.terminate();
+}
+
+#[test]
+fn a_crash_holding_unrecorded_events_forces_a_rescan() {
+    let Some((env, mut m)) = setup() else { return };
+    // The hook aborts right after events are taken off the kernel queue.
+    let d = start_stored(&env, &mut m, &[("DRMIRROR_TEST_ABORT_AFTER_READ", "1")]);
+    write(&env.s("a/lost-in-flight"), b"read, never recorded");
+    let st = d.wait_exit(secs(30));
+    assert!(!st.success(), "the hook should have aborted the daemon");
+
+    let d = m.spawn(&env, &[]);
+    let log = d.wait_log("capture handed over", secs(30));
+    assert!(log.contains("rescanning"), "{log}");
+    d.wait_log("startup scan done", secs(60));
+    env.converge(&["--checksum"], &d);
+    assert_eq!(read(&env.d("a/lost-in-flight")), b"read, never recorded");
+    d.terminate();
+}
+
+#[test]
+fn without_a_stored_descriptor_a_restart_rescans() {
+    let Some((env, mut m)) = setup() else { return };
+    let d = start_stored(&env, &mut m, &[]);
+    d.kill9();
+    write(&env.s("a/while-down"), b"x");
+    m.stored.clear();
+    let d = m.spawn(&env, &[]);
+    d.wait_log("startup scan done", secs(60));
+    assert!(!d.log().contains("capture handed over"));
+    env.converge(&[], &d);
+    d.terminate();
+}
