@@ -328,7 +328,7 @@ impl FanotifyWatcher {
                 )
                 .map_err(|e| mark_error(&m.point, &m.fstype, e))?;
             }
-            mounts.insert(fsid, dir.into());
+            mounts.insert(fsid, dir);
         }
         let marks = mounts.len();
         let root_fd = rustix::fs::open(
