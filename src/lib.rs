@@ -3,7 +3,7 @@
 //! `shared/design.md`; the data flow and its modules:
 //!
 //! ```text
-//! kernel ─► watch (inotify) ─► daemon::to_changes ─► journal (RocksDB, write-ahead)
+//! kernel ─► watch (fanotify | inotify) ─► daemon::to_changes ─► journal (RocksDB, write-ahead)
 //!                                                        │
 //! sync (startup / subtree compare, parallel scan) ──────►│
 //!                                                        ▼
@@ -13,7 +13,7 @@
 //! - [`paths`]: relative paths as raw bytes; [`meta`]: what is compared.
 //! - [`fsops`]: symlink-safe `*at` access beneath a root; [`scan`]: the parallel walk.
 //! - [`journal`]: the persistent backlog, index and watch tree.
-//! - [`watch`]: capture backends; [`filter`]: excludes.
+//! - [`watch`]: capture backends; [`filter`]: excludes; [`handover`]: the fd store.
 //! - [`sync`]: compare walks; [`ship`]: applying the backlog; [`target`]: writing the mirror.
 //! - [`verify`]: comparing two trees; [`config`], [`cli`], [`daemon`]: the front.
 

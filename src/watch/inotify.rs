@@ -623,8 +623,8 @@ impl Watcher for InotifyWatcher {
                                 }
                             }
                         }
-                        super::dirty_parent(out, &path);
-                        super::dirty_parent(out, &to);
+                        super::dirty_parent(&self.filter, out, &path);
+                        super::dirty_parent(&self.filter, out, &to);
                         out.push(Event::Rename { from: path, to });
                     }
                     None => {
@@ -642,7 +642,7 @@ impl Watcher for InotifyWatcher {
                             let still: Vec<Vec<u8>> = self.subtree_keys(&path);
                             self.journal.dirs_put(&still)?;
                         }
-                        super::dirty_parent(out, &path);
+                        super::dirty_parent(&self.filter, out, &path);
                         if !self.filter.excluded(&path, is_dir) {
                             out.push(Event::Dirty {
                                 path,

@@ -89,9 +89,13 @@ pub trait Watcher: Send {
 }
 
 /// Marks the parent of `path` dirty: an entry that appears, goes or is
-/// renamed changes its directory's mtime, which is mirrored.
-fn dirty_parent(out: &mut Vec<Event>, path: &[u8]) {
+/// renamed changes its directory's mtime, which is mirrored — unless the
+/// parent is itself excluded (fanotify sees inside excluded directories).
+fn dirty_parent(filter: &Filter, out: &mut Vec<Event>, path: &[u8]) {
     if let Some(p) = paths::parent(path) {
+        if filter.excluded(p, true) {
+            return;
+        }
         out.push(Event::Dirty {
             path: p.to_vec(),
             flags: flags::LIVE,
@@ -102,7 +106,7 @@ fn dirty_parent(out: &mut Vec<Event>, path: &[u8]) {
 /// `path` appeared (created, or moved in from outside the source). A new
 /// directory is `recursive` when things inside it may have escaped capture.
 fn on_new(filter: &Filter, path: Vec<u8>, is_dir: bool, recursive: bool, out: &mut Vec<Event>) {
-    dirty_parent(out, &path);
+    dirty_parent(filter, out, &path);
     if filter.excluded(&path, is_dir) {
         return;
     }
@@ -121,7 +125,7 @@ fn on_new(filter: &Filter, path: Vec<u8>, is_dir: bool, recursive: bool, out: &m
 /// marked recursive: if a new one takes its name before the change is
 /// applied, the old subtree's leftovers on the target must be found.
 fn on_gone(filter: &Filter, path: Vec<u8>, is_dir: bool, out: &mut Vec<Event>) {
-    dirty_parent(out, &path);
+    dirty_parent(filter, out, &path);
     if !filter.excluded(&path, is_dir) {
         out.push(Event::Dirty {
             path,
@@ -135,14 +139,14 @@ fn on_gone(filter: &Filter, path: Vec<u8>, is_dir: bool, out: &mut Vec<Event>) {
 fn on_rename(filter: &Filter, from: Vec<u8>, to: Vec<u8>, is_dir: bool, out: &mut Vec<Event>) {
     match (filter.excluded(&from, is_dir), filter.excluded(&to, is_dir)) {
         (true, true) => {
-            dirty_parent(out, &from);
-            dirty_parent(out, &to);
+            dirty_parent(filter, out, &from);
+            dirty_parent(filter, out, &to);
         }
         (true, false) => on_new(filter, to, is_dir, true, out),
         (false, true) => on_gone(filter, from, is_dir, out),
         (false, false) => {
-            dirty_parent(out, &from);
-            dirty_parent(out, &to);
+            dirty_parent(filter, out, &from);
+            dirty_parent(filter, out, &to);
             out.push(Event::Rename { from, to });
         }
     }

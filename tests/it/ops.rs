@@ -159,6 +159,9 @@ fn status_and_prometheus_follow_an_outage() {
     }
 
     // 2. Target down (not writable for the daemon's user), changes pile up.
+    // Owned by root as well: the daemon mirrors the root directory's mode
+    // and, as its owner, would simply make it writable again.
+    lchown(&env.dst, 0, 0);
     chmod(&env.dst, 0o555);
     for i in 0..20 {
         let p = env.s(format!("during-{i}"));
@@ -202,6 +205,7 @@ fn status_and_prometheus_follow_an_outage() {
 
     // 3. Back up: the backlog drains by itself, lag returns to 0.
     chmod(&env.dst, 0o755);
+    lchown(&env.dst, NOBODY.0, NOBODY.1);
     env.converge(&["--checksum"], &d);
     wait_until(
         "status shows lag 0 after catch-up",
