@@ -280,6 +280,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         }
         Ok(Box::new(w))
     };
+    // Events the last run took off the kernel queue but never recorded are
+    // lost even when the queue itself is handed over.
+    let lost_read = journal.capture_was_reading()?;
     let mut adopted = None;
     if let Some(fd) = crate::handover::take_stored() {
         let same = journal
@@ -290,7 +293,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             tracing::info!("dropping the stored capture descriptor: it was set up for another source or backend");
             crate::handover::remove_stored();
         } else {
-            match FanotifyWatcher::adopt(fd, &cfg.source, filter.clone(), journal.clone()) {
+            let (f, j) = (filter.clone(), journal.clone());
+            match FanotifyWatcher::adopt(fd, &cfg.source, f, j, !lost_read) {
                 Ok(w) => adopted = Some(w),
                 Err(e) => {
                     tracing::warn!("cannot take over the stored capture descriptor: {e}");
@@ -324,9 +328,6 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             }
         }
     }
-    // Events the last run took off the kernel queue but never recorded are
-    // lost even when the queue itself was handed over.
-    let lost_read = journal.capture_was_reading()?;
     journal.set_capture_reading(false)?;
     let mut scans_complete = true;
     for t in &targets {
@@ -380,6 +381,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         rayon::ThreadPoolBuilder::new()
             .num_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
             .thread_name(|i| format!("scan-{i}"))
+            // Below the capture and shipper threads: a rescan must not hold
+            // back live changes (the restart window) on a small machine.
+            .start_handler(|_| {
+                let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
+            })
             .build()
             .map_err(|e| DaemonError::Signals(std::io::Error::other(e)))?,
     );
@@ -537,12 +543,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                     };
                     let t0 = Instant::now();
                     metrics::gauge!("drmirror_scan_running").increment(1.0);
-                    let r = scan_pool.install(|| {
-                        cmp.source_walk(b"", flags::STARTUP).and_then(|()| {
-                            let _ = wake.try_send(());
-                            cmp.target_walk(b"", flags::STARTUP)
-                        })
-                    });
+                    let r = scan_pool.install(|| cmp.reconcile(b"", flags::STARTUP));
                     pb.finish_and_clear();
                     metrics::gauge!("drmirror_scan_running").decrement(1.0);
                     let scanned = stats.scanned.load(Ordering::Relaxed);

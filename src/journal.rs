@@ -664,6 +664,22 @@ impl Journal {
         }
     }
 
+    /// The index entries of several paths at once (one batched lookup).
+    pub fn index_get_many(&self, t: TargetId, paths: &[&[u8]]) -> Result<Vec<Option<Meta>>> {
+        let keys: Vec<Vec<u8>> = paths.iter().map(|p| key(t, p)).collect();
+        let cf = self.cf(CF_INDEX)?;
+        self.db
+            .batched_multi_get_cf(cf, &keys, false)
+            .into_iter()
+            .map(|r| match r? {
+                None => Ok(None),
+                Some(v) => Meta::decode(&v).map(Some).ok_or_else(|| {
+                    JournalError::Corrupt(format!("index value of {} bytes", v.len()))
+                }),
+            })
+            .collect()
+    }
+
     /// Records index entries (a scan found the target already holding them).
     pub fn index_put_many(&self, t: TargetId, entries: &[(Vec<u8>, Meta)]) -> Result<()> {
         if entries.is_empty() {

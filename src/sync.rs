@@ -72,11 +72,58 @@ impl Compare<'_> {
         }
     }
 
+    /// Reconciliation: the source subtree against the journal's `index`,
+    /// the target touched only where they disagree.
+    ///
+    /// An entry whose size, mtime, ctime, inode, mode and owner equal its
+    /// index entry has not changed since it was mirrored: nothing to do, not
+    /// even a target `lstat`. Anything else is compared with the target as
+    /// in [`Compare::source_walk`]. Deletions need no walk of the target
+    /// either: adding or removing an entry changes its directory's mtime and
+    /// ctime, so only the directories that differ from the index have their
+    /// target listing checked for entries the source no longer holds.
+    pub fn reconcile(&self, start: &[u8], flag: u8) -> Result<(), JournalError> {
+        let changed = self.walk_source(start, flag)?;
+        let err = Mutex::new(None);
+        use rayon::prelude::*;
+        changed.par_iter().for_each(|dir| {
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match scan::read_children(self.target.root(), dir) {
+                Ok(mut children) => {
+                    if let Err(e) = self.target_children(dir, &mut children, flag) {
+                        Self::keep_first(&err, e);
+                    }
+                }
+                Err(e) if fsops::is_missing(&e) => {}
+                Err(e) => self.walk_error("target", dir, &e),
+            }
+        });
+        match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Compares `start` (itself included) and its subtree with the target,
     /// enqueuing differences with `flag`.
     pub fn source_walk(&self, start: &[u8], flag: u8) -> Result<(), JournalError> {
+        self.walk_source(start, flag).map(drop)
+    }
+
+    /// The source walk; returns the directories (`start` included) whose
+    /// metadata differs from the index.
+    fn walk_source(&self, start: &[u8], flag: u8) -> Result<Vec<Vec<u8>>, JournalError> {
+        let changed_dirs = Mutex::new(Vec::new());
         // The start directory itself.
         if let Ok(Some(m)) = self.source.lstat(start) {
+            if self.journal.index_get(self.t, start)? != Some(m) {
+                changed_dirs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(start.to_vec());
+            }
             let t = self.target.root().lstat(start).ok().flatten();
             if !matches!(t, Some(t) if m.mirrors(&t, self.owner)) {
                 self.journal.enqueue(self.t, &[(start.to_vec(), flag)])?;
@@ -91,10 +138,20 @@ impl Compare<'_> {
                     children.iter_mut().for_each(|c| c.descend = false);
                     return;
                 }
-                let tdir = self.target.root().open_dir(dir, false).ok();
+                let rels: Vec<&[u8]> = children.iter().map(|c| c.rel.as_slice()).collect();
+                let indexed = match self.journal.index_get_many(self.t, &rels) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        Self::keep_first(&err, e);
+                        vec![None; children.len()]
+                    }
+                };
+                let mut tdir = None;
+                let mut same_ix = 0u64;
                 let mut todo = Vec::new();
                 let mut same: Vec<(Vec<u8>, Meta)> = Vec::new();
-                for c in children.iter_mut() {
+                let mut changed = Vec::new();
+                for (c, ix) in children.iter_mut().zip(indexed) {
                     if self.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
                         c.descend = false;
                         continue;
@@ -102,6 +159,15 @@ impl Compare<'_> {
                     if c.meta.kind == Kind::Other {
                         continue;
                     }
+                    if ix == Some(c.meta) {
+                        same_ix += 1;
+                        continue;
+                    }
+                    if c.meta.kind == Kind::Dir {
+                        changed.push(c.rel.clone());
+                    }
+                    let tdir =
+                        tdir.get_or_insert_with(|| self.target.root().open_dir(dir, false).ok());
                     let name = paths::split(&c.rel).1;
                     let t = tdir
                         .as_ref()
@@ -135,7 +201,13 @@ impl Compare<'_> {
                 metrics::counter!("drmirror_scan_files_total").increment(children.len() as u64);
                 self.stats
                     .in_sync
-                    .fetch_add(same.len() as u64, Ordering::Relaxed);
+                    .fetch_add(same.len() as u64 + same_ix, Ordering::Relaxed);
+                if !changed.is_empty() {
+                    changed_dirs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(changed);
+                }
                 self.stats
                     .enqueued
                     .fetch_add(todo.len() as u64, Ordering::Relaxed);
@@ -164,7 +236,7 @@ impl Compare<'_> {
         }
         match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e),
-            None => Ok(()),
+            None => Ok(changed_dirs.into_inner().unwrap_or_else(|p| p.into_inner())),
         }
     }
 
@@ -181,39 +253,7 @@ impl Compare<'_> {
                     children.iter_mut().for_each(|c| c.descend = false);
                     return;
                 }
-                let sdir = self.source.open_dir(dir, false).ok();
-                let tdir = self.target.root().open_dir(dir, false).ok();
-                let mut todo = Vec::new();
-                for c in children.iter_mut() {
-                    let name = paths::split(&c.rel).1;
-                    if fsops::is_temp_name(name) && c.meta.kind != Kind::Dir {
-                        if fsops::is_stale_temp_name(name) {
-                            if let Some(td) = tdir.as_ref() {
-                                let _ = fsops::remove_tree_at(td.as_fd(), name);
-                            }
-                        }
-                        c.descend = false;
-                        continue;
-                    }
-                    if self.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
-                        c.descend = false;
-                        continue;
-                    }
-                    let s = sdir
-                        .as_ref()
-                        .and_then(|d| fsops::lstat_at(d.as_fd(), name).ok().flatten());
-                    match s {
-                        Some(s) if s.kind == c.meta.kind => {}
-                        _ => {
-                            c.descend = false;
-                            todo.push((c.rel.clone(), flag));
-                        }
-                    }
-                }
-                self.stats
-                    .enqueued
-                    .fetch_add(todo.len() as u64, Ordering::Relaxed);
-                if let Err(e) = self.journal.enqueue(self.t, &todo) {
+                if let Err(e) = self.target_children(dir, children, flag) {
                     Self::keep_first(&err, e);
                 }
             },
@@ -223,6 +263,49 @@ impl Compare<'_> {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Enqueues the entries of target directory `dir` that the source does
+    /// not hold as the same kind; removes stale temporary files.
+    fn target_children(
+        &self,
+        dir: &[u8],
+        children: &mut [scan::Child],
+        flag: u8,
+    ) -> Result<(), JournalError> {
+        let sdir = self.source.open_dir(dir, false).ok();
+        let tdir = self.target.root().open_dir(dir, false).ok();
+        let mut todo = Vec::new();
+        for c in children.iter_mut() {
+            let name = paths::split(&c.rel).1;
+            if fsops::is_temp_name(name) && c.meta.kind != Kind::Dir {
+                if fsops::is_stale_temp_name(name) {
+                    if let Some(td) = tdir.as_ref() {
+                        let _ = fsops::remove_tree_at(td.as_fd(), name);
+                    }
+                }
+                c.descend = false;
+                continue;
+            }
+            if self.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
+                c.descend = false;
+                continue;
+            }
+            let s = sdir
+                .as_ref()
+                .and_then(|d| fsops::lstat_at(d.as_fd(), name).ok().flatten());
+            match s {
+                Some(s) if s.kind == c.meta.kind => {}
+                _ => {
+                    c.descend = false;
+                    todo.push((c.rel.clone(), flag));
+                }
+            }
+        }
+        self.stats
+            .enqueued
+            .fetch_add(todo.len() as u64, Ordering::Relaxed);
+        self.journal.enqueue(self.t, &todo)
     }
 
     fn walk_error(&self, side: &str, p: &[u8], e: &io::Error) {

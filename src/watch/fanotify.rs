@@ -217,6 +217,9 @@ pub struct FanotifyWatcher {
     /// Handle map changes inside the source, written to `dirs` per poll.
     dirs_put: Vec<(Vec<u8>, Vec<u8>)>,
     dirs_del: Vec<Vec<u8>>,
+    /// The persisted map must be dropped before the next write (the cache
+    /// was, after an overflow: renames may have been lost).
+    dirs_reset: bool,
     marks: usize,
 }
 
@@ -250,15 +253,22 @@ impl FanotifyWatcher {
     /// Takes over a group an earlier run created and left in the service
     /// manager's fd store: its marks and its queue of unread events are
     /// intact, so nothing that happened in between is missed. The handle map
-    /// persisted by that run matches the queue (the caller checks that no
-    /// read was in flight when it died), so it is loaded as is.
+    /// persisted by that run matches the queue unless it died in the middle
+    /// of a read (`trust_map` false: then renames it had taken off the
+    /// queue may be missing from the map, which is dropped and rebuilt).
     pub fn adopt(
         fd: OwnedFd,
         source: &Path,
         filter: Arc<Filter>,
         journal: Arc<Journal>,
+        trust_map: bool,
     ) -> Result<Self, WatchError> {
-        Self::setup(fd, source, filter, journal, false)
+        let mut w = Self::setup(fd, source, filter, journal, false)?;
+        if !trust_map {
+            w.forget_all();
+            w.persist()?;
+        }
+        Ok(w)
     }
 
     fn setup(
@@ -356,6 +366,7 @@ impl FanotifyWatcher {
             buf: vec![0u8; 256 * 1024],
             dirs_put: Vec::new(),
             dirs_del: Vec::new(),
+            dirs_reset: false,
             marks,
         };
         if mark {
@@ -423,6 +434,9 @@ impl FanotifyWatcher {
     }
 
     fn forget_all(&mut self) {
+        self.dirs_reset = true;
+        self.dirs_put.clear();
+        self.dirs_del.clear();
         let root = self.cache.remove(&self.root_key);
         self.cache.clear();
         self.by_path.clear();
@@ -494,6 +508,11 @@ impl FanotifyWatcher {
     }
 
     fn persist(&mut self) -> Result<(), WatchError> {
+        if std::mem::take(&mut self.dirs_reset) {
+            self.journal.dirs_reset(b"fanotify")?;
+            let root = (self.root_key.clone(), Vec::new());
+            self.dirs_put.push(root);
+        }
         if self.dirs_put.is_empty() && self.dirs_del.is_empty() {
             return Ok(());
         }
