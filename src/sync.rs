@@ -76,54 +76,29 @@ impl Compare<'_> {
     /// the target touched only where they disagree.
     ///
     /// An entry whose size, mtime, ctime, inode, mode and owner equal its
-    /// index entry has not changed since it was mirrored: nothing to do, not
-    /// even a target `lstat`. Anything else is compared with the target as
-    /// in [`Compare::source_walk`]. Deletions need no walk of the target
-    /// either: adding or removing an entry changes its directory's mtime and
-    /// ctime, so only the directories that differ from the index have their
-    /// target listing checked for entries the source no longer holds.
+    /// index entry has not changed since it was copied (the index holds the
+    /// source's metadata as it was when the copy was verified): nothing to
+    /// do, not even a target `lstat`. Anything else is compared with the
+    /// target as in [`Compare::source_walk`]. Deletions are found by
+    /// listing each target directory (names only, no stat) against the
+    /// source listing. A directory's own index entry cannot vouch for its
+    /// entries: it is stamped from the source when the directory is
+    /// touched, which may be after a change in it whose event a crash lost.
     pub fn reconcile(&self, start: &[u8], flag: u8) -> Result<(), JournalError> {
-        let changed = self.walk_source(start, flag)?;
-        let err = Mutex::new(None);
-        use rayon::prelude::*;
-        changed.par_iter().for_each(|dir| {
-            if self.stop.load(Ordering::Relaxed) {
-                return;
-            }
-            match scan::read_children(self.target.root(), dir) {
-                Ok(mut children) => {
-                    if let Err(e) = self.target_children(dir, &mut children, flag) {
-                        Self::keep_first(&err, e);
-                    }
-                }
-                Err(e) if fsops::is_missing(&e) => {}
-                Err(e) => self.walk_error("target", dir, &e),
-            }
-        });
-        match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.walk_source(start, flag, true)
     }
 
     /// Compares `start` (itself included) and its subtree with the target,
     /// enqueuing differences with `flag`.
     pub fn source_walk(&self, start: &[u8], flag: u8) -> Result<(), JournalError> {
-        self.walk_source(start, flag).map(drop)
+        self.walk_source(start, flag, false)
     }
 
-    /// The source walk; returns the directories (`start` included) whose
-    /// metadata differs from the index.
-    fn walk_source(&self, start: &[u8], flag: u8) -> Result<Vec<Vec<u8>>, JournalError> {
-        let changed_dirs = Mutex::new(Vec::new());
+    /// The source walk; with `names`, each directory's target listing is
+    /// checked for entries the source no longer holds.
+    fn walk_source(&self, start: &[u8], flag: u8, names: bool) -> Result<(), JournalError> {
         // The start directory itself.
         if let Ok(Some(m)) = self.source.lstat(start) {
-            if self.journal.index_get(self.t, start)? != Some(m) {
-                changed_dirs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(start.to_vec());
-            }
             let t = self.target.root().lstat(start).ok().flatten();
             if !matches!(t, Some(t) if m.mirrors(&t, self.owner)) {
                 self.journal.enqueue(self.t, &[(start.to_vec(), flag)])?;
@@ -150,7 +125,6 @@ impl Compare<'_> {
                 let mut same_ix = 0u64;
                 let mut todo = Vec::new();
                 let mut same: Vec<(Vec<u8>, Meta)> = Vec::new();
-                let mut changed = Vec::new();
                 for (c, ix) in children.iter_mut().zip(indexed) {
                     if self.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
                         c.descend = false;
@@ -162,9 +136,6 @@ impl Compare<'_> {
                     if ix == Some(c.meta) {
                         same_ix += 1;
                         continue;
-                    }
-                    if c.meta.kind == Kind::Dir {
-                        changed.push(c.rel.clone());
                     }
                     let tdir =
                         tdir.get_or_insert_with(|| self.target.root().open_dir(dir, false).ok());
@@ -202,11 +173,10 @@ impl Compare<'_> {
                 self.stats
                     .in_sync
                     .fetch_add(same.len() as u64 + same_ix, Ordering::Relaxed);
-                if !changed.is_empty() {
-                    changed_dirs
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .extend(changed);
+                if names {
+                    if let Err(e) = self.extra_target_names(dir, children, flag) {
+                        Self::keep_first(&err, e);
+                    }
                 }
                 self.stats
                     .enqueued
@@ -236,7 +206,7 @@ impl Compare<'_> {
         }
         match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e),
-            None => Ok(changed_dirs.into_inner().unwrap_or_else(|p| p.into_inner())),
+            None => Ok(()),
         }
     }
 
@@ -263,6 +233,47 @@ impl Compare<'_> {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Enqueues the names in target directory `dir` that the source listing
+    /// `children` lacks; removes stale temporary files.
+    fn extra_target_names(
+        &self,
+        dir: &[u8],
+        children: &[scan::Child],
+        flag: u8,
+    ) -> Result<(), JournalError> {
+        let Ok(td) = self.target.root().open_dir(dir, true) else {
+            return Ok(());
+        };
+        let Ok(names) = fsops::list_dir(td.as_fd()) else {
+            return Ok(());
+        };
+        let have: std::collections::HashSet<&[u8]> =
+            children.iter().map(|c| paths::split(&c.rel).1).collect();
+        let mut todo = Vec::new();
+        for name in names {
+            if have.contains(name.as_slice()) {
+                continue;
+            }
+            if fsops::is_temp_name(&name) {
+                if fsops::is_stale_temp_name(&name) {
+                    let _ = fsops::remove_tree_at(td.as_fd(), &name);
+                }
+                continue;
+            }
+            let rel = paths::join(dir, &name);
+            // Excluded names are neither mirrored nor deleted.
+            let is_dir =
+                matches!(fsops::lstat_at(td.as_fd(), &name), Ok(Some(m)) if m.kind == Kind::Dir);
+            if !self.filter.excluded(&rel, is_dir) {
+                todo.push((rel, flag));
+            }
+        }
+        self.stats
+            .enqueued
+            .fetch_add(todo.len() as u64, Ordering::Relaxed);
+        self.journal.enqueue(self.t, &todo)
     }
 
     /// Enqueues the entries of target directory `dir` that the source does
