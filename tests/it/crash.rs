@@ -176,10 +176,18 @@ fn crash_kill9_under_write_load_converges_every_cycle() {
     let mut d = env.start(&[]);
     env.converge_for(&["--checksum"], &d, secs(180));
     let (mut in_scan, mut live) = (0, 0);
+    // After every third crash the daemon is restarted and killed again
+    // within milliseconds of `drmirror ready`, while its startup scan is
+    // still reconciling; every other restart must converge.
+    let mut fresh = false;
     for cycle in 0..cycles {
         let before = writer.ops();
         writer.resume();
-        thread::sleep(ms(rng.below(1500)));
+        thread::sleep(ms(if fresh {
+            rng.below(20)
+        } else {
+            rng.below(1500)
+        }));
         let phase = if d.log().contains("startup scan done") {
             live += 1;
             "live"
@@ -194,8 +202,19 @@ fn crash_kill9_under_write_load_converges_every_cycle() {
         eprintln!(
             "crash cycle {cycle}: killed during {phase} after {during} operations, restarting"
         );
-        d = env.start(&[]);
-        env.converge_for(&["--checksum"], &d, secs(120));
+        if cycle % 3 == 1 && cycle + 1 < cycles {
+            d = env.spawn(&[]);
+            let deadline = std::time::Instant::now() + secs(30);
+            while !d.log().contains("drmirror ready") {
+                assert!(std::time::Instant::now() < deadline, "{}", d.log_tail());
+                thread::sleep(ms(1));
+            }
+            fresh = true;
+        } else {
+            d = env.start(&[]);
+            env.converge_for(&["--checksum"], &d, secs(120));
+            fresh = false;
+        }
     }
     let ops = writer.stop();
     eprintln!(
