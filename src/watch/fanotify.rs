@@ -33,7 +33,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fanotify::low_level as fan;
-use rustix::event::{PollFd, PollFlags};
 
 use super::fid::{self, consts::*, Fid};
 use super::{Event, WatchError, Watcher};
@@ -649,16 +648,7 @@ impl FanotifyWatcher {
     }
 
     fn wait_fd(&self, timeout: Duration) -> Result<bool, WatchError> {
-        let ts = rustix::fs::Timespec {
-            tv_sec: timeout.as_secs() as i64,
-            tv_nsec: timeout.subsec_nanos() as _,
-        };
-        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
-        match rustix::event::poll(&mut fds, Some(&ts)) {
-            Ok(n) => Ok(n > 0),
-            Err(rustix::io::Errno::INTR) => Ok(false),
-            Err(e) => Err(WatchError::Read(e.into())),
-        }
+        super::readable(&self.fd, timeout)
     }
 
     /// Reads what is queued; `false` once the queue is empty.

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
-use rustix::event::{PollFd, PollFlags};
 
 use super::{Event, WatchError, Watcher};
 use crate::filter::Filter;
@@ -541,16 +540,7 @@ impl InotifyWatcher {
     }
 
     fn wait_fd(&self, timeout: Duration) -> Result<bool, WatchError> {
-        let ts = rustix::fs::Timespec {
-            tv_sec: timeout.as_secs() as i64,
-            tv_nsec: timeout.subsec_nanos() as _,
-        };
-        let mut fds = [PollFd::new(&self.ino, PollFlags::IN)];
-        match rustix::event::poll(&mut fds, Some(&ts)) {
-            Ok(n) => Ok(n > 0),
-            Err(rustix::io::Errno::INTR) => Ok(false),
-            Err(e) => Err(WatchError::Read(e.into())),
-        }
+        super::readable(&self.ino, timeout)
     }
 }
 

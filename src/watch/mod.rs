@@ -88,6 +88,22 @@ pub trait Watcher: Send {
     }
 }
 
+/// Waits up to `timeout` for `fd` (an inotify or fanotify group) to be
+/// readable; a signal counts as "not yet".
+fn readable(fd: impl std::os::fd::AsFd, timeout: Duration) -> Result<bool, WatchError> {
+    use rustix::event::{PollFd, PollFlags};
+    let ts = rustix::fs::Timespec {
+        tv_sec: timeout.as_secs() as i64,
+        tv_nsec: timeout.subsec_nanos() as _,
+    };
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    match rustix::event::poll(&mut fds, Some(&ts)) {
+        Ok(n) => Ok(n > 0),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(e) => Err(WatchError::Read(e.into())),
+    }
+}
+
 /// Marks the parent of `path` dirty: an entry that appears, goes or is
 /// renamed changes its directory's mtime, which is mirrored — unless the
 /// parent is itself excluded (fanotify sees inside excluded directories).

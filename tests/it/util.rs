@@ -638,50 +638,19 @@ impl Daemon {
         user: Option<(u32, u32)>,
         bin: Option<&Path>,
     ) -> Daemon {
-        let n = LOG_SEQ.fetch_add(1, Ordering::SeqCst);
-        let log_path = log_dir.join(format!("daemon-{n}.log"));
         let bin: PathBuf = bin
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(BIN));
-        let mut attempts = 0;
-        let child = loop {
-            let log = File::create(&log_path)
-                .unwrap_or_else(|e| panic!("create log {}: {e}", log_path.display()));
-            let log2 = log.try_clone().expect("clone log fd");
-            let mut cmd = Command::new(&bin);
-            cmd.args(args)
-                .env("RUST_LOG", "info")
-                .env("NO_COLOR", "1")
-                .env_remove("STATE_DIRECTORY")
-                .current_dir("/")
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(log2))
-                .stderr(Stdio::from(log));
-            if let Some((uid, gid)) = user {
-                cmd.uid(uid).gid(gid);
-            }
-            match cmd.spawn() {
-                Ok(c) => break c,
-                // ETXTBSY: a freshly copied binary still open in a child
-                // forked by a parallel test; retry briefly.
-                Err(e) if e.raw_os_error() == Some(26) && attempts < 100 => {
-                    attempts += 1;
-                    thread::sleep(ms(50));
-                }
-                Err(e) => panic!("spawn {} {:?}: {e}", bin.display(), args),
-            }
-        };
-        let pid = child.id();
-        Daemon {
-            child: RefCell::new(child),
-            status: Cell::new(None),
-            log_path,
-            pid,
+        let mut cmd = Command::new(&bin);
+        cmd.args(args);
+        if let Some((uid, gid)) = user {
+            cmd.uid(uid).gid(gid);
         }
+        Daemon::spawn_command(cmd, log_dir)
     }
 
-    /// Spawns a prepared command (environment, pre-exec hooks) the same
-    /// way: `RUST_LOG=info`, output to a new log file in `log_dir`.
+    /// Spawns a prepared command (arguments, environment, pre-exec hooks)
+    /// with `RUST_LOG=info`, output to a new log file in `log_dir`.
     pub fn spawn_command(mut cmd: Command, log_dir: &Path) -> Daemon {
         let n = LOG_SEQ.fetch_add(1, Ordering::SeqCst);
         let log_path = log_dir.join(format!("daemon-{n}.log"));
@@ -695,7 +664,19 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log2))
             .stderr(Stdio::from(log));
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let mut attempts = 0;
+        let child = loop {
+            match cmd.spawn() {
+                Ok(c) => break c,
+                // ETXTBSY: a freshly copied binary still open in a child
+                // forked by a parallel test; retry briefly.
+                Err(e) if e.raw_os_error() == Some(26) && attempts < 100 => {
+                    attempts += 1;
+                    thread::sleep(ms(50));
+                }
+                Err(e) => panic!("spawn {cmd:?}: {e}"),
+            }
+        };
         let pid = child.id();
         Daemon {
             child: RefCell::new(child),
