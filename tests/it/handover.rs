@@ -82,7 +82,7 @@ impl Manager {
     }
 
     /// Starts `drmirror run` the way systemd would, with the stored fds.
-    fn spawn(&self, env: &Env, extra_env: &[(&str, &str)]) -> Daemon {
+    fn spawn(&self, env: &Env, args: &[&str], extra_env: &[(&str, &str)]) -> Daemon {
         let mut cmd = Command::new("/bin/sh");
         // LISTEN_PID must be the daemon's own pid: the shell's, kept by exec.
         let script = if self.stored.is_empty() {
@@ -91,7 +91,7 @@ impl Manager {
             r#"LISTEN_PID=$$ exec "$0" "$@""#
         };
         cmd.arg("-c").arg(script).arg(BIN);
-        cmd.args(env.run_args(&[]));
+        cmd.args(env.run_args(args));
         cmd.env("NOTIFY_SOCKET", &self.path);
         for (k, v) in extra_env {
             cmd.env(k, v);
@@ -143,8 +143,8 @@ fn setup() -> Option<(Env, Manager)> {
 
 /// Starts a daemon under the manager and waits until it is ready, in sync,
 /// and has stored its capture descriptor.
-fn start_stored(env: &Env, m: &mut Manager, extra_env: &[(&str, &str)]) -> Daemon {
-    let d = m.spawn(env, extra_env);
+fn start_stored(env: &Env, m: &mut Manager, args: &[&str], extra_env: &[(&str, &str)]) -> Daemon {
+    let d = m.spawn(env, args, extra_env);
     d.wait_log("drmirror ready", secs(30));
     assert!(
         m.pump(secs(10), |m| m.got("READY=1") && !m.stored.is_empty()),
@@ -159,7 +159,14 @@ fn start_stored(env: &Env, m: &mut Manager, extra_env: &[(&str, &str)]) -> Daemo
 #[test]
 fn fd_store_handover_misses_nothing_and_needs_no_rescan() {
     let Some((env, mut m)) = setup() else { return };
-    let d = start_stored(&env, &mut m, &[]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = start_stored(&env, &mut m, &["--metrics", &addr], &[]);
+    // The target shares the source's filesystem, so the daemon's own writes
+    // wake its capture loop after the trees already compare equal. A kill
+    // while it reads those rightly forces a rescan (it cannot know they were
+    // only its own): kill it once capture has gone quiet.
+    wait_capture_quiet(port, &d);
     d.kill9();
 
     // While no daemon runs: the kernel queue of the stored group keeps these.
@@ -169,7 +176,7 @@ fn fd_store_handover_misses_nothing_and_needs_no_rescan() {
     rename(&env.s("b"), &env.s("b2"));
     std::fs::remove_dir(env.s("c")).expect("rmdir");
 
-    let d = m.spawn(&env, &[]);
+    let d = m.spawn(&env, &[], &[]);
     let log = d.wait_log("capture handed over", secs(30));
     assert!(log.contains("no rescan needed"), "{log}");
     d.wait_log("startup scan skipped", secs(10));
@@ -194,12 +201,17 @@ fn fd_store_handover_misses_nothing_and_needs_no_rescan() {
 fn a_crash_holding_unrecorded_events_forces_a_rescan() {
     let Some((env, mut m)) = setup() else { return };
     // The hook aborts right after events are taken off the kernel queue.
-    let d = start_stored(&env, &mut m, &[("DRMIRROR_TEST_ABORT_AFTER_READ", "1")]);
+    let d = start_stored(
+        &env,
+        &mut m,
+        &[],
+        &[("DRMIRROR_TEST_ABORT_AFTER_READ", "1")],
+    );
     write(&env.s("a/lost-in-flight"), b"read, never recorded");
     let st = d.wait_exit(secs(30));
     assert!(!st.success(), "the hook should have aborted the daemon");
 
-    let d = m.spawn(&env, &[]);
+    let d = m.spawn(&env, &[], &[]);
     let log = d.wait_log("capture handed over", secs(30));
     assert!(log.contains("rescanning"), "{log}");
     d.wait_log("startup scan done", secs(60));
@@ -211,11 +223,11 @@ fn a_crash_holding_unrecorded_events_forces_a_rescan() {
 #[test]
 fn without_a_stored_descriptor_a_restart_rescans() {
     let Some((env, mut m)) = setup() else { return };
-    let d = start_stored(&env, &mut m, &[]);
+    let d = start_stored(&env, &mut m, &[], &[]);
     d.kill9();
     write(&env.s("a/while-down"), b"x");
     m.stored.clear();
-    let d = m.spawn(&env, &[]);
+    let d = m.spawn(&env, &[], &[]);
     d.wait_log("startup scan done", secs(60));
     assert!(!d.log().contains("capture handed over"));
     env.converge(&[], &d);

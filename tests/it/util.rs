@@ -1236,3 +1236,29 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Waits until the daemon serving metrics on `port` has not woken its
+/// capture loop for a second: it is blocked waiting for the kernel, holding
+/// no events it has read but not recorded.
+pub fn wait_capture_quiet(port: u16, d: &Daemon) {
+    let wakeups = || {
+        let text = http_get(port, "/metrics")
+            .unwrap_or_else(|| panic!("no /metrics on port {port}\n{}", d.log_tail()));
+        metric(&text, "drmirror_capture_wakeups_total")
+    };
+    let deadline = Instant::now() + secs(30);
+    let mut last = wakeups();
+    loop {
+        std::thread::sleep(secs(1));
+        let now = wakeups();
+        if now == last {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "capture never went quiet (wake-ups {last} -> {now})\n{}",
+            d.log_tail()
+        );
+        last = now;
+    }
+}
