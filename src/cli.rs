@@ -80,6 +80,23 @@ pub enum Command {
         #[arg(long, default_value_t = 60.0)]
         max_lag: f64,
     },
+    /// The DR host's end: write what a daemon sends beneath ROOT. Speaks
+    /// the protocol on stdin/stdout (what `ssh://` targets run), or serves
+    /// `tcp://` targets with --listen.
+    Receive {
+        /// Directory to write the mirror beneath (created if missing).
+        #[arg(long)]
+        root: PathBuf,
+        /// Serve TCP on this address (e.g. 0.0.0.0:7878) instead of stdio.
+        #[arg(long, requires = "token_file")]
+        listen: Option<std::net::SocketAddr>,
+        /// File holding the shared token TCP clients must present.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Most TCP connections served at once.
+        #[arg(long, default_value_t = 8)]
+        max_connections: usize,
+    },
     /// Compare a source tree with its mirror; exit 1 listing differences.
     Verify {
         #[arg(long)]

@@ -134,11 +134,31 @@ impl Default for Backlog {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub name: Option<String>,
+    /// A local directory, `ssh://[user@]host[:port]/path` or `tcp://host:port/path`.
     pub path: PathBuf,
+    /// ssh: identity file.
+    #[serde(default)]
+    pub ssh_identity: Option<PathBuf>,
+    /// ssh: extra arguments (e.g. `["-o", "ProxyJump=bastion"]`).
+    #[serde(default)]
+    pub ssh_args: Vec<String>,
+    /// ssh: drmirror's path on the far side.
+    #[serde(default)]
+    pub remote_command: Option<String>,
+    /// tcp: file holding the shared token.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// zstd-compress file data on the wire (remote targets).
+    #[serde(default)]
+    pub compress: bool,
+    /// Bandwidth limit on the wire, e.g. `"10M"` (bytes/s; K, M, G suffixes)
+    /// or a number of KiB/s as rsync's `--bwlimit` takes it.
+    #[serde(default)]
+    pub bwlimit: Option<toml::Value>,
 }
 
 pub const DEFAULT_DELAY: Duration = Duration::from_millis(100);
@@ -172,7 +192,82 @@ fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
 #[derive(Clone, Debug)]
 pub struct Target {
     pub name: String,
+    /// Local directory (canonical), or the remote path for remote targets.
     pub path: PathBuf,
+    /// How to reach it, for a remote target.
+    pub remote: Option<crate::target::remote::RemoteSpec>,
+}
+
+/// `bwlimit`: a number is KiB/s (as rsync's `--bwlimit`); a string takes a
+/// K, M or G suffix (powers of 1024) and means bytes/s without one.
+fn parse_bwlimit(v: &toml::Value) -> Result<u64, String> {
+    match v {
+        toml::Value::Integer(n) if *n >= 0 => Ok(*n as u64 * 1024),
+        toml::Value::String(s) => {
+            let s = s.trim();
+            let (num, mult) = match s.chars().last() {
+                Some('K') | Some('k') => (&s[..s.len() - 1], 1u64 << 10),
+                Some('M') | Some('m') => (&s[..s.len() - 1], 1 << 20),
+                Some('G') | Some('g') => (&s[..s.len() - 1], 1 << 30),
+                _ => (s, 1),
+            };
+            num.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|n| *n >= 0.0 && n.is_finite())
+                .map(|n| (n * mult as f64) as u64)
+                .ok_or_else(|| format!("{s:?}: expected e.g. \"10M\" or a number of KiB/s"))
+        }
+        other => Err(format!(
+            "{other}: expected e.g. \"10M\" or a number of KiB/s"
+        )),
+    }
+}
+
+fn remote_target(
+    t: &TargetConfig,
+    url: &str,
+) -> Result<crate::target::remote::RemoteSpec, ConfigError> {
+    use crate::target::remote::{parse_url, RemoteSpec, Transport};
+    let (transport, path) = parse_url(url).map_err(|e| field("target.path", e.to_string()))?;
+    let token = match (&transport, &t.token_file) {
+        (Transport::Tcp { .. }, None) => {
+            return Err(field(
+                "target.token_file",
+                format!("{url}: a tcp:// target needs the receiver's shared token"),
+            ))
+        }
+        (_, Some(f)) => {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| field("target.token_file", format!("{}: {e}", f.display())))?;
+            let tok = text.trim().to_string();
+            if tok.is_empty() {
+                return Err(field(
+                    "target.token_file",
+                    format!("{} is empty", f.display()),
+                ));
+            }
+            Some(tok)
+        }
+        (_, None) => None,
+    };
+    let bwlimit = match &t.bwlimit {
+        None => 0,
+        Some(v) => parse_bwlimit(v).map_err(|e| field("target.bwlimit", e))?,
+    };
+    Ok(RemoteSpec {
+        transport,
+        path,
+        identity: t.ssh_identity.clone(),
+        ssh_args: t.ssh_args.clone(),
+        command: t
+            .remote_command
+            .clone()
+            .unwrap_or_else(|| "drmirror".to_string()),
+        token,
+        compress: t.compress,
+        bwlimit,
+    })
 }
 
 /// A validated configuration: paths are absolute and canonical.
@@ -259,7 +354,10 @@ impl Config {
             targets: q
                 .targets
                 .into_iter()
-                .map(|path| TargetConfig { name: None, path })
+                .map(|path| TargetConfig {
+                    path,
+                    ..Default::default()
+                })
                 .collect(),
             metrics_listen: q.metrics_listen,
         })
@@ -376,6 +474,40 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let mut targets: Vec<Target> = Vec::new();
     for t in &raw.targets {
+        if let Some(url) = t.path.to_str().filter(|u| crate::target::remote::is_url(u)) {
+            let spec = remote_target(t, url)?;
+            let name = t.name.clone().unwrap_or_else(|| url.to_string());
+            if name.is_empty() {
+                return Err(field("target.name", "must not be empty"));
+            }
+            if targets.iter().any(|o| o.name == name) {
+                return Err(field(
+                    "target.name",
+                    format!("duplicate target name {name:?}"),
+                ));
+            }
+            targets.push(Target {
+                name,
+                path: spec.path.clone(),
+                remote: Some(spec),
+            });
+            continue;
+        }
+        if t.ssh_identity.is_some()
+            || !t.ssh_args.is_empty()
+            || t.remote_command.is_some()
+            || t.token_file.is_some()
+            || t.compress
+            || t.bwlimit.is_some()
+        {
+            return Err(field(
+                "target",
+                format!(
+                    "{}: ssh_*, remote_command, token_file, compress and bwlimit apply to ssh:// and tcp:// targets only",
+                    t.path.display()
+                ),
+            ));
+        }
         let path = canonical_lenient(&t.path)
             .map_err(|e| field("target", format!("{}: {e}", t.path.display())))?;
         if path.starts_with(&source) {
@@ -408,13 +540,17 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 format!("duplicate target name {name:?}"),
             ));
         }
-        if targets.iter().any(|o| o.path == path) {
+        if targets.iter().any(|o| o.remote.is_none() && o.path == path) {
             return Err(field(
                 "target",
                 format!("{} is listed twice", path.display()),
             ));
         }
-        targets.push(Target { name, path });
+        targets.push(Target {
+            name,
+            path,
+            remote: None,
+        });
     }
     let state_dir = raw
         .state_dir
@@ -432,7 +568,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ),
         ));
     }
-    for t in &targets {
+    for t in targets.iter().filter(|t| t.remote.is_none()) {
         if state_dir.starts_with(&t.path) || t.path.starts_with(&state_dir) {
             return Err(field(
                 "state_dir",

@@ -22,6 +22,8 @@ use crate::journal::{flags, Change, Journal, JournalError, TargetId};
 use crate::ship::{ShipStats, Shipper};
 use crate::sync::{Compare, ScanStats};
 use crate::target::local::{DeletePolicy, LocalTarget};
+use crate::target::remote::RemoteTarget;
+use crate::target::Target;
 use crate::watch::fanotify::FanotifyWatcher;
 use crate::watch::inotify::InotifyWatcher;
 use crate::watch::{Event, WatchError, Watcher};
@@ -212,6 +214,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             source,
         })?,
     );
+    journal.set_backlog_bound(cfg.backlog.max_entries, cfg.backlog.max_bytes);
     if let Some(addr) = cfg.metrics_listen {
         // Metrics are how the RPO is watched, but a mirror that stops
         // replicating because a port is taken would be worse.
@@ -236,7 +239,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     struct T {
         id: TargetId,
         name: String,
-        target: Arc<LocalTarget>,
+        target: Arc<Target>,
         wake: Sender<()>,
         wake_rx: crossbeam_channel::Receiver<()>,
         scan_done: Arc<AtomicBool>,
@@ -244,11 +247,18 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     let mut targets = Vec::new();
     for t in &cfg.targets {
-        let target = LocalTarget::open(&t.path, owner).map_err(|source| DaemonError::Target {
-            name: t.name.clone(),
-            path: t.path.clone(),
-            source,
-        })?;
+        // A remote target connects on first use: one that is down at start
+        // must not keep the daemon (and capture) from starting.
+        let target = match &t.remote {
+            Some(spec) => Target::Remote(RemoteTarget::new(&t.name, spec.clone(), owner)),
+            None => Target::Local(LocalTarget::open(&t.path, owner).map_err(|source| {
+                DaemonError::Target {
+                    name: t.name.clone(),
+                    path: t.path.clone(),
+                    source,
+                }
+            })?),
+        };
         let (wake, wake_rx) = bounded(1);
         targets.push(T {
             id: journal.target_id(&t.name)?,

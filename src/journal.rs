@@ -221,6 +221,48 @@ pub struct Journal {
     /// Serialises read-check-write sequences (completion, renames) against
     /// capture; plain capture writes are merges and need no read.
     lock: Mutex<()>,
+    /// The backlog bound and each target's backlog size as last counted
+    /// (plus what was recorded since): see [`Journal::record`].
+    bound: Mutex<Bound>,
+}
+
+#[derive(Default)]
+struct Bound {
+    max_entries: u64,
+    max_bytes: u64,
+    /// target → (entries, bytes), an over-estimate between counts.
+    size: std::collections::HashMap<TargetId, (u64, u64)>,
+    /// Targets whose backlog is collapsing (logged once per episode).
+    collapsing: std::collections::HashSet<TargetId>,
+}
+
+impl Bound {
+    /// 0: record paths as they are; 1: over the bound; 2: over twice it.
+    fn level(&self, t: TargetId) -> u8 {
+        let (e, b) = self.size.get(&t).copied().unwrap_or_default();
+        if e >= self.max_entries.saturating_mul(2) || b >= self.max_bytes.saturating_mul(2) {
+            2
+        } else if e >= self.max_entries || b >= self.max_bytes {
+            1
+        } else {
+            0
+        }
+    }
+}
+
+/// Where a change to `path` is recorded while the backlog of its target is
+/// over its bound: the parent directory (to be rescanned whole), and past
+/// twice the bound the top-level directory, so that however many distinct
+/// paths change the backlog stops growing.
+fn collapse_path(path: &[u8], level: u8) -> Vec<u8> {
+    if level >= 2 {
+        match path.iter().position(|&b| b == b'/') {
+            Some(i) => path[..i].to_vec(),
+            None => Vec::new(),
+        }
+    } else {
+        paths::parent(path).map(|p| p.to_vec()).unwrap_or_default()
+    }
 }
 
 fn key(t: TargetId, path: &[u8]) -> Vec<u8> {
@@ -291,6 +333,11 @@ impl Journal {
             db,
             seq: AtomicU64::new(0),
             lock: Mutex::new(()),
+            bound: Mutex::new(Bound {
+                max_entries: u64::MAX,
+                max_bytes: u64::MAX,
+                ..Default::default()
+            }),
         };
         j.check_schema()?;
         let seq = j.meta_u64(META_SEQ)?.unwrap_or(0);
@@ -434,14 +481,34 @@ impl Journal {
             let seq = first + i as u64;
             match c {
                 Change::Dirty { path, flags } => {
-                    let v = Pending {
-                        seq,
-                        first_seen_ns: now,
-                        flags: *flags,
-                    }
-                    .encode();
+                    let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
                     for &t in targets {
-                        b.merge_cf(pending, key(t, path), v);
+                        let (k, f) = match bound.level(t) {
+                            0 => (key(t, path), *flags),
+                            level => {
+                                if bound.collapsing.insert(t) {
+                                    tracing::warn!(
+                                        "backlog of target #{t} reached its bound (backlog.max_entries = {}, max_bytes = {}): new changes are recorded as directory-level rescans until it drains",
+                                        bound.max_entries, bound.max_bytes
+                                    );
+                                }
+                                metrics::counter!("drmirror_backlog_collapsed_total").increment(1);
+                                (
+                                    key(t, &collapse_path(path, level)),
+                                    flags::RECURSIVE | (*flags & (flags::LIVE | flags::STARTUP)),
+                                )
+                            }
+                        };
+                        let v = Pending {
+                            seq,
+                            first_seen_ns: now,
+                            flags: f,
+                        }
+                        .encode();
+                        let e = bound.size.entry(t).or_default();
+                        e.0 += 1;
+                        e.1 += (k.len() + v.len()) as u64;
+                        b.merge_cf(pending, k, v);
                     }
                 }
                 Change::Rename { from, to } => {
@@ -571,6 +638,28 @@ impl Journal {
     /// Entries, bytes and the oldest first-seen time (ns) of target `t`'s
     /// backlog, looking at `limit` entries at most (`complete` says whether
     /// that was all of them): called about once a second for the metrics.
+    /// Bounds every target's backlog (see [`Journal::record`]).
+    pub fn set_backlog_bound(&self, max_entries: u64, max_bytes: u64) {
+        let mut b = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        b.max_entries = max_entries.max(1);
+        b.max_bytes = max_bytes.max(1);
+    }
+
+    /// Records a fresh count of target `t`'s backlog (the shipper counts it
+    /// about once a second).
+    pub fn note_backlog(&self, t: TargetId, st: &BacklogStats) {
+        let mut b = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        let e = b.size.entry(t).or_default();
+        if st.complete {
+            *e = (st.entries, st.bytes);
+        } else {
+            *e = (e.0.max(st.entries), e.1.max(st.bytes));
+        }
+        if b.level(t) == 0 && b.collapsing.remove(&t) {
+            tracing::info!("backlog of target #{t} is below its bound again");
+        }
+    }
+
     pub fn backlog_stats(&self, t: TargetId, limit: usize) -> Result<BacklogStats> {
         let start = key(t, b"");
         let end = prefix_end(&start).unwrap_or_else(|| vec![0xff; 3]);

@@ -15,6 +15,7 @@
 //! - [`journal`]: the persistent backlog, index and watch tree.
 //! - [`watch`]: capture backends; [`filter`]: excludes; [`handover`]: the fd store.
 //! - [`sync`]: compare walks; [`ship`]: applying the backlog; [`target`]: writing the mirror.
+//! - [`protocol`]: frames on the wire; [`receive`]: the DR-side receiver.
 //! - [`verify`]: comparing two trees; [`config`], [`cli`], [`daemon`]: the front.
 
 pub mod cli;
@@ -26,6 +27,8 @@ pub mod handover;
 pub mod journal;
 pub mod meta;
 pub mod paths;
+pub mod protocol;
+pub mod receive;
 pub mod scan;
 pub mod ship;
 pub mod status;

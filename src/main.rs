@@ -96,6 +96,57 @@ fn status(
     }
 }
 
+/// `drmirror receive`: 0 when the daemon hung up cleanly, 1 on a protocol
+/// or I/O error, 2 on bad arguments.
+fn receive(
+    root: std::path::PathBuf,
+    listen: Option<std::net::SocketAddr>,
+    token_file: Option<std::path::PathBuf>,
+    max_connections: usize,
+) -> ExitCode {
+    init_logging();
+    let target = match drmirror::receive::open_root(&root) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("drmirror receive: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let r = match listen {
+        None => drmirror::receive::serve_stdio(&target),
+        Some(addr) => {
+            let token = match token_file.as_deref().map(std::fs::read_to_string) {
+                Some(Ok(t)) if !t.trim().is_empty() => t.trim().to_string(),
+                Some(Ok(_)) => {
+                    eprintln!("drmirror receive: the token file is empty");
+                    return ExitCode::from(2);
+                }
+                Some(Err(e)) => {
+                    eprintln!("drmirror receive: token file: {e}");
+                    return ExitCode::from(2);
+                }
+                None => {
+                    eprintln!("drmirror receive: --listen needs --token-file");
+                    return ExitCode::from(2);
+                }
+            };
+            drmirror::receive::serve_tcp(
+                std::sync::Arc::new(target),
+                addr,
+                token,
+                max_connections.max(1),
+            )
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("drmirror receive: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -139,6 +190,12 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Receive {
+            root,
+            listen,
+            token_file,
+            max_connections,
+        } => receive(root, listen, token_file, max_connections),
         Command::Status {
             state,
             config,

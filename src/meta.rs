@@ -4,7 +4,9 @@ use rustix::fs::{FileType, Stat};
 
 /// The kinds of entries drmirror mirrors. Special files (FIFOs, sockets,
 /// devices) are `Other` and are skipped, as `rsync -a` without `-D` does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[repr(u8)]
 pub enum Kind {
     File = 1,
@@ -35,7 +37,7 @@ impl Kind {
 }
 
 /// Metadata of one filesystem entry, as read by `lstat`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Meta {
     pub kind: Kind,
     /// Permission bits including setuid/setgid/sticky (`mode & 0o7777`).

@@ -21,8 +21,8 @@ use crate::journal::{flags, Completion, Journal, JournalError, Pending, TargetId
 use crate::meta::Kind;
 use crate::paths;
 use crate::sync::{Compare, ScanStats};
-use crate::target::local::{DeletePolicy, LocalTarget};
-use crate::target::{ApplyError, Outcome};
+use crate::target::local::DeletePolicy;
+use crate::target::{ApplyError, Outcome, Target};
 
 const BATCH: usize = 2048;
 /// Longest run of same-directory entries one task applies.
@@ -50,7 +50,7 @@ pub struct Shipper {
     pub name: String,
     pub journal: Arc<Journal>,
     pub source: Arc<Root>,
-    pub target: Arc<LocalTarget>,
+    pub target: Arc<Target>,
     pub filter: Arc<Filter>,
     pub policy: DeletePolicy,
     pub owner: bool,
@@ -151,7 +151,7 @@ pub enum FlushJob {
     Barrier(crossbeam_channel::Sender<Result<(), JournalError>>),
 }
 
-fn sync_target(target: &LocalTarget, name: &str) -> bool {
+fn sync_target(target: &Target, name: &str) -> bool {
     let t0 = Instant::now();
     let r = target.sync();
     tracing::debug!(target = %name, ms = t0.elapsed().as_millis() as u64, "syncfs");
@@ -170,7 +170,7 @@ fn sync_target(target: &LocalTarget, name: &str) -> bool {
 
 fn commit(
     journal: &Journal,
-    target: &LocalTarget,
+    target: &Target,
     t: TargetId,
     name: &str,
     c: &Completion,
@@ -185,7 +185,7 @@ fn commit(
 fn flusher_loop(
     rx: crossbeam_channel::Receiver<FlushJob>,
     journal: Arc<Journal>,
-    target: Arc<LocalTarget>,
+    target: Arc<Target>,
     t: TargetId,
     name: String,
 ) {
@@ -245,6 +245,20 @@ impl Shipper {
 
     fn serve(&mut self) -> Result<(), JournalError> {
         while !self.stop.load(Ordering::Relaxed) {
+            // A remote target that is down: wait for the next connection
+            // attempt without touching the backlog (it stays in the
+            // journal; capture goes on).
+            if let Err(wait) = self.target.ready() {
+                if self.target_up {
+                    self.target_up = false;
+                    self.report(true)?;
+                }
+                self.report(false)?;
+                let _ = self
+                    .wake
+                    .recv_timeout(wait.clamp(Duration::from_millis(50), Duration::from_secs(1)));
+                continue;
+            }
             // Read before the round: a scan that finished before the round
             // began has all its entries visible to it.
             let scan_was_done = self.scan_done.load(Ordering::Acquire);
@@ -285,6 +299,7 @@ impl Shipper {
         let t0 = Instant::now();
         self.last_report = Some(t0);
         let st = self.journal.backlog_stats(self.t, 1_000_000)?;
+        self.journal.note_backlog(self.t, &st);
         // Counting a large backlog walks it: keep that under ~2% of the
         // shipper's time (once a second while it is small).
         self.report_every = (t0.elapsed() * 50).max(Duration::from_secs(1));
@@ -392,6 +407,8 @@ impl Shipper {
                 Ok(false) => c
                     .requeue
                     .push((r.to.clone(), flags::RECURSIVE | flags::LIVE)),
+                // Left in the journal: tried again once the target is back.
+                Err(ApplyError::Unreachable { .. }) => break,
                 Err(e) => {
                     // Degrade to copies rather than retry in a loop.
                     tracing::warn!(
@@ -523,20 +540,27 @@ impl Shipper {
             .store(self.retry.len() as u64, Ordering::Relaxed);
         self.publish_applied(&applied, target_errors);
 
+        // Deepest first, in one call (one batch for a remote target).
+        let mut dirs: Vec<(Vec<u8>, crate::meta::Meta)> = Vec::new();
         for d in touched.iter().rev() {
             if self.filter.excluded(d, true) {
                 continue;
             }
-            match self.source.lstat(d) {
-                Ok(Some(m)) if m.kind == Kind::Dir => match self.target.set_dir_attrs(d, &m) {
-                    Ok(()) => {
-                        tracing::trace!(path = %paths::display(d), "dir attrs set");
-                        c.index_put.push((d.clone(), m));
-                        wrote = true;
-                    }
-                    Err(e) => tracing::debug!("{e}"),
-                },
-                _ => {}
+            if let Ok(Some(m)) = self.source.lstat(d) {
+                if m.kind == Kind::Dir {
+                    dirs.push((d.clone(), m));
+                }
+            }
+        }
+        let set = self.target.set_attrs_many(&dirs);
+        for ((d, m), r) in dirs.into_iter().zip(set) {
+            match r {
+                Ok(()) => {
+                    tracing::trace!(path = %paths::display(&d), "dir attrs set");
+                    c.index_put.push((d, m));
+                    wrote = true;
+                }
+                Err(e) => tracing::debug!("{e}"),
             }
         }
         // Group commit: one syncfs and one journal write per second (or
@@ -636,6 +660,14 @@ impl Shipper {
     }
 
     fn failed(&mut self, p: &[u8], seq: u64, e: ApplyError) {
+        if let ApplyError::Unreachable { .. } = e {
+            // Not this path's fault: it stays pending and goes with the
+            // rest of the backlog once the target is back (the connection
+            // logs the outage once, not once per path).
+            self.target_up = false;
+            tracing::debug!(target = %self.name, path = %paths::display(p), "{e}");
+            return;
+        }
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("drmirror_errors_total", "kind" => e.kind()).increment(1);
         let msg = e.to_string();

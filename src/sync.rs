@@ -19,7 +19,7 @@ use crate::journal::{flags, Journal, JournalError, TargetId};
 use crate::meta::{Kind, Meta};
 use crate::paths;
 use crate::scan;
-use crate::target::local::LocalTarget;
+use crate::target::{DirView, Target};
 
 /// Counters of a compare walk.
 #[derive(Default, Debug)]
@@ -36,7 +36,7 @@ pub struct ScanStats {
 /// Everything a compare walk needs.
 pub struct Compare<'a> {
     pub source: &'a Root,
-    pub target: &'a LocalTarget,
+    pub target: &'a Target,
     pub journal: &'a Journal,
     pub t: TargetId,
     pub filter: &'a Filter,
@@ -48,18 +48,10 @@ pub struct Compare<'a> {
     pub dirs_seen: Option<&'a crossbeam_channel::Sender<Vec<Vec<u8>>>>,
 }
 
-fn symlink_same(
-    src_dir: &Root,
-    rel: &[u8],
-    tdir: Option<&std::os::fd::OwnedFd>,
-    name: &[u8],
-) -> bool {
+fn symlink_same(src_dir: &Root, rel: &[u8], tdir: Option<&DirView>, name: &[u8]) -> bool {
     let Some(tdir) = tdir else { return false };
-    match (
-        src_dir.read_link(rel),
-        fsops::read_link_at(tdir.as_fd(), name),
-    ) {
-        (Ok(a), Ok(b)) => a == b,
+    match (src_dir.read_link(rel), tdir.read_link(name)) {
+        (Ok(a), Some(b)) => a == b,
         _ => false,
     }
 }
@@ -99,7 +91,7 @@ impl Compare<'_> {
     fn walk_source(&self, start: &[u8], flag: u8, names: bool) -> Result<(), JournalError> {
         // The start directory itself.
         if let Ok(Some(m)) = self.source.lstat(start) {
-            let t = self.target.root().lstat(start).ok().flatten();
+            let t = self.target.lstat(start).ok().flatten();
             if !matches!(t, Some(t) if m.mirrors(&t, self.owner)) {
                 self.journal.enqueue(self.t, &[(start.to_vec(), flag)])?;
             }
@@ -137,12 +129,9 @@ impl Compare<'_> {
                         same_ix += 1;
                         continue;
                     }
-                    let tdir =
-                        tdir.get_or_insert_with(|| self.target.root().open_dir(dir, false).ok());
+                    let tdir = tdir.get_or_insert_with(|| self.target.view(dir));
                     let name = paths::split(&c.rel).1;
-                    let t = tdir
-                        .as_ref()
-                        .and_then(|d| fsops::lstat_at(d.as_fd(), name).ok().flatten());
+                    let t = tdir.as_ref().and_then(|d| d.lstat(name));
                     let equal = match t {
                         Some(t) if c.meta.mirrors(&t, self.owner) => {
                             c.meta.kind != Kind::Symlink
@@ -174,7 +163,8 @@ impl Compare<'_> {
                     .in_sync
                     .fetch_add(same.len() as u64 + same_ix, Ordering::Relaxed);
                 if names {
-                    if let Err(e) = self.extra_target_names(dir, children, flag) {
+                    let view = tdir.get_or_insert_with(|| self.target.view(dir));
+                    if let Err(e) = self.extra_target_names(dir, children, flag, view.as_ref()) {
                         Self::keep_first(&err, e);
                     }
                 }
@@ -215,8 +205,7 @@ impl Compare<'_> {
     /// an interrupted copy are removed on the spot.
     pub fn target_walk(&self, start: &[u8], flag: u8) -> Result<(), JournalError> {
         let err = Mutex::new(None);
-        scan::walk(
-            self.target.root(),
+        self.target.walk(
             start,
             |dir, children| {
                 if self.stop.load(Ordering::Relaxed) {
@@ -242,13 +231,12 @@ impl Compare<'_> {
         dir: &[u8],
         children: &[scan::Child],
         flag: u8,
+        view: Option<&DirView>,
     ) -> Result<(), JournalError> {
-        let Ok(td) = self.target.root().open_dir(dir, true) else {
+        let Some(td) = view else {
             return Ok(());
         };
-        let Ok(names) = fsops::list_dir(td.as_fd()) else {
-            return Ok(());
-        };
+        let names = td.names();
         let have: std::collections::HashSet<&[u8]> =
             children.iter().map(|c| paths::split(&c.rel).1).collect();
         let mut todo = Vec::new();
@@ -258,14 +246,13 @@ impl Compare<'_> {
             }
             if fsops::is_temp_name(&name) {
                 if fsops::is_stale_temp_name(&name) {
-                    let _ = fsops::remove_tree_at(td.as_fd(), &name);
+                    td.remove_stale(&name);
                 }
                 continue;
             }
             let rel = paths::join(dir, &name);
             // Excluded names are neither mirrored nor deleted.
-            let is_dir =
-                matches!(fsops::lstat_at(td.as_fd(), &name), Ok(Some(m)) if m.kind == Kind::Dir);
+            let is_dir = td.lstat(&name).is_some_and(|m| m.kind == Kind::Dir);
             if !self.filter.excluded(&rel, is_dir) {
                 todo.push((rel, flag));
             }
@@ -285,14 +272,14 @@ impl Compare<'_> {
         flag: u8,
     ) -> Result<(), JournalError> {
         let sdir = self.source.open_dir(dir, false).ok();
-        let tdir = self.target.root().open_dir(dir, false).ok();
+        let tdir = self.target.view(dir);
         let mut todo = Vec::new();
         for c in children.iter_mut() {
             let name = paths::split(&c.rel).1;
             if fsops::is_temp_name(name) && c.meta.kind != Kind::Dir {
                 if fsops::is_stale_temp_name(name) {
                     if let Some(td) = tdir.as_ref() {
-                        let _ = fsops::remove_tree_at(td.as_fd(), name);
+                        td.remove_stale(name);
                     }
                 }
                 c.descend = false;

@@ -36,6 +36,13 @@ pub struct LocalTarget {
     pid: u32,
 }
 
+/// A file being written from a stream (the receiver's side of a copy).
+pub struct TempFile {
+    dir: OwnedFd,
+    pub out: OwnedFd,
+    tmp: Option<Vec<u8>>,
+}
+
 /// The result of a delete policy decision for a path whose source is gone.
 #[derive(Clone, Copy, Debug)]
 pub struct DeletePolicy {
@@ -44,7 +51,7 @@ pub struct DeletePolicy {
 }
 
 impl DeletePolicy {
-    fn allows(self, f: u8) -> bool {
+    pub fn allows(self, f: u8) -> bool {
         (f & flags::STARTUP != 0 && self.at_startup) || (f & flags::LIVE != 0 && self.while_running)
     }
 }
@@ -215,6 +222,83 @@ impl LocalTarget {
             // the startup scan already walks the whole tree itself.
             scan: f & flags::RECURSIVE != 0 || (!existed && f & flags::LIVE != 0),
         })
+    }
+
+    /// Ensures directory `rel` exists; true when it had to be created.
+    pub fn make_dir(&self, rel: &[u8]) -> Result<bool, ApplyError> {
+        let existed = matches!(self.root.lstat(rel), Ok(Some(t)) if t.kind == Kind::Dir);
+        self.root
+            .ensure_dir(rel)
+            .map_err(|e| ApplyError::target_write(rel, e))?;
+        Ok(!existed)
+    }
+
+    /// Removes `rel` (recursively); missing is success.
+    pub fn delete(&self, rel: &[u8]) -> Result<(), ApplyError> {
+        let (parent, name) = paths::split(rel);
+        match self.root.open_dir(parent, false) {
+            Ok(dir) => fsops::remove_tree_at(dir.as_fd(), name)
+                .map_err(|e| ApplyError::target_write(rel, e)),
+            Err(e) if fsops::is_missing(&e) => Ok(()),
+            Err(e) => Err(ApplyError::target_write(rel, e)),
+        }
+    }
+
+    /// Puts symlink `rel` with `text` and the attributes of `m` in place.
+    pub fn put_symlink(&self, rel: &[u8], text: &[u8], m: &Meta) -> Result<(), ApplyError> {
+        let dir = self.parent_dir(rel)?;
+        let tmp = self.temp_name();
+        rustix::fs::symlinkat(text, &dir, tmp.as_slice())
+            .map_err(|e| ApplyError::target_write(rel, e.into()))?;
+        if let Err(e) = fsops::set_attrs_at(dir.as_fd(), &tmp, m, self.owner) {
+            let _ = rustix::fs::unlinkat(&dir, tmp.as_slice(), rustix::fs::AtFlags::empty());
+            return Err(ApplyError::target_write(rel, e));
+        }
+        self.install(dir.as_fd(), &tmp, paths::split(rel).1, rel)
+    }
+
+    /// Starts writing file `rel` from a stream: its parent directory and a
+    /// temp file in it (see [`LocalTarget::finish_file`]).
+    pub fn begin_file(&self, rel: &[u8]) -> Result<TempFile, ApplyError> {
+        let dir = self.parent_dir(rel)?;
+        let (out, tmp) = self.create_temp(dir.as_fd(), rel)?;
+        Ok(TempFile { dir, out, tmp })
+    }
+
+    /// Gives a complete temp file the attributes of `m` and puts it in
+    /// place as `rel`.
+    pub fn finish_file(&self, f: TempFile, rel: &[u8], m: &Meta) -> Result<(), ApplyError> {
+        let fin = (|| -> io::Result<()> {
+            if self.owner {
+                rustix::fs::fchown(
+                    &f.out,
+                    Some(rustix::fs::Uid::from_raw(m.uid)),
+                    Some(rustix::fs::Gid::from_raw(m.gid)),
+                )?;
+            }
+            rustix::fs::fchmod(&f.out, Mode::from_raw_mode(m.mode))?;
+            rustix::fs::futimens(&f.out, &fsops::mtime_only(m.mtime_ns))?;
+            Ok(())
+        })();
+        if let Err(e) = fin {
+            self.abort_file(f);
+            return Err(ApplyError::target_write(rel, e));
+        }
+        let name = paths::split(rel).1;
+        match f.tmp {
+            Some(t) => {
+                drop(f.out);
+                self.install(f.dir.as_fd(), &t, name, rel)
+            }
+            None => self.link_tmpfile(&f.out, f.dir.as_fd(), name, rel),
+        }
+    }
+
+    /// Drops an unfinished temp file.
+    pub fn abort_file(&self, f: TempFile) {
+        if let Some(t) = f.tmp {
+            let _ = rustix::fs::unlinkat(&f.dir, t.as_slice(), rustix::fs::AtFlags::empty());
+        }
     }
 
     /// Sets a target directory's attributes to the source's current ones.

@@ -1,13 +1,153 @@
-//! Where the mirror is written. This issue: local directories
-//! ([`local::LocalTarget`]); remote targets speak the same operations over
-//! the wire protocol in the remote-target issue.
+//! Where the mirror is written: a local directory ([`local::LocalTarget`])
+//! or another machine over the wire protocol ([`remote::RemoteTarget`]).
+//! [`Target`] gives the shipper and the compare walks one interface to
+//! both; [`DirView`] is one target directory as a compare walk sees it.
 
 pub mod local;
+pub mod remote;
 
+use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
 
+use crate::fsops::{self, Root};
 use crate::meta::Meta;
 use crate::paths;
+use crate::protocol::Entry;
+use local::{DeletePolicy, LocalTarget};
+use remote::RemoteTarget;
+
+pub enum Target {
+    Local(LocalTarget),
+    Remote(RemoteTarget),
+}
+
+/// One target directory, for comparing its entries with the source's.
+pub enum DirView {
+    /// Opened for listing; entries are `lstat`ed on demand.
+    Local(OwnedFd),
+    /// Fetched whole in one request.
+    Remote(HashMap<Vec<u8>, Entry>),
+}
+
+impl DirView {
+    pub fn lstat(&self, name: &[u8]) -> Option<Meta> {
+        match self {
+            DirView::Local(fd) => fsops::lstat_at(fd.as_fd(), name).ok().flatten(),
+            DirView::Remote(m) => m.get(name).map(|e| e.meta),
+        }
+    }
+
+    pub fn read_link(&self, name: &[u8]) -> Option<Vec<u8>> {
+        match self {
+            DirView::Local(fd) => fsops::read_link_at(fd.as_fd(), name).ok(),
+            DirView::Remote(m) => m.get(name).and_then(|e| e.link.clone()),
+        }
+    }
+
+    pub fn names(&self) -> Vec<Vec<u8>> {
+        match self {
+            DirView::Local(fd) => fsops::list_dir(fd.as_fd()).unwrap_or_default(),
+            DirView::Remote(m) => m.keys().cloned().collect(),
+        }
+    }
+
+    /// Removes a leftover temp file of an earlier run (a receiver cleans
+    /// its own, and never lists them).
+    pub fn remove_stale(&self, name: &[u8]) {
+        if let DirView::Local(fd) = self {
+            let _ = fsops::remove_tree_at(fd.as_fd(), name);
+        }
+    }
+}
+
+impl Target {
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Local(t) => t.root().path().display().to_string(),
+            Target::Remote(t) => t.describe(),
+        }
+    }
+
+    /// `Ok` when the target can be written to now; `Err(wait)` while a
+    /// remote target is down and the next connection attempt is `wait` away.
+    pub fn ready(&self) -> Result<(), Duration> {
+        match self {
+            Target::Local(_) => Ok(()),
+            Target::Remote(t) => t.ready(),
+        }
+    }
+
+    pub fn apply_group(
+        &self,
+        source: &Root,
+        parent: &[u8],
+        entries: &[(&[u8], u8)],
+        policy: DeletePolicy,
+    ) -> Vec<Result<Outcome, ApplyError>> {
+        match self {
+            Target::Local(t) => t.apply_group(source, parent, entries, policy),
+            Target::Remote(t) => t.apply_group(source, parent, entries, policy),
+        }
+    }
+
+    pub fn rename(&self, from: &[u8], to: &[u8]) -> Result<bool, ApplyError> {
+        match self {
+            Target::Local(t) => t.rename(from, to),
+            Target::Remote(t) => t.rename(from, to),
+        }
+    }
+
+    /// Sets the attributes of several entries (directories after a round).
+    pub fn set_attrs_many(&self, items: &[(Vec<u8>, Meta)]) -> Vec<Result<(), ApplyError>> {
+        match self {
+            Target::Local(t) => items
+                .iter()
+                .map(|(rel, m)| t.set_dir_attrs(rel, m))
+                .collect(),
+            Target::Remote(t) => t.set_attrs_many(items),
+        }
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        match self {
+            Target::Local(t) => t.sync(),
+            Target::Remote(t) => t.sync(),
+        }
+    }
+
+    pub fn lstat(&self, rel: &[u8]) -> io::Result<Option<Meta>> {
+        match self {
+            Target::Local(t) => t.root().lstat(rel),
+            Target::Remote(t) => t.lstat(rel),
+        }
+    }
+
+    /// Directory `dir` of the target; `None` when missing or unreadable.
+    pub fn view(&self, dir: &[u8]) -> Option<DirView> {
+        match self {
+            Target::Local(t) => t.root().open_dir(dir, true).ok().map(DirView::Local),
+            Target::Remote(t) => t
+                .list(dir)
+                .ok()
+                .flatten()
+                .map(|v| DirView::Remote(v.into_iter().map(|e| (e.name.clone(), e)).collect())),
+        }
+    }
+
+    /// Walks the target below `start` (see [`crate::scan::walk`]).
+    pub fn walk<D, E>(&self, start: &[u8], on_dir: D, on_error: E)
+    where
+        D: Fn(&[u8], &mut [crate::scan::Child]) + Sync,
+        E: Fn(&[u8], &io::Error) + Sync,
+    {
+        match self {
+            Target::Local(t) => crate::scan::walk(t.root(), start, on_dir, on_error),
+            Target::Remote(t) => t.walk(start, on_dir, on_error),
+        }
+    }
+}
 
 /// What applying one pending path did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +183,11 @@ pub enum ApplyError {
     TargetWrite { path: String, source: io::Error },
     #[error("source {path} kept changing while it was copied ({tries} tries)")]
     Changing { path: String, tries: u32 },
+    /// The remote target cannot be reached: nothing about the path itself
+    /// failed, so it is not retried on its own (the shipper waits for the
+    /// connection instead).
+    #[error("target {target} unreachable: {reason}")]
+    Unreachable { target: String, reason: String },
 }
 
 impl ApplyError {
@@ -64,6 +209,7 @@ impl ApplyError {
             ApplyError::SourceRead { .. } => "source_read",
             ApplyError::TargetWrite { .. } => "target_write",
             ApplyError::Changing { .. } => "changing",
+            ApplyError::Unreachable { .. } => "unreachable",
         }
     }
 }

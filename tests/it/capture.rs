@@ -3,8 +3,6 @@
 //! the daemon's own writes, and inotify's walk-free restart.
 
 use crate::util::*;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// Stops the daemon, creates more files than the kernel queue holds
 /// (16384 events by default, for both backends), resumes it: the overflow
@@ -50,30 +48,6 @@ fn overflow_burst_is_rescanned_fanotify() {
 #[test]
 fn overflow_burst_is_rescanned_inotify() {
     with_backend(Backend::Inotify, overflow_burst_is_rescanned)
-}
-
-/// Unmounts (lazily) on drop, so a failing test leaves no mount behind.
-struct MountGuard(PathBuf);
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-fn mount(fstype: &str, at: &Path) -> Option<MountGuard> {
-    mkdirp(at);
-    let ok = Command::new("mount")
-        .args(["-t", fstype, fstype])
-        .arg(at)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("SKIP: cannot mount {fstype} at {}", at.display());
-        return None;
-    }
-    Some(MountGuard(at.to_path_buf()))
 }
 
 #[test]

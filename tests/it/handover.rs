@@ -128,17 +128,24 @@ impl Manager {
     }
 }
 
-fn setup() -> Option<(Env, Manager)> {
+fn setup() -> Option<(Env, Manager, MountGuard)> {
     if let Err(why) = fanotify_available() {
         eprintln!("SKIP: {why}");
         return None;
     }
     let env = Env::with(Backend::Fanotify);
+    // A filesystem of its own: a filesystem mark sees every write on its
+    // filesystem, and a kill while the daemon reads other tests' events
+    // would rightly force the rescan these tests check is not needed.
+    let guard = mount("tmpfs", &env.root)?;
+    for d in [&env.src, &env.dst, &env.state] {
+        mkdirp(d);
+    }
     write(&env.s("a/f"), b"first");
     write(&env.s("b/g"), b"g");
     mkdirp(&env.s("c"));
     let m = Manager::new(&env);
-    Some((env, m))
+    Some((env, m, guard))
 }
 
 /// Starts a daemon under the manager and waits until it is ready, in sync,
@@ -158,7 +165,9 @@ fn start_stored(env: &Env, m: &mut Manager, args: &[&str], extra_env: &[(&str, &
 
 #[test]
 fn fd_store_handover_misses_nothing_and_needs_no_rescan() {
-    let Some((env, mut m)) = setup() else { return };
+    let Some((env, mut m, _mount)) = setup() else {
+        return;
+    };
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let d = start_stored(&env, &mut m, &["--metrics", &addr], &[]);
@@ -199,7 +208,9 @@ fn fd_store_handover_misses_nothing_and_needs_no_rescan() {
 
 #[test]
 fn a_crash_holding_unrecorded_events_forces_a_rescan() {
-    let Some((env, mut m)) = setup() else { return };
+    let Some((env, mut m, _mount)) = setup() else {
+        return;
+    };
     // The hook aborts right after events are taken off the kernel queue.
     let d = start_stored(
         &env,
@@ -222,7 +233,9 @@ fn a_crash_holding_unrecorded_events_forces_a_rescan() {
 
 #[test]
 fn without_a_stored_descriptor_a_restart_rescans() {
-    let Some((env, mut m)) = setup() else { return };
+    let Some((env, mut m, _mount)) = setup() else {
+        return;
+    };
     let d = start_stored(&env, &mut m, &[], &[]);
     d.kill9();
     write(&env.s("a/while-down"), b"x");

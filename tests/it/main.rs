@@ -12,5 +12,6 @@ mod initial;
 mod live;
 mod modes;
 mod ops;
+mod remote;
 mod util;
 mod verify_cmd;

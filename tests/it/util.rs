@@ -1241,10 +1241,21 @@ pub fn metric(text: &str, series: &str) -> f64 {
 /// capture loop for a second: it is blocked waiting for the kernel, holding
 /// no events it has read but not recorded.
 pub fn wait_capture_quiet(port: u16, d: &Daemon) {
+    wait_metric_still(port, d, "drmirror_capture_wakeups_total")
+}
+
+/// Waits until no new event from the source has been recorded for a
+/// second (events of other tests on the same filesystem do not count).
+pub fn wait_events_recorded(port: u16, d: &Daemon) {
+    wait_metric_still(port, d, "drmirror_events_total")
+}
+
+/// Waits until `series` has not changed for a second.
+pub fn wait_metric_still(port: u16, d: &Daemon, series: &str) {
     let wakeups = || {
         let text = http_get(port, "/metrics")
             .unwrap_or_else(|| panic!("no /metrics on port {port}\n{}", d.log_tail()));
-        metric(&text, "drmirror_capture_wakeups_total")
+        metric(&text, series)
     };
     let deadline = Instant::now() + secs(30);
     let mut last = wakeups();
@@ -1256,9 +1267,33 @@ pub fn wait_capture_quiet(port: u16, d: &Daemon) {
         }
         assert!(
             Instant::now() < deadline,
-            "capture never went quiet (wake-ups {last} -> {now})\n{}",
+            "{series} kept changing ({last} -> {now})\n{}",
             d.log_tail()
         );
         last = now;
     }
+}
+
+/// Unmounts (lazily) on drop, so a failing test leaves no mount behind.
+pub struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+pub fn mount(fstype: &str, at: &Path) -> Option<MountGuard> {
+    mkdirp(at);
+    let ok = Command::new("mount")
+        .args(["-t", fstype, fstype])
+        .arg(at)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("SKIP: cannot mount {fstype} at {}", at.display());
+        return None;
+    }
+    Some(MountGuard(at.to_path_buf()))
 }

@@ -1,0 +1,715 @@
+//! `drmirror receive`: the DR host's end of the wire protocol
+//! ([`crate::protocol`]).
+//!
+//! It serves one connection on stdin/stdout (started by ssh, like rsync's
+//! server side) or many over TCP (`--listen`, shared token required). Every
+//! write goes through [`LocalTarget`], i.e. beneath the root with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` and `O_NOFOLLOW`: a
+//! path from the wire is first checked to be clean and relative (no `..`,
+//! no absolute path, no NUL), and even a clean one can never be resolved
+//! through a symlink inside the root. A refused path is answered with an
+//! error for that operation and the connection goes on. Malformed frames
+//! end the connection with a [`Reply::Fatal`] naming the problem.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::fsops;
+use crate::meta::{Kind, Meta};
+use crate::paths;
+use crate::protocol::{
+    self, Chunk, Done, Entry, FrameError, Op, Reply, Request, BLOCK, MAGIC, MAX_FRAME, VERSION,
+};
+use crate::target::local::{LocalTarget, TempFile};
+use crate::target::ApplyError;
+
+/// Files a connection may have open at once (one per parallel stream).
+const MAX_OPEN_FILES: usize = 256;
+/// Batches a connection may have open at once.
+const MAX_OPEN_BATCHES: usize = 1024;
+/// Operations in one batch.
+const MAX_BATCH_OPS: usize = 1 << 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("cannot open the receiving root {path}: {source}")]
+    Root { path: PathBuf, source: io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+}
+
+/// Opens (creating if needed) the directory a receiver writes beneath.
+pub fn open_root(root: &Path) -> Result<LocalTarget, ReceiveError> {
+    let owner = rustix::process::geteuid().is_root();
+    LocalTarget::open(root, owner).map_err(|source| ReceiveError::Root {
+        path: root.to_path_buf(),
+        source,
+    })
+}
+
+/// Serves one connection on stdin/stdout until the daemon hangs up.
+pub fn serve_stdio(target: &LocalTarget) -> Result<(), ReceiveError> {
+    let stdin = io::stdin().lock();
+    let stdout = io::stdout().lock();
+    serve(target, stdin, stdout, None)
+}
+
+/// Serves TCP connections on `addr` (each needs `token`), at most
+/// `max_conns` at once, until the process is stopped.
+pub fn serve_tcp(
+    target: Arc<LocalTarget>,
+    addr: SocketAddr,
+    token: String,
+    max_conns: usize,
+) -> Result<(), ReceiveError> {
+    let listener =
+        TcpListener::bind(addr).map_err(|source| ReceiveError::Listen { addr, source })?;
+    let local = listener.local_addr().unwrap_or(addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signal(stop.clone(), local).map_err(|source| ReceiveError::Listen { addr, source })?;
+    tracing::info!(
+        "drmirror receive listening on {} root={} max_connections={max_conns}",
+        local,
+        target.root().path().display()
+    );
+    let active = Arc::new(AtomicUsize::new(0));
+    let token = Arc::new(token);
+    for conn in listener.incoming() {
+        if stop.load(Ordering::Acquire) {
+            tracing::info!("drmirror receive stopped cleanly (signal)");
+            break;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                continue;
+            }
+        };
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        if active.fetch_add(1, Ordering::AcqRel) >= max_conns {
+            active.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!("refusing {peer}: connection limit ({max_conns}) reached");
+            let mut s = stream;
+            let _ = protocol::write_frame(
+                &mut s,
+                &Reply::Refused {
+                    reason: format!("connection limit ({max_conns}) reached"),
+                },
+            );
+            continue;
+        }
+        let (target, active, token) = (target.clone(), active.clone(), token.clone());
+        let spawned = std::thread::Builder::new()
+            .name("receive-conn".into())
+            .spawn(move || {
+                let _ = stream.set_nodelay(true);
+                let r = match stream.try_clone() {
+                    Ok(w) => serve(&target, stream, w, Some(token.as_bytes())),
+                    Err(e) => Err(FrameError::Io(e).into()),
+                };
+                match r {
+                    Ok(()) => tracing::info!("{peer}: connection closed"),
+                    Err(e) => tracing::warn!("{peer}: {e}"),
+                }
+                active.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a connection thread: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Sets `stop` and wakes the accept loop (a connection to `local`) on
+/// SIGTERM or SIGINT. The handlers are in place when this returns.
+fn stop_on_signal(stop: Arc<AtomicBool>, local: SocketAddr) -> io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut term, mut int) = {
+        let _g = rt.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            });
+            stop.store(true, Ordering::Release);
+            let wake: SocketAddr = if local.ip().is_unspecified() {
+                SocketAddr::from(([127, 0, 0, 1], local.port()))
+            } else {
+                local
+            };
+            let _ = std::net::TcpStream::connect(wake);
+        })?;
+    Ok(())
+}
+
+/// Serves one connection: handshake, then requests until the peer closes.
+/// `token`: the shared secret the peer must present (TCP).
+pub fn serve<R: Read, W: Write>(
+    target: &LocalTarget,
+    r: R,
+    w: W,
+    token: Option<&[u8]>,
+) -> Result<(), ReceiveError> {
+    let mut r = BufReader::with_capacity(256 * 1024, r);
+    let mut w = BufWriter::with_capacity(64 * 1024, w);
+    let mut buf = Vec::new();
+    let refuse = |w: &mut BufWriter<W>, reason: String| -> Result<(), ReceiveError> {
+        let _ = protocol::write_frame(
+            w,
+            &Reply::Refused {
+                reason: reason.clone(),
+            },
+        );
+        let _ = w.flush();
+        Err(ReceiveError::Protocol(reason))
+    };
+    match protocol::read_frame::<_, Request>(&mut r, &mut buf) {
+        Ok(Request::Hello {
+            magic,
+            version,
+            token: presented,
+        }) => {
+            if magic != MAGIC {
+                return refuse(&mut w, "not a drmirror client".into());
+            }
+            if version != VERSION {
+                return refuse(
+                    &mut w,
+                    format!(
+                        "protocol version {version} is not supported; this receiver speaks {VERSION} (drmirror {})",
+                        env!("CARGO_PKG_VERSION")
+                    ),
+                );
+            }
+            if let Some(want) = token {
+                let ok = presented
+                    .as_deref()
+                    .is_some_and(|p| protocol::token_eq(p.as_bytes(), want));
+                if !ok {
+                    return refuse(
+                        &mut w,
+                        "authentication failed: wrong or missing token".into(),
+                    );
+                }
+            }
+        }
+        Ok(other) => {
+            return refuse(
+                &mut w,
+                format!("expected Hello, got {}", request_name(&other)),
+            )
+        }
+        Err(e) => return refuse(&mut w, format!("bad handshake: {e}")),
+    }
+    protocol::write_frame(&mut w, &Reply::Welcome { version: VERSION })?;
+    w.flush().map_err(FrameError::Io)?;
+
+    let mut s = Session {
+        target,
+        open: HashMap::new(),
+        batches: HashMap::new(),
+    };
+    let result = loop {
+        let req = match protocol::read_frame::<_, Request>(&mut r, &mut buf) {
+            Ok(req) => req,
+            Err(FrameError::Closed) => break Ok(()),
+            Err(e) if e.is_disconnect() => break Err(e.into()),
+            Err(e) => {
+                let reason = e.to_string();
+                let _ = protocol::write_frame(
+                    &mut w,
+                    &Reply::Fatal {
+                        reason: reason.clone(),
+                    },
+                );
+                let _ = w.flush();
+                break Err(ReceiveError::Protocol(reason));
+            }
+        };
+        match s.handle(req) {
+            Ok(replies) => {
+                for rep in &replies {
+                    protocol::write_frame(&mut w, rep)?;
+                }
+                if !replies.is_empty() {
+                    w.flush().map_err(FrameError::Io)?;
+                }
+            }
+            Err(reason) => {
+                let _ = protocol::write_frame(
+                    &mut w,
+                    &Reply::Fatal {
+                        reason: reason.clone(),
+                    },
+                );
+                let _ = w.flush();
+                break Err(ReceiveError::Protocol(reason));
+            }
+        }
+    };
+    for (_, f) in s.open.drain() {
+        if let Some(tmp) = f.tmp {
+            target.abort_file(tmp);
+        }
+    }
+    result
+}
+
+fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::Hello { .. } => "Hello",
+        Request::List { .. } => "List",
+        Request::Stat { .. } => "Stat",
+        Request::Signature { .. } => "Signature",
+        Request::Rename { .. } => "Rename",
+        Request::Sync { .. } => "Sync",
+        Request::Op { .. } => "Op",
+        Request::Data { .. } => "Data",
+        Request::EndBatch { .. } => "EndBatch",
+    }
+}
+
+/// A file being received.
+struct Incoming {
+    batch: u64,
+    index: usize,
+    rel: Vec<u8>,
+    meta: Meta,
+    tmp: Option<TempFile>,
+    base: Option<File>,
+    hasher: blake3::Hasher,
+    /// The first error; the rest of the stream is read and discarded.
+    failed: Option<String>,
+}
+
+struct Session<'a> {
+    target: &'a LocalTarget,
+    open: HashMap<u64, Incoming>,
+    batches: HashMap<u64, Vec<Option<Result<Done, String>>>>,
+}
+
+/// A path from the wire, checked. `allow_root`: the empty path (the root
+/// itself) is acceptable for this operation.
+fn checked(rel: &[u8], allow_root: bool) -> Result<(), String> {
+    if rel.is_empty() && !allow_root {
+        return Err("refused path: the root itself cannot be replaced".into());
+    }
+    paths::validate(rel).map_err(|e| format!("refused path {}: {e}", paths::display(rel)))
+}
+
+fn apply_err(e: ApplyError) -> String {
+    e.to_string()
+}
+
+impl Session<'_> {
+    /// Handles one request; `Err` is a protocol violation that ends the
+    /// connection.
+    fn handle(&mut self, req: Request) -> Result<Vec<Reply>, String> {
+        Ok(match req {
+            Request::Hello { .. } => return Err("Hello sent twice".into()),
+            Request::List { id, dir } => self.list(id, &dir),
+            Request::Stat { id, rel } => vec![match checked(&rel, true) {
+                Err(error) => Reply::Failed { id, error },
+                Ok(()) => match self.target.root().lstat(&rel) {
+                    Ok(meta) => Reply::Stat { id, meta },
+                    Err(e) => Reply::Failed {
+                        id,
+                        error: format!("{}: {e}", paths::display(&rel)),
+                    },
+                },
+            }],
+            Request::Signature { id, rel } => vec![self.signature(id, &rel)],
+            Request::Rename { id, from, to } => {
+                let result = checked(&from, false)
+                    .and_then(|()| checked(&to, false))
+                    .and_then(|()| self.target.rename(&from, &to).map_err(apply_err));
+                vec![Reply::Done { id, result }]
+            }
+            Request::Sync { id } => vec![Reply::Done {
+                id,
+                result: self
+                    .target
+                    .sync()
+                    .map(|()| true)
+                    .map_err(|e| format!("syncfs: {e}")),
+            }],
+            Request::Op { batch, op } => {
+                self.op(batch, op)?;
+                Vec::new()
+            }
+            Request::Data { file, chunk } => {
+                self.data(file, chunk)?;
+                Vec::new()
+            }
+            Request::EndBatch { batch } => {
+                let results = self.batches.remove(&batch).unwrap_or_default();
+                let mut unfinished = Vec::new();
+                for (k, f) in &self.open {
+                    if f.batch == batch {
+                        unfinished.push(*k);
+                    }
+                }
+                for k in unfinished {
+                    if let Some(f) = self.open.remove(&k) {
+                        if let Some(t) = f.tmp {
+                            self.target.abort_file(t);
+                        }
+                    }
+                }
+                vec![Reply::Batch {
+                    batch,
+                    results: results
+                        .into_iter()
+                        .map(|r| {
+                            r.unwrap_or_else(|| {
+                                Err("file content did not end before its batch did".into())
+                            })
+                        })
+                        .collect(),
+                }]
+            }
+        })
+    }
+
+    fn list(&self, id: u64, dir: &[u8]) -> Vec<Reply> {
+        if let Err(error) = checked(dir, true) {
+            return vec![Reply::Failed { id, error }];
+        }
+        let children = match crate::scan::read_children(self.target.root(), dir) {
+            Ok(c) => c,
+            Err(e) if fsops::is_missing(&e) => {
+                return vec![Reply::Listing {
+                    id,
+                    entries: None,
+                    more: false,
+                }]
+            }
+            Err(e) => {
+                return vec![Reply::Failed {
+                    id,
+                    error: format!("cannot list {}: {e}", paths::display(dir)),
+                }]
+            }
+        };
+        let dfd = self.target.root().open_dir(dir, false).ok();
+        let mut entries = Vec::with_capacity(children.len());
+        for c in children {
+            let name = paths::split(&c.rel).1.to_vec();
+            if fsops::is_temp_name(&name) {
+                // Leftovers of a connection that died mid-file.
+                if fsops::is_stale_temp_name(&name) {
+                    if let Some(d) = &dfd {
+                        let _ = fsops::remove_tree_at(d.as_fd(), &name);
+                    }
+                }
+                continue;
+            }
+            let link = if c.meta.kind == Kind::Symlink {
+                dfd.as_ref()
+                    .and_then(|d| fsops::read_link_at(d.as_fd(), &name).ok())
+            } else {
+                None
+            };
+            entries.push(Entry {
+                name,
+                meta: c.meta,
+                link,
+            });
+        }
+        let mut out = Vec::new();
+        let mut it = entries.into_iter().peekable();
+        loop {
+            let part: Vec<Entry> = it.by_ref().take(protocol::LIST_CHUNK).collect();
+            let more = it.peek().is_some();
+            out.push(Reply::Listing {
+                id,
+                entries: Some(part),
+                more,
+            });
+            if !more {
+                return out;
+            }
+        }
+    }
+
+    fn signature(&self, id: u64, rel: &[u8]) -> Reply {
+        if let Err(error) = checked(rel, false) {
+            return Reply::Failed { id, error };
+        }
+        let empty = Reply::Signature {
+            id,
+            size: 0,
+            blocks: Vec::new(),
+        };
+        let Ok(Some((f, m))) = self.target.root().open_file(rel) else {
+            return empty;
+        };
+        if m.kind != Kind::File || m.size / BLOCK >= (MAX_FRAME / 20) as u64 {
+            return empty;
+        }
+        let mut blocks = Vec::with_capacity((m.size / BLOCK + 1) as usize);
+        let mut buf = vec![0u8; BLOCK as usize];
+        let mut off = 0u64;
+        while off < m.size {
+            let want = BLOCK.min(m.size - off) as usize;
+            if f.read_exact_at(&mut buf[..want], off).is_err() {
+                return empty;
+            }
+            blocks.push(protocol::block_hash(&buf[..want]));
+            off += want as u64;
+        }
+        Reply::Signature {
+            id,
+            size: m.size,
+            blocks,
+        }
+    }
+
+    fn result(&mut self, batch: u64, index: usize, r: Result<Done, String>) {
+        if let Some(v) = self.batches.get_mut(&batch) {
+            if let Some(slot) = v.get_mut(index) {
+                *slot = Some(r);
+            }
+        }
+    }
+
+    fn op(&mut self, batch: u64, op: Op) -> Result<(), String> {
+        if !self.batches.contains_key(&batch) && self.batches.len() >= MAX_OPEN_BATCHES {
+            return Err(format!("more than {MAX_OPEN_BATCHES} batches open"));
+        }
+        let slots = self.batches.entry(batch).or_default();
+        if slots.len() >= MAX_BATCH_OPS {
+            return Err(format!("more than {MAX_BATCH_OPS} operations in one batch"));
+        }
+        let index = slots.len();
+        slots.push(None);
+        let t = self.target;
+        let r = match op {
+            Op::Mkdir { rel } => checked(&rel, true).and_then(|()| {
+                t.make_dir(&rel)
+                    .map(|created| Done::Dir { created })
+                    .map_err(apply_err)
+            }),
+            Op::Symlink { rel, text, meta } => checked(&rel, false).and_then(|()| {
+                t.put_symlink(&rel, &text, &meta)
+                    .map(|()| Done::Ok)
+                    .map_err(apply_err)
+            }),
+            Op::Delete { rel } => checked(&rel, false)
+                .and_then(|()| t.delete(&rel).map(|()| Done::Ok).map_err(apply_err)),
+            Op::SetAttrs { rel, meta } => checked(&rel, true).and_then(|()| {
+                t.set_dir_attrs(&rel, &meta)
+                    .map(|()| Done::Ok)
+                    .map_err(apply_err)
+            }),
+            Op::File {
+                file,
+                rel,
+                meta,
+                delta,
+            } => {
+                if self.open.contains_key(&file) {
+                    return Err(format!("file stream {file} opened twice"));
+                }
+                if self.open.len() >= MAX_OPEN_FILES {
+                    return Err(format!("more than {MAX_OPEN_FILES} files open at once"));
+                }
+                let mut inc = Incoming {
+                    batch,
+                    index,
+                    rel: rel.clone(),
+                    meta,
+                    tmp: None,
+                    base: None,
+                    hasher: blake3::Hasher::new(),
+                    failed: None,
+                };
+                match checked(&rel, false) {
+                    Err(e) => inc.failed = Some(e),
+                    Ok(()) => {
+                        if delta {
+                            match t.root().open_file(&rel) {
+                                Ok(Some((f, _))) => inc.base = Some(f),
+                                Ok(None) => {
+                                    inc.failed = Some(format!(
+                                        "{}: no copy to apply a delta to",
+                                        paths::display(&rel)
+                                    ))
+                                }
+                                Err(e) => {
+                                    inc.failed = Some(format!("{}: {e}", paths::display(&rel)))
+                                }
+                            }
+                        }
+                        if inc.failed.is_none() {
+                            match t.begin_file(&rel) {
+                                Ok(tmp) => inc.tmp = Some(tmp),
+                                Err(e) => inc.failed = Some(apply_err(e)),
+                            }
+                        }
+                    }
+                }
+                self.open.insert(file, inc);
+                return Ok(());
+            }
+        };
+        self.result(batch, index, r);
+        Ok(())
+    }
+
+    fn data(&mut self, file: u64, chunk: Chunk) -> Result<(), String> {
+        let Some(inc) = self.open.get_mut(&file) else {
+            return Err(format!("data for file stream {file}, which is not open"));
+        };
+        match chunk {
+            Chunk::End { hash, commit } => {
+                let Some(inc) = self.open.remove(&file) else {
+                    return Ok(());
+                };
+                let r = self.finish(inc.batch, inc, hash, commit);
+                let _ = r;
+                Ok(())
+            }
+            Chunk::Bytes(data) => {
+                write_part(inc, &data);
+                Ok(())
+            }
+            Chunk::Zstd(z) => {
+                if inc.failed.is_none() {
+                    match zstd_decompress(&z) {
+                        Ok(data) => write_part(inc, &data),
+                        Err(e) => inc.failed = Some(format!("bad compressed chunk: {e}")),
+                    }
+                }
+                Ok(())
+            }
+            Chunk::Copy { offset, len } => {
+                if inc.failed.is_some() {
+                    return Ok(());
+                }
+                let Some(base) = inc.base.take() else {
+                    inc.failed = Some("block copy without a delta base".into());
+                    return Ok(());
+                };
+                let mut buf = vec![0u8; (len.min(protocol::CHUNK as u64)) as usize];
+                let mut done = 0u64;
+                while done < len && inc.failed.is_none() {
+                    let n = (len - done).min(buf.len() as u64) as usize;
+                    match base.read_exact_at(&mut buf[..n], offset + done) {
+                        Ok(()) => write_part(inc, &buf[..n]),
+                        Err(e) => inc.failed = Some(format!("reading the delta base: {e}")),
+                    }
+                    done += n as u64;
+                }
+                inc.base = Some(base);
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(&mut self, batch: u64, inc: Incoming, hash: [u8; 32], commit: bool) -> bool {
+        let Incoming {
+            index,
+            rel,
+            meta,
+            tmp,
+            hasher,
+            failed,
+            ..
+        } = inc;
+        let r = match (failed, tmp) {
+            (Some(e), tmp) => {
+                if let Some(t) = tmp {
+                    self.target.abort_file(t);
+                }
+                Err(e)
+            }
+            (None, None) => Err("no file open".into()),
+            (None, Some(t)) => {
+                if !commit {
+                    self.target.abort_file(t);
+                    Err("abandoned by the sender (the source changed while it was sent)".into())
+                } else if hasher.finalize().as_bytes() != &hash {
+                    self.target.abort_file(t);
+                    Err(format!(
+                        "{}: content checksum mismatch; not installed",
+                        paths::display(&rel)
+                    ))
+                } else {
+                    self.target
+                        .finish_file(t, &rel, &meta)
+                        .map(|()| Done::Ok)
+                        .map_err(apply_err)
+                }
+            }
+        };
+        let ok = r.is_ok();
+        self.result(batch, index, r);
+        ok
+    }
+}
+
+fn write_part(inc: &mut Incoming, data: &[u8]) {
+    if inc.failed.is_some() {
+        return;
+    }
+    let Some(t) = inc.tmp.as_ref() else { return };
+    let mut off = 0;
+    while off < data.len() {
+        match rustix::io::write(&t.out, &data[off..]) {
+            Ok(n) => off += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                inc.failed = Some(format!(
+                    "cannot write {}: {}",
+                    paths::display(&inc.rel),
+                    io::Error::from(e)
+                ));
+                return;
+            }
+        }
+    }
+    inc.hasher.update(data);
+}
+
+fn zstd_decompress(z: &[u8]) -> io::Result<Vec<u8>> {
+    // A chunk decompresses to at most CHUNK bytes: more is hostile.
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(z)?
+        .take(protocol::CHUNK as u64 + 1)
+        .read_to_end(&mut out)?;
+    if out.len() > protocol::CHUNK {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "chunk decompresses beyond the chunk size",
+        ));
+    }
+    Ok(out)
+}

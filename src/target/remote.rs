@@ -1,0 +1,1179 @@
+//! A mirror on another machine, reached over ssh (`ssh://[user@]host[:port]/path`,
+//! running `drmirror receive --root /path` on the far side, as rsync does)
+//! or TCP (`tcp://host:port/path`, a `drmirror receive --listen` with a
+//! shared token).
+//!
+//! One connection per target carries everything: batches from the
+//! shipper's parallel groups, listings for compare walks, syncs from the
+//! flusher. Frames from several threads interleave (each frame is written
+//! whole under a lock); a reader thread routes every reply to whoever waits
+//! for its id, so any number of batches are in flight at once.
+//!
+//! When the connection breaks, every waiter gets
+//! [`ApplyError::Unreachable`]; nothing is recorded as applied, so the
+//! backlog simply stays in the journal. The next use reconnects, no sooner
+//! than a capped exponential backoff with jitter allows; while it waits the
+//! shipper sleeps (see [`RemoteTarget::ready`]) instead of spinning on the
+//! backlog.
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use rustix::fs::Mode;
+
+use super::{ApplyError, Outcome};
+use crate::fsops::{self, Root};
+use crate::journal::flags;
+use crate::meta::{Kind, Meta};
+use crate::paths;
+use crate::protocol::{
+    self, Chunk, Done, Entry, FrameError, Op, Reply, Request, BLOCK, CHUNK, DELTA_MIN, MAGIC,
+    VERSION,
+};
+use crate::target::local::DeletePolicy;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+/// Short enough that a returning target is found within seconds.
+const BACKOFF_MAX: Duration = Duration::from_secs(4);
+/// A reply not seen in this long means a hung link: the connection is
+/// dropped and made again.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+const COPY_TRIES: u32 = 3;
+
+/// Where and how to reach a remote target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteSpec {
+    pub transport: Transport,
+    /// Directory on the far side.
+    pub path: PathBuf,
+    /// ssh: identity file (`-i`).
+    pub identity: Option<PathBuf>,
+    /// ssh: more arguments, before the host (e.g. `-o`, `Compression=no`).
+    pub ssh_args: Vec<String>,
+    /// ssh: the program to run on the far side (default `drmirror`).
+    pub command: String,
+    /// tcp: the shared secret.
+    pub token: Option<String>,
+    /// zstd-compress file data on the wire.
+    pub compress: bool,
+    /// Bytes per second on the wire, 0 for no limit.
+    pub bwlimit: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Ssh {
+        user: Option<String>,
+        host: String,
+        port: Option<u16>,
+    },
+    Tcp {
+        host: String,
+        port: u16,
+    },
+}
+
+/// Why a target URL is not usable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UrlError {
+    #[error("{0}: expected ssh://[user@]host[:port]/path or tcp://host:port/path")]
+    Form(String),
+    #[error("{0}: bad port")]
+    Port(String),
+    #[error("{0}: the path must be absolute (ssh://host/srv/mirror)")]
+    Path(String),
+}
+
+/// True when `s` names a remote target rather than a local directory.
+pub fn is_url(s: &str) -> bool {
+    s.starts_with("ssh://") || s.starts_with("tcp://")
+}
+
+/// Parses `ssh://[user@]host[:port]/path` or `tcp://host:port/path`
+/// (IPv6 hosts in brackets).
+pub fn parse_url(url: &str) -> Result<(Transport, PathBuf), UrlError> {
+    let (tcp, rest) = if let Some(r) = url.strip_prefix("ssh://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("tcp://") {
+        (true, r)
+    } else {
+        return Err(UrlError::Form(url.into()));
+    };
+    let Some(slash) = rest.find('/') else {
+        return Err(UrlError::Path(url.into()));
+    };
+    let (auth, path) = rest.split_at(slash);
+    if path.len() < 2 {
+        return Err(UrlError::Path(url.into()));
+    }
+    let (user, hostport) = match auth.rsplit_once('@') {
+        Some((u, h)) if !tcp && !u.is_empty() => (Some(u.to_string()), h),
+        Some(_) => return Err(UrlError::Form(url.into())),
+        None => (None, auth),
+    };
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let Some((h, after)) = v6.split_once(']') else {
+            return Err(UrlError::Form(url.into()));
+        };
+        (h.to_string(), after.strip_prefix(':'))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (hostport.to_string(), None),
+        }
+    };
+    if host.is_empty() || host.starts_with('-') {
+        return Err(UrlError::Form(url.into()));
+    }
+    let port = match port {
+        None => None,
+        Some(p) => Some(
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| UrlError::Port(url.into()))?,
+        ),
+    };
+    let transport = if tcp {
+        Transport::Tcp {
+            host,
+            port: port.ok_or_else(|| UrlError::Port(url.into()))?,
+        }
+    } else {
+        Transport::Ssh { user, host, port }
+    };
+    Ok((transport, PathBuf::from(path)))
+}
+
+/// Quotes `s` for the remote shell ssh hands the command to.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// One live connection.
+struct Conn {
+    writer: Mutex<Writer>,
+    waiters: Mutex<HashMap<u64, Sender<Reply>>>,
+    dead: AtomicBool,
+    child: Mutex<Option<Child>>,
+}
+
+struct Writer {
+    out: BufWriter<Box<dyn Write + Send>>,
+    /// Bandwidth limit state: bytes sent since `since`.
+    since: Instant,
+    sent: u64,
+}
+
+impl Conn {
+    fn fail_all(&self) {
+        self.dead.store(true, Ordering::Release);
+        // Dropping the senders wakes every waiter with an error.
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.fail_all();
+    }
+}
+
+struct Backoff {
+    next: Instant,
+    delay: Duration,
+    failures: u32,
+    seed: u64,
+}
+
+impl Backoff {
+    fn jitter(&mut self, d: Duration) -> Duration {
+        // xorshift: jitter needs no crypto-grade randomness, and a shared
+        // outage must not make every daemon reconnect in lockstep.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let frac = (self.seed % 1000) as f64 / 1000.0; // 0..1
+        d.mul_f64(0.75 + frac * 0.5)
+    }
+}
+
+pub struct RemoteTarget {
+    name: String,
+    spec: RemoteSpec,
+    owner: bool,
+    conn: Mutex<Option<Arc<Conn>>>,
+    backoff: Mutex<Backoff>,
+    ids: AtomicU64,
+    /// Serialises connection attempts.
+    connecting: Mutex<()>,
+    /// Bytes written to the wire (all frames).
+    pub wire_bytes: Arc<AtomicU64>,
+}
+
+impl RemoteTarget {
+    pub fn new(name: &str, spec: RemoteSpec, owner: bool) -> RemoteTarget {
+        let seed = (std::process::id() as u64) << 32
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos() as u64)
+                .unwrap_or(1)
+            | 1;
+        RemoteTarget {
+            name: name.to_string(),
+            spec,
+            owner,
+            conn: Mutex::new(None),
+            backoff: Mutex::new(Backoff {
+                next: Instant::now(),
+                delay: BACKOFF_MIN,
+                failures: 0,
+                seed,
+            }),
+            ids: AtomicU64::new(1),
+            connecting: Mutex::new(()),
+            wire_bytes: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.spec.transport {
+            Transport::Ssh { user, host, port } => format!(
+                "ssh://{}{host}{}{}",
+                user.as_ref().map(|u| format!("{u}@")).unwrap_or_default(),
+                port.map(|p| format!(":{p}")).unwrap_or_default(),
+                self.spec.path.display()
+            ),
+            Transport::Tcp { host, port } => {
+                format!("tcp://{host}:{port}{}", self.spec.path.display())
+            }
+        }
+    }
+
+    fn unreachable(&self, reason: impl Into<String>) -> ApplyError {
+        ApplyError::Unreachable {
+            target: self.name.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The live connection, connecting when the backoff allows. `Err`
+    /// carries how long until the next attempt.
+    pub fn ready(&self) -> Result<(), Duration> {
+        self.conn().map(|_| ()).map_err(|_| {
+            let b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+            b.next.saturating_duration_since(Instant::now())
+        })
+    }
+
+    fn conn(&self) -> Result<Arc<Conn>, ApplyError> {
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let _g = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        {
+            let b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+            if Instant::now() < b.next {
+                return Err(self.unreachable("waiting to reconnect"));
+            }
+        }
+        match self.connect() {
+            Ok(c) => {
+                let mut b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+                if b.failures > 0 {
+                    tracing::info!(target = %self.name, "reconnected to {} after {} failed attempts", self.describe(), b.failures);
+                } else {
+                    tracing::info!(target = %self.name, "connected to {}", self.describe());
+                }
+                b.failures = 0;
+                b.delay = BACKOFF_MIN;
+                *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                let mut b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+                let base = b.delay;
+                let wait = b.jitter(base);
+                b.next = Instant::now() + wait;
+                b.delay = (b.delay * 2).min(BACKOFF_MAX);
+                b.failures += 1;
+                metrics::counter!("drmirror_reconnects_total", "target" => self.name.clone(), "result" => "failed").increment(1);
+                // One line per outage and then one a minute or so, not one
+                // per attempt.
+                if b.failures == 1 || b.failures % 8 == 0 {
+                    tracing::warn!(target = %self.name, "cannot reach {}: {e}; retrying in {:.1}s (attempt {})", self.describe(), wait.as_secs_f64(), b.failures);
+                }
+                Err(self.unreachable(e))
+            }
+        }
+    }
+
+    fn live(&self) -> Option<Arc<Conn>> {
+        let mut g = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        match g.as_ref() {
+            Some(c) if !c.dead.load(Ordering::Acquire) => Some(c.clone()),
+            Some(_) => {
+                *g = None;
+                let mut b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+                // A connection that just died: the first retry is quick.
+                b.next = Instant::now() + BACKOFF_MIN;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Opens the transport and does the handshake.
+    fn connect(&self) -> Result<Arc<Conn>, String> {
+        let mut tcp: Option<TcpStream> = None;
+        let (mut r, w, child): (Box<dyn Read + Send>, Box<dyn Write + Send>, Option<Child>) =
+            match &self.spec.transport {
+                Transport::Ssh { user, host, port } => {
+                    let mut cmd = Command::new("ssh");
+                    cmd.args(["-o", "BatchMode=yes", "-o", "ServerAliveInterval=15"]);
+                    cmd.args(["-o", "ServerAliveCountMax=3", "-o", "ConnectTimeout=10"]);
+                    if let Some(p) = port {
+                        cmd.arg("-p").arg(p.to_string());
+                    }
+                    if let Some(i) = &self.spec.identity {
+                        cmd.arg("-i").arg(i);
+                    }
+                    cmd.args(&self.spec.ssh_args);
+                    cmd.arg(match user {
+                        Some(u) => format!("{u}@{host}"),
+                        None => host.clone(),
+                    });
+                    cmd.arg("--");
+                    cmd.arg(format!(
+                        "{} receive --root {}",
+                        self.spec.command,
+                        shell_quote(&self.spec.path.to_string_lossy())
+                    ));
+                    cmd.stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped());
+                    let mut child = cmd.spawn().map_err(|e| format!("cannot run ssh: {e}"))?;
+                    let (Some(i), Some(o), Some(err)) =
+                        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+                    else {
+                        return Err("ssh without pipes".into());
+                    };
+                    let name = self.name.clone();
+                    // The far side's complaints (auth, missing drmirror) are
+                    // the best explanation an operator gets: into our log.
+                    let _ =
+                        std::thread::Builder::new()
+                            .name("ssh-stderr".into())
+                            .spawn(move || {
+                                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                                    tracing::warn!(target = %name, "ssh: {line}");
+                                }
+                            });
+                    (Box::new(o), Box::new(i), Some(child))
+                }
+                Transport::Tcp { host, port } => {
+                    let addr = (host.as_str(), *port)
+                        .to_socket_addrs()
+                        .map_err(|e| format!("{host}: {e}"))?
+                        .next()
+                        .ok_or_else(|| format!("{host}: no address"))?;
+                    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                        .map_err(|e| format!("connect {addr}: {e}"))?;
+                    let _ = s.set_nodelay(true);
+                    s.set_read_timeout(Some(Duration::from_secs(30)))
+                        .map_err(|e| e.to_string())?;
+                    let w = s.try_clone().map_err(|e| e.to_string())?;
+                    tcp = Some(s.try_clone().map_err(|e| e.to_string())?);
+                    (Box::new(s), Box::new(w), None)
+                }
+            };
+        let mut out = BufWriter::with_capacity(256 * 1024, w);
+        let mut buf = Vec::new();
+        protocol::write_frame(
+            &mut out,
+            &Request::Hello {
+                magic: MAGIC,
+                version: VERSION,
+                token: self.spec.token.clone(),
+            },
+        )
+        .and_then(|_| out.flush().map_err(FrameError::Io))
+        .map_err(|e| format!("handshake: {e}"))?;
+        match protocol::read_frame::<_, Reply>(&mut r, &mut buf) {
+            Ok(Reply::Welcome { .. }) => {}
+            Ok(Reply::Refused { reason }) => return Err(format!("receiver refused: {reason}")),
+            Ok(other) => return Err(format!("unexpected handshake reply {other:?}")),
+            Err(FrameError::Closed) | Err(FrameError::Truncated) => {
+                return Err("the connection closed during the handshake (see ssh's messages above; is drmirror installed on the far side?)".into())
+            }
+            Err(e) => return Err(format!("handshake: {e}")),
+        }
+        if let Some(s) = &tcp {
+            // The handshake is done: from now on replies may take as long as
+            // a large batch does (REPLY_TIMEOUT guards the waiters instead).
+            s.set_read_timeout(None).map_err(|e| e.to_string())?;
+        }
+        let conn = Arc::new(Conn {
+            writer: Mutex::new(Writer {
+                out,
+                since: Instant::now(),
+                sent: 0,
+            }),
+            waiters: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+            child: Mutex::new(child),
+        });
+        let weak = Arc::downgrade(&conn);
+        let name = self.name.clone();
+        std::thread::Builder::new()
+            .name(format!("recv-{name}"))
+            .spawn(move || reader_loop(r, weak, name))
+            .map_err(|e| format!("cannot start the reply reader: {e}"))?;
+        metrics::counter!("drmirror_reconnects_total", "target" => self.name.clone(), "result" => "connected").increment(1);
+        Ok(conn)
+    }
+
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends frames; on failure the connection is dropped.
+    fn send(&self, c: &Conn, msgs: &[Request], flush: bool) -> Result<(), ApplyError> {
+        if c.dead.load(Ordering::Acquire) {
+            return Err(self.unreachable("connection lost"));
+        }
+        let mut w = c.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        let r = (|| -> Result<(), FrameError> {
+            for m in msgs {
+                n += protocol::write_frame(&mut w.out, m)?;
+            }
+            if flush {
+                w.out.flush()?;
+            }
+            Ok(())
+        })();
+        self.wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        metrics::counter!("drmirror_wire_bytes_total", "target" => self.name.clone())
+            .increment(n as u64);
+        if self.spec.bwlimit > 0 {
+            // Token bucket over a one-second window, held under the writer
+            // lock so that the limit covers the whole connection.
+            w.sent += n as u64;
+            let due = Duration::from_secs_f64(w.sent as f64 / self.spec.bwlimit as f64);
+            let el = w.since.elapsed();
+            if due > el {
+                std::thread::sleep(due - el);
+            }
+            if w.since.elapsed() > Duration::from_secs(1) {
+                w.since = Instant::now();
+                w.sent = 0;
+            }
+        }
+        drop(w);
+        r.map_err(|e| {
+            c.fail_all();
+            self.unreachable(format!("send: {e}"))
+        })
+    }
+
+    fn register(&self, c: &Conn, id: u64) -> Receiver<Reply> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        c.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        rx
+    }
+
+    fn wait(&self, c: &Conn, rx: &Receiver<Reply>) -> Result<Reply, ApplyError> {
+        match rx.recv_timeout(REPLY_TIMEOUT) {
+            Ok(r) => Ok(r),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                c.fail_all();
+                Err(self.unreachable("no reply for 5 minutes; reconnecting"))
+            }
+            Err(_) => Err(self.unreachable("connection lost")),
+        }
+    }
+
+    /// One query, answered by one reply.
+    fn query(&self, make: impl FnOnce(u64) -> Request) -> Result<Reply, ApplyError> {
+        let c = self.conn()?;
+        let id = self.next_id();
+        let rx = self.register(&c, id);
+        self.send(&c, &[make(id)], true)?;
+        let r = self.wait(&c, &rx);
+        c.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        r
+    }
+
+    /// The entries of directory `dir` on the target; `None` when missing.
+    pub fn list(&self, dir: &[u8]) -> io::Result<Option<Vec<Entry>>> {
+        let c = self.conn().map_err(io::Error::other)?;
+        let id = self.next_id();
+        let rx = self.register(&c, id);
+        let res = (|| {
+            self.send(
+                &c,
+                &[Request::List {
+                    id,
+                    dir: dir.to_vec(),
+                }],
+                true,
+            )?;
+            let mut all = Vec::new();
+            loop {
+                match self.wait(&c, &rx)? {
+                    Reply::Listing {
+                        entries: None,
+                        more: false,
+                        ..
+                    } => return Ok(None),
+                    Reply::Listing {
+                        entries: Some(e),
+                        more,
+                        ..
+                    } => {
+                        all.extend(e);
+                        if !more {
+                            return Ok(Some(all));
+                        }
+                    }
+                    Reply::Failed { error, .. } => {
+                        return Err(ApplyError::TargetWrite {
+                            path: paths::display(dir),
+                            source: io::Error::other(error),
+                        })
+                    }
+                    other => return Err(self.unreachable(format!("unexpected reply {other:?}"))),
+                }
+            }
+        })();
+        c.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        res.map_err(io::Error::other)
+    }
+
+    pub fn lstat(&self, rel: &[u8]) -> io::Result<Option<Meta>> {
+        match self
+            .query(|id| Request::Stat {
+                id,
+                rel: rel.to_vec(),
+            })
+            .map_err(io::Error::other)?
+        {
+            Reply::Stat { meta, .. } => Ok(meta),
+            Reply::Failed { error, .. } => Err(io::Error::other(error)),
+            other => Err(io::Error::other(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        match self
+            .query(|id| Request::Sync { id })
+            .map_err(io::Error::other)?
+        {
+            Reply::Done { result: Ok(_), .. } => Ok(()),
+            Reply::Done { result: Err(e), .. } | Reply::Failed { error: e, .. } => {
+                Err(io::Error::other(e))
+            }
+            other => Err(io::Error::other(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub fn rename(&self, from: &[u8], to: &[u8]) -> Result<bool, ApplyError> {
+        match self.query(|id| Request::Rename {
+            id,
+            from: from.to_vec(),
+            to: to.to_vec(),
+        })? {
+            Reply::Done { result: Ok(b), .. } => Ok(b),
+            Reply::Done { result: Err(e), .. } | Reply::Failed { error: e, .. } => {
+                Err(ApplyError::target_write(to, io::Error::other(e)))
+            }
+            other => Err(self.unreachable(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Sets attributes of several entries in one batch.
+    pub fn set_attrs_many(&self, items: &[(Vec<u8>, Meta)]) -> Vec<Result<(), ApplyError>> {
+        let ops: Vec<Op> = items
+            .iter()
+            .map(|(rel, meta)| Op::SetAttrs {
+                rel: rel.clone(),
+                meta: *meta,
+            })
+            .collect();
+        match self.batch(|b| {
+            for op in ops {
+                b.op(op)?;
+            }
+            Ok(())
+        }) {
+            Ok(results) => items
+                .iter()
+                .zip(
+                    results
+                        .into_iter()
+                        .chain(std::iter::repeat_with(|| Err("no result".to_string()))),
+                )
+                .map(|((rel, _), r)| {
+                    r.map(|_| ())
+                        .map_err(|e| ApplyError::target_write(rel, io::Error::other(e)))
+                })
+                .collect(),
+            Err(e) => items
+                .iter()
+                .map(|_| Err(self.unreachable(e.to_string())))
+                .collect(),
+        }
+    }
+
+    /// Runs `fill` to send one batch's operations, then waits for the
+    /// batch's results (one per operation sent, in order).
+    fn batch(
+        &self,
+        fill: impl FnOnce(&mut BatchSender<'_>) -> Result<(), ApplyError>,
+    ) -> Result<Vec<Result<Done, String>>, ApplyError> {
+        let c = self.conn()?;
+        let batch = self.next_id();
+        let rx = self.register(&c, batch);
+        let mut b = BatchSender {
+            t: self,
+            c: &c,
+            batch,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            sent_ops: 0,
+        };
+        let r = fill(&mut b).and_then(|()| {
+            b.push(Request::EndBatch { batch })?;
+            b.flush(true)
+        });
+        let r = r.and_then(|()| match self.wait(&c, &rx)? {
+            Reply::Batch { results, .. } => Ok(results),
+            other => Err(self.unreachable(format!("unexpected reply {other:?}"))),
+        });
+        c.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&batch);
+        r
+    }
+
+    /// Applies entries sharing parent directory `parent`, as one batch.
+    pub fn apply_group(
+        &self,
+        source: &Root,
+        parent: &[u8],
+        entries: &[(&[u8], u8)],
+        policy: DeletePolicy,
+    ) -> Vec<Result<Outcome, ApplyError>> {
+        let src_dir = match source.open_dir(parent, false) {
+            Ok(d) => Some(d),
+            Err(e) if fsops::is_missing(&e) => None,
+            Err(e) => {
+                return entries
+                    .iter()
+                    .map(|(rel, _)| Err(ApplyError::source_read(rel, io::Error::from(e.kind()))))
+                    .collect()
+            }
+        };
+        // What each entry becomes: decided here, or by the receiver's
+        // answer to the operation sent for it.
+        enum Plan {
+            Now(Result<Outcome, ApplyError>),
+            Sent { slot: usize, then: Then },
+        }
+        enum Then {
+            Dir { meta: Meta, f: u8 },
+            Copied { meta: Meta, bytes: u64 },
+            Deleted,
+        }
+        let mut plans: Vec<Plan> = Vec::with_capacity(entries.len());
+        let r = self.batch(|b| {
+            for &(rel, f) in entries {
+                let m = match &src_dir {
+                    None => None,
+                    Some(sd) if !rel.is_empty() => {
+                        match fsops::lstat_at(sd.as_fd(), paths::split(rel).1) {
+                            Ok(m) => m,
+                            Err(e) => {
+                                plans.push(Plan::Now(Err(ApplyError::source_read(rel, e))));
+                                continue;
+                            }
+                        }
+                    }
+                    Some(_) => match source.lstat(rel) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            plans.push(Plan::Now(Err(ApplyError::source_read(rel, e))));
+                            continue;
+                        }
+                    },
+                };
+                let plan = match m {
+                    None => {
+                        if rel.is_empty() || !policy.allows(f) {
+                            Plan::Now(Ok(Outcome::DeleteSkipped))
+                        } else {
+                            let slot = b.op(Op::Delete { rel: rel.to_vec() })?;
+                            Plan::Sent {
+                                slot,
+                                then: Then::Deleted,
+                            }
+                        }
+                    }
+                    Some(m) => match m.kind {
+                        Kind::Other => Plan::Now(Ok(Outcome::Special)),
+                        Kind::Dir => {
+                            let slot = b.op(Op::Mkdir { rel: rel.to_vec() })?;
+                            Plan::Sent {
+                                slot,
+                                then: Then::Dir { meta: m, f },
+                            }
+                        }
+                        Kind::Symlink => match source.read_link(rel) {
+                            Ok(text) => {
+                                let bytes = text.len() as u64;
+                                let slot = b.op(Op::Symlink {
+                                    rel: rel.to_vec(),
+                                    text,
+                                    meta: m,
+                                })?;
+                                Plan::Sent {
+                                    slot,
+                                    then: Then::Copied { meta: m, bytes },
+                                }
+                            }
+                            Err(e) if fsops::is_missing(&e) || e.raw_os_error() == Some(22) => {
+                                Plan::Now(Ok(Outcome::Vanished))
+                            }
+                            Err(e) => Plan::Now(Err(ApplyError::source_read(rel, e))),
+                        },
+                        Kind::File => match src_dir.as_ref() {
+                            None => Plan::Now(Ok(Outcome::Vanished)),
+                            Some(sd) => match b.file(sd.as_fd(), rel, &m)? {
+                                FileSent::Sent { slot, meta, bytes } => Plan::Sent {
+                                    slot,
+                                    then: Then::Copied { meta, bytes },
+                                },
+                                FileSent::Now(r) => Plan::Now(r),
+                            },
+                        },
+                    },
+                };
+                plans.push(plan);
+            }
+            Ok(())
+        });
+        let results = match r {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = e.to_string();
+                return entries
+                    .iter()
+                    .map(|_| Err(self.unreachable(msg.clone())))
+                    .collect();
+            }
+        };
+        entries
+            .iter()
+            .zip(plans)
+            .map(|(&(rel, _), p)| match p {
+                Plan::Now(r) => r,
+                Plan::Sent { slot, then } => match results.get(slot) {
+                    None => Err(self.unreachable("batch result missing")),
+                    Some(Err(e)) => Err(ApplyError::target_write(rel, io::Error::other(e.clone()))),
+                    Some(Ok(done)) => Ok(match then {
+                        Then::Deleted => Outcome::Deleted,
+                        Then::Copied { meta, bytes } => Outcome::Copied { meta, bytes },
+                        Then::Dir { meta, f } => {
+                            let created = matches!(done, Done::Dir { created: true });
+                            Outcome::Dir {
+                                meta,
+                                created,
+                                scan: f & flags::RECURSIVE != 0
+                                    || (created && f & flags::LIVE != 0),
+                            }
+                        }
+                    }),
+                },
+            })
+            .collect()
+    }
+
+    /// The target's entries below `start`, walked in parallel (one listing
+    /// request per directory, many in flight).
+    pub fn walk<D, E>(&self, start: &[u8], on_dir: D, on_error: E)
+    where
+        D: Fn(&[u8], &mut [crate::scan::Child]) + Sync,
+        E: Fn(&[u8], &io::Error) + Sync,
+    {
+        fn visit<'s, D, E>(
+            s: &rayon::Scope<'s>,
+            t: &'s RemoteTarget,
+            dir: Vec<u8>,
+            on_dir: &'s D,
+            on_error: &'s E,
+        ) where
+            D: Fn(&[u8], &mut [crate::scan::Child]) + Sync,
+            E: Fn(&[u8], &io::Error) + Sync,
+        {
+            let entries = match t.list(&dir) {
+                Ok(Some(e)) => e,
+                Ok(None) => return,
+                Err(e) => {
+                    on_error(&dir, &e);
+                    return;
+                }
+            };
+            let mut children: Vec<crate::scan::Child> = entries
+                .into_iter()
+                .map(|e| crate::scan::Child {
+                    rel: paths::join(&dir, &e.name),
+                    descend: e.meta.kind == Kind::Dir,
+                    meta: e.meta,
+                })
+                .collect();
+            on_dir(&dir, &mut children);
+            for c in children {
+                if c.descend && c.meta.kind == Kind::Dir {
+                    s.spawn(move |s| visit(s, t, c.rel, on_dir, on_error));
+                }
+            }
+        }
+        rayon::scope(|s| visit(s, self, start.to_vec(), &on_dir, &on_error));
+    }
+
+    pub fn owner(&self) -> bool {
+        self.owner
+    }
+
+    /// Block hashes of the receiver's copy of `rel`, when it holds one.
+    #[allow(clippy::type_complexity)]
+    fn signature(&self, rel: &[u8]) -> Result<Option<(u64, Vec<[u8; 16]>)>, ApplyError> {
+        Ok(
+            match self.query(|id| Request::Signature {
+                id,
+                rel: rel.to_vec(),
+            })? {
+                Reply::Signature { size, blocks, .. } if !blocks.is_empty() => Some((size, blocks)),
+                _ => None,
+            },
+        )
+    }
+}
+
+/// What sending a file did.
+enum FileSent {
+    Sent { slot: usize, meta: Meta, bytes: u64 },
+    Now(Result<Outcome, ApplyError>),
+}
+
+/// Frames of one batch on their way out: gathered into writes of a few
+/// hundred KiB, so small files do not cost a lock and a syscall each.
+struct BatchSender<'a> {
+    t: &'a RemoteTarget,
+    c: &'a Conn,
+    batch: u64,
+    pending: Vec<Request>,
+    pending_bytes: usize,
+    /// Operations sent so far: the receiver numbers results the same way.
+    sent_ops: usize,
+}
+
+impl BatchSender<'_> {
+    fn push(&mut self, r: Request) -> Result<(), ApplyError> {
+        self.pending_bytes += match &r {
+            Request::Data {
+                chunk: Chunk::Bytes(b) | Chunk::Zstd(b),
+                ..
+            } => b.len() + 32,
+            _ => 128,
+        };
+        self.pending.push(r);
+        if self.pending_bytes >= 256 * 1024 {
+            self.flush(false)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, and_wire: bool) -> Result<(), ApplyError> {
+        let msgs = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        self.t.send(self.c, &msgs, and_wire)
+    }
+
+    /// Sends one operation; returns its result slot.
+    fn op(&mut self, op: Op) -> Result<usize, ApplyError> {
+        let slot = self.sent_ops;
+        self.sent_ops += 1;
+        self.push(Request::Op {
+            batch: self.batch,
+            op,
+        })?;
+        Ok(slot)
+    }
+
+    fn data(&mut self, file: u64, data: &[u8]) -> Result<(), ApplyError> {
+        let chunk = if self.t.spec.compress {
+            match zstd::bulk::compress(data, 3) {
+                Ok(z) if z.len() < data.len() => Chunk::Zstd(z),
+                _ => Chunk::Bytes(data.to_vec()),
+            }
+        } else {
+            Chunk::Bytes(data.to_vec())
+        };
+        self.push(Request::Data { file, chunk })
+    }
+
+    /// Streams regular file `rel` (in source directory `sd`): stat before
+    /// and after, as a local copy does, and a delta against the receiver's
+    /// copy for large files.
+    fn file(
+        &mut self,
+        sd: std::os::fd::BorrowedFd<'_>,
+        rel: &[u8],
+        seen: &Meta,
+    ) -> Result<FileSent, ApplyError> {
+        let name = paths::split(rel).1;
+        for _attempt in 1..=COPY_TRIES {
+            let src = match rustix::fs::openat(sd, name, fsops::SOURCE_READ, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::LOOP) => {
+                    return Ok(FileSent::Now(Ok(Outcome::Vanished)))
+                }
+                Err(e) => return Ok(FileSent::Now(Err(ApplyError::source_read(rel, e.into())))),
+            };
+            let before = match rustix::fs::fstat(&src) {
+                Ok(st) => Meta::from_stat(&st),
+                Err(e) => return Ok(FileSent::Now(Err(ApplyError::source_read(rel, e.into())))),
+            };
+            if before.kind != Kind::File {
+                return Ok(FileSent::Now(Ok(Outcome::Vanished)));
+            }
+            let sig = if before.size >= DELTA_MIN && seen.size >= DELTA_MIN {
+                self.flush(false)?;
+                self.t.signature(rel)?
+            } else {
+                None
+            };
+            let file = self.t.next_id();
+            let slot = self.op(Op::File {
+                file,
+                rel: rel.to_vec(),
+                meta: before,
+                delta: sig.is_some(),
+            })?;
+            match self.stream(&src, file, before.size, sig.as_ref())? {
+                Err(e) => {
+                    self.push(Request::Data {
+                        file,
+                        chunk: Chunk::End {
+                            hash: [0; 32],
+                            commit: false,
+                        },
+                    })?;
+                    return Ok(FileSent::Now(Err(ApplyError::source_read(rel, e))));
+                }
+                Ok((hash, bytes)) => {
+                    let after = rustix::fs::fstat(&src).map(|st| Meta::from_stat(&st));
+                    let same = matches!(&after, Ok(a) if a.size == before.size
+                        && a.mtime_ns == before.mtime_ns
+                        && a.ctime_ns == before.ctime_ns)
+                        && bytes == before.size;
+                    self.push(Request::Data {
+                        file,
+                        chunk: Chunk::End { hash, commit: same },
+                    })?;
+                    if same {
+                        return Ok(FileSent::Sent {
+                            slot,
+                            meta: before,
+                            bytes,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(FileSent::Now(Err(ApplyError::Changing {
+            path: paths::display(rel),
+            tries: COPY_TRIES,
+        })))
+    }
+
+    /// Sends the content of `src`; the inner result is a source read error.
+    #[allow(clippy::type_complexity)]
+    fn stream(
+        &mut self,
+        src: &OwnedFd,
+        file: u64,
+        size: u64,
+        sig: Option<&(u64, Vec<[u8; 16]>)>,
+    ) -> Result<Result<([u8; 32], u64), io::Error>, ApplyError> {
+        let f = std::fs::File::from(match src.try_clone() {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(e)),
+        });
+        let mut hasher = blake3::Hasher::new();
+        // Reads in whole delta blocks when a signature is there.
+        let step = if sig.is_some() {
+            BLOCK as usize
+        } else {
+            CHUNK.min(size.max(4096) as usize)
+        };
+        let mut buf = vec![0u8; step];
+        let mut off = 0u64;
+        // A run of matching blocks not yet sent as one Copy.
+        let mut copy: Option<(u64, u64)> = None;
+        // Literal bytes not yet sent (gathered up to CHUNK).
+        let mut lit: Vec<u8> = Vec::new();
+        loop {
+            let n = match read_full_at(&f, &mut buf, off) {
+                Ok(n) => n,
+                Err(e) => return Ok(Err(e)),
+            };
+            if n == 0 {
+                break;
+            }
+            let data = &buf[..n];
+            hasher.update(data);
+            let matched = sig.is_some_and(|(tsize, blocks)| {
+                let i = (off / BLOCK) as usize;
+                off + n as u64 <= *tsize
+                    && blocks
+                        .get(i)
+                        .is_some_and(|h| *h == protocol::block_hash(data))
+            });
+            if matched {
+                if !lit.is_empty() {
+                    self.data(file, &lit)?;
+                    lit.clear();
+                }
+                copy = match copy {
+                    Some((o, l)) if o + l == off => Some((o, l + n as u64)),
+                    Some((o, l)) => {
+                        self.push(Request::Data {
+                            file,
+                            chunk: Chunk::Copy { offset: o, len: l },
+                        })?;
+                        Some((off, n as u64))
+                    }
+                    None => Some((off, n as u64)),
+                };
+            } else {
+                if let Some((o, l)) = copy.take() {
+                    self.push(Request::Data {
+                        file,
+                        chunk: Chunk::Copy { offset: o, len: l },
+                    })?;
+                }
+                lit.extend_from_slice(data);
+                if lit.len() >= CHUNK {
+                    self.data(file, &lit)?;
+                    lit.clear();
+                }
+            }
+            off += n as u64;
+        }
+        if let Some((o, l)) = copy {
+            self.push(Request::Data {
+                file,
+                chunk: Chunk::Copy { offset: o, len: l },
+            })?;
+        }
+        if !lit.is_empty() {
+            self.data(file, &lit)?;
+        }
+        Ok(Ok((*hasher.finalize().as_bytes(), off)))
+    }
+}
+
+/// Reads up to `buf.len()` bytes at `off` (short only at end of file).
+fn read_full_at(f: &std::fs::File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], off + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Routes replies to their waiters until the connection ends.
+fn reader_loop(mut r: Box<dyn Read + Send>, conn: std::sync::Weak<Conn>, name: String) {
+    let mut buf = Vec::new();
+    loop {
+        let reply = match protocol::read_frame::<_, Reply>(&mut r, &mut buf) {
+            Ok(rep) => rep,
+            Err(e) => {
+                if let Some(c) = conn.upgrade() {
+                    if !c.dead.load(Ordering::Acquire) {
+                        if e.is_disconnect() {
+                            tracing::warn!(target = %name, "connection to the receiver lost: {e}");
+                        } else {
+                            tracing::error!(target = %name, "bad frame from the receiver: {e}; reconnecting");
+                        }
+                    }
+                    c.fail_all();
+                }
+                return;
+            }
+        };
+        let id = match &reply {
+            Reply::Listing { id, .. }
+            | Reply::Stat { id, .. }
+            | Reply::Signature { id, .. }
+            | Reply::Done { id, .. }
+            | Reply::Failed { id, .. } => *id,
+            Reply::Batch { batch, .. } => *batch,
+            Reply::Fatal { reason } => {
+                tracing::error!(target = %name, "the receiver ended the connection: {reason}");
+                if let Some(c) = conn.upgrade() {
+                    c.fail_all();
+                }
+                return;
+            }
+            Reply::Welcome { .. } | Reply::Refused { .. } => continue,
+        };
+        let Some(c) = conn.upgrade() else { return };
+        let tx = c
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        if let Some(tx) = tx {
+            let _ = tx.send(reply);
+        }
+    }
+}

@@ -1,0 +1,808 @@
+//! Remote targets: `ssh://` against a real OpenSSH server on 127.0.0.1
+//! (started here on a free port, with generated host and user keys),
+//! `tcp://` against `drmirror receive --listen`, outages, and the
+//! receiver's handling of hostile frames.
+
+use crate::util::*;
+use std::ffi::OsString;
+use std::io::{BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use drmirror::meta::{Kind, Meta};
+use drmirror::protocol::{self, Chunk, Done, FrameError, Op, Reply, Request, MAGIC, VERSION};
+
+/// An sshd of our own: loopback only, key auth only, this temp dir's keys.
+pub struct Sshd {
+    dir: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Sshd {
+    /// `None` (with the reason printed) when the test cannot run here.
+    pub fn start(root: &Path) -> Option<Sshd> {
+        if !is_root() {
+            eprintln!("SKIP: the sshd harness logs in as root and needs root");
+            return None;
+        }
+        if !Path::new("/usr/sbin/sshd").exists() {
+            eprintln!("SKIP: /usr/sbin/sshd missing (tools/install-deps installs openssh-server)");
+            return None;
+        }
+        let dir = root.join("sshd");
+        mkdirp(&dir);
+        for k in ["host_key", "user_key"] {
+            let st = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.join(k))
+                .status()
+                .expect("run ssh-keygen");
+            assert!(st.success(), "ssh-keygen {k} failed");
+        }
+        std::fs::copy(dir.join("user_key.pub"), dir.join("authorized_keys"))
+            .expect("authorized_keys");
+        // sshd's privilege separation directory.
+        mkdirp(Path::new("/run/sshd"));
+        let port = free_port();
+        let conf = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
+             PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile {d}/sshd.pid\nLogLevel ERROR\n",
+            d = dir.display()
+        );
+        write(&dir.join("sshd_config"), conf.as_bytes());
+        let mut s = Sshd {
+            dir,
+            port,
+            child: None,
+        };
+        s.resume();
+        Some(s)
+    }
+
+    /// (Re)starts the server on the same port and waits until it accepts.
+    pub fn resume(&mut self) {
+        let log = std::fs::File::create(self.dir.join("sshd.log")).expect("sshd log");
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(self.dir.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start sshd");
+        self.child = Some(child);
+        let deadline = Instant::now() + secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not start listening on {}: {}",
+                self.port,
+                String::from_utf8_lossy(
+                    &std::fs::read(self.dir.join("sshd.log")).unwrap_or_default()
+                )
+            );
+            std::thread::sleep(ms(50));
+        }
+    }
+
+    /// Stops the listener and every session it started (the receivers):
+    /// the DR host is gone.
+    pub fn stop(&mut self, root: &Path) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        kill_receivers(root);
+    }
+
+    /// The `[[target]]` section for a target at `path` through this sshd.
+    pub fn target_toml(&self, name: &str, path: &Path, extra: &str) -> String {
+        format!(
+            "[[target]]\nname = \"{name}\"\npath = \"ssh://root@127.0.0.1:{port}{p}\"\n\
+             ssh_identity = {key}\nremote_command = {bin}\n\
+             ssh_args = [\"-o\", \"StrictHostKeyChecking=no\", \"-o\", \"UserKnownHostsFile=/dev/null\", \"-o\", \"LogLevel=ERROR\"]\n{extra}\n",
+            port = self.port,
+            p = path.display(),
+            key = toml_str(&self.dir.join("user_key")),
+            bin = toml_str(Path::new(BIN)),
+        )
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Kills every `drmirror receive` writing below `root`.
+fn kill_receivers(root: &Path) {
+    let needle = root.display().to_string();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).to_string())
+            .collect();
+        if args.iter().any(|a| a == "receive") && args.iter().any(|a| a.starts_with(&needle)) {
+            // SAFETY: plain kill(2) on a pid read from /proc.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn config(env: &Env, targets: &str, top: &str) -> String {
+    format!(
+        "source = {}\nstate_dir = {}\nwatch = \"auto\"\n{top}\n{targets}",
+        toml_str(&env.src),
+        toml_str(&env.state)
+    )
+}
+
+fn start_config(env: &Env, toml: &str) -> Daemon {
+    let d = env.spawn_config(toml);
+    d.wait_log("drmirror ready", secs(60));
+    d
+}
+
+#[test]
+fn ssh_initial_sync_and_live_mirroring() {
+    let env = Env::new();
+    let Some(sshd) = Sshd::start(&env.root) else {
+        return;
+    };
+    let n = populate_rich(&env.src);
+    // A large file: streamed in chunks.
+    write(&env.s("big/blob"), &pattern(5 << 20, 7));
+    let d = start_config(
+        &env,
+        &config(&env, &sshd.target_toml("dr", &env.dst, ""), ""),
+    );
+    d.wait_log("initial sync complete", secs(120));
+    env.converge(&["--checksum"], &d);
+    assert!(n > 10);
+    assert!(
+        d.log().contains("connected to ssh://root@127.0.0.1"),
+        "{}",
+        d.log_tail()
+    );
+
+    // Live: every kind of change.
+    write(&env.s("live/new"), b"new file");
+    append(&env.s("big/blob"), b"tail");
+    let ino_before = {
+        write(&env.s("mv/a/keep"), b"k");
+        env.converge(&[], &d);
+        ino(&env.d("mv/a/keep"))
+    };
+    rename(&env.s("mv/a"), &env.s("mv/b"));
+    symlink("../live/new", &env.s("mv/link"));
+    chmod(&env.s("live/new"), 0o600);
+    remove_dir_all(&env.s("live"));
+    write(&env.s("live2/x\ny \u{7f}"), b"odd name");
+    env.converge(&["--checksum"], &d);
+    assert_eq!(
+        ino(&env.d("mv/b/keep")),
+        ino_before,
+        "a directory rename must travel as a rename"
+    );
+    d.terminate();
+}
+
+#[test]
+fn ssh_large_file_change_sends_a_delta() {
+    let env = Env::new();
+    let Some(sshd) = Sshd::start(&env.root) else {
+        return;
+    };
+    let size = 32usize << 20;
+    let mut data = pattern(size, 3);
+    write(&env.s("vm.img"), &data);
+    let port = free_port();
+    let top = format!("metrics_listen = \"127.0.0.1:{port}\"");
+    let d = start_config(
+        &env,
+        &config(&env, &sshd.target_toml("dr", &env.dst, ""), &top),
+    );
+    d.wait_log("initial sync complete", secs(120));
+    env.converge(&["--checksum"], &d);
+    let wire = || {
+        let text = http_get(port, "/metrics").expect("metrics");
+        metric(&text, "drmirror_wire_bytes_total")
+    };
+    let before = wire();
+    assert!(
+        before >= size as f64,
+        "the first copy sends the file: {before}"
+    );
+    // Change 1 MiB in the middle, in place.
+    for b in &mut data[(size / 2)..(size / 2 + (1 << 20))] {
+        *b = b.wrapping_add(1);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(env.s("vm.img"))
+        .and_then(|mut f| {
+            use std::io::{Seek, SeekFrom};
+            f.seek(SeekFrom::Start((size / 2) as u64))?;
+            f.write_all(&data[(size / 2)..(size / 2 + (1 << 20))])
+        })
+        .expect("rewrite 1 MiB");
+    env.converge(&["--checksum"], &d);
+    let sent = wire() - before;
+    eprintln!(
+        "DELTA: file={} MiB changed=1 MiB sent={:.0} bytes ({:.2}% of the file)",
+        size >> 20,
+        sent,
+        sent * 100.0 / size as f64
+    );
+    assert!(
+        sent < (size / 10) as f64,
+        "a 1 MiB change to a {} MiB file sent {sent} bytes: no delta",
+        size >> 20
+    );
+    d.terminate();
+}
+
+#[test]
+fn tcp_target_needs_the_token() {
+    let env = Env::new();
+    write(&env.s("a/f"), b"over tcp");
+    let token = env.root.join("token");
+    write(&token, b"right-token\n");
+    let wrong = env.root.join("wrong");
+    write(&wrong, b"wrong-token\n");
+    let port = free_port();
+    let recv = Daemon::spawn(
+        &[
+            OsString::from("receive"),
+            OsString::from("--listen"),
+            OsString::from(format!("127.0.0.1:{port}")),
+            OsString::from("--root"),
+            env.dst.clone().into_os_string(),
+            OsString::from("--token-file"),
+            token.clone().into_os_string(),
+        ],
+        &env.root,
+        None,
+        None,
+    );
+    recv.wait_log("listening on", secs(20));
+    let target = |tok: &Path| {
+        format!(
+            "[[target]]\nname = \"dr\"\npath = \"tcp://127.0.0.1:{port}{}\"\ntoken_file = {}\n",
+            env.dst.display(),
+            toml_str(tok)
+        )
+    };
+    let d = start_config(&env, &config(&env, &target(&wrong), ""));
+    d.wait_log("authentication failed", secs(30));
+    assert!(!exists(&env.d("a/f")));
+    d.terminate();
+    let d = start_config(&env, &config(&env, &target(&token), ""));
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+    recv.terminate();
+}
+
+/// Reads `/proc/PID` figures: resident set in bytes, CPU seconds.
+fn rss_and_cpu(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = 100.0; // USER_HZ on Linux
+    let cpu = f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    (rss_kb * 1024, cpu / tick)
+}
+
+fn backlog(port: u16, target: &str) -> f64 {
+    let text = http_get(port, "/metrics").unwrap_or_default();
+    metric(
+        &text,
+        &format!("drmirror_backlog_entries{{target=\"{target}\"}}"),
+    )
+}
+
+/// The outage of acceptance 2: 100,000 writes to 20,000 files while the
+/// receiver is gone; bounded memory, a coalesced backlog, and a catch-up
+/// without restarting drmirror.
+#[test]
+fn ssh_outage_backlog_stays_on_disk_and_drains_by_itself() {
+    let env = Env::new();
+    let Some(mut sshd) = Sshd::start(&env.root) else {
+        return;
+    };
+    const FILES: usize = 20_000;
+    const DIRS: usize = 40;
+    for i in 0..FILES {
+        write(&env.s(format!("d{}/f{i}", i % DIRS)), b"v0");
+    }
+    let port = free_port();
+    let top = format!("metrics_listen = \"127.0.0.1:{port}\"");
+    let d = start_config(
+        &env,
+        &config(&env, &sshd.target_toml("dr", &env.dst, ""), &top),
+    );
+    d.wait_log("initial sync complete", secs(300));
+    env.converge(&[], &d);
+
+    sshd.stop(&env.root);
+    let (_, cpu0) = rss_and_cpu(d.pid);
+    let t_down = Instant::now();
+    let mut rss_max = 0u64;
+    for round in 1..=5 {
+        for i in 0..FILES {
+            write(
+                &env.s(format!("d{}/f{i}", i % DIRS)),
+                format!("v{round} {i}").as_bytes(),
+            );
+            if i % 2000 == 0 {
+                rss_max = rss_max.max(rss_and_cpu(d.pid).0);
+            }
+        }
+    }
+    // Capture records the last writes; then the outage is quiet.
+    wait_events_recorded(port, &d);
+    let entries = backlog(port, "dr");
+    // A quiet stretch of outage: the daemon must not spin.
+    let (_, cpu_a) = rss_and_cpu(d.pid);
+    let quiet = Instant::now();
+    for _ in 0..10 {
+        std::thread::sleep(ms(500));
+        rss_max = rss_max.max(rss_and_cpu(d.pid).0);
+    }
+    let (_, cpu_b) = rss_and_cpu(d.pid);
+    let idle_cpu = (cpu_b - cpu_a) / quiet.elapsed().as_secs_f64();
+    let (_, cpu1) = rss_and_cpu(d.pid);
+    let outage = t_down.elapsed();
+    assert!(
+        (FILES as f64..=(FILES + DIRS + 1) as f64).contains(&entries),
+        "backlog should hold one entry per changed file ({FILES}), shows {entries}\n{}",
+        d.log_tail()
+    );
+    assert!(
+        rss_max < 150 << 20,
+        "RSS reached {} MiB during the outage",
+        rss_max >> 20
+    );
+    assert!(d.is_running(), "the daemon died during the outage");
+
+    sshd.resume();
+    let back = Instant::now();
+    // Caught up: the backlog is empty (then checked with verify).
+    let deadline = Instant::now() + secs(300);
+    while backlog(port, "dr") > 0.0 || !env.verify(&[]).0 {
+        assert!(Instant::now() < deadline, "no catch-up\n{}", d.log_tail());
+        std::thread::sleep(ms(100));
+    }
+    let catch_up = back.elapsed();
+    env.converge_for(&["--checksum"], &d, secs(60));
+    assert!(d.is_running());
+    eprintln!(
+        "OUTAGE: files={FILES} writes={} backlog={entries} rss_max={:.1}MiB cpu_during_outage={:.2}s outage={:.1}s idle_cpu_share={:.3} catch_up={:.2}s",
+        FILES * 5,
+        rss_max as f64 / (1 << 20) as f64,
+        cpu1 - cpu0,
+        outage.as_secs_f64(),
+        idle_cpu,
+        catch_up.as_secs_f64()
+    );
+    d.terminate();
+}
+
+/// Two targets, one down: the live one keeps up, the other catches up later.
+#[test]
+fn a_down_target_does_not_hold_back_the_other() {
+    let env = Env::new();
+    let Some(mut sshd) = Sshd::start(&env.root) else {
+        return;
+    };
+    let remote_dst = env.root.join("remote-dst");
+    write(&env.s("seed"), b"seed");
+    let targets = format!(
+        "[[target]]\nname = \"local\"\npath = {}\n{}",
+        toml_str(&env.dst),
+        sshd.target_toml("far", &remote_dst, "")
+    );
+    let d = start_config(&env, &config(&env, &targets, ""));
+    wait_converged(&env.src, &remote_dst, &[], Some(&d));
+    sshd.stop(&env.root);
+    let mut lags = Vec::new();
+    for i in 0..40 {
+        let p = env.s(format!("stream/f{i}"));
+        let t0 = Instant::now();
+        write(&p, format!("{i}").as_bytes());
+        let q = env.d(format!("stream/f{i}"));
+        let deadline = Instant::now() + secs(60);
+        while !exists(&q) {
+            assert!(
+                Instant::now() < deadline,
+                "the live target stalled while the other was down\n{}",
+                d.log_tail()
+            );
+            std::thread::sleep(ms(5));
+        }
+        lags.push(t0.elapsed());
+        std::thread::sleep(ms(100));
+    }
+    lags.sort();
+    eprintln!(
+        "TWO-TARGETS: live target lag p50={:?} p99={:?} max={:?} while the other was down",
+        lags[lags.len() / 2],
+        lags[lags.len() * 99 / 100],
+        lags[lags.len() - 1]
+    );
+    env.converge(&[], &d);
+    assert!(!exists(&remote_dst.join("stream/f0")));
+    sshd.resume();
+    wait_converged(&env.src, &remote_dst, &["--checksum"], Some(&d));
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+}
+
+// ---------------------------------------------------------------- hostile input
+
+/// `drmirror receive --root ROOT` on pipes, driven frame by frame.
+struct Receiver {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+    buf: Vec<u8>,
+}
+
+impl Receiver {
+    fn start(root: &Path) -> Receiver {
+        let mut child = Command::new(BIN)
+            .args(["receive", "--root"])
+            .arg(root)
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn receive");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        Receiver {
+            child,
+            out,
+            buf: Vec::new(),
+        }
+    }
+
+    fn raw(&mut self, bytes: &[u8]) {
+        let w = self.child.stdin.as_mut().expect("stdin");
+        w.write_all(bytes).expect("write to receiver");
+        w.flush().expect("flush");
+    }
+
+    fn send(&mut self, r: &Request) {
+        let mut v = Vec::new();
+        protocol::write_frame(&mut v, r).expect("encode");
+        self.raw(&v);
+    }
+
+    fn reply(&mut self) -> Result<Reply, FrameError> {
+        protocol::read_frame(&mut self.out, &mut self.buf)
+    }
+
+    fn hello(root: &Path) -> Receiver {
+        let mut r = Receiver::start(root);
+        r.send(&Request::Hello {
+            magic: MAGIC,
+            version: VERSION,
+            token: None,
+        });
+        assert!(matches!(r.reply(), Ok(Reply::Welcome { .. })));
+        r
+    }
+
+    /// Closes stdin and returns the exit status and stderr.
+    fn finish(mut self) -> (std::process::ExitStatus, String) {
+        drop(self.child.stdin.take());
+        let out = self.child.wait_with_output().expect("wait receiver");
+        (out.status, String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
+fn file_meta(size: u64) -> Meta {
+    Meta {
+        kind: Kind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        size,
+        mtime_ns: 1_600_000_000_000_000_000,
+        ctime_ns: 0,
+        ino: 0,
+        dev: 0,
+    }
+}
+
+/// Sends one file in one batch and returns the batch's results.
+fn put(
+    r: &mut Receiver,
+    batch: u64,
+    rel: &[u8],
+    data: &[u8],
+    hash: [u8; 32],
+) -> Vec<Result<Done, String>> {
+    r.send(&Request::Op {
+        batch,
+        op: Op::File {
+            file: batch,
+            rel: rel.to_vec(),
+            meta: file_meta(data.len() as u64),
+            delta: false,
+        },
+    });
+    r.send(&Request::Data {
+        file: batch,
+        chunk: Chunk::Bytes(data.to_vec()),
+    });
+    r.send(&Request::Data {
+        file: batch,
+        chunk: Chunk::End { hash, commit: true },
+    });
+    r.send(&Request::EndBatch { batch });
+    match r.reply() {
+        Ok(Reply::Batch { results, .. }) => results,
+        other => panic!("expected a batch reply, got {other:?}"),
+    }
+}
+
+fn hash(data: &[u8]) -> [u8; 32] {
+    *blake3::hash(data).as_bytes()
+}
+
+/// Every file in `dir` (recursively), for "nothing written outside" checks.
+fn listing(dir: &Path) -> Vec<PathBuf> {
+    let mut v = walk(dir);
+    v.sort();
+    v
+}
+
+#[test]
+fn receiver_refuses_paths_that_leave_its_root_and_keeps_serving() {
+    let env = Env::new();
+    let outside = env.root.join("outside");
+    mkdirp(&outside);
+    write(&outside.join("victim"), b"untouched");
+    // A symlink inside the root pointing out of it.
+    symlink(&outside, &env.d("escape"));
+    let before = listing(&outside);
+
+    let mut r = Receiver::hello(&env.dst);
+    let evil: Vec<Vec<u8>> = vec![
+        b"../outside/victim".to_vec(),
+        b"a/../../outside/victim".to_vec(),
+        format!("{}/victim", outside.display()).into_bytes(),
+        b"/etc/drmirror-test-should-not-exist".to_vec(),
+        b"a//b".to_vec(),
+        b"a/./b".to_vec(),
+        b"nul\0byte".to_vec(),
+    ];
+    for (i, rel) in evil.iter().enumerate() {
+        let res = put(&mut r, 100 + i as u64, rel, b"evil", hash(b"evil"));
+        assert_eq!(res.len(), 1);
+        let err = res[0].as_ref().expect_err("a hostile path was accepted");
+        assert!(err.contains("refused path"), "{err}");
+    }
+    // Through the symlink: the receiver never follows it. The mirror holds
+    // a directory there (the sender says so), so the link is replaced
+    // inside the root; nothing lands outside.
+    let res = put(&mut r, 200, b"escape/victim", b"evil", hash(b"evil"));
+    assert!(res[0].is_ok(), "{res:?}");
+    assert_eq!(read(&outside.join("victim")), b"untouched");
+    assert!(!lmeta(&env.d("escape")).file_type().is_symlink());
+    // Renames and deletes out of the root are refused too.
+    r.send(&Request::Rename {
+        id: 7,
+        from: b"../outside/victim".to_vec(),
+        to: b"stolen".to_vec(),
+    });
+    match r.reply() {
+        Ok(Reply::Done { result: Err(e), .. }) => assert!(e.contains("refused path"), "{e}"),
+        other => panic!("rename out of the root: {other:?}"),
+    }
+    r.send(&Request::Op {
+        batch: 300,
+        op: Op::Delete {
+            rel: b"../outside".to_vec(),
+        },
+    });
+    r.send(&Request::EndBatch { batch: 300 });
+    match r.reply() {
+        Ok(Reply::Batch { results, .. }) => assert!(results[0].is_err(), "{results:?}"),
+        other => panic!("{other:?}"),
+    }
+    // A wrong content checksum: not installed.
+    let res = put(&mut r, 400, b"bad-hash", b"data", hash(b"other"));
+    assert!(
+        res[0].as_ref().is_err_and(|e| e.contains("checksum")),
+        "{res:?}"
+    );
+    assert!(!exists(&env.d("bad-hash")));
+    // And the connection still serves a good request.
+    let res = put(&mut r, 500, b"good/file", b"fine", hash(b"fine"));
+    assert!(res[0].is_ok(), "{res:?}");
+    assert_eq!(read(&env.d("good/file")), b"fine");
+    let (st, err) = r.finish();
+    assert!(st.success(), "{err}");
+    assert_eq!(
+        listing(&outside),
+        before,
+        "something was written outside the root"
+    );
+    assert_eq!(read(&outside.join("victim")), b"untouched");
+    assert!(!Path::new("/etc/drmirror-test-should-not-exist").exists());
+}
+
+#[test]
+fn receiver_rejects_bad_frames_with_a_clear_error() {
+    let env = Env::new();
+    // Unknown protocol version.
+    let mut r = Receiver::start(&env.dst);
+    r.send(&Request::Hello {
+        magic: MAGIC,
+        version: VERSION + 100,
+        token: None,
+    });
+    match r.reply() {
+        Ok(Reply::Refused { reason }) => assert!(reason.contains("version"), "{reason}"),
+        other => panic!("unknown version: {other:?}"),
+    }
+    let (st, err) = r.finish();
+    assert!(!st.success());
+    assert!(err.contains("version"), "{err}");
+
+    // Not a drmirror client at all.
+    let mut r = Receiver::start(&env.dst);
+    r.raw(b"SSH-2.0-OpenSSH_9.2\r\n");
+    assert!(matches!(r.reply(), Ok(Reply::Refused { .. })));
+    let (st, _) = r.finish();
+    assert!(!st.success());
+
+    // Bad crc.
+    let mut r = Receiver::hello(&env.dst);
+    let mut f = Vec::new();
+    protocol::write_frame(&mut f, &Request::Sync { id: 1 }).expect("encode");
+    let last = f.len() - 1;
+    f[last] ^= 0x40;
+    r.raw(&f);
+    match r.reply() {
+        Ok(Reply::Fatal { reason }) => assert!(reason.contains("checksum"), "{reason}"),
+        other => panic!("bad crc: {other:?}"),
+    }
+    let (st, err) = r.finish();
+    assert!(!st.success());
+    assert!(err.contains("checksum"), "{err}");
+
+    // Oversized length: refused without trying to read (or allocate) it.
+    let mut r = Receiver::hello(&env.dst);
+    let mut f = u32::MAX.to_le_bytes().to_vec();
+    f.extend_from_slice(&[0; 4]);
+    r.raw(&f);
+    match r.reply() {
+        Ok(Reply::Fatal { reason }) => assert!(reason.contains("exceeds"), "{reason}"),
+        other => panic!("oversized: {other:?}"),
+    }
+    r.finish();
+
+    // A valid frame whose payload is garbage.
+    let mut r = Receiver::hello(&env.dst);
+    let payload = [0xffu8; 16];
+    let len = (payload.len() as u32).to_le_bytes();
+    let mut h = crc32fast::Hasher::new();
+    h.update(&len);
+    h.update(&payload);
+    let mut f = len.to_vec();
+    f.extend_from_slice(&h.finalize().to_le_bytes());
+    f.extend_from_slice(&payload);
+    r.raw(&f);
+    match r.reply() {
+        Ok(Reply::Fatal { reason }) => assert!(reason.contains("malformed"), "{reason}"),
+        other => panic!("garbage payload: {other:?}"),
+    }
+    r.finish();
+
+    // Truncated: the stream ends inside a frame.
+    let mut r = Receiver::hello(&env.dst);
+    let mut f = Vec::new();
+    protocol::write_frame(
+        &mut f,
+        &Request::Stat {
+            id: 1,
+            rel: b"x".to_vec(),
+        },
+    )
+    .expect("encode");
+    r.raw(&f[..f.len() - 2]);
+    let (st, err) = r.finish();
+    assert!(!st.success());
+    assert!(err.contains("in the middle of a frame"), "{err}");
+
+    // Data for a file that was never opened: a protocol violation.
+    let mut r = Receiver::hello(&env.dst);
+    r.send(&Request::Data {
+        file: 9,
+        chunk: Chunk::Bytes(b"x".to_vec()),
+    });
+    assert!(matches!(r.reply(), Ok(Reply::Fatal { .. })));
+    r.finish();
+    assert!(listing(&env.dst).is_empty(), "{:?}", listing(&env.dst));
+}
+
+/// Acceptance 3: more distinct changes during an outage than
+/// `backlog.max_entries`: they collapse into directory rescans, the backlog
+/// stays near the bound, and the target still ends equal to the source.
+#[test]
+fn backlog_over_its_bound_collapses_and_still_converges() {
+    let env = Env::new();
+    let Some(mut sshd) = Sshd::start(&env.root) else {
+        return;
+    };
+    const MAX: usize = 200;
+    const DIRS: usize = 10;
+    for i in 0..1000 {
+        write(&env.s(format!("d{}/f{i}", i % DIRS)), b"v0");
+    }
+    let port = free_port();
+    let top = format!("metrics_listen = \"127.0.0.1:{port}\"\n[backlog]\nmax_entries = {MAX}");
+    let d = start_config(
+        &env,
+        &config(&env, &sshd.target_toml("dr", &env.dst, ""), &top),
+    );
+    d.wait_log("initial sync complete", secs(120));
+    env.converge(&[], &d);
+    sshd.stop(&env.root);
+    // 3,000 distinct paths: changes, new files, deletions, new directories.
+    for i in 0..1000 {
+        write(&env.s(format!("d{}/f{i}", i % DIRS)), b"v1 changed");
+        write(&env.s(format!("d{}/new{i}", i % DIRS)), b"new");
+        write(&env.s(format!("n{}/g{i}", i % 7)), b"in a new dir");
+    }
+    for i in (0..1000).step_by(3) {
+        remove_file(&env.s(format!("d{}/f{i}", i % DIRS)));
+    }
+    wait_events_recorded(port, &d);
+    // Counted about once a second.
+    std::thread::sleep(secs(2));
+    let entries = backlog(port, "dr");
+    let text = http_get(port, "/metrics").unwrap_or_default();
+    assert!(
+        metric(&text, "drmirror_backlog_collapsed_total") > 0.0,
+        "nothing collapsed\n{}",
+        d.log_tail()
+    );
+    assert!(
+        entries <= (2 * MAX + 2 * DIRS) as f64,
+        "backlog {entries} went far past its bound {MAX}\n{}",
+        d.log_tail()
+    );
+    assert!(d.log().contains("reached its bound"), "{}", d.log_tail());
+    sshd.resume();
+    env.converge_for(&["--checksum"], &d, secs(180));
+    eprintln!("COLLAPSE: bound={MAX} distinct_changes=3334 backlog_during_outage={entries}");
+    d.terminate();
+}
