@@ -40,7 +40,8 @@ pub enum Command {
         /// Directory to mirror.
         #[arg(long)]
         source: Option<PathBuf>,
-        /// Local directory to mirror into (repeatable).
+        /// Directory or ssh://[user@]host[:port]/path URL to mirror into
+        /// (repeatable).
         #[arg(long)]
         target: Vec<PathBuf>,
         /// State directory holding the journal (default: see README).

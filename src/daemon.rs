@@ -250,7 +250,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         // A remote target connects on first use: one that is down at start
         // must not keep the daemon (and capture) from starting.
         let target = match &t.remote {
-            Some(spec) => Target::Remote(RemoteTarget::new(&t.name, spec.clone(), owner)),
+            Some(spec) => Target::Remote(Box::new(RemoteTarget::new(&t.name, spec.clone(), owner))),
             None => Target::Local(LocalTarget::open(&t.path, owner).map_err(|source| {
                 DaemonError::Target {
                     name: t.name.clone(),
@@ -483,6 +483,15 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             board: board.clone(),
             last_report: None,
             scan_pool: scan_pool.clone(),
+            io_pool: match *t.target {
+                Target::Remote(_) => rayon::ThreadPoolBuilder::new()
+                    .num_threads(crate::ship::REMOTE_IN_FLIGHT)
+                    .thread_name(move |n| format!("send-{i}-{n}"))
+                    .build()
+                    .ok()
+                    .map(Arc::new),
+                Target::Local(_) => None,
+            },
             report_every: Duration::from_secs(1),
             log_limit: Default::default(),
             target_up: true,

@@ -28,7 +28,8 @@
 //!   round trip per batch, never one per file.
 //!
 //! postcard (serde) encodes the payloads: compact, and a malformed payload
-//! is an error, never a panic.
+//! is an error, never a panic. Byte strings go through `serde_bytes`: one
+//! length and a copy, not a sequence of separately encoded `u8`s.
 
 use std::io::{self, Read, Write};
 
@@ -105,22 +106,27 @@ pub enum Request {
     /// The entries of directory `dir` (names, metadata, symlink texts).
     List {
         id: u64,
+        #[serde(with = "serde_bytes")]
         dir: Vec<u8>,
     },
     /// `lstat` of one path.
     Stat {
         id: u64,
+        #[serde(with = "serde_bytes")]
         rel: Vec<u8>,
     },
     /// Block hashes of the receiver's copy of `rel`, for a delta.
     Signature {
         id: u64,
+        #[serde(with = "serde_bytes")]
         rel: Vec<u8>,
     },
     /// Rename `from` to `to`; answers whether it was done.
     Rename {
         id: u64,
+        #[serde(with = "serde_bytes")]
         from: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         to: Vec<u8>,
     },
     /// Make everything applied so far durable (syncfs).
@@ -148,18 +154,23 @@ pub const MAGIC: [u8; 8] = *b"drmirror";
 pub enum Op {
     /// Ensure a directory exists (attributes follow with `SetAttrs`).
     Mkdir {
+        #[serde(with = "serde_bytes")]
         rel: Vec<u8>,
     },
     Symlink {
+        #[serde(with = "serde_bytes")]
         rel: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         text: Vec<u8>,
         meta: Meta,
     },
     /// Remove `rel` (recursively); missing is success.
     Delete {
+        #[serde(with = "serde_bytes")]
         rel: Vec<u8>,
     },
     SetAttrs {
+        #[serde(with = "serde_bytes")]
         rel: Vec<u8>,
         meta: Meta,
     },
@@ -168,29 +179,18 @@ pub enum Op {
     /// the receiver's current copy of `rel`.
     File {
         file: u64,
+        #[serde(with = "serde_bytes")]
         rel: Vec<u8>,
         meta: Meta,
         delta: bool,
     },
 }
 
-impl Op {
-    pub fn rel(&self) -> &[u8] {
-        match self {
-            Op::Mkdir { rel }
-            | Op::Symlink { rel, .. }
-            | Op::Delete { rel }
-            | Op::SetAttrs { rel, .. }
-            | Op::File { rel, .. } => rel,
-        }
-    }
-}
-
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Chunk {
-    Bytes(Vec<u8>),
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
     /// zstd-compressed bytes (targets with `compress = true`).
-    Zstd(Vec<u8>),
+    Zstd(#[serde(with = "serde_bytes")] Vec<u8>),
     /// `len` bytes at `offset` of the receiver's current copy.
     Copy {
         offset: u64,
@@ -207,9 +207,11 @@ pub enum Chunk {
 /// One entry of a listing.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Entry {
+    #[serde(with = "serde_bytes")]
     pub name: Vec<u8>,
     pub meta: Meta,
     /// Symlink text, for symlinks.
+    #[serde(with = "serde_bytes")]
     pub link: Option<Vec<u8>>,
 }
 

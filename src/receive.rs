@@ -18,8 +18,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::fsops;
 use crate::meta::{Kind, Meta};
@@ -51,6 +51,9 @@ pub enum ReceiveError {
 
 /// Opens (creating if needed) the directory a receiver writes beneath.
 pub fn open_root(root: &Path) -> Result<LocalTarget, ReceiveError> {
+    // Files are created with their final permission bits (see
+    // `LocalTarget::begin_file`); a umask would only force an extra chmod.
+    rustix::process::umask(rustix::fs::Mode::empty());
     let owner = rustix::process::geteuid().is_root();
     LocalTarget::open(root, owner).map_err(|source| ReceiveError::Root {
         path: root.to_path_buf(),
@@ -61,8 +64,7 @@ pub fn open_root(root: &Path) -> Result<LocalTarget, ReceiveError> {
 /// Serves one connection on stdin/stdout until the daemon hangs up.
 pub fn serve_stdio(target: &LocalTarget) -> Result<(), ReceiveError> {
     let stdin = io::stdin().lock();
-    let stdout = io::stdout().lock();
-    serve(target, stdin, stdout, None)
+    serve(target, stdin, io::stdout(), None)
 }
 
 /// Serves TCP connections on `addr` (each needs `token`), at most
@@ -171,7 +173,7 @@ fn stop_on_signal(stop: Arc<AtomicBool>, local: SocketAddr) -> io::Result<()> {
 
 /// Serves one connection: handshake, then requests until the peer closes.
 /// `token`: the shared secret the peer must present (TCP).
-pub fn serve<R: Read, W: Write>(
+pub fn serve<R: Read, W: Write + Send>(
     target: &LocalTarget,
     r: R,
     w: W,
@@ -231,55 +233,270 @@ pub fn serve<R: Read, W: Write>(
     protocol::write_frame(&mut w, &Reply::Welcome { version: VERSION })?;
     w.flush().map_err(FrameError::Io)?;
 
-    let mut s = Session {
-        target,
-        open: HashMap::new(),
-        batches: HashMap::new(),
-    };
-    let result = loop {
-        let req = match protocol::read_frame::<_, Request>(&mut r, &mut buf) {
-            Ok(req) => req,
-            Err(FrameError::Closed) => break Ok(()),
-            Err(e) if e.is_disconnect() => break Err(e.into()),
-            Err(e) => {
-                let reason = e.to_string();
-                let _ = protocol::write_frame(
-                    &mut w,
-                    &Reply::Fatal {
-                        reason: reason.clone(),
-                    },
-                );
-                let _ = w.flush();
+    // Replies come from this loop, the workers and the sync thread.
+    let w = Mutex::new(w);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, MAX_WORKERS);
+    let progress: Vec<Progress> = (0..workers).map(|_| Progress::default()).collect();
+    let failed: Mutex<Option<String>> = Mutex::new(None);
+    std::thread::scope(|sc| {
+        // Batches are applied by a few workers side by side: creating a
+        // file on a journaling filesystem is tens of microseconds of kernel
+        // work, and one thread leaves the DR host's other cores idle. Every
+        // request of a batch (its operations and their files' data) goes to
+        // one worker, in order. The daemon never has two batches in flight
+        // that touch the same path (one path appears once per round, and a
+        // round waits for all its acks), so batches need no order between
+        // them; renames and syncs wait for what was received before them.
+        let mut txs = Vec::with_capacity(workers);
+        for p in &progress {
+            let (tx, rx) = crossbeam_channel::bounded::<Request>(256);
+            txs.push(tx);
+            let (w, failed) = (&w, &failed);
+            sc.spawn(move || {
+                let mut s = Session::new(target);
+                for req in rx {
+                    let r = s.handle(req);
+                    p.done.fetch_add(1, Ordering::Release);
+                    let err = match r {
+                        Ok(replies) => send_replies(w, &replies).err().map(|e| e.to_string()),
+                        Err(reason) => {
+                            fatal(w, &reason);
+                            Some(reason)
+                        }
+                    };
+                    if let Some(e) = err {
+                        keep_first(failed, e);
+                        break;
+                    }
+                }
+                s.abort_all();
+            });
+        }
+        // `syncfs` can take a few hundred ms on a busy disk: it runs beside
+        // the loop so that applying the next batches does not wait for it.
+        let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<(u64, Vec<u64>)>();
+        let syncer = sc.spawn(|| sync_loop(target, sync_rx, &w, &progress));
+        let mut queries = Session::new(target);
+        let mut route = Route::default();
+        let result = loop {
+            if let Some(reason) = lock(&failed).take() {
                 break Err(ReceiveError::Protocol(reason));
+            }
+            let req = match protocol::read_frame::<_, Request>(&mut r, &mut buf) {
+                Ok(req) => req,
+                Err(FrameError::Closed) => break Ok(()),
+                Err(e) if e.is_disconnect() => break Err(e.into()),
+                Err(e) => {
+                    let reason = e.to_string();
+                    fatal(&w, &reason);
+                    break Err(ReceiveError::Protocol(reason));
+                }
+            };
+            let worker = match route.worker(&req, workers) {
+                Ok(k) => k,
+                Err(reason) => {
+                    fatal(&w, &reason);
+                    break Err(ReceiveError::Protocol(reason));
+                }
+            };
+            if let Some(k) = worker {
+                progress[k].sent.fetch_add(1, Ordering::Release);
+                if txs[k].send(req).is_err() {
+                    let reason = lock(&failed)
+                        .take()
+                        .unwrap_or_else(|| "a worker stopped".into());
+                    break Err(ReceiveError::Protocol(reason));
+                }
+                continue;
+            }
+            match req {
+                Request::Sync { id } => {
+                    let upto = progress
+                        .iter()
+                        .map(|p| p.sent.load(Ordering::Acquire))
+                        .collect();
+                    if sync_tx.send((id, upto)).is_err() {
+                        break Err(ReceiveError::Protocol("the sync thread stopped".into()));
+                    }
+                    continue;
+                }
+                Request::Rename { .. } => {
+                    // The renamed path may be the parent of files that
+                    // batches received before it are still writing.
+                    for p in &progress {
+                        p.wait_for(p.sent.load(Ordering::Acquire));
+                    }
+                }
+                _ => {}
+            }
+            match queries.handle(req) {
+                Ok(replies) => {
+                    if let Err(e) = send_replies(&w, &replies) {
+                        break Err(e.into());
+                    }
+                }
+                Err(reason) => {
+                    fatal(&w, &reason);
+                    break Err(ReceiveError::Protocol(reason));
+                }
             }
         };
-        match s.handle(req) {
-            Ok(replies) => {
-                for rep in &replies {
-                    protocol::write_frame(&mut w, rep)?;
-                }
-                if !replies.is_empty() {
-                    w.flush().map_err(FrameError::Io)?;
-                }
-            }
-            Err(reason) => {
-                let _ = protocol::write_frame(
-                    &mut w,
-                    &Reply::Fatal {
-                        reason: reason.clone(),
-                    },
-                );
-                let _ = w.flush();
-                break Err(ReceiveError::Protocol(reason));
-            }
-        }
-    };
-    for (_, f) in s.open.drain() {
-        if let Some(tmp) = f.tmp {
-            target.abort_file(tmp);
+        drop(txs);
+        drop(sync_tx);
+        let _ = syncer.join();
+        result
+    })
+}
+
+/// Most batch workers per connection.
+const MAX_WORKERS: usize = 4;
+
+/// Requests handed to one worker, and how many it has handled.
+#[derive(Default)]
+struct Progress {
+    sent: AtomicU64,
+    done: AtomicU64,
+}
+
+impl Progress {
+    /// Waits until the worker handled its first `n` requests (they are
+    /// quick: a batch of small operations).
+    fn wait_for(&self, n: u64) {
+        while self.done.load(Ordering::Acquire) < n {
+            std::thread::sleep(std::time::Duration::from_micros(200));
         }
     }
-    result
+}
+
+/// Which worker holds each open batch and file stream.
+#[derive(Default)]
+struct Route {
+    batches: HashMap<u64, usize>,
+    /// File stream -> (worker, batch).
+    files: HashMap<u64, (usize, u64)>,
+    next: usize,
+}
+
+impl Route {
+    /// The worker for `req`, `None` for a request this thread answers;
+    /// `Err` is a protocol violation.
+    fn worker(&mut self, req: &Request, workers: usize) -> Result<Option<usize>, String> {
+        Ok(Some(match req {
+            Request::Op { batch, op } => {
+                let k = match self.batches.get(batch) {
+                    Some(&k) => k,
+                    None => {
+                        if self.batches.len() >= MAX_OPEN_BATCHES {
+                            return Err(format!("more than {MAX_OPEN_BATCHES} batches open"));
+                        }
+                        self.next = (self.next + 1) % workers;
+                        self.batches.insert(*batch, self.next);
+                        self.next
+                    }
+                };
+                if let Op::File { file, .. } = op {
+                    if self.files.len() >= MAX_OPEN_FILES {
+                        return Err(format!("more than {MAX_OPEN_FILES} files open at once"));
+                    }
+                    if self.files.insert(*file, (k, *batch)).is_some() {
+                        return Err(format!("file stream {file} opened twice"));
+                    }
+                }
+                k
+            }
+            Request::Data { file, chunk } => {
+                let k = if matches!(chunk, Chunk::End { .. }) {
+                    self.files.remove(file)
+                } else {
+                    self.files.get(file).copied()
+                };
+                k.map(|(k, _)| k)
+                    .ok_or_else(|| format!("data for file stream {file}, which is not open"))?
+            }
+            Request::EndBatch { batch } => match self.batches.remove(batch) {
+                Some(k) => {
+                    // Streams the batch left unfinished end with it.
+                    self.files.retain(|_, (_, b)| b != batch);
+                    k
+                }
+                None => {
+                    self.next = (self.next + 1) % workers;
+                    self.next
+                }
+            },
+            _ => return Ok(None),
+        }))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn keep_first(slot: &Mutex<Option<String>>, reason: String) {
+    let mut g = lock(slot);
+    if g.is_none() {
+        *g = Some(reason);
+    }
+}
+
+/// Answers Sync requests: one `syncfs` for all that queued up meanwhile,
+/// once the workers applied what was received before them.
+fn sync_loop<W: Write>(
+    target: &LocalTarget,
+    rx: crossbeam_channel::Receiver<(u64, Vec<u64>)>,
+    w: &Mutex<BufWriter<W>>,
+    progress: &[Progress],
+) {
+    while let Ok(first) = rx.recv() {
+        let mut syncs = vec![first];
+        syncs.extend(rx.try_iter());
+        for (k, p) in progress.iter().enumerate() {
+            let upto = syncs.iter().filter_map(|(_, u)| u.get(k)).max();
+            if let Some(&n) = upto {
+                p.wait_for(n);
+            }
+        }
+        let result = target
+            .sync()
+            .map(|()| true)
+            .map_err(|e| format!("syncfs: {e}"));
+        let replies: Vec<Reply> = syncs
+            .into_iter()
+            .map(|(id, _)| Reply::Done {
+                id,
+                result: result.clone(),
+            })
+            .collect();
+        if send_replies(w, &replies).is_err() {
+            return;
+        }
+    }
+}
+
+fn send_replies<W: Write>(w: &Mutex<BufWriter<W>>, replies: &[Reply]) -> Result<(), FrameError> {
+    if replies.is_empty() {
+        return Ok(());
+    }
+    let mut w = lock(w);
+    for rep in replies {
+        protocol::write_frame(&mut *w, rep)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// Tells the daemon why the connection ends (best effort).
+fn fatal<W: Write>(w: &Mutex<BufWriter<W>>, reason: &str) {
+    let _ = send_replies(
+        w,
+        &[Reply::Fatal {
+            reason: reason.to_string(),
+        }],
+    );
 }
 
 fn request_name(r: &Request) -> &'static str {
@@ -328,7 +545,24 @@ fn apply_err(e: ApplyError) -> String {
     e.to_string()
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
+    fn new(target: &'a LocalTarget) -> Session<'a> {
+        Session {
+            target,
+            open: HashMap::new(),
+            batches: HashMap::new(),
+        }
+    }
+
+    /// Drops the temp files of streams the connection left unfinished.
+    fn abort_all(&mut self) {
+        for (_, f) in self.open.drain() {
+            if let Some(tmp) = f.tmp {
+                self.target.abort_file(tmp);
+            }
+        }
+    }
+
     /// Handles one request; `Err` is a protocol violation that ends the
     /// connection.
     fn handle(&mut self, req: Request) -> Result<Vec<Reply>, String> {
@@ -569,7 +803,7 @@ impl Session<'_> {
                             }
                         }
                         if inc.failed.is_none() {
-                            match t.begin_file(&rel) {
+                            match t.begin_file(&rel, meta.mode) {
                                 Ok(tmp) => inc.tmp = Some(tmp),
                                 Err(e) => inc.failed = Some(apply_err(e)),
                             }

@@ -80,7 +80,13 @@ pub struct Shipper {
     pub log_limit: LogLimit,
     /// False while target writes fail (and nothing succeeds).
     pub target_up: bool,
+    /// For a remote target: more threads than cores, each waiting on its
+    /// own batch, so that several batches are in flight at once.
+    pub io_pool: Option<Arc<rayon::ThreadPool>>,
 }
+
+/// Batches in flight to a remote target (threads of its I/O pool).
+pub const REMOTE_IN_FLIGHT: usize = 8;
 
 /// At most `LOG_BURST` warnings per `LOG_WINDOW`; then one line saying how
 /// many were held back (all of them stay at debug level and in the metrics).
@@ -372,6 +378,7 @@ impl Shipper {
         let mut c = Completion::default();
         let mut touched: BTreeSet<Vec<u8>> = BTreeSet::new();
         let mut wrote = false;
+        let t_round = Instant::now();
 
         if self.cursor.is_none() {
             self.flush_wait()?;
@@ -455,18 +462,26 @@ impl Shipper {
                 start = i;
             }
         }
-        let results: Vec<(&Vec<u8>, &Pending, Result<Outcome, ApplyError>)> = groups
-            .par_iter()
-            .flat_map_iter(|g| {
-                let parent = paths::split(&g[0].0).0;
-                let entries: Vec<(&[u8], u8)> =
-                    g.iter().map(|(p, v)| (p.as_slice(), v.flags)).collect();
-                let out = self
-                    .target
-                    .apply_group(&self.source, parent, &entries, self.policy);
-                g.iter().zip(out).map(|((p, v), r)| (p, v, r))
-            })
-            .collect();
+        let apply = || -> Vec<(&Vec<u8>, &Pending, Result<Outcome, ApplyError>)> {
+            groups
+                .par_iter()
+                .flat_map_iter(|g| {
+                    let parent = paths::split(&g[0].0).0;
+                    let entries: Vec<(&[u8], u8)> =
+                        g.iter().map(|(p, v)| (p.as_slice(), v.flags)).collect();
+                    let out = self
+                        .target
+                        .apply_group(&self.source, parent, &entries, self.policy);
+                    g.iter().zip(out).map(|((p, v), r)| (p, v, r))
+                })
+                .collect()
+        };
+        let t_apply = Instant::now();
+        let results = match &self.io_pool {
+            Some(pool) => pool.install(apply),
+            None => apply(),
+        };
+        let apply_ms = t_apply.elapsed().as_secs_f64() * 1e3;
 
         let mut scans = Vec::new();
         let mut applied = Applied::default();
@@ -575,6 +590,11 @@ impl Shipper {
             self.flush()?;
         }
 
+        tracing::debug!(
+            target = %self.name, entries = todo.len(), groups = groups.len(),
+            apply_ms, round_ms = t_round.elapsed().as_secs_f64() * 1e3,
+            "round"
+        );
         // Subtrees to compare (new or moved-in directories, rescans).
         for (p, f, created) in scans {
             self.scan_subtree(&p, f, created)?;

@@ -114,6 +114,15 @@ impl Compare<'_> {
                     }
                 };
                 let mut tdir = None;
+                let mut view_failed = None;
+                let mut view = |tdir: &mut Option<Option<DirView>>| {
+                    if tdir.is_none() {
+                        *tdir = Some(self.target.view(dir).unwrap_or_else(|e| {
+                            view_failed = Some(e);
+                            None
+                        }));
+                    }
+                };
                 let mut same_ix = 0u64;
                 let mut todo = Vec::new();
                 let mut same: Vec<(Vec<u8>, Meta)> = Vec::new();
@@ -129,13 +138,14 @@ impl Compare<'_> {
                         same_ix += 1;
                         continue;
                     }
-                    let tdir = tdir.get_or_insert_with(|| self.target.view(dir));
+                    view(&mut tdir);
+                    let tdir = tdir.as_ref().and_then(|t| t.as_ref());
                     let name = paths::split(&c.rel).1;
-                    let t = tdir.as_ref().and_then(|d| d.lstat(name));
+                    let t = tdir.and_then(|d| d.lstat(name));
                     let equal = match t {
                         Some(t) if c.meta.mirrors(&t, self.owner) => {
                             c.meta.kind != Kind::Symlink
-                                || symlink_same(self.source, &c.rel, tdir.as_ref(), name)
+                                || symlink_same(self.source, &c.rel, tdir, name)
                         }
                         _ => false,
                     };
@@ -163,8 +173,20 @@ impl Compare<'_> {
                     .in_sync
                     .fetch_add(same.len() as u64 + same_ix, Ordering::Relaxed);
                 if names {
-                    let view = tdir.get_or_insert_with(|| self.target.view(dir));
-                    if let Err(e) = self.extra_target_names(dir, children, flag, view.as_ref()) {
+                    view(&mut tdir);
+                }
+                if let Some(e) = view_failed {
+                    // The target could not list `dir` (a remote target that
+                    // went away): nothing here was compared. The whole
+                    // subtree is compared again, as one recursive entry,
+                    // once the target answers.
+                    self.walk_error("target", dir, &e);
+                    children.iter_mut().for_each(|c| c.descend = false);
+                    return;
+                }
+                if names {
+                    let view = tdir.as_ref().and_then(|t| t.as_ref());
+                    if let Err(e) = self.extra_target_names(dir, children, flag, view) {
                         Self::keep_first(&err, e);
                     }
                 }
@@ -216,7 +238,15 @@ impl Compare<'_> {
                     Self::keep_first(&err, e);
                 }
             },
-            |p, e| self.walk_error("target", p, e),
+            |p, e| {
+                self.walk_error("target", p, e);
+                if let Err(e) = self
+                    .journal
+                    .enqueue(self.t, &[(p.to_vec(), flag | flags::RECURSIVE)])
+                {
+                    Self::keep_first(&err, e);
+                }
+            },
         );
         match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e),
@@ -272,7 +302,7 @@ impl Compare<'_> {
         flag: u8,
     ) -> Result<(), JournalError> {
         let sdir = self.source.open_dir(dir, false).ok();
-        let tdir = self.target.view(dir);
+        let tdir = self.target.view(dir).ok().flatten();
         let mut todo = Vec::new();
         for c in children.iter_mut() {
             let name = paths::split(&c.rel).1;
@@ -309,12 +339,11 @@ impl Compare<'_> {
     fn walk_error(&self, side: &str, p: &[u8], e: &io::Error) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(side, path = %paths::display(p), "cannot scan directory: {e}; will retry");
-        if side == "source" {
-            self.stats
-                .failed_dirs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(p.to_vec());
-        }
+        // Either side: the subtree was not (fully) compared.
+        self.stats
+            .failed_dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(p.to_vec());
     }
 }

@@ -259,9 +259,12 @@ impl LocalTarget {
 
     /// Starts writing file `rel` from a stream: its parent directory and a
     /// temp file in it (see [`LocalTarget::finish_file`]).
-    pub fn begin_file(&self, rel: &[u8]) -> Result<TempFile, ApplyError> {
+    /// `mode` is the file's final mode: the temp file is created with its
+    /// permission bits (invisible until complete either way), which spares
+    /// the `fchmod` at the end when the umask let them through.
+    pub fn begin_file(&self, rel: &[u8], mode: u32) -> Result<TempFile, ApplyError> {
         let dir = self.parent_dir(rel)?;
-        let (out, tmp) = self.create_temp(dir.as_fd(), rel)?;
+        let (out, tmp) = self.create_temp_mode(dir.as_fd(), rel, mode & 0o777)?;
         Ok(TempFile { dir, out, tmp })
     }
 
@@ -269,14 +272,21 @@ impl LocalTarget {
     /// place as `rel`.
     pub fn finish_file(&self, f: TempFile, rel: &[u8], m: &Meta) -> Result<(), ApplyError> {
         let fin = (|| -> io::Result<()> {
-            if self.owner {
+            // On a journaling filesystem each attribute change of the fresh
+            // inode is a metadata update: skip those it does not need (a
+            // stat is far cheaper). fchown clears set-id bits, so the mode
+            // is compared (and set) after it.
+            let st = rustix::fs::fstat(&f.out)?;
+            if self.owner && (st.st_uid != m.uid || st.st_gid != m.gid) {
                 rustix::fs::fchown(
                     &f.out,
                     Some(rustix::fs::Uid::from_raw(m.uid)),
                     Some(rustix::fs::Gid::from_raw(m.gid)),
                 )?;
+                rustix::fs::fchmod(&f.out, Mode::from_raw_mode(m.mode))?;
+            } else if st.st_mode & 0o7777 != m.mode & 0o7777 {
+                rustix::fs::fchmod(&f.out, Mode::from_raw_mode(m.mode))?;
             }
-            rustix::fs::fchmod(&f.out, Mode::from_raw_mode(m.mode))?;
             rustix::fs::futimens(&f.out, &fsops::mtime_only(m.mtime_ns))?;
             Ok(())
         })();
@@ -415,12 +425,22 @@ impl LocalTarget {
         td: BorrowedFd<'_>,
         rel: &[u8],
     ) -> Result<(OwnedFd, Option<Vec<u8>>), ApplyError> {
+        self.create_temp_mode(td, rel, 0o600)
+    }
+
+    /// [`LocalTarget::create_temp`] with permission bits `mode`.
+    fn create_temp_mode(
+        &self,
+        td: BorrowedFd<'_>,
+        rel: &[u8],
+        mode: u32,
+    ) -> Result<(OwnedFd, Option<Vec<u8>>), ApplyError> {
         if self.tmpfile.load(Ordering::Relaxed) {
             match rustix::fs::openat(
                 td,
                 c".",
                 OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
+                Mode::from_raw_mode(mode),
             ) {
                 Ok(fd) => return Ok((fd, None)),
                 Err(rustix::io::Errno::OPNOTSUPP)
@@ -436,7 +456,7 @@ impl LocalTarget {
             td,
             tmp.as_slice(),
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::from_raw_mode(0o600),
+            Mode::from_raw_mode(mode),
         )
         .map_err(|e| ApplyError::target_write(rel, e.into()))?;
         Ok((fd, Some(tmp)))

@@ -20,7 +20,7 @@ use remote::RemoteTarget;
 
 pub enum Target {
     Local(LocalTarget),
-    Remote(RemoteTarget),
+    Remote(Box<RemoteTarget>),
 }
 
 /// One target directory, for comparing its entries with the source's.
@@ -125,14 +125,15 @@ impl Target {
     }
 
     /// Directory `dir` of the target; `None` when missing or unreadable.
-    pub fn view(&self, dir: &[u8]) -> Option<DirView> {
+    /// `Ok(None)`: the target has no directory `dir`. `Err`: a remote
+    /// target could not answer (a local directory that cannot be opened
+    /// counts as absent: what it would hold is copied again).
+    pub fn view(&self, dir: &[u8]) -> io::Result<Option<DirView>> {
         match self {
-            Target::Local(t) => t.root().open_dir(dir, true).ok().map(DirView::Local),
-            Target::Remote(t) => t
-                .list(dir)
-                .ok()
-                .flatten()
-                .map(|v| DirView::Remote(v.into_iter().map(|e| (e.name.clone(), e)).collect())),
+            Target::Local(t) => Ok(t.root().open_dir(dir, true).ok().map(DirView::Local)),
+            Target::Remote(t) => Ok(t
+                .list(dir)?
+                .map(|v| DirView::Remote(v.into_iter().map(|e| (e.name.clone(), e)).collect()))),
         }
     }
 

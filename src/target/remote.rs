@@ -349,6 +349,9 @@ impl RemoteTarget {
             match &self.spec.transport {
                 Transport::Ssh { user, host, port } => {
                     let mut cmd = Command::new("ssh");
+                    // First: for ssh the first value given for an option
+                    // wins, so the user's `-o` overrides the defaults below.
+                    cmd.args(&self.spec.ssh_args);
                     cmd.args(["-o", "BatchMode=yes", "-o", "ServerAliveInterval=15"]);
                     cmd.args(["-o", "ServerAliveCountMax=3", "-o", "ConnectTimeout=10"]);
                     if let Some(p) = port {
@@ -357,7 +360,6 @@ impl RemoteTarget {
                     if let Some(i) = &self.spec.identity {
                         cmd.arg("-i").arg(i);
                     }
-                    cmd.args(&self.spec.ssh_args);
                     cmd.arg(match user {
                         Some(u) => format!("{u}@{host}"),
                         None => host.clone(),

@@ -412,6 +412,43 @@ fn ssh_outage_backlog_stays_on_disk_and_drains_by_itself() {
     d.terminate();
 }
 
+/// A target that is down while the daemon starts: its startup comparison
+/// cannot list the target, so it is redone once the target is back, and
+/// what changed while drmirror was stopped (deletions included) arrives.
+#[test]
+fn a_target_down_at_start_is_compared_once_it_is_back() {
+    let env = Env::new();
+    let Some(mut sshd) = Sshd::start(&env.root) else {
+        return;
+    };
+    for i in 0..200 {
+        write(&env.s(format!("d{}/f{i}", i % 10)), b"v0");
+    }
+    let toml = config(&env, &sshd.target_toml("dr", &env.dst, ""), "");
+    let d = start_config(&env, &toml);
+    d.wait_log("initial sync complete", secs(120));
+    env.converge(&[], &d);
+    d.terminate();
+
+    // While drmirror is stopped: deletions, a change, a new file.
+    remove_file(&env.s("d3/f3"));
+    remove_dir_all(&env.s("d7"));
+    write(&env.s("d1/f1"), b"changed while stopped");
+    write(&env.s("d9/new"), b"new while stopped");
+    sshd.stop(&env.root);
+    let d = start_config(&env, &toml);
+    d.wait_log("startup scan done", secs(60));
+    assert!(
+        d.log().contains("cannot scan directory"),
+        "the scan should report the unreachable target\n{}",
+        d.log_tail()
+    );
+    sshd.resume();
+    env.converge(&[], &d);
+    assert!(!exists(&env.d("d3/f3")) && !exists(&env.d("d7")));
+    d.terminate();
+}
+
 /// Two targets, one down: the live one keeps up, the other catches up later.
 #[test]
 fn a_down_target_does_not_hold_back_the_other() {
@@ -580,6 +617,90 @@ fn listing(dir: &Path) -> Vec<PathBuf> {
     let mut v = walk(dir);
     v.sort();
     v
+}
+
+/// Pipelined batches are applied by several workers; a rename received
+/// right after them (of the last batch's directory) sees all their files in
+/// place.
+#[test]
+fn receiver_applies_pipelined_batches_then_a_rename_after_them() {
+    let env = Env::new();
+    let mut r = Receiver::hello(&env.dst);
+    const BATCHES: u64 = 40;
+    const FILES: u64 = 20;
+    let body = |b: u64, i: u64| format!("batch {b} file {i}").into_bytes();
+    for b in 0..BATCHES {
+        for i in 0..FILES {
+            let file = b * 1000 + i;
+            let data = body(b, i);
+            r.send(&Request::Op {
+                batch: b,
+                op: Op::File {
+                    file,
+                    rel: format!("d{b}/f{i}").into_bytes(),
+                    meta: file_meta(data.len() as u64),
+                    delta: false,
+                },
+            });
+            r.send(&Request::Data {
+                file,
+                chunk: Chunk::Bytes(data.clone()),
+            });
+            r.send(&Request::Data {
+                file,
+                chunk: Chunk::End {
+                    hash: hash(&data),
+                    commit: true,
+                },
+            });
+        }
+        r.send(&Request::EndBatch { batch: b });
+    }
+    r.send(&Request::Rename {
+        id: 9000,
+        from: format!("d{}", BATCHES - 1).into_bytes(),
+        to: b"moved".to_vec(),
+    });
+    r.send(&Request::Sync { id: 9001 });
+    let (mut batches, mut renamed, mut synced) = (0, false, false);
+    while batches < BATCHES || !renamed || !synced {
+        match r.reply() {
+            Ok(Reply::Batch { batch, results }) => {
+                assert_eq!(results.len(), FILES as usize, "batch {batch}");
+                assert!(results.iter().all(|x| x.is_ok()), "{results:?}");
+                batches += 1;
+            }
+            Ok(Reply::Done { id: 9000, result }) => {
+                assert_eq!(result, Ok(true), "rename");
+                renamed = true;
+            }
+            Ok(Reply::Done { id: 9001, result }) => {
+                assert!(result.is_ok(), "sync: {result:?}");
+                synced = true;
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+    assert!(
+        !exists(&env.d(format!("d{}", BATCHES - 1))),
+        "the renamed directory is still there"
+    );
+    for b in 0..BATCHES {
+        let dir = if b == BATCHES - 1 {
+            "moved".to_string()
+        } else {
+            format!("d{b}")
+        };
+        for i in 0..FILES {
+            assert_eq!(
+                read(&env.d(format!("{dir}/f{i}"))),
+                body(b, i),
+                "{dir}/f{i}"
+            );
+        }
+    }
+    let (status, err) = r.finish();
+    assert!(status.success(), "{err}");
 }
 
 #[test]
