@@ -393,21 +393,27 @@ fn ssh_outage_backlog_stays_on_disk_and_drains_by_itself() {
     let back = Instant::now();
     // Caught up: the backlog is empty (then checked with verify).
     let deadline = Instant::now() + secs(300);
+    let mut reconnect = None;
     while backlog(port, "dr") > 0.0 || !env.verify(&[]).0 {
         assert!(Instant::now() < deadline, "no catch-up\n{}", d.log_tail());
+        if reconnect.is_none() && d.log().contains("reconnected to") {
+            reconnect = Some(back.elapsed());
+        }
         std::thread::sleep(ms(100));
     }
     let catch_up = back.elapsed();
+    let reconnect = reconnect.unwrap_or(catch_up);
     env.converge_for(&["--checksum"], &d, secs(60));
     assert!(d.is_running());
     eprintln!(
-        "OUTAGE: files={FILES} writes={} backlog={entries} rss_max={:.1}MiB cpu_during_outage={:.2}s outage={:.1}s idle_cpu_share={:.3} catch_up={:.2}s",
+        "OUTAGE: files={FILES} writes={} backlog={entries} rss_max={:.1}MiB cpu_during_outage={:.2}s outage={:.1}s idle_cpu_share={:.3} catch_up={:.2}s (reconnected after {:.2}s)",
         FILES * 5,
         rss_max as f64 / (1 << 20) as f64,
         cpu1 - cpu0,
         outage.as_secs_f64(),
         idle_cpu,
-        catch_up.as_secs_f64()
+        catch_up.as_secs_f64(),
+        reconnect.as_secs_f64()
     );
     d.terminate();
 }

@@ -657,7 +657,9 @@ impl Daemon {
         let log = File::create(&log_path)
             .unwrap_or_else(|e| panic!("create log {}: {e}", log_path.display()));
         let log2 = log.try_clone().expect("clone log fd");
-        cmd.env("RUST_LOG", "info")
+        // DRMIRROR_TEST_LOG: another level for a debugging run.
+        let level = std::env::var("DRMIRROR_TEST_LOG").unwrap_or_else(|_| "info".into());
+        cmd.env("RUST_LOG", level)
             .env("NO_COLOR", "1")
             .env_remove("STATE_DIRECTORY")
             .current_dir("/")
