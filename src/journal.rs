@@ -234,9 +234,18 @@ struct Bound {
     size: std::collections::HashMap<TargetId, (u64, u64)>,
     /// Targets whose backlog is collapsing (logged once per episode).
     collapsing: std::collections::HashSet<TargetId>,
+    /// Target names, for log lines.
+    names: std::collections::HashMap<TargetId, String>,
 }
 
 impl Bound {
+    fn name(&self, t: TargetId) -> String {
+        self.names
+            .get(&t)
+            .cloned()
+            .unwrap_or_else(|| format!("#{t}"))
+    }
+
     /// 0: record paths as they are; 1: over the bound; 2: over twice it.
     fn level(&self, t: TargetId) -> u8 {
         let (e, b) = self.size.get(&t).copied().unwrap_or_default();
@@ -435,6 +444,16 @@ impl Journal {
 
     /// The journal id of a target, assigned on first use.
     pub fn target_id(&self, name: &str) -> Result<TargetId> {
+        let id = self.target_id_inner(name)?;
+        self.bound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .names
+            .insert(id, name.to_string());
+        Ok(id)
+    }
+
+    fn target_id_inner(&self, name: &str) -> Result<TargetId> {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let k = [b"target/".as_slice(), name.as_bytes()].concat();
         if let Some(v) = self.meta_get(&k)? {
@@ -488,8 +507,8 @@ impl Journal {
                             level => {
                                 if bound.collapsing.insert(t) {
                                     tracing::warn!(
-                                        "backlog of target #{t} reached its bound (backlog.max_entries = {}, max_bytes = {}): new changes are recorded as directory-level rescans until it drains",
-                                        bound.max_entries, bound.max_bytes
+                                        "backlog of target {} reached its bound (backlog.max_entries = {}, max_bytes = {}): new changes are recorded as directory-level rescans until it drains",
+                                        bound.name(t), bound.max_entries, bound.max_bytes
                                     );
                                 }
                                 metrics::counter!("drmirror_backlog_collapsed_total").increment(1);
@@ -647,6 +666,20 @@ impl Journal {
 
     /// Records a fresh count of target `t`'s backlog (the shipper counts it
     /// about once a second).
+    /// How far a backlog count must go to decide the bound exactly: past
+    /// twice `max_entries` the level no longer changes (and a count that
+    /// stops earlier could only raise the estimate, collapsing changes
+    /// sooner than needed).
+    pub fn backlog_count_limit(&self) -> usize {
+        let b = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        if b.max_entries == u64::MAX {
+            return 1_000_000;
+        }
+        usize::try_from(b.max_entries.saturating_mul(2).saturating_add(1))
+            .unwrap_or(usize::MAX)
+            .max(1_000_000)
+    }
+
     pub fn note_backlog(&self, t: TargetId, st: &BacklogStats) {
         let mut b = self.bound.lock().unwrap_or_else(|p| p.into_inner());
         let e = b.size.entry(t).or_default();
@@ -656,7 +689,7 @@ impl Journal {
             *e = (e.0.max(st.entries), e.1.max(st.bytes));
         }
         if b.level(t) == 0 && b.collapsing.remove(&t) {
-            tracing::info!("backlog of target #{t} is below its bound again");
+            tracing::info!("backlog of target {} is below its bound again", b.name(t));
         }
     }
 

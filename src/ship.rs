@@ -304,7 +304,9 @@ impl Shipper {
         }
         let t0 = Instant::now();
         self.last_report = Some(t0);
-        let st = self.journal.backlog_stats(self.t, 1_000_000)?;
+        let st = self
+            .journal
+            .backlog_stats(self.t, self.journal.backlog_count_limit())?;
         self.journal.note_backlog(self.t, &st);
         // Counting a large backlog walks it: keep that under ~2% of the
         // shipper's time (once a second while it is small).

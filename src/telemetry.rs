@@ -111,6 +111,19 @@ fn describe() {
         "drmirror_errors_total",
         "Errors by kind (each is logged and retried)"
     );
+    describe_counter!(
+        "drmirror_wire_bytes_total",
+        Unit::Bytes,
+        "Bytes written to a remote target's connection (all frames)"
+    );
+    describe_counter!(
+        "drmirror_reconnects_total",
+        "Connection attempts to a remote target, by result (connected, failed)"
+    );
+    describe_counter!(
+        "drmirror_backlog_collapsed_total",
+        "Changes recorded as directory-level rescans because a backlog reached its bound"
+    );
     describe_gauge!(
         "drmirror_build_info",
         "Build information (label version), always 1"
