@@ -102,6 +102,11 @@ pub enum Request {
         version: u32,
         /// The shared secret of a `tcp://` target (ssh authenticates itself).
         token: Option<String>,
+        /// The directory a `tcp://` target names: the receiver refuses the
+        /// connection unless it is the one it serves. (An `ssh://` target
+        /// starts its receiver with the path on its command line.)
+        #[serde(with = "serde_bytes")]
+        root: Option<Vec<u8>>,
     },
     /// The entries of directory `dir` (names, metadata, symlink texts).
     List {
@@ -396,6 +401,7 @@ mod tests {
                 magic: MAGIC,
                 version: VERSION,
                 token: Some("t".into()),
+                root: Some(b"/srv/dr".to_vec()),
             },
             Request::Op {
                 batch: 9,

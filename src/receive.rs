@@ -197,6 +197,7 @@ pub fn serve<R: Read, W: Write + Send>(
             magic,
             version,
             token: presented,
+            root,
         }) => {
             if magic != MAGIC {
                 return refuse(&mut w, "not a drmirror client".into());
@@ -219,6 +220,13 @@ pub fn serve<R: Read, W: Write + Send>(
                         &mut w,
                         "authentication failed: wrong or missing token".into(),
                     );
+                }
+            }
+            // Two targets naming different directories must not end up
+            // writing into the same tree.
+            if let Some(want) = root {
+                if let Err(reason) = same_root(target, &want) {
+                    return refuse(&mut w, reason);
                 }
             }
         }
@@ -440,6 +448,27 @@ fn keep_first(slot: &Mutex<Option<String>>, reason: String) {
     let mut g = lock(slot);
     if g.is_none() {
         *g = Some(reason);
+    }
+}
+
+/// `Ok` when `want` (from a target's URL) is the directory this receiver
+/// serves.
+fn same_root(target: &LocalTarget, want: &[u8]) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let served = target.root().path();
+    let asked = Path::new(std::ffi::OsStr::from_bytes(want));
+    let same = match (std::fs::canonicalize(served), std::fs::canonicalize(asked)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => served == asked,
+    };
+    if same {
+        Ok(())
+    } else {
+        Err(format!(
+            "this receiver serves {}, the target names {}",
+            served.display(),
+            asked.display()
+        ))
     }
 }
 

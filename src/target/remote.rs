@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -416,6 +417,10 @@ impl RemoteTarget {
                 magic: MAGIC,
                 version: VERSION,
                 token: self.spec.token.clone(),
+                root: match self.spec.transport {
+                    Transport::Tcp { .. } => Some(self.spec.path.as_os_str().as_bytes().to_vec()),
+                    Transport::Ssh { .. } => None,
+                },
             },
         )
         .and_then(|_| out.flush().map_err(FrameError::Io))

@@ -555,6 +555,7 @@ impl Receiver {
             magic: MAGIC,
             version: VERSION,
             token: None,
+            root: None,
         });
         assert!(matches!(r.reply(), Ok(Reply::Welcome { .. })));
         r
@@ -794,6 +795,7 @@ fn receiver_rejects_bad_frames_with_a_clear_error() {
         magic: MAGIC,
         version: VERSION + 100,
         token: None,
+        root: None,
     });
     match r.reply() {
         Ok(Reply::Refused { reason }) => assert!(reason.contains("version"), "{reason}"),
@@ -802,6 +804,33 @@ fn receiver_rejects_bad_frames_with_a_clear_error() {
     let (st, err) = r.finish();
     assert!(!st.success());
     assert!(err.contains("version"), "{err}");
+
+    // A target naming another directory than the one this receiver serves
+    // (two tcp:// targets must not share a tree by accident).
+    let mut r = Receiver::start(&env.dst);
+    r.send(&Request::Hello {
+        magic: MAGIC,
+        version: VERSION,
+        token: None,
+        root: Some(env.src.as_os_str().as_encoded_bytes().to_vec()),
+    });
+    match r.reply() {
+        Ok(Reply::Refused { reason }) => assert!(reason.contains("serves"), "{reason}"),
+        other => panic!("another root: {other:?}"),
+    }
+    let (st, _) = r.finish();
+    assert!(!st.success());
+    // The same directory spelt differently is accepted.
+    let mut r = Receiver::start(&env.dst);
+    r.send(&Request::Hello {
+        magic: MAGIC,
+        version: VERSION,
+        token: None,
+        root: Some(format!("{}/.", env.dst.display()).into_bytes()),
+    });
+    assert!(matches!(r.reply(), Ok(Reply::Welcome { .. })));
+    let (st, err) = r.finish();
+    assert!(st.success(), "{err}");
 
     // Not a drmirror client at all.
     let mut r = Receiver::start(&env.dst);
