@@ -51,14 +51,17 @@ pub enum ReceiveError {
 
 /// Opens (creating if needed) the directory a receiver writes beneath.
 pub fn open_root(root: &Path) -> Result<LocalTarget, ReceiveError> {
-    // Files are created with their final permission bits (see
-    // `LocalTarget::begin_file`); a umask would only force an extra chmod.
-    rustix::process::umask(rustix::fs::Mode::empty());
     let owner = rustix::process::geteuid().is_root();
-    LocalTarget::open(root, owner).map_err(|source| ReceiveError::Root {
+    let t = LocalTarget::open(root, owner).map_err(|source| ReceiveError::Root {
         path: root.to_path_buf(),
         source,
-    })
+    })?;
+    // Mirrored files are created with their final permission bits (see
+    // `LocalTarget::begin_file`); a umask would only force an extra chmod.
+    // Set after the root exists: directories the root needed are created
+    // under the caller's umask.
+    rustix::process::umask(rustix::fs::Mode::empty());
+    Ok(t)
 }
 
 /// Serves one connection on stdin/stdout until the daemon hangs up.
@@ -249,6 +252,8 @@ pub fn serve<R: Read, W: Write + Send>(
         .clamp(1, MAX_WORKERS);
     let progress: Vec<Progress> = (0..workers).map(|_| Progress::default()).collect();
     let failed: Mutex<Option<String>> = Mutex::new(None);
+    // Bytes of frames handed to workers and not yet handled.
+    let queued = AtomicU64::new(0);
     std::thread::scope(|sc| {
         // Batches are applied by a few workers side by side: creating a
         // file on a journaling filesystem is tens of microseconds of kernel
@@ -260,13 +265,23 @@ pub fn serve<R: Read, W: Write + Send>(
         // them; renames and syncs wait for what was received before them.
         let mut txs = Vec::with_capacity(workers);
         for p in &progress {
-            let (tx, rx) = crossbeam_channel::bounded::<Request>(256);
+            let (tx, rx) = crossbeam_channel::bounded::<(Request, u64)>(256);
             txs.push(tx);
-            let (w, failed) = (&w, &failed);
+            let (w, failed, queued) = (&w, &failed, &queued);
             sc.spawn(move || {
+                // Set however the worker ends (a panic included), so that
+                // nobody waits for requests it will never handle.
+                struct Stopped<'p>(&'p Progress);
+                impl Drop for Stopped<'_> {
+                    fn drop(&mut self) {
+                        self.0.stopped.store(true, Ordering::Release);
+                    }
+                }
+                let _stopped = Stopped(p);
                 let mut s = Session::new(target);
-                for req in rx {
+                for (req, size) in rx {
                     let r = s.handle(req);
+                    queued.fetch_sub(size, Ordering::AcqRel);
                     p.done.fetch_add(1, Ordering::Release);
                     let err = match r {
                         Ok(replies) => send_replies(w, &replies).err().map(|e| e.to_string()),
@@ -285,7 +300,9 @@ pub fn serve<R: Read, W: Write + Send>(
         }
         // `syncfs` can take a few hundred ms on a busy disk: it runs beside
         // the loop so that applying the next batches does not wait for it.
-        let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<(u64, Vec<u64>)>();
+        // Bounded: a peer that sends syncs without reading the replies
+        // stops being read instead of growing this queue.
+        let (sync_tx, sync_rx) = crossbeam_channel::bounded::<(u64, Vec<u64>)>(64);
         let syncer = sc.spawn(|| sync_loop(target, sync_rx, &w, &progress));
         let mut queries = Session::new(target);
         let mut route = Route::default();
@@ -311,8 +328,17 @@ pub fn serve<R: Read, W: Write + Send>(
                 }
             };
             if let Some(k) = worker {
+                // Memory stays bounded whatever the peer sends: past the
+                // budget, reading waits for the workers.
+                let size = buf.len() as u64;
+                while queued.load(Ordering::Acquire) > QUEUE_BUDGET
+                    && !progress.iter().any(|p| p.stopped.load(Ordering::Acquire))
+                {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+                queued.fetch_add(size, Ordering::AcqRel);
                 progress[k].sent.fetch_add(1, Ordering::Release);
-                if txs[k].send(req).is_err() {
+                if txs[k].send((req, size)).is_err() {
                     let reason = lock(&failed)
                         .take()
                         .unwrap_or_else(|| "a worker stopped".into());
@@ -361,19 +387,23 @@ pub fn serve<R: Read, W: Write + Send>(
 
 /// Most batch workers per connection.
 const MAX_WORKERS: usize = 4;
+/// Most bytes of frames queued for the workers of one connection.
+const QUEUE_BUDGET: u64 = 64 << 20;
 
 /// Requests handed to one worker, and how many it has handled.
 #[derive(Default)]
 struct Progress {
     sent: AtomicU64,
     done: AtomicU64,
+    /// The worker ended (the connection is failing): nothing to wait for.
+    stopped: AtomicBool,
 }
 
 impl Progress {
     /// Waits until the worker handled its first `n` requests (they are
-    /// quick: a batch of small operations).
+    /// quick: a batch of small operations) or stopped.
     fn wait_for(&self, n: u64) {
-        while self.done.load(Ordering::Acquire) < n {
+        while self.done.load(Ordering::Acquire) < n && !self.stopped.load(Ordering::Acquire) {
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
     }

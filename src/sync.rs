@@ -240,11 +240,16 @@ impl Compare<'_> {
             },
             |p, e| {
                 self.walk_error("target", p, e);
-                if let Err(e) = self
-                    .journal
-                    .enqueue(self.t, &[(p.to_vec(), flag | flags::RECURSIVE)])
-                {
-                    Self::keep_first(&err, e);
+                // A remote target that went away: compare the subtree again
+                // once it is back. (A directory the target cannot list is
+                // left alone, as before: it would fail the same way.)
+                if crate::target::is_unreachable(e) {
+                    if let Err(e) = self
+                        .journal
+                        .enqueue(self.t, &[(p.to_vec(), flag | flags::RECURSIVE)])
+                    {
+                        Self::keep_first(&err, e);
+                    }
                 }
             },
         );
@@ -339,11 +344,13 @@ impl Compare<'_> {
     fn walk_error(&self, side: &str, p: &[u8], e: &io::Error) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(side, path = %paths::display(p), "cannot scan directory: {e}; will retry");
-        // Either side: the subtree was not (fully) compared.
-        self.stats
-            .failed_dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(p.to_vec());
+        // The subtree was not (fully) compared: retried as a whole.
+        if side == "source" || crate::target::is_unreachable(e) {
+            self.stats
+                .failed_dirs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(p.to_vec());
+        }
     }
 }

@@ -451,12 +451,14 @@ impl LocalTarget {
                 Err(e) => return Err(ApplyError::target_write(rel, e.into())),
             }
         }
+        // A named temp file can be opened by others while it is written:
+        // owner bits only until it is complete (finish_file sets the rest).
         let tmp = self.temp_name();
         let fd = rustix::fs::openat(
             td,
             tmp.as_slice(),
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::from_raw_mode(mode),
+            Mode::from_raw_mode(mode & 0o700),
         )
         .map_err(|e| ApplyError::target_write(rel, e.into()))?;
         Ok((fd, Some(tmp)))

@@ -18,6 +18,14 @@ use crate::protocol::Entry;
 use local::{DeletePolicy, LocalTarget};
 use remote::RemoteTarget;
 
+/// Whether `e` says a remote target could not be reached (as opposed to
+/// an error about one path).
+pub fn is_unreachable(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<ApplyError>())
+        .is_some_and(|a| matches!(a, ApplyError::Unreachable { .. }))
+}
+
 pub enum Target {
     Local(LocalTarget),
     Remote(Box<RemoteTarget>),
@@ -125,15 +133,19 @@ impl Target {
     }
 
     /// Directory `dir` of the target; `None` when missing or unreadable.
-    /// `Ok(None)`: the target has no directory `dir`. `Err`: a remote
-    /// target could not answer (a local directory that cannot be opened
-    /// counts as absent: what it would hold is copied again).
+    /// `Ok(None)`: the target has no directory `dir`, or cannot list it
+    /// (what it would hold is copied again). `Err`: a remote target that
+    /// could not be reached; nothing is known about `dir`.
     pub fn view(&self, dir: &[u8]) -> io::Result<Option<DirView>> {
         match self {
             Target::Local(t) => Ok(t.root().open_dir(dir, true).ok().map(DirView::Local)),
-            Target::Remote(t) => Ok(t
-                .list(dir)?
-                .map(|v| DirView::Remote(v.into_iter().map(|e| (e.name.clone(), e)).collect()))),
+            Target::Remote(t) => match t.list(dir) {
+                Ok(v) => Ok(v.map(|v| {
+                    DirView::Remote(v.into_iter().map(|e| (e.name.clone(), e)).collect())
+                })),
+                Err(e) if is_unreachable(&e) => Err(e),
+                Err(_) => Ok(None),
+            },
         }
     }
 

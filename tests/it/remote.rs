@@ -710,6 +710,79 @@ fn receiver_applies_pipelined_batches_then_a_rename_after_them() {
     assert!(status.success(), "{err}");
 }
 
+/// The daemon goes away while batches, a rename and a sync are queued:
+/// the receiver's workers fail on their replies and the receiver exits
+/// instead of waiting for work that will never be done.
+#[test]
+fn receiver_exits_when_the_daemon_goes_away_mid_stream() {
+    let env = Env::new();
+    // Nobody reads the replies any more: the first one fails (EPIPE).
+    let Receiver { mut child, out, .. } = Receiver::hello(&env.dst);
+    drop(out);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut frames = Vec::new();
+    for b in 0..40u64 {
+        for i in 0..20u64 {
+            let file = b * 1000 + i;
+            let data = format!("{b}/{i}").into_bytes();
+            for req in [
+                Request::Op {
+                    batch: b,
+                    op: Op::File {
+                        file,
+                        rel: format!("d{b}/f{i}").into_bytes(),
+                        meta: file_meta(data.len() as u64),
+                        delta: false,
+                    },
+                },
+                Request::Data {
+                    file,
+                    chunk: Chunk::Bytes(data.clone()),
+                },
+                Request::Data {
+                    file,
+                    chunk: Chunk::End {
+                        hash: hash(&data),
+                        commit: true,
+                    },
+                },
+            ] {
+                protocol::write_frame(&mut frames, &req).expect("encode");
+            }
+        }
+        protocol::write_frame(&mut frames, &Request::EndBatch { batch: b }).expect("encode");
+        // Early: read (and queued for the sync thread, and waited on by
+        // the rename) while the workers still hold batches.
+        if b == 3 {
+            protocol::write_frame(&mut frames, &Request::Sync { id: 1 }).expect("encode");
+            protocol::write_frame(
+                &mut frames,
+                &Request::Rename {
+                    id: 2,
+                    from: b"d1".to_vec(),
+                    to: b"moved".to_vec(),
+                },
+            )
+            .expect("encode");
+        }
+    }
+    // The receiver may stop reading first: a failed write is fine.
+    let _ = stdin.write_all(&frames);
+    drop(stdin);
+    let deadline = Instant::now() + secs(30);
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            assert!(!st.success(), "a broken connection is an error exit");
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the receiver hung after its daemon went away");
+        }
+        std::thread::sleep(ms(50));
+    }
+}
+
 #[test]
 fn receiver_refuses_paths_that_leave_its_root_and_keeps_serving() {
     let env = Env::new();
