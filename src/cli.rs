@@ -92,11 +92,11 @@ pub enum Command {
         #[arg(long, requires = "token_file")]
         listen: Option<std::net::SocketAddr>,
         /// File holding the shared token TCP clients must present.
-        #[arg(long)]
+        #[arg(long, requires = "listen")]
         token_file: Option<PathBuf>,
-        /// Most TCP connections served at once.
-        #[arg(long, default_value_t = 8)]
-        max_connections: usize,
+        /// Most TCP connections served at once [default: 8].
+        #[arg(long, requires = "listen")]
+        max_connections: Option<usize>,
     },
     /// Compare a source tree with its mirror; exit 1 listing differences.
     Verify {

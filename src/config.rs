@@ -237,6 +237,12 @@ fn remote_target(
                 format!("{url}: a tcp:// target needs the receiver's shared token"),
             ))
         }
+        (Transport::Ssh { .. }, Some(_)) => {
+            return Err(field(
+                "target.token_file",
+                format!("{url}: applies to tcp:// targets only (ssh authenticates itself)"),
+            ))
+        }
         (_, Some(f)) => {
             let text = std::fs::read_to_string(f)
                 .map_err(|e| field("target.token_file", format!("{}: {e}", f.display())))?;
@@ -680,5 +686,34 @@ mod tests {
         let e = err(&format!("source = {s:?}\n"));
         assert!(e.contains("target"), "{e}");
         assert!(!err("source = [").contains('\n'));
+    }
+
+    #[test]
+    fn remote_target_options_are_checked() {
+        let (t, s, d) = dirs();
+        let tok = t.path().join("token");
+        std::fs::write(&tok, "secret\n").unwrap();
+        let cfg = |target: &str| format!("source = {s:?}\n[[target]]\n{target}\n");
+        let c = Config::from_toml(
+            &cfg("path = \"ssh://u@dr:2222/srv/m\"\nssh_identity = \"/k\"\ncompress = true\nbwlimit = \"2M\""),
+            "c.toml",
+        )
+        .unwrap();
+        let r = c.targets[0].remote.as_ref().unwrap();
+        assert!(r.compress);
+        assert_eq!(r.bwlimit, 2 << 20);
+        let e = err(&cfg("path = \"tcp://dr:7878/srv/m\""));
+        assert!(e.contains("token_file"), "{e}");
+        let e = err(&cfg(&format!(
+            "path = \"ssh://dr/srv/m\"\ntoken_file = {:?}",
+            tok.display().to_string()
+        )));
+        assert!(e.contains("token_file") && e.contains("tcp://"), "{e}");
+        let e = err(&cfg(&format!("path = {d:?}\ncompress = true")));
+        assert!(e.contains("ssh://"), "{e}");
+        let e = err(&cfg("path = \"ssh://dr/srv/m\"\nbwlimit = \"fast\""));
+        assert!(e.contains("bwlimit"), "{e}");
+        let e = err(&cfg("path = \"ssh://dr/relative\"\n").replace("/relative", ""));
+        assert!(e.contains("path"), "{e}");
     }
 }

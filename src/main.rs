@@ -195,7 +195,7 @@ fn main() -> ExitCode {
             listen,
             token_file,
             max_connections,
-        } => receive(root, listen, token_file, max_connections),
+        } => receive(root, listen, token_file, max_connections.unwrap_or(8)),
         Command::Status {
             state,
             config,
