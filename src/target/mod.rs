@@ -132,8 +132,7 @@ impl Target {
         }
     }
 
-    /// Directory `dir` of the target; `None` when missing or unreadable.
-    /// `Ok(None)`: the target has no directory `dir`, or cannot list it
+    /// Directory `dir` of the target. `Ok(None)`: the target has no directory `dir`, or cannot list it
     /// (what it would hold is copied again). `Err`: a remote target that
     /// could not be reached; nothing is known about `dir`.
     pub fn view(&self, dir: &[u8]) -> io::Result<Option<DirView>> {

@@ -584,6 +584,30 @@ fn file_meta(size: u64) -> Meta {
 }
 
 /// Sends one file in one batch and returns the batch's results.
+/// The requests that send file `rel` with `data` (claimed checksum
+/// `hash`) as stream `file` of `batch`.
+fn file_requests(batch: u64, file: u64, rel: &[u8], data: &[u8], hash: [u8; 32]) -> [Request; 3] {
+    [
+        Request::Op {
+            batch,
+            op: Op::File {
+                file,
+                rel: rel.to_vec(),
+                meta: file_meta(data.len() as u64),
+                delta: false,
+            },
+        },
+        Request::Data {
+            file,
+            chunk: Chunk::Bytes(data.to_vec()),
+        },
+        Request::Data {
+            file,
+            chunk: Chunk::End { hash, commit: true },
+        },
+    ]
+}
+
 fn put(
     r: &mut Receiver,
     batch: u64,
@@ -591,23 +615,9 @@ fn put(
     data: &[u8],
     hash: [u8; 32],
 ) -> Vec<Result<Done, String>> {
-    r.send(&Request::Op {
-        batch,
-        op: Op::File {
-            file: batch,
-            rel: rel.to_vec(),
-            meta: file_meta(data.len() as u64),
-            delta: false,
-        },
-    });
-    r.send(&Request::Data {
-        file: batch,
-        chunk: Chunk::Bytes(data.to_vec()),
-    });
-    r.send(&Request::Data {
-        file: batch,
-        chunk: Chunk::End { hash, commit: true },
-    });
+    for req in file_requests(batch, batch, rel, data, hash) {
+        r.send(&req);
+    }
     r.send(&Request::EndBatch { batch });
     match r.reply() {
         Ok(Reply::Batch { results, .. }) => results,
@@ -638,28 +648,11 @@ fn receiver_applies_pipelined_batches_then_a_rename_after_them() {
     let body = |b: u64, i: u64| format!("batch {b} file {i}").into_bytes();
     for b in 0..BATCHES {
         for i in 0..FILES {
-            let file = b * 1000 + i;
             let data = body(b, i);
-            r.send(&Request::Op {
-                batch: b,
-                op: Op::File {
-                    file,
-                    rel: format!("d{b}/f{i}").into_bytes(),
-                    meta: file_meta(data.len() as u64),
-                    delta: false,
-                },
-            });
-            r.send(&Request::Data {
-                file,
-                chunk: Chunk::Bytes(data.clone()),
-            });
-            r.send(&Request::Data {
-                file,
-                chunk: Chunk::End {
-                    hash: hash(&data),
-                    commit: true,
-                },
-            });
+            let rel = format!("d{b}/f{i}").into_bytes();
+            for req in file_requests(b, b * 1000 + i, &rel, &data, hash(&data)) {
+                r.send(&req);
+            }
         }
         r.send(&Request::EndBatch { batch: b });
     }
@@ -723,30 +716,9 @@ fn receiver_exits_when_the_daemon_goes_away_mid_stream() {
     let mut frames = Vec::new();
     for b in 0..40u64 {
         for i in 0..20u64 {
-            let file = b * 1000 + i;
             let data = format!("{b}/{i}").into_bytes();
-            for req in [
-                Request::Op {
-                    batch: b,
-                    op: Op::File {
-                        file,
-                        rel: format!("d{b}/f{i}").into_bytes(),
-                        meta: file_meta(data.len() as u64),
-                        delta: false,
-                    },
-                },
-                Request::Data {
-                    file,
-                    chunk: Chunk::Bytes(data.clone()),
-                },
-                Request::Data {
-                    file,
-                    chunk: Chunk::End {
-                        hash: hash(&data),
-                        commit: true,
-                    },
-                },
-            ] {
+            let rel = format!("d{b}/f{i}").into_bytes();
+            for req in file_requests(b, b * 1000 + i, &rel, &data, hash(&data)) {
                 protocol::write_frame(&mut frames, &req).expect("encode");
             }
         }
