@@ -293,29 +293,48 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // Events the last run took off the kernel queue but never recorded are
     // lost even when the queue itself is handed over.
     let lost_read = journal.capture_was_reading()?;
-    let mut adopted = None;
-    if let Some(fd) = crate::handover::take_stored() {
+    let mut adopted: Option<Box<dyn Watcher>> = None;
+    if let Some((backend, fd)) = crate::handover::take_stored() {
         let same = journal
             .meta_get(crate::journal::META_CAPTURE_SOURCE)?
             .as_deref()
             == Some(source_key.as_slice());
-        if cfg.watch == WatchMode::Inotify || !same {
-            tracing::info!("dropping the stored capture descriptor: it was set up for another source or backend");
-            crate::handover::remove_stored();
+        let wanted = match cfg.watch {
+            WatchMode::Auto => true,
+            WatchMode::Fanotify => backend == "fanotify",
+            WatchMode::Inotify => backend == "inotify",
+        };
+        let (f, j) = (filter.clone(), journal.clone());
+        let taken = if !same || !wanted {
+            Err("it was set up for another source or backend".to_string())
+        } else if backend == "fanotify" {
+            // fanotify events name the object (a file handle), not a watch:
+            // the group is sound even if the last run lost events it had
+            // read; the rescan below finds those.
+            FanotifyWatcher::adopt(fd, &cfg.source, f, j, !lost_read)
+                .map(|w| Box::new(w) as Box<dyn Watcher>)
+                .map_err(|e| e.to_string())
+        } else if lost_read {
+            // inotify events name a watch number: a run that died mid-read
+            // may have moved watches it never recorded.
+            Err("the last run died holding events it had not recorded".to_string())
         } else {
-            let (f, j) = (filter.clone(), journal.clone());
-            match FanotifyWatcher::adopt(fd, &cfg.source, f, j, !lost_read) {
-                Ok(w) => adopted = Some(w),
-                Err(e) => {
-                    tracing::warn!("cannot take over the stored capture descriptor: {e}");
-                    crate::handover::remove_stored();
-                }
+            let first = targets.first().map(|t| t.id);
+            InotifyWatcher::adopt(fd, &cfg.source, f, j, first)
+                .map(|w| Box::new(w) as Box<dyn Watcher>)
+                .map_err(|e| e.to_string())
+        };
+        match taken {
+            Ok(w) => adopted = Some(w),
+            Err(why) => {
+                tracing::info!("dropping the stored {backend} capture descriptor: {why}");
+                crate::handover::remove_stored(backend);
             }
         }
     }
     let handed_over = adopted.is_some();
     let mut watcher: Box<dyn Watcher> = match (adopted, cfg.watch) {
-        (Some(w), _) => Box::new(w),
+        (Some(w), _) => w,
         (None, WatchMode::Inotify) => inotify()?,
         (None, WatchMode::Fanotify) => fanotify()?,
         (None, WatchMode::Auto) => match fanotify() {
@@ -333,7 +352,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let dir_feed = watcher.dir_feed();
     if !handed_over {
         if let Some(fd) = watcher.store_fd() {
-            if crate::handover::store(fd) {
+            if crate::handover::store(watcher.backend(), fd) {
                 journal.meta_put(crate::journal::META_CAPTURE_SOURCE, &source_key)?;
             }
         }
@@ -343,7 +362,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     for t in &targets {
         scans_complete &= journal.scan_complete(t.id)?;
     }
-    let seamless = handed_over && !lost_read && scans_complete;
+    // Capture ran without a gap since the last run started: a startup scan
+    // it did not finish can resume from its checkpoint.
+    let gapless = handed_over && !lost_read;
+    let seamless = gapless && scans_complete;
     if handed_over {
         if seamless {
             tracing::info!(
@@ -537,9 +559,24 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         let _ = wake.try_send(());
                         return;
                     }
-                    if let Err(e) = journal.set_scan_complete(id, false) {
-                        sh.fail(e.into());
-                        return;
+                    let resume = match journal.scan_complete(id) {
+                        // Only a scan that was cut short has a checkpoint.
+                        Ok(false) if gapless => journal.recon_done_list(id),
+                        Ok(_) => journal.recon_done_clear(id).map(|()| Default::default()),
+                        Err(e) => Err(e),
+                    };
+                    let resume = match resume.and_then(|r| journal.set_scan_complete(id, false).map(|()| r)) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            sh.fail(e.into());
+                            return;
+                        }
+                    };
+                    if !resume.is_empty() {
+                        tracing::info!(
+                            "startup scan resumes target={name}: capture was handed over without a gap, and the interrupted scan had checkpointed {} directories",
+                            resume.len()
+                        );
                     }
                     let pb = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
                     pb.set_style(
@@ -562,7 +599,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                     };
                     let t0 = Instant::now();
                     metrics::gauge!("drmirror_scan_running").increment(1.0);
-                    let r = scan_pool.install(|| cmp.reconcile(b"", flags::STARTUP));
+                    let r = scan_pool.install(|| cmp.reconcile(b"", flags::STARTUP, Some(&resume)));
                     pb.finish_and_clear();
                     metrics::gauge!("drmirror_scan_running").decrement(1.0);
                     let scanned = stats.scanned.load(Ordering::Relaxed);
@@ -575,19 +612,22 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         if sh.stop.load(Ordering::Relaxed) {
                             Ok(())
                         } else {
-                            journal.set_scan_complete(id, true)
+                            journal
+                                .set_scan_complete(id, true)
+                                .and_then(|()| journal.recon_done_clear(id))
                         }
                     });
                     match r {
                         Ok(()) => {
                             let secs = t0.elapsed().as_secs_f64();
                             tracing::info!(
-                                "startup scan done target={} scanned={} differing={} in_sync={} errors={} secs={:.2} rate={:.0}/s",
+                                "startup scan done target={} scanned={} differing={} in_sync={} errors={} resumed_subtrees={} secs={:.2} rate={:.0}/s",
                                 name,
                                 scanned,
                                 stats.enqueued.load(Ordering::Relaxed),
                                 stats.in_sync.load(Ordering::Relaxed),
                                 stats.errors.load(Ordering::Relaxed),
+                                stats.resumed.load(Ordering::Relaxed),
                                 secs,
                                 scanned as f64 / secs.max(1e-6)
                             );

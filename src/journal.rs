@@ -50,6 +50,9 @@ const KEY_MAX: [u8; 8192] = [0xff; 8192];
 const META_DIRS_BACKEND: &[u8] = b"dirs_backend";
 const META_CAPTURE_READING: &[u8] = b"capture_reading";
 const META_SCAN_COMPLETE: &[u8] = b"scan_complete/";
+/// Reconciliation checkpoint: `recon_done/<target be16><dir>`, one key per
+/// directory whose whole subtree the running reconciliation has compared.
+const META_RECON_DONE: &[u8] = b"recon_done/";
 /// The source a stored capture descriptor was set up for.
 pub const META_CAPTURE_SOURCE: &[u8] = b"capture_source";
 const CFS: [&str; 5] = [CF_DIRS, CF_PENDING, CF_RENAMES, CF_INDEX, CF_META];
@@ -429,6 +432,54 @@ impl Journal {
 
     pub fn scan_complete(&self, t: TargetId) -> Result<bool> {
         self.flag(&[META_SCAN_COMPLETE, &t.to_be_bytes()[..]].concat())
+    }
+
+    fn recon_prefix(t: TargetId) -> Vec<u8> {
+        [META_RECON_DONE, &t.to_be_bytes()[..]].concat()
+    }
+
+    /// Checkpoints a reconciliation: every entry below `dirs` has been
+    /// compared, and its differences are already enqueued.
+    pub fn recon_done_put(&self, t: TargetId, dirs: &[Vec<u8>]) -> Result<()> {
+        let cf = self.cf(CF_META)?;
+        let mut b = WriteBatch::default();
+        let p = Self::recon_prefix(t);
+        for d in dirs {
+            b.put_cf(cf, [p.as_slice(), d].concat(), b"");
+        }
+        Ok(self.db.write(b)?)
+    }
+
+    /// The directories a reconciliation that was cut short had finished.
+    pub fn recon_done_list(&self, t: TargetId) -> Result<std::collections::HashSet<Vec<u8>>> {
+        let p = Self::recon_prefix(t);
+        let mut out = std::collections::HashSet::new();
+        let it = self.db.iterator_cf(
+            self.cf(CF_META)?,
+            IteratorMode::From(&p, rocksdb::Direction::Forward),
+        );
+        for item in it {
+            let (k, _) = item?;
+            match k.strip_prefix(p.as_slice()) {
+                Some(d) => out.insert(d.to_vec()),
+                None => break,
+            };
+        }
+        Ok(out)
+    }
+
+    /// Forgets a reconciliation's checkpoint (it finished, or a new one
+    /// starts from scratch).
+    pub fn recon_done_clear(&self, t: TargetId) -> Result<()> {
+        let p = Self::recon_prefix(t);
+        let end = match t.checked_add(1) {
+            Some(next) => Self::recon_prefix(next),
+            // "recon_done0": past every target's keys.
+            None => b"recon_done0".to_vec(),
+        };
+        Ok(self
+            .db
+            .delete_range_cf(self.cf(CF_META)?, p.as_slice(), end.as_slice())?)
     }
 
     fn meta_u64(&self, k: &[u8]) -> Result<Option<u64>> {
@@ -912,17 +963,13 @@ impl Journal {
         Ok(())
     }
 
-    /// Records watched directories (the persisted watch tree).
-    pub fn dirs_put(&self, dirs: &[Vec<u8>]) -> Result<()> {
+    /// Records watched directories (the persisted watch tree), each with
+    /// its backend's value.
+    pub fn dirs_put(&self, dirs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
         if dirs.is_empty() {
             return Ok(());
         }
-        let cf = self.cf(CF_DIRS)?;
-        let mut b = WriteBatch::default();
-        for d in dirs {
-            b.put_cf(cf, d, b"");
-        }
-        Ok(self.db.write(b)?)
+        self.dirs_update(dirs, &[])
     }
 
     /// Clears the persisted watch tree and records which backend fills it
@@ -1009,18 +1056,35 @@ mod tests {
     }
 
     #[test]
+    fn reconciliation_checkpoint_per_target() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        j.recon_done_put(1, &[b"a".to_vec(), b"".to_vec(), b"\xffb".to_vec()])
+            .unwrap();
+        j.recon_done_put(2, &[b"c".to_vec()]).unwrap();
+        j.recon_done_put(TargetId::MAX, &[vec![0xff; 3]]).unwrap();
+        let got = j.recon_done_list(1).unwrap();
+        assert_eq!(got.len(), 3);
+        assert!(got.contains(b"".as_slice()) && got.contains(b"\xffb".as_slice()));
+        j.recon_done_clear(1).unwrap();
+        assert!(j.recon_done_list(1).unwrap().is_empty());
+        assert_eq!(j.recon_done_list(2).unwrap().len(), 1);
+        assert_eq!(j.recon_done_list(TargetId::MAX).unwrap().len(), 1);
+        j.recon_done_clear(TargetId::MAX).unwrap();
+        assert!(j.recon_done_list(TargetId::MAX).unwrap().is_empty());
+        assert_eq!(j.recon_done_list(2).unwrap().len(), 1);
+    }
+
+    #[test]
     fn watch_tree_reset_list_update() {
         let d = tempfile::tempdir().unwrap();
         let j = Journal::open(d.path()).unwrap();
         assert_eq!(j.dirs_backend().unwrap(), None);
         j.dirs_reset(b"inotify").unwrap();
-        j.dirs_put(&[
-            b"".to_vec(),
-            b"a".to_vec(),
-            b"a/b".to_vec(),
-            b"\xff".to_vec(),
-        ])
-        .unwrap();
+        let w = |k: &[u8]| (k.to_vec(), 1i32.to_le_bytes().to_vec());
+        j.dirs_put(&[w(b""), w(b"a"), w(b"a/b"), w(b"\xff")])
+            .unwrap();
+        assert_eq!(j.dirs_entries().unwrap()[1], w(b"a"));
         assert_eq!(j.dirs_list().unwrap().len(), 4);
         j.dirs_update(&[(b"c".to_vec(), Vec::new())], &[b"a/b".to_vec()])
             .unwrap();

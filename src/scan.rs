@@ -10,6 +10,8 @@
 
 use std::io;
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use rustix::fs::AtFlags;
 
@@ -36,33 +38,93 @@ where
     D: Fn(&[u8], &mut [Child]) + Sync,
     E: Fn(&[u8], &io::Error) + Sync,
 {
-    rayon::scope(|s| walk_dir(s, root, start.to_vec(), &on_dir, &on_error));
+    walk_tracked(root, start, on_dir, on_error, |_| {});
 }
 
-fn walk_dir<'s, D, E>(
+/// [`walk`], and `on_done` gets each directory once `on_dir` has returned
+/// for it and for every directory the walk descended into below it: the
+/// point at which a reconciliation can checkpoint the whole subtree. A
+/// directory that could not be listed is reported to `on_error` and counts
+/// as done; the caller decides what that means for its ancestors.
+pub fn walk_tracked<D, E, F>(root: &Root, start: &[u8], on_dir: D, on_error: E, on_done: F)
+where
+    D: Fn(&[u8], &mut [Child]) + Sync,
+    E: Fn(&[u8], &io::Error) + Sync,
+    F: Fn(&[u8]) + Sync,
+{
+    let cb = Callbacks {
+        on_dir: &on_dir,
+        on_error: &on_error,
+        on_done: &on_done,
+    };
+    let node = Arc::new(Node {
+        rel: start.to_vec(),
+        pending: AtomicUsize::new(1),
+        parent: None,
+    });
+    rayon::scope(|s| walk_dir(s, root, node, &cb));
+}
+
+struct Callbacks<'a, D, E, F> {
+    on_dir: &'a D,
+    on_error: &'a E,
+    on_done: &'a F,
+}
+
+/// A directory whose subtree is still being walked. `pending` counts the
+/// directory's own visit plus each subdirectory still in progress; the
+/// last to finish reports the directory done and tells its parent.
+struct Node {
+    rel: Vec<u8>,
+    pending: AtomicUsize,
+    parent: Option<Arc<Node>>,
+}
+
+fn finish<F: Fn(&[u8])>(node: Arc<Node>, on_done: &F) {
+    let mut cur = Some(node);
+    while let Some(n) = cur {
+        if n.pending.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        on_done(&n.rel);
+        cur = n.parent.clone();
+    }
+}
+
+fn walk_dir<'s, D, E, F>(
     s: &rayon::Scope<'s>,
     root: &'s Root,
-    dir: Vec<u8>,
-    on_dir: &'s D,
-    on_error: &'s E,
+    node: Arc<Node>,
+    cb: &'s Callbacks<'s, D, E, F>,
 ) where
     D: Fn(&[u8], &mut [Child]) + Sync,
     E: Fn(&[u8], &io::Error) + Sync,
+    F: Fn(&[u8]) + Sync,
 {
-    let mut children = match read_children(root, &dir) {
+    let dir = &node.rel;
+    let mut children = match read_children(root, dir) {
         Ok(c) => c,
-        Err(e) if crate::fsops::is_missing(&e) => return,
         Err(e) => {
-            on_error(&dir, &e);
+            if !crate::fsops::is_missing(&e) {
+                (cb.on_error)(dir, &e);
+            }
+            finish(node, cb.on_done);
             return;
         }
     };
-    on_dir(&dir, &mut children);
+    (cb.on_dir)(dir, &mut children);
     for c in children {
         if c.descend && c.meta.kind == Kind::Dir {
-            s.spawn(move |s| walk_dir(s, root, c.rel, on_dir, on_error));
+            node.pending.fetch_add(1, Ordering::Relaxed);
+            let child = Arc::new(Node {
+                rel: c.rel,
+                pending: AtomicUsize::new(1),
+                parent: Some(node.clone()),
+            });
+            s.spawn(move |s| walk_dir(s, root, child, cb));
         }
     }
+    finish(node, cb.on_done);
 }
 
 /// Lists and stats the children of directory `dir`.
@@ -97,6 +159,44 @@ pub fn read_children(root: &Root, dir: &[u8]) -> io::Result<Vec<Child>> {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn a_directory_is_done_after_its_whole_subtree() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        for d in ["a/b/c", "a/d", "e"] {
+            std::fs::create_dir_all(r.join(d)).unwrap();
+        }
+        let root = Root::open(r).unwrap();
+        let all: Vec<Vec<u8>> = ["", "a", "a/b", "a/b/c", "a/d", "e"]
+            .iter()
+            .map(|s| s.as_bytes().to_vec())
+            .collect();
+        let visited = Mutex::new(Vec::new());
+        let done = Mutex::new(Vec::new());
+        walk_tracked(
+            &root,
+            b"",
+            |dir, _| visited.lock().unwrap().push(dir.to_vec()),
+            |p, e| panic!("{:?}: {e}", p),
+            |dir| {
+                assert!(visited.lock().unwrap().iter().any(|v| v == dir));
+                // Every directory below `dir` is done already.
+                let mut d = done.lock().unwrap();
+                for x in all
+                    .iter()
+                    .filter(|x| crate::paths::is_within(x, dir) && *x != dir)
+                {
+                    assert!(d.contains(x), "{:?} done before {:?}", dir, x);
+                }
+                d.push(dir.to_vec());
+            },
+        );
+        let mut got = done.into_inner().unwrap();
+        assert_eq!(got.last().map(|v| v.as_slice()), Some(b"".as_slice()));
+        got.sort();
+        assert_eq!(got, all);
+    }
 
     #[test]
     fn walks_everything_and_never_follows_symlinks() {

@@ -8,6 +8,7 @@
 //! killed sync restarts the walk, finds what it already copied, and copies
 //! the rest. The target walk finds entries the source no longer has.
 
+use std::collections::HashSet;
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,7 +32,14 @@ pub struct ScanStats {
     /// Source directories that could not be listed: re-enqueued as
     /// recursive entries by the walk, so they are retried (with backoff).
     pub failed_dirs: Mutex<Vec<Vec<u8>>>,
+    /// Subtrees skipped because an earlier, interrupted reconciliation had
+    /// finished them.
+    pub resumed: AtomicU64,
 }
+
+/// Test hook: abort the process once a reconciliation has checkpointed this
+/// many directories.
+const TEST_ABORT_RECONCILE_AFTER: &str = "DRMIRROR_TEST_ABORT_RECONCILE_AFTER";
 
 /// Everything a compare walk needs.
 pub struct Compare<'a> {
@@ -76,19 +84,68 @@ impl Compare<'_> {
     /// source listing. A directory's own index entry cannot vouch for its
     /// entries: it is stamped from the source when the directory is
     /// touched, which may be after a change in it whose event a crash lost.
-    pub fn reconcile(&self, start: &[u8], flag: u8) -> Result<(), JournalError> {
-        self.walk_source(start, flag, true)
+    ///
+    /// With `resume`, the walk checkpoints in the journal each directory
+    /// whose subtree it has finished, and skips the subtrees the set holds:
+    /// those a previous reconciliation, cut short by a crash, had finished.
+    /// (Sound only when capture ran without a gap since that reconciliation
+    /// started: the caller's business.)
+    pub fn reconcile(
+        &self,
+        start: &[u8],
+        flag: u8,
+        resume: Option<&HashSet<Vec<u8>>>,
+    ) -> Result<(), JournalError> {
+        self.walk_source(start, flag, true, resume)
     }
 
     /// Compares `start` (itself included) and its subtree with the target,
     /// enqueuing differences with `flag`.
     pub fn source_walk(&self, start: &[u8], flag: u8) -> Result<(), JournalError> {
-        self.walk_source(start, flag, false)
+        self.walk_source(start, flag, false, None)
+    }
+
+    /// Records that the subtree `dir` is reconciled, unless the walk was
+    /// stopped or a directory failed (its retry entry is only enqueued at
+    /// the end of the walk, so an ancestor must not be checkpointed).
+    fn checkpoint(
+        &self,
+        dir: &[u8],
+        abort_after: Option<u64>,
+        done: &AtomicU64,
+    ) -> Result<(), JournalError> {
+        if self.stop.load(Ordering::Relaxed)
+            || !self
+                .stats
+                .failed_dirs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+        {
+            return Ok(());
+        }
+        self.journal.recon_done_put(self.t, &[dir.to_vec()])?;
+        let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+        if abort_after.is_some_and(|a| n >= a) {
+            // Test hook: a crash in the middle of a reconciliation.
+            std::process::abort();
+        }
+        Ok(())
     }
 
     /// The source walk; with `names`, each directory's target listing is
     /// checked for entries the source no longer holds.
-    fn walk_source(&self, start: &[u8], flag: u8, names: bool) -> Result<(), JournalError> {
+    fn walk_source(
+        &self,
+        start: &[u8],
+        flag: u8,
+        names: bool,
+        resume: Option<&HashSet<Vec<u8>>>,
+    ) -> Result<(), JournalError> {
+        let abort_after = std::env::var(TEST_ABORT_RECONCILE_AFTER)
+            .ok()
+            .and_then(|v| v.parse().ok());
+        let checkpointed = AtomicU64::new(0);
         // The start directory itself.
         if let Ok(Some(m)) = self.source.lstat(start) {
             let t = self.target.lstat(start).ok().flatten();
@@ -97,13 +154,21 @@ impl Compare<'_> {
             }
         }
         let err = Mutex::new(None);
-        scan::walk(
+        scan::walk_tracked(
             self.source,
             start,
             |dir, children| {
                 if self.stop.load(Ordering::Relaxed) {
                     children.iter_mut().for_each(|c| c.descend = false);
                     return;
+                }
+                if let Some(done) = resume {
+                    for c in children.iter_mut() {
+                        if c.descend && done.contains(&c.rel) {
+                            c.descend = false;
+                            self.stats.resumed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
                 let rels: Vec<&[u8]> = children.iter().map(|c| c.rel.as_slice()).collect();
                 let indexed = match self.journal.index_get_many(self.t, &rels) {
@@ -204,6 +269,13 @@ impl Compare<'_> {
                 }
             },
             |p, e| self.walk_error("source", p, e),
+            |dir| {
+                if resume.is_some() {
+                    if let Err(e) = self.checkpoint(dir, abort_after, &checkpointed) {
+                        Self::keep_first(&err, e);
+                    }
+                }
+            },
         );
         let failed: Vec<(Vec<u8>, u8)> = self
             .stats

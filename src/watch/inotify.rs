@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use inotify::{EventMask, Inotify, WatchMask};
 
 use super::{Event, WatchError, Watcher};
 use crate::filter::Filter;
@@ -38,10 +38,15 @@ fn mask() -> WatchMask {
 }
 
 /// A MOVED_FROM half: path, is_dir, and the subtree's watches then.
-type MovedFrom = (Vec<u8>, bool, Vec<(Vec<u8>, WatchDescriptor)>);
+type MovedFrom = (Vec<u8>, bool, Vec<(Vec<u8>, Wd)>);
+
+/// A watch descriptor's number. The maps are keyed by it rather than by
+/// the crate's `WatchDescriptor`, which cannot be rebuilt from a number:
+/// after a handover the numbers come from the journal.
+type Wd = i32;
 
 struct Raw {
-    wd: WatchDescriptor,
+    wd: Wd,
     mask: EventMask,
     cookie: u32,
     name: Option<Vec<u8>>,
@@ -52,8 +57,8 @@ pub struct InotifyWatcher {
     root: Root,
     filter: Arc<Filter>,
     journal: Arc<Journal>,
-    by_wd: HashMap<WatchDescriptor, Vec<u8>>,
-    by_path: BTreeMap<Vec<u8>, WatchDescriptor>,
+    by_wd: HashMap<Wd, Vec<u8>>,
+    by_path: BTreeMap<Vec<u8>, Wd>,
     buf: Vec<u8>,
     /// MOVED_FROM waiting for its MOVED_TO: path, is_dir, and (for a
     /// directory) the watches of its subtree at that moment, so that a move
@@ -70,10 +75,34 @@ pub struct InotifyWatcher {
     /// Watches re-added from the journal's watch tree at start (0 after a
     /// fresh walk).
     restored: usize,
+    /// Whether the descriptor was handed over by the service manager.
+    adopted: bool,
     /// Directories the startup scan listed, while the restored watch tree
     /// is being confirmed; the sending half goes to the scan.
     feed_rx: Option<crossbeam_channel::Receiver<Vec<Vec<u8>>>>,
     feed_tx: Option<crossbeam_channel::Sender<Vec<Vec<u8>>>>,
+}
+
+/// The watch descriptor numbers an inotify group holds, from
+/// `/proc/self/fdinfo` (`inotify wd:<hex> ino:...` lines); an error if `fd`
+/// is not an inotify group.
+fn kernel_watches(fd: &impl std::os::fd::AsRawFd) -> io::Result<Vec<Wd>> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    if link.as_os_str() != "anon_inode:inotify" {
+        return Err(io::Error::other(format!(
+            "not an inotify group ({})",
+            link.display()
+        )));
+    }
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    info.lines()
+        .filter_map(|l| l.strip_prefix("inotify wd:"))
+        .map(|rest| {
+            let hex = rest.split_whitespace().next().unwrap_or("");
+            Wd::from_str_radix(hex, 16)
+                .map_err(|_| io::Error::other(format!("unreadable fdinfo line: inotify wd:{rest}")))
+        })
+        .collect()
 }
 
 fn read_limit() -> u64 {
@@ -84,6 +113,92 @@ fn read_limit() -> u64 {
 }
 
 impl InotifyWatcher {
+    fn new(
+        ino: Inotify,
+        root: Root,
+        filter: Arc<Filter>,
+        journal: Arc<Journal>,
+        index_target: Option<TargetId>,
+    ) -> Self {
+        InotifyWatcher {
+            ino,
+            root,
+            filter,
+            journal,
+            by_wd: HashMap::new(),
+            by_path: BTreeMap::new(),
+            buf: vec![0u8; 256 * 1024],
+            moved_from: HashMap::new(),
+            rewatched: false,
+            recent: HashMap::new(),
+            collect_recent: false,
+            index_target,
+            restored: 0,
+            adopted: false,
+            feed_rx: None,
+            feed_tx: None,
+        }
+    }
+
+    /// Takes over an inotify descriptor a previous run handed to the
+    /// service manager: its watches and its queue of unread events are
+    /// intact, and the journal's watch tree says which directory each
+    /// descriptor number watches — as of the last events that run recorded,
+    /// which is where the queue resumes. (The caller adopts only when that
+    /// run did not die holding events it had not recorded.)
+    ///
+    /// Refused, so the caller starts afresh, when the journal's watch tree
+    /// was not written by this backend with descriptor numbers, or when the
+    /// kernel holds a watch the journal does not know: the tree belongs to
+    /// another descriptor.
+    pub fn adopt(
+        fd: std::os::fd::OwnedFd,
+        source: &Path,
+        filter: Arc<Filter>,
+        journal: Arc<Journal>,
+        index_target: Option<TargetId>,
+    ) -> Result<Self, WatchError> {
+        use rustix::io::{fcntl_setfd, FdFlags};
+        let kernel = kernel_watches(&fd).map_err(|e| WatchError::Add {
+            path: "the stored inotify descriptor".into(),
+            source: e,
+        })?;
+        let refuse = |why: String| WatchError::Add {
+            path: "the stored inotify descriptor".into(),
+            source: io::Error::other(why),
+        };
+        let root = Root::open(source).map_err(|e| WatchError::Add {
+            path: source.display().to_string(),
+            source: e,
+        })?;
+        if journal.dirs_backend()?.as_deref() != Some(b"inotify".as_slice()) {
+            return Err(refuse("the journal's watch tree is not inotify's".into()));
+        }
+        // Inherited descriptors come without close-on-exec.
+        let _ = fcntl_setfd(&fd, FdFlags::CLOEXEC);
+        let mut w = Self::new(Inotify::from(fd), root, filter, journal, index_target);
+        for (rel, v) in w.journal.dirs_entries()? {
+            let wd = <[u8; 4]>::try_from(v.as_slice())
+                .map(i32::from_le_bytes)
+                .map_err(|_| refuse("the journal's watch tree has no descriptor numbers".into()))?;
+            w.record_watch(rel, wd);
+        }
+        if !w.by_path.contains_key(b"".as_slice()) {
+            return Err(refuse("the journal's watch tree lacks the source".into()));
+        }
+        // A deleted directory's watch is gone from the kernel before its
+        // IN_IGNORED is read, so the journal may know more watches; never
+        // fewer.
+        if let Some(wd) = kernel.iter().find(|wd| !w.by_wd.contains_key(wd)) {
+            return Err(refuse(format!(
+                "it holds watch {wd}, which the journal's watch tree lacks"
+            )));
+        }
+        w.collect_recent = true;
+        w.adopted = true;
+        Ok(w)
+    }
+
     /// Sets up watches on every (non-excluded) directory of the source.
     pub fn start(
         source: &Path,
@@ -99,23 +214,7 @@ impl InotifyWatcher {
             path: source.display().to_string(),
             source: e,
         })?;
-        let mut w = InotifyWatcher {
-            ino,
-            root,
-            filter,
-            journal,
-            by_wd: HashMap::new(),
-            by_path: BTreeMap::new(),
-            buf: vec![0u8; 256 * 1024],
-            moved_from: HashMap::new(),
-            rewatched: false,
-            recent: HashMap::new(),
-            collect_recent: false,
-            index_target,
-            restored: 0,
-            feed_rx: None,
-            feed_tx: None,
-        };
+        let mut w = Self::new(ino, root, filter, journal, index_target);
         let persisted = w.journal.dirs_backend()?.as_deref() == Some(b"inotify".as_slice());
         let list = if persisted {
             w.journal.dirs_list()?
@@ -149,14 +248,14 @@ impl InotifyWatcher {
         let watches = self.ino.watches();
         let source = self.root.path().to_path_buf();
         let filter = self.filter.clone();
-        let added: Vec<(Vec<u8>, Option<io::Result<WatchDescriptor>>)> = list
+        let added: Vec<(Vec<u8>, Option<io::Result<Wd>>)> = list
             .into_par_iter()
             .map_with(watches, |w, rel| {
                 if !rel.is_empty() && filter.excluded(&rel, true) {
                     return (rel, None);
                 }
                 let r = w.add(paths::under(&source, &rel), mask());
-                (rel, Some(r))
+                (rel, Some(r.map(|wd| wd.get_watch_descriptor_id())))
             })
             .collect();
         for (rel, r) in added {
@@ -185,7 +284,9 @@ impl InotifyWatcher {
             }
         }
         self.restored = self.by_wd.len();
-        self.journal.dirs_update(&[], &gone)?;
+        // The descriptors are new: the journal's are those of the last run.
+        let put = self.entries(self.by_path.keys());
+        self.journal.dirs_update(&put, &gone)?;
         Ok(())
     }
 
@@ -251,7 +352,7 @@ impl InotifyWatcher {
                         continue;
                     }
                     match w.add(paths::under(source, &c.rel), mask()) {
-                        Ok(wd) => mine.push((c.rel.clone(), wd)),
+                        Ok(wd) => mine.push((c.rel.clone(), wd.get_watch_descriptor_id())),
                         Err(e) if crate::fsops::is_missing(&e) => c.descend = false,
                         // Unreadable: its parent's watch reports the chmod
                         // that makes it readable, and it is watched then.
@@ -280,10 +381,12 @@ impl InotifyWatcher {
         self.recent
             .extend(seen.into_inner().unwrap_or_else(|p| p.into_inner()));
         let mut dirs = Vec::with_capacity(added.len() + 1);
-        dirs.push(rel.to_vec());
+        if let Some(&wd) = self.by_path.get(rel) {
+            dirs.push((rel.to_vec(), wd.to_le_bytes().to_vec()));
+        }
         for (p, wd) in added {
             self.record_watch(p.clone(), wd);
-            dirs.push(p);
+            dirs.push((p, wd.to_le_bytes().to_vec()));
         }
         self.journal.dirs_put(&dirs)?;
         if let Some((p, e)) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
@@ -310,8 +413,20 @@ impl InotifyWatcher {
         }
     }
 
-    fn record_watch(&mut self, rel: Vec<u8>, wd: WatchDescriptor) {
-        if let Some(old) = self.by_wd.insert(wd.clone(), rel.clone()) {
+    /// The journal's watch-tree entries (path -> descriptor number) of
+    /// `paths`, as watched now.
+    fn entries<'a>(&self, paths: impl Iterator<Item = &'a Vec<u8>>) -> Vec<(Vec<u8>, Vec<u8>)> {
+        paths
+            .filter_map(|p| {
+                self.by_path
+                    .get(p)
+                    .map(|wd| (p.clone(), wd.to_le_bytes().to_vec()))
+            })
+            .collect()
+    }
+
+    fn record_watch(&mut self, rel: Vec<u8>, wd: Wd) {
+        if let Some(old) = self.by_wd.insert(wd, rel.clone()) {
             if old != rel {
                 self.by_path.remove(&old);
             }
@@ -322,7 +437,7 @@ impl InotifyWatcher {
     fn add_watch(&mut self, rel: &[u8]) -> io::Result<()> {
         let path = paths::under(self.root.path(), rel);
         let wd = self.ino.watches().add(path, mask())?;
-        self.record_watch(rel.to_vec(), wd);
+        self.record_watch(rel.to_vec(), wd.get_watch_descriptor_id());
         Ok(())
     }
 
@@ -340,7 +455,7 @@ impl InotifyWatcher {
             if let Some(wd) = self.by_path.remove(&p) {
                 self.by_wd.remove(&wd);
                 // The kernel may already have dropped it (deleted directory).
-                let _ = self.ino.watches().remove(wd);
+                let _ = rustix::fs::inotify::remove_watch(&self.ino, wd);
             }
         }
         self.journal.dirs_remove_tree(dir)?;
@@ -353,16 +468,19 @@ impl InotifyWatcher {
         for p in keys {
             if let Some(wd) = self.by_path.remove(&p) {
                 let np = paths::rebase(&p, from, to);
-                self.by_wd.insert(wd.clone(), np.clone());
+                self.by_wd.insert(wd, np.clone());
                 moved.push((np, wd));
             }
         }
-        let new_paths: Vec<Vec<u8>> = moved.iter().map(|(p, _)| p.clone()).collect();
+        let new: Vec<(Vec<u8>, Vec<u8>)> = moved
+            .iter()
+            .map(|(p, wd)| (p.clone(), wd.to_le_bytes().to_vec()))
+            .collect();
         for (p, wd) in moved {
             self.by_path.insert(p, wd);
         }
         self.journal.dirs_remove_tree(from)?;
-        self.journal.dirs_put(&new_paths)?;
+        self.journal.dirs_put(&new)?;
         Ok(())
     }
 
@@ -440,7 +558,7 @@ impl InotifyWatcher {
         match self.ino.read_events(&mut self.buf) {
             Ok(evs) => Ok(evs
                 .map(|e| Raw {
-                    wd: e.wd,
+                    wd: e.wd.get_watch_descriptor_id(),
                     mask: e.mask,
                     cookie: e.cookie,
                     name: e
@@ -478,6 +596,9 @@ impl InotifyWatcher {
             self.by_wd.remove(&r.wd);
             if self.by_path.get(&dir) == Some(&r.wd) {
                 self.by_path.remove(&dir);
+                // Kept in step with the kernel: a handed-over descriptor is
+                // checked against the journal's watch tree.
+                self.journal.dirs_update(&[], &[dir])?;
             }
             return Ok(());
         }
@@ -549,12 +670,22 @@ impl Watcher for InotifyWatcher {
         "inotify"
     }
 
+    fn store_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        Some(self.ino.as_fd())
+    }
+
     fn watched(&self) -> usize {
         self.by_wd.len()
     }
 
     fn describe(&self) -> String {
-        if self.restored > 0 {
+        if self.adopted {
+            format!(
+                "inotify: {} watches handed over by the service manager",
+                self.by_wd.len()
+            )
+        } else if self.restored > 0 {
             format!(
                 "inotify: {} watches restored from the journal",
                 self.restored
@@ -621,7 +752,7 @@ impl Watcher for InotifyWatcher {
                         // Moved out: drop exactly the watches it had (a new
                         // entry of the same name may be watched already).
                         for (k, wd) in wds {
-                            let _ = self.ino.watches().remove(wd.clone());
+                            let _ = rustix::fs::inotify::remove_watch(&self.ino, wd);
                             self.by_wd.remove(&wd);
                             if self.by_path.get(&k) == Some(&wd) {
                                 self.by_path.remove(&k);
@@ -629,7 +760,8 @@ impl Watcher for InotifyWatcher {
                         }
                         if is_dir {
                             self.journal.dirs_remove_tree(&path)?;
-                            let still: Vec<Vec<u8>> = self.subtree_keys(&path);
+                            let still = self.subtree_keys(&path);
+                            let still = self.entries(still.iter());
                             self.journal.dirs_put(&still)?;
                         }
                         super::dirty_parent(&self.filter, out, &path);

@@ -72,7 +72,7 @@ pub trait Watcher: Send {
         Ok(())
     }
     /// The kernel descriptor to hand to the service manager's fd store, so
-    /// that its queue survives a restart of the daemon (fanotify only).
+    /// that its queue survives a restart of the daemon.
     fn store_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
