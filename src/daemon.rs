@@ -20,7 +20,7 @@ use crate::filter::Filter;
 use crate::fsops::Root;
 use crate::journal::{flags, Change, Journal, JournalError, TargetId};
 use crate::ship::{ShipStats, Shipper};
-use crate::sync::{Compare, ScanStats};
+use crate::sync::{Compare, Deletions, ScanStats};
 use crate::target::local::{DeletePolicy, LocalTarget};
 use crate::target::remote::RemoteTarget;
 use crate::target::Target;
@@ -480,6 +480,12 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
 
     // Shippers and startup scans.
     for (i, t) in targets.iter().enumerate() {
+        // Before this run ships anything (see `Journal::pending_parents`).
+        let temp_dirs = if seamless {
+            None
+        } else {
+            journal.pending_parents(t.id, 200_000)?
+        };
         let shipper = Shipper {
             t: t.id,
             name: t.name.clone(),
@@ -559,11 +565,18 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         let _ = wake.try_send(());
                         return;
                     }
-                    let resume = match journal.scan_complete(id) {
+                    let was_complete = match journal.scan_complete(id) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            sh.fail(e.into());
+                            return;
+                        }
+                    };
+                    let resume = if !was_complete && gapless {
                         // Only a scan that was cut short has a checkpoint.
-                        Ok(false) if gapless => journal.recon_done_list(id),
-                        Ok(_) => journal.recon_done_clear(id).map(|()| Default::default()),
-                        Err(e) => Err(e),
+                        journal.recon_done_list(id)
+                    } else {
+                        journal.recon_done_clear(id).map(|()| Default::default())
                     };
                     let resume = match resume.and_then(|r| journal.set_scan_complete(id, false).map(|()| r)) {
                         Ok(r) => r,
@@ -599,7 +612,42 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                     };
                     let t0 = Instant::now();
                     metrics::gauge!("drmirror_scan_running").increment(1.0);
-                    let r = scan_pool.install(|| cmp.reconcile(b"", flags::STARTUP, Some(&resume)));
+                    if was_complete {
+                        // The index matched the target when the last scan
+                        // finished: directories that changed since stand
+                        // out, and go first (see `changed_dirs_first`).
+                        let pre_stats = ScanStats::default();
+                        let pre = Compare { stats: &pre_stats, progress: None, dirs_seen: None, ..cmp };
+                        match scan_pool.install(|| pre.changed_dirs_first(flags::STARTUP)) {
+                            Ok(n) => {
+                                tracing::info!(
+                                    "changed directories compared first target={name} dirs={n} differing={} ms={}",
+                                    pre_stats.enqueued.load(Ordering::Relaxed),
+                                    t0.elapsed().as_millis()
+                                );
+                                let _ = wake.try_send(());
+                            }
+                            Err(e) => {
+                                sh.fail(e.into());
+                                return;
+                            }
+                        }
+                    }
+                    // After a complete walk the index accounts for all the
+                    // target holds, bar the temporary files of copies cut
+                    // short: deletions are found in it, with no target
+                    // listing, once those are gone.
+                    let deletions = match &temp_dirs {
+                        Some(dirs) if was_complete => {
+                            if let Err(e) = scan_pool.install(|| cmp.remove_stale_temps(dirs, flags::STARTUP)) {
+                                sh.fail(e.into());
+                                return;
+                            }
+                            Deletions::Index
+                        }
+                        _ => Deletions::TargetListing,
+                    };
+                    let r = scan_pool.install(|| cmp.reconcile(b"", flags::STARTUP, Some(&resume), deletions));
                     pb.finish_and_clear();
                     metrics::gauge!("drmirror_scan_running").decrement(1.0);
                     let scanned = stats.scanned.load(Ordering::Relaxed);
@@ -621,13 +669,17 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         Ok(()) => {
                             let secs = t0.elapsed().as_secs_f64();
                             tracing::info!(
-                                "startup scan done target={} scanned={} differing={} in_sync={} errors={} resumed_subtrees={} secs={:.2} rate={:.0}/s",
+                                "startup scan done target={} scanned={} differing={} in_sync={} errors={} resumed_subtrees={} deletions={} secs={:.2} rate={:.0}/s",
                                 name,
                                 scanned,
                                 stats.enqueued.load(Ordering::Relaxed),
                                 stats.in_sync.load(Ordering::Relaxed),
                                 stats.errors.load(Ordering::Relaxed),
                                 stats.resumed.load(Ordering::Relaxed),
+                                match deletions {
+                                    Deletions::Index => "index",
+                                    _ => "target-listing",
+                                },
                                 secs,
                                 scanned as f64 / secs.max(1e-6)
                             );

@@ -32,7 +32,7 @@ use rocksdb::{
     ReadOptions, WriteBatch, DB,
 };
 
-use crate::meta::Meta;
+use crate::meta::{Kind, Meta};
 use crate::paths;
 
 /// Version of the on-disk layout. A journal written by another version is
@@ -44,6 +44,12 @@ const CF_PENDING: &str = "pending";
 const CF_RENAMES: &str = "renames";
 const CF_INDEX: &str = "index";
 const CF_META: &str = "meta";
+/// The source directories each target's index knows, keyed like `index`
+/// (no value): lets a restart find the directories that changed while
+/// nothing captured them without listing the tree (see
+/// [`crate::sync::Compare::changed_dirs_first`]). Only an accelerator: a
+/// directory it lacks is found by the full walk that follows.
+const CF_DIRLIST: &str = "dirlist";
 /// Sorts after every key (paths are at most PATH_MAX bytes, handles far
 /// shorter): the end of a delete_range over a whole column family.
 const KEY_MAX: [u8; 8192] = [0xff; 8192];
@@ -55,7 +61,9 @@ const META_SCAN_COMPLETE: &[u8] = b"scan_complete/";
 const META_RECON_DONE: &[u8] = b"recon_done/";
 /// The source a stored capture descriptor was set up for.
 pub const META_CAPTURE_SOURCE: &[u8] = b"capture_source";
-const CFS: [&str; 5] = [CF_DIRS, CF_PENDING, CF_RENAMES, CF_INDEX, CF_META];
+const CFS: [&str; 6] = [
+    CF_DIRS, CF_PENDING, CF_RENAMES, CF_INDEX, CF_META, CF_DIRLIST,
+];
 
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_SEQ: &[u8] = b"seq";
@@ -695,6 +703,37 @@ impl Journal {
         Ok(out)
     }
 
+    /// The parent directories of target `t`'s pending entries, or `None`
+    /// if there are more than `max_entries` entries.
+    ///
+    /// Taken at start, before anything is shipped, these are the only
+    /// directories where the last run can have left temporary files of
+    /// copies it did not finish: an entry leaves the backlog only once its
+    /// copy is in place.
+    pub fn pending_parents(
+        &self,
+        t: TargetId,
+        max_entries: usize,
+    ) -> Result<Option<std::collections::HashSet<Vec<u8>>>> {
+        let mut out = std::collections::HashSet::new();
+        let mut after: Option<Vec<u8>> = None;
+        let mut seen = 0usize;
+        loop {
+            let batch = self.pending_batch(t, after.as_deref(), 10_000)?;
+            seen += batch.len();
+            if seen > max_entries {
+                return Ok(None);
+            }
+            for (p, _) in &batch {
+                out.insert(paths::parent(p).unwrap_or_default().to_vec());
+            }
+            match batch.last() {
+                Some((p, _)) if batch.len() == 10_000 => after = Some(p.clone()),
+                _ => return Ok(Some(out)),
+            }
+        }
+    }
+
     /// The pending entry of `path` for target `t`, if any.
     pub fn pending_get(&self, t: TargetId, path: &[u8]) -> Result<Option<Pending>> {
         match self.db.get_pinned_cf(self.cf(CF_PENDING)?, key(t, path))? {
@@ -853,6 +892,85 @@ impl Journal {
             .collect()
     }
 
+    /// What the index says target `t` holds directly in directory `dir`:
+    /// names and metadata, in name order. One seek, then a step per entry,
+    /// and a seek over each subdirectory's own subtree: far cheaper than a
+    /// lookup per name.
+    pub fn index_children(&self, t: TargetId, dir: &[u8]) -> Result<Vec<(Vec<u8>, Meta)>> {
+        let mut prefix = key(t, dir);
+        if !dir.is_empty() {
+            prefix.push(b'/');
+        }
+        let end = prefix_end(&prefix).unwrap_or_else(|| vec![0xff; 3]);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end);
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_INDEX)?, ro);
+        it.seek(&prefix);
+        let mut out = Vec::new();
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            let rest = &k[prefix.len()..];
+            match rest.iter().position(|&c| c == b'/') {
+                // The root's own entry (`dir` empty) is not a child.
+                _ if rest.is_empty() => it.next(),
+                // Below a subdirectory: skip the rest of its subtree.
+                Some(slash) => {
+                    let mut past = k[..prefix.len() + slash].to_vec();
+                    past.push(b'/' + 1);
+                    it.seek(&past);
+                }
+                None => {
+                    let m = Meta::decode(v).ok_or_else(|| {
+                        JournalError::Corrupt(format!("index value of {} bytes", v.len()))
+                    })?;
+                    out.push((rest.to_vec(), m));
+                    it.next();
+                }
+            }
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// Records source directories in the directory list.
+    pub fn dirlist_put(&self, t: TargetId, dirs: &[&[u8]]) -> Result<()> {
+        self.dirlist_write(t, dirs, true)
+    }
+
+    /// Forgets directories of the directory list (gone from the source).
+    pub fn dirlist_remove(&self, t: TargetId, dirs: &[&[u8]]) -> Result<()> {
+        self.dirlist_write(t, dirs, false)
+    }
+
+    fn dirlist_write(&self, t: TargetId, dirs: &[&[u8]], put: bool) -> Result<()> {
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        let cf = self.cf(CF_DIRLIST)?;
+        let mut b = WriteBatch::default();
+        for d in dirs {
+            if put {
+                b.put_cf(cf, key(t, d), b"");
+            } else {
+                b.delete_cf(cf, key(t, d));
+            }
+        }
+        Ok(self.db.write(b)?)
+    }
+
+    /// The directories in target `t`'s directory list, in key order.
+    pub fn dirlist(&self, t: TargetId) -> Result<Vec<Vec<u8>>> {
+        let start = key(t, b"");
+        let end = prefix_end(&start).unwrap_or_else(|| vec![0xff; 3]);
+        Ok(self
+            .range(CF_DIRLIST, &start, &end)?
+            .into_iter()
+            .map(|(k, _)| k[2..].to_vec())
+            .collect())
+    }
+
     /// Records index entries (a scan found the target already holding them).
     pub fn index_put_many(&self, t: TargetId, entries: &[(Vec<u8>, Meta)]) -> Result<()> {
         if entries.is_empty() {
@@ -875,6 +993,8 @@ impl Journal {
         let pending = self.cf(CF_PENDING)?;
         let index = self.cf(CF_INDEX)?;
         let renames = self.cf(CF_RENAMES)?;
+        let dirlist = self.cf(CF_DIRLIST)?;
+        let is_dir = |v: &[u8]| Meta::decode(v).is_some_and(|m| m.kind == Kind::Dir);
         let mut b = WriteBatch::default();
         for (from, to) in &c.index_moves {
             let mut moved = Vec::new();
@@ -886,21 +1006,35 @@ impl Journal {
                 moved.push((k[2..].to_vec(), v));
             }
             // Whatever the target held at `to` was replaced by the rename.
-            b.delete_cf(index, key(t, to));
             let (ts, te) = subtree_range(t, to);
-            b.delete_range_cf(index, ts, te);
+            for cf in [index, dirlist] {
+                b.delete_cf(cf, key(t, to));
+                b.delete_range_cf(cf, &ts, &te);
+            }
             for (p, v) in moved {
+                let new = key(t, &paths::rebase(&p, from, to));
                 b.delete_cf(index, key(t, &p));
-                b.put_cf(index, key(t, &paths::rebase(&p, from, to)), v);
+                if is_dir(&v) {
+                    b.delete_cf(dirlist, key(t, &p));
+                    b.put_cf(dirlist, &new, b"");
+                }
+                b.put_cf(index, new, v);
             }
         }
         for p in &c.index_remove_tree {
-            b.delete_cf(index, key(t, p));
             let (s, e) = subtree_range(t, p);
-            b.delete_range_cf(index, s, e);
+            for cf in [index, dirlist] {
+                b.delete_cf(cf, key(t, p));
+                b.delete_range_cf(cf, &s, &e);
+            }
         }
         for (p, m) in &c.index_put {
             b.put_cf(index, key(t, p), m.encode());
+            if m.kind == Kind::Dir {
+                b.put_cf(dirlist, key(t, p), b"");
+            } else {
+                b.delete_cf(dirlist, key(t, p));
+            }
         }
         for (p, seq) in &c.done {
             let k = key(t, p);
@@ -1253,6 +1387,105 @@ mod tests {
         assert!(j.index_get(t, b"z").unwrap().is_none());
         assert!(j.index_get(t, b"z/b").unwrap().is_none());
         assert!(j.index_get(t, b"ab").unwrap().is_some());
+    }
+
+    #[test]
+    fn index_children_are_one_level_only() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t = j.target_id("t").unwrap();
+        let u = j.target_id("u").unwrap();
+        let m = Meta {
+            kind: Kind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 1,
+            mtime_ns: 1,
+            ctime_ns: 1,
+            ino: 1,
+            dev: 1,
+        };
+        let keys = [
+            "", "a", "a-1", "a/x", "a/x/y", "a/z", "a0", "b", "b/c", "\u{e9}",
+        ];
+        let e: Vec<(Vec<u8>, Meta)> = keys.iter().map(|k| (k.as_bytes().to_vec(), m)).collect();
+        j.index_put_many(t, &e).unwrap();
+        j.index_put_many(u, &[(b"q".to_vec(), m)]).unwrap();
+        let names = |dir: &[u8]| -> Vec<String> {
+            j.index_children(t, dir)
+                .unwrap()
+                .into_iter()
+                .map(|(n, _)| String::from_utf8(n).unwrap())
+                .collect()
+        };
+        assert_eq!(names(b""), ["a", "a-1", "a0", "b", "\u{e9}"]);
+        assert_eq!(names(b"a"), ["x", "z"]);
+        assert_eq!(names(b"a/x"), ["y"]);
+        assert!(names(b"a-1").is_empty());
+        assert!(names(b"nope").is_empty());
+    }
+
+    #[test]
+    fn the_directory_list_follows_the_index() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t = j.target_id("t").unwrap();
+        let other = j.target_id("other").unwrap();
+        let dir = Meta {
+            kind: Kind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime_ns: 1,
+            ctime_ns: 1,
+            ino: 1,
+            dev: 1,
+        };
+        let file = Meta {
+            kind: Kind::File,
+            ..dir
+        };
+        let v = |x: &[&str]| -> Vec<Vec<u8>> { x.iter().map(|s| s.as_bytes().to_vec()).collect() };
+        j.dirlist_put(t, &[b"a", b"a/b", b"c"]).unwrap();
+        j.dirlist_put(other, &[b"x"]).unwrap();
+        let put = |p: &str, m: Meta| (p.as_bytes().to_vec(), m);
+        j.complete(
+            t,
+            &Completion {
+                index_put: vec![
+                    put("a/b", dir),
+                    put("a/b/d", dir),
+                    put("c", file),
+                    put("f", file),
+                ],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // A directory the index records joins; one replaced by a file leaves.
+        assert_eq!(j.dirlist(t).unwrap(), v(&["a", "a/b", "a/b/d"]));
+        j.complete(
+            t,
+            &Completion {
+                index_moves: vec![(b"a/b".to_vec(), b"z".to_vec())],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(j.dirlist(t).unwrap(), v(&["a", "z", "z/d"]));
+        j.complete(
+            t,
+            &Completion {
+                index_remove_tree: vec![b"z".to_vec()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        j.dirlist_remove(t, &[b"a"]).unwrap();
+        assert!(j.dirlist(t).unwrap().is_empty());
+        assert_eq!(j.dirlist(other).unwrap(), v(&["x"]));
     }
 
     #[test]

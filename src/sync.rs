@@ -41,6 +41,20 @@ pub struct ScanStats {
 /// many directories.
 const TEST_ABORT_RECONCILE_AFTER: &str = "DRMIRROR_TEST_ABORT_RECONCILE_AFTER";
 
+/// How a compare walk finds entries the source no longer holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deletions {
+    /// It does not (a subtree known to be new on the target).
+    Skip,
+    /// Each target directory's listing against the source's.
+    TargetListing,
+    /// The index's entries of each directory against the source's: no
+    /// target access at all. Sound once a complete walk has made the index
+    /// account for everything the target holds, bar the temporary files of
+    /// copies a crash cut short (see [`Compare::remove_stale_temps`]).
+    Index,
+}
+
 /// Everything a compare walk needs.
 pub struct Compare<'a> {
     pub source: &'a Root,
@@ -79,11 +93,12 @@ impl Compare<'_> {
     /// index entry has not changed since it was copied (the index holds the
     /// source's metadata as it was when the copy was verified): nothing to
     /// do, not even a target `lstat`. Anything else is compared with the
-    /// target as in [`Compare::source_walk`]. Deletions are found by
-    /// listing each target directory (names only, no stat) against the
-    /// source listing. A directory's own index entry cannot vouch for its
-    /// entries: it is stamped from the source when the directory is
-    /// touched, which may be after a change in it whose event a crash lost.
+    /// target as in [`Compare::source_walk`]. Deletions are found as
+    /// `deletions` says: by the index's entries of each directory, or by
+    /// listing each target directory (names only, no stat). A directory's
+    /// own index entry cannot vouch for its entries: it is stamped from the
+    /// source when the directory is touched, which may be after a change in
+    /// it whose event a crash lost.
     ///
     /// With `resume`, the walk checkpoints in the journal each directory
     /// whose subtree it has finished, and skips the subtrees the set holds:
@@ -95,14 +110,126 @@ impl Compare<'_> {
         start: &[u8],
         flag: u8,
         resume: Option<&HashSet<Vec<u8>>>,
+        deletions: Deletions,
     ) -> Result<(), JournalError> {
-        self.walk_source(start, flag, true, resume)
+        self.walk_source(start, flag, deletions, resume)
+    }
+
+    /// The first pass of a reconciliation after a restart without handover:
+    /// finds the directories whose entries changed while nothing captured
+    /// them, and compares just those, so their changes go out at once
+    /// instead of when the full walk reaches them.
+    ///
+    /// An entry created, deleted or renamed changes its directory's mtime
+    /// and ctime, so a directory that differs from its index entry (the
+    /// source's metadata when it was last mirrored) is one to compare. The
+    /// directories come from the journal's directory list, so this costs
+    /// one `lstat` per directory and no listing: well under the full walk's
+    /// time, and growing with the number of directories only. Files changed
+    /// in place leave their directory alone, and directories the list lacks
+    /// (created since the last walk by a run that then lost their events)
+    /// are found by the full walk that follows. Returns the number of
+    /// directories compared. Errors are left to the full walk.
+    pub fn changed_dirs_first(&self, flag: u8) -> Result<u64, JournalError> {
+        use rayon::prelude::*;
+        let err = Mutex::new(None);
+        let compared = AtomicU64::new(0);
+        let compare = |dir: &[u8]| {
+            if let Ok(mut children) = scan::read_children(self.source, dir) {
+                self.compare_dir(dir, &mut children, flag, Deletions::TargetListing, &err);
+                compared.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        let mut dirs = self.journal.dirlist(self.t)?;
+        dirs.push(Vec::new());
+        dirs.par_chunks(256).for_each(|chunk| {
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let rels: Vec<&[u8]> = chunk
+                .iter()
+                .map(|d| d.as_slice())
+                .filter(|d| d.is_empty() || !self.filter.excluded(d, true))
+                .collect();
+            let indexed = match self.journal.index_get_many(self.t, &rels) {
+                Ok(v) => v,
+                Err(e) => return Self::keep_first(&err, e),
+            };
+            let mut gone = Vec::new();
+            let mut changed = Vec::new();
+            for (rel, ix) in rels.iter().zip(indexed) {
+                match self.source.lstat(rel) {
+                    Ok(Some(m)) if m.kind == Kind::Dir => {
+                        if ix != Some(m) {
+                            compare(rel);
+                            changed.push((rel.to_vec(), flag));
+                        }
+                    }
+                    Ok(_) => gone.push(*rel),
+                    Err(_) => {}
+                }
+            }
+            // The directories themselves (their times) go out with them.
+            self.stats
+                .enqueued
+                .fetch_add(changed.len() as u64, Ordering::Relaxed);
+            if let Err(e) = self
+                .journal
+                .enqueue(self.t, &changed)
+                .and_then(|()| self.journal.dirlist_remove(self.t, &gone))
+            {
+                Self::keep_first(&err, e);
+            }
+        });
+        match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(compared.into_inner()),
+        }
+    }
+
+    /// Removes the temporary files that copies a crash cut short may have
+    /// left in the target directories `dirs` (see
+    /// [`Journal::pending_parents`] for why those are the only ones), and
+    /// enqueues (with `flag`) each directory that had one: the removal moved
+    /// its mtime. The receiver of a remote target drops its own.
+    pub fn remove_stale_temps(
+        &self,
+        dirs: &HashSet<Vec<u8>>,
+        flag: u8,
+    ) -> Result<(), JournalError> {
+        use rayon::prelude::*;
+        if !matches!(self.target, Target::Local(_)) {
+            return Ok(());
+        }
+        let cleaned: Vec<(Vec<u8>, u8)> = dirs
+            .par_iter()
+            .filter(|dir| {
+                let Ok(Some(view)) = self.target.view(dir) else {
+                    return false;
+                };
+                let stale: Vec<Vec<u8>> = view
+                    .names()
+                    .into_iter()
+                    .filter(|n| fsops::is_stale_temp_name(n))
+                    .collect();
+                stale.iter().for_each(|n| view.remove_stale(n));
+                !stale.is_empty()
+            })
+            .map(|dir| (dir.clone(), flag))
+            .collect();
+        if !cleaned.is_empty() {
+            tracing::info!(
+                "removed the temporary files of copies the last run did not finish, in {} directories",
+                cleaned.len()
+            );
+        }
+        self.journal.enqueue(self.t, &cleaned)
     }
 
     /// Compares `start` (itself included) and its subtree with the target,
     /// enqueuing differences with `flag`.
     pub fn source_walk(&self, start: &[u8], flag: u8) -> Result<(), JournalError> {
-        self.walk_source(start, flag, false, None)
+        self.walk_source(start, flag, Deletions::Skip, None)
     }
 
     /// Records that the subtree `dir` is reconciled, unless the walk was
@@ -133,13 +260,153 @@ impl Compare<'_> {
         Ok(())
     }
 
-    /// The source walk; with `names`, each directory's target listing is
-    /// checked for entries the source no longer holds.
+    /// Compares the (stat'ed) `children` of source directory `dir` with the
+    /// index, and where they differ with the target; enqueues what differs
+    /// and records in the index what is in place; finds the entries the
+    /// source lacks as `deletions` says.
+    fn compare_dir(
+        &self,
+        dir: &[u8],
+        children: &mut [scan::Child],
+        flag: u8,
+        deletions: Deletions,
+        err: &Mutex<Option<JournalError>>,
+    ) {
+        let names = deletions == Deletions::TargetListing;
+        let mut extra_ix = Vec::new();
+        let indexed = if deletions == Deletions::Index {
+            match self.journal.index_children(self.t, dir) {
+                Ok(ix) => {
+                    let mut ix: std::collections::HashMap<Vec<u8>, Meta> = ix.into_iter().collect();
+                    let v = children
+                        .iter()
+                        .map(|c| ix.remove(paths::split(&c.rel).1))
+                        .collect();
+                    extra_ix = ix.into_iter().collect();
+                    v
+                }
+                Err(e) => {
+                    Self::keep_first(err, e);
+                    vec![None; children.len()]
+                }
+            }
+        } else {
+            let rels: Vec<&[u8]> = children.iter().map(|c| c.rel.as_slice()).collect();
+            match self.journal.index_get_many(self.t, &rels) {
+                Ok(v) => v,
+                Err(e) => {
+                    Self::keep_first(err, e);
+                    vec![None; children.len()]
+                }
+            }
+        };
+        let mut tdir = None;
+        let mut view_failed = None;
+        let mut view = |tdir: &mut Option<Option<DirView>>| {
+            if tdir.is_none() {
+                *tdir = Some(self.target.view(dir).unwrap_or_else(|e| {
+                    view_failed = Some(e);
+                    None
+                }));
+            }
+        };
+        let mut same_ix = 0u64;
+        let mut todo = Vec::new();
+        let mut same: Vec<(Vec<u8>, Meta)> = Vec::new();
+        for (c, ix) in children.iter_mut().zip(indexed) {
+            if self.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
+                c.descend = false;
+                continue;
+            }
+            if c.meta.kind == Kind::Other {
+                continue;
+            }
+            if ix == Some(c.meta) {
+                same_ix += 1;
+                continue;
+            }
+            view(&mut tdir);
+            let tdir = tdir.as_ref().and_then(|t| t.as_ref());
+            let name = paths::split(&c.rel).1;
+            let t = tdir.and_then(|d| d.lstat(name));
+            let equal = match t {
+                Some(t) if c.meta.mirrors(&t, self.owner) => {
+                    c.meta.kind != Kind::Symlink || symlink_same(self.source, &c.rel, tdir, name)
+                }
+                _ => false,
+            };
+            if equal {
+                same.push((c.rel.clone(), c.meta));
+            } else {
+                todo.push((c.rel.clone(), flag));
+            }
+        }
+        let subdirs: Vec<&[u8]> = children
+            .iter()
+            .filter(|c| c.descend && c.meta.kind == Kind::Dir)
+            .map(|c| c.rel.as_slice())
+            .collect();
+        if let Err(e) = self.journal.dirlist_put(self.t, &subdirs) {
+            Self::keep_first(err, e);
+        }
+        if let Some(tx) = self.dirs_seen {
+            if !subdirs.is_empty() {
+                let _ = tx.send(subdirs.iter().map(|d| d.to_vec()).collect());
+            }
+        }
+        self.stats
+            .scanned
+            .fetch_add(children.len() as u64, Ordering::Relaxed);
+        metrics::counter!("drmirror_scan_files_total").increment(children.len() as u64);
+        self.stats
+            .in_sync
+            .fetch_add(same.len() as u64 + same_ix, Ordering::Relaxed);
+        if names {
+            view(&mut tdir);
+        }
+        if let Some(e) = view_failed {
+            // The target could not list `dir` (a remote target that
+            // went away): nothing here was compared. The whole
+            // subtree is compared again, as one recursive entry,
+            // once the target answers.
+            self.walk_error("target", dir, &e);
+            children.iter_mut().for_each(|c| c.descend = false);
+            return;
+        }
+        if names {
+            let view = tdir.as_ref().and_then(|t| t.as_ref());
+            if let Err(e) = self.extra_target_names(dir, children, flag, view) {
+                Self::keep_first(err, e);
+            }
+        }
+        // In the index, not in the source: gone while nothing captured it.
+        // (Excluded names are neither mirrored nor deleted.)
+        for (name, m) in extra_ix {
+            let rel = paths::join(dir, &name);
+            if !self.filter.excluded(&rel, m.kind == Kind::Dir) {
+                todo.push((rel, flag));
+            }
+        }
+        self.stats
+            .enqueued
+            .fetch_add(todo.len() as u64, Ordering::Relaxed);
+        if let Some(p) = self.progress {
+            p.inc(children.len() as u64);
+        }
+        if let Err(e) = self.journal.enqueue(self.t, &todo) {
+            Self::keep_first(err, e);
+        }
+        if let Err(e) = self.journal.index_put_many(self.t, &same) {
+            Self::keep_first(err, e);
+        }
+    }
+
+    /// The source walk.
     fn walk_source(
         &self,
         start: &[u8],
         flag: u8,
-        names: bool,
+        deletions: Deletions,
         resume: Option<&HashSet<Vec<u8>>>,
     ) -> Result<(), JournalError> {
         let abort_after = std::env::var(TEST_ABORT_RECONCILE_AFTER)
@@ -170,103 +437,7 @@ impl Compare<'_> {
                         }
                     }
                 }
-                let rels: Vec<&[u8]> = children.iter().map(|c| c.rel.as_slice()).collect();
-                let indexed = match self.journal.index_get_many(self.t, &rels) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        Self::keep_first(&err, e);
-                        vec![None; children.len()]
-                    }
-                };
-                let mut tdir = None;
-                let mut view_failed = None;
-                let mut view = |tdir: &mut Option<Option<DirView>>| {
-                    if tdir.is_none() {
-                        *tdir = Some(self.target.view(dir).unwrap_or_else(|e| {
-                            view_failed = Some(e);
-                            None
-                        }));
-                    }
-                };
-                let mut same_ix = 0u64;
-                let mut todo = Vec::new();
-                let mut same: Vec<(Vec<u8>, Meta)> = Vec::new();
-                for (c, ix) in children.iter_mut().zip(indexed) {
-                    if self.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
-                        c.descend = false;
-                        continue;
-                    }
-                    if c.meta.kind == Kind::Other {
-                        continue;
-                    }
-                    if ix == Some(c.meta) {
-                        same_ix += 1;
-                        continue;
-                    }
-                    view(&mut tdir);
-                    let tdir = tdir.as_ref().and_then(|t| t.as_ref());
-                    let name = paths::split(&c.rel).1;
-                    let t = tdir.and_then(|d| d.lstat(name));
-                    let equal = match t {
-                        Some(t) if c.meta.mirrors(&t, self.owner) => {
-                            c.meta.kind != Kind::Symlink
-                                || symlink_same(self.source, &c.rel, tdir, name)
-                        }
-                        _ => false,
-                    };
-                    if equal {
-                        same.push((c.rel.clone(), c.meta));
-                    } else {
-                        todo.push((c.rel.clone(), flag));
-                    }
-                }
-                if let Some(tx) = self.dirs_seen {
-                    let dirs: Vec<Vec<u8>> = children
-                        .iter()
-                        .filter(|c| c.descend && c.meta.kind == Kind::Dir)
-                        .map(|c| c.rel.clone())
-                        .collect();
-                    if !dirs.is_empty() {
-                        let _ = tx.send(dirs);
-                    }
-                }
-                self.stats
-                    .scanned
-                    .fetch_add(children.len() as u64, Ordering::Relaxed);
-                metrics::counter!("drmirror_scan_files_total").increment(children.len() as u64);
-                self.stats
-                    .in_sync
-                    .fetch_add(same.len() as u64 + same_ix, Ordering::Relaxed);
-                if names {
-                    view(&mut tdir);
-                }
-                if let Some(e) = view_failed {
-                    // The target could not list `dir` (a remote target that
-                    // went away): nothing here was compared. The whole
-                    // subtree is compared again, as one recursive entry,
-                    // once the target answers.
-                    self.walk_error("target", dir, &e);
-                    children.iter_mut().for_each(|c| c.descend = false);
-                    return;
-                }
-                if names {
-                    let view = tdir.as_ref().and_then(|t| t.as_ref());
-                    if let Err(e) = self.extra_target_names(dir, children, flag, view) {
-                        Self::keep_first(&err, e);
-                    }
-                }
-                self.stats
-                    .enqueued
-                    .fetch_add(todo.len() as u64, Ordering::Relaxed);
-                if let Some(p) = self.progress {
-                    p.inc(children.len() as u64);
-                }
-                if let Err(e) = self.journal.enqueue(self.t, &todo) {
-                    Self::keep_first(&err, e);
-                }
-                if let Err(e) = self.journal.index_put_many(self.t, &same) {
-                    Self::keep_first(&err, e);
-                }
+                self.compare_dir(dir, children, flag, deletions, &err);
             },
             |p, e| self.walk_error("source", p, e),
             |dir| {
@@ -354,6 +525,13 @@ impl Compare<'_> {
             if fsops::is_temp_name(&name) {
                 if fsops::is_stale_temp_name(&name) {
                     td.remove_stale(&name);
+                    // The removal moved the directory's mtime.
+                    if !todo
+                        .iter()
+                        .any(|(p, _): &(Vec<u8>, u8)| p.as_slice() == dir)
+                    {
+                        todo.push((dir.to_vec(), flag));
+                    }
                 }
                 continue;
             }
@@ -387,6 +565,13 @@ impl Compare<'_> {
                 if fsops::is_stale_temp_name(name) {
                     if let Some(td) = tdir.as_ref() {
                         td.remove_stale(name);
+                        // The removal moved the directory's mtime.
+                        if !todo
+                            .iter()
+                            .any(|(p, _): &(Vec<u8>, u8)| p.as_slice() == dir)
+                        {
+                            todo.push((dir.to_vec(), flag));
+                        }
                     }
                 }
                 c.descend = false;
@@ -424,5 +609,77 @@ impl Compare<'_> {
                 .unwrap_or_else(|p| p.into_inner())
                 .push(p.to_vec());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::local::LocalTarget;
+
+    /// Reconciles `src` against an index that records every source entry as
+    /// in place plus `ghost`, which the source no longer has; returns what
+    /// the walk enqueued.
+    fn reconcile_with(deletions: Deletions) -> Vec<Vec<u8>> {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+        std::fs::create_dir_all(src.join("d/e")).unwrap();
+        std::fs::write(src.join("d/x"), b"x").unwrap();
+        std::fs::write(src.join("d/e/y"), b"y").unwrap();
+        std::fs::create_dir_all(&dst).unwrap();
+        let journal = Journal::open(&t.path().join("journal")).unwrap();
+        let id = journal.target_id("t").unwrap();
+        let source = Root::open(&src).unwrap();
+        let mut indexed = Vec::new();
+        for rel in [&b""[..], b"d", b"d/e", b"d/x", b"d/e/y"] {
+            indexed.push((rel.to_vec(), source.lstat(rel).unwrap().unwrap()));
+        }
+        let ghost = Meta {
+            kind: Kind::File,
+            ..indexed[3].1
+        };
+        indexed.push((b"d/e/ghost".to_vec(), ghost));
+        journal.index_put_many(id, &indexed).unwrap();
+        let target = Target::Local(LocalTarget::open(&dst, false).unwrap());
+        let filter = Filter::new(&src, &[]).unwrap();
+        let (stats, stop) = (ScanStats::default(), AtomicBool::new(false));
+        let cmp = Compare {
+            source: &source,
+            target: &target,
+            journal: &journal,
+            t: id,
+            filter: &filter,
+            owner: false,
+            stats: &stats,
+            stop: &stop,
+            progress: None,
+            dirs_seen: None,
+        };
+        cmp.reconcile(b"", flags::STARTUP, None, deletions).unwrap();
+        let mut got: Vec<Vec<u8>> = journal
+            .pending_batch(id, None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        got.sort();
+        got
+    }
+
+    #[test]
+    fn index_deletions_find_what_the_source_lost_without_the_target() {
+        // The target directory is empty, but the index vouches for it: only
+        // the entry the source lost is enqueued.
+        assert_eq!(
+            reconcile_with(Deletions::Index),
+            vec![b"d/e/ghost".to_vec()]
+        );
+    }
+
+    #[test]
+    fn target_listing_deletions_see_the_target_itself() {
+        // Listing the (empty) target finds nothing extra, and the ghost is
+        // not there to delete.
+        assert!(reconcile_with(Deletions::TargetListing).is_empty());
     }
 }

@@ -243,3 +243,89 @@ fn crash_with_pending_backlog() {
     assert_eq!(count_files(&env.d("moved_d0002"), &is_gen_name), 300);
     d2.terminate();
 }
+
+/// The number after `key=` in `line`.
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+}
+
+#[test]
+fn after_a_crash_the_directories_changed_meanwhile_are_compared_first() {
+    let env = Env::new();
+    let files = gen_tree(&env.s("t"), 2000, 100);
+    mkdirp(&env.s("empty"));
+    let d = env.start(&[]);
+    env.converge(&[], &d);
+    // Let the startup scan finish (it records the directory list) and the
+    // copies be confirmed (they record the index), then crash and change
+    // things while nothing captures them.
+    d.wait_log("initial sync complete", secs(60));
+    d.kill9();
+    write(&env.s("t/d0005/while-down"), b"new");
+    std::fs::remove_file(&files[703]).expect("rm t/d0007/f0000703");
+    write(&env.s("empty/appeared"), b"x");
+    let d = env.start(&[]);
+    let line = d.wait_log("changed directories compared first", secs(60));
+    // Three directories changed, nothing else did: in each, one entry came
+    // or went, and the directory's own times differ.
+    assert_eq!(field(&line, "dirs"), 3, "{line}");
+    assert_eq!(field(&line, "differing"), 6, "{line}");
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+}
+
+/// `chattr` on `path`; false (with the reason printed) where the
+/// filesystem or the tool does not allow it.
+fn chattr(flag: &str, path: &std::path::Path) -> bool {
+    match std::process::Command::new("chattr")
+        .arg(flag)
+        .arg(path)
+        .output()
+    {
+        Ok(o) if o.status.success() => true,
+        Ok(o) => {
+            eprintln!(
+                "SKIP: chattr {flag}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            false
+        }
+        Err(e) => {
+            eprintln!("SKIP: chattr: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn a_restart_after_a_complete_scan_finds_deletions_in_the_index_and_drops_stale_temps() {
+    let env = Env::new();
+    write(&env.s("a/f"), b"f");
+    write(&env.s("b/g"), b"g");
+    let d = env.start(&[]);
+    env.converge(&[], &d);
+    d.wait_log("initial sync complete", secs(60));
+    // A copy into target directory `a` fails (immutable), so it is still
+    // pending when the daemon dies; a temp file of a copy cut short is
+    // left there (as a kill -9 between link and rename would).
+    if !chattr("+i", &env.d("a")) {
+        d.terminate();
+        return;
+    }
+    write(&env.s("a/new"), b"new");
+    d.wait_log("will retry", secs(30));
+    d.kill9();
+    assert!(chattr("-i", &env.d("a")));
+    write(&env.d("a/.drmirror-999999-0.tmp"), b"left by a crash");
+    std::fs::remove_file(env.s("b/g")).expect("rm");
+
+    let d = env.start(&[]);
+    let line = d.wait_log("startup scan done", secs(60));
+    assert!(line.contains("deletions=index"), "{line}");
+    // verify lists the target: a temp file left behind would be "extra".
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+}
