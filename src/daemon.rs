@@ -662,6 +662,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         } else {
                             journal
                                 .set_scan_complete(id, true)
+                                .and_then(|()| journal.set_dirlist_complete(id))
                                 .and_then(|()| journal.recon_done_clear(id))
                         }
                     });

@@ -153,6 +153,30 @@ impl Root {
         }
     }
 
+    /// [`Root::lstat`] in one system call: the parents of `rel` are
+    /// resolved like any path, so one swapped for a symlink is followed.
+    /// Only for a guess at what to compare (see
+    /// [`crate::sync::Compare::changed_dirs_first`]): whatever is then read
+    /// or written is resolved beneath the root.
+    pub fn lstat_quick(&self, rel: &[u8]) -> io::Result<Option<Meta>> {
+        if rel.is_empty() {
+            return self.lstat(rel);
+        }
+        let path = std::ffi::CString::new(rel)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with a NUL byte"))?;
+        match rustix::fs::statat(&self.fd, path.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(Meta::from_stat(&st))),
+            Err(e) => {
+                let e = io::Error::from(e);
+                if is_missing(&e) {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// The text of symlink `rel`.
     pub fn read_link(&self, rel: &[u8]) -> io::Result<Vec<u8>> {
         let (parent, name) = paths::split(rel);

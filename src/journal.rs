@@ -56,9 +56,13 @@ const KEY_MAX: [u8; 8192] = [0xff; 8192];
 const META_DIRS_BACKEND: &[u8] = b"dirs_backend";
 const META_CAPTURE_READING: &[u8] = b"capture_reading";
 const META_SCAN_COMPLETE: &[u8] = b"scan_complete/";
+const META_DIRLIST_COMPLETE: &[u8] = b"dirlist_complete/";
 /// Reconciliation checkpoint: `recon_done/<target be16><dir>`, one key per
 /// directory whose whole subtree the running reconciliation has compared.
 const META_RECON_DONE: &[u8] = b"recon_done/";
+/// The name of the marker file (in the journal's directory) that the
+/// current inotify group watches: identifies the group at a handover.
+pub const META_INOTIFY_GROUP: &[u8] = b"inotify_group";
 /// The source a stored capture descriptor was set up for.
 pub const META_CAPTURE_SOURCE: &[u8] = b"capture_source";
 const CFS: [&str; 6] = [
@@ -404,6 +408,11 @@ impl Journal {
             .ok_or_else(|| JournalError::Corrupt(format!("column family {name} missing")))
     }
 
+    /// The journal's directory.
+    pub fn dir(&self) -> &Path {
+        self.db.path()
+    }
+
     pub fn meta_get(&self, k: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get_cf(self.cf(CF_META)?, k)?)
     }
@@ -440,6 +449,20 @@ impl Journal {
 
     pub fn scan_complete(&self, t: TargetId) -> Result<bool> {
         self.flag(&[META_SCAN_COMPLETE, &t.to_be_bytes()[..]].concat())
+    }
+
+    /// Whether target `t`'s directory list holds every directory its index
+    /// does: set once a startup scan has listed them all; from then on the
+    /// index writes keep it so.
+    pub fn dirlist_complete(&self, t: TargetId) -> Result<bool> {
+        self.flag(&[META_DIRLIST_COMPLETE, &t.to_be_bytes()[..]].concat())
+    }
+
+    pub fn set_dirlist_complete(&self, t: TargetId) -> Result<()> {
+        self.set_flag(
+            &[META_DIRLIST_COMPLETE, &t.to_be_bytes()[..]].concat(),
+            true,
+        )
     }
 
     fn recon_prefix(t: TargetId) -> Vec<u8> {
@@ -934,40 +957,42 @@ impl Journal {
         Ok(out)
     }
 
-    /// Records source directories in the directory list.
-    pub fn dirlist_put(&self, t: TargetId, dirs: &[&[u8]]) -> Result<()> {
-        self.dirlist_write(t, dirs, true)
+    /// Records directories in the directory list, each with its index
+    /// entry.
+    pub fn dirlist_put(&self, t: TargetId, dirs: &[(&[u8], Meta)]) -> Result<()> {
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        let cf = self.cf(CF_DIRLIST)?;
+        let mut b = WriteBatch::default();
+        for (d, m) in dirs {
+            b.put_cf(cf, key(t, d), m.encode());
+        }
+        Ok(self.db.write(b)?)
     }
 
     /// Forgets directories of the directory list (gone from the source).
     pub fn dirlist_remove(&self, t: TargetId, dirs: &[&[u8]]) -> Result<()> {
-        self.dirlist_write(t, dirs, false)
-    }
-
-    fn dirlist_write(&self, t: TargetId, dirs: &[&[u8]], put: bool) -> Result<()> {
         if dirs.is_empty() {
             return Ok(());
         }
         let cf = self.cf(CF_DIRLIST)?;
         let mut b = WriteBatch::default();
         for d in dirs {
-            if put {
-                b.put_cf(cf, key(t, d), b"");
-            } else {
-                b.delete_cf(cf, key(t, d));
-            }
+            b.delete_cf(cf, key(t, d));
         }
         Ok(self.db.write(b)?)
     }
 
-    /// The directories in target `t`'s directory list, in key order.
-    pub fn dirlist(&self, t: TargetId) -> Result<Vec<Vec<u8>>> {
+    /// The directories in target `t`'s directory list, in key order, each
+    /// with its index entry as last written (`None` if unreadable).
+    pub fn dirlist(&self, t: TargetId) -> Result<Vec<(Vec<u8>, Option<Meta>)>> {
         let start = key(t, b"");
         let end = prefix_end(&start).unwrap_or_else(|| vec![0xff; 3]);
         Ok(self
             .range(CF_DIRLIST, &start, &end)?
             .into_iter()
-            .map(|(k, _)| k[2..].to_vec())
+            .map(|(k, v)| (k[2..].to_vec(), Meta::decode(&v)))
             .collect())
     }
 
@@ -977,9 +1002,15 @@ impl Journal {
             return Ok(());
         }
         let index = self.cf(CF_INDEX)?;
+        let dirlist = self.cf(CF_DIRLIST)?;
         let mut b = WriteBatch::default();
         for (p, m) in entries {
             b.put_cf(index, key(t, p), m.encode());
+            if m.kind == Kind::Dir {
+                b.put_cf(dirlist, key(t, p), m.encode());
+            } else {
+                b.delete_cf(dirlist, key(t, p));
+            }
         }
         Ok(self.db.write(b)?)
     }
@@ -1016,7 +1047,7 @@ impl Journal {
                 b.delete_cf(index, key(t, &p));
                 if is_dir(&v) {
                     b.delete_cf(dirlist, key(t, &p));
-                    b.put_cf(dirlist, &new, b"");
+                    b.put_cf(dirlist, &new, &v);
                 }
                 b.put_cf(index, new, v);
             }
@@ -1031,7 +1062,7 @@ impl Journal {
         for (p, m) in &c.index_put {
             b.put_cf(index, key(t, p), m.encode());
             if m.kind == Kind::Dir {
-                b.put_cf(dirlist, key(t, p), b"");
+                b.put_cf(dirlist, key(t, p), m.encode());
             } else {
                 b.delete_cf(dirlist, key(t, p));
             }
@@ -1447,9 +1478,14 @@ mod tests {
             kind: Kind::File,
             ..dir
         };
-        let v = |x: &[&str]| -> Vec<Vec<u8>> { x.iter().map(|s| s.as_bytes().to_vec()).collect() };
-        j.dirlist_put(t, &[b"a", b"a/b", b"c"]).unwrap();
-        j.dirlist_put(other, &[b"x"]).unwrap();
+        let v = |x: &[&str]| -> Vec<(Vec<u8>, Option<Meta>)> {
+            x.iter()
+                .map(|s| (s.as_bytes().to_vec(), Some(dir)))
+                .collect()
+        };
+        j.dirlist_put(t, &[(b"a", dir), (b"a/b", dir), (b"c", dir)])
+            .unwrap();
+        j.dirlist_put(other, &[(b"x", dir)]).unwrap();
         let put = |p: &str, m: Meta| (p.as_bytes().to_vec(), m);
         j.complete(
             t,

@@ -10,7 +10,7 @@
 
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use rustix::fs::AtFlags;
@@ -38,19 +38,20 @@ where
     D: Fn(&[u8], &mut [Child]) + Sync,
     E: Fn(&[u8], &io::Error) + Sync,
 {
-    walk_tracked(root, start, on_dir, on_error, |_| {});
+    walk_tracked(root, start, on_dir, on_error, |_, _| {});
 }
 
 /// [`walk`], and `on_done` gets each directory once `on_dir` has returned
-/// for it and for every directory the walk descended into below it: the
-/// point at which a reconciliation can checkpoint the whole subtree. A
+/// for it and for every directory the walk descended into below it (the
+/// point at which a reconciliation can checkpoint the whole subtree), with
+/// the number of entries listed in that subtree. A
 /// directory that could not be listed is reported to `on_error` and counts
 /// as done; the caller decides what that means for its ancestors.
 pub fn walk_tracked<D, E, F>(root: &Root, start: &[u8], on_dir: D, on_error: E, on_done: F)
 where
     D: Fn(&[u8], &mut [Child]) + Sync,
     E: Fn(&[u8], &io::Error) + Sync,
-    F: Fn(&[u8]) + Sync,
+    F: Fn(&[u8], u64) + Sync,
 {
     let cb = Callbacks {
         on_dir: &on_dir,
@@ -60,6 +61,7 @@ where
     let node = Arc::new(Node {
         rel: start.to_vec(),
         pending: AtomicUsize::new(1),
+        entries: AtomicU64::new(0),
         parent: None,
     });
     rayon::scope(|s| walk_dir(s, root, node, &cb));
@@ -77,16 +79,23 @@ struct Callbacks<'a, D, E, F> {
 struct Node {
     rel: Vec<u8>,
     pending: AtomicUsize,
+    /// Entries listed in the subtree so far.
+    entries: AtomicU64,
     parent: Option<Arc<Node>>,
 }
 
-fn finish<F: Fn(&[u8])>(node: Arc<Node>, on_done: &F) {
+fn finish<F: Fn(&[u8], u64)>(node: Arc<Node>, on_done: &F) {
     let mut cur = Some(node);
     while let Some(n) = cur {
         if n.pending.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        on_done(&n.rel);
+        let entries = n.entries.load(Ordering::Acquire);
+        on_done(&n.rel, entries);
+        if let Some(p) = &n.parent {
+            // Before the parent's count drops: whoever finishes it sees it.
+            p.entries.fetch_add(entries, Ordering::Release);
+        }
         cur = n.parent.clone();
     }
 }
@@ -99,7 +108,7 @@ fn walk_dir<'s, D, E, F>(
 ) where
     D: Fn(&[u8], &mut [Child]) + Sync,
     E: Fn(&[u8], &io::Error) + Sync,
-    F: Fn(&[u8]) + Sync,
+    F: Fn(&[u8], u64) + Sync,
 {
     let dir = &node.rel;
     let mut children = match read_children(root, dir) {
@@ -113,12 +122,15 @@ fn walk_dir<'s, D, E, F>(
         }
     };
     (cb.on_dir)(dir, &mut children);
+    node.entries
+        .fetch_add(children.len() as u64, Ordering::Relaxed);
     for c in children {
         if c.descend && c.meta.kind == Kind::Dir {
             node.pending.fetch_add(1, Ordering::Relaxed);
             let child = Arc::new(Node {
                 rel: c.rel,
                 pending: AtomicUsize::new(1),
+                entries: AtomicU64::new(0),
                 parent: Some(node.clone()),
             });
             s.spawn(move |s| walk_dir(s, root, child, cb));
@@ -179,8 +191,14 @@ mod tests {
             b"",
             |dir, _| visited.lock().unwrap().push(dir.to_vec()),
             |p, e| panic!("{:?}: {e}", p),
-            |dir| {
+            |dir, entries| {
                 assert!(visited.lock().unwrap().iter().any(|v| v == dir));
+                // Each directory here holds one entry per listed child.
+                let below = all
+                    .iter()
+                    .filter(|x| crate::paths::is_within(x, dir) && *x != dir)
+                    .count() as u64;
+                assert_eq!(entries, below, "{:?}", dir);
                 // Every directory below `dir` is done already.
                 let mut d = done.lock().unwrap();
                 for x in all

@@ -37,6 +37,9 @@ pub struct ScanStats {
     pub resumed: AtomicU64,
 }
 
+/// The smallest subtree (in entries) a reconciliation checkpoints.
+const CHECKPOINT_MIN_ENTRIES: u64 = 256;
+
 /// Test hook: abort the process once a reconciliation has checkpointed this
 /// many directories.
 const TEST_ABORT_RECONCILE_AFTER: &str = "DRMIRROR_TEST_ABORT_RECONCILE_AFTER";
@@ -136,36 +139,53 @@ impl Compare<'_> {
         let compared = AtomicU64::new(0);
         let compare = |dir: &[u8]| {
             if let Ok(mut children) = scan::read_children(self.source, dir) {
-                self.compare_dir(dir, &mut children, flag, Deletions::TargetListing, &err);
+                self.compare_dir(
+                    dir,
+                    &mut children,
+                    flag,
+                    Deletions::TargetListing,
+                    false,
+                    &err,
+                );
                 compared.fetch_add(1, Ordering::Relaxed);
             }
         };
         let mut dirs = self.journal.dirlist(self.t)?;
-        dirs.push(Vec::new());
+        dirs.push((Vec::new(), None));
         dirs.par_chunks(256).for_each(|chunk| {
             if self.stop.load(Ordering::Relaxed) {
                 return;
             }
-            let rels: Vec<&[u8]> = chunk
+            let chunk: Vec<&(Vec<u8>, Option<Meta>)> = chunk
                 .iter()
-                .map(|d| d.as_slice())
-                .filter(|d| d.is_empty() || !self.filter.excluded(d, true))
+                .filter(|(d, _)| d.is_empty() || !self.filter.excluded(d, true))
                 .collect();
-            let indexed = match self.journal.index_get_many(self.t, &rels) {
-                Ok(v) => v,
+            // The root, and any entry written by an older version, come
+            // from the index itself.
+            let unknown: Vec<&[u8]> = chunk
+                .iter()
+                .filter(|(_, m)| m.is_none())
+                .map(|(d, _)| d.as_slice())
+                .collect();
+            let mut looked_up = match self.journal.index_get_many(self.t, &unknown) {
+                Ok(v) => v.into_iter(),
                 Err(e) => return Self::keep_first(&err, e),
             };
             let mut gone = Vec::new();
             let mut changed = Vec::new();
-            for (rel, ix) in rels.iter().zip(indexed) {
-                match self.source.lstat(rel) {
+            for (rel, listed) in chunk {
+                let ix = match listed {
+                    Some(m) => Some(*m),
+                    None => looked_up.next().flatten(),
+                };
+                match self.source.lstat_quick(rel) {
                     Ok(Some(m)) if m.kind == Kind::Dir => {
                         if ix != Some(m) {
                             compare(rel);
                             changed.push((rel.to_vec(), flag));
                         }
                     }
-                    Ok(_) => gone.push(*rel),
+                    Ok(_) => gone.push(rel.as_slice()),
                     Err(_) => {}
                 }
             }
@@ -270,6 +290,7 @@ impl Compare<'_> {
         children: &mut [scan::Child],
         flag: u8,
         deletions: Deletions,
+        list_dirs: bool,
         err: &Mutex<Option<JournalError>>,
     ) {
         let names = deletions == Deletions::TargetListing;
@@ -311,6 +332,7 @@ impl Compare<'_> {
             }
         };
         let mut same_ix = 0u64;
+        let mut same_dirs: Vec<(Vec<u8>, Meta)> = Vec::new();
         let mut todo = Vec::new();
         let mut same: Vec<(Vec<u8>, Meta)> = Vec::new();
         for (c, ix) in children.iter_mut().zip(indexed) {
@@ -323,6 +345,9 @@ impl Compare<'_> {
             }
             if ix == Some(c.meta) {
                 same_ix += 1;
+                if list_dirs && c.meta.kind == Kind::Dir {
+                    same_dirs.push((c.rel.clone(), c.meta));
+                }
                 continue;
             }
             view(&mut tdir);
@@ -346,8 +371,13 @@ impl Compare<'_> {
             .filter(|c| c.descend && c.meta.kind == Kind::Dir)
             .map(|c| c.rel.as_slice())
             .collect();
-        if let Err(e) = self.journal.dirlist_put(self.t, &subdirs) {
-            Self::keep_first(err, e);
+        if list_dirs {
+            // Those the index vouches for; the others join when indexed.
+            let listed: Vec<(&[u8], Meta)> =
+                same_dirs.iter().map(|(p, m)| (p.as_slice(), *m)).collect();
+            if let Err(e) = self.journal.dirlist_put(self.t, &listed) {
+                Self::keep_first(err, e);
+            }
         }
         if let Some(tx) = self.dirs_seen {
             if !subdirs.is_empty() {
@@ -413,6 +443,9 @@ impl Compare<'_> {
             .ok()
             .and_then(|v| v.parse().ok());
         let checkpointed = AtomicU64::new(0);
+        // A startup scan fills the directory list until one has finished;
+        // from then on the index writes keep it (see `Journal::dirlist`).
+        let list_dirs = resume.is_some() && !self.journal.dirlist_complete(self.t)?;
         // The start directory itself.
         if let Ok(Some(m)) = self.source.lstat(start) {
             let t = self.target.lstat(start).ok().flatten();
@@ -437,11 +470,13 @@ impl Compare<'_> {
                         }
                     }
                 }
-                self.compare_dir(dir, children, flag, deletions, &err);
+                self.compare_dir(dir, children, flag, deletions, list_dirs, &err);
             },
             |p, e| self.walk_error("source", p, e),
-            |dir| {
-                if resume.is_some() {
+            |dir, entries| {
+                // Small subtrees are not worth a journal write: a resumed
+                // scan walks them again.
+                if resume.is_some() && (entries >= CHECKPOINT_MIN_ENTRIES || dir == start) {
                     if let Err(e) = self.checkpoint(dir, abort_after, &checkpointed) {
                         Self::keep_first(&err, e);
                     }

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -83,26 +84,10 @@ pub struct InotifyWatcher {
     feed_tx: Option<crossbeam_channel::Sender<Vec<Vec<u8>>>>,
 }
 
-/// The watch descriptor numbers an inotify group holds, from
-/// `/proc/self/fdinfo` (`inotify wd:<hex> ino:...` lines); an error if `fd`
-/// is not an inotify group.
-fn kernel_watches(fd: &impl std::os::fd::AsRawFd) -> io::Result<Vec<Wd>> {
+/// Whether `fd` is an inotify group.
+fn is_inotify(fd: &impl std::os::fd::AsRawFd) -> io::Result<bool> {
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
-    if link.as_os_str() != "anon_inode:inotify" {
-        return Err(io::Error::other(format!(
-            "not an inotify group ({})",
-            link.display()
-        )));
-    }
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
-    info.lines()
-        .filter_map(|l| l.strip_prefix("inotify wd:"))
-        .map(|rest| {
-            let hex = rest.split_whitespace().next().unwrap_or("");
-            Wd::from_str_radix(hex, 16)
-                .map_err(|_| io::Error::other(format!("unreadable fdinfo line: inotify wd:{rest}")))
-        })
-        .collect()
+    Ok(link.as_os_str() == "anon_inode:inotify")
 }
 
 fn read_limit() -> u64 {
@@ -148,9 +133,12 @@ impl InotifyWatcher {
     /// run did not die holding events it had not recorded.)
     ///
     /// Refused, so the caller starts afresh, when the journal's watch tree
-    /// was not written by this backend with descriptor numbers, or when the
-    /// kernel holds a watch the journal does not know: the tree belongs to
-    /// another descriptor.
+    /// was not written by this backend with descriptor numbers, or belongs
+    /// to another group: each group set up afresh watches a marker file of
+    /// its own (see [`InotifyWatcher::mark_group`]), and only the group the
+    /// journal names has a watch on it already. (Watch numbers alone cannot
+    /// tell: two groups that watched the same tree use the same numbers,
+    /// for other directories.)
     pub fn adopt(
         fd: std::os::fd::OwnedFd,
         source: &Path,
@@ -158,15 +146,36 @@ impl InotifyWatcher {
         journal: Arc<Journal>,
         index_target: Option<TargetId>,
     ) -> Result<Self, WatchError> {
+        use rustix::fs::inotify::{add_watch, remove_watch, WatchFlags};
         use rustix::io::{fcntl_setfd, FdFlags};
-        let kernel = kernel_watches(&fd).map_err(|e| WatchError::Add {
-            path: "the stored inotify descriptor".into(),
-            source: e,
-        })?;
         let refuse = |why: String| WatchError::Add {
             path: "the stored inotify descriptor".into(),
             source: io::Error::other(why),
         };
+        if !is_inotify(&fd).map_err(|e| refuse(e.to_string()))? {
+            return Err(refuse("it is not an inotify group".into()));
+        }
+        let marker = journal
+            .meta_get(crate::journal::META_INOTIFY_GROUP)?
+            .map(|name| journal.dir().join(std::ffi::OsStr::from_bytes(&name)))
+            .ok_or_else(|| refuse("the journal names no inotify group".into()))?;
+        // IN_MASK_CREATE: EEXIST if this group watches the marker already.
+        match add_watch(
+            &fd,
+            &marker,
+            WatchFlags::DELETE_SELF | WatchFlags::MASK_CREATE,
+        ) {
+            Err(rustix::io::Errno::EXIST) => {}
+            Ok(wd) => {
+                let _ = remove_watch(&fd, wd);
+                return Err(refuse(
+                    "it is not the group the journal's watch tree belongs to".into(),
+                ));
+            }
+            Err(e) => {
+                return Err(refuse(format!("marker {}: {e}", marker.display())));
+            }
+        }
         let root = Root::open(source).map_err(|e| WatchError::Add {
             path: source.display().to_string(),
             source: e,
@@ -185,14 +194,6 @@ impl InotifyWatcher {
         }
         if !w.by_path.contains_key(b"".as_slice()) {
             return Err(refuse("the journal's watch tree lacks the source".into()));
-        }
-        // A deleted directory's watch is gone from the kernel before its
-        // IN_IGNORED is read, so the journal may know more watches; never
-        // fewer.
-        if let Some(wd) = kernel.iter().find(|wd| !w.by_wd.contains_key(wd)) {
-            return Err(refuse(format!(
-                "it holds watch {wd}, which the journal's watch tree lacks"
-            )));
         }
         w.collect_recent = true;
         w.adopted = true;
@@ -230,8 +231,35 @@ impl InotifyWatcher {
             w.journal.dirs_reset(b"inotify")?;
             w.add_tree(b"")?;
         }
+        w.mark_group()?;
         w.collect_recent = true;
         Ok(w)
+    }
+
+    /// Gives this (new) group a marker of its own: a file in the journal's
+    /// directory that only it watches, named in the journal next to the
+    /// watch tree, so that a handover can tell this group from any other
+    /// (see [`InotifyWatcher::adopt`]). The last group's marker goes.
+    fn mark_group(&mut self) -> Result<(), WatchError> {
+        use rustix::fs::inotify::{add_watch, WatchFlags};
+        let j = &self.journal;
+        let err = |path: &Path, e: io::Error| WatchError::Add {
+            path: path.display().to_string(),
+            source: e,
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!("inotify-group-{}-{nanos}", std::process::id());
+        let path = j.dir().join(&name);
+        std::fs::File::create(&path).map_err(|e| err(&path, e))?;
+        add_watch(&self.ino, &path, WatchFlags::DELETE_SELF).map_err(|e| err(&path, e.into()))?;
+        let old = j.meta_get(crate::journal::META_INOTIFY_GROUP)?;
+        j.meta_put(crate::journal::META_INOTIFY_GROUP, name.as_bytes())?;
+        if let Some(old) = old.filter(|o| o.as_slice() != name.as_bytes()) {
+            let _ = std::fs::remove_file(j.dir().join(std::ffi::OsStr::from_bytes(&old)));
+        }
+        Ok(())
     }
 
     /// Re-adds the watches of the persisted watch tree, without walking.

@@ -324,9 +324,10 @@ fn a_crash_during_reconciliation_resumes_it_from_its_checkpoint() {
     let Some((env, mut m, _mount)) = setup(Backend::Inotify) else {
         return;
     };
-    for i in 0..30 {
-        for j in 0..20 {
-            write(&env.s(format!("t{i:02}/f{j:02}")), b"x");
+    // Subtrees big enough to be checkpointed (256 entries and more).
+    for i in 0..12 {
+        for j in 0..300 {
+            write(&env.s(format!("t{i:02}/f{j:03}")), b"x");
         }
     }
     let d = start_stored(&env, &mut m, &[], &[]);
@@ -334,9 +335,9 @@ fn a_crash_during_reconciliation_resumes_it_from_its_checkpoint() {
     d.kill9();
 
     // A start without the stored group scans from scratch; it dies after
-    // checkpointing ten directories.
+    // checkpointing three directories.
     m.stored.clear();
-    let d = m.spawn(&env, &[], &[("DRMIRROR_TEST_ABORT_RECONCILE_AFTER", "10")]);
+    let d = m.spawn(&env, &[], &[("DRMIRROR_TEST_ABORT_RECONCILE_AFTER", "3")]);
     let st = d.wait_exit(secs(60));
     assert!(
         !st.success(),
@@ -363,6 +364,31 @@ fn a_crash_during_reconciliation_resumes_it_from_its_checkpoint() {
     );
     env.converge(&["--checksum"], &d);
     write(&env.s("t07-renamed/live"), b"live");
+    env.converge(&[], &d);
+    d.terminate();
+}
+
+#[test]
+fn an_inotify_group_the_journal_does_not_belong_to_is_refused() {
+    let Some((env, mut m, _mount)) = setup(Backend::Inotify) else {
+        return;
+    };
+    let d = start_stored(&env, &mut m, &[], &[]);
+    d.kill9();
+    // A run without the stored group sets up another one, over the same
+    // tree: the same watch numbers, maybe for other directories. Its
+    // journal is the one the old group would be handed with.
+    let old = std::mem::take(&mut m.stored);
+    let d = start_stored(&env, &mut m, &[], &[]);
+    d.kill9();
+    m.stored = old;
+    write(&env.s("a/while-down"), b"x");
+    let d = m.spawn(&env, &[], &[]);
+    let log = d.wait_log("dropping the stored inotify capture descriptor", secs(30));
+    assert!(log.contains("not the group"), "{log}");
+    d.wait_log("startup scan done", secs(60));
+    env.converge(&[], &d);
+    write(&env.s("b/live"), b"live");
     env.converge(&[], &d);
     d.terminate();
 }
