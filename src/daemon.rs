@@ -612,10 +612,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                     };
                     let t0 = Instant::now();
                     metrics::gauge!("drmirror_scan_running").increment(1.0);
-                    if was_complete {
-                        // The index matched the target when the last scan
-                        // finished: directories that changed since stand
-                        // out, and go first (see `changed_dirs_first`).
+                    {
+                        // Directories that changed since they were last
+                        // mirrored stand out, and go first (see
+                        // `changed_dirs_first`).
                         let pre_stats = ScanStats::default();
                         let pre = Compare { stats: &pre_stats, progress: None, dirs_seen: None, ..cmp };
                         match scan_pool.install(|| pre.changed_dirs_first(flags::STARTUP)) {
@@ -633,12 +633,24 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                             }
                         }
                     }
-                    // After a complete walk the index accounts for all the
-                    // target holds, bar the temporary files of copies cut
-                    // short: deletions are found in it, with no target
-                    // listing, once those are gone.
+                    // Once a complete scan has listed the target, the index
+                    // accounts for all it holds, bar the temporary files of
+                    // copies cut short: deletions are found in it, with no
+                    // target listing, once those are gone. With `delete` at
+                    // startup, that scan must also have deleted the extras
+                    // it found (not so under a policy that kept them).
+                    let index_whole = journal.index_whole(id).and_then(|w| {
+                        Ok(w && (!policy.at_startup || journal.scan_deleted_extras(id)?))
+                    });
+                    let index_whole = match index_whole {
+                        Ok(w) => w,
+                        Err(e) => {
+                            sh.fail(e.into());
+                            return;
+                        }
+                    };
                     let deletions = match &temp_dirs {
-                        Some(dirs) if was_complete => {
+                        Some(dirs) if index_whole => {
                             if let Err(e) = scan_pool.install(|| cmp.remove_stale_temps(dirs, flags::STARTUP)) {
                                 sh.fail(e.into());
                                 return;
@@ -662,7 +674,13 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         } else {
                             journal
                                 .set_scan_complete(id, true)
-                                .and_then(|()| journal.set_dirlist_complete(id))
+                                .and_then(|()| journal.set_index_whole(id))
+                                .and_then(|()| match deletions {
+                                    Deletions::TargetListing => {
+                                        journal.set_scan_deleted_extras(id, policy.at_startup)
+                                    }
+                                    _ => Ok(()),
+                                })
                                 .and_then(|()| journal.recon_done_clear(id))
                         }
                     });

@@ -56,7 +56,8 @@ const KEY_MAX: [u8; 8192] = [0xff; 8192];
 const META_DIRS_BACKEND: &[u8] = b"dirs_backend";
 const META_CAPTURE_READING: &[u8] = b"capture_reading";
 const META_SCAN_COMPLETE: &[u8] = b"scan_complete/";
-const META_DIRLIST_COMPLETE: &[u8] = b"dirlist_complete/";
+const META_INDEX_WHOLE: &[u8] = b"index_whole/";
+const META_SCAN_DELETES: &[u8] = b"scan_deletes/";
 /// Reconciliation checkpoint: `recon_done/<target be16><dir>`, one key per
 /// directory whose whole subtree the running reconciliation has compared.
 const META_RECON_DONE: &[u8] = b"recon_done/";
@@ -451,18 +452,30 @@ impl Journal {
         self.flag(&[META_SCAN_COMPLETE, &t.to_be_bytes()[..]].concat())
     }
 
-    /// Whether target `t`'s directory list holds every directory its index
-    /// does: set once a startup scan has listed them all; from then on the
-    /// index writes keep it so.
-    pub fn dirlist_complete(&self, t: TargetId) -> Result<bool> {
-        self.flag(&[META_DIRLIST_COMPLETE, &t.to_be_bytes()[..]].concat())
+    /// Whether target `t`'s index accounts for everything the target holds
+    /// (bar temporary files of copies a crash cut short), and its directory
+    /// list for every directory the index knows: set for good once a
+    /// startup scan has listed the whole target and source; from then on,
+    /// the writes that confirm each change keep both so. (Unlike
+    /// [`Journal::scan_complete`], a scan that is then cut short does not
+    /// undo it.)
+    pub fn index_whole(&self, t: TargetId) -> Result<bool> {
+        self.flag(&[META_INDEX_WHOLE, &t.to_be_bytes()[..]].concat())
     }
 
-    pub fn set_dirlist_complete(&self, t: TargetId) -> Result<()> {
-        self.set_flag(
-            &[META_DIRLIST_COMPLETE, &t.to_be_bytes()[..]].concat(),
-            true,
-        )
+    /// Whether the last startup scan that listed the target deleted what it
+    /// found there and the source lacks (`delete` at startup): only then
+    /// does the index account for all the target holds.
+    pub fn scan_deleted_extras(&self, t: TargetId) -> Result<bool> {
+        self.flag(&[META_SCAN_DELETES, &t.to_be_bytes()[..]].concat())
+    }
+
+    pub fn set_scan_deleted_extras(&self, t: TargetId, on: bool) -> Result<()> {
+        self.set_flag(&[META_SCAN_DELETES, &t.to_be_bytes()[..]].concat(), on)
+    }
+
+    pub fn set_index_whole(&self, t: TargetId) -> Result<()> {
+        self.set_flag(&[META_INDEX_WHOLE, &t.to_be_bytes()[..]].concat(), true)
     }
 
     fn recon_prefix(t: TargetId) -> Vec<u8> {

@@ -445,7 +445,7 @@ impl Compare<'_> {
         let checkpointed = AtomicU64::new(0);
         // A startup scan fills the directory list until one has finished;
         // from then on the index writes keep it (see `Journal::dirlist`).
-        let list_dirs = resume.is_some() && !self.journal.dirlist_complete(self.t)?;
+        let list_dirs = resume.is_some() && !self.journal.index_whole(self.t)?;
         // The start directory itself.
         if let Ok(Some(m)) = self.source.lstat(start) {
             let t = self.target.lstat(start).ok().flatten();
