@@ -1224,6 +1224,27 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Index metadata of a plain file or directory (the values are beside
+    /// the point of these tests).
+    fn meta(kind: Kind) -> Meta {
+        let (mode, size) = if kind == Kind::Dir {
+            (0o755, 0)
+        } else {
+            (0o644, 1)
+        };
+        Meta {
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            size,
+            mtime_ns: 1,
+            ctime_ns: 1,
+            ino: 1,
+            dev: 1,
+        }
+    }
     use crate::meta::Kind;
 
     fn dirty(p: &[u8], f: u8) -> Change {
@@ -1309,17 +1330,7 @@ mod tests {
         j.record(&[t], &[dirty(b"a", 0), dirty(b"b", 0)]).unwrap();
         let batch = j.pending_batch(t, None, 10).unwrap();
         j.record(&[t], &[dirty(b"b", 0)]).unwrap();
-        let m = Meta {
-            kind: Kind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            size: 1,
-            mtime_ns: 1,
-            ctime_ns: 1,
-            ino: 1,
-            dev: 1,
-        };
+        let m = meta(Kind::File);
         let c = Completion {
             done: batch.iter().map(|(p, v)| (p.clone(), v.seq)).collect(),
             index_put: vec![(b"a".to_vec(), m)],
@@ -1388,17 +1399,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let j = Journal::open(d.path()).unwrap();
         let t = j.target_id("t").unwrap();
-        let m = Meta {
-            kind: Kind::Dir,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            size: 0,
-            mtime_ns: 1,
-            ctime_ns: 1,
-            ino: 1,
-            dev: 1,
-        };
+        let m = meta(Kind::Dir);
         j.index_put_many(
             t,
             &[
@@ -1439,17 +1440,7 @@ mod tests {
         let j = Journal::open(d.path()).unwrap();
         let t = j.target_id("t").unwrap();
         let u = j.target_id("u").unwrap();
-        let m = Meta {
-            kind: Kind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            size: 1,
-            mtime_ns: 1,
-            ctime_ns: 1,
-            ino: 1,
-            dev: 1,
-        };
+        let m = meta(Kind::File);
         let keys = [
             "", "a", "a-1", "a/x", "a/x/y", "a/z", "a0", "b", "b/c", "\u{e9}",
         ];
@@ -1476,21 +1467,8 @@ mod tests {
         let j = Journal::open(d.path()).unwrap();
         let t = j.target_id("t").unwrap();
         let other = j.target_id("other").unwrap();
-        let dir = Meta {
-            kind: Kind::Dir,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            size: 0,
-            mtime_ns: 1,
-            ctime_ns: 1,
-            ino: 1,
-            dev: 1,
-        };
-        let file = Meta {
-            kind: Kind::File,
-            ..dir
-        };
+        let dir = meta(Kind::Dir);
+        let file = meta(Kind::File);
         let v = |x: &[&str]| -> Vec<(Vec<u8>, Option<Meta>)> {
             x.iter()
                 .map(|s| (s.as_bytes().to_vec(), Some(dir)))

@@ -560,6 +560,7 @@ impl Compare<'_> {
         let have: std::collections::HashSet<&[u8]> =
             children.iter().map(|c| paths::split(&c.rel).1).collect();
         let mut todo = Vec::new();
+        let mut cleaned = false;
         for name in names {
             if have.contains(name.as_slice()) {
                 continue;
@@ -567,13 +568,7 @@ impl Compare<'_> {
             if fsops::is_temp_name(&name) {
                 if fsops::is_stale_temp_name(&name) {
                     td.remove_stale(&name);
-                    // The removal moved the directory's mtime.
-                    if !todo
-                        .iter()
-                        .any(|(p, _): &(Vec<u8>, u8)| p.as_slice() == dir)
-                    {
-                        todo.push((dir.to_vec(), flag));
-                    }
+                    cleaned = true;
                 }
                 continue;
             }
@@ -583,6 +578,10 @@ impl Compare<'_> {
             if !self.filter.excluded(&rel, is_dir) {
                 todo.push((rel, flag));
             }
+        }
+        if cleaned {
+            // The removal moved the directory's mtime.
+            todo.push((dir.to_vec(), flag));
         }
         self.stats
             .enqueued
@@ -601,19 +600,14 @@ impl Compare<'_> {
         let sdir = self.source.open_dir(dir, false).ok();
         let tdir = self.target.view(dir).ok().flatten();
         let mut todo = Vec::new();
+        let mut cleaned = false;
         for c in children.iter_mut() {
             let name = paths::split(&c.rel).1;
             if fsops::is_temp_name(name) && c.meta.kind != Kind::Dir {
                 if fsops::is_stale_temp_name(name) {
                     if let Some(td) = tdir.as_ref() {
                         td.remove_stale(name);
-                        // The removal moved the directory's mtime.
-                        if !todo
-                            .iter()
-                            .any(|(p, _): &(Vec<u8>, u8)| p.as_slice() == dir)
-                        {
-                            todo.push((dir.to_vec(), flag));
-                        }
+                        cleaned = true;
                     }
                 }
                 c.descend = false;
@@ -633,6 +627,10 @@ impl Compare<'_> {
                     todo.push((c.rel.clone(), flag));
                 }
             }
+        }
+        if cleaned {
+            // The removal moved the directory's mtime.
+            todo.push((dir.to_vec(), flag));
         }
         self.stats
             .enqueued

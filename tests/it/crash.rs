@@ -244,14 +244,6 @@ fn crash_with_pending_backlog() {
     d2.terminate();
 }
 
-/// The number after `key=` in `line`.
-fn field(line: &str, key: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}= in {line}"))
-}
-
 #[test]
 fn after_a_crash_the_directories_changed_meanwhile_are_compared_first() {
     let env = Env::new();

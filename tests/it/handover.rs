@@ -308,14 +308,6 @@ fn a_stored_descriptor_of_another_backend_is_dropped() {
     d.terminate();
 }
 
-/// The number after `key=` in `line`.
-fn field(line: &str, key: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}= in {line}"))
-}
-
 #[test]
 fn a_crash_during_reconciliation_resumes_it_from_its_checkpoint() {
     // inotify: the daemon's own writes to the target do not wake capture,

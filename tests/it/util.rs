@@ -1299,3 +1299,11 @@ pub fn mount(fstype: &str, at: &Path) -> Option<MountGuard> {
     }
     Some(MountGuard(at.to_path_buf()))
 }
+
+/// The number after `key=` in `line`.
+pub fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+}
