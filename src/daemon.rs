@@ -145,6 +145,9 @@ fn count_events(events: &[Event]) {
 const TEST_ABORT_AFTER_READ: &str = "DRMIRROR_TEST_ABORT_AFTER_READ";
 
 /// Kernel events to the journal, write-ahead, until `stop`.
+/// Shortest time between two reads of the kernel queue (see capture_loop).
+const READ_GAP: Duration = Duration::from_millis(2);
+
 fn capture_loop(
     watcher: &mut dyn Watcher,
     journal: &Journal,
@@ -156,6 +159,8 @@ fn capture_loop(
 ) -> Result<(), DaemonError> {
     let abort_after_read = std::env::var_os(TEST_ABORT_AFTER_READ).is_some();
     let mut events = Vec::new();
+    let mut reading = false;
+    let mut last_read = Instant::now();
     let mut last_ping = Instant::now();
     let mut last_status = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -173,8 +178,26 @@ fn capture_loop(
         if !watcher.wait(Duration::from_millis(200))? {
             continue;
         }
+        // Reading at most every READ_GAP batches a trickle of events (most
+        // often the inode-only ATTRIB of each file drmirror links into a
+        // target on the source's filesystem, which no ignore mark covers)
+        // into one read and one pair of flag writes, for ~2 ms of latency.
+        // The kernel queue (16,384 events) would need 8 million events a
+        // second to overflow in that time.
+        let since = last_read.elapsed();
+        if since < READ_GAP {
+            std::thread::sleep(READ_GAP - since);
+        }
+        last_read = Instant::now();
         metrics::counter!("drmirror_capture_wakeups_total").increment(1);
-        journal.set_capture_reading(true)?;
+        // The flag brackets a busy spell, not each read: two journal writes
+        // per wakeup were most of this loop's cost under a stream of events.
+        // Left set between reads, it only makes a crash in that spell
+        // rescan, which is the safe side.
+        if !reading {
+            journal.set_capture_reading(true)?;
+            reading = true;
+        }
         watcher.read(&mut events)?;
         if abort_after_read && !events.is_empty() {
             std::process::abort();
@@ -187,6 +210,14 @@ fn capture_loop(
                 let _ = w.try_send(());
             }
         }
+        if !watcher.wait(Duration::ZERO)? {
+            journal.set_capture_reading(false)?;
+            reading = false;
+        }
+    }
+    // Everything read has been recorded; what is still queued stays in the
+    // kernel (and with the handed-over descriptor).
+    if reading {
         journal.set_capture_reading(false)?;
     }
     Ok(())
@@ -271,6 +302,23 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         });
     }
 
+    // Copies the last run recorded before flushing them (see
+    // crate::durability) are lost if the machine went down since.
+    let boot = crate::durability::boot_id();
+    for t in &targets {
+        if let Some(noted) = journal.unflushed(t.id)? {
+            if boot.as_deref() != Some(noted.as_slice()) {
+                tracing::warn!(
+                    target = %t.name,
+                    "the machine restarted (or a flush failed) before the last copies to this \
+                     target were on its disk: comparing the whole target with the source again"
+                );
+                journal.forget_target(t.id)?;
+            }
+        }
+    }
+
+    let run_seq0 = journal.seq_now();
     let started = Instant::now();
     let source_key = std::fs::canonicalize(&cfg.source)
         .map(|p| p.into_os_string().into_encoded_bytes())
@@ -285,9 +333,6 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     };
     let fanotify = || -> Result<Box<dyn Watcher>, WatchError> {
         let w = FanotifyWatcher::start(&cfg.source, filter.clone(), journal.clone())?;
-        if let Err(e) = w.ignore_dir(&jpath) {
-            tracing::warn!("{e}; journal writes will wake capture (and be dropped)");
-        }
         Ok(Box::new(w))
     };
     // Events the last run took off the kernel queue but never recorded are
@@ -350,6 +395,22 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         },
     };
     let dir_feed = watcher.dir_feed();
+    // With fanotify, writes to the journal and to a local target on a
+    // filesystem under the source come back as events: keep them out of
+    // the kernel queue (see crate::watch::self_ignore).
+    match watcher.self_ignore(vec![jpath.clone()]) {
+        Ok(Some(ig)) => {
+            for t in &targets {
+                if let Target::Local(l) = t.target.as_ref() {
+                    if ig.covers(l.root().fd()) {
+                        l.ignore_own_writes(ig.clone());
+                    }
+                }
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("{e}; drmirror's own writes will wake capture (and be dropped)"),
+    }
     if !handed_over {
         if let Some(fd) = watcher.store_fd() {
             if crate::handover::store(watcher.backend(), fd) {
@@ -486,7 +547,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         } else {
             journal.pending_parents(t.id, 200_000)?
         };
+        let defer_ok = matches!(t.target.as_ref(), Target::Local(l) if crate::durability::local_disk(l.root().fd()));
         let shipper = Shipper {
+            boot_id: if defer_ok { boot.clone() } else { None },
+            run_seq0,
             t: t.id,
             name: t.name.clone(),
             journal: journal.clone(),

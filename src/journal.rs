@@ -29,7 +29,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, MergeOperands, Options,
-    ReadOptions, WriteBatch, DB,
+    ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
 use crate::meta::{Kind, Meta};
@@ -58,6 +58,7 @@ const META_CAPTURE_READING: &[u8] = b"capture_reading";
 const META_SCAN_COMPLETE: &[u8] = b"scan_complete/";
 const META_INDEX_WHOLE: &[u8] = b"index_whole/";
 const META_SCAN_DELETES: &[u8] = b"scan_deletes/";
+const META_UNFLUSHED: &[u8] = b"unflushed/";
 /// Reconciliation checkpoint: `recon_done/<target be16><dir>`, one key per
 /// directory whose whole subtree the running reconciliation has compared.
 const META_RECON_DONE: &[u8] = b"recon_done/";
@@ -90,6 +91,12 @@ pub mod flags {
     /// Seen live: a missing source entry is deleted if `delete` allows it
     /// while running.
     pub const LIVE: u8 = 8;
+    /// The scan found not even the parent directory on the target: copy
+    /// without looking there first. Only the run that enqueued it can trust it (a
+    /// crash may leave it on an entry the target has since received), so a
+    /// shipper ignores it on entries older than its run
+    /// ([`super::Journal::seq_now`] at the start).
+    pub const ABSENT: u8 = 16;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -478,6 +485,59 @@ impl Journal {
         self.set_flag(&[META_INDEX_WHOLE, &t.to_be_bytes()[..]].concat(), true)
     }
 
+    /// Notes that target `t`'s index is about to record copies not yet
+    /// flushed to its disk, during boot `boot` (see [`crate::durability`]).
+    /// Synced to the journal's disk before it returns: it must be there
+    /// before any record it covers.
+    pub fn set_unflushed(&self, t: TargetId, boot: &[u8]) -> Result<()> {
+        let mut o = WriteOptions::default();
+        o.set_sync(true);
+        let k = [META_UNFLUSHED, &t.to_be_bytes()[..]].concat();
+        Ok(self.db.put_cf_opt(self.cf(CF_META)?, k, boot, &o)?)
+    }
+
+    /// The boot during which target `t`'s index last recorded unflushed
+    /// copies, unless a flush has covered them since.
+    pub fn unflushed(&self, t: TargetId) -> Result<Option<Vec<u8>>> {
+        self.meta_get(&[META_UNFLUSHED, &t.to_be_bytes()[..]].concat())
+    }
+
+    /// A flush of the target covered every copy recorded so far.
+    pub fn clear_unflushed(&self, t: TargetId) -> Result<()> {
+        let k = [META_UNFLUSHED, &t.to_be_bytes()[..]].concat();
+        Ok(self.db.delete_cf(self.cf(CF_META)?, k)?)
+    }
+
+    /// Forgets everything the journal believes target `t` holds (its index,
+    /// directory list, scan and checkpoint flags), in one write: the target
+    /// lost copies the index recorded, so the next scan compares with the
+    /// target itself. The backlog stays.
+    pub fn forget_target(&self, t: TargetId) -> Result<()> {
+        let start = t.to_be_bytes().to_vec();
+        let end = match t.checked_add(1) {
+            Some(n) => n.to_be_bytes().to_vec(),
+            None => KEY_MAX.to_vec(),
+        };
+        let meta = self.cf(CF_META)?;
+        let mut b = WriteBatch::default();
+        for cf in [self.cf(CF_INDEX)?, self.cf(CF_DIRLIST)?] {
+            b.delete_range_cf(cf, &start, &end);
+        }
+        for k in [
+            META_INDEX_WHOLE,
+            META_SCAN_DELETES,
+            META_SCAN_COMPLETE,
+            META_UNFLUSHED,
+        ] {
+            b.delete_cf(meta, [k, &t.to_be_bytes()[..]].concat());
+        }
+        let (p, pend) = Self::recon_range(t);
+        b.delete_range_cf(meta, &p, &pend);
+        let mut o = WriteOptions::default();
+        o.set_sync(true);
+        Ok(self.db.write_opt(b, &o)?)
+    }
+
     fn recon_prefix(t: TargetId) -> Vec<u8> {
         [META_RECON_DONE, &t.to_be_bytes()[..]].concat()
     }
@@ -515,15 +575,20 @@ impl Journal {
     /// Forgets a reconciliation's checkpoint (it finished, or a new one
     /// starts from scratch).
     pub fn recon_done_clear(&self, t: TargetId) -> Result<()> {
-        let p = Self::recon_prefix(t);
+        let (p, end) = Self::recon_range(t);
+        Ok(self
+            .db
+            .delete_range_cf(self.cf(CF_META)?, p.as_slice(), end.as_slice())?)
+    }
+
+    /// The `meta` key range of target `t`'s reconciliation checkpoint.
+    fn recon_range(t: TargetId) -> (Vec<u8>, Vec<u8>) {
         let end = match t.checked_add(1) {
             Some(next) => Self::recon_prefix(next),
             // "recon_done0": past every target's keys.
             None => b"recon_done0".to_vec(),
         };
-        Ok(self
-            .db
-            .delete_range_cf(self.cf(CF_META)?, p.as_slice(), end.as_slice())?)
+        (Self::recon_prefix(t), end)
     }
 
     fn meta_u64(&self, k: &[u8]) -> Result<Option<u64>> {
@@ -564,6 +629,12 @@ impl Journal {
         b.put_cf(meta, META_NEXT_TARGET, (next + 1).to_le_bytes());
         self.db.write(b)?;
         Ok(id)
+    }
+
+    /// The last sequence number handed out: every entry enqueued from now
+    /// on has a larger one.
+    pub fn seq_now(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst)
     }
 
     fn next_seqs(&self, n: u64) -> u64 {

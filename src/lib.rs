@@ -14,13 +14,15 @@
 //! - [`fsops`]: symlink-safe `*at` access beneath a root; [`scan`]: the parallel walk.
 //! - [`journal`]: the persistent backlog, index and watch tree.
 //! - [`watch`]: capture backends; [`filter`]: excludes; [`handover`]: the fd store.
-//! - [`sync`]: compare walks; [`ship`]: applying the backlog; [`target`]: writing the mirror.
+//! - [`sync`]: compare walks; [`ship`]: applying the backlog; [`target`]: writing the mirror;
+//!   [`durability`]: when a copy may be recorded before it is flushed.
 //! - [`protocol`]: frames on the wire; [`receive`]: the DR-side receiver.
 //! - [`verify`]: comparing two trees; [`config`], [`cli`], [`daemon`]: the front.
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod durability;
 pub mod filter;
 pub mod fsops;
 pub mod handover;

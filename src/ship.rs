@@ -83,6 +83,11 @@ pub struct Shipper {
     /// For a remote target: more threads than cores, each waiting on its
     /// own batch, so that several batches are in flight at once.
     pub io_pool: Option<Arc<rayon::ThreadPool>>,
+    /// This boot's id, for a target whose copies the initial sync may
+    /// record before they are flushed (see [`crate::durability`]).
+    pub boot_id: Option<Vec<u8>>,
+    /// [`Journal::seq_now`] when this run started (see [`flags::ABSENT`]).
+    pub run_seq0: u64,
 }
 
 /// Batches in flight to a remote target (threads of its I/O pool).
@@ -153,7 +158,15 @@ pub struct Retry {
 
 /// Work for the flusher thread.
 pub enum FlushJob {
-    Commit { c: Completion, wrote: bool },
+    /// Record `c` as applied; `wrote`: after flushing the target, unless
+    /// `defer` (see [`crate::durability`]).
+    Commit {
+        c: Completion,
+        wrote: bool,
+        defer: bool,
+    },
+    /// Flush the target if copies were recorded unflushed.
+    Settle,
     Barrier(crossbeam_channel::Sender<Result<(), JournalError>>),
 }
 
@@ -174,33 +187,81 @@ fn sync_target(target: &Target, name: &str) -> bool {
     }
 }
 
-fn commit(
-    journal: &Journal,
-    target: &Target,
-    t: TargetId,
-    name: &str,
-    c: &Completion,
-    wrote: bool,
-) -> Result<(), JournalError> {
-    if wrote && !sync_target(target, name) {
-        return Ok(());
-    }
-    journal.complete(t, c)
-}
-
-fn flusher_loop(
-    rx: crossbeam_channel::Receiver<FlushJob>,
+/// The flusher thread's state: commits in order, flushing the target
+/// before each, or under the unflushed note of [`crate::durability`].
+struct Flusher {
     journal: Arc<Journal>,
     target: Arc<Target>,
     t: TargetId,
     name: String,
-) {
+    /// This boot's id, for a target whose copies may be recorded unflushed.
+    boot: Option<Vec<u8>>,
+    /// The journal holds an unflushed note for the target.
+    unflushed: bool,
+    /// A flush failed while the note was set: it stays, whatever the later
+    /// flushes do (the data of the failed writeback is gone).
+    poisoned: bool,
+}
+
+impl Flusher {
+    fn commit(&mut self, c: &Completion, wrote: bool, defer: bool) -> Result<(), JournalError> {
+        if wrote {
+            match (&self.boot, defer) {
+                (Some(boot), true) => {
+                    if !self.unflushed {
+                        self.journal.set_unflushed(self.t, boot)?;
+                        self.unflushed = true;
+                    }
+                }
+                _ => {
+                    if !self.sync()? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        self.journal.complete(self.t, c)
+    }
+
+    /// syncfs; `false` if it failed. A flush that covers copies recorded
+    /// unflushed clears their note, and one that fails turns the note into
+    /// one no boot matches: those copies may never reach the disk, and the
+    /// next start compares the whole target again.
+    fn sync(&mut self) -> Result<bool, JournalError> {
+        let t0 = Instant::now();
+        let ok = sync_target(&self.target, &self.name);
+        if self.unflushed && !self.poisoned {
+            if ok {
+                self.journal.clear_unflushed(self.t)?;
+                self.unflushed = false;
+                tracing::info!(
+                    target = %self.name,
+                    ms = t0.elapsed().as_millis() as u64,
+                    "target flushed: every copy recorded so far is on its disk"
+                );
+            } else {
+                self.journal.set_unflushed(self.t, b"writeback-failed")?;
+                self.poisoned = true;
+            }
+        }
+        Ok(ok)
+    }
+}
+
+fn flusher_loop(rx: crossbeam_channel::Receiver<FlushJob>, mut f: Flusher) {
     let mut failed: Option<JournalError> = None;
     for job in rx {
         match job {
-            FlushJob::Commit { c, wrote } => {
+            FlushJob::Commit { c, wrote, defer } => {
                 if failed.is_none() {
-                    if let Err(e) = commit(&journal, &target, t, &name, &c, wrote) {
+                    if let Err(e) = f.commit(&c, wrote, defer) {
+                        failed = Some(e);
+                    }
+                }
+            }
+            FlushJob::Settle => {
+                if failed.is_none() && f.unflushed {
+                    if let Err(e) = f.sync() {
                         failed = Some(e);
                     }
                 }
@@ -224,28 +285,40 @@ struct Round {
 }
 
 impl Shipper {
+    fn flusher(&self, unflushed: bool) -> Flusher {
+        Flusher {
+            journal: self.journal.clone(),
+            target: self.target.clone(),
+            t: self.t,
+            name: self.name.clone(),
+            boot: self.boot_id.clone(),
+            unflushed,
+            poisoned: false,
+        }
+    }
+
     /// Runs until `stop` is set; returns a journal error, which is fatal.
     pub fn run(mut self) -> Result<(), JournalError> {
         let (tx, rx) = crossbeam_channel::bounded(2);
-        let (journal, target, t, name) = (
-            self.journal.clone(),
-            self.target.clone(),
-            self.t,
-            self.name.clone(),
-        );
+        // A note of this boot: only the daemon died since; the next flush
+        // covers those copies too. (One of another boot was dealt with
+        // before the shippers started.)
+        let f = self.flusher(self.journal.unflushed(self.t)?.is_some());
         std::thread::scope(|s| {
             let flusher = std::thread::Builder::new()
-                .name(format!("flush-{t}"))
-                .spawn_scoped(s, move || flusher_loop(rx, journal, target, t, name))
+                .name(format!("flush-{}", self.t))
+                .spawn_scoped(s, move || flusher_loop(rx, f))
                 .map_err(|e| {
                     JournalError::Corrupt(format!("cannot start the flusher thread: {e}"))
                 })?;
             self.flush_tx = Some(tx);
             let r = self.serve();
+            // A clean stop leaves nothing unflushed.
+            let settled = self.settle();
             let f = self.flush_wait();
             self.flush_tx = None;
             let _ = flusher.join();
-            r.and(f)
+            r.and(settled).and(f)
         })
     }
 
@@ -272,6 +345,7 @@ impl Shipper {
             self.report(false)?;
             if r.drained && scan_was_done && !self.reported_initial {
                 self.report_initial();
+                self.settle()?;
             }
             if r.worked {
                 continue;
@@ -469,8 +543,17 @@ impl Shipper {
                 .par_iter()
                 .flat_map_iter(|g| {
                     let parent = paths::split(&g[0].0).0;
-                    let entries: Vec<(&[u8], u8)> =
-                        g.iter().map(|(p, v)| (p.as_slice(), v.flags)).collect();
+                    let entries: Vec<(&[u8], u8)> = g
+                        .iter()
+                        .map(|(p, v)| {
+                            let f = if v.seq <= self.run_seq0 {
+                                v.flags & !flags::ABSENT
+                            } else {
+                                v.flags
+                            };
+                            (p.as_slice(), f)
+                        })
+                        .collect();
                     let out = self
                         .target
                         .apply_group(&self.source, parent, &entries, self.policy);
@@ -719,13 +802,27 @@ impl Shipper {
         }
         match &self.flush_tx {
             Some(tx) => {
-                if tx.send(FlushJob::Commit { c, wrote }).is_err() {
+                let defer = wrote && self.boot_id.is_some() && !self.reported_initial;
+                if tx.send(FlushJob::Commit { c, wrote, defer }).is_err() {
                     return Err(JournalError::Corrupt("flusher thread is gone".into()));
                 }
                 Ok(())
             }
-            None => commit(&self.journal, &self.target, self.t, &self.name, &c, wrote),
+            None => self.flusher(false).commit(&c, wrote, false),
         }
+    }
+
+    /// [`Shipper::flush`], then has the flusher flush the target if copies
+    /// were recorded unflushed (the initial sync is over, or the daemon
+    /// stops).
+    fn settle(&mut self) -> Result<(), JournalError> {
+        self.flush()?;
+        if let Some(tx) = &self.flush_tx {
+            if tx.send(FlushJob::Settle).is_err() {
+                return Err(JournalError::Corrupt("flusher thread is gone".into()));
+            }
+        }
+        Ok(())
     }
 
     /// [`Shipper::flush`], then waits until every commit so far is in the

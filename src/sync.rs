@@ -358,6 +358,7 @@ impl Compare<'_> {
                 continue;
             }
             view(&mut tdir);
+            let absent_dir = matches!(tdir, Some(None));
             let tdir = tdir.as_ref().and_then(|t| t.as_ref());
             let name = paths::split(&c.rel).1;
             let t = tdir.and_then(|d| d.lstat(name));
@@ -369,6 +370,15 @@ impl Compare<'_> {
             };
             if equal {
                 same.push((c.rel.clone(), c.meta));
+            } else if absent_dir && c.meta.kind != Kind::Dir {
+                // The target lacks the whole directory: the apply need not
+                // look there before copying (a negative lookup searches the
+                // directory's leaf block, for every file of an initial
+                // sync). Not for a single missing name: in a directory the
+                // target has, a shipper may be copying it right now from an
+                // older entry, and the check is what spares a second copy.
+                // A target that could not be listed at all drops `todo`.
+                todo.push((c.rel.clone(), flag | flags::ABSENT));
             } else {
                 todo.push((c.rel.clone(), flag));
             }

@@ -13,6 +13,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use rustix::fs::{Mode, OFlags};
 
@@ -21,6 +22,7 @@ use crate::fsops::{self, Root};
 use crate::journal::flags;
 use crate::meta::{Kind, Meta};
 use crate::paths;
+use crate::watch::self_ignore::SelfIgnore;
 
 /// How often a file that changes while being copied is retried at once.
 const COPY_TRIES: u32 = 3;
@@ -34,6 +36,9 @@ pub struct LocalTarget {
     /// O_TMPFILE + linkat works here (cleared at the first refusal).
     tmpfile: AtomicBool,
     pid: u32,
+    /// Set when capture would see this target's writes (fanotify, same
+    /// filesystem): each directory written into gets an ignore mark.
+    ignore: OnceLock<Arc<SelfIgnore>>,
 }
 
 /// A file being written from a stream (the receiver's side of a copy).
@@ -72,11 +77,24 @@ impl LocalTarget {
             tmp_counter: AtomicU64::new(0),
             tmpfile: AtomicBool::new(true),
             pid: std::process::id(),
+            ignore: OnceLock::new(),
         })
     }
 
     pub fn root(&self) -> &Root {
         &self.root
+    }
+
+    /// Keeps this target's writes out of the capture queue from now on.
+    pub fn ignore_own_writes(&self, ig: Arc<SelfIgnore>) {
+        let _ = self.ignore.set(ig);
+    }
+
+    /// A target directory about to be written into.
+    fn writing_in(&self, dir: BorrowedFd<'_>) {
+        if let Some(ig) = self.ignore.get() {
+            ig.dir(dir);
+        }
     }
 
     /// Flushes everything written so far to the target's disk.
@@ -193,6 +211,7 @@ impl LocalTarget {
         let (parent, name) = paths::split(rel);
         match self.root.open_dir(parent, false) {
             Ok(dir) => {
+                self.writing_in(dir.as_fd());
                 fsops::remove_tree_at(dir.as_fd(), name)
                     .map_err(|e| ApplyError::target_write(rel, e))?;
                 Ok(Outcome::Deleted)
@@ -211,9 +230,11 @@ impl LocalTarget {
             });
         }
         let existed = matches!(self.root.lstat(rel), Ok(Some(t)) if t.kind == Kind::Dir);
-        self.root
+        let d = self
+            .root
             .ensure_dir(rel)
             .map_err(|e| ApplyError::target_write(rel, e))?;
+        self.writing_in(d.as_fd());
         Ok(Outcome::Dir {
             meta: *m,
             created: !existed,
@@ -271,26 +292,7 @@ impl LocalTarget {
     /// Gives a complete temp file the attributes of `m` and puts it in
     /// place as `rel`.
     pub fn finish_file(&self, f: TempFile, rel: &[u8], m: &Meta) -> Result<(), ApplyError> {
-        let fin = (|| -> io::Result<()> {
-            // On a journaling filesystem each attribute change of the fresh
-            // inode is a metadata update: skip those it does not need (a
-            // stat is far cheaper). fchown clears set-id bits, so the mode
-            // is compared (and set) after it.
-            let st = rustix::fs::fstat(&f.out)?;
-            if self.owner && (st.st_uid != m.uid || st.st_gid != m.gid) {
-                rustix::fs::fchown(
-                    &f.out,
-                    Some(rustix::fs::Uid::from_raw(m.uid)),
-                    Some(rustix::fs::Gid::from_raw(m.gid)),
-                )?;
-                rustix::fs::fchmod(&f.out, Mode::from_raw_mode(m.mode))?;
-            } else if st.st_mode & 0o7777 != m.mode & 0o7777 {
-                rustix::fs::fchmod(&f.out, Mode::from_raw_mode(m.mode))?;
-            }
-            rustix::fs::futimens(&f.out, &fsops::mtime_only(m.mtime_ns))?;
-            Ok(())
-        })();
-        if let Err(e) = fin {
+        if let Err(e) = self.finish_attrs(&f.out, m) {
             self.abort_file(f);
             return Err(ApplyError::target_write(rel, e));
         }
@@ -302,6 +304,27 @@ impl LocalTarget {
             }
             None => self.link_tmpfile(&f.out, f.dir.as_fd(), name, rel),
         }
+    }
+
+    /// Gives a fresh temp file `m`'s owner, mode and mtime. On a journaling
+    /// filesystem each attribute change of the inode is a metadata update:
+    /// skip those it does not need (a stat is far cheaper; a file created
+    /// with its final mode by the owner it should have needs only its
+    /// mtime). fchown clears set-id bits, so the mode is set after it.
+    fn finish_attrs(&self, out: &OwnedFd, m: &Meta) -> io::Result<()> {
+        let st = rustix::fs::fstat(out)?;
+        if self.owner && (st.st_uid != m.uid || st.st_gid != m.gid) {
+            rustix::fs::fchown(
+                out,
+                Some(rustix::fs::Uid::from_raw(m.uid)),
+                Some(rustix::fs::Gid::from_raw(m.gid)),
+            )?;
+            rustix::fs::fchmod(out, Mode::from_raw_mode(m.mode))?;
+        } else if st.st_mode & 0o7777 != m.mode & 0o7777 {
+            rustix::fs::fchmod(out, Mode::from_raw_mode(m.mode))?;
+        }
+        rustix::fs::futimens(out, &fsops::mtime_only(m.mtime_ns))?;
+        Ok(())
     }
 
     /// Drops an unfinished temp file.
@@ -348,9 +371,12 @@ impl LocalTarget {
 
     /// Parent directory of `rel` on the target (created as needed).
     fn parent_dir(&self, rel: &[u8]) -> Result<OwnedFd, ApplyError> {
-        self.root
+        let d = self
+            .root
             .ensure_dir(paths::split(rel).0)
-            .map_err(|e| ApplyError::target_write(rel, e))
+            .map_err(|e| ApplyError::target_write(rel, e))?;
+        self.writing_in(d.as_fd());
+        Ok(d)
     }
 
     /// Puts temp file `tmp` in place as `name`, replacing a directory if one
@@ -395,7 +421,7 @@ impl LocalTarget {
         };
         let dir = self.parent_dir(rel)?;
         let name = paths::split(rel).1;
-        if f & flags::CONTENT == 0 {
+        if f & (flags::CONTENT | flags::ABSENT) == 0 {
             if let Ok(Some(t)) = fsops::lstat_at(dir.as_fd(), name) {
                 if m.mirrors(&t, self.owner)
                     && fsops::read_link_at(dir.as_fd(), name).ok().as_deref()
@@ -419,16 +445,8 @@ impl LocalTarget {
         })
     }
 
-    /// An unnamed temp file in `td` (`None` name) or a named one.
-    fn create_temp(
-        &self,
-        td: BorrowedFd<'_>,
-        rel: &[u8],
-    ) -> Result<(OwnedFd, Option<Vec<u8>>), ApplyError> {
-        self.create_temp_mode(td, rel, 0o600)
-    }
-
-    /// [`LocalTarget::create_temp`] with permission bits `mode`.
+    /// An unnamed temp file in `td` (`None` name) or a named one, created
+    /// with permission bits `mode` (a named one with its owner bits only).
     fn create_temp_mode(
         &self,
         td: BorrowedFd<'_>,
@@ -532,7 +550,7 @@ impl LocalTarget {
             if before.kind != Kind::File {
                 return Ok(Outcome::Vanished);
             }
-            if f & flags::CONTENT == 0 || attempt > 1 {
+            if f & (flags::CONTENT | flags::ABSENT) == 0 || attempt > 1 {
                 if let Ok(Some(t)) = fsops::lstat_at(td, name) {
                     if before.mirrors(&t, self.owner) {
                         return Ok(Outcome::Unchanged { meta: before });
@@ -542,7 +560,7 @@ impl LocalTarget {
             // New content goes into an unnamed O_TMPFILE inode that is linked
             // in only when complete (one directory update instead of a create
             // plus a rename), or, where that is unavailable, a temp name.
-            let (out, tmp) = self.create_temp(td, rel)?;
+            let (out, tmp) = self.create_temp_mode(td, rel, before.mode & 0o777)?;
             let bytes = match copy_contents(&src, &out, before.size) {
                 Ok(b) => b,
                 Err((e, target_side)) => {
@@ -569,19 +587,7 @@ impl LocalTarget {
                 unlink_tmp(&tmp);
                 continue;
             }
-            let fin = (|| -> io::Result<()> {
-                if self.owner {
-                    rustix::fs::fchown(
-                        &out,
-                        Some(rustix::fs::Uid::from_raw(before.uid)),
-                        Some(rustix::fs::Gid::from_raw(before.gid)),
-                    )?;
-                }
-                rustix::fs::fchmod(&out, Mode::from_raw_mode(before.mode))?;
-                rustix::fs::futimens(&out, &fsops::mtime_only(before.mtime_ns))?;
-                Ok(())
-            })();
-            if let Err(e) = fin {
+            if let Err(e) = self.finish_attrs(&out, &before) {
                 unlink_tmp(&tmp);
                 return Err(ApplyError::target_write(rel, e));
             }
@@ -608,14 +614,17 @@ impl LocalTarget {
 /// in-kernel splice setup (measured: most of a small file's copy cost).
 const SMALL_FILE: usize = 128 * 1024;
 
-fn copy_small(src: &OwnedFd, out: &OwnedFd) -> Result<u64, (io::Error, bool)> {
+/// Copies through one reused buffer, stopping at `expected` bytes without
+/// the EOF probe (a file that grew meanwhile shows in the fstat after the
+/// copy, which sends it round again); an empty file costs no read at all.
+fn copy_small(src: &OwnedFd, out: &OwnedFd, expected: u64) -> Result<u64, (io::Error, bool)> {
     thread_local! {
         static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; SMALL_FILE]);
     }
     BUF.with(|b| {
         let mut buf = b.borrow_mut();
         let mut total = 0u64;
-        loop {
+        while total < expected {
             let n = match rustix::io::read(src, &mut buf[..]) {
                 Ok(0) => return Ok(total),
                 Ok(n) => n,
@@ -632,6 +641,7 @@ fn copy_small(src: &OwnedFd, out: &OwnedFd) -> Result<u64, (io::Error, bool)> {
             }
             total += n as u64;
         }
+        Ok(total)
     })
 }
 
@@ -640,7 +650,7 @@ fn copy_small(src: &OwnedFd, out: &OwnedFd) -> Result<u64, (io::Error, bool)> {
 /// does not work across these filesystems. The error says which side failed.
 fn copy_contents(src: &OwnedFd, out: &OwnedFd, expected: u64) -> Result<u64, (io::Error, bool)> {
     if expected <= SMALL_FILE as u64 {
-        return copy_small(src, out);
+        return copy_small(src, out, expected);
     }
     let mut done: u64 = 0;
     loop {

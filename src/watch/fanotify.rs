@@ -107,7 +107,7 @@ pub fn mounts_under(mountinfo: &str, source: &[u8]) -> Vec<Mount> {
     out
 }
 
-fn fsid_of(fd: impl AsFd) -> io::Result<[u8; 8]> {
+pub(super) fn fsid_of(fd: impl AsFd) -> io::Result<[u8; 8]> {
     let st = rustix::fs::fstatfs(fd)?;
     // SAFETY: `Fsid` is `#[repr(C)] struct { int val[2]; }`, 8 bytes of
     // plain integers with no padding or invalid bit patterns; its field is
@@ -381,27 +381,6 @@ impl FanotifyWatcher {
         w.learn(root_key, abs);
         w.persist()?;
         Ok(w)
-    }
-
-    /// Asks the kernel to drop events on the entries of `dir` (not its
-    /// subdirectories) for this group: the journal's own directory, whose
-    /// writes would otherwise wake the capture loop, which writes to the
-    /// journal, which... (they would be dropped as outside the source, but
-    /// only after costing a read and a journal write each).
-    pub fn ignore_dir(&self, dir: &Path) -> Result<(), WatchError> {
-        const FAN_MARK_IGNORE: u32 = 0x0000_0400;
-        const FAN_EVENT_ON_CHILD: u64 = 0x0800_0000;
-        fan::fanotify_mark(
-            self.fd.as_raw_fd(),
-            fan::FAN_MARK_ADD | FAN_MARK_IGNORE | fan::FAN_MARK_IGNORED_SURV_MODIFY,
-            (MASK & !FAN_RENAME) | FAN_EVENT_ON_CHILD,
-            fan::AT_FDCWD,
-            dir,
-        )
-        .map_err(|e| WatchError::Add {
-            path: dir.display().to_string(),
-            source: e,
-        })
     }
 
     /// The path of `abs` relative to the source, if it is inside.
@@ -707,6 +686,23 @@ impl Watcher for FanotifyWatcher {
 
     fn wait(&mut self, timeout: Duration) -> Result<bool, WatchError> {
         self.wait_fd(timeout)
+    }
+
+    fn self_ignore(
+        &self,
+        fixed: Vec<PathBuf>,
+    ) -> Result<Option<Arc<super::self_ignore::SelfIgnore>>, WatchError> {
+        let err = |e: io::Error| WatchError::Add {
+            path: fixed
+                .first()
+                .map_or_else(String::new, |p| p.display().to_string()),
+            source: e,
+        };
+        let fd = self.fd.try_clone().map_err(err)?;
+        let fsids = self.mounts.keys().copied().collect();
+        super::self_ignore::SelfIgnore::new(fd, fsids, fixed.clone(), MASK)
+            .map(|s| Some(Arc::new(s)))
+            .map_err(err)
     }
 
     fn store_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {

@@ -9,6 +9,7 @@
 pub mod fanotify;
 pub mod fid;
 pub mod inotify;
+pub mod self_ignore;
 
 use std::time::Duration;
 
@@ -85,6 +86,15 @@ pub trait Watcher: Send {
     /// must pick up directories created while it was not running.
     fn dir_feed(&mut self) -> Option<crossbeam_channel::Sender<Vec<Vec<u8>>>> {
         None
+    }
+    /// For a backend that sees the whole filesystem (fanotify): a handle
+    /// that keeps drmirror's own writes out of its queue, with `fixed`
+    /// directories (the journal's) ignored for good.
+    fn self_ignore(
+        &self,
+        _fixed: Vec<std::path::PathBuf>,
+    ) -> Result<Option<std::sync::Arc<self_ignore::SelfIgnore>>, WatchError> {
+        Ok(None)
     }
 }
 

@@ -169,6 +169,51 @@ fn no_feedback_loop_inotify() {
     with_backend(Backend::Inotify, no_feedback_loop)
 }
 
+/// An initial sync into a target on the source's own filesystem: with
+/// fanotify's filesystem-wide mark, every copy would come back as events
+/// (a create, writes, attribute changes) to be read and dropped. The ignore
+/// marks on the target's directories keep them out of the kernel queue:
+/// what is left is about one event per directory (its creation), not
+/// several per file.
+#[test]
+fn fanotify_keeps_its_own_target_writes_out_of_the_queue() {
+    if !is_root() {
+        eprintln!("SKIP: mounting a tmpfs and fanotify need root");
+        return;
+    }
+    let env = Env::with(Backend::Fanotify);
+    let Some(_m) = mount("tmpfs", &env.root) else {
+        return;
+    };
+    for d in [&env.dst, &env.state] {
+        mkdirp(d);
+    }
+    let files = 3000;
+    gen_tree(&env.src, files, 100);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = env.start(&["--metrics", &addr]);
+    assert!(
+        d.initial_copied(secs(120)) >= files as u64,
+        "{}",
+        d.log_tail()
+    );
+    let text = http_get(port, "/metrics")
+        .unwrap_or_else(|| panic!("no /metrics on {addr}\n{}", d.log_tail()));
+    let dropped = metric(
+        &text,
+        "drmirror_capture_dropped_total{reason=\"outside_source\"}",
+    );
+    // 30 directories (and the restamping of a few): without the marks this
+    // is at least one per file.
+    assert!(
+        dropped < (files / 10) as f64,
+        "{dropped} events of the daemon's own writes reached capture for {files} files copied"
+    );
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+}
+
 #[test]
 fn inotify_restart_restores_watches_from_the_journal() {
     let env = Env::with(Backend::Inotify);

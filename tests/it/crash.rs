@@ -321,3 +321,61 @@ fn a_restart_after_a_complete_scan_finds_deletions_in_the_index_and_drops_stale_
     env.converge(&["--checksum"], &d);
     d.terminate();
 }
+
+/// The initial sync records its copies before flushing the target, under a
+/// durable note of the boot (see `drmirror::durability`). After a machine
+/// restart, simulated by another boot id, those records are not trusted: a
+/// copy the crash lost (a target file cut to nothing, its mtime put back)
+/// is found and copied again. In the same boot (only the daemon died) the
+/// records stand and the damaged copy stays: the control showing that the
+/// note, not the rescan itself, is what repairs it.
+#[test]
+fn copies_recorded_unflushed_are_compared_again_after_a_machine_restart() {
+    use drmirror::durability::TEST_BOOT_ID;
+    let env = Env::new();
+    let files = gen_tree(&env.s("t"), 400, 50);
+    let d = env.start_env(&[], &[(TEST_BOOT_ID, "boot-a")]);
+    d.wait_initial_sync(secs(60));
+    let flushed = d.wait_log("target flushed", secs(60));
+    eprintln!("{flushed}");
+    d.terminate();
+    let victim = env.d(files[123].strip_prefix(&env.src).expect("under src"));
+    let lose_copy = || {
+        // As a power loss would leave it: the note of the boot that copied,
+        // and a copy whose data never reached the disk.
+        let j = drmirror::journal::Journal::open(&env.state.join("journal")).expect("journal");
+        // The one target of this journal got the first id.
+        j.set_unflushed(0, b"boot-a").expect("note");
+        drop(j);
+        let mt = mtime_of(&victim);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&victim)
+            .and_then(|f| f.set_len(0))
+            .expect("truncate the copy");
+        set_mtime(&victim, mt.0, mt.1);
+    };
+
+    lose_copy();
+    let d = env.start_env(&[], &[(TEST_BOOT_ID, "boot-a")]);
+    d.wait_log("startup scan done", secs(60));
+    d.wait_log("target flushed", secs(60));
+    let (same, report) = env.verify(&[]);
+    assert!(
+        !same && report.contains(&*victim.file_name().expect("name").to_string_lossy()),
+        "in the same boot the index vouches for the copy, which stays damaged: {report}"
+    );
+    d.terminate();
+
+    lose_copy();
+    let d = env.start_env(&[], &[(TEST_BOOT_ID, "boot-b")]);
+    d.wait_log("comparing the whole target with the source again", secs(60));
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+    let j = drmirror::journal::Journal::open(&env.state.join("journal")).expect("journal");
+    assert_eq!(
+        j.unflushed(0).expect("note"),
+        None,
+        "a clean stop leaves nothing unflushed"
+    );
+}

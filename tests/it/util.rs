@@ -1133,6 +1133,15 @@ impl Env {
         d
     }
 
+    /// [`Env::start`] with extra environment variables.
+    pub fn start_env(&self, extra: &[&str], vars: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(BIN);
+        cmd.args(self.run_args(extra)).envs(vars.iter().copied());
+        let d = Daemon::spawn_command(cmd, &self.root);
+        d.wait_log("drmirror ready", secs(60));
+        d
+    }
+
     /// Spawns `drmirror ARGS` (ARGS include `run`).
     pub fn spawn_args(&self, args: &[OsString]) -> Daemon {
         Daemon::spawn(args, &self.root, None, None)
