@@ -400,6 +400,15 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // the kernel queue (see crate::watch::self_ignore).
     match watcher.self_ignore(vec![jpath.clone()]) {
         Ok(Some(ig)) => {
+            if handed_over {
+                let ig = ig.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("ignore-reset".into())
+                    .spawn(move || ig.reset());
+                if let Err(e) = spawned {
+                    tracing::debug!("cannot start the ignore-mark reset: {e}");
+                }
+            }
             for t in &targets {
                 if let Target::Local(l) = t.target.as_ref() {
                     if ig.covers(l.root().fd()) {

@@ -9,6 +9,12 @@ use clap::Parser;
 use drmirror::cli::{Cli, Command};
 use drmirror::config::{Config, QuickForm};
 
+// The scans allocate a name and a path per entry from every thread; glibc's
+// malloc was ~7 % of a reconciliation's CPU time (arena locking and
+// consolidation), mimalloc's thread-local free lists a fraction of that.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -47,8 +47,8 @@ pub struct SelfIgnore {
 
 impl SelfIgnore {
     /// `fd` is a duplicate of the group's descriptor; `mask` the events of
-    /// its filesystem marks. Drops the inode marks an earlier run of the
-    /// daemon left on a handed-over group, then marks `fixed`.
+    /// its filesystem marks. Marks `fixed`; the marks an earlier run left on
+    /// a handed-over group stay until [`SelfIgnore::reset`].
     pub(super) fn new(
         fd: OwnedFd,
         fsids: Vec<[u8; 8]>,
@@ -66,8 +66,25 @@ impl SelfIgnore {
             marked: Mutex::new(HashSet::new()),
             enabled: AtomicBool::new(true),
         };
-        s.flush()?;
+        for dir in &s.fixed {
+            s.mark(fan::AT_FDCWD, dir)?;
+        }
         Ok(s)
+    }
+
+    /// Drops every ignore mark of the group, including those an earlier run
+    /// left on a handed-over group (their number is unknown, and each pins
+    /// an inode), and adds the fixed ones again. Removing thousands of
+    /// marks takes tens of milliseconds, so the daemon calls this off its
+    /// startup path; a directory marked meanwhile may lose its mark, which
+    /// only lets its events through.
+    pub fn reset(&self) {
+        if let Ok(mut marked) = self.marked.lock() {
+            marked.clear();
+        }
+        if let Err(e) = self.flush() {
+            tracing::debug!("flushing ignore marks: {e}");
+        }
     }
 
     /// Whether the directory open at `fd` is on a filesystem the group
