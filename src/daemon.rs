@@ -556,6 +556,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         } else {
             journal.pending_parents(t.id, 200_000)?
         };
+        let absent_ok = !journal.pending_any(t.id)?;
         let defer_ok = matches!(t.target.as_ref(), Target::Local(l) if crate::durability::local_disk(l.root().fd()));
         let shipper = Shipper {
             boot_id: if defer_ok { boot.clone() } else { None },
@@ -682,6 +683,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         stop: &sh.stop,
                         progress: Some(&pb),
                         dirs_seen: dirs_seen.as_ref(),
+                        absent_ok,
                     };
                     let t0 = Instant::now();
                     metrics::gauge!("drmirror_scan_running").increment(1.0);

@@ -333,6 +333,15 @@ fn subtree_range(t: TargetId, path: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (start, end)
 }
 
+/// The first key of target `t` and read options bounded to its keys.
+fn target_bounds(t: TargetId) -> (Vec<u8>, ReadOptions) {
+    let start = key(t, b"");
+    let end = prefix_end(&start).unwrap_or_else(|| vec![0xff; 3]);
+    let mut ro = ReadOptions::default();
+    ro.set_iterate_upper_bound(end);
+    (start, ro)
+}
+
 pub fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -923,11 +932,18 @@ impl Journal {
 
     /// Number of pending entries of target `t` (walks them: for status and
     /// tests, not for hot paths).
+    /// Whether target `t` has any pending entry (one seek).
+    pub fn pending_any(&self, t: TargetId) -> Result<bool> {
+        let (start, ro) = target_bounds(t);
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_PENDING)?, ro);
+        it.seek(&start);
+        let any = it.valid();
+        it.status()?;
+        Ok(any)
+    }
+
     pub fn pending_count(&self, t: TargetId) -> Result<u64> {
-        let start = key(t, b"");
-        let end = prefix_end(&start).unwrap_or_else(|| vec![0xff; 3]);
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(end);
+        let (start, ro) = target_bounds(t);
         let mut n = 0;
         for item in self.db.iterator_cf_opt(
             self.cf(CF_PENDING)?,

@@ -706,6 +706,9 @@ impl Shipper {
             stats: &stats,
             stop: &self.stop,
             progress: None,
+            // A directory new to the target, seen live: nothing older is
+            // pending below it, bar a rare event that came first.
+            absent_ok: true,
         };
         let flag = f & (flags::LIVE | flags::STARTUP);
         let flag = if flag == 0 { flags::LIVE } else { flag };

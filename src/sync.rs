@@ -71,6 +71,12 @@ pub struct Compare<'a> {
     pub progress: Option<&'a indicatif::ProgressBar>,
     /// Where to report the directories listed (see [`crate::watch::Watcher::dir_feed`]).
     pub dirs_seen: Option<&'a crossbeam_channel::Sender<Vec<Vec<u8>>>>,
+    /// Entries in directories the target lacks may be marked
+    /// [`flags::ABSENT`]: only when no older entry can be in flight for
+    /// them. A start with a backlog (a resumed initial sync) has a shipper
+    /// copying the same names from older entries while the scan runs, and
+    /// the check ABSENT skips is what spares their second copy.
+    pub absent_ok: bool,
 }
 
 fn symlink_same(src_dir: &Root, rel: &[u8], tdir: Option<&DirView>, name: &[u8]) -> bool {
@@ -370,14 +376,14 @@ impl Compare<'_> {
             };
             if equal {
                 same.push((c.rel.clone(), c.meta));
-            } else if absent_dir && c.meta.kind != Kind::Dir {
+            } else if absent_dir && self.absent_ok && c.meta.kind != Kind::Dir {
                 // The target lacks the whole directory: the apply need not
                 // look there before copying (a negative lookup searches the
                 // directory's leaf block, for every file of an initial
                 // sync). Not for a single missing name: in a directory the
                 // target has, a shipper may be copying it right now from an
-                // older entry, and the check is what spares a second copy.
-                // A target that could not be listed at all drops `todo`.
+                // older entry (see `absent_ok`). A target that could not be
+                // listed at all drops `todo`.
                 todo.push((c.rel.clone(), flag | flags::ABSENT));
             } else {
                 todo.push((c.rel.clone(), flag));
@@ -707,6 +713,7 @@ mod tests {
             stop: &stop,
             progress: None,
             dirs_seen: None,
+            absent_ok: true,
         };
         cmp.reconcile(b"", flags::STARTUP, None, deletions).unwrap();
         // The start directory itself is compared with the target, whose
