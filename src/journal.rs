@@ -333,6 +333,11 @@ fn subtree_range(t: TargetId, path: &[u8]) -> (Vec<u8>, Vec<u8>) {
     (start, end)
 }
 
+/// `prefix` followed by target `t`'s id: the `meta` keys kept per target.
+fn tkey(prefix: &[u8], t: TargetId) -> Vec<u8> {
+    [prefix, &t.to_be_bytes()[..]].concat()
+}
+
 /// The first key of target `t` and read options bounded to its keys.
 fn target_bounds(t: TargetId) -> (Vec<u8>, ReadOptions) {
     let start = key(t, b"");
@@ -461,11 +466,11 @@ impl Journal {
     /// Whether target `t`'s last startup scan ran to its end (cleared when
     /// one starts): a scan cut short by a crash must run again.
     pub fn set_scan_complete(&self, t: TargetId, on: bool) -> Result<()> {
-        self.set_flag(&[META_SCAN_COMPLETE, &t.to_be_bytes()[..]].concat(), on)
+        self.set_flag(&tkey(META_SCAN_COMPLETE, t), on)
     }
 
     pub fn scan_complete(&self, t: TargetId) -> Result<bool> {
-        self.flag(&[META_SCAN_COMPLETE, &t.to_be_bytes()[..]].concat())
+        self.flag(&tkey(META_SCAN_COMPLETE, t))
     }
 
     /// Whether target `t`'s index accounts for everything the target holds
@@ -476,22 +481,22 @@ impl Journal {
     /// [`Journal::scan_complete`], a scan that is then cut short does not
     /// undo it.)
     pub fn index_whole(&self, t: TargetId) -> Result<bool> {
-        self.flag(&[META_INDEX_WHOLE, &t.to_be_bytes()[..]].concat())
+        self.flag(&tkey(META_INDEX_WHOLE, t))
     }
 
     /// Whether the last startup scan that listed the target deleted what it
     /// found there and the source lacks (`delete` at startup): only then
     /// does the index account for all the target holds.
     pub fn scan_deleted_extras(&self, t: TargetId) -> Result<bool> {
-        self.flag(&[META_SCAN_DELETES, &t.to_be_bytes()[..]].concat())
+        self.flag(&tkey(META_SCAN_DELETES, t))
     }
 
     pub fn set_scan_deleted_extras(&self, t: TargetId, on: bool) -> Result<()> {
-        self.set_flag(&[META_SCAN_DELETES, &t.to_be_bytes()[..]].concat(), on)
+        self.set_flag(&tkey(META_SCAN_DELETES, t), on)
     }
 
     pub fn set_index_whole(&self, t: TargetId) -> Result<()> {
-        self.set_flag(&[META_INDEX_WHOLE, &t.to_be_bytes()[..]].concat(), true)
+        self.set_flag(&tkey(META_INDEX_WHOLE, t), true)
     }
 
     /// Notes that target `t`'s index is about to record copies not yet
@@ -501,19 +506,19 @@ impl Journal {
     pub fn set_unflushed(&self, t: TargetId, boot: &[u8]) -> Result<()> {
         let mut o = WriteOptions::default();
         o.set_sync(true);
-        let k = [META_UNFLUSHED, &t.to_be_bytes()[..]].concat();
+        let k = tkey(META_UNFLUSHED, t);
         Ok(self.db.put_cf_opt(self.cf(CF_META)?, k, boot, &o)?)
     }
 
     /// The boot during which target `t`'s index last recorded unflushed
     /// copies, unless a flush has covered them since.
     pub fn unflushed(&self, t: TargetId) -> Result<Option<Vec<u8>>> {
-        self.meta_get(&[META_UNFLUSHED, &t.to_be_bytes()[..]].concat())
+        self.meta_get(&tkey(META_UNFLUSHED, t))
     }
 
     /// A flush of the target covered every copy recorded so far.
     pub fn clear_unflushed(&self, t: TargetId) -> Result<()> {
-        let k = [META_UNFLUSHED, &t.to_be_bytes()[..]].concat();
+        let k = tkey(META_UNFLUSHED, t);
         Ok(self.db.delete_cf(self.cf(CF_META)?, k)?)
     }
 
@@ -538,7 +543,7 @@ impl Journal {
             META_SCAN_COMPLETE,
             META_UNFLUSHED,
         ] {
-            b.delete_cf(meta, [k, &t.to_be_bytes()[..]].concat());
+            b.delete_cf(meta, tkey(k, t));
         }
         let (p, pend) = Self::recon_range(t);
         b.delete_range_cf(meta, &p, &pend);
@@ -548,7 +553,7 @@ impl Journal {
     }
 
     fn recon_prefix(t: TargetId) -> Vec<u8> {
-        [META_RECON_DONE, &t.to_be_bytes()[..]].concat()
+        tkey(META_RECON_DONE, t)
     }
 
     /// Checkpoints a reconciliation: every entry below `dirs` has been

@@ -82,9 +82,7 @@ impl SelfIgnore {
         if let Ok(mut marked) = self.marked.lock() {
             marked.clear();
         }
-        if let Err(e) = self.flush() {
-            tracing::debug!("flushing ignore marks: {e}");
-        }
+        self.flush();
     }
 
     /// Whether the directory open at `fd` is on a filesystem the group
@@ -93,18 +91,24 @@ impl SelfIgnore {
         super::fanotify::fsid_of(fd).is_ok_and(|f| self.fsids.contains(&f))
     }
 
-    fn flush(&self) -> io::Result<()> {
-        fan::fanotify_mark(
+    /// Drops every inode mark of the group (its filesystem marks stay) and
+    /// adds the fixed ones again. Best effort, like the marks themselves.
+    fn flush(&self) {
+        let r = fan::fanotify_mark(
             self.fd.as_raw_fd(),
             fan::FAN_MARK_FLUSH,
             0,
             fan::AT_FDCWD,
             "/",
-        )?;
-        for dir in &self.fixed {
-            self.mark(fan::AT_FDCWD, dir)?;
+        )
+        .and_then(|()| {
+            self.fixed
+                .iter()
+                .try_for_each(|dir| self.mark(fan::AT_FDCWD, dir))
+        });
+        if let Err(e) = r {
+            tracing::debug!("flushing ignore marks: {e}");
         }
-        Ok(())
     }
 
     fn mark(&self, dirfd: i32, path: &Path) -> io::Result<()> {
@@ -136,9 +140,7 @@ impl SelfIgnore {
             if marked.len() > MAX_MARKS {
                 marked.clear();
                 marked.insert(st.st_ino);
-                if let Err(e) = self.flush() {
-                    tracing::debug!("flushing ignore marks: {e}");
-                }
+                self.flush();
             }
         }
         // "." relative to the directory: `dir` may be an O_PATH descriptor,
