@@ -150,12 +150,18 @@ impl Pending {
         })
     }
 
-    /// Coalesces two entries for one path: newest seq, oldest first-seen.
+    /// Coalesces two entries for one path: newest seq, oldest first-seen,
+    /// flags OR-ed except [`flags::ABSENT`], which waives a check and so
+    /// holds only if both say so. OR-ed, an older run's ABSENT took the
+    /// newer entry's seq and with it the trust of the current run: a resumed
+    /// initial sync copied a file again, without looking, that its shipper
+    /// had just copied from the older entry.
     fn merge(self, o: Pending) -> Pending {
+        let absent = self.flags & o.flags & flags::ABSENT;
         Pending {
             seq: self.seq.max(o.seq),
             first_seen_ns: self.first_seen_ns.min(o.first_seen_ns),
-            flags: self.flags | o.flags,
+            flags: ((self.flags | o.flags) & !flags::ABSENT) | absent,
         }
     }
 }
@@ -1412,6 +1418,33 @@ mod tests {
         assert_eq!(b[0].1.flags, flags::CONTENT | flags::LIVE);
         assert_eq!(b[0].1.seq, 10_000);
         assert_eq!(j.pending_count(t).unwrap(), 1);
+    }
+
+    #[test]
+    fn absent_survives_coalescing_only_when_every_entry_has_it() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t = j.target_id("t").unwrap();
+        let a = flags::ABSENT | flags::STARTUP;
+        j.enqueue(t, &[(b"both".to_vec(), a), (b"one".to_vec(), a)])
+            .unwrap();
+        j.enqueue(
+            t,
+            &[(b"both".to_vec(), a), (b"one".to_vec(), flags::STARTUP)],
+        )
+        .unwrap();
+        j.record(&[t], &[dirty(b"live", flags::CONTENT)]).unwrap();
+        j.enqueue(t, &[(b"live".to_vec(), a)]).unwrap();
+        let b = j.pending_batch(t, None, 100).unwrap();
+        let f: Vec<(&[u8], u8)> = b.iter().map(|(p, v)| (p.as_slice(), v.flags)).collect();
+        assert_eq!(
+            f,
+            vec![
+                (b"both".as_slice(), a),
+                (b"live".as_slice(), flags::CONTENT | flags::STARTUP),
+                (b"one".as_slice(), flags::STARTUP),
+            ]
+        );
     }
 
     #[test]
