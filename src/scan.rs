@@ -142,28 +142,22 @@ fn walk_dir<'s, D, E, F>(
 /// Lists and stats the children of directory `dir`.
 pub fn read_children(root: &Root, dir: &[u8]) -> io::Result<Vec<Child>> {
     let fd = root.open_dir(dir, true)?;
-    let mut d = rustix::fs::Dir::read_from(fd.as_fd())?;
     let mut out = Vec::new();
-    while let Some(ent) = d.read() {
-        let ent = ent?;
-        let name = ent.file_name();
-        let nb = name.to_bytes();
-        if nb == b"." || nb == b".." {
-            continue;
-        }
+    crate::fsops::for_each_name(fd.as_fd(), |name| {
         match rustix::fs::statat(fd.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => {
                 let meta = Meta::from_stat(&st);
                 out.push(Child {
-                    rel: paths::join(dir, nb),
+                    rel: paths::join(dir, name.to_bytes()),
                     descend: meta.kind == Kind::Dir,
                     meta,
                 });
+                Ok(())
             }
-            Err(rustix::io::Errno::NOENT) => {}
-            Err(e) => return Err(e.into()),
+            Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
         }
-    }
+    })?;
     Ok(out)
 }
 
