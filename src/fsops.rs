@@ -28,11 +28,38 @@ const BENEATH: ResolveFlags = ResolveFlags::BENEATH
 
 /// How a source file is opened for copying: never through a symlink, and
 /// never blocking on a FIFO that replaced the file since it was seen.
-pub const SOURCE_READ: OFlags = OFlags::RDONLY
+const SOURCE_READ: OFlags = OFlags::RDONLY
     .union(OFlags::NOFOLLOW)
     .union(OFlags::NONBLOCK)
     .union(OFlags::CLOEXEC)
     .union(OFlags::NOCTTY);
+
+/// Whether `O_NOATIME` is still tried: cleared by the first source file it
+/// is refused for (not ours, and no `CAP_FOWNER`), so an unprivileged run
+/// does not pay two opens per file.
+static NOATIME: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Opens source file `name` in `dir` for copying ([`SOURCE_READ`]), without
+/// updating its access time where allowed: a mirror's reads must not write
+/// to the source (with `relatime`, the first read of every new file dirties
+/// its inode, which costs an inode update per copy now and inode-table
+/// writeback later, and hides from atime-based tools what users read).
+pub fn open_source_at(dir: BorrowedFd<'_>, name: &[u8]) -> rustix::io::Result<OwnedFd> {
+    use std::sync::atomic::Ordering;
+    if NOATIME.load(Ordering::Relaxed) {
+        match rustix::fs::openat(dir, name, SOURCE_READ | OFlags::NOATIME, Mode::empty()) {
+            Err(Errno::PERM) => {
+                let r = rustix::fs::openat(dir, name, SOURCE_READ, Mode::empty());
+                if r.is_ok() {
+                    NOATIME.store(false, Ordering::Relaxed);
+                }
+                return r;
+            }
+            r => return r,
+        }
+    }
+    rustix::fs::openat(dir, name, SOURCE_READ, Mode::empty())
+}
 
 /// Prefix of drmirror's temporary files in a target. Leftovers of a crash are
 /// removed by the startup scan.
@@ -188,15 +215,9 @@ impl Root {
     /// without blocking on a FIFO that replaced it. `None` when missing.
     pub fn open_file(&self, rel: &[u8]) -> io::Result<Option<(File, Meta)>> {
         let (parent, name) = paths::split(rel);
-        let r = self.open_dir(parent, false).and_then(|dir| {
-            rustix::fs::openat(
-                &dir,
-                cstr_name(name)?.as_c_str(),
-                SOURCE_READ,
-                Mode::empty(),
-            )
-            .map_err(io::Error::from)
-        });
+        let r = self
+            .open_dir(parent, false)
+            .and_then(|dir| open_source_at(dir.as_fd(), name).map_err(io::Error::from));
         match r {
             Ok(fd) => {
                 let st = rustix::fs::fstat(&fd)?;

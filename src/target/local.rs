@@ -536,7 +536,7 @@ impl LocalTarget {
             }
         };
         for attempt in 1..=COPY_TRIES {
-            let src = match rustix::fs::openat(sd, name, fsops::SOURCE_READ, Mode::empty()) {
+            let src = match fsops::open_source_at(sd, name) {
                 Ok(fd) => fd,
                 // Gone, or replaced by a symlink: the event that did it follows.
                 Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::LOOP) => {

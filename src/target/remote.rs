@@ -29,7 +29,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use rustix::fs::Mode;
 
 use super::{ApplyError, Outcome};
 use crate::fsops::{self, Root};
@@ -971,7 +970,7 @@ impl BatchSender<'_> {
     ) -> Result<FileSent, ApplyError> {
         let name = paths::split(rel).1;
         for _attempt in 1..=COPY_TRIES {
-            let src = match rustix::fs::openat(sd, name, fsops::SOURCE_READ, Mode::empty()) {
+            let src = match fsops::open_source_at(sd, name) {
                 Ok(fd) => fd,
                 Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::LOOP) => {
                     return Ok(FileSent::Now(Ok(Outcome::Vanished)))

@@ -228,3 +228,39 @@ fn kill9_during_initial_sync_resumes() {
     assert_eq!(count_files(&env.dst, &is_gen_name), N);
     d2.terminate();
 }
+
+/// Copying must not write to the source: with `relatime`, a plain read of a
+/// file whose atime is not after its mtime updates the atime.
+#[test]
+fn copies_leave_source_access_times_alone() {
+    use std::os::unix::fs::MetadataExt;
+    const T: i64 = 1_500_000_000;
+    let env = Env::new();
+    let control = env.root.join("control");
+    write(&control, b"control");
+    set_mtime(&control, T, 0);
+    let _ = read(&control);
+    if lmeta(&control).atime() == T {
+        eprintln!(
+            "SKIP copies_leave_source_access_times_alone: reads do not update atimes on {} (noatime mount?)",
+            env.root.display()
+        );
+        return;
+    }
+    // Through read/write, and through copy_file_range (above 128 KiB).
+    let files = [("small", 4_000usize), ("large", 300_000)];
+    for (name, size) in files {
+        write(&env.s(name), &vec![7u8; size]);
+        set_mtime(&env.s(name), T, 0);
+    }
+    let d = env.start(&[]);
+    env.converge(&["--checksum"], &d);
+    for (name, _) in files {
+        assert_eq!(
+            lmeta(&env.s(name)).atime(),
+            T,
+            "copying (or verifying) {name} changed its access time on the source"
+        );
+    }
+    d.terminate();
+}
