@@ -384,3 +384,57 @@ fn an_inotify_group_the_journal_does_not_belong_to_is_refused() {
     env.converge(&[], &d);
     d.terminate();
 }
+
+/// `STATUS=` lines say what the daemon does (at start, then every few
+/// seconds with each target's lag and backlog); `WATCHDOG=1` is sent when,
+/// and only when, the unit asks for it (`WATCHDOG_USEC`).
+#[test]
+fn notify_reports_status_and_feeds_the_watchdog_only_when_asked() {
+    let Some((env, mut m, _guard)) = setup(Backend::Inotify) else {
+        return;
+    };
+    let count = |m: &Manager, line: &str| {
+        m.messages
+            .iter()
+            .filter(|x| x.lines().any(|l| l == line))
+            .count()
+    };
+    let status_with = |m: &Manager, part: &str| {
+        m.messages.iter().any(|x| {
+            x.lines()
+                .any(|l| l.starts_with("STATUS=") && l.contains(part))
+        })
+    };
+
+    // Asked for: pings at half the interval (here every 150 ms).
+    let d = m.spawn(&env, &[], &[("WATCHDOG_USEC", "300000")]);
+    let ok = m.pump(secs(20), |m| {
+        count(m, "WATCHDOG=1") >= 5 && status_with(m, "backlog")
+    });
+    assert!(
+        ok && m.got("READY=1") && status_with(&m, "capturing"),
+        "expected READY=1, STATUS= lines (one with each target's backlog) and WATCHDOG=1 pings; got {:?}\n{}",
+        m.messages,
+        d.log_tail()
+    );
+    d.terminate();
+
+    // Not asked for: no pings, over longer than the interval above.
+    m.messages.clear();
+    let d = m.spawn(&env, &[], &[]);
+    m.pump(secs(20), |m| m.got("READY=1"));
+    m.pump(secs(2), |_| false);
+    assert!(
+        m.got("READY=1"),
+        "no READY=1: {:?}\n{}",
+        m.messages,
+        d.log_tail()
+    );
+    assert_eq!(
+        count(&m, "WATCHDOG=1"),
+        0,
+        "WATCHDOG=1 sent without WATCHDOG_USEC: {:?}",
+        m.messages
+    );
+    d.terminate();
+}
