@@ -349,27 +349,26 @@ pub fn for_each_name(
     dir: BorrowedFd<'_>,
     mut f: impl FnMut(&CStr) -> io::Result<()>,
 ) -> io::Result<()> {
-    DIRENT.with(|cell| {
-        // A nested call on this thread (none today) gets its own buffer.
-        let mut own = Vec::new();
-        let mut guard = cell.try_borrow_mut().ok();
-        let buf = match guard.as_deref_mut() {
-            Some(b) => b,
-            None => &mut own,
-        };
-        if buf.len() < DIRENT_BUF {
-            buf.resize(DIRENT_BUF, std::mem::MaybeUninit::uninit());
-        }
-        let mut d = rustix::fs::RawDir::new(dir, buf.as_mut_slice());
-        while let Some(ent) = d.next() {
-            let ent = ent?;
+    // Taken out while in use: a nested call (none today) finds it empty
+    // and reads through a buffer of its own.
+    let mut buf = DIRENT.take();
+    buf.resize(DIRENT_BUF, std::mem::MaybeUninit::uninit());
+    let mut d = rustix::fs::RawDir::new(dir, buf.as_mut_slice());
+    let mut r = Ok(());
+    while let Some(ent) = d.next() {
+        r = ent.map_err(io::Error::from).and_then(|ent| {
             let n = ent.file_name();
-            if n.to_bytes() != b"." && n.to_bytes() != b".." {
-                f(n)?;
+            match n.to_bytes() {
+                b"." | b".." => Ok(()),
+                _ => f(n),
             }
+        });
+        if r.is_err() {
+            break;
         }
-        Ok(())
-    })
+    }
+    DIRENT.set(buf);
+    r
 }
 
 /// A timestamp for `utimensat`/`futimens` from nanoseconds since the epoch.
