@@ -253,6 +253,10 @@ pub struct Journal {
     /// The backlog bound and each target's backlog size as last counted
     /// (plus what was recorded since): see [`Journal::record`].
     bound: Mutex<Bound>,
+    /// Deletions written to the queue-like column families (`pending`,
+    /// `dirlist`) since they were last compacted: see
+    /// [`Journal::compact_churned`].
+    churn: AtomicU64,
 }
 
 #[derive(Default)]
@@ -372,11 +376,20 @@ impl Journal {
         let mut pending_opts = Options::default();
         pending_opts.set_merge_operator_associative("drmirror_pending_v1", pending_merge);
         pending_opts.set_write_buffer_size(64 << 20);
+        // `pending` is a queue and `dirlist` gets a delete for every file
+        // recorded: both fill with tombstones that every scan from the
+        // start of a target's range steps over (the shipper's backlog count
+        // once a second, a restart's first reads), 500,000 of them after a
+        // 500,000-file initial sync. SST files dense with deletions are
+        // queued for compaction, which drops them.
+        pending_opts.add_compact_on_deletion_collector_factory(10_000, 5_000, 0.5);
+        let mut dirlist_opts = Options::default();
+        dirlist_opts.add_compact_on_deletion_collector_factory(10_000, 5_000, 0.5);
         let cfs = CFS.iter().map(|name| {
-            let o = if *name == CF_PENDING {
-                pending_opts.clone()
-            } else {
-                Options::default()
+            let o = match *name {
+                CF_PENDING => pending_opts.clone(),
+                CF_DIRLIST => dirlist_opts.clone(),
+                _ => Options::default(),
             };
             ColumnFamilyDescriptor::new(*name, o)
         });
@@ -390,6 +403,7 @@ impl Journal {
                 max_bytes: u64::MAX,
                 ..Default::default()
             }),
+            churn: AtomicU64::new(0),
         };
         j.check_schema()?;
         let seq = j.meta_u64(META_SEQ)?.unwrap_or(0);
@@ -1170,12 +1184,14 @@ impl Journal {
                 b.delete_range_cf(cf, &s, &e);
             }
         }
+        let mut deletes = 0u64;
         for (p, m) in &c.index_put {
             b.put_cf(index, key(t, p), m.encode());
             if m.kind == Kind::Dir {
                 b.put_cf(dirlist, key(t, p), m.encode());
             } else {
                 b.delete_cf(dirlist, key(t, p));
+                deletes += 1;
             }
         }
         for (p, seq) in &c.done {
@@ -1186,6 +1202,7 @@ impl Journal {
                 .and_then(|v| Pending::decode(&v));
             if matches!(current, Some(cur) if cur.seq == *seq) {
                 b.delete_cf(pending, &k);
+                deletes += 1;
             }
         }
         for seq in &c.renames_done {
@@ -1195,7 +1212,33 @@ impl Journal {
         }
         self.merge_pending(&mut b, t, &c.requeue)?;
         self.db.write(b)?;
+        self.churn.fetch_add(deletes, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Compacts `pending` and `dirlist` once `min_deletes` deletions have
+    /// been written to them since the last time; returns whether it did.
+    ///
+    /// Called when a backlog has drained: the tombstones then make up
+    /// nearly all of both, the compaction is cheap and drops them, and the
+    /// next scans of the backlog (and the next start's) no longer step over
+    /// them. The deletion-triggered compaction set at open catches them
+    /// only once they are in SST files and enough have gathered.
+    pub fn compact_churned(&self, min_deletes: u64) -> Result<bool> {
+        if self.churn.load(Ordering::Relaxed) < min_deletes {
+            return Ok(false);
+        }
+        self.churn.store(0, Ordering::Relaxed);
+        // Forced: a flushed file of tombstones alone is otherwise moved to
+        // the last level as it is, tombstones and all.
+        let mut o = rocksdb::CompactOptions::default();
+        o.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        o.set_exclusive_manual_compaction(false);
+        for name in [CF_PENDING, CF_DIRLIST] {
+            self.db
+                .compact_range_cf_opt(self.cf(name)?, None::<&[u8]>, None::<&[u8]>, &o);
+        }
+        Ok(true)
     }
 
     /// Enqueues entries for one target only (a subtree scan of that target).
@@ -1445,6 +1488,48 @@ mod tests {
                 (b"one".as_slice(), flags::STARTUP),
             ]
         );
+    }
+
+    /// Tombstones in the SST files of `cf`.
+    fn sst_deletions(j: &Journal, cf: &str) -> u64 {
+        j.db.live_files()
+            .unwrap()
+            .iter()
+            .filter(|f| f.column_family_name == cf)
+            .map(|f| f.num_deletions)
+            .sum()
+    }
+
+    #[test]
+    fn a_drained_backlog_is_compacted_free_of_its_tombstones() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t = j.target_id("t").unwrap();
+        let names: Vec<Vec<u8>> = (0..5000).map(|i| format!("f{i:05}").into_bytes()).collect();
+        let changes: Vec<Change> = names.iter().map(|n| dirty(n, flags::CONTENT)).collect();
+        j.record(&[t], &changes).unwrap();
+        let batch = j.pending_batch(t, None, 10_000).unwrap();
+        let c = Completion {
+            done: batch.iter().map(|(p, v)| (p.clone(), v.seq)).collect(),
+            index_put: names
+                .iter()
+                .map(|n| (n.clone(), meta(Kind::File)))
+                .collect(),
+            ..Default::default()
+        };
+        j.complete(t, &c).unwrap();
+        // 5,000 pending deletes and 5,000 dirlist deletes: under the bar.
+        assert!(!j.compact_churned(10_001).unwrap());
+        j.flush().unwrap();
+        assert_eq!(sst_deletions(&j, CF_PENDING), 5000);
+        assert_eq!(sst_deletions(&j, CF_DIRLIST), 5000);
+        assert!(j.compact_churned(10_000).unwrap());
+        assert_eq!(sst_deletions(&j, CF_PENDING), 0);
+        assert_eq!(sst_deletions(&j, CF_DIRLIST), 0);
+        // The count starts again from zero.
+        assert!(!j.compact_churned(1).unwrap());
+        assert!(j.pending_batch(t, None, 10).unwrap().is_empty());
+        assert_eq!(j.index_get(t, b"f00042").unwrap(), Some(meta(Kind::File)));
     }
 
     #[test]

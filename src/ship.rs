@@ -167,6 +167,8 @@ pub enum FlushJob {
     },
     /// Flush the target if copies were recorded unflushed.
     Settle,
+    /// The backlog drained: drop the journal's tombstones if many gathered.
+    Compact,
     Barrier(crossbeam_channel::Sender<Result<(), JournalError>>),
 }
 
@@ -266,6 +268,13 @@ fn flusher_loop(rx: crossbeam_channel::Receiver<FlushJob>, mut f: Flusher) {
                     }
                 }
             }
+            FlushJob::Compact => {
+                if failed.is_none() {
+                    if let Err(e) = compact_churned(&f.journal, &f.name) {
+                        failed = Some(e);
+                    }
+                }
+            }
             FlushJob::Barrier(ack) => {
                 let _ = ack.send(match failed.take() {
                     Some(e) => Err(e),
@@ -274,6 +283,18 @@ fn flusher_loop(rx: crossbeam_channel::Receiver<FlushJob>, mut f: Flusher) {
             }
         }
     }
+}
+
+/// Deletions in the journal's queues after which a drained backlog
+/// compacts them: a 100,000-file initial sync leaves twice this.
+const COMPACT_AFTER_DELETES: u64 = 100_000;
+
+fn compact_churned(journal: &Journal, name: &str) -> Result<(), JournalError> {
+    let t0 = Instant::now();
+    if journal.compact_churned(COMPACT_AFTER_DELETES)? {
+        tracing::debug!(target = %name, ms = t0.elapsed().as_millis() as u64, "journal queues compacted");
+    }
+    Ok(())
 }
 
 /// What a round did.
@@ -346,6 +367,9 @@ impl Shipper {
             if r.drained && scan_was_done && !self.reported_initial {
                 self.report_initial();
                 self.settle()?;
+            }
+            if r.drained {
+                self.compact()?;
             }
             if r.worked {
                 continue;
@@ -812,6 +836,17 @@ impl Shipper {
                 Ok(())
             }
             None => self.flusher(false).commit(&c, wrote, false),
+        }
+    }
+
+    /// Has the flusher compact the journal's queues, after the commits
+    /// before it, if enough was deleted from them.
+    fn compact(&mut self) -> Result<(), JournalError> {
+        match &self.flush_tx {
+            Some(tx) => tx
+                .send(FlushJob::Compact)
+                .map_err(|_| JournalError::Corrupt("flusher thread is gone".into())),
+            None => compact_churned(&self.journal, &self.name),
         }
     }
 
