@@ -460,6 +460,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         capture_backend: watcher.backend().to_string(),
         scan_running: true,
         scan_entries: 0,
+        scan_expected: 0,
         targets: targets
             .iter()
             .map(|t| crate::status::TargetStatus {
@@ -665,6 +666,13 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                             resume.len()
                         );
                     }
+                    match journal.scan_entries(id) {
+                        Ok(expected) => board.track_scan(stats.clone(), expected.unwrap_or(0)),
+                        Err(e) => {
+                            sh.fail(e.into());
+                            return;
+                        }
+                    }
                     let pb = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
                     pb.set_style(
                         indicatif::ProgressStyle::with_template("{spinner} startup scan of {msg}: {pos} entries compared ({per_sec})")
@@ -738,10 +746,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                     pb.finish_and_clear();
                     metrics::gauge!("drmirror_scan_running").decrement(1.0);
                     let scanned = stats.scanned.load(Ordering::Relaxed);
-                    board.update(|s| {
-                        s.scan_entries += scanned;
-                        s.scan_running = false;
-                    });
+                    board.update(|s| s.scan_running = false);
                     // A walk cut short by a stop must run again next time.
                     let r = r.and_then(|()| {
                         if sh.stop.load(Ordering::Relaxed) {
@@ -757,6 +762,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                                     _ => Ok(()),
                                 })
                                 .and_then(|()| journal.recon_done_clear(id))
+                                .and_then(|()| match stats.resumed.load(Ordering::Relaxed) {
+                                    // A whole walk: the next one's 100%.
+                                    0 => journal.set_scan_entries(id, scanned),
+                                    _ => Ok(()),
+                                })
                         }
                     });
                     match r {

@@ -56,6 +56,7 @@ const KEY_MAX: [u8; 8192] = [0xff; 8192];
 const META_DIRS_BACKEND: &[u8] = b"dirs_backend";
 const META_CAPTURE_READING: &[u8] = b"capture_reading";
 const META_SCAN_COMPLETE: &[u8] = b"scan_complete/";
+const META_SCAN_ENTRIES: &[u8] = b"scan_entries/";
 const META_INDEX_WHOLE: &[u8] = b"index_whole/";
 const META_SCAN_DELETES: &[u8] = b"scan_deletes/";
 const META_UNFLUSHED: &[u8] = b"unflushed/";
@@ -487,6 +488,19 @@ impl Journal {
     /// one starts): a scan cut short by a crash must run again.
     pub fn set_scan_complete(&self, t: TargetId, on: bool) -> Result<()> {
         self.set_flag(&tkey(META_SCAN_COMPLETE, t), on)
+    }
+
+    /// Records how many entries target `t`'s last complete startup scan
+    /// compared (the next one reports its progress against it).
+    pub fn set_scan_entries(&self, t: TargetId, n: u64) -> Result<()> {
+        self.meta_put(&tkey(META_SCAN_ENTRIES, t), &n.to_le_bytes())
+    }
+
+    pub fn scan_entries(&self, t: TargetId) -> Result<Option<u64>> {
+        Ok(self
+            .meta_get(&tkey(META_SCAN_ENTRIES, t))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_le_bytes))
     }
 
     pub fn scan_complete(&self, t: TargetId) -> Result<bool> {

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::sync::ScanStats;
+
 pub const SOCKET_NAME: &str = "status.sock";
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -36,7 +38,12 @@ pub struct Status {
     pub source: String,
     pub capture_backend: String,
     pub scan_running: bool,
+    /// Entries the startup scans compared so far.
     pub scan_entries: u64,
+    /// Entries the same scans counted last time they ran to the end (0:
+    /// never), against which `scan_entries` is a percentage.
+    #[serde(default)]
+    pub scan_expected: u64,
     pub targets: Vec<TargetStatus>,
 }
 
@@ -44,13 +51,27 @@ pub struct Status {
 #[derive(Default)]
 pub struct Board {
     inner: Mutex<Status>,
+    /// The counters of the startup scans, read at each snapshot: the scans
+    /// count every entry, too often to take a lock each time.
+    scans: Mutex<Vec<Arc<ScanStats>>>,
 }
 
 impl Board {
     pub fn new(status: Status) -> Board {
         Board {
             inner: Mutex::new(status),
+            scans: Mutex::default(),
         }
+    }
+
+    /// Counts a startup scan's entries into `scan_entries` from now on;
+    /// `expected`: what the same scan counted last time (0: unknown).
+    pub fn track_scan(&self, stats: Arc<ScanStats>, expected: u64) {
+        self.scans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(stats);
+        self.update(|s| s.scan_expected += expected);
     }
 
     pub fn update(&self, f: impl FnOnce(&mut Status)) {
@@ -66,7 +87,15 @@ impl Board {
     }
 
     pub fn snapshot(&self) -> Status {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let scans = self.scans.lock().unwrap_or_else(|p| p.into_inner());
+        if !scans.is_empty() {
+            s.scan_entries = scans
+                .iter()
+                .map(|st| st.scanned.load(Ordering::Relaxed))
+                .sum();
+        }
+        s
     }
 }
 
@@ -157,10 +186,8 @@ pub fn query(state_dir: &Path) -> Result<Status, StatusError> {
 pub fn one_line(s: &Status) -> String {
     let mut line = format!("capturing ({})", s.capture_backend);
     if s.scan_running {
-        line.push_str(&format!(
-            "; startup scan: {} entries compared",
-            s.scan_entries
-        ));
+        line.push_str("; ");
+        line.push_str(&scan_progress(s));
     }
     for t in &s.targets {
         line.push_str(&format!(
@@ -174,6 +201,20 @@ pub fn one_line(s: &Status) -> String {
     line
 }
 
+/// "reconciling 42% (…)" when the scan's last full count is known, else
+/// the count so far (a first scan, the initial sync's).
+fn scan_progress(s: &Status) -> String {
+    if s.scan_expected == 0 {
+        return format!("startup scan: {} entries compared", s.scan_entries);
+    }
+    // Capped: the tree may have grown since the last count.
+    let pct = (s.scan_entries.saturating_mul(100) / s.scan_expected).min(99);
+    format!(
+        "reconciling {pct}% ({} of ~{} entries compared)",
+        s.scan_entries, s.scan_expected
+    )
+}
+
 pub fn render(s: &Status) -> String {
     let mut out = format!(
         "drmirror {} (pid {}) source {} capture {}{}\n",
@@ -182,7 +223,7 @@ pub fn render(s: &Status) -> String {
         s.source,
         s.capture_backend,
         if s.scan_running {
-            format!(", scanning ({} entries so far)", s.scan_entries)
+            format!(", {}", scan_progress(s))
         } else {
             String::new()
         }
@@ -207,4 +248,52 @@ pub fn render(s: &Status) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_progress_is_a_share_of_the_last_full_count() {
+        let board = Board::new(Status {
+            capture_backend: "fanotify".into(),
+            scan_running: true,
+            targets: vec![TargetStatus {
+                name: "dr".into(),
+                up: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let a = Arc::new(ScanStats::default());
+        board.track_scan(a.clone(), 0);
+        a.scanned.store(250, Ordering::Relaxed);
+        // A first scan: a count, no share.
+        let line = one_line(&board.snapshot());
+        assert!(
+            line.contains("startup scan: 250 entries compared"),
+            "{line}"
+        );
+
+        // Two targets' scans, 1,000 entries each last time.
+        let board = Board::new(board.snapshot());
+        let b = Arc::new(ScanStats::default());
+        board.track_scan(a.clone(), 1000);
+        board.track_scan(b.clone(), 1000);
+        b.scanned.store(550, Ordering::Relaxed);
+        let s = board.snapshot();
+        assert_eq!((s.scan_entries, s.scan_expected), (800, 2000));
+        let line = one_line(&s);
+        assert!(
+            line.starts_with("capturing (fanotify); reconciling 40% (800 of ~2000 entries compared); dr: lag 0.0s"),
+            "{line}"
+        );
+        assert!(render(&s).contains("reconciling 40%"), "{}", render(&s));
+        // A tree that grew since: never 100% before the end.
+        a.scanned.store(5000, Ordering::Relaxed);
+        assert!(one_line(&board.snapshot()).contains("reconciling 99%"));
+        board.update(|s| s.scan_running = false);
+        assert!(!one_line(&board.snapshot()).contains("reconciling"));
+    }
 }

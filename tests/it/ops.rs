@@ -311,3 +311,40 @@ fn systemd_units_pass_systemd_analyze_verify() {
     }
     assert!(n >= 1, "no units in {}", units.display());
 }
+
+/// The status reports a startup scan's progress against what the last
+/// complete scan counted ("reconciling x%" in `STATUS=` lines and in
+/// `drmirror status`); a first scan has no such count.
+#[test]
+fn status_reports_scan_progress_against_the_last_full_count() {
+    let env = Env::new();
+    for i in 0..300 {
+        write(&env.s(format!("d{}/f{i}", i % 7)), b"x");
+    }
+    let scanned = |line: &str| -> u64 {
+        let n = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("scanned="))
+            .unwrap_or_else(|| panic!("no scanned= in {line:?}"));
+        n.parse().unwrap_or_else(|e| panic!("scanned={n}: {e}"))
+    };
+
+    let d = Daemon::spawn(&env.run_args(&[]), &env.root, None, None);
+    let first = scanned(&d.wait_log("startup scan done", secs(60)));
+    assert!(first >= 307, "scanned={first}");
+    let v = status_json(&env.state);
+    assert_eq!(
+        v["scan_expected"], 0,
+        "a first scan has nothing to compare with: {v}"
+    );
+    assert_eq!(v["scan_entries"], first, "{v}");
+    d.terminate();
+
+    let d = Daemon::spawn(&env.run_args(&[]), &env.root, None, None);
+    let second = scanned(&d.wait_log("startup scan done", secs(60)));
+    assert_eq!(second, first);
+    let v = status_json(&env.state);
+    assert_eq!(v["scan_expected"], first, "{v}");
+    assert_eq!(v["scan_entries"], second, "{v}");
+    d.terminate();
+}
