@@ -237,6 +237,12 @@ impl Shared {
 /// Runs the daemon until a signal or a fatal error.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
     raise_fd_limit();
+    // Named, so that `top -H` and perf tell the copy workers apart: unnamed,
+    // they took the name of whichever thread first used the pool (`ship-0`).
+    // An error means the pool exists already (a second run in one process).
+    let _ = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("work-{i}"))
+        .build_global();
     let _lock = lock_state_dir(&cfg.state_dir)?;
     let jpath = cfg.state_dir.join("journal");
     let journal = Arc::new(
