@@ -280,6 +280,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         wake: Sender<()>,
         wake_rx: crossbeam_channel::Receiver<()>,
         scan_done: Arc<AtomicBool>,
+        urgent: Arc<AtomicBool>,
         scan_stats: Arc<ScanStats>,
     }
     let mut targets = Vec::new();
@@ -304,6 +305,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             wake,
             wake_rx,
             scan_done: Arc::new(AtomicBool::new(false)),
+            urgent: Arc::new(AtomicBool::new(false)),
             scan_stats: Arc::new(ScanStats::default()),
         });
     }
@@ -581,6 +583,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             stop: stop.clone(),
             stats: Arc::new(ShipStats::default()),
             scan_done: t.scan_done.clone(),
+            urgent: t.urgent.clone(),
             scan_stats: t.scan_stats.clone(),
             retry: Default::default(),
             cursor: None,
@@ -628,12 +631,13 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         );
         // One scan reporting directories is enough for the watcher.
         let dirs_seen = if i == 0 { dir_feed.clone() } else { None };
-        let (id, name, scan_done, stats, wake) = (
+        let (id, name, scan_done, stats, wake, urgent) = (
             t.id,
             t.name.clone(),
             t.scan_done.clone(),
             t.scan_stats.clone(),
             t.wake.clone(),
+            t.urgent.clone(),
         );
         threads.push(
             std::thread::Builder::new()
@@ -714,6 +718,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                                     pre_stats.enqueued.load(Ordering::Relaxed),
                                     t0.elapsed().as_millis()
                                 );
+                                // What the crash or stop left unmirrored
+                                // is all enqueued: ship it at once.
+                                urgent.store(true, Ordering::Release);
                                 let _ = wake.try_send(());
                             }
                             Err(e) => {

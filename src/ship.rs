@@ -60,6 +60,10 @@ pub struct Shipper {
     pub stats: Arc<ShipStats>,
     /// Set by the startup scan when it has enqueued everything.
     pub scan_done: Arc<AtomicBool>,
+    /// Set with a wake whose entries are already all in the journal (the
+    /// changes a restart found in its first pass): nothing to gather, so
+    /// the round starts without the batching `delay`.
+    pub urgent: Arc<AtomicBool>,
     pub scan_stats: Arc<ScanStats>,
     pub retry: HashMap<Vec<u8>, Retry>,
     pub cursor: Option<Vec<u8>>,
@@ -383,7 +387,9 @@ impl Shipper {
                 .clamp(Duration::from_millis(10), Duration::from_secs(1));
             if self.wake.recv_timeout(wait).is_ok() {
                 // Let a burst gather into one batch.
-                std::thread::sleep(self.delay);
+                if !self.urgent.swap(false, Ordering::AcqRel) {
+                    std::thread::sleep(self.delay);
+                }
                 while self.wake.try_recv().is_ok() {}
             }
         }
