@@ -152,7 +152,7 @@ fn capture_loop(
     watcher: &mut dyn Watcher,
     journal: &Journal,
     ids: &[TargetId],
-    wakers: &[Sender<()>],
+    wakers: &[(Sender<()>, crate::ship::Hurry)],
     stop: &AtomicBool,
     watchdog: Option<Duration>,
     board: &crate::status::Board,
@@ -160,6 +160,10 @@ fn capture_loop(
     let abort_after_read = std::env::var_os(TEST_ABORT_AFTER_READ).is_some();
     let mut events = Vec::new();
     let mut reading = false;
+    // The first events read queued in the kernel while capture was set up
+    // (the watches of a large tree take a good part of a second to
+    // restore): they have waited long enough to skip the batching delay.
+    let mut first = true;
     let mut last_read = Instant::now();
     let mut last_ping = Instant::now();
     let mut last_status = Instant::now();
@@ -206,7 +210,11 @@ fn capture_loop(
             count_events(&events);
             let changes = to_changes(std::mem::take(&mut events));
             journal.record(ids, &changes)?;
-            for w in wakers {
+            let hurry = std::mem::take(&mut first);
+            for (w, h) in wakers {
+                if hurry {
+                    h.set();
+                }
                 let _ = w.try_send(());
             }
         }
@@ -280,7 +288,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         wake: Sender<()>,
         wake_rx: crossbeam_channel::Receiver<()>,
         scan_done: Arc<AtomicBool>,
-        urgent: Arc<AtomicBool>,
+        hurry: crate::ship::Hurry,
         scan_stats: Arc<ScanStats>,
     }
     let mut targets = Vec::new();
@@ -305,7 +313,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             wake,
             wake_rx,
             scan_done: Arc::new(AtomicBool::new(false)),
-            urgent: Arc::new(AtomicBool::new(false)),
+            hurry: Default::default(),
             scan_stats: Arc::new(ScanStats::default()),
         });
     }
@@ -403,6 +411,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         },
     };
     let dir_feed = watcher.dir_feed();
+    let complete_watch = watcher.complete_watch();
     // With fanotify, writes to the journal and to a local target on a
     // filesystem under the source come back as events: keep them out of
     // the kernel queue (see crate::watch::self_ignore).
@@ -515,7 +524,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         let shared = shared.clone();
         let journal = journal.clone();
         let ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
-        let wakers: Vec<Sender<()>> = targets.iter().map(|t| t.wake.clone()).collect();
+        let wakers: Vec<_> = targets
+            .iter()
+            .map(|t| (t.wake.clone(), t.hurry.clone()))
+            .collect();
         tracing::info!(
             "drmirror ready backend={} watches={} source={} targets={} setup_ms={} ({})",
             watcher.backend(),
@@ -583,7 +595,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             stop: stop.clone(),
             stats: Arc::new(ShipStats::default()),
             scan_done: t.scan_done.clone(),
-            urgent: t.urgent.clone(),
+            hurry: t.hurry.clone(),
             scan_stats: t.scan_stats.clone(),
             retry: Default::default(),
             cursor: None,
@@ -631,13 +643,14 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         );
         // One scan reporting directories is enough for the watcher.
         let dirs_seen = if i == 0 { dir_feed.clone() } else { None };
-        let (id, name, scan_done, stats, wake, urgent) = (
+        let complete_watch = complete_watch.clone();
+        let (id, name, scan_done, stats, wake, hurry) = (
             t.id,
             t.name.clone(),
             t.scan_done.clone(),
             t.scan_stats.clone(),
             t.wake.clone(),
-            t.urgent.clone(),
+            t.hurry.clone(),
         );
         threads.push(
             std::thread::Builder::new()
@@ -720,7 +733,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                                 );
                                 // What the crash or stop left unmirrored
                                 // is all enqueued: ship it at once.
-                                urgent.store(true, Ordering::Release);
+                                hurry.set();
                                 let _ = wake.try_send(());
                             }
                             Err(e) => {
@@ -729,6 +742,16 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                             }
                         }
                     }
+                    // Compare nothing that capture would not also see
+                    // change from then on (see `Watcher::complete_watch`).
+                    // The wait is capture's setup, not the scan's work: it
+                    // is logged apart and left out of the scan's rate.
+                    let waited = Instant::now();
+                    if let Some(cw) = complete_watch {
+                        let _ = cw.go.try_send(());
+                        let _ = cw.done.recv();
+                    }
+                    let waited = waited.elapsed();
                     // Once a complete scan has listed the target, the index
                     // accounts for all it holds, bar the temporary files of
                     // copies cut short: deletions are found in it, with no
@@ -784,9 +807,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                     });
                     match r {
                         Ok(()) => {
-                            let secs = t0.elapsed().as_secs_f64();
+                            let secs = t0.elapsed().saturating_sub(waited).as_secs_f64();
                             tracing::info!(
-                                "startup scan done target={} scanned={} differing={} in_sync={} errors={} resumed_subtrees={} deletions={} secs={:.2} rate={:.0}/s",
+                                "startup scan done target={} scanned={} differing={} in_sync={} errors={} resumed_subtrees={} deletions={} secs={:.2} rate={:.0}/s capture_wait_ms={}",
                                 name,
                                 scanned,
                                 stats.enqueued.load(Ordering::Relaxed),
@@ -798,7 +821,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                                     _ => "target-listing",
                                 },
                                 secs,
-                                scanned as f64 / secs.max(1e-6)
+                                scanned as f64 / secs.max(1e-6),
+                                waited.as_millis()
                             );
                             scan_done.store(true, Ordering::Release);
                             let _ = wake.try_send(());
@@ -813,6 +837,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // The scan holds the only sender now: its end tells the watcher that the
     // restored watch tree is confirmed.
     drop(dir_feed);
+    drop(complete_watch);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

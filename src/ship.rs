@@ -60,10 +60,8 @@ pub struct Shipper {
     pub stats: Arc<ShipStats>,
     /// Set by the startup scan when it has enqueued everything.
     pub scan_done: Arc<AtomicBool>,
-    /// Set with a wake whose entries are already all in the journal (the
-    /// changes a restart found in its first pass): nothing to gather, so
-    /// the round starts without the batching `delay`.
-    pub urgent: Arc<AtomicBool>,
+    /// Cuts the batching `delay` short (see [`Hurry`]).
+    pub hurry: Hurry,
     pub scan_stats: Arc<ScanStats>,
     pub retry: HashMap<Vec<u8>, Retry>,
     pub cursor: Option<Vec<u8>>,
@@ -254,6 +252,40 @@ impl Flusher {
     }
 }
 
+/// A wake for changes that have all gathered already, so that the shipper
+/// starts its round without the batching `delay`, or ends that wait early:
+/// what a restart's first pass (changed directories) enqueued, and the
+/// events that queued in the kernel while capture was being set up (the
+/// watches of a large tree take a good part of a second to restore).
+#[derive(Clone)]
+pub struct Hurry {
+    tx: crossbeam_channel::Sender<()>,
+    rx: Receiver<()>,
+}
+
+impl Default for Hurry {
+    fn default() -> Self {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        Self { tx, rx }
+    }
+}
+
+impl Hurry {
+    /// Sends along with the shipper's wake, not instead of it.
+    pub fn set(&self) {
+        let _ = self.tx.try_send(());
+    }
+
+    fn take(&self) -> bool {
+        self.rx.try_recv().is_ok()
+    }
+
+    /// Waits up to `d`, less if hurried meanwhile.
+    fn wait(&self, d: Duration) {
+        let _ = self.rx.recv_timeout(d);
+    }
+}
+
 fn flusher_loop(rx: crossbeam_channel::Receiver<FlushJob>, mut f: Flusher) {
     let mut failed: Option<JournalError> = None;
     for job in rx {
@@ -386,9 +418,10 @@ impl Shipper {
                 .unwrap_or(Duration::from_secs(1))
                 .clamp(Duration::from_millis(10), Duration::from_secs(1));
             if self.wake.recv_timeout(wait).is_ok() {
-                // Let a burst gather into one batch.
-                if !self.urgent.swap(false, Ordering::AcqRel) {
-                    std::thread::sleep(self.delay);
+                // Let a burst gather into one batch, unless what woke the
+                // shipper (or comes while it waits) has gathered already.
+                if !self.hurry.take() {
+                    self.hurry.wait(self.delay);
                 }
                 while self.wake.try_recv().is_ok() {}
             }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use inotify::{EventMask, Inotify, WatchMask};
 
-use super::{Event, WatchError, Watcher};
+use super::{CompleteWatch, Event, WatchError, Watcher};
 use crate::filter::Filter;
 use crate::fsops::Root;
 use crate::journal::{flags, Journal, TargetId};
@@ -37,6 +37,33 @@ fn mask() -> WatchMask {
         | WatchMask::ONLYDIR
         | WatchMask::EXCL_UNLINK
 }
+
+/// What a restored watch starts with: entries appearing, going and
+/// renamed, and the directory itself going. The kernel adds such a watch in
+/// a third of the time of a full one, which also marks every cached child
+/// (`fsnotify_set_children_dentry_flags`: half of a restore's time, 25,000
+/// directories of 20 files each). Changes to the files in it (MODIFY,
+/// CLOSE_WRITE, ATTRIB) come once the watch is completed (see
+/// [`InotifyWatcher::deepen`]), before the startup scan compares anything.
+fn shallow_mask() -> WatchMask {
+    WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF
+        | WatchMask::DONT_FOLLOW
+        | WatchMask::ONLYDIR
+        | WatchMask::EXCL_UNLINK
+}
+
+/// Restored watches completed per [`Watcher::wait`] (~2 ms of kernel time),
+/// so that events are read between chunks.
+const DEEPEN_CHUNK: usize = 512;
+
+/// Reads after which restored watches whose paths keep failing to name
+/// them are given up on, for a walk of the whole tree (see `retry_stale`).
+const STALE_READS: u32 = 8;
 
 /// A MOVED_FROM half: path, is_dir, and the subtree's watches then.
 type MovedFrom = (Vec<u8>, bool, Vec<(Vec<u8>, Wd)>);
@@ -82,6 +109,19 @@ pub struct InotifyWatcher {
     /// is being confirmed; the sending half goes to the scan.
     feed_rx: Option<crossbeam_channel::Receiver<Vec<Vec<u8>>>>,
     feed_tx: Option<crossbeam_channel::Sender<Vec<Vec<u8>>>>,
+    /// Restored watches still with the [`shallow_mask`], and those whose
+    /// path named another directory when tried (a rename not read yet):
+    /// tried again after the next read.
+    shallow: Vec<Wd>,
+    stale: Vec<Wd>,
+    stale_reads: u32,
+    /// Whether to complete them yet, and the channel that disconnects once
+    /// none is shallow (see [`CompleteWatch`]); the other halves go to the
+    /// startup scans.
+    deep_go: Option<crossbeam_channel::Receiver<()>>,
+    deep_tx: Option<crossbeam_channel::Sender<()>>,
+    deep_handle: Option<CompleteWatch>,
+    deep_since: std::time::Instant,
 }
 
 /// Whether `fd` is an inotify group.
@@ -122,6 +162,13 @@ impl InotifyWatcher {
             adopted: false,
             feed_rx: None,
             feed_tx: None,
+            shallow: Vec::new(),
+            stale: Vec::new(),
+            stale_reads: 0,
+            deep_go: None,
+            deep_tx: None,
+            deep_handle: None,
+            deep_since: std::time::Instant::now(),
         }
     }
 
@@ -282,7 +329,7 @@ impl InotifyWatcher {
                 if !rel.is_empty() && filter.excluded(&rel, true) {
                     return (rel, None);
                 }
-                let r = w.add(paths::under(&source, &rel), mask());
+                let r = w.add(paths::under(&source, &rel), shallow_mask());
                 (rel, Some(r.map(|wd| wd.get_watch_descriptor_id())))
             })
             .collect();
@@ -312,9 +359,108 @@ impl InotifyWatcher {
             }
         }
         self.restored = self.by_wd.len();
+        self.shallow = self.by_wd.keys().copied().collect();
+        let (go, go_rx) = crossbeam_channel::bounded(1);
+        let (tx, done) = crossbeam_channel::bounded(0);
+        (self.deep_go, self.deep_tx) = (Some(go_rx), Some(tx));
+        self.deep_handle = Some(CompleteWatch { go, done });
         // The descriptors are new: the journal's are those of the last run.
         let put = self.entries(self.by_path.keys());
         self.journal.dirs_update(&put, &gone)?;
+        Ok(())
+    }
+
+    /// Gives up to `n` restored watches the full mask. Each is re-added by
+    /// its path as of the last read, which names another directory if it
+    /// was renamed since: the descriptor the kernel returns tells, and the
+    /// watch is tried again after the next read (see `retry_stale`).
+    fn deepen(&mut self, n: usize) -> Result<(), WatchError> {
+        let from = self.shallow.len().saturating_sub(n);
+        let chunk = self.shallow.split_off(from);
+        let mut w = self.ino.watches();
+        for wd in chunk {
+            // Gone meanwhile (deleted, moved out): nothing to complete.
+            let Some(rel) = self.by_wd.get(&wd).cloned() else {
+                continue;
+            };
+            match w.add(
+                paths::under(self.root.path(), &rel),
+                mask() | WatchMask::MASK_ADD,
+            ) {
+                Ok(got) if got.get_watch_descriptor_id() == wd => {}
+                Ok(got) => {
+                    // A directory this group did not watch: undo that.
+                    let got = got.get_watch_descriptor_id();
+                    if !self.by_wd.contains_key(&got) {
+                        let _ = rustix::fs::inotify::remove_watch(&self.ino, got);
+                    }
+                    self.stale.push(wd);
+                }
+                Err(e) if crate::fsops::is_missing(&e) => self.stale.push(wd),
+                // Unreadable now: as when restoring, it goes unwatched until
+                // a chmod its parent reports makes it readable.
+                Err(e) if e.raw_os_error() == Some(crate::fsops::libc_errno::EACCES) => {
+                    tracing::warn!(path = %paths::display(&rel), "cannot watch directory: {e}; will watch it once it is readable");
+                    let _ = rustix::fs::inotify::remove_watch(&self.ino, wd);
+                    self.by_wd.remove(&wd);
+                    self.by_path.remove(&rel);
+                    self.journal.dirs_update(&[], &[rel])?;
+                }
+                Err(e) => return Err(self.add_error(&rel, e, 0)),
+            }
+        }
+        self.note_deep();
+        Ok(())
+    }
+
+    /// After a read, which brought the paths up to date: watches that could
+    /// not be completed by path are tried again; if they still fail after
+    /// [`STALE_READS`] reads, the whole tree is walked and watched afresh,
+    /// and rescanned.
+    fn retry_stale(&mut self, out: &mut Vec<Event>) -> Result<(), WatchError> {
+        if self.stale.is_empty() {
+            self.stale_reads = 0;
+            return Ok(());
+        }
+        self.stale_reads += 1;
+        if self.stale_reads <= STALE_READS {
+            self.shallow.append(&mut self.stale);
+            return Ok(());
+        }
+        tracing::warn!(
+            "{} restored watches could not be completed by their paths: watching the whole tree again, and rescanning",
+            self.stale.len()
+        );
+        self.rewatch_all()?;
+        out.push(Event::Overflow);
+        Ok(())
+    }
+
+    /// Once no watch is shallow, lets the startup scans go.
+    fn note_deep(&mut self) {
+        if self.deep_tx.is_some() && self.shallow.is_empty() && self.stale.is_empty() {
+            self.deep_tx = None;
+            tracing::info!(
+                "restored watches complete: all {} report changes to the files in them ms={}",
+                self.by_wd.len(),
+                self.deep_since.elapsed().as_millis()
+            );
+        }
+    }
+
+    /// Watches every directory of the tree again (existing watches get the
+    /// full mask), forgetting renames whose other half may be lost.
+    fn rewatch_all(&mut self) -> Result<(), WatchError> {
+        self.rewatched = true;
+        self.moved_from.clear();
+        match self.add_tree(b"") {
+            Ok(()) => {}
+            Err(e @ WatchError::WatchLimit { .. }) => return Err(e),
+            Err(e) => tracing::warn!("{e}"),
+        }
+        self.shallow.clear();
+        self.stale.clear();
+        self.note_deep();
         Ok(())
     }
 
@@ -604,15 +750,8 @@ impl InotifyWatcher {
             tracing::warn!("inotify queue overflowed: events were lost, rescanning the source");
             if !self.rewatched {
                 // Lost events may include CREATE of directories: watch
-                // everything again (existing watches are returned as is),
-                // and forget renames whose other half may be lost.
-                self.rewatched = true;
-                self.moved_from.clear();
-                match self.add_tree(b"") {
-                    Ok(()) => {}
-                    Err(e @ WatchError::WatchLimit { .. }) => return Err(e),
-                    Err(e) => tracing::warn!("{e}"),
-                }
+                // everything again.
+                self.rewatch_all()?;
             }
             out.push(Event::Overflow);
             return Ok(());
@@ -727,11 +866,28 @@ impl Watcher for InotifyWatcher {
         self.feed_tx.take()
     }
 
+    fn complete_watch(&mut self) -> Option<CompleteWatch> {
+        self.deep_handle.take()
+    }
+
     fn wait(&mut self, timeout: Duration) -> Result<bool, WatchError> {
         if self.feed_rx.as_ref().is_some_and(|rx| !rx.is_empty()) {
             return Ok(true);
         }
-        self.wait_fd(timeout)
+        if self.shallow.is_empty() {
+            return self.wait_fd(timeout);
+        }
+        if let Some(go) = &self.deep_go {
+            if go.try_recv() == Err(crossbeam_channel::TryRecvError::Empty) {
+                // Not yet: look again soon.
+                return self.wait_fd(timeout.min(Duration::from_millis(5)));
+            }
+            self.deep_go = None;
+            self.deep_since = std::time::Instant::now();
+        }
+        // Completing restored watches, with reads in between.
+        self.deepen(DEEPEN_CHUNK)?;
+        self.wait_fd(Duration::ZERO)
     }
 
     fn read(&mut self, out: &mut Vec<Event>) -> Result<(), WatchError> {
@@ -803,6 +959,7 @@ impl Watcher for InotifyWatcher {
                 }
             }
         }
+        self.retry_stale(out)?;
         self.recent.clear();
         self.rewatched = false;
         Ok(())

@@ -87,6 +87,11 @@ pub trait Watcher: Send {
     fn dir_feed(&mut self) -> Option<crossbeam_channel::Sender<Vec<Vec<u8>>>> {
         None
     }
+    /// For a backend whose capture is not whole when it starts (see
+    /// [`CompleteWatch`]).
+    fn complete_watch(&mut self) -> Option<CompleteWatch> {
+        None
+    }
     /// For a backend that sees the whole filesystem (fanotify): a handle
     /// that keeps drmirror's own writes out of its queue, with `fixed`
     /// directories (the journal's) ignored for good.
@@ -96,6 +101,22 @@ pub trait Watcher: Send {
     ) -> Result<Option<std::sync::Arc<self_ignore::SelfIgnore>>, WatchError> {
         Ok(None)
     }
+}
+
+/// Restored inotify watches report entries appearing, going and renamed at
+/// first (a third of the kernel's time of a full watch), and changes to
+/// files in them only once capture has completed them. A startup scan lets
+/// capture complete them after its first pass, which finds the entries that
+/// appeared while nothing watched (the two would share the machine's cores
+/// otherwise), and waits until they are complete before it compares
+/// anything else: a change between its comparison and the watch's
+/// completion would be seen by neither.
+#[derive(Clone)]
+pub struct CompleteWatch {
+    /// Sent (or dropped by every holder): complete the watches now.
+    pub go: crossbeam_channel::Sender<()>,
+    /// Disconnects once capture is whole.
+    pub done: crossbeam_channel::Receiver<()>,
 }
 
 /// Waits up to `timeout` for `fd` (an inotify or fanotify group) to be

@@ -219,6 +219,7 @@ fn inotify_restart_restores_watches_from_the_journal() {
     let env = Env::with(Backend::Inotify);
     write(&env.s("a/sub/f"), b"f");
     write(&env.s("b/g"), b"g");
+    write(&env.s("c/h"), b"h");
     let d = env.start(&[]);
     let first = d.wait_log("drmirror ready", secs(5));
     assert!(first.contains("from a walk"), "{first}");
@@ -237,7 +238,13 @@ fn inotify_restart_restores_watches_from_the_journal() {
         "the second start must not walk: {ready}"
     );
     d.wait_log("startup scan done", secs(60));
+    d.wait_log("restored watches complete", secs(5));
     env.converge(&[], &d);
+    // Restored watches report changes to files in place, not only new
+    // entries (they start with the latter only; see `shallow_mask`).
+    write(&env.s("c/h"), b"rewritten in place");
+    env.converge(&[], &d);
+    assert_eq!(read(&env.d("c/h")), b"rewritten in place");
     // Directories the restored tree did not know are watched now.
     write(&env.s("a2/sub/live"), b"1");
     write(&env.s("new/deep/live"), b"2");
