@@ -316,6 +316,109 @@ fn key(t: TargetId, path: &[u8]) -> Vec<u8> {
 }
 
 /// The smallest key greater than every key starting with `prefix`.
+/// The index keys of the entries in `dir` (and below) start with this.
+fn children_prefix(t: TargetId, dir: &[u8]) -> Vec<u8> {
+    let mut prefix = key(t, dir);
+    if !dir.is_empty() {
+        prefix.push(b'/');
+    }
+    prefix
+}
+
+/// The entries directly under `prefix` (see [`children_prefix`]): one seek,
+/// then a step per entry, and a seek over each subdirectory's own subtree:
+/// far cheaper than a lookup per name.
+fn children_at(
+    it: &mut rocksdb::DBRawIteratorWithThreadMode<'_, DB>,
+    prefix: &[u8],
+) -> Result<Vec<(Vec<u8>, Meta)>> {
+    it.seek(prefix);
+    let mut out = Vec::new();
+    while it.valid() {
+        let (Some(k), Some(v)) = (it.key(), it.value()) else {
+            break;
+        };
+        let Some(rest) = k.strip_prefix(prefix) else {
+            break;
+        };
+        match rest.iter().position(|&c| c == b'/') {
+            // The root's own entry (`dir` empty) is not a child.
+            _ if rest.is_empty() => it.next(),
+            // Below a subdirectory: skip the rest of its subtree.
+            Some(slash) => {
+                let mut past = k[..prefix.len() + slash].to_vec();
+                past.push(b'/' + 1);
+                it.seek(&past);
+            }
+            None => {
+                let m = Meta::decode(v).ok_or_else(|| {
+                    JournalError::Corrupt(format!("index value of {} bytes", v.len()))
+                })?;
+                out.push((rest.to_vec(), m));
+                it.next();
+            }
+        }
+    }
+    it.status()?;
+    Ok(out)
+}
+
+/// Iterators over the index, kept for reuse by a walk that reads the
+/// children of directory after directory (a reconciliation): making one
+/// (a view of every memtable and level, with their index blocks) cost as
+/// much as reading a leaf directory's entries with it.
+///
+/// An iterator sees the index as it was when made or last refreshed, a few
+/// milliseconds at most ([`IndexReaders::FRESH`]). That is enough for a
+/// reconciliation, which looks for what changed while nothing captured it:
+/// what the shippers recorded meanwhile differs from the source only as
+/// live capture has seen (and enqueued) already, so a stale entry can only
+/// make it enqueue a path again, never miss one.
+pub struct IndexReaders<'a> {
+    journal: &'a Journal,
+    pool: Mutex<
+        Vec<(
+            rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
+            std::time::Instant,
+        )>,
+    >,
+}
+
+impl<'a> IndexReaders<'a> {
+    /// How long an iterator is used before it is refreshed (it also pins
+    /// the memtables and files it reads).
+    const FRESH: std::time::Duration = std::time::Duration::from_millis(50);
+
+    pub fn new(journal: &'a Journal) -> Self {
+        Self {
+            journal,
+            pool: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// As [`Journal::index_children`].
+    pub fn children(&self, t: TargetId, dir: &[u8]) -> Result<Vec<(Vec<u8>, Meta)>> {
+        let reuse = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let (mut it, made) = match reuse {
+            Some((mut it, made)) if made.elapsed() >= Self::FRESH => {
+                it.refresh()?;
+                (it, std::time::Instant::now())
+            }
+            Some(r) => r,
+            None => (
+                self.journal.db.raw_iterator_cf(self.journal.cf(CF_INDEX)?),
+                std::time::Instant::now(),
+            ),
+        };
+        let r = children_at(&mut it, &children_prefix(t, dir));
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((it, made));
+        r
+    }
+}
+
 fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut v = prefix.to_vec();
     while let Some(last) = v.pop() {
@@ -1055,45 +1158,13 @@ impl Journal {
     }
 
     /// What the index says target `t` holds directly in directory `dir`:
-    /// names and metadata, in name order. One seek, then a step per entry,
-    /// and a seek over each subdirectory's own subtree: far cheaper than a
-    /// lookup per name.
+    /// names and metadata, in name order (see [`IndexReaders`] for a walk).
     pub fn index_children(&self, t: TargetId, dir: &[u8]) -> Result<Vec<(Vec<u8>, Meta)>> {
-        let mut prefix = key(t, dir);
-        if !dir.is_empty() {
-            prefix.push(b'/');
-        }
-        let end = prefix_end(&prefix).unwrap_or_else(|| vec![0xff; 3]);
+        let prefix = children_prefix(t, dir);
         let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(end);
+        ro.set_iterate_upper_bound(prefix_end(&prefix).unwrap_or_else(|| vec![0xff; 3]));
         let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_INDEX)?, ro);
-        it.seek(&prefix);
-        let mut out = Vec::new();
-        while it.valid() {
-            let (Some(k), Some(v)) = (it.key(), it.value()) else {
-                break;
-            };
-            let rest = &k[prefix.len()..];
-            match rest.iter().position(|&c| c == b'/') {
-                // The root's own entry (`dir` empty) is not a child.
-                _ if rest.is_empty() => it.next(),
-                // Below a subdirectory: skip the rest of its subtree.
-                Some(slash) => {
-                    let mut past = k[..prefix.len() + slash].to_vec();
-                    past.push(b'/' + 1);
-                    it.seek(&past);
-                }
-                None => {
-                    let m = Meta::decode(v).ok_or_else(|| {
-                        JournalError::Corrupt(format!("index value of {} bytes", v.len()))
-                    })?;
-                    out.push((rest.to_vec(), m));
-                    it.next();
-                }
-            }
-        }
-        it.status()?;
-        Ok(out)
+        children_at(&mut it, &prefix)
     }
 
     /// Records directories in the directory list, each with its index
@@ -1379,6 +1450,7 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// Index metadata of a plain file or directory (the values are beside
     /// the point of these tests).
@@ -1671,10 +1743,13 @@ mod tests {
         let e: Vec<(Vec<u8>, Meta)> = keys.iter().map(|k| (k.as_bytes().to_vec(), m)).collect();
         j.index_put_many(t, &e).unwrap();
         j.index_put_many(u, &[(b"q".to_vec(), m)]).unwrap();
+        // A reader reused directory after directory (its iterator has no
+        // upper bound) answers as a fresh, bounded one.
+        let readers = IndexReaders::new(&j);
         let names = |dir: &[u8]| -> Vec<String> {
-            j.index_children(t, dir)
-                .unwrap()
-                .into_iter()
+            let got = j.index_children(t, dir).unwrap();
+            assert_eq!(readers.children(t, dir).unwrap(), got, "{dir:?}");
+            got.into_iter()
                 .map(|(n, _)| String::from_utf8(n).unwrap())
                 .collect()
         };
@@ -1683,6 +1758,11 @@ mod tests {
         assert_eq!(names(b"a/x"), ["y"]);
         assert!(names(b"a-1").is_empty());
         assert!(names(b"nope").is_empty());
+        assert_eq!(names("\u{e9}".as_bytes()), Vec::<String>::new());
+        // Once older than FRESH, it is refreshed: it sees what was written.
+        j.index_put_many(t, &[(b"a/w".to_vec(), m)]).unwrap();
+        std::thread::sleep(IndexReaders::FRESH + Duration::from_millis(10));
+        assert_eq!(names(b"a"), ["w", "x", "z"]);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use crate::filter::Filter;
 use crate::fsops::{self, Root};
-use crate::journal::{flags, Journal, JournalError, TargetId};
+use crate::journal::{flags, IndexReaders, Journal, JournalError, TargetId};
 use crate::meta::{Kind, Meta};
 use crate::paths;
 use crate::scan;
@@ -87,6 +87,14 @@ fn symlink_same(src_dir: &Root, rel: &[u8], tdir: Option<&DirView>, name: &[u8])
     }
 }
 
+/// What the workers of one walk share.
+struct WalkShared<'j> {
+    /// The first journal error, which ends the walk.
+    err: Mutex<Option<JournalError>>,
+    /// With [`Deletions::Index`]: the index's entries of each directory.
+    index: Option<IndexReaders<'j>>,
+}
+
 impl Compare<'_> {
     fn keep_first(err: &Mutex<Option<JournalError>>, e: JournalError) {
         let mut g = err.lock().unwrap_or_else(|p| p.into_inner());
@@ -141,7 +149,10 @@ impl Compare<'_> {
     /// directories compared. Errors are left to the full walk.
     pub fn changed_dirs_first(&self, flag: u8) -> Result<u64, JournalError> {
         use rayon::prelude::*;
-        let err = Mutex::new(None);
+        let sh = WalkShared {
+            err: Mutex::new(None),
+            index: None,
+        };
         let compared = AtomicU64::new(0);
         let compare = |dir: &[u8]| {
             if let Ok(mut children) = scan::read_children(self.source, dir) {
@@ -151,7 +162,7 @@ impl Compare<'_> {
                     flag,
                     Deletions::TargetListing,
                     false,
-                    &err,
+                    &sh,
                 );
                 compared.fetch_add(1, Ordering::Relaxed);
             }
@@ -175,7 +186,7 @@ impl Compare<'_> {
                 .collect();
             let mut looked_up = match self.journal.index_get_many(self.t, &unknown) {
                 Ok(v) => v.into_iter(),
-                Err(e) => return Self::keep_first(&err, e),
+                Err(e) => return Self::keep_first(&sh.err, e),
             };
             let mut gone = Vec::new();
             let mut changed = Vec::new();
@@ -204,10 +215,10 @@ impl Compare<'_> {
                 .enqueue(self.t, &changed)
                 .and_then(|()| self.journal.dirlist_remove(self.t, &gone))
             {
-                Self::keep_first(&err, e);
+                Self::keep_first(&sh.err, e);
             }
         });
-        match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        match sh.err.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e),
             None => Ok(compared.into_inner()),
         }
@@ -297,12 +308,17 @@ impl Compare<'_> {
         flag: u8,
         deletions: Deletions,
         list_dirs: bool,
-        err: &Mutex<Option<JournalError>>,
+        sh: &WalkShared,
     ) {
+        let err = &sh.err;
         let names = deletions == Deletions::TargetListing;
         let mut extra_ix = Vec::new();
         let indexed = if deletions == Deletions::Index {
-            match self.journal.index_children(self.t, dir) {
+            let ix = match &sh.index {
+                Some(r) => r.children(self.t, dir),
+                None => self.journal.index_children(self.t, dir),
+            };
+            match ix {
                 Ok(ix) => {
                     // Both in name order (siblings' keys differ only in the
                     // name): one merge pairs them.
@@ -476,7 +492,10 @@ impl Compare<'_> {
                 self.journal.enqueue(self.t, &[(start.to_vec(), flag)])?;
             }
         }
-        let err = Mutex::new(None);
+        let sh = WalkShared {
+            err: Mutex::new(None),
+            index: (deletions == Deletions::Index).then(|| IndexReaders::new(self.journal)),
+        };
         scan::walk_tracked(
             self.source,
             start,
@@ -493,7 +512,7 @@ impl Compare<'_> {
                         }
                     }
                 }
-                self.compare_dir(dir, children, flag, deletions, list_dirs, &err);
+                self.compare_dir(dir, children, flag, deletions, list_dirs, &sh);
             },
             |p, e| self.walk_error("source", p, e),
             |dir, entries| {
@@ -501,7 +520,7 @@ impl Compare<'_> {
                 // scan walks them again.
                 if resume.is_some() && (entries >= CHECKPOINT_MIN_ENTRIES || dir == start) {
                     if let Err(e) = self.checkpoint(dir, abort_after, &checkpointed) {
-                        Self::keep_first(&err, e);
+                        Self::keep_first(&sh.err, e);
                     }
                 }
             },
@@ -515,9 +534,9 @@ impl Compare<'_> {
             .map(|d| (d.clone(), flag | flags::RECURSIVE))
             .collect();
         if let Err(e) = self.journal.enqueue(self.t, &failed) {
-            Self::keep_first(&err, e);
+            Self::keep_first(&sh.err, e);
         }
-        match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        match sh.err.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e),
             None => Ok(()),
         }
