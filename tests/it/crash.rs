@@ -152,18 +152,29 @@ fn one_op(root: &Path, rng: &mut XorShift) {
     }
 }
 
-/// Cycles of: start → load → kill -9 at a random moment (during the
-/// startup scan over a 20,000-file tree, or while live changes are being
-/// captured and applied) → load while down → restart → quiet → converge
-/// with checksums. 10 cycles in the default suite; the long run is
+/// Cycles of: start → load → kill -9 at a random moment (during an initial
+/// sync or a restart's startup scan over a 20,000-file tree, or while live
+/// changes are being captured and applied) → load while down → restart →
+/// quiet → converge with checksums. 10 cycles in the default suite (and 6
+/// with inotify); the long run is
 /// `DRMIRROR_CRASH_CYCLES=50 cargo test --release --test it crash_kill9`.
 #[test]
 fn crash_kill9_under_write_load_converges_every_cycle() {
+    crash_cycles("auto (fanotify)", Env::new(), 10);
+}
+
+/// The same with inotify, whose restarts restore the watch tree (watches
+/// that start shallow and are completed while capture runs).
+#[test]
+fn crash_kill9_with_inotify_converges_every_cycle() {
+    crash_cycles("inotify", Env::with(Backend::Inotify), 6);
+}
+
+fn crash_cycles(watch: &str, env: Env, default_cycles: usize) {
     let cycles: usize = std::env::var("DRMIRROR_CRASH_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
-    let env = Env::new();
+        .unwrap_or(default_cycles);
     gen_tree(&env.s("static"), 20_000, 500);
     let root = env.s("load");
     let writer = Writer::start(root.clone(), 0x5eed_1234);
@@ -175,11 +186,12 @@ fn crash_kill9_under_write_load_converges_every_cycle() {
     let mut rng = XorShift::new(42);
     let mut d = env.start(&[]);
     env.converge_for(&["--checksum"], &d, secs(180));
-    let (mut in_scan, mut live) = (0, 0);
-    // After every third crash the daemon is restarted and killed again
-    // within milliseconds of `drmirror ready`, while its startup scan is
-    // still reconciling; every other restart must converge.
-    let mut fresh = false;
+    let (mut in_initial, mut in_scan, mut live) = (0, 0, 0);
+    // After some crashes the daemon is restarted and killed again soon
+    // after `drmirror ready`: every third, while its startup scan is still
+    // reconciling; every fifth, on an empty target and journal, while its
+    // initial sync runs. Every other restart must converge.
+    let (mut fresh, mut new_mirror) = (false, false);
     for cycle in 0..cycles {
         let before = writer.ops();
         writer.resume();
@@ -188,7 +200,11 @@ fn crash_kill9_under_write_load_converges_every_cycle() {
         } else {
             rng.below(1500)
         }));
-        let phase = if d.log().contains("startup scan done") {
+        let log = d.log();
+        let phase = if new_mirror && !log.contains("initial sync complete") {
+            in_initial += 1;
+            "initial sync"
+        } else if log.contains("startup scan done") {
             live += 1;
             "live"
         } else {
@@ -202,7 +218,17 @@ fn crash_kill9_under_write_load_converges_every_cycle() {
         eprintln!(
             "crash cycle {cycle}: killed during {phase} after {during} operations, restarting"
         );
-        if cycle % 3 == 1 && cycle + 1 < cycles {
+        let last = cycle + 1 == cycles;
+        new_mirror = false;
+        if cycle % 5 == 3 && !last {
+            // A new mirror: its initial sync, under the load, is killed next.
+            fs::remove_dir_all(&env.dst).expect("rm -r dst");
+            fs::remove_dir_all(&env.state).expect("rm -r state");
+            mkdirp(&env.dst);
+            mkdirp(&env.state);
+            d = env.start(&[]);
+            (fresh, new_mirror) = (true, true);
+        } else if cycle % 3 == 1 && !last {
             d = env.spawn(&[]);
             let deadline = std::time::Instant::now() + secs(30);
             while !d.log().contains("drmirror ready") {
@@ -218,7 +244,7 @@ fn crash_kill9_under_write_load_converges_every_cycle() {
     }
     let ops = writer.stop();
     eprintln!(
-        "crash cycles: {cycles} ({in_scan} during the startup scan, {live} live), {ops} operations, 0 divergences"
+        "crash cycles, watch {watch}: {cycles} ({in_initial} during an initial sync, {in_scan} during a startup scan, {live} live), {ops} operations, 0 divergences"
     );
     assert!(ops > 100, "the writer made only {ops} operations");
     d.terminate();
