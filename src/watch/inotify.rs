@@ -65,6 +65,14 @@ const DEEPEN_CHUNK: usize = 512;
 /// them are given up on, for a walk of the whole tree (see `retry_stale`).
 const STALE_READS: u32 = 8;
 
+/// The start of the name of each group's marker file (see
+/// [`InotifyWatcher::mark_group`]).
+const GROUP_MARKER: &str = "inotify-group-";
+
+/// Test hook: restored watches stay shallow (a daemon killed before it
+/// completed them, made deterministic).
+const TEST_HOLD_SHALLOW: &str = "DRMIRROR_TEST_HOLD_SHALLOW";
+
 /// A MOVED_FROM half: path, is_dir, and the subtree's watches then.
 type MovedFrom = (Vec<u8>, bool, Vec<(Vec<u8>, Wd)>);
 
@@ -122,6 +130,8 @@ pub struct InotifyWatcher {
     deep_tx: Option<crossbeam_channel::Sender<()>>,
     deep_handle: Option<CompleteWatch>,
     deep_since: std::time::Instant,
+    /// This group's marker, until the journal names it.
+    marker: Option<String>,
 }
 
 /// Whether `fd` is an inotify group.
@@ -169,6 +179,7 @@ impl InotifyWatcher {
             deep_tx: None,
             deep_handle: None,
             deep_since: std::time::Instant::now(),
+            marker: None,
         }
     }
 
@@ -279,32 +290,55 @@ impl InotifyWatcher {
             w.add_tree(b"")?;
         }
         w.mark_group()?;
+        // Restored watches: named once complete (see `note_deep`).
+        if w.shallow.is_empty() {
+            w.deep_tx = None;
+            w.name_group()?;
+        }
         w.collect_recent = true;
         Ok(w)
     }
 
     /// Gives this (new) group a marker of its own: a file in the journal's
-    /// directory that only it watches, named in the journal next to the
-    /// watch tree, so that a handover can tell this group from any other
-    /// (see [`InotifyWatcher::adopt`]). The last group's marker goes.
+    /// directory that only it watches, so that a handover can tell this
+    /// group from any other (see [`InotifyWatcher::adopt`]). The journal
+    /// names it only once every watch is complete ([`Self::name_group`]):
+    /// a group handed over with shallow watches would miss changes to
+    /// files for good.
     fn mark_group(&mut self) -> Result<(), WatchError> {
         use rustix::fs::inotify::{add_watch, WatchFlags};
-        let j = &self.journal;
-        let err = |path: &Path, e: io::Error| WatchError::Add {
-            path: path.display().to_string(),
-            source: e,
-        };
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let name = format!("inotify-group-{}-{nanos}", std::process::id());
-        let path = j.dir().join(&name);
-        std::fs::File::create(&path).map_err(|e| err(&path, e))?;
-        add_watch(&self.ino, &path, WatchFlags::DELETE_SELF).map_err(|e| err(&path, e.into()))?;
-        let old = j.meta_get(crate::journal::META_INOTIFY_GROUP)?;
+        let name = format!("{GROUP_MARKER}{}-{nanos}", std::process::id());
+        let path = self.journal.dir().join(&name);
+        let err = |e: io::Error| WatchError::Add {
+            path: path.display().to_string(),
+            source: e,
+        };
+        std::fs::File::create(&path).map_err(err)?;
+        add_watch(&self.ino, &path, WatchFlags::DELETE_SELF).map_err(|e| err(e.into()))?;
+        self.marker = Some(name);
+        Ok(())
+    }
+
+    /// Names this group's marker in the journal, next to the watch tree,
+    /// and removes the markers of other groups.
+    fn name_group(&mut self) -> Result<(), WatchError> {
+        let Some(name) = self.marker.take() else {
+            return Ok(());
+        };
+        let j = &self.journal;
         j.meta_put(crate::journal::META_INOTIFY_GROUP, name.as_bytes())?;
-        if let Some(old) = old.filter(|o| o.as_slice() != name.as_bytes()) {
-            let _ = std::fs::remove_file(j.dir().join(std::ffi::OsStr::from_bytes(&old)));
+        // Also those of groups that died before they were named.
+        if let Ok(entries) = std::fs::read_dir(j.dir()) {
+            for e in entries.flatten() {
+                let n = e.file_name();
+                let n = n.as_bytes();
+                if n.starts_with(GROUP_MARKER.as_bytes()) && n != name.as_bytes() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
         }
         Ok(())
     }
@@ -409,8 +443,7 @@ impl InotifyWatcher {
                 Err(e) => return Err(self.add_error(&rel, e, 0)),
             }
         }
-        self.note_deep();
-        Ok(())
+        self.note_deep()
     }
 
     /// After a read, which brought the paths up to date: watches that could
@@ -436,9 +469,11 @@ impl InotifyWatcher {
         Ok(())
     }
 
-    /// Once no watch is shallow, lets the startup scans go.
-    fn note_deep(&mut self) {
+    /// Once no watch is shallow: the journal names this group (a handover
+    /// may take it over from then on), and the startup scans go on.
+    fn note_deep(&mut self) -> Result<(), WatchError> {
         if self.deep_tx.is_some() && self.shallow.is_empty() && self.stale.is_empty() {
+            self.name_group()?;
             self.deep_tx = None;
             tracing::info!(
                 "restored watches complete: all {} report changes to the files in them ms={}",
@@ -446,6 +481,7 @@ impl InotifyWatcher {
                 self.deep_since.elapsed().as_millis()
             );
         }
+        Ok(())
     }
 
     /// Watches every directory of the tree again (existing watches get the
@@ -460,8 +496,7 @@ impl InotifyWatcher {
         }
         self.shallow.clear();
         self.stale.clear();
-        self.note_deep();
-        Ok(())
+        self.note_deep()
     }
 
     /// Watches the directories a scan reported that have no watch yet.
@@ -878,7 +913,9 @@ impl Watcher for InotifyWatcher {
             return self.wait_fd(timeout);
         }
         if let Some(go) = &self.deep_go {
-            if go.try_recv() == Err(crossbeam_channel::TryRecvError::Empty) {
+            if go.try_recv() == Err(crossbeam_channel::TryRecvError::Empty)
+                || std::env::var_os(TEST_HOLD_SHALLOW).is_some()
+            {
                 // Not yet: look again soon.
                 return self.wait_fd(timeout.min(Duration::from_millis(5)));
             }

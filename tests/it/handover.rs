@@ -385,6 +385,43 @@ fn an_inotify_group_the_journal_does_not_belong_to_is_refused() {
     d.terminate();
 }
 
+/// A group whose restored watches were not all complete yet (they start
+/// shallow: entries appearing and going only) is not taken over: it would
+/// miss changes to files in place for good.
+#[test]
+fn an_inotify_group_handed_over_with_shallow_watches_is_refused() {
+    let Some((env, mut m, _mount)) = setup(Backend::Inotify) else {
+        return;
+    };
+    let d = start_stored(&env, &mut m, &[], &[]);
+    d.kill9();
+    // Restored from the journal, and killed (the hook: deterministically)
+    // before its watches were complete.
+    m.stored.clear();
+    let d = start_stored(&env, &mut m, &[], &[("DRMIRROR_TEST_HOLD_SHALLOW", "1")]);
+    assert!(
+        d.log().contains("restored from the journal"),
+        "{}",
+        d.log_tail()
+    );
+    assert!(
+        !d.log().contains("restored watches complete"),
+        "{}",
+        d.log_tail()
+    );
+    d.kill9();
+    let d = m.spawn(&env, &[], &[]);
+    let log = d.wait_log("dropping the stored inotify capture descriptor", secs(30));
+    assert!(log.contains("not the group"), "{log}");
+    d.wait_log("restored watches complete", secs(30));
+    d.wait_log("startup scan done", secs(60));
+    env.converge(&[], &d);
+    // A change in place, which a shallow watch would not report.
+    append(&env.s("a/f"), b" changed in place");
+    env.converge(&[], &d);
+    d.terminate();
+}
+
 /// `STATUS=` lines say what the daemon does (at start, then every few
 /// seconds with each target's lag and backlog); `WATCHDOG=1` is sent when,
 /// and only when, the unit asks for it (`WATCHDOG_USEC`).
