@@ -57,9 +57,9 @@ fn shallow_mask() -> WatchMask {
         | WatchMask::EXCL_UNLINK
 }
 
-/// Restored watches completed per [`Watcher::wait`] (~2 ms of kernel time),
-/// so that events are read between chunks.
-const DEEPEN_CHUNK: usize = 512;
+/// Restored watches completed per [`Watcher::wait`] (~5 ms), so that
+/// events are read between chunks.
+const DEEPEN_CHUNK: usize = 1024;
 
 /// Reads after which restored watches whose paths keep failing to name
 /// them are given up on, for a walk of the whole tree (see `retry_stale`).
@@ -409,22 +409,29 @@ impl InotifyWatcher {
     /// was renamed since: the descriptor the kernel returns tells, and the
     /// watch is tried again after the next read (see `retry_stale`).
     fn deepen(&mut self, n: usize) -> Result<(), WatchError> {
+        use rayon::prelude::*;
         let from = self.shallow.len().saturating_sub(n);
-        let chunk = self.shallow.split_off(from);
-        let mut w = self.ino.watches();
-        for wd in chunk {
-            // Gone meanwhile (deleted, moved out): nothing to complete.
-            let Some(rel) = self.by_wd.get(&wd).cloned() else {
-                continue;
-            };
-            match w.add(
-                paths::under(self.root.path(), &rel),
-                mask() | WatchMask::MASK_ADD,
-            ) {
-                Ok(got) if got.get_watch_descriptor_id() == wd => {}
+        // Gone meanwhile (deleted, moved out): nothing to complete.
+        let chunk: Vec<(Wd, Vec<u8>)> = self
+            .shallow
+            .split_off(from)
+            .into_iter()
+            .filter_map(|wd| self.by_wd.get(&wd).map(|rel| (wd, rel.clone())))
+            .collect();
+        // As in `restore`: the path lookups spread over the cores.
+        let source = self.root.path().to_path_buf();
+        let added: Vec<(Wd, Vec<u8>, io::Result<Wd>)> = chunk
+            .into_par_iter()
+            .map_with(self.ino.watches(), |w, (wd, rel)| {
+                let r = w.add(paths::under(&source, &rel), mask() | WatchMask::MASK_ADD);
+                (wd, rel, r.map(|got| got.get_watch_descriptor_id()))
+            })
+            .collect();
+        for (wd, rel, r) in added {
+            match r {
+                Ok(got) if got == wd => {}
                 Ok(got) => {
                     // A directory this group did not watch: undo that.
-                    let got = got.get_watch_descriptor_id();
                     if !self.by_wd.contains_key(&got) {
                         let _ = rustix::fs::inotify::remove_watch(&self.ino, got);
                     }
