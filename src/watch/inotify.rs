@@ -409,7 +409,6 @@ impl InotifyWatcher {
     /// was renamed since: the descriptor the kernel returns tells, and the
     /// watch is tried again after the next read (see `retry_stale`).
     fn deepen(&mut self, n: usize) -> Result<(), WatchError> {
-        use rayon::prelude::*;
         let from = self.shallow.len().saturating_sub(n);
         // Gone meanwhile (deleted, moved out): nothing to complete.
         let chunk: Vec<(Wd, Vec<u8>)> = self
@@ -418,15 +417,36 @@ impl InotifyWatcher {
             .into_iter()
             .filter_map(|wd| self.by_wd.get(&wd).map(|rel| (wd, rel.clone())))
             .collect();
-        // As in `restore`: the path lookups spread over the cores.
-        let source = self.root.path().to_path_buf();
-        let added: Vec<(Wd, Vec<u8>, io::Result<Wd>)> = chunk
-            .into_par_iter()
-            .map_with(self.ino.watches(), |w, (wd, rel)| {
-                let r = w.add(paths::under(&source, &rel), mask() | WatchMask::MASK_ADD);
-                (wd, rel, r.map(|got| got.get_watch_descriptor_id()))
-            })
-            .collect();
+        // As in `restore`, the path lookups go two at a time (the marks
+        // themselves take the group's lock). On a thread of its own, not on
+        // a rayon pool: this is the capture thread, and a pool busy with
+        // copies would hold it up.
+        let source = self.root.path();
+        let add = |part: &[(Wd, Vec<u8>)]| -> Vec<io::Result<Wd>> {
+            let mut w = self.ino.watches();
+            part.iter()
+                .map(|(_, rel)| {
+                    w.add(paths::under(source, rel), mask() | WatchMask::MASK_ADD)
+                        .map(|got| got.get_watch_descriptor_id())
+                })
+                .collect()
+        };
+        let (a, b) = chunk.split_at(chunk.len() / 2);
+        let results = std::thread::scope(|s| {
+            let other = s.spawn(|| add(b));
+            let mut r = add(a);
+            // A panic there is a bug: pass it on.
+            r.extend(
+                other
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            );
+            r
+        });
+        let added = chunk
+            .into_iter()
+            .zip(results)
+            .map(|((wd, rel), r)| (wd, rel, r));
         for (wd, rel, r) in added {
             match r {
                 Ok(got) if got == wd => {}
