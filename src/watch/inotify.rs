@@ -24,18 +24,7 @@ use crate::meta::Kind;
 use crate::paths;
 
 fn mask() -> WatchMask {
-    WatchMask::CREATE
-        | WatchMask::DELETE
-        | WatchMask::MODIFY
-        | WatchMask::CLOSE_WRITE
-        | WatchMask::ATTRIB
-        | WatchMask::MOVED_FROM
-        | WatchMask::MOVED_TO
-        | WatchMask::DELETE_SELF
-        | WatchMask::MOVE_SELF
-        | WatchMask::DONT_FOLLOW
-        | WatchMask::ONLYDIR
-        | WatchMask::EXCL_UNLINK
+    shallow_mask() | WatchMask::MODIFY | WatchMask::CLOSE_WRITE | WatchMask::ATTRIB
 }
 
 /// What a restored watch starts with: entries appearing, going and
