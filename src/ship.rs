@@ -658,6 +658,11 @@ impl Shipper {
                         Outcome::Unchanged { meta } => {
                             self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
                             c.index_put.push((p.clone(), meta));
+                            // The copy may be one a crash cut off before its
+                            // round re-stamped the directory, which the index
+                            // still holds as mirrored: nothing else would fix
+                            // the directory's mtime.
+                            touched.extend(parent);
                         }
                         Outcome::Dir {
                             meta,
@@ -685,7 +690,10 @@ impl Shipper {
                             touched.extend(parent);
                             wrote = true;
                         }
-                        Outcome::DeleteSkipped | Outcome::Special | Outcome::Vanished => {}
+                        // Also a copy a crash cut off (see above), since
+                        // deleted on the source.
+                        Outcome::DeleteSkipped => touched.extend(parent),
+                        Outcome::Special | Outcome::Vanished => {}
                     }
                 }
                 Err(e) => self.failed(p, v.seq, e),
