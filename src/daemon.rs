@@ -778,7 +778,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         }
                         _ => Deletions::TargetListing,
                     };
+                    let t_walk = Instant::now();
                     let r = scan_pool.install(|| cmp.reconcile(b"", flags::STARTUP, Some(&resume), deletions));
+                    let walk_ms = t_walk.elapsed().as_millis();
                     pb.finish_and_clear();
                     metrics::gauge!("drmirror_scan_running").decrement(1.0);
                     let scanned = stats.scanned.load(Ordering::Relaxed);
@@ -809,7 +811,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         Ok(()) => {
                             let secs = t0.elapsed().saturating_sub(waited).as_secs_f64();
                             tracing::info!(
-                                "startup scan done target={} scanned={} differing={} in_sync={} errors={} resumed_subtrees={} deletions={} secs={:.2} rate={:.0}/s capture_wait_ms={}",
+                                "startup scan done target={} scanned={} differing={} in_sync={} errors={} resumed_subtrees={} deletions={} secs={:.2} rate={:.0}/s capture_wait_ms={} walk_ms={}",
                                 name,
                                 scanned,
                                 stats.enqueued.load(Ordering::Relaxed),
@@ -822,7 +824,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                                 },
                                 secs,
                                 scanned as f64 / secs.max(1e-6),
-                                waited.as_millis()
+                                waited.as_millis(),
+                                walk_ms
                             );
                             scan_done.store(true, Ordering::Release);
                             let _ = wake.try_send(());

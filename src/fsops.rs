@@ -189,9 +189,9 @@ impl Root {
         if rel.is_empty() {
             return self.lstat(rel);
         }
-        let path = std::ffi::CString::new(rel)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with a NUL byte"))?;
-        match rustix::fs::statat(&self.fd, path.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        // rustix copies a short path to a buffer on the stack (and refuses
+        // one holding a NUL byte).
+        match rustix::fs::statat(&self.fd, rel, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => Ok(Some(Meta::from_stat(&st))),
             Err(e) => {
                 let e = io::Error::from(e);

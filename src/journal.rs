@@ -1197,13 +1197,43 @@ impl Journal {
     /// The directories in target `t`'s directory list, in key order, each
     /// with its index entry as last written (`None` if unreadable).
     pub fn dirlist(&self, t: TargetId) -> Result<Vec<(Vec<u8>, Option<Meta>)>> {
+        let mut out = Vec::new();
+        self.dirlist_chunks(t, 1024, |c| {
+            out.extend(c);
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// [`Journal::dirlist`] in chunks of up to `n`, handed to `f` as they
+    /// are read (so that a caller can work on one while the next is read);
+    /// stops early when `f` returns false.
+    pub fn dirlist_chunks(
+        &self,
+        t: TargetId,
+        n: usize,
+        mut f: impl FnMut(Vec<(Vec<u8>, Option<Meta>)>) -> bool,
+    ) -> Result<()> {
         let start = key(t, b"");
-        let end = prefix_end(&start).unwrap_or_else(|| vec![0xff; 3]);
-        Ok(self
-            .range(CF_DIRLIST, &start, &end)?
-            .into_iter()
-            .map(|(k, v)| (k[2..].to_vec(), Meta::decode(&v)))
-            .collect())
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(prefix_end(&start).unwrap_or_else(|| vec![0xff; 3]));
+        // A raw iterator lends each key and value: no allocation per entry
+        // beyond the path kept.
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_DIRLIST)?, ro);
+        it.seek(&start);
+        let mut chunk = Vec::with_capacity(n);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            chunk.push((k[2..].to_vec(), Meta::decode(v)));
+            if chunk.len() == n && !f(std::mem::replace(&mut chunk, Vec::with_capacity(n))) {
+                return Ok(());
+            }
+            it.next();
+        }
+        it.status()?;
+        if !chunk.is_empty() {
+            f(chunk);
+        }
+        Ok(())
     }
 
     /// Records index entries (a scan found the target already holding them).

@@ -148,7 +148,6 @@ impl Compare<'_> {
     /// are found by the full walk that follows. Returns the number of
     /// directories compared. Errors are left to the full walk.
     pub fn changed_dirs_first(&self, flag: u8) -> Result<u64, JournalError> {
-        use rayon::prelude::*;
         let sh = WalkShared {
             err: Mutex::new(None),
             index: None,
@@ -167,9 +166,7 @@ impl Compare<'_> {
                 compared.fetch_add(1, Ordering::Relaxed);
             }
         };
-        let mut dirs = self.journal.dirlist(self.t)?;
-        dirs.push((Vec::new(), None));
-        dirs.par_chunks(256).for_each(|chunk| {
+        let check = |chunk: Vec<(Vec<u8>, Option<Meta>)>| {
             if self.stop.load(Ordering::Relaxed) {
                 return;
             }
@@ -215,6 +212,19 @@ impl Compare<'_> {
                 .enqueue(self.t, &changed)
                 .and_then(|()| self.journal.dirlist_remove(self.t, &gone))
             {
+                Self::keep_first(&sh.err, e);
+            }
+        };
+        // The list is checked in chunks as it is read: the reading thread
+        // hands each to the pool and reads on.
+        let check = &check;
+        rayon::scope(|s| {
+            s.spawn(move |_| check(vec![(Vec::new(), None)]));
+            let read = self.journal.dirlist_chunks(self.t, 256, |chunk| {
+                s.spawn(move |_| check(chunk));
+                !self.stop.load(Ordering::Relaxed)
+            });
+            if let Err(e) = read {
                 Self::keep_first(&sh.err, e);
             }
         });

@@ -273,7 +273,8 @@ fn crash_with_pending_backlog() {
 #[test]
 fn after_a_crash_the_directories_changed_meanwhile_are_compared_first() {
     let env = Env::new();
-    let files = gen_tree(&env.s("t"), 2000, 100);
+    // 300 directories: the directory list is read and checked in chunks.
+    let files = gen_tree(&env.s("t"), 3000, 10);
     mkdirp(&env.s("empty"));
     let d = env.start(&[]);
     env.converge(&[], &d);
@@ -283,7 +284,7 @@ fn after_a_crash_the_directories_changed_meanwhile_are_compared_first() {
     d.wait_log("initial sync complete", secs(60));
     d.kill9();
     write(&env.s("t/d0005/while-down"), b"new");
-    std::fs::remove_file(&files[703]).expect("rm t/d0007/f0000703");
+    std::fs::remove_file(&files[2703]).expect("rm t/d0270/f0002703");
     write(&env.s("empty/appeared"), b"x");
     let d = env.start(&[]);
     let line = d.wait_log("changed directories compared first", secs(60));
