@@ -477,6 +477,11 @@ impl Journal {
         opts.increase_parallelism(2);
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(4);
+        // A reconciliation reads the whole index once, in a fresh process:
+        // every block is a cache miss. Mapped files spare each a `pread`
+        // copy (its files are never rewritten in place, only replaced).
+        // A/B at 500k files, 6 rounds each: 1,089k vs 1,048k entries/s.
+        opts.set_allow_mmap_reads(true);
         let mut pending_opts = Options::default();
         pending_opts.set_merge_operator_associative("drmirror_pending_v1", pending_merge);
         pending_opts.set_write_buffer_size(64 << 20);
