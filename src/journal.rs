@@ -1800,6 +1800,59 @@ mod tests {
         assert_eq!(names(b"a"), ["w", "x", "z"]);
     }
 
+    /// A reader reused from wherever its last answer left it answers as a
+    /// fresh iterator does, in any order of directories.
+    #[test]
+    fn a_reader_asked_in_any_order_answers_as_a_fresh_one() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t = j.target_id("t").unwrap();
+        let m = meta(Kind::File);
+        let mut keys: Vec<String> = Vec::new();
+        let mut dirs: Vec<String> = vec![String::new()];
+        for i in 0..12 {
+            for top in [format!("d{i}"), format!("d{i}-x")] {
+                keys.push(top.clone());
+                dirs.push(top.clone());
+                // 0 to 11 files, and every third directory a subdirectory.
+                for f in 0..i {
+                    keys.push(format!("{top}/f{f}"));
+                }
+                if i % 3 == 0 {
+                    keys.push(format!("{top}/s"));
+                    keys.push(format!("{top}/s/g"));
+                    dirs.push(format!("{top}/s"));
+                }
+            }
+        }
+        let e: Vec<(Vec<u8>, Meta)> = keys.iter().map(|k| (k.as_bytes().to_vec(), m)).collect();
+        j.index_put_many(t, &e).unwrap();
+        dirs.sort();
+        let mut orders = vec![dirs.clone(), dirs.iter().rev().cloned().collect()];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..4 {
+            let mut o = dirs.clone();
+            for i in (1..o.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                o.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            orders.push(o);
+        }
+        for order in orders {
+            let readers = IndexReaders::new(&j);
+            for dir in &order {
+                let want = j.index_children(t, dir.as_bytes()).unwrap();
+                assert_eq!(
+                    readers.children(t, dir.as_bytes()).unwrap(),
+                    want,
+                    "{dir:?} in {order:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn the_directory_list_follows_the_index() {
         let d = tempfile::tempdir().unwrap();
