@@ -319,9 +319,14 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     }
 
     // Copies the last run recorded before flushing them (see
-    // crate::durability) are lost if the machine went down since.
+    // crate::durability) are lost if the machine went down since. (A remote
+    // target's note is of its receiver's machine: its shipper's flusher
+    // compares it with the boot the receiver reports.)
     let boot = crate::durability::boot_id();
     for t in &targets {
+        if !matches!(t.target.as_ref(), Target::Local(_)) {
+            continue;
+        }
         if let Some(noted) = journal.unflushed(t.id)? {
             if boot.as_deref() != Some(noted.as_slice()) {
                 tracing::warn!(
@@ -581,6 +586,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         let defer_ok = matches!(t.target.as_ref(), Target::Local(l) if crate::durability::local_disk(l.root().fd()));
         let shipper = Shipper {
             boot_id: if defer_ok { boot.clone() } else { None },
+            boot_gen: 0,
             run_seq0,
             t: t.id,
             name: t.name.clone(),

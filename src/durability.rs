@@ -18,9 +18,13 @@
 //! The same boot's id means only the daemon died: the page cache, and so
 //! every recorded copy, survived it.
 //!
-//! This is only sound where the target's disk goes down with this machine,
-//! so only local disk filesystems qualify; a network filesystem's server
-//! can restart on its own, and such targets flush before every commit.
+//! This is only sound where the target's disk goes down with the machine
+//! whose boot id is noted, so only local disk filesystems qualify; a
+//! network filesystem's server can restart on its own, and such targets
+//! flush before every commit. A remote target's receiver reports its own
+//! machine's boot id when its root qualifies (`Welcome`); the note then
+//! holds that id, and the shipper's flusher compares it with the boot each
+//! later flush reaches (`ship::Flusher`).
 
 use std::os::fd::AsFd;
 

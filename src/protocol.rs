@@ -38,7 +38,8 @@ use serde::{Deserialize, Serialize};
 use crate::meta::Meta;
 
 /// Protocol version spoken by this build. Bump on any incompatible change.
-pub const VERSION: u32 = 1;
+/// 2: `Welcome` carries the receiver's boot id.
+pub const VERSION: u32 = 2;
 
 /// Largest payload accepted. Data chunks are at most [`CHUNK`] bytes, and
 /// listings are split well below this.
@@ -235,6 +236,14 @@ pub enum Done {
 pub enum Reply {
     Welcome {
         version: u32,
+        /// The receiving machine's boot id when its root is on one of its
+        /// own disks: what it applied survives the loss of the connection or
+        /// of the receiver process, and is lost only if that machine goes
+        /// down before a `Sync`. The daemon may then record copies before
+        /// they are flushed, under this id (see [`crate::durability`]).
+        /// `None`: every copy must be flushed before it is recorded.
+        #[serde(with = "serde_bytes")]
+        boot: Option<Vec<u8>>,
     },
     Refused {
         reason: String,
@@ -446,6 +455,21 @@ mod tests {
             let mut buf = Vec::new();
             let r = read_frame::<_, Request>(&mut &g[..], &mut buf);
             assert!(r.is_err(), "bit {i} flipped went unnoticed: {r:?}");
+        }
+    }
+
+    #[test]
+    fn welcome_carries_the_receivers_boot_or_none() {
+        for boot in [Some(b"0d6c\n\xff".to_vec()), None] {
+            let msg = Reply::Welcome {
+                version: VERSION,
+                boot,
+            };
+            let mut f = Vec::new();
+            write_frame(&mut f, &msg).expect("encode");
+            let mut buf = Vec::new();
+            let back = read_frame::<_, Reply>(&mut &f[..], &mut buf).expect("decode");
+            assert_eq!(back, msg);
         }
     }
 

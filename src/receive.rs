@@ -241,7 +241,18 @@ pub fn serve<R: Read, W: Write + Send>(
         }
         Err(e) => return refuse(&mut w, format!("bad handshake: {e}")),
     }
-    protocol::write_frame(&mut w, &Reply::Welcome { version: VERSION })?;
+    let boot = if crate::durability::local_disk(target.root().fd()) {
+        crate::durability::boot_id()
+    } else {
+        None
+    };
+    protocol::write_frame(
+        &mut w,
+        &Reply::Welcome {
+            version: VERSION,
+            boot,
+        },
+    )?;
     w.flush().map_err(FrameError::Io)?;
 
     // Replies come from this loop, the workers and the sync thread.

@@ -85,9 +85,13 @@ pub struct Shipper {
     /// For a remote target: more threads than cores, each waiting on its
     /// own batch, so that several batches are in flight at once.
     pub io_pool: Option<Arc<rayon::ThreadPool>>,
-    /// This boot's id, for a target whose copies the initial sync may
-    /// record before they are flushed (see [`crate::durability`]).
+    /// This boot's id, for a local target whose copies the initial sync
+    /// may record before they are flushed (see [`crate::durability`]).
+    /// A remote target's receiver reports its own.
     pub boot_id: Option<Vec<u8>>,
+    /// A remote target's [`crate::target::remote::RemoteTarget::boot_epoch`]
+    /// counter at the last flush.
+    pub boot_gen: u64,
     /// [`Journal::seq_now`] when this run started (see [`flags::ABSENT`]).
     pub run_seq0: u64,
 }
@@ -158,6 +162,18 @@ pub struct Retry {
     seq: Option<u64>,
 }
 
+/// During which boot of the target's machine a commit's copies were made.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ApplyBoot {
+    /// The target does not say: only a flush makes its copies safe.
+    Unknown,
+    /// All during this boot.
+    Boot(Vec<u8>),
+    /// The target's machine restarted among them: some may be lost, and a
+    /// flush now covers only those of its current boot.
+    Mixed,
+}
+
 /// Work for the flusher thread.
 pub enum FlushJob {
     /// Record `c` as applied; `wrote`: after flushing the target, unless
@@ -166,6 +182,7 @@ pub enum FlushJob {
         c: Completion,
         wrote: bool,
         defer: bool,
+        boot: ApplyBoot,
     },
     /// Flush the target if copies were recorded unflushed.
     Settle,
@@ -174,19 +191,34 @@ pub enum FlushJob {
     Barrier(crossbeam_channel::Sender<Result<(), JournalError>>),
 }
 
-fn sync_target(target: &Target, name: &str) -> bool {
+/// What a flush of the target did.
+enum Flushed {
+    /// With the boot id of the target's machine when it is another one
+    /// that reports it.
+    Done(Option<Vec<u8>>),
+    /// The target could not be asked: nothing is known of its disk.
+    Unreachable,
+    /// Writeback failed: what was applied may never reach the disk.
+    Failed,
+}
+
+fn sync_target(target: &Target, name: &str) -> Flushed {
     let t0 = Instant::now();
     let r = target.sync();
     tracing::debug!(target = %name, ms = t0.elapsed().as_millis() as u64, "syncfs");
     match r {
-        Ok(()) => true,
+        Ok(boot) => Flushed::Done(boot),
+        Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {
+            tracing::debug!(target = %name, "cannot flush: {e}");
+            Flushed::Unreachable
+        }
         Err(e) => {
             // Writeback failed (EIO, ENOSPC on thin or network storage):
             // what was applied may not be on disk. Nothing is recorded as
             // done; the entries stay pending and are applied again.
             metrics::counter!("drmirror_errors_total", "kind" => "target_sync").increment(1);
             tracing::error!(target = %name, "syncfs failed: {e}; the last changes will be applied again");
-            false
+            Flushed::Failed
         }
     }
 }
@@ -198,27 +230,41 @@ struct Flusher {
     target: Arc<Target>,
     t: TargetId,
     name: String,
-    /// This boot's id, for a target whose copies may be recorded unflushed.
-    boot: Option<Vec<u8>>,
-    /// The journal holds an unflushed note for the target.
-    unflushed: bool,
+    /// The journal's unflushed note for the target: the boot during which
+    /// copies were recorded unflushed.
+    note: Option<Vec<u8>>,
     /// A flush failed while the note was set: it stays, whatever the later
     /// flushes do (the data of the failed writeback is gone).
     poisoned: bool,
 }
 
 impl Flusher {
-    fn commit(&mut self, c: &Completion, wrote: bool, defer: bool) -> Result<(), JournalError> {
+    fn commit(
+        &mut self,
+        c: &Completion,
+        wrote: bool,
+        defer: bool,
+        boot: &ApplyBoot,
+    ) -> Result<(), JournalError> {
         if wrote {
-            match (&self.boot, defer) {
-                (Some(boot), true) => {
-                    if !self.unflushed {
-                        self.journal.set_unflushed(self.t, boot)?;
-                        self.unflushed = true;
-                    }
-                }
+            match (boot, defer) {
+                (ApplyBoot::Boot(b), true) => self.note(b)?,
                 _ => {
-                    if !self.sync()? {
+                    let Some(synced) = self.sync()? else {
+                        return Ok(());
+                    };
+                    // A flush covers what its boot applied, not what a
+                    // boot of the target's machine lost before it.
+                    let covered = match (boot, &synced) {
+                        (ApplyBoot::Mixed, _) => false,
+                        (ApplyBoot::Boot(b), Some(s)) => b == s,
+                        _ => true,
+                    };
+                    if !covered {
+                        tracing::warn!(
+                            target = %self.name,
+                            "the target's machine restarted while changes were applied to it: they are applied again"
+                        );
                         return Ok(());
                     }
                 }
@@ -227,28 +273,74 @@ impl Flusher {
         self.journal.complete(self.t, c)
     }
 
-    /// syncfs; `false` if it failed. A flush that covers copies recorded
-    /// unflushed clears their note, and one that fails turns the note into
-    /// one no boot matches: those copies may never reach the disk, and the
-    /// next start compares the whole target again.
-    fn sync(&mut self) -> Result<bool, JournalError> {
+    /// Copies made during boot `b` are about to be recorded unflushed.
+    fn note(&mut self, b: &[u8]) -> Result<(), JournalError> {
+        match self.note.clone() {
+            Some(n) if n == b => return Ok(()),
+            Some(n) => self.lost(&n, b)?,
+            None => {}
+        }
+        self.journal.set_unflushed(self.t, b)?;
+        self.note = Some(b.to_vec());
+        Ok(())
+    }
+
+    /// The target's machine restarted while copies recorded unflushed
+    /// during boot `old` may not have reached its disk (or a flush failed):
+    /// the index may vouch for copies the target lost. It is forgotten and
+    /// the whole tree compared with the target again, as at an initial
+    /// sync (what survived is found equal and not copied).
+    fn lost(&mut self, old: &[u8], now: &[u8]) -> Result<(), JournalError> {
+        tracing::warn!(
+            target = %self.name,
+            before = %String::from_utf8_lossy(old),
+            now = %String::from_utf8_lossy(now),
+            "the target's machine restarted (or a flush failed) before the last copies to it were on its disk: comparing the whole target with the source again"
+        );
+        self.journal.forget_target(self.t)?;
+        self.journal
+            .enqueue(self.t, &[(Vec::new(), flags::RECURSIVE | flags::LIVE)])?;
+        self.note = None;
+        self.poisoned = false;
+        Ok(())
+    }
+
+    /// syncfs; `None` if it failed, else the boot id it reported (see
+    /// [`Target::sync`]). A flush that covers copies recorded unflushed
+    /// clears their note, and one that fails turns the note into one no
+    /// boot matches: those copies may never reach the disk, and the next
+    /// start compares the whole target again. A flush of another boot than
+    /// the note's comes too late: see [`Flusher::lost`].
+    fn sync(&mut self) -> Result<Option<Option<Vec<u8>>>, JournalError> {
         let t0 = Instant::now();
-        let ok = sync_target(&self.target, &self.name);
-        if self.unflushed && !self.poisoned {
-            if ok {
+        let flushed = sync_target(&self.target, &self.name);
+        let synced = match &flushed {
+            Flushed::Done(b) => Some(b.clone()),
+            _ => None,
+        };
+        let Some(note) = self.note.clone().filter(|_| !self.poisoned) else {
+            return Ok(synced);
+        };
+        match flushed {
+            Flushed::Done(Some(now)) if now != note => self.lost(&note, &now)?,
+            Flushed::Done(_) => {
                 self.journal.clear_unflushed(self.t)?;
-                self.unflushed = false;
+                self.note = None;
                 tracing::info!(
                     target = %self.name,
                     ms = t0.elapsed().as_millis() as u64,
                     "target flushed: every copy recorded so far is on its disk"
                 );
-            } else {
+            }
+            // The note stays: the next flush tells which boot it reached.
+            Flushed::Unreachable => {}
+            Flushed::Failed => {
                 self.journal.set_unflushed(self.t, b"writeback-failed")?;
+                self.note = Some(b"writeback-failed".to_vec());
                 self.poisoned = true;
             }
         }
-        Ok(ok)
+        Ok(synced)
     }
 }
 
@@ -290,15 +382,20 @@ fn flusher_loop(rx: crossbeam_channel::Receiver<FlushJob>, mut f: Flusher) {
     let mut failed: Option<JournalError> = None;
     for job in rx {
         match job {
-            FlushJob::Commit { c, wrote, defer } => {
+            FlushJob::Commit {
+                c,
+                wrote,
+                defer,
+                boot,
+            } => {
                 if failed.is_none() {
-                    if let Err(e) = f.commit(&c, wrote, defer) {
+                    if let Err(e) = f.commit(&c, wrote, defer, &boot) {
                         failed = Some(e);
                     }
                 }
             }
             FlushJob::Settle => {
-                if failed.is_none() && f.unflushed {
+                if failed.is_none() && f.note.is_some() {
                     if let Err(e) = f.sync() {
                         failed = Some(e);
                     }
@@ -342,14 +439,13 @@ struct Round {
 }
 
 impl Shipper {
-    fn flusher(&self, unflushed: bool) -> Flusher {
+    fn flusher(&self, note: Option<Vec<u8>>) -> Flusher {
         Flusher {
             journal: self.journal.clone(),
             target: self.target.clone(),
             t: self.t,
             name: self.name.clone(),
-            boot: self.boot_id.clone(),
-            unflushed,
+            note,
             poisoned: false,
         }
     }
@@ -357,10 +453,11 @@ impl Shipper {
     /// Runs until `stop` is set; returns a journal error, which is fatal.
     pub fn run(mut self) -> Result<(), JournalError> {
         let (tx, rx) = crossbeam_channel::bounded(2);
-        // A note of this boot: only the daemon died since; the next flush
-        // covers those copies too. (One of another boot was dealt with
-        // before the shippers started.)
-        let f = self.flusher(self.journal.unflushed(self.t)?.is_some());
+        // A local target's note of this boot: only the daemon died since;
+        // the next flush covers those copies too (one of another boot was
+        // dealt with before the shippers started). A remote target's note
+        // meets the receiver's boot at the first commit or flush.
+        let f = self.flusher(self.journal.unflushed(self.t)?);
         std::thread::scope(|s| {
             let flusher = std::thread::Builder::new()
                 .name(format!("flush-{}", self.t))
@@ -864,6 +961,26 @@ impl Shipper {
         }
     }
 
+    /// During which boot of the target's machine what was applied since
+    /// the last flush was applied.
+    fn apply_boot(&mut self) -> ApplyBoot {
+        match self.target.as_ref() {
+            Target::Local(_) => match &self.boot_id {
+                Some(b) => ApplyBoot::Boot(b.clone()),
+                None => ApplyBoot::Unknown,
+            },
+            Target::Remote(r) => {
+                let (gen, boot) = r.boot_epoch();
+                let same = std::mem::replace(&mut self.boot_gen, gen) == gen;
+                match (same, boot) {
+                    (false, _) => ApplyBoot::Mixed,
+                    (true, Some(b)) => ApplyBoot::Boot(b),
+                    (true, None) => ApplyBoot::Unknown,
+                }
+            }
+        }
+    }
+
     /// Hands what was applied to the flusher thread, which makes it durable
     /// on the target (syncfs) and then tells the journal, while this thread
     /// goes on applying the next batch. At most two commits are in flight.
@@ -871,18 +988,27 @@ impl Shipper {
         let c = std::mem::take(&mut self.acc);
         let wrote = std::mem::take(&mut self.acc_wrote);
         self.last_flush = Instant::now();
+        let boot = self.apply_boot();
         if c.is_empty() && !wrote {
             return Ok(());
         }
         match &self.flush_tx {
             Some(tx) => {
-                let defer = wrote && self.boot_id.is_some() && !self.reported_initial;
-                if tx.send(FlushJob::Commit { c, wrote, defer }).is_err() {
+                let defer = wrote && matches!(boot, ApplyBoot::Boot(_)) && !self.reported_initial;
+                if tx
+                    .send(FlushJob::Commit {
+                        c,
+                        wrote,
+                        defer,
+                        boot,
+                    })
+                    .is_err()
+                {
                     return Err(JournalError::Corrupt("flusher thread is gone".into()));
                 }
                 Ok(())
             }
-            None => self.flusher(false).commit(&c, wrote, false),
+            None => self.flusher(None).commit(&c, wrote, false, &boot),
         }
     }
 

@@ -118,9 +118,13 @@ impl Target {
         }
     }
 
-    pub fn sync(&self) -> io::Result<()> {
+    /// Flushes what was applied to the target's disk; returns the boot id
+    /// of the machine whose disk it is, when that is another machine that
+    /// reported it (a local target's machine is this one: it cannot restart
+    /// under a running daemon).
+    pub fn sync(&self) -> io::Result<Option<Vec<u8>>> {
         match self {
-            Target::Local(t) => t.sync(),
+            Target::Local(t) => t.sync().map(|()| None),
             Target::Remote(t) => t.sync(),
         }
     }

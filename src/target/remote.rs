@@ -165,6 +165,17 @@ struct Conn {
     waiters: Mutex<HashMap<u64, Sender<Reply>>>,
     dead: AtomicBool,
     child: Mutex<Option<Child>>,
+    /// The receiving machine's boot id (`Welcome`), if it reported one.
+    boot: Option<Vec<u8>>,
+}
+
+/// Which boot of the receiving machine the connections served.
+#[derive(Default)]
+struct Epoch {
+    /// Counts changes of boot id between one connection and the next.
+    gen: u64,
+    boot: Option<Vec<u8>>,
+    connected: bool,
 }
 
 struct Writer {
@@ -223,6 +234,7 @@ pub struct RemoteTarget {
     ids: AtomicU64,
     /// Serialises connection attempts.
     connecting: Mutex<()>,
+    epoch: Mutex<Epoch>,
     /// Bytes written to the wire (all frames).
     pub wire_bytes: Arc<AtomicU64>,
 }
@@ -248,6 +260,7 @@ impl RemoteTarget {
             }),
             ids: AtomicU64::new(1),
             connecting: Mutex::new(()),
+            epoch: Mutex::new(Epoch::default()),
             wire_bytes: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -306,6 +319,14 @@ impl RemoteTarget {
                 }
                 b.failures = 0;
                 b.delay = BACKOFF_MIN;
+                drop(b);
+                let mut e = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
+                if e.connected && e.boot != c.boot {
+                    e.gen += 1;
+                }
+                e.boot = c.boot.clone();
+                e.connected = true;
+                drop(e);
                 *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
                 Ok(c)
             }
@@ -424,15 +445,15 @@ impl RemoteTarget {
         )
         .and_then(|_| out.flush().map_err(FrameError::Io))
         .map_err(|e| format!("handshake: {e}"))?;
-        match protocol::read_frame::<_, Reply>(&mut r, &mut buf) {
-            Ok(Reply::Welcome { .. }) => {}
+        let boot = match protocol::read_frame::<_, Reply>(&mut r, &mut buf) {
+            Ok(Reply::Welcome { boot, .. }) => boot,
             Ok(Reply::Refused { reason }) => return Err(format!("receiver refused: {reason}")),
             Ok(other) => return Err(format!("unexpected handshake reply {other:?}")),
             Err(FrameError::Closed) | Err(FrameError::Truncated) => {
                 return Err("the connection closed during the handshake (see ssh's messages above; is drmirror installed on the far side?)".into())
             }
             Err(e) => return Err(format!("handshake: {e}")),
-        }
+        };
         if let Some(s) = &tcp {
             // The handshake is done: from now on replies may take as long as
             // a large batch does (REPLY_TIMEOUT guards the waiters instead).
@@ -447,6 +468,7 @@ impl RemoteTarget {
             waiters: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
             child: Mutex::new(child),
+            boot,
         });
         let weak = Arc::downgrade(&conn);
         let name = self.name.clone();
@@ -525,10 +547,14 @@ impl RemoteTarget {
     /// One query, answered by one reply.
     fn query(&self, make: impl FnOnce(u64) -> Request) -> Result<Reply, ApplyError> {
         let c = self.conn()?;
+        self.query_on(&c, make)
+    }
+
+    fn query_on(&self, c: &Conn, make: impl FnOnce(u64) -> Request) -> Result<Reply, ApplyError> {
         let id = self.next_id();
-        let rx = self.register(&c, id);
-        self.send(&c, &[make(id)], true)?;
-        let r = self.wait(&c, &rx);
+        let rx = self.register(c, id);
+        self.send(c, &[make(id)], true)?;
+        let r = self.wait(c, &rx);
         c.waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -599,12 +625,26 @@ impl RemoteTarget {
         }
     }
 
-    pub fn sync(&self) -> io::Result<()> {
+    /// The receiving machine's boot id as of the last connection, and a
+    /// counter that moves whenever a connection finds another boot than
+    /// the connection before it: copies applied while the counter stayed
+    /// put were all applied during that boot.
+    pub fn boot_epoch(&self) -> (u64, Option<Vec<u8>>) {
+        let e = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
+        (e.gen, e.boot.clone())
+    }
+
+    /// Has the receiver flush its filesystem; returns the boot id of the
+    /// machine that did (`None`: not reported). An unreachable receiver is
+    /// `NotConnected`: nothing is known of its disk, unlike a failed flush.
+    pub fn sync(&self) -> io::Result<Option<Vec<u8>>> {
+        let unreachable = |e| io::Error::new(io::ErrorKind::NotConnected, e);
+        let c = self.conn().map_err(unreachable)?;
         match self
-            .query(|id| Request::Sync { id })
-            .map_err(io::Error::other)?
+            .query_on(&c, |id| Request::Sync { id })
+            .map_err(unreachable)?
         {
-            Reply::Done { result: Ok(_), .. } => Ok(()),
+            Reply::Done { result: Ok(_), .. } => Ok(c.boot.clone()),
             Reply::Done { result: Err(e), .. } | Reply::Failed { error: e, .. } => {
                 Err(io::Error::other(e))
             }

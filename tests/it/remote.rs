@@ -299,6 +299,106 @@ fn tcp_target_needs_the_token() {
     recv.terminate();
 }
 
+/// During the initial sync a receiver on a local disk lets the daemon
+/// record copies before they are flushed, under the receiving machine's
+/// boot id (`Welcome`). The index may then vouch for a copy the DR disk
+/// lost if that machine goes down: a later connection that reports another
+/// boot must have the whole target compared again, and one that reports
+/// the same boot (only a process died) must not.
+#[test]
+fn copies_recorded_unflushed_are_compared_again_after_the_receivers_machine_restarts() {
+    use drmirror::durability::TEST_BOOT_ID;
+    let env = Env::new();
+    let files = gen_tree(&env.s("t"), 400, 50);
+    let port = free_port();
+    let token = env.root.join("token");
+    write(&token, b"boot-test-token\n");
+    let receiver = |boot: &str| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("receive")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--root")
+            .arg(&env.dst)
+            .arg("--token-file")
+            .arg(&token)
+            .env(TEST_BOOT_ID, boot);
+        let r = Daemon::spawn_command(cmd, &env.root);
+        r.wait_log("listening on", secs(20));
+        r
+    };
+    let toml = config(
+        &env,
+        &format!(
+            "[[target]]\nname = \"dr\"\npath = \"tcp://127.0.0.1:{port}{}\"\ntoken_file = {}\n",
+            env.dst.display(),
+            toml_str(&token)
+        ),
+        "",
+    );
+    let recv = receiver("boot-a");
+    let d = start_config(&env, &toml);
+    d.wait_log("initial sync complete", secs(120));
+    // Only copies recorded unflushed are flushed under this line.
+    eprintln!("{}", d.wait_log("target flushed", secs(60)));
+    d.terminate();
+    let journal_path = env.state.join("journal");
+    {
+        let j = drmirror::journal::Journal::open(&journal_path).expect("journal");
+        assert_eq!(
+            j.unflushed(0).expect("note"),
+            None,
+            "a clean stop leaves nothing unflushed"
+        );
+    }
+    let victim = env.d(files[123].strip_prefix(&env.src).expect("under src"));
+    let lose_copy = || {
+        // As the DR machine's power loss would leave it: the note of the
+        // boot that copied, and a copy whose data never reached its disk.
+        let j = drmirror::journal::Journal::open(&journal_path).expect("journal");
+        j.set_unflushed(0, b"boot-a").expect("note");
+        drop(j);
+        let mt = mtime_of(&victim);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&victim)
+            .and_then(|f| f.set_len(0))
+            .expect("truncate the copy");
+        set_mtime(&victim, mt.0, mt.1);
+    };
+
+    lose_copy();
+    let d = start_config(&env, &toml);
+    d.wait_log("startup scan done", secs(60));
+    d.wait_log("target flushed", secs(60));
+    let (same, report) = env.verify(&[]);
+    assert!(
+        !same && report.contains(&*victim.file_name().expect("name").to_string_lossy()),
+        "in the same boot of the receiver's machine the index vouches for the copy, which stays damaged: {report}"
+    );
+    assert!(
+        !d.log().contains("comparing the whole target"),
+        "{}",
+        d.log_tail()
+    );
+    d.terminate();
+
+    lose_copy();
+    recv.terminate();
+    let recv = receiver("boot-b");
+    let d = start_config(&env, &toml);
+    d.wait_log("comparing the whole target with the source again", secs(60));
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+    recv.terminate();
+    let j = drmirror::journal::Journal::open(&journal_path).expect("journal");
+    assert_eq!(
+        j.unflushed(0).expect("note"),
+        None,
+        "a clean stop leaves nothing unflushed"
+    );
+}
+
 /// Reads `/proc/PID` figures: resident set in bytes, CPU seconds.
 fn rss_and_cpu(pid: u32) -> (u64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
