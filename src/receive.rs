@@ -591,7 +591,7 @@ struct Incoming {
     meta: Meta,
     tmp: Option<TempFile>,
     base: Option<File>,
-    hasher: blake3::Hasher,
+    hasher: protocol::ContentHasher,
     /// The first error; the rest of the stream is read and discarded.
     failed: Option<String>,
 }
@@ -852,7 +852,7 @@ impl<'a> Session<'a> {
                     meta,
                     tmp: None,
                     base: None,
-                    hasher: blake3::Hasher::new(),
+                    hasher: protocol::ContentHasher::default(),
                     failed: None,
                 };
                 match checked(&rel, false) {
@@ -938,7 +938,13 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn finish(&mut self, batch: u64, inc: Incoming, hash: [u8; 32], commit: bool) -> bool {
+    fn finish(
+        &mut self,
+        batch: u64,
+        inc: Incoming,
+        hash: protocol::ContentHash,
+        commit: bool,
+    ) -> bool {
         let Incoming {
             index,
             rel,
@@ -960,7 +966,7 @@ impl<'a> Session<'a> {
                 if !commit {
                     self.target.abort_file(t);
                     Err("abandoned by the sender (the source changed while it was sent)".into())
-                } else if hasher.finalize().as_bytes() != &hash {
+                } else if hasher.finish() != hash {
                     self.target.abort_file(t);
                     Err(format!(
                         "{}: content checksum mismatch; not installed",

@@ -1042,7 +1042,7 @@ impl BatchSender<'_> {
                     self.push(Request::Data {
                         file,
                         chunk: Chunk::End {
-                            hash: [0; 32],
+                            hash: [0; 16],
                             commit: false,
                         },
                     })?;
@@ -1082,12 +1082,12 @@ impl BatchSender<'_> {
         file: u64,
         size: u64,
         sig: Option<&(u64, Vec<[u8; 16]>)>,
-    ) -> Result<Result<([u8; 32], u64), io::Error>, ApplyError> {
+    ) -> Result<Result<(protocol::ContentHash, u64), io::Error>, ApplyError> {
         let f = std::fs::File::from(match src.try_clone() {
             Ok(f) => f,
             Err(e) => return Ok(Err(e)),
         });
-        let mut hasher = blake3::Hasher::new();
+        let mut hasher = protocol::ContentHasher::default();
         // Reads in whole delta blocks when a signature is there.
         let step = if sig.is_some() {
             BLOCK as usize
@@ -1157,7 +1157,7 @@ impl BatchSender<'_> {
         if !lit.is_empty() {
             self.data(file, &lit)?;
         }
-        Ok(Ok((*hasher.finalize().as_bytes(), off)))
+        Ok(Ok((hasher.finish(), off)))
     }
 }
 

@@ -686,7 +686,13 @@ fn file_meta(size: u64) -> Meta {
 /// Sends one file in one batch and returns the batch's results.
 /// The requests that send file `rel` with `data` (claimed checksum
 /// `hash`) as stream `file` of `batch`.
-fn file_requests(batch: u64, file: u64, rel: &[u8], data: &[u8], hash: [u8; 32]) -> [Request; 3] {
+fn file_requests(
+    batch: u64,
+    file: u64,
+    rel: &[u8],
+    data: &[u8],
+    hash: protocol::ContentHash,
+) -> [Request; 3] {
     [
         Request::Op {
             batch,
@@ -713,7 +719,7 @@ fn put(
     batch: u64,
     rel: &[u8],
     data: &[u8],
-    hash: [u8; 32],
+    hash: protocol::ContentHash,
 ) -> Vec<Result<Done, String>> {
     for req in file_requests(batch, batch, rel, data, hash) {
         r.send(&req);
@@ -725,8 +731,8 @@ fn put(
     }
 }
 
-fn hash(data: &[u8]) -> [u8; 32] {
-    *blake3::hash(data).as_bytes()
+fn hash(data: &[u8]) -> protocol::ContentHash {
+    protocol::content_hash(data)
 }
 
 /// Every file in `dir` (recursively), for "nothing written outside" checks.
