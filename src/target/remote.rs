@@ -19,9 +19,8 @@
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1083,10 +1082,6 @@ impl BatchSender<'_> {
         size: u64,
         sig: Option<&(u64, Vec<[u8; 16]>)>,
     ) -> Result<Result<(protocol::ContentHash, u64), io::Error>, ApplyError> {
-        let f = std::fs::File::from(match src.try_clone() {
-            Ok(f) => f,
-            Err(e) => return Ok(Err(e)),
-        });
         let mut hasher = protocol::ContentHasher::default();
         // Reads in whole delta blocks when a signature is there.
         let step = if sig.is_some() {
@@ -1101,7 +1096,7 @@ impl BatchSender<'_> {
         // Literal bytes not yet sent (gathered up to CHUNK).
         let mut lit: Vec<u8> = Vec::new();
         loop {
-            let n = match read_full_at(&f, &mut buf, off) {
+            let n = match read_full_at(src.as_fd(), &mut buf, off, size) {
                 Ok(n) => n,
                 Err(e) => return Ok(Err(e)),
             };
@@ -1161,15 +1156,18 @@ impl BatchSender<'_> {
     }
 }
 
-/// Reads up to `buf.len()` bytes at `off` (short only at end of file).
-fn read_full_at(f: &std::fs::File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+/// Reads up to `buf.len()` bytes at `off`, short at the end of the file or
+/// once `end` (the size the file had when it was opened) is reached: the
+/// read that would find the end costs a syscall per file, and a file that
+/// grew since is caught by the stat after the copy anyway.
+fn read_full_at(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64, end: u64) -> io::Result<usize> {
     let mut got = 0;
-    while got < buf.len() {
-        match f.read_at(&mut buf[got..], off + got as u64) {
+    while got < buf.len() && off + (got as u64) < end {
+        match rustix::io::pread(fd, &mut buf[got..], off + got as u64) {
             Ok(0) => break,
             Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(got)
