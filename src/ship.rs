@@ -378,9 +378,21 @@ impl Hurry {
     }
 }
 
+/// How long the flusher waits, idle with copies recorded unflushed, before
+/// it flushes on its own: a flush that found the target unreachable (at
+/// the end of an initial sync, say) is retried even if nothing else is
+/// applied, so a restart of the DR machine meanwhile is found.
+const SETTLE_RETRY: Duration = Duration::from_secs(10);
+
 fn flusher_loop(rx: crossbeam_channel::Receiver<FlushJob>, mut f: Flusher) {
     let mut failed: Option<JournalError> = None;
-    for job in rx {
+    loop {
+        let job = match rx.recv_timeout(SETTLE_RETRY) {
+            Ok(job) => job,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) if !f.poisoned => FlushJob::Settle,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        };
         match job {
             FlushJob::Commit {
                 c,

@@ -456,6 +456,18 @@ fn copies_recorded_unflushed_are_compared_again_after_the_receivers_machine_rest
         None,
         "a clean stop leaves nothing unflushed"
     );
+    drop(j);
+
+    // The DR machine is still down when the daemon starts, and comes back
+    // with another boot while nothing changes on the source.
+    lose_copy();
+    let d = start_config(&env, &toml);
+    d.wait_log("startup scan done", secs(60));
+    let recv = receiver("boot-c");
+    d.wait_log("comparing the whole target with the source again", secs(90));
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+    recv.terminate();
 }
 
 /// Reads `/proc/PID` figures: resident set in bytes, CPU seconds.
