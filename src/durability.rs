@@ -28,13 +28,14 @@
 
 use std::os::fd::AsFd;
 
-/// Test hook: stands in for the kernel's boot id (a simulated reboot).
+/// Test hook: stands in for the kernel's boot id (a simulated reboot);
+/// empty: as if the kernel provided none.
 pub const TEST_BOOT_ID: &str = "DRMIRROR_TEST_BOOT_ID";
 
 /// This boot's id, if the kernel provides one.
 pub fn boot_id() -> Option<Vec<u8>> {
     if let Some(v) = std::env::var_os(TEST_BOOT_ID) {
-        return Some(v.into_encoded_bytes());
+        return (!v.is_empty()).then(|| v.into_encoded_bytes());
     }
     let s = std::fs::read("/proc/sys/kernel/random/boot_id").ok()?;
     let id = s.trim_ascii().to_vec();

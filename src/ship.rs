@@ -323,6 +323,11 @@ impl Flusher {
         };
         match flushed {
             Flushed::Done(Some(now)) if now != note => self.lost(&note, &now)?,
+            // A receiver that no longer says which boot it is in cannot
+            // vouch for what an earlier one was given.
+            Flushed::Done(None) if matches!(self.target.as_ref(), Target::Remote(_)) => {
+                self.lost(&note, b"(not reported)")?
+            }
             Flushed::Done(_) => {
                 self.journal.clear_unflushed(self.t)?;
                 self.note = None;

@@ -468,6 +468,16 @@ fn copies_recorded_unflushed_are_compared_again_after_the_receivers_machine_rest
     env.converge(&["--checksum"], &d);
     d.terminate();
     recv.terminate();
+
+    // A receiver that reports no boot id (its root moved to a network
+    // filesystem, say) cannot vouch for the copies of an earlier boot.
+    lose_copy();
+    let recv = receiver("");
+    let d = start_config(&env, &toml);
+    d.wait_log("comparing the whole target with the source again", secs(60));
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+    recv.terminate();
 }
 
 /// Reads `/proc/PID` figures: resident set in bytes, CPU seconds.
