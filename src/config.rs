@@ -479,6 +479,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         return Err(field("target", "at least one [[target]] is required"));
     }
     let mut targets: Vec<Target> = Vec::new();
+    let mounts = crate::mounts::current();
     for t in &raw.targets {
         if let Some(url) = t.path.to_str().filter(|u| crate::target::remote::is_url(u)) {
             let spec = remote_target(t, url)?;
@@ -536,6 +537,26 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 ),
             ));
         }
+        if let Some(at) = crate::mounts::visible_inside(&mounts, &source, &path) {
+            return Err(field(
+                "target",
+                format!(
+                    "{} is also reachable inside the source as {} (a mount): the mirror would be copied into itself",
+                    path.display(),
+                    at.display()
+                ),
+            ));
+        }
+        if let Some(at) = crate::mounts::visible_inside(&mounts, &path, &source) {
+            return Err(field(
+                "target",
+                format!(
+                    "{} shows the source again at {} (a mount): the mirror would be written into the source",
+                    path.display(),
+                    at.display()
+                ),
+            ));
+        }
         let name = t.name.clone().unwrap_or_else(|| path.display().to_string());
         if name.is_empty() {
             return Err(field("target.name", "must not be empty"));
@@ -571,6 +592,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 "{} is inside the source {}",
                 state_dir.display(),
                 source.display()
+            ),
+        ));
+    }
+    if let Some(at) = crate::mounts::visible_inside(&mounts, &source, &state_dir) {
+        return Err(field(
+            "state_dir",
+            format!(
+                "{} is also reachable inside the source as {} (a mount)",
+                state_dir.display(),
+                at.display()
             ),
         ));
     }

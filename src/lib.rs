@@ -17,7 +17,8 @@
 //! - [`sync`]: compare walks; [`ship`]: applying the backlog; [`target`]: writing the mirror;
 //!   [`durability`]: when a copy may be recorded before it is flushed.
 //! - [`protocol`]: frames on the wire; [`receive`]: the DR-side receiver.
-//! - [`verify`]: comparing two trees; [`config`], [`cli`], [`daemon`]: the front.
+//! - [`verify`]: comparing two trees; [`config`], [`cli`], [`daemon`]: the front;
+//!   [`mounts`]: a target reachable through the source by a bind mount.
 
 pub mod cli;
 pub mod config;
@@ -28,6 +29,7 @@ pub mod fsops;
 pub mod handover;
 pub mod journal;
 pub mod meta;
+pub mod mounts;
 pub mod paths;
 pub mod protocol;
 pub mod receive;

@@ -62,49 +62,18 @@ pub struct Mount {
     pub fstype: String,
 }
 
-/// Undoes the octal escapes of `/proc/self/mountinfo` (`\040` for a space).
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
-}
-
 /// The mounts whose mount point is `source` or below it, from a
 /// `/proc/self/mountinfo` text.
 pub fn mounts_under(mountinfo: &str, source: &[u8]) -> Vec<Mount> {
-    let mut out = Vec::new();
-    for line in mountinfo.lines() {
-        let mut parts = line.split(" - ");
-        let (Some(pre), Some(post)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        let Some(point) = pre.split(' ').nth(4) else {
-            continue;
-        };
-        let point = unescape(point);
-        let inside = point == source
-            || (point.starts_with(source)
-                && (source == b"/" || point.get(source.len()) == Some(&b'/')));
-        if inside {
-            out.push(Mount {
-                point: PathBuf::from(std::ffi::OsStr::from_bytes(&point)),
-                fstype: post.split(' ').next().unwrap_or("?").to_string(),
-            });
-        }
-    }
-    out
+    let source = std::path::Path::new(std::ffi::OsStr::from_bytes(source));
+    crate::mounts::parse(mountinfo.as_bytes())
+        .into_iter()
+        .filter(|m| m.point.starts_with(source))
+        .map(|m| Mount {
+            point: m.point,
+            fstype: m.fstype,
+        })
+        .collect()
 }
 
 pub(super) fn fsid_of(fd: impl AsFd) -> io::Result<[u8; 8]> {

@@ -163,6 +163,65 @@ fn config_target_inside_source() {
     assert_config_error(&run_config_file(&env, &toml), "target", &toml);
 }
 
+/// A target reachable inside the source through a bind mount would have
+/// its copies copied again, without end; a target that shows the source
+/// would have the mirror written into the source; a state dir visible in
+/// the source would be mirrored while it changes. Each is refused like its
+/// plain-path form.
+#[test]
+fn config_target_or_state_reachable_through_a_bind_mount() {
+    let env = Env::new();
+    mkdirp(&env.dst);
+    let Some(_g1) = bind_mount(&env.dst, &env.s("mirror")) else {
+        return;
+    };
+    let toml = format!(
+        "source = {}\nstate_dir = {}\n[[target]]\npath = {}\n",
+        p(&env.src),
+        p(&env.state),
+        p(&env.dst)
+    );
+    let out = run_config_file(&env, &toml);
+    assert_config_error(&out, "target", &toml);
+    assert!(
+        out.stderr.contains("a mount") && out.stderr.contains("mirror"),
+        "{}",
+        out.describe()
+    );
+
+    let shows = env.root.join("shows-source");
+    let Some(_g2) = bind_mount(&env.src, &shows.join("view")) else {
+        return;
+    };
+    let toml = format!(
+        "source = {}\nstate_dir = {}\n[[target]]\npath = {}\n",
+        p(&env.src),
+        p(&env.state),
+        p(&shows)
+    );
+    let out = run_config_file(&env, &toml);
+    assert_config_error(&out, "target", &toml);
+    assert!(
+        out.stderr.contains("shows the source"),
+        "{}",
+        out.describe()
+    );
+
+    let state = env.root.join("state-elsewhere");
+    mkdirp(&state);
+    let Some(_g3) = bind_mount(&state, &env.s("state-view")) else {
+        return;
+    };
+    let other = env.root.join("other-target");
+    let toml = format!(
+        "source = {}\nstate_dir = {}\n[[target]]\npath = {}\n",
+        p(&env.src),
+        p(&state),
+        p(&other)
+    );
+    assert_config_error(&run_config_file(&env, &toml), "state_dir", &toml);
+}
+
 #[test]
 fn config_state_dir_inside_source() {
     let env = Env::new();

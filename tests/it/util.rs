@@ -1309,6 +1309,28 @@ pub fn mount(fstype: &str, at: &Path) -> Option<MountGuard> {
     Some(MountGuard(at.to_path_buf()))
 }
 
+/// `mount --bind from at`; `None` (with a printed reason) where that is
+/// not allowed.
+pub fn bind_mount(from: &Path, at: &Path) -> Option<MountGuard> {
+    mkdirp(at);
+    let ok = Command::new("mount")
+        .arg("--bind")
+        .arg(from)
+        .arg(at)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!(
+            "SKIP: cannot bind-mount {} at {} (needs root)",
+            from.display(),
+            at.display()
+        );
+        return None;
+    }
+    Some(MountGuard(at.to_path_buf()))
+}
+
 /// The number after `key=` in `line`.
 pub fn field(line: &str, key: &str) -> u64 {
     line.split_whitespace()
