@@ -160,17 +160,43 @@ fn one_op(root: &Path, rng: &mut XorShift) {
 /// `DRMIRROR_CRASH_CYCLES=50 cargo test --release --test it crash_kill9`.
 #[test]
 fn crash_kill9_under_write_load_converges_every_cycle() {
-    crash_cycles("auto (fanotify)", Env::new(), 10);
+    crash_cycles("auto (fanotify)", Env::new(), false, 10);
 }
 
 /// The same with inotify, whose restarts restore the watch tree (watches
 /// that start shallow and are completed while capture runs).
 #[test]
 fn crash_kill9_with_inotify_converges_every_cycle() {
-    crash_cycles("inotify", Env::with(Backend::Inotify), 6);
+    crash_cycles("inotify", Env::with(Backend::Inotify), false, 6);
 }
 
-fn crash_cycles(watch: &str, env: Env, default_cycles: usize) {
+/// The same with a `tcp://` target: the receiver stays up (same boot of
+/// the DR machine) while the daemon is killed, and copies of an initial
+/// sync are recorded before the receiver flushes them.
+#[test]
+fn crash_kill9_with_a_remote_target_converges_every_cycle() {
+    crash_cycles("auto (fanotify), tcp:// target", Env::new(), true, 6);
+}
+
+/// Starts the daemon on `env`, with a local target or `tcp`'s receiver;
+/// waits for `drmirror ready` if `ready`.
+fn launch(env: &Env, tcp: Option<&Tcp>, ready: bool) -> Daemon {
+    let d = match tcp {
+        None => env.spawn(&[]),
+        Some(t) => env.spawn_config(&format!(
+            "source = {}\nstate_dir = {}\n{}",
+            toml_str(&env.src),
+            toml_str(&env.state),
+            t.target_toml(env)
+        )),
+    };
+    if ready {
+        d.wait_log("drmirror ready", secs(60));
+    }
+    d
+}
+
+fn crash_cycles(watch: &str, env: Env, remote: bool, default_cycles: usize) {
     let cycles: usize = std::env::var("DRMIRROR_CRASH_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -184,7 +210,9 @@ fn crash_cycles(watch: &str, env: Env, default_cycles: usize) {
     writer.pause();
 
     let mut rng = XorShift::new(42);
-    let mut d = env.start(&[]);
+    let tcp = remote.then(|| Tcp::new(&env));
+    let mut recv = tcp.as_ref().map(|t| t.receiver(&env, &[]));
+    let mut d = launch(&env, tcp.as_ref(), true);
     env.converge_for(&["--checksum"], &d, secs(180));
     let (mut in_initial, mut in_scan, mut live) = (0, 0, 0);
     // After some crashes the daemon is restarted and killed again soon
@@ -226,10 +254,15 @@ fn crash_cycles(watch: &str, env: Env, default_cycles: usize) {
             fs::remove_dir_all(&env.state).expect("rm -r state");
             mkdirp(&env.dst);
             mkdirp(&env.state);
-            d = env.start(&[]);
+            if let (Some(t), Some(r)) = (&tcp, recv.take()) {
+                // Its root was the directory just removed.
+                r.terminate();
+                recv = Some(t.receiver(&env, &[]));
+            }
+            d = launch(&env, tcp.as_ref(), true);
             (fresh, new_mirror) = (true, true);
         } else if cycle % 3 == 1 && !last {
-            d = env.spawn(&[]);
+            d = launch(&env, tcp.as_ref(), false);
             let deadline = std::time::Instant::now() + secs(30);
             while !d.log().contains("drmirror ready") {
                 assert!(std::time::Instant::now() < deadline, "{}", d.log_tail());
@@ -237,7 +270,7 @@ fn crash_cycles(watch: &str, env: Env, default_cycles: usize) {
             }
             fresh = true;
         } else {
-            d = env.start(&[]);
+            d = launch(&env, tcp.as_ref(), true);
             env.converge_for(&["--checksum"], &d, secs(120));
             fresh = false;
         }
@@ -248,6 +281,9 @@ fn crash_cycles(watch: &str, env: Env, default_cycles: usize) {
     );
     assert!(ops > 100, "the writer made only {ops} operations");
     d.terminate();
+    if let Some(r) = recv {
+        r.terminate();
+    }
 }
 
 /// kill -9 right after a burst of creations and renames, while the backlog is

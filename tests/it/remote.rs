@@ -299,47 +299,6 @@ fn tcp_target_needs_the_token() {
     recv.terminate();
 }
 
-/// A `drmirror receive --listen` on a free loopback port, serving `env.dst`.
-struct Tcp {
-    port: u16,
-    token: PathBuf,
-}
-
-impl Tcp {
-    fn new(env: &Env) -> Tcp {
-        let token = env.root.join("tcp-token");
-        write(&token, b"tcp-test-token\n");
-        Tcp {
-            port: free_port(),
-            token,
-        }
-    }
-
-    fn receiver(&self, env: &Env, vars: &[(&str, &str)]) -> Daemon {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("receive")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--root")
-            .arg(&env.dst)
-            .arg("--token-file")
-            .arg(&self.token)
-            .envs(vars.iter().copied());
-        let r = Daemon::spawn_command(cmd, &env.root);
-        r.wait_log("listening on", secs(20));
-        r
-    }
-
-    fn target_toml(&self, env: &Env) -> String {
-        format!(
-            "[[target]]\nname = \"dr\"\npath = \"tcp://127.0.0.1:{}{}\"\ntoken_file = {}\n",
-            self.port,
-            env.dst.display(),
-            toml_str(&self.token)
-        )
-    }
-}
-
 /// A file that grows, shrinks and is overwritten in place while it is
 /// sent (the sender reads up to the size it saw at open) ends equal on the
 /// target once the writes stop. (A torn copy is also followed by the event

@@ -1338,3 +1338,44 @@ pub fn field(line: &str, key: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {key}= in {line}"))
 }
+
+/// A `drmirror receive --listen` on a free loopback port, serving `env.dst`.
+pub struct Tcp {
+    pub port: u16,
+    pub token: PathBuf,
+}
+
+impl Tcp {
+    pub fn new(env: &Env) -> Tcp {
+        let token = env.root.join("tcp-token");
+        write(&token, b"tcp-test-token\n");
+        Tcp {
+            port: free_port(),
+            token,
+        }
+    }
+
+    pub fn receiver(&self, env: &Env, vars: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("receive")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--root")
+            .arg(&env.dst)
+            .arg("--token-file")
+            .arg(&self.token)
+            .envs(vars.iter().copied());
+        let r = Daemon::spawn_command(cmd, &env.root);
+        r.wait_log("listening on", secs(20));
+        r
+    }
+
+    pub fn target_toml(&self, env: &Env) -> String {
+        format!(
+            "[[target]]\nname = \"dr\"\npath = \"tcp://127.0.0.1:{}{}\"\ntoken_file = {}\n",
+            self.port,
+            env.dst.display(),
+            toml_str(&self.token)
+        )
+    }
+}
