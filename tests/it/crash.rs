@@ -403,21 +403,8 @@ fn copies_recorded_unflushed_are_compared_again_after_a_machine_restart() {
     eprintln!("{flushed}");
     d.terminate();
     let victim = env.d(files[123].strip_prefix(&env.src).expect("under src"));
-    let lose_copy = || {
-        // As a power loss would leave it: the note of the boot that copied,
-        // and a copy whose data never reached the disk.
-        let j = drmirror::journal::Journal::open(&env.state.join("journal")).expect("journal");
-        // The one target of this journal got the first id.
-        j.set_unflushed(0, b"boot-a").expect("note");
-        drop(j);
-        let mt = mtime_of(&victim);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&victim)
-            .and_then(|f| f.set_len(0))
-            .expect("truncate the copy");
-        set_mtime(&victim, mt.0, mt.1);
-    };
+    // As a power loss would leave it.
+    let lose_copy = || lose_unflushed_copy(&env.state.join("journal"), &victim, b"boot-a");
 
     lose_copy();
     let d = env.start_env(&[], &[(TEST_BOOT_ID, "boot-a")]);

@@ -370,20 +370,8 @@ fn copies_recorded_unflushed_are_compared_again_after_the_receivers_machine_rest
         );
     }
     let victim = env.d(files[123].strip_prefix(&env.src).expect("under src"));
-    let lose_copy = || {
-        // As the DR machine's power loss would leave it: the note of the
-        // boot that copied, and a copy whose data never reached its disk.
-        let j = drmirror::journal::Journal::open(&journal_path).expect("journal");
-        j.set_unflushed(0, b"boot-a").expect("note");
-        drop(j);
-        let mt = mtime_of(&victim);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&victim)
-            .and_then(|f| f.set_len(0))
-            .expect("truncate the copy");
-        set_mtime(&victim, mt.0, mt.1);
-    };
+    // As the DR machine's power loss would leave it.
+    let lose_copy = || lose_unflushed_copy(&journal_path, &victim, b"boot-a");
 
     lose_copy();
     let d = start_config(&env, &toml);

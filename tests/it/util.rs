@@ -1379,3 +1379,20 @@ impl Tcp {
         )
     }
 }
+
+/// What a power loss with copies unflushed would leave behind: the
+/// journal's note of the boot that copied (for its one target, id 0), and
+/// the copy `victim` on the target without its data (emptied, its mtime
+/// kept).
+pub fn lose_unflushed_copy(journal: &Path, victim: &Path, boot: &[u8]) {
+    let j = drmirror::journal::Journal::open(journal).expect("journal");
+    j.set_unflushed(0, boot).expect("note");
+    drop(j);
+    let mt = mtime_of(victim);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(victim)
+        .and_then(|f| f.set_len(0))
+        .expect("truncate the copy");
+    set_mtime(victim, mt.0, mt.1);
+}
