@@ -276,7 +276,7 @@ pub fn serve<R: Read, W: Write + Send>(
         // them; renames and syncs wait for what was received before them.
         let mut txs = Vec::with_capacity(workers);
         for p in &progress {
-            let (tx, rx) = crossbeam_channel::bounded::<(Request, u64)>(256);
+            let (tx, rx) = crossbeam_channel::bounded::<(Request, u64)>(WORKER_QUEUE);
             txs.push(tx);
             let (w, failed, queued) = (&w, &failed, &queued);
             sc.spawn(move || {
@@ -400,6 +400,14 @@ pub fn serve<R: Read, W: Write + Send>(
 const MAX_WORKERS: usize = 4;
 /// Most bytes of frames queued for the workers of one connection.
 const QUEUE_BUDGET: u64 = 64 << 20;
+/// Most requests queued for one worker. The frames of concurrent batches
+/// arrive interleaved and this thread hands them out in order, so when one
+/// worker's queue is full, reading stops and the other workers run dry:
+/// with 256, a 200,000-file initial sync over loopback kept the two
+/// workers about half busy, this thread blocked on the full queue. A small
+/// file is three short frames, so the bound is in requests, and the byte
+/// budget above still caps the memory.
+const WORKER_QUEUE: usize = 16384;
 
 /// Requests handed to one worker, and how many it has handled.
 #[derive(Default)]
