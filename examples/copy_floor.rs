@@ -22,11 +22,9 @@ use drmirror::fsops::Root;
 use drmirror::journal::flags;
 use drmirror::meta::{Kind, Meta};
 use drmirror::scan;
+use drmirror::ship::GROUP;
 use drmirror::target::local::{DeletePolicy, LocalTarget};
 use drmirror::target::Outcome;
-
-/// The daemon's batching unit for one directory's entries (ship.rs GROUP).
-const GROUP: usize = 64;
 
 fn main() -> Result<()> {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
@@ -49,9 +47,7 @@ fn main() -> Result<()> {
     let failed = AtomicU64::new(0);
     let dirs: Mutex<Vec<(Vec<u8>, Meta)>> = Mutex::new(Vec::new());
     if let Some(m) = root.lstat(b"")? {
-        dirs.lock()
-            .map_err(|_| anyhow::anyhow!("poisoned"))?
-            .push((Vec::new(), m));
+        lock(&dirs).push((Vec::new(), m));
     }
     scan::walk(
         &root,
@@ -61,7 +57,6 @@ fn main() -> Result<()> {
                 .iter()
                 .map(|c| (c.rel.as_slice(), flags::ABSENT | flags::STARTUP))
                 .collect();
-            let mut found = Vec::new();
             for chunk in entries.chunks(GROUP) {
                 for r in target.apply_group(&root, dir, chunk, policy) {
                     match r {
@@ -76,19 +71,19 @@ fn main() -> Result<()> {
                     }
                 }
             }
-            for c in children.iter().filter(|c| c.meta.kind == Kind::Dir) {
-                found.push((c.rel.clone(), c.meta));
-            }
-            if let Ok(mut d) = dirs.lock() {
-                d.extend(found);
-            }
+            lock(&dirs).extend(
+                children
+                    .iter()
+                    .filter(|c| c.meta.kind == Kind::Dir)
+                    .map(|c| (c.rel.clone(), c.meta)),
+            );
         },
         |p, e| {
             eprintln!("copy_floor: {}: {e}", String::from_utf8_lossy(p));
             failed.fetch_add(1, Ordering::Relaxed);
         },
     );
-    let mut dirs = dirs.into_inner().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut dirs = dirs.into_inner().unwrap_or_else(|p| p.into_inner());
     // Deepest first, as the daemon stamps them: a child's creation would
     // otherwise move its parent's mtime again.
     dirs.sort_by(|a, b| b.0.cmp(&a.0));
@@ -109,4 +104,8 @@ fn main() -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

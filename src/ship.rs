@@ -26,7 +26,7 @@ use crate::target::{ApplyError, Outcome, Target};
 
 const BATCH: usize = 2048;
 /// Longest run of same-directory entries one task applies.
-const GROUP: usize = 64;
+pub const GROUP: usize = 64;
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Longest time applied changes wait for their syncfs + journal commit.
