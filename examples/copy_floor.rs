@@ -20,6 +20,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use drmirror::fsops::Root;
 use drmirror::journal::flags;
+use drmirror::locks::lock;
 use drmirror::meta::{Kind, Meta};
 use drmirror::scan;
 use drmirror::ship::GROUP;
@@ -104,8 +105,4 @@ fn main() -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -322,7 +322,7 @@ pub fn remove_tree_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
 pub fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(0))?;
     let mut out = Vec::new();
-    for_each_name(dir, |n| {
+    for_each_name(dir, |n, _| {
         out.push(n.to_bytes().to_vec());
         Ok(())
     })?;
@@ -339,7 +339,8 @@ thread_local! {
 }
 
 /// Calls `f` with each name in the open directory `dir` (read from its
-/// current position; without `.` and `..`).
+/// current position; without `.` and `..`) and the type `getdents` gave
+/// it (`Unknown` where the filesystem does not fill it in).
 ///
 /// Hand-written over rustix's `RawDir` rather than its `Dir`: `Dir` reopens
 /// the directory (an `openat` and a `close` per directory, several percent
@@ -347,7 +348,7 @@ thread_local! {
 /// dozen entries; here one 32 KiB buffer per thread serves every directory.
 pub fn for_each_name(
     dir: BorrowedFd<'_>,
-    mut f: impl FnMut(&CStr) -> io::Result<()>,
+    mut f: impl FnMut(&CStr, rustix::fs::FileType) -> io::Result<()>,
 ) -> io::Result<()> {
     // Taken out while in use: a nested call (none today) finds it empty
     // and reads through a buffer of its own.
@@ -360,7 +361,7 @@ pub fn for_each_name(
             let n = ent.file_name();
             match n.to_bytes() {
                 b"." | b".." => Ok(()),
-                _ => f(n),
+                _ => f(n, ent.file_type()),
             }
         });
         if r.is_err() {

@@ -98,6 +98,13 @@ pub mod flags {
     /// shipper ignores it on entries older than its run
     /// ([`super::Journal::seq_now`] at the start).
     pub const ABSENT: u8 = 16;
+    /// On a directory the scan found missing on the target: besides the
+    /// directory, copy each of its entries other than subdirectories (those
+    /// have entries of their own), listed from the source when the entry is
+    /// applied. One pending entry per new directory instead of one per file
+    /// (see [`crate::ship`]); the entries themselves are copied without
+    /// looking on the target only if the apply had to create the directory.
+    pub const BULK: u8 = 32;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +220,10 @@ pub struct Completion {
     pub done: Vec<(Vec<u8>, u64)>,
     /// The target now holds this entry with this (source) metadata.
     pub index_put: Vec<(Vec<u8>, Meta)>,
+    /// As `index_put`, for entries that are not directories and that the
+    /// target did not hold before (copied into a directory the apply
+    /// created): nothing of theirs can be in the directory list to remove.
+    pub index_new: Vec<(Vec<u8>, Meta)>,
     /// The target no longer holds this path nor anything below it.
     pub index_remove_tree: Vec<Vec<u8>>,
     /// Renames applied (or given up as renames) on the target.
@@ -228,6 +239,7 @@ impl Completion {
     pub fn merge(&mut self, o: Completion) {
         self.done.extend(o.done);
         self.index_put.extend(o.index_put);
+        self.index_new.extend(o.index_new);
         self.index_remove_tree.extend(o.index_remove_tree);
         self.renames_done.extend(o.renames_done);
         self.index_moves.extend(o.index_moves);
@@ -237,6 +249,7 @@ impl Completion {
     pub fn is_empty(&self) -> bool {
         self.done.is_empty()
             && self.index_put.is_empty()
+            && self.index_new.is_empty()
             && self.index_remove_tree.is_empty()
             && self.renames_done.is_empty()
             && self.index_moves.is_empty()
@@ -1313,6 +1326,9 @@ impl Journal {
                 b.delete_cf(dirlist, key(t, p));
                 deletes += 1;
             }
+        }
+        for (p, m) in &c.index_new {
+            b.put_cf(index, key(t, p), m.encode());
         }
         for (p, seq) in &c.done {
             let k = key(t, p);

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::fsops;
+use crate::locks::lock;
 use crate::meta::{Kind, Meta};
 use crate::paths;
 use crate::protocol::{
@@ -486,10 +487,6 @@ impl Route {
             _ => return Ok(None),
         }))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn keep_first(slot: &Mutex<Option<String>>, reason: String) {

@@ -143,7 +143,7 @@ fn walk_dir<'s, D, E, F>(
 pub fn read_children(root: &Root, dir: &[u8]) -> io::Result<Vec<Child>> {
     let fd = root.open_dir(dir, true)?;
     let mut out = Vec::new();
-    crate::fsops::for_each_name(fd.as_fd(), |name| {
+    crate::fsops::for_each_name(fd.as_fd(), |name, _| {
         match rustix::fs::statat(fd.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => {
                 let meta = Meta::from_stat(&st);
@@ -157,6 +157,34 @@ pub fn read_children(root: &Root, dir: &[u8]) -> io::Result<Vec<Child>> {
             Err(rustix::io::Errno::NOENT) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    })?;
+    Ok(out)
+}
+
+/// The names in directory `dir` with their kinds, from the listing alone:
+/// `getdents` reports the type on the filesystems a mirror's source lives
+/// on, so this costs no `stat` per entry (one whose type it leaves unknown
+/// is stat'ed).
+pub fn read_names(root: &Root, dir: &[u8]) -> io::Result<Vec<(Vec<u8>, Kind)>> {
+    use rustix::fs::FileType;
+    let fd = root.open_dir(dir, true)?;
+    let mut out = Vec::new();
+    crate::fsops::for_each_name(fd.as_fd(), |name, t| {
+        let kind = match t {
+            FileType::RegularFile => Kind::File,
+            FileType::Directory => Kind::Dir,
+            FileType::Symlink => Kind::Symlink,
+            FileType::Unknown => {
+                match rustix::fs::statat(fd.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => Meta::from_stat(&st).kind,
+                    Err(rustix::io::Errno::NOENT) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            _ => Kind::Other,
+        };
+        out.push((name.to_bytes().to_vec(), kind));
+        Ok(())
     })?;
     Ok(out)
 }

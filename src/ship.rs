@@ -20,11 +20,16 @@ use crate::fsops::Root;
 use crate::journal::{flags, Completion, Journal, JournalError, Pending, TargetId};
 use crate::meta::Kind;
 use crate::paths;
+use crate::scan;
 use crate::sync::{Compare, ScanStats};
 use crate::target::local::DeletePolicy;
 use crate::target::{ApplyError, Outcome, Target};
 
 const BATCH: usize = 2048;
+/// Most [`flags::BULK`] entries (directories) one round applies.
+const BULK_PER_ROUND: usize = 256;
+/// Files of BULK directories applied between two chances to commit.
+const BULK_WAVE: usize = 16384;
 /// Longest run of same-directory entries one task applies.
 pub const GROUP: usize = 64;
 const RETRY_MIN: Duration = Duration::from_millis(500);
@@ -447,6 +452,15 @@ fn compact_churned(journal: &Journal, name: &str) -> Result<(), JournalError> {
     Ok(())
 }
 
+/// A [`flags::BULK`] entry whose directory a round put in place.
+struct BulkDir {
+    path: Vec<u8>,
+    seq: u64,
+    /// The apply created it: its entries are copied without looking there.
+    created: bool,
+    flags: u8,
+}
+
 /// What a round did.
 struct Round {
     /// Entries were processed (more may be waiting right away).
@@ -639,10 +653,22 @@ impl Shipper {
         // The batch is read before the renames: a rename recorded between
         // the two reads is then applied before entries that predate it (and
         // its own marks stay pending), never after entries that follow it.
-        let batch = self
+        let mut batch = self
             .journal
             .pending_batch(self.t, self.cursor.as_deref(), BATCH)?;
-        let full = batch.len() == BATCH;
+        let mut full = batch.len() == BATCH;
+        // A BULK entry stands for a whole directory of files: a round takes
+        // at most BULK_PER_ROUND of them, so that the names it lists stay
+        // bounded.
+        if let Some((cut, _)) = batch
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, v))| v.flags & flags::BULK != 0)
+            .nth(BULK_PER_ROUND)
+        {
+            batch.truncate(cut);
+            full = true;
+        }
         let at_start = self.cursor.is_none();
         self.cursor = if full {
             batch.last().map(|(p, _)| p.clone())
@@ -728,7 +754,7 @@ impl Shipper {
                             } else {
                                 v.flags
                             };
-                            (p.as_slice(), f)
+                            (p.as_slice(), f & !flags::BULK)
                         })
                         .collect();
                     let out = self
@@ -746,6 +772,7 @@ impl Shipper {
         let apply_ms = t_apply.elapsed().as_secs_f64() * 1e3;
 
         let mut scans = Vec::new();
+        let mut bulk = Vec::new();
         let mut applied = Applied::default();
         let mut target_errors = 0u64;
         for (p, v, r) in results {
@@ -757,7 +784,10 @@ impl Shipper {
                     if self.retry.remove(p.as_slice()).is_some() {
                         tracing::info!(target = %self.name, path = %paths::display(p), "applied after earlier failures");
                     }
-                    c.done.push((p.clone(), v.seq));
+                    // A BULK directory is done once its files are.
+                    if v.flags & flags::BULK == 0 || !matches!(o, Outcome::Dir { .. }) {
+                        c.done.push((p.clone(), v.seq));
+                    }
                     let parent = paths::parent(p).map(|x| x.to_vec());
                     match o {
                         Outcome::Copied { meta, bytes } => {
@@ -791,8 +821,26 @@ impl Shipper {
                             // Even when it existed: a copy in this batch may
                             // have created it as the parent of a file.
                             touched.extend(parent);
-                            c.index_put.push((p.clone(), meta));
                             touched.insert(p.clone());
+                            if v.flags & flags::BULK != 0 {
+                                // Done once its files are; indexed when its
+                                // attributes are set after them (an index
+                                // entry committed before would vouch for
+                                // the mtime the copies are about to move).
+                                bulk.push(BulkDir {
+                                    path: p.clone(),
+                                    seq: v.seq,
+                                    created,
+                                    flags: v.flags,
+                                });
+                                // The walk that enqueued it covers the
+                                // subtree, unless a rescan was asked since.
+                                if v.flags & flags::RECURSIVE != 0 {
+                                    scans.push((p.clone(), v.flags, created));
+                                }
+                                continue;
+                            }
+                            c.index_put.push((p.clone(), meta));
                             if scan {
                                 scans.push((p.clone(), v.flags, created));
                             }
@@ -813,6 +861,7 @@ impl Shipper {
                 Err(e) => self.failed(p, v.seq, e),
             }
         }
+        target_errors += self.apply_bulk(bulk, &mut applied)?;
         if at_start && !full {
             // This batch was the whole backlog: a retry key it did not hold
             // belongs to a path that moved or was superseded.
@@ -876,6 +925,157 @@ impl Shipper {
                 && renames.is_empty()
                 && batch.iter().all(|(p, _)| self.retry.contains_key(p)),
         })
+    }
+
+    /// Copies the entries of the BULK directories `dirs` (other than their
+    /// subdirectories, which have entries of their own) and marks each
+    /// directory's entry done once all of them are in place. Copies are
+    /// committed as they go, so a crash mid-way loses at most the last
+    /// second of them; the directory's entry stays pending until then, and
+    /// applied again it compares each entry with the target before copying
+    /// (the directory exists by then). An entry that fails is requeued on
+    /// its own, to be retried with backoff like any other. Returns the
+    /// number of target write errors.
+    fn apply_bulk(
+        &mut self,
+        dirs: Vec<BulkDir>,
+        applied: &mut Applied,
+    ) -> Result<u64, JournalError> {
+        if dirs.is_empty() {
+            return Ok(0);
+        }
+        let source = self.source.clone();
+        let listed: Vec<_> = dirs
+            .par_iter()
+            .map(|d| scan::read_names(&source, &d.path))
+            .collect();
+        // (dir index, entry paths) per task; the number of tasks per dir.
+        let mut tasks: Vec<(usize, Vec<Vec<u8>>)> = Vec::new();
+        let mut left = vec![0usize; dirs.len()];
+        let mut finished = Completion::default();
+        for (i, (d, names)) in dirs.iter().zip(listed).enumerate() {
+            let names = match names {
+                Ok(n) => n,
+                // Gone from the source: its deletion follows.
+                Err(e) if crate::fsops::is_missing(&e) => {
+                    finished.done.push((d.path.clone(), d.seq));
+                    continue;
+                }
+                Err(e) => {
+                    self.failed(&d.path, d.seq, ApplyError::source_read(&d.path, e));
+                    continue;
+                }
+            };
+            let rels: Vec<Vec<u8>> = names
+                .into_iter()
+                .filter(|(_, k)| matches!(k, Kind::File | Kind::Symlink))
+                .map(|(n, _)| paths::join(&d.path, &n))
+                .filter(|rel| !self.filter.excluded(rel, false))
+                .collect();
+            if rels.is_empty() {
+                finished.done.push((d.path.clone(), d.seq));
+                continue;
+            }
+            for chunk in rels.chunks(GROUP) {
+                tasks.push((i, chunk.to_vec()));
+                left[i] += 1;
+            }
+        }
+        self.acc.merge(finished);
+        let mut unreachable = vec![false; dirs.len()];
+        let mut target_errors = 0u64;
+        let mut tasks = tasks.into_iter().peekable();
+        while tasks.peek().is_some() && !self.stop.load(Ordering::Relaxed) {
+            let mut wave = Vec::new();
+            let mut n = 0;
+            while n < BULK_WAVE {
+                let Some(t) = tasks.next() else { break };
+                n += t.1.len();
+                wave.push(t);
+            }
+            let apply = || -> Vec<Vec<Result<Outcome, ApplyError>>> {
+                wave.par_iter()
+                    .map(|(i, rels)| {
+                        let d = &dirs[*i];
+                        let f = (d.flags & (flags::LIVE | flags::STARTUP))
+                            | if d.created { flags::ABSENT } else { 0 };
+                        let entries: Vec<(&[u8], u8)> =
+                            rels.iter().map(|r| (r.as_slice(), f)).collect();
+                        self.target
+                            .apply_group(&self.source, &d.path, &entries, self.policy)
+                    })
+                    .collect()
+            };
+            let results = match &self.io_pool {
+                Some(pool) => pool.install(apply),
+                None => apply(),
+            };
+            let mut c = Completion::default();
+            let mut wrote = false;
+            for ((i, rels), out) in wave.iter().zip(results) {
+                let d = &dirs[*i];
+                for (rel, r) in rels.iter().zip(out) {
+                    match r {
+                        Ok(Outcome::Copied { meta, bytes }) => {
+                            self.stats.copied.fetch_add(1, Ordering::Relaxed);
+                            self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+                            applied.copied += 1;
+                            applied.bytes += bytes;
+                            wrote = true;
+                            if d.created {
+                                c.index_new.push((rel.clone(), meta));
+                            } else {
+                                c.index_put.push((rel.clone(), meta));
+                            }
+                        }
+                        Ok(Outcome::Unchanged { meta }) => {
+                            self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+                            c.index_put.push((rel.clone(), meta));
+                        }
+                        Ok(Outcome::Deleted) => {
+                            self.stats.deleted.fetch_add(1, Ordering::Relaxed);
+                            applied.deleted += 1;
+                            c.index_remove_tree.push(rel.clone());
+                            wrote = true;
+                        }
+                        // Became a directory since the listing: compared
+                        // with its subtree, as an entry of its own.
+                        Ok(Outcome::Dir { .. }) => c.requeue.push((
+                            rel.clone(),
+                            (d.flags & (flags::LIVE | flags::STARTUP)) | flags::RECURSIVE,
+                        )),
+                        Ok(Outcome::DeleteSkipped | Outcome::Special | Outcome::Vanished) => {}
+                        Err(ApplyError::Unreachable { .. }) => {
+                            // The whole directory goes again once the
+                            // target is back.
+                            unreachable[*i] = true;
+                            self.target_up = false;
+                        }
+                        Err(e) => {
+                            if matches!(e, ApplyError::TargetWrite { .. }) {
+                                target_errors += 1;
+                            }
+                            c.requeue
+                                .push((rel.clone(), d.flags & (flags::LIVE | flags::STARTUP)));
+                            self.failed(rel, d.seq, e);
+                        }
+                    }
+                }
+                left[*i] -= 1;
+                if left[*i] == 0 && !unreachable[*i] {
+                    c.done.push((d.path.clone(), d.seq));
+                }
+            }
+            self.acc.merge(c);
+            self.acc_wrote |= wrote;
+            if self.last_flush.elapsed() >= GROUP_COMMIT {
+                self.flush()?;
+            }
+            if unreachable.iter().any(|u| *u) {
+                break;
+            }
+        }
+        Ok(target_errors)
     }
 
     fn scan_subtree(&mut self, p: &[u8], f: u8, created: bool) -> Result<(), JournalError> {

@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use crate::filter::Filter;
 use crate::fsops::{self, Root};
 use crate::journal::{flags, IndexReaders, Journal, JournalError, TargetId};
+use crate::locks::lock;
 use crate::meta::{Kind, Meta};
 use crate::paths;
 use crate::scan;
@@ -93,6 +94,10 @@ struct WalkShared<'j> {
     err: Mutex<Option<JournalError>>,
     /// With [`Deletions::Index`]: the index's entries of each directory.
     index: Option<IndexReaders<'j>>,
+    /// In a source walk that may enqueue [`flags::BULK`] entries: the
+    /// directories it enqueued so, whose entries the walk then leaves to
+    /// them when it lists the directory.
+    bulk: Option<Mutex<HashSet<Vec<u8>>>>,
 }
 
 impl Compare<'_> {
@@ -151,6 +156,9 @@ impl Compare<'_> {
         let sh = WalkShared {
             err: Mutex::new(None),
             index: None,
+            // This pass compares a few directories, not their subtrees: an
+            // entry for a whole new directory is the full walk's to make.
+            bulk: None,
         };
         let compared = AtomicU64::new(0);
         let compare = |dir: &[u8]| {
@@ -321,6 +329,11 @@ impl Compare<'_> {
         sh: &WalkShared,
     ) {
         let err = &sh.err;
+        // A BULK entry copies this directory's entries when it is applied:
+        // the target lacked the directory when its parent was compared, and
+        // nothing can be there that the apply would not find itself.
+        let covered = sh.bulk.as_ref().is_some_and(|b| lock(b).remove(dir));
+        let mut new_bulk = Vec::new();
         let names = deletions == Deletions::TargetListing;
         let mut extra_ix = Vec::new();
         let indexed = if deletions == Deletions::Index {
@@ -382,6 +395,13 @@ impl Compare<'_> {
             if c.meta.kind == Kind::Other {
                 continue;
             }
+            if covered {
+                if c.meta.kind == Kind::Dir {
+                    todo.push((c.rel.clone(), flag | flags::BULK));
+                    new_bulk.push(c.rel.clone());
+                }
+                continue;
+            }
             if ix == Some(c.meta) {
                 same_ix += 1;
                 if list_dirs && c.meta.kind == Kind::Dir {
@@ -402,6 +422,11 @@ impl Compare<'_> {
             };
             if equal {
                 same.push((c.rel.clone(), c.meta));
+            } else if t.is_none() && c.meta.kind == Kind::Dir && sh.bulk.is_some() {
+                // New on the target: one entry for the directory and its
+                // files (see `covered`).
+                todo.push((c.rel.clone(), flag | flags::BULK));
+                new_bulk.push(c.rel.clone());
             } else if absent_dir && self.absent_ok && c.meta.kind != Kind::Dir {
                 // The target lacks the whole directory: the apply need not
                 // look there before copying (a negative lookup searches the
@@ -458,6 +483,10 @@ impl Compare<'_> {
                 Self::keep_first(err, e);
             }
         }
+        if let Some(b) = sh.bulk.as_ref() {
+            // Before the walk lists them (it does once this returns).
+            lock(b).extend(new_bulk);
+        }
         // In the index, not in the source: gone while nothing captured it.
         // (Excluded names are neither mirrored nor deleted.)
         for (name, m) in extra_ix {
@@ -505,6 +534,7 @@ impl Compare<'_> {
         let sh = WalkShared {
             err: Mutex::new(None),
             index: (deletions == Deletions::Index).then(|| IndexReaders::new(self.journal)),
+            bulk: self.absent_ok.then(|| Mutex::new(HashSet::new())),
         };
         scan::walk_tracked(
             self.source,
@@ -773,5 +803,113 @@ mod tests {
         // Listing the (empty) target finds nothing extra, and the ghost is
         // not there to delete.
         assert!(reconcile_with(Deletions::TargetListing).is_empty());
+    }
+
+    /// The pending entries (path, flags) a startup scan of `src` against
+    /// the target `dst` enqueues, with or without `absent_ok`.
+    fn scan_entries(
+        src: &std::path::Path,
+        dst: &std::path::Path,
+        absent_ok: bool,
+    ) -> Vec<(String, u8)> {
+        let t = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&t.path().join("journal")).unwrap();
+        let id = journal.target_id("t").unwrap();
+        let source = Root::open(src).unwrap();
+        let target = Target::Local(LocalTarget::open(dst, false).unwrap());
+        let filter = Filter::new(src, &[]).unwrap();
+        let (stats, stop) = (ScanStats::default(), AtomicBool::new(false));
+        let cmp = Compare {
+            source: &source,
+            target: &target,
+            journal: &journal,
+            t: id,
+            filter: &filter,
+            owner: false,
+            stats: &stats,
+            stop: &stop,
+            progress: None,
+            dirs_seen: None,
+            absent_ok,
+        };
+        cmp.reconcile(
+            b"",
+            flags::STARTUP,
+            Some(&HashSet::new()),
+            Deletions::TargetListing,
+        )
+        .unwrap();
+        let mut got: Vec<(String, u8)> = journal
+            .pending_batch(id, None, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|(p, _)| !p.is_empty())
+            .map(|(p, v)| (String::from_utf8(p).unwrap(), v.flags))
+            .collect();
+        got.sort();
+        got
+    }
+
+    #[test]
+    fn a_directory_new_on_the_target_is_one_bulk_entry_not_one_per_file() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+        std::fs::create_dir_all(src.join("old")).unwrap();
+        std::fs::create_dir_all(src.join("new/sub/deep")).unwrap();
+        std::fs::create_dir_all(src.join("new/empty")).unwrap();
+        for f in [
+            "top",
+            "old/a",
+            "old/b",
+            "new/x",
+            "new/y",
+            "new/sub/z",
+            "new/sub/deep/w",
+        ] {
+            std::fs::write(src.join(f), f).unwrap();
+        }
+        std::os::unix::fs::symlink("x", src.join("new/link")).unwrap();
+        // The target has `old` (empty) but nothing of `new`.
+        std::fs::create_dir_all(dst.join("old")).unwrap();
+        let s = flags::STARTUP;
+        let b = flags::STARTUP | flags::BULK;
+        let want = |v: &[(&str, u8)]| -> Vec<(String, u8)> {
+            v.iter().map(|(p, f)| (p.to_string(), *f)).collect()
+        };
+        // Every directory of `new` is one entry; files of a directory the
+        // target has are entries of their own, as ever.
+        assert_eq!(
+            scan_entries(&src, &dst, true),
+            want(&[
+                ("new", b),
+                ("new/empty", b),
+                ("new/sub", b),
+                ("new/sub/deep", b),
+                ("old/a", s),
+                ("old/b", s),
+                ("top", s),
+            ])
+        );
+        // With a backlog from an earlier run (absent_ok off), one plain
+        // entry per file: an older entry may be copying into the same
+        // directory, and must be found there.
+        let per_file: Vec<(String, u8)> = [
+            "new",
+            "new/empty",
+            "new/link",
+            "new/sub",
+            "new/sub/deep",
+            "new/sub/deep/w",
+            "new/sub/z",
+            "new/x",
+            "new/y",
+            "old/a",
+            "old/b",
+            "top",
+        ]
+        .iter()
+        .map(|p| (p.to_string(), s))
+        .collect();
+        assert_eq!(scan_entries(&src, &dst, false), per_file);
     }
 }

@@ -567,6 +567,9 @@ fn live_unreadable_file_is_reported_and_retried(b: Backend) {
     write(&env.s("a.txt"), b"a");
     write(&env.s("dir/b.txt"), b"b");
     write_mode(&env.s("secret_init"), b"initially unreadable", 0o000);
+    // In a directory the target lacks: copied by the directory's one
+    // (bulk) entry, which must hand the file over to a retry of its own.
+    write_mode(&env.s("dir/secret_deep"), b"unreadable in a new dir", 0o000);
     chown_r(&env.root, uid, gid);
     let bin = env.bin_for_other_user();
     let d = Daemon::spawn(&env.run_args(&[]), &env.root, Some(NOBODY), Some(&bin));
@@ -589,7 +592,7 @@ fn live_unreadable_file_is_reported_and_retried(b: Backend) {
     );
     mk(&env.s("live/d.txt"), b"d", None);
 
-    // Everything but the two secrets arrives; verify lists only them.
+    // Everything but the three secrets arrives; verify lists only them.
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
     loop {
         let o = env.verify_out(&[]);
@@ -601,6 +604,7 @@ fn live_unreadable_file_is_reported_and_retried(b: Backend) {
         let only_secrets = o.code == Some(1)
             && diffs.iter().all(|l| l.contains("secret_"))
             && diffs.iter().any(|l| l.contains("secret_init"))
+            && diffs.iter().any(|l| l.contains("secret_deep"))
             && diffs.iter().any(|l| l.contains("secret_live"));
         if only_secrets {
             break;
@@ -613,7 +617,7 @@ fn live_unreadable_file_is_reported_and_retried(b: Backend) {
         }
         if Instant::now() >= deadline {
             panic!(
-                "the readable files did not converge (expected verify to list only the two unreadable files)\nlast verify: {}\n{}",
+                "the readable files did not converge (expected verify to list only the three unreadable files)\nlast verify: {}\n{}",
                 o.describe(),
                 d.log_tail()
             );
@@ -624,13 +628,14 @@ fn live_unreadable_file_is_reported_and_retried(b: Backend) {
     assert_eq!(read(&env.d("dir/b.txt")), b"b");
 
     wait_until(
-        "the log reports both unreadable files with a permission error",
+        "the log reports the unreadable files with a permission error",
         secs(15),
         Some(&d),
         || {
             let log = d.log();
             let low = log.to_lowercase();
             log.contains("secret_init")
+                && log.contains("secret_deep")
                 && log.contains("secret_live")
                 && (low.contains("permission denied")
                     || low.contains("eacces")
@@ -641,7 +646,9 @@ fn live_unreadable_file_is_reported_and_retried(b: Backend) {
     // Once readable, they are retried.
     chmod(&env.s("secret_init"), 0o644);
     chmod(&env.s("live/secret_live"), 0o644);
+    chmod(&env.s("dir/secret_deep"), 0o644);
     env.converge(&["--checksum"], &d);
+    assert_eq!(read(&env.d("dir/secret_deep")), b"unreadable in a new dir");
     assert_eq!(read(&env.d("live/secret_live")), b"unreadable when created");
     assert_eq!(read(&env.d("secret_init")), b"initially unreadable");
     d.terminate();
