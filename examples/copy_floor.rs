@@ -1,6 +1,8 @@
 //! The floor of an initial sync with drmirror's copy engine: the same
-//! parallel walk (`scan::walk`) feeding the same per-file copy
-//! (`LocalTarget::apply_group`: O_TMPFILE, stat before and after, linkat),
+//! parallel walk, listing as the daemon lists a directory the target lacks
+//! (names and kinds, no stat per entry: `scan::walk_tracked_lite`),
+//! feeding the same per-file copy (`LocalTarget::apply_group`: O_TMPFILE,
+//! stat before and after, linkat),
 //! then the directories' attributes, deepest first; but no journal, no
 //! capture and no shipper in between.
 //!
@@ -50,13 +52,21 @@ fn main() -> Result<()> {
     if let Some(m) = root.lstat(b"")? {
         lock(&dirs).push((Vec::new(), m));
     }
-    scan::walk(
+    scan::walk_tracked_lite(
         &root,
         b"",
+        |_| true,
         |dir, children| {
             let entries: Vec<(&[u8], u8)> = children
                 .iter()
-                .map(|c| (c.rel.as_slice(), flags::ABSENT | flags::STARTUP))
+                .map(|c| {
+                    let listed = if c.meta.kind == Kind::File {
+                        flags::LISTED_FILE
+                    } else {
+                        0
+                    };
+                    (c.rel.as_slice(), flags::ABSENT | flags::STARTUP | listed)
+                })
                 .collect();
             for chunk in entries.chunks(GROUP) {
                 for r in target.apply_group(&root, dir, chunk, policy) {
@@ -72,17 +82,19 @@ fn main() -> Result<()> {
                     }
                 }
             }
+            // The daemon stats each directory it stamps, too.
             lock(&dirs).extend(
                 children
                     .iter()
                     .filter(|c| c.meta.kind == Kind::Dir)
-                    .map(|c| (c.rel.clone(), c.meta)),
+                    .filter_map(|c| Some((c.rel.clone(), root.lstat(&c.rel).ok()??))),
             );
         },
         |p, e| {
             eprintln!("copy_floor: {}: {e}", String::from_utf8_lossy(p));
             failed.fetch_add(1, Ordering::Relaxed);
         },
+        |_, _| {},
     );
     let mut dirs = dirs.into_inner().unwrap_or_else(|p| p.into_inner());
     // Deepest first, as the daemon stamps them: a child's creation would

@@ -105,6 +105,11 @@ pub mod flags {
     /// (see [`crate::ship`]); the entries themselves are copied without
     /// looking on the target only if the apply had to create the directory.
     pub const BULK: u8 = 32;
+    /// Never stored: set by the shipper on an entry that a listing of its
+    /// directory just showed as a regular file, so that the apply opens it
+    /// without an `lstat` first. (If it is something else by then, that
+    /// change was captured and its entry follows.)
+    pub const LISTED_FILE: u8 = 64;
 }
 
 #[derive(Debug, thiserror::Error)]

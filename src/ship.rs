@@ -461,6 +461,10 @@ struct BulkDir {
     flags: u8,
 }
 
+/// Entries (paths and flags) of one BULK directory (its index in the
+/// round's list), applied as one group.
+type BulkTask = (usize, Vec<(Vec<u8>, u8)>);
+
 /// What a round did.
 struct Round {
     /// Entries were processed (more may be waiting right away).
@@ -949,8 +953,9 @@ impl Shipper {
             .par_iter()
             .map(|d| scan::read_names(&source, &d.path))
             .collect();
-        // (dir index, entry paths) per task; the number of tasks per dir.
-        let mut tasks: Vec<(usize, Vec<Vec<u8>>)> = Vec::new();
+        // (dir index, entry paths and flags) per task; the number of tasks
+        // per dir.
+        let mut tasks: Vec<BulkTask> = Vec::new();
         let mut left = vec![0usize; dirs.len()];
         let mut finished = Completion::default();
         for (i, (d, names)) in dirs.iter().zip(listed).enumerate() {
@@ -966,11 +971,14 @@ impl Shipper {
                     continue;
                 }
             };
-            let rels: Vec<Vec<u8>> = names
+            let rels: Vec<(Vec<u8>, u8)> = names
                 .into_iter()
-                .filter(|(_, k)| matches!(k, Kind::File | Kind::Symlink))
-                .map(|(n, _)| paths::join(&d.path, &n))
-                .filter(|rel| !self.filter.excluded(rel, false))
+                .filter_map(|(n, k)| match k {
+                    Kind::File => Some((paths::join(&d.path, &n), flags::LISTED_FILE)),
+                    Kind::Symlink => Some((paths::join(&d.path, &n), 0)),
+                    Kind::Dir | Kind::Other => None,
+                })
+                .filter(|(rel, _)| !self.filter.excluded(rel, false))
                 .collect();
             if rels.is_empty() {
                 finished.done.push((d.path.clone(), d.seq));
@@ -1000,7 +1008,7 @@ impl Shipper {
                         let f = (d.flags & (flags::LIVE | flags::STARTUP))
                             | if d.created { flags::ABSENT } else { 0 };
                         let entries: Vec<(&[u8], u8)> =
-                            rels.iter().map(|r| (r.as_slice(), f)).collect();
+                            rels.iter().map(|(r, lf)| (r.as_slice(), f | lf)).collect();
                         self.target
                             .apply_group(&self.source, &d.path, &entries, self.policy)
                     })
@@ -1014,7 +1022,7 @@ impl Shipper {
             let mut wrote = false;
             for ((i, rels), out) in wave.iter().zip(results) {
                 let d = &dirs[*i];
-                for (rel, r) in rels.iter().zip(out) {
+                for ((rel, _), r) in rels.iter().zip(out) {
                     match r {
                         Ok(Outcome::Copied { meta, bytes }) => {
                             self.stats.copied.fetch_add(1, Ordering::Relaxed);

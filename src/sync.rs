@@ -336,7 +336,10 @@ impl Compare<'_> {
         let mut new_bulk = Vec::new();
         let names = deletions == Deletions::TargetListing;
         let mut extra_ix = Vec::new();
-        let indexed = if deletions == Deletions::Index {
+        let indexed = if covered && deletions != Deletions::Index {
+            // Compared with nothing: the BULK entry copies them all.
+            vec![None; children.len()]
+        } else if deletions == Deletions::Index {
             let ix = match &sh.index {
                 Some(r) => r.children(self.t, dir),
                 None => self.journal.index_children(self.t, dir),
@@ -536,9 +539,12 @@ impl Compare<'_> {
             index: (deletions == Deletions::Index).then(|| IndexReaders::new(self.journal)),
             bulk: self.absent_ok.then(|| Mutex::new(HashSet::new())),
         };
-        scan::walk_tracked(
+        scan::walk_tracked_lite(
             self.source,
             start,
+            // A directory a BULK entry covers: only its subdirectories
+            // matter here (see `compare_dir`).
+            |dir| sh.bulk.as_ref().is_some_and(|b| lock(b).contains(dir)),
             |dir, children| {
                 if self.stop.load(Ordering::Relaxed) {
                     children.iter_mut().for_each(|c| c.descend = false);

@@ -171,6 +171,10 @@ impl LocalTarget {
                     return self.remove(rel, f, policy);
                 };
                 let name = paths::split(rel).1;
+                if f & flags::LISTED_FILE != 0 && !rel.is_empty() {
+                    // `file_at` finds out by its own `fstat` (see the flag).
+                    return self.file_in(sd.as_fd(), &mut tdir, rel, f);
+                }
                 // The root (a rescan after a queue overflow) has no name
                 // in a parent directory.
                 let m = if rel.is_empty() {
@@ -185,19 +189,29 @@ impl LocalTarget {
                         Kind::Other => Ok(Outcome::Special),
                         Kind::Dir => self.dir(rel, &m, f),
                         Kind::Symlink => self.symlink(source, rel, f),
-                        Kind::File => {
-                            let td = match tdir.take() {
-                                Some(td) => td,
-                                None => self.parent_dir(rel)?,
-                            };
-                            let r = self.file_at(sd.as_fd(), td.as_fd(), rel, f);
-                            tdir = Some(td);
-                            r
-                        }
+                        Kind::File => self.file_in(sd.as_fd(), &mut tdir, rel, f),
                     },
                 }
             })
             .collect()
+    }
+
+    /// [`LocalTarget::file_at`] with the group's target directory, opened
+    /// by the first file that needs it.
+    fn file_in(
+        &self,
+        sd: BorrowedFd<'_>,
+        tdir: &mut Option<OwnedFd>,
+        rel: &[u8],
+        f: u8,
+    ) -> Result<Outcome, ApplyError> {
+        let td = match tdir.take() {
+            Some(td) => td,
+            None => self.parent_dir(rel)?,
+        };
+        let r = self.file_at(sd, td.as_fd(), rel, f);
+        *tdir = Some(td);
+        r
     }
 
     fn remove(&self, rel: &[u8], f: u8, policy: DeletePolicy) -> Result<Outcome, ApplyError> {
