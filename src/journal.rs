@@ -590,6 +590,10 @@ impl Journal {
         Ok(self.db.put_cf(self.cf(CF_META)?, k, v)?)
     }
 
+    pub fn meta_delete(&self, k: &[u8]) -> Result<()> {
+        Ok(self.db.delete_cf(self.cf(CF_META)?, k)?)
+    }
+
     fn flag(&self, k: &[u8]) -> Result<bool> {
         Ok(self.meta_get(k)?.as_deref() == Some(b"1".as_slice()))
     }

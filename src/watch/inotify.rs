@@ -263,6 +263,10 @@ impl InotifyWatcher {
             source: e,
         })?;
         let mut w = Self::new(ino, root, filter, journal, index_target);
+        // The watch tree is about to take this group's descriptor numbers:
+        // no older group may be handed over against it from now on (the
+        // journal names this one once its watches are complete).
+        w.journal.meta_delete(crate::journal::META_INOTIFY_GROUP)?;
         let persisted = w.journal.dirs_backend()?.as_deref() == Some(b"inotify".as_slice());
         let list = if persisted {
             w.journal.dirs_list()?
