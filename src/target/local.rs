@@ -43,7 +43,7 @@ pub struct LocalTarget {
 
 /// A file being written from a stream (the receiver's side of a copy).
 pub struct TempFile {
-    dir: OwnedFd,
+    dir: Arc<OwnedFd>,
     pub out: OwnedFd,
     tmp: Option<Vec<u8>>,
 }
@@ -298,9 +298,26 @@ impl LocalTarget {
     /// permission bits (invisible until complete either way), which spares
     /// the `fchmod` at the end when the umask let them through.
     pub fn begin_file(&self, rel: &[u8], mode: u32) -> Result<TempFile, ApplyError> {
-        let dir = self.parent_dir(rel)?;
+        self.begin_file_in(self.parent_of(rel)?, rel, mode)
+    }
+
+    /// [`LocalTarget::begin_file`] in `dir`, which [`LocalTarget::parent_of`]
+    /// opened for `rel` (or for a sibling, with nothing renamed or removed
+    /// since: the caller's to ensure).
+    pub fn begin_file_in(
+        &self,
+        dir: Arc<OwnedFd>,
+        rel: &[u8],
+        mode: u32,
+    ) -> Result<TempFile, ApplyError> {
         let (out, tmp) = self.create_temp_mode(dir.as_fd(), rel, mode & 0o777)?;
         Ok(TempFile { dir, out, tmp })
+    }
+
+    /// The parent directory of `rel`, created as needed, resolved beneath
+    /// the root.
+    pub fn parent_of(&self, rel: &[u8]) -> Result<Arc<OwnedFd>, ApplyError> {
+        self.parent_dir(rel).map(Arc::new)
     }
 
     /// Gives a complete temp file the attributes of `m` and puts it in
@@ -344,7 +361,7 @@ impl LocalTarget {
     /// Drops an unfinished temp file.
     pub fn abort_file(&self, f: TempFile) {
         if let Some(t) = f.tmp {
-            let _ = rustix::fs::unlinkat(&f.dir, t.as_slice(), rustix::fs::AtFlags::empty());
+            let _ = rustix::fs::unlinkat(f.dir.as_fd(), t.as_slice(), rustix::fs::AtFlags::empty());
         }
     }
 

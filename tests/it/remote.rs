@@ -837,6 +837,47 @@ fn receiver_applies_pipelined_batches_then_a_rename_after_them() {
     assert!(status.success(), "{err}");
 }
 
+/// A worker reuses a batch's parent directory for its next file: a
+/// directory renamed after the batch (and made again) must not receive the
+/// files of later batches, whichever worker they go to.
+#[test]
+fn receiver_files_after_a_rename_land_under_the_new_directory_of_the_old_name() {
+    let env = Env::new();
+    let mut r = Receiver::hello(&env.dst);
+    let results = put(&mut r, 0, b"d/first", b"1", hash(b"1"));
+    assert!(results.iter().all(|x| x.is_ok()), "{results:?}");
+    r.send(&Request::Rename {
+        id: 100,
+        from: b"d".to_vec(),
+        to: b"e".to_vec(),
+    });
+    match r.reply() {
+        Ok(Reply::Done { id: 100, result }) => assert_eq!(result, Ok(true), "rename"),
+        other => panic!("expected the rename's reply, got {other:?}"),
+    }
+    // More batches than workers: one of them goes to batch 0's worker.
+    for b in 1..=8u64 {
+        let data = format!("later {b}").into_bytes();
+        let rel = format!("d/later{b}").into_bytes();
+        let results = put(&mut r, b, &rel, &data, hash(&data));
+        assert!(results.iter().all(|x| x.is_ok()), "batch {b}: {results:?}");
+    }
+    assert_eq!(read(&env.d("e/first")), b"1");
+    assert_eq!(
+        listing(&env.d("e")),
+        vec![PathBuf::from("first")],
+        "a later file went into the renamed directory"
+    );
+    for b in 1..=8u64 {
+        assert_eq!(
+            read(&env.d(format!("d/later{b}"))),
+            format!("later {b}").into_bytes()
+        );
+    }
+    let (status, err) = r.finish();
+    assert!(status.success(), "{err}");
+}
+
 /// The daemon goes away while batches, a rename and a sync are queued:
 /// the receiver's workers fail on their replies and the receiver exits
 /// instead of waiting for work that will never be done.
