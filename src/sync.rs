@@ -875,8 +875,13 @@ mod tests {
             std::fs::write(src.join(f), f).unwrap();
         }
         std::os::unix::fs::symlink("x", src.join("new/link")).unwrap();
-        // The target has `old` (empty) but nothing of `new`.
+        // The target has `old` (empty, and with another mtime, so that it
+        // differs whatever the clock's tick) but nothing of `new`.
         std::fs::create_dir_all(dst.join("old")).unwrap();
+        std::fs::File::open(dst.join("old"))
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1000))
+            .unwrap();
         let s = flags::STARTUP;
         let b = flags::STARTUP | flags::BULK;
         let want = |v: &[(&str, u8)]| -> Vec<(String, u8)> {
@@ -891,6 +896,7 @@ mod tests {
                 ("new/empty", b),
                 ("new/sub", b),
                 ("new/sub/deep", b),
+                ("old", s),
                 ("old/a", s),
                 ("old/b", s),
                 ("top", s),
@@ -909,6 +915,7 @@ mod tests {
             "new/sub/z",
             "new/x",
             "new/y",
+            "old",
             "old/a",
             "old/b",
             "top",
