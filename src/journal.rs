@@ -1009,8 +1009,12 @@ impl Journal {
             if seen > max_entries {
                 return Ok(None);
             }
-            for (p, _) in &batch {
+            for (p, v) in &batch {
                 out.insert(paths::parent(p).unwrap_or_default().to_vec());
+                // A BULK entry copies into the directory itself.
+                if v.flags & flags::BULK != 0 {
+                    out.insert(p.clone());
+                }
             }
             match batch.last() {
                 Some((p, _)) if batch.len() == 10_000 => after = Some(p.clone()),

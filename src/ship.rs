@@ -971,6 +971,16 @@ impl Shipper {
                     continue;
                 }
             };
+            if !d.created {
+                // Applied again (after a crash, say): the target may hold
+                // entries the source has lost meanwhile, copied by the
+                // earlier apply but never indexed, so that no other walk
+                // would find them. Each becomes an entry of its own.
+                if let Err(e) = self.bulk_extras(d, &names, &mut finished) {
+                    self.failed(&d.path, d.seq, e);
+                    continue;
+                }
+            }
             let rels: Vec<(Vec<u8>, u8)> = names
                 .into_iter()
                 .filter_map(|(n, k)| match k {
@@ -1084,6 +1094,49 @@ impl Shipper {
             }
         }
         Ok(target_errors)
+    }
+
+    /// Enqueues (in `c`) the entries of BULK directory `d` on the target
+    /// that the source listing `names` lacks; removes stale temp files.
+    fn bulk_extras(
+        &self,
+        d: &BulkDir,
+        names: &[(Vec<u8>, Kind)],
+        c: &mut Completion,
+    ) -> Result<(), ApplyError> {
+        let view = self.target.view(&d.path).map_err(|e| {
+            if crate::target::is_unreachable(&e) {
+                ApplyError::Unreachable {
+                    target: self.name.clone(),
+                    reason: e.to_string(),
+                }
+            } else {
+                ApplyError::target_write(&d.path, e)
+            }
+        })?;
+        let Some(view) = view else {
+            return Ok(());
+        };
+        let have: std::collections::HashSet<&[u8]> =
+            names.iter().map(|(n, _)| n.as_slice()).collect();
+        for n in view.names() {
+            if have.contains(n.as_slice()) {
+                continue;
+            }
+            if crate::fsops::is_temp_name(&n) {
+                if crate::fsops::is_stale_temp_name(&n) {
+                    view.remove_stale(&n);
+                }
+                continue;
+            }
+            let rel = paths::join(&d.path, &n);
+            let is_dir = view.lstat(&n).is_some_and(|m| m.kind == Kind::Dir);
+            if !self.filter.excluded(&rel, is_dir) {
+                c.requeue
+                    .push((rel, d.flags & (flags::LIVE | flags::STARTUP)));
+            }
+        }
+        Ok(())
     }
 
     fn scan_subtree(&mut self, p: &[u8], f: u8, created: bool) -> Result<(), JournalError> {
