@@ -461,6 +461,14 @@ struct BulkDir {
     flags: u8,
 }
 
+impl BulkDir {
+    /// Where its entry came from (live or startup), which its files'
+    /// entries keep: it decides whether a deletion is allowed.
+    fn origin(&self) -> u8 {
+        self.flags & (flags::LIVE | flags::STARTUP)
+    }
+}
+
 /// Entries (paths and flags) of one BULK directory (its index in the
 /// round's list), applied as one group.
 type BulkTask = (usize, Vec<(Vec<u8>, u8)>);
@@ -1015,8 +1023,7 @@ impl Shipper {
                 wave.par_iter()
                     .map(|(i, rels)| {
                         let d = &dirs[*i];
-                        let f = (d.flags & (flags::LIVE | flags::STARTUP))
-                            | if d.created { flags::ABSENT } else { 0 };
+                        let f = d.origin() | if d.created { flags::ABSENT } else { 0 };
                         let entries: Vec<(&[u8], u8)> =
                             rels.iter().map(|(r, lf)| (r.as_slice(), f | lf)).collect();
                         self.target
@@ -1058,10 +1065,9 @@ impl Shipper {
                         }
                         // Became a directory since the listing: compared
                         // with its subtree, as an entry of its own.
-                        Ok(Outcome::Dir { .. }) => c.requeue.push((
-                            rel.clone(),
-                            (d.flags & (flags::LIVE | flags::STARTUP)) | flags::RECURSIVE,
-                        )),
+                        Ok(Outcome::Dir { .. }) => {
+                            c.requeue.push((rel.clone(), d.origin() | flags::RECURSIVE))
+                        }
                         Ok(Outcome::DeleteSkipped | Outcome::Special | Outcome::Vanished) => {}
                         Err(ApplyError::Unreachable { .. }) => {
                             // The whole directory goes again once the
@@ -1073,8 +1079,7 @@ impl Shipper {
                             if matches!(e, ApplyError::TargetWrite { .. }) {
                                 target_errors += 1;
                             }
-                            c.requeue
-                                .push((rel.clone(), d.flags & (flags::LIVE | flags::STARTUP)));
+                            c.requeue.push((rel.clone(), d.origin()));
                             self.failed(rel, d.seq, e);
                         }
                     }
@@ -1132,8 +1137,7 @@ impl Shipper {
             let rel = paths::join(&d.path, &n);
             let is_dir = view.lstat(&n).is_some_and(|m| m.kind == Kind::Dir);
             if !self.filter.excluded(&rel, is_dir) {
-                c.requeue
-                    .push((rel, d.flags & (flags::LIVE | flags::STARTUP)));
+                c.requeue.push((rel, d.origin()));
             }
         }
         Ok(())

@@ -764,13 +764,34 @@ mod tests {
         indexed.push((b"d/e/ghost".to_vec(), ghost));
         indexed.push((b"d/zz".to_vec(), ghost));
         journal.index_put_many(id, &indexed).unwrap();
-        let target = Target::Local(LocalTarget::open(&dst, false).unwrap());
-        let filter = Filter::new(&src, &[]).unwrap();
+        // The start directory itself is compared with the target, whose
+        // times here differ from the source's or not by the clock's tick.
+        reconcile_pending(&journal, id, &src, &dst, true, None, deletions)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// Reconciles `src` against target `dst` (target `id` of `journal`);
+    /// returns the pending entries (path, flags) it enqueued, the root's
+    /// left out, in path order.
+    fn reconcile_pending(
+        journal: &Journal,
+        id: TargetId,
+        src: &std::path::Path,
+        dst: &std::path::Path,
+        absent_ok: bool,
+        resume: Option<&HashSet<Vec<u8>>>,
+        deletions: Deletions,
+    ) -> Vec<(Vec<u8>, u8)> {
+        let source = Root::open(src).unwrap();
+        let target = Target::Local(LocalTarget::open(dst, false).unwrap());
+        let filter = Filter::new(src, &[]).unwrap();
         let (stats, stop) = (ScanStats::default(), AtomicBool::new(false));
         let cmp = Compare {
             source: &source,
             target: &target,
-            journal: &journal,
+            journal,
             t: id,
             filter: &filter,
             owner: false,
@@ -778,20 +799,17 @@ mod tests {
             stop: &stop,
             progress: None,
             dirs_seen: None,
-            absent_ok: true,
+            absent_ok,
         };
-        cmp.reconcile(b"", flags::STARTUP, None, deletions).unwrap();
-        // The start directory itself is compared with the target, whose
-        // times here differ from the source's or not by the clock's tick.
-        let mut got: Vec<Vec<u8>> = journal
-            .pending_batch(id, None, 100)
+        cmp.reconcile(b"", flags::STARTUP, resume, deletions)
+            .unwrap();
+        journal
+            .pending_batch(id, None, 1000)
             .unwrap()
             .into_iter()
-            .map(|(p, _)| p)
-            .filter(|p| !p.is_empty())
-            .collect();
-        got.sort();
-        got
+            .filter(|(p, _)| !p.is_empty())
+            .map(|(p, v)| (p, v.flags))
+            .collect()
     }
 
     #[test]
@@ -821,39 +839,19 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let journal = Journal::open(&t.path().join("journal")).unwrap();
         let id = journal.target_id("t").unwrap();
-        let source = Root::open(src).unwrap();
-        let target = Target::Local(LocalTarget::open(dst, false).unwrap());
-        let filter = Filter::new(src, &[]).unwrap();
-        let (stats, stop) = (ScanStats::default(), AtomicBool::new(false));
-        let cmp = Compare {
-            source: &source,
-            target: &target,
-            journal: &journal,
-            t: id,
-            filter: &filter,
-            owner: false,
-            stats: &stats,
-            stop: &stop,
-            progress: None,
-            dirs_seen: None,
+        let resume = HashSet::new();
+        reconcile_pending(
+            &journal,
+            id,
+            src,
+            dst,
             absent_ok,
-        };
-        cmp.reconcile(
-            b"",
-            flags::STARTUP,
-            Some(&HashSet::new()),
+            Some(&resume),
             Deletions::TargetListing,
         )
-        .unwrap();
-        let mut got: Vec<(String, u8)> = journal
-            .pending_batch(id, None, 1000)
-            .unwrap()
-            .into_iter()
-            .filter(|(p, _)| !p.is_empty())
-            .map(|(p, v)| (String::from_utf8(p).unwrap(), v.flags))
-            .collect();
-        got.sort();
-        got
+        .into_iter()
+        .map(|(p, f)| (String::from_utf8(p).unwrap(), f))
+        .collect()
     }
 
     #[test]
