@@ -22,7 +22,8 @@
 //!   [`Request::Rename`], [`Request::Sync`]) carry an id and are answered
 //!   with that id.
 //! - *Batches*: any number of [`Request::Op`] frames with the same batch id,
-//!   file content in [`Request::Data`] frames, then [`Request::EndBatch`];
+//!   file content in [`Request::Data`] frames (or, for a small file, in its
+//!   [`Op::Whole`] frame), then [`Request::EndBatch`];
 //!   the receiver answers once per batch with every operation's result
 //!   ([`Reply::Batch`]). The daemon keeps several batches in flight: one
 //!   round trip per batch, never one per file.
@@ -39,7 +40,8 @@ use crate::meta::Meta;
 
 /// Protocol version spoken by this build. Bump on any incompatible change.
 /// 2: `Welcome` carries the receiver's boot id.
-pub const VERSION: u32 = 2;
+/// 3: [`Op::Whole`], a small file in one frame.
+pub const VERSION: u32 = 3;
 
 /// Largest payload accepted. Data chunks are at most [`CHUNK`] bytes, and
 /// listings are split well below this.
@@ -53,6 +55,12 @@ pub const LIST_CHUNK: usize = 8192;
 
 /// Block size for delta transfers of large files (see [`Chunk::Copy`]).
 pub const BLOCK: u64 = 64 * 1024;
+
+/// Files up to this size travel whole in one [`Op::Whole`] frame instead of
+/// a stream of three or more frames: most files of a large tree are small,
+/// and per-file framing was a sizeable part of the sender's and the
+/// receiver's CPU time per file.
+pub const WHOLE_MAX: u64 = 64 * 1024;
 
 /// Files at least this large that the receiver already holds are sent as a
 /// delta against its copy.
@@ -189,6 +197,19 @@ pub enum Op {
         rel: Vec<u8>,
         meta: Meta,
         delta: bool,
+    },
+    /// A regular file of at most [`WHOLE_MAX`] bytes, content included:
+    /// verified against `hash` (of the uncompressed content) and put in
+    /// place like a streamed one.
+    Whole {
+        #[serde(with = "serde_bytes")]
+        rel: Vec<u8>,
+        meta: Meta,
+        /// zstd-compressed (targets with `compress = true`).
+        zstd: bool,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        hash: ContentHash,
     },
 }
 
@@ -458,6 +479,16 @@ mod tests {
             Request::Data {
                 file: 1,
                 chunk: Chunk::Bytes(vec![1, 2, 3]),
+            },
+            Request::Op {
+                batch: 9,
+                op: Op::Whole {
+                    rel: b"b\r\xfe".to_vec(),
+                    meta: meta(),
+                    zstd: true,
+                    data: vec![0, 255, 7],
+                    hash: content_hash(b"abc"),
+                },
             },
             Request::EndBatch { batch: 9 },
         ];

@@ -655,7 +655,7 @@ impl<'a> Session<'a> {
         if !matches!(
             req,
             Request::Op {
-                op: Op::File { .. },
+                op: Op::File { .. } | Op::Whole { .. },
                 ..
             } | Request::Data { .. }
         ) {
@@ -898,19 +898,8 @@ impl<'a> Session<'a> {
                             }
                         }
                         if inc.failed.is_none() {
-                            let parent = paths::split(&rel).0;
-                            let dir = match self.parent.take() {
-                                Some((b, p, fd)) if b == batch && p == parent => Ok(fd),
-                                _ => t.parent_of(&rel),
-                            };
-                            match dir {
-                                Ok(fd) => {
-                                    match t.begin_file_in(fd.clone(), &rel, meta.mode) {
-                                        Ok(tmp) => inc.tmp = Some(tmp),
-                                        Err(e) => inc.failed = Some(apply_err(e)),
-                                    }
-                                    self.parent = Some((batch, parent.to_vec(), fd));
-                                }
+                            match self.begin(batch, &rel, meta.mode) {
+                                Ok(tmp) => inc.tmp = Some(tmp),
                                 Err(e) => inc.failed = Some(apply_err(e)),
                             }
                         }
@@ -919,9 +908,71 @@ impl<'a> Session<'a> {
                 self.open.insert(file, inc);
                 return Ok(());
             }
+            Op::Whole {
+                rel,
+                meta,
+                zstd,
+                data,
+                hash,
+            } => {
+                checked(&rel, false).and_then(|()| self.whole(batch, &rel, &meta, zstd, data, hash))
+            }
         };
         self.result(batch, index, r);
         Ok(())
+    }
+
+    /// A temp file for `rel` in its parent directory, which the previous
+    /// file of the same batch may have resolved already (see `parent`).
+    fn begin(&mut self, batch: u64, rel: &[u8], mode: u32) -> Result<TempFile, ApplyError> {
+        let parent = paths::split(rel).0;
+        let dir = match self.parent.take() {
+            Some((b, p, fd)) if b == batch && p == parent => fd,
+            _ => self.target.parent_of(rel)?,
+        };
+        self.parent = Some((batch, parent.to_vec(), dir.clone()));
+        self.target.begin_file_in(dir, rel, mode)
+    }
+
+    /// A small file sent in one frame: checked before anything is created,
+    /// then written and put in place like a streamed one.
+    fn whole(
+        &mut self,
+        batch: u64,
+        rel: &[u8],
+        meta: &Meta,
+        zstd: bool,
+        data: Vec<u8>,
+        hash: protocol::ContentHash,
+    ) -> Result<Done, String> {
+        let data = if zstd {
+            zstd_decompress(&data, protocol::WHOLE_MAX as usize)
+                .map_err(|e| format!("{}: bad compressed content: {e}", paths::display(rel)))?
+        } else if data.len() as u64 > protocol::WHOLE_MAX {
+            return Err(format!(
+                "{}: {} bytes sent whole, over the {}-byte limit",
+                paths::display(rel),
+                data.len(),
+                protocol::WHOLE_MAX
+            ));
+        } else {
+            data
+        };
+        if protocol::content_hash(&data) != hash {
+            return Err(format!(
+                "{}: content checksum mismatch; not installed",
+                paths::display(rel)
+            ));
+        }
+        let tmp = self.begin(batch, rel, meta.mode).map_err(apply_err)?;
+        if let Err(e) = write_all(&tmp.out, &data) {
+            self.target.abort_file(tmp);
+            return Err(format!("cannot write {}: {e}", paths::display(rel)));
+        }
+        self.target
+            .finish_file(tmp, rel, meta)
+            .map(|()| Done::Ok)
+            .map_err(apply_err)
     }
 
     fn data(&mut self, file: u64, chunk: Chunk) -> Result<(), String> {
@@ -943,7 +994,7 @@ impl<'a> Session<'a> {
             }
             Chunk::Zstd(z) => {
                 if inc.failed.is_none() {
-                    match zstd_decompress(&z) {
+                    match zstd_decompress(&z, protocol::CHUNK) {
                         Ok(data) => write_part(inc, &data),
                         Err(e) => inc.failed = Some(format!("bad compressed chunk: {e}")),
                     }
@@ -1027,34 +1078,37 @@ fn write_part(inc: &mut Incoming, data: &[u8]) {
         return;
     }
     let Some(t) = inc.tmp.as_ref() else { return };
-    let mut off = 0;
-    while off < data.len() {
-        match rustix::io::write(&t.out, &data[off..]) {
-            Ok(n) => off += n,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => {
-                inc.failed = Some(format!(
-                    "cannot write {}: {}",
-                    paths::display(&inc.rel),
-                    io::Error::from(e)
-                ));
-                return;
-            }
-        }
+    if let Err(e) = write_all(&t.out, data) {
+        inc.failed = Some(format!("cannot write {}: {e}", paths::display(&inc.rel)));
+        return;
     }
     inc.hasher.update(data);
 }
 
-fn zstd_decompress(z: &[u8]) -> io::Result<Vec<u8>> {
-    // A chunk decompresses to at most CHUNK bytes: more is hostile.
+fn write_all(fd: &std::os::fd::OwnedFd, data: &[u8]) -> io::Result<()> {
+    let mut off = 0;
+    while off < data.len() {
+        match rustix::io::write(fd, &data[off..]) {
+            Ok(n) => off += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Decompresses `z`, which the protocol allows to hold at most `limit`
+/// bytes (a chunk, a whole small file): more is hostile and refused
+/// without being inflated further.
+fn zstd_decompress(z: &[u8], limit: usize) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
     zstd::stream::read::Decoder::new(z)?
-        .take(protocol::CHUNK as u64 + 1)
+        .take(limit as u64 + 1)
         .read_to_end(&mut out)?;
-    if out.len() > protocol::CHUNK {
+    if out.len() > limit {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "chunk decompresses beyond the chunk size",
+            format!("decompresses beyond the {limit}-byte limit"),
         ));
     }
     Ok(out)

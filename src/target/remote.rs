@@ -36,7 +36,7 @@ use crate::meta::{Kind, Meta};
 use crate::paths;
 use crate::protocol::{
     self, Chunk, Done, Entry, FrameError, Op, Reply, Request, BLOCK, CHUNK, DELTA_MIN, MAGIC,
-    VERSION,
+    VERSION, WHOLE_MAX,
 };
 use crate::target::local::DeletePolicy;
 
@@ -763,6 +763,18 @@ impl RemoteTarget {
         let mut plans: Vec<Plan> = Vec::with_capacity(entries.len());
         let r = self.batch(|b| {
             for &(rel, f) in entries {
+                if let (Some(sd), true) = (&src_dir, f & flags::LISTED_FILE != 0 && !rel.is_empty())
+                {
+                    // `file` finds out by its own `fstat` (see the flag).
+                    plans.push(match b.file(sd.as_fd(), rel, None)? {
+                        FileSent::Sent { slot, meta, bytes } => Plan::Sent {
+                            slot,
+                            then: Then::Copied { meta, bytes },
+                        },
+                        FileSent::Now(r) => Plan::Now(r),
+                    });
+                    continue;
+                }
                 let m = match &src_dir {
                     None => None,
                     Some(sd) if !rel.is_empty() => {
@@ -823,7 +835,7 @@ impl RemoteTarget {
                         },
                         Kind::File => match src_dir.as_ref() {
                             None => Plan::Now(Ok(Outcome::Vanished)),
-                            Some(sd) => match b.file(sd.as_fd(), rel, &m)? {
+                            Some(sd) => match b.file(sd.as_fd(), rel, Some(&m))? {
                                 FileSent::Sent { slot, meta, bytes } => Plan::Sent {
                                     slot,
                                     then: Then::Copied { meta, bytes },
@@ -960,6 +972,10 @@ impl BatchSender<'_> {
                 chunk: Chunk::Bytes(b) | Chunk::Zstd(b),
                 ..
             } => b.len() + 32,
+            Request::Op {
+                op: Op::Whole { data, .. },
+                ..
+            } => data.len() + 128,
             _ => 128,
         };
         self.pending.push(r);
@@ -1000,12 +1016,12 @@ impl BatchSender<'_> {
 
     /// Streams regular file `rel` (in source directory `sd`): stat before
     /// and after, as a local copy does, and a delta against the receiver's
-    /// copy for large files.
+    /// copy for large files. `seen`: its `lstat` before, if one was made.
     fn file(
         &mut self,
         sd: std::os::fd::BorrowedFd<'_>,
         rel: &[u8],
-        seen: &Meta,
+        seen: Option<&Meta>,
     ) -> Result<FileSent, ApplyError> {
         let name = paths::split(rel).1;
         for _attempt in 1..=COPY_TRIES {
@@ -1023,7 +1039,13 @@ impl BatchSender<'_> {
             if before.kind != Kind::File {
                 return Ok(FileSent::Now(Ok(Outcome::Vanished)));
             }
-            let sig = if before.size >= DELTA_MIN && seen.size >= DELTA_MIN {
+            if before.size <= WHOLE_MAX {
+                match self.whole(&src, rel, &before)? {
+                    Some(sent) => return Ok(sent),
+                    None => continue,
+                }
+            }
+            let sig = if before.size >= DELTA_MIN && seen.is_none_or(|s| s.size >= DELTA_MIN) {
                 self.flush(false)?;
                 self.t.signature(rel)?
             } else {
@@ -1071,6 +1093,49 @@ impl BatchSender<'_> {
             path: paths::display(rel),
             tries: COPY_TRIES,
         })))
+    }
+
+    /// Sends small file `src` in one [`Op::Whole`]; `None` when it changed
+    /// while it was read (nothing was sent: the caller tries again).
+    fn whole(
+        &mut self,
+        src: &OwnedFd,
+        rel: &[u8],
+        before: &Meta,
+    ) -> Result<Option<FileSent>, ApplyError> {
+        let mut data = vec![0u8; before.size as usize];
+        let n = match read_full_at(src.as_fd(), &mut data, 0, before.size) {
+            Ok(n) => n,
+            Err(e) => return Ok(Some(FileSent::Now(Err(ApplyError::source_read(rel, e))))),
+        };
+        let after = rustix::fs::fstat(src).map(|st| Meta::from_stat(&st));
+        let same = matches!(&after, Ok(a) if a.size == before.size
+            && a.mtime_ns == before.mtime_ns
+            && a.ctime_ns == before.ctime_ns)
+            && n as u64 == before.size;
+        if !same {
+            return Ok(None);
+        }
+        let hash = protocol::content_hash(&data);
+        let (zstd, data) = match self.t.spec.compress {
+            true => match zstd::bulk::compress(&data, 3) {
+                Ok(z) if z.len() < data.len() => (true, z),
+                _ => (false, data),
+            },
+            false => (false, data),
+        };
+        let slot = self.op(Op::Whole {
+            rel: rel.to_vec(),
+            meta: *before,
+            zstd,
+            data,
+            hash,
+        })?;
+        Ok(Some(FileSent::Sent {
+            slot,
+            meta: *before,
+            bytes: n as u64,
+        }))
     }
 
     /// Sends the content of `src`; the inner result is a source read error.

@@ -759,6 +759,51 @@ fn put(
     }
 }
 
+/// Sends one small file whole (`Op::Whole`, content `wire` as it goes on
+/// the wire, zstd-compressed if `zstd`) in one batch and returns the
+/// batch's results.
+fn put_whole(
+    r: &mut Receiver,
+    batch: u64,
+    rel: &[u8],
+    wire: &[u8],
+    zstd: bool,
+    hash: protocol::ContentHash,
+) -> Vec<Result<Done, String>> {
+    r.send(&Request::Op {
+        batch,
+        op: Op::Whole {
+            rel: rel.to_vec(),
+            meta: file_meta(wire.len() as u64),
+            zstd,
+            data: wire.to_vec(),
+            hash,
+        },
+    });
+    r.send(&Request::EndBatch { batch });
+    match r.reply() {
+        Ok(Reply::Batch { results, .. }) => results,
+        other => panic!("expected a batch reply, got {other:?}"),
+    }
+}
+
+/// A file sent either way: streamed (`Op::File` and `Data` frames) or
+/// whole (`Op::Whole`, uncompressed).
+fn put_as(
+    whole: bool,
+    r: &mut Receiver,
+    batch: u64,
+    rel: &[u8],
+    data: &[u8],
+    hash: protocol::ContentHash,
+) -> Vec<Result<Done, String>> {
+    if whole {
+        put_whole(r, batch, rel, data, false, hash)
+    } else {
+        put(r, batch, rel, data, hash)
+    }
+}
+
 fn hash(data: &[u8]) -> protocol::ContentHash {
     protocol::content_hash(data)
 }
@@ -950,19 +995,24 @@ fn receiver_refuses_paths_that_leave_its_root_and_keeps_serving() {
         b"a/./b".to_vec(),
         b"nul\0byte".to_vec(),
     ];
-    for (i, rel) in evil.iter().enumerate() {
-        let res = put(&mut r, 100 + i as u64, rel, b"evil", hash(b"evil"));
-        assert_eq!(res.len(), 1);
-        let err = res[0].as_ref().expect_err("a hostile path was accepted");
-        assert!(err.contains("refused path"), "{err}");
+    symlink(&outside, &env.d("escape2"));
+    // Both ways a file's content travels: streamed, and whole in one frame.
+    for (whole, escape, base) in [(false, "escape", 100u64), (true, "escape2", 1100)] {
+        for (i, rel) in evil.iter().enumerate() {
+            let res = put_as(whole, &mut r, base + i as u64, rel, b"evil", hash(b"evil"));
+            assert_eq!(res.len(), 1);
+            let err = res[0].as_ref().expect_err("a hostile path was accepted");
+            assert!(err.contains("refused path"), "whole={whole}: {err}");
+        }
+        // Through the symlink: the receiver never follows it. The mirror
+        // holds a directory there (the sender says so), so the link is
+        // replaced inside the root; nothing lands outside.
+        let rel = format!("{escape}/victim").into_bytes();
+        let res = put_as(whole, &mut r, base + 100, &rel, b"evil", hash(b"evil"));
+        assert!(res[0].is_ok(), "whole={whole}: {res:?}");
+        assert_eq!(read(&outside.join("victim")), b"untouched");
+        assert!(!lmeta(&env.d(escape)).file_type().is_symlink());
     }
-    // Through the symlink: the receiver never follows it. The mirror holds
-    // a directory there (the sender says so), so the link is replaced
-    // inside the root; nothing lands outside.
-    let res = put(&mut r, 200, b"escape/victim", b"evil", hash(b"evil"));
-    assert!(res[0].is_ok(), "{res:?}");
-    assert_eq!(read(&outside.join("victim")), b"untouched");
-    assert!(!lmeta(&env.d("escape")).file_type().is_symlink());
     // Renames and deletes out of the root are refused too.
     r.send(&Request::Rename {
         id: 7,
@@ -985,12 +1035,44 @@ fn receiver_refuses_paths_that_leave_its_root_and_keeps_serving() {
         other => panic!("{other:?}"),
     }
     // A wrong content checksum: not installed.
-    let res = put(&mut r, 400, b"bad-hash", b"data", hash(b"other"));
+    for (whole, batch) in [(false, 400), (true, 401)] {
+        let res = put_as(whole, &mut r, batch, b"bad-hash", b"data", hash(b"other"));
+        assert!(
+            res[0].as_ref().is_err_and(|e| e.contains("checksum")),
+            "whole={whole}: {res:?}"
+        );
+        assert!(!exists(&env.d("bad-hash")));
+    }
+    // Whole files: content past the size limit, raw or compressed (a
+    // zstd bomb: 64 MiB of zeros in a few KiB), and compressed garbage.
+    let big = vec![7u8; protocol::WHOLE_MAX as usize + 1];
+    let res = put_whole(&mut r, 402, b"too-big", &big, false, hash(&big));
     assert!(
-        res[0].as_ref().is_err_and(|e| e.contains("checksum")),
+        res[0].as_ref().is_err_and(|e| e.contains("limit")),
         "{res:?}"
     );
-    assert!(!exists(&env.d("bad-hash")));
+    let zeros = vec![0u8; 64 << 20];
+    let bomb = zstd::bulk::compress(&zeros, 19).expect("compress");
+    assert!(bomb.len() < 1 << 20);
+    let res = put_whole(&mut r, 403, b"bomb", &bomb, true, hash(&zeros));
+    assert!(
+        res[0].as_ref().is_err_and(|e| e.contains("limit")),
+        "{res:?}"
+    );
+    let res = put_whole(&mut r, 404, b"garbage", b"not zstd at all", true, hash(b""));
+    assert!(
+        res[0].as_ref().is_err_and(|e| e.contains("bad compressed")),
+        "{res:?}"
+    );
+    for name in ["too-big", "bomb", "garbage"] {
+        assert!(!exists(&env.d(name)), "{name} was installed");
+    }
+    // A good whole file, compressed, is installed with its content.
+    let text = b"line of text\n".repeat(100);
+    let z = zstd::bulk::compress(&text, 3).expect("compress");
+    let res = put_whole(&mut r, 405, b"good/whole", &z, true, hash(&text));
+    assert!(res[0].is_ok(), "{res:?}");
+    assert_eq!(read(&env.d("good/whole")), text);
     // And the connection still serves a good request.
     let res = put(&mut r, 500, b"good/file", b"fine", hash(b"fine"));
     assert!(res[0].is_ok(), "{res:?}");
