@@ -161,6 +161,23 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request's name, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "Hello",
+            Request::List { .. } => "List",
+            Request::Stat { .. } => "Stat",
+            Request::Signature { .. } => "Signature",
+            Request::Rename { .. } => "Rename",
+            Request::Sync { .. } => "Sync",
+            Request::Op { .. } => "Op",
+            Request::Data { .. } => "Data",
+            Request::EndBatch { .. } => "EndBatch",
+        }
+    }
+}
+
 pub const MAGIC: [u8; 8] = *b"drmirror";
 
 /// One change inside a batch.
@@ -309,22 +326,39 @@ pub enum Reply {
     },
 }
 
-/// Writes one frame.
-pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<usize, FrameError> {
-    let payload = postcard::to_allocvec(msg).map_err(|e| FrameError::Encode(e.to_string()))?;
-    if payload.len() > MAX_FRAME {
-        return Err(FrameError::TooLarge(payload.len() as u64));
+/// Appends one frame to `out`; returns its length. The payload is encoded
+/// in place, after room left for the header: no copy of file content
+/// beyond the one into `out`. On an error `out` keeps the frames before.
+pub fn encode_frame<T: Serialize>(out: &mut Vec<u8>, msg: &T) -> Result<usize, FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 8]);
+    // postcard extends a writer it takes by value and hands back.
+    let body = postcard::to_extend(msg, std::mem::take(out));
+    let body = match body {
+        Ok(v) => v,
+        Err(e) => return Err(FrameError::Encode(e.to_string())),
+    };
+    *out = body;
+    let payload = out.len() - start - 8;
+    if payload > MAX_FRAME {
+        out.truncate(start);
+        return Err(FrameError::TooLarge(payload as u64));
     }
-    let len = (payload.len() as u32).to_le_bytes();
+    let len = (payload as u32).to_le_bytes();
     let mut h = crc32fast::Hasher::new();
     h.update(&len);
-    h.update(&payload);
-    let mut buf = Vec::with_capacity(8 + payload.len());
-    buf.extend_from_slice(&len);
-    buf.extend_from_slice(&h.finalize().to_le_bytes());
-    buf.extend_from_slice(&payload);
+    h.update(&out[start + 8..]);
+    out[start..start + 4].copy_from_slice(&len);
+    out[start + 4..start + 8].copy_from_slice(&h.finalize().to_le_bytes());
+    Ok(payload + 8)
+}
+
+/// Writes one frame.
+pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<usize, FrameError> {
+    let mut buf = Vec::new();
+    let n = encode_frame(&mut buf, msg)?;
     w.write_all(&buf)?;
-    Ok(buf.len())
+    Ok(n)
 }
 
 /// Reads one frame's payload into `buf` (reused between calls).
@@ -492,9 +526,12 @@ mod tests {
             },
             Request::EndBatch { batch: 9 },
         ];
+        // Frames appended to one buffer, as the sender gathers a batch.
         let mut wire = Vec::new();
         for m in &msgs {
-            write_frame(&mut wire, m).expect("encode");
+            let before = wire.len();
+            let n = encode_frame(&mut wire, m).expect("encode");
+            assert_eq!(wire.len() - before, n);
         }
         let mut r = &wire[..];
         let mut buf = Vec::new();
@@ -506,6 +543,20 @@ mod tests {
             read_frame::<_, Request>(&mut r, &mut buf),
             Err(FrameError::Closed)
         ));
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_and_leaves_the_buffer_as_it_was() {
+        let mut out = Vec::new();
+        encode_frame(&mut out, &Request::Sync { id: 1 }).expect("encode");
+        let kept = out.clone();
+        let huge = Request::Data {
+            file: 1,
+            chunk: Chunk::Bytes(vec![0; MAX_FRAME + 1]),
+        };
+        let r = encode_frame(&mut out, &huge);
+        assert!(matches!(r, Err(FrameError::TooLarge(_))), "{r:?}");
+        assert_eq!(out, kept);
     }
 
     #[test]

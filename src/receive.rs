@@ -234,12 +234,7 @@ pub fn serve<R: Read, W: Write + Send>(
                 }
             }
         }
-        Ok(other) => {
-            return refuse(
-                &mut w,
-                format!("expected Hello, got {}", request_name(&other)),
-            )
-        }
+        Ok(other) => return refuse(&mut w, format!("expected Hello, got {}", other.kind())),
         Err(e) => return refuse(&mut w, format!("bad handshake: {e}")),
     }
     let boot = if crate::durability::local_disk(target.root().fd()) {
@@ -571,20 +566,6 @@ fn fatal<W: Write>(w: &Mutex<BufWriter<W>>, reason: &str) {
             reason: reason.to_string(),
         }],
     );
-}
-
-fn request_name(r: &Request) -> &'static str {
-    match r {
-        Request::Hello { .. } => "Hello",
-        Request::List { .. } => "List",
-        Request::Stat { .. } => "Stat",
-        Request::Signature { .. } => "Signature",
-        Request::Rename { .. } => "Rename",
-        Request::Sync { .. } => "Sync",
-        Request::Op { .. } => "Op",
-        Request::Data { .. } => "Data",
-        Request::EndBatch { .. } => "EndBatch",
-    }
 }
 
 /// A file being received.

@@ -485,15 +485,34 @@ impl RemoteTarget {
 
     /// Sends frames; on failure the connection is dropped.
     fn send(&self, c: &Conn, msgs: &[Request], flush: bool) -> Result<(), ApplyError> {
+        let mut frames = Vec::new();
+        for m in msgs {
+            self.encode(c, &mut frames, m)?;
+        }
+        self.send_frames(c, &frames, flush)
+    }
+
+    /// Appends the frame of `m` to `frames`. Our own requests always
+    /// encode; if one did not, the receiver's view of the batch would be
+    /// off by one, so the connection is dropped.
+    fn encode(&self, c: &Conn, frames: &mut Vec<u8>, m: &Request) -> Result<(), ApplyError> {
+        protocol::encode_frame(frames, m).map(|_| ()).map_err(|e| {
+            c.fail_all();
+            self.unreachable(format!("encoding a {}: {e}", m.kind()))
+        })
+    }
+
+    /// Writes frames encoded by [`RemoteTarget::encode`] (outside the
+    /// writer's lock, which the senders share); on failure the connection
+    /// is dropped.
+    fn send_frames(&self, c: &Conn, frames: &[u8], flush: bool) -> Result<(), ApplyError> {
         if c.dead.load(Ordering::Acquire) {
             return Err(self.unreachable("connection lost"));
         }
         let mut w = c.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let mut n = 0;
+        let n = frames.len();
         let r = (|| -> Result<(), FrameError> {
-            for m in msgs {
-                n += protocol::write_frame(&mut w.out, m)?;
-            }
+            w.out.write_all(frames)?;
             if flush {
                 w.out.flush()?;
             }
@@ -712,14 +731,19 @@ impl RemoteTarget {
             t: self,
             c: &c,
             batch,
-            pending: Vec::new(),
-            pending_bytes: 0,
+            pending: FRAMES.with(|f| f.take()),
             sent_ops: 0,
         };
         let r = fill(&mut b).and_then(|()| {
             b.push(Request::EndBatch { batch })?;
             b.flush(true)
         });
+        // The buffer is reused by this thread's next batch (a fresh one
+        // per batch was page faults and copies while it grew).
+        if b.pending.capacity() <= FRAMES_KEPT {
+            b.pending.clear();
+            FRAMES.with(|f| f.replace(b.pending));
+        }
         let r = r.and_then(|()| match self.wait(&c, &rx)? {
             Reply::Batch { results, .. } => Ok(results),
             other => Err(self.unreachable(format!("unexpected reply {other:?}"))),
@@ -953,42 +977,40 @@ enum FileSent {
     Now(Result<Outcome, ApplyError>),
 }
 
-/// Frames of one batch on their way out: gathered into writes of a few
-/// hundred KiB, so small files do not cost a lock and a syscall each.
+thread_local! {
+    /// A sending thread's frame buffer, between batches.
+    static FRAMES: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Largest frame buffer kept between batches: a batch holds 256 KiB of
+/// frames before it writes them, plus one frame.
+const FRAMES_KEPT: usize = 4 << 20;
+
+/// Frames of one batch on their way out: encoded as they come, and
+/// written a few hundred KiB at a time, so small files do not cost a lock
+/// and a syscall each.
 struct BatchSender<'a> {
     t: &'a RemoteTarget,
     c: &'a Conn,
     batch: u64,
-    pending: Vec<Request>,
-    pending_bytes: usize,
+    pending: Vec<u8>,
     /// Operations sent so far: the receiver numbers results the same way.
     sent_ops: usize,
 }
 
 impl BatchSender<'_> {
     fn push(&mut self, r: Request) -> Result<(), ApplyError> {
-        self.pending_bytes += match &r {
-            Request::Data {
-                chunk: Chunk::Bytes(b) | Chunk::Zstd(b),
-                ..
-            } => b.len() + 32,
-            Request::Op {
-                op: Op::Whole { data, .. },
-                ..
-            } => data.len() + 128,
-            _ => 128,
-        };
-        self.pending.push(r);
-        if self.pending_bytes >= 256 * 1024 {
+        self.t.encode(self.c, &mut self.pending, &r)?;
+        if self.pending.len() >= 256 * 1024 {
             self.flush(false)?;
         }
         Ok(())
     }
 
     fn flush(&mut self, and_wire: bool) -> Result<(), ApplyError> {
-        let msgs = std::mem::take(&mut self.pending);
-        self.pending_bytes = 0;
-        self.t.send(self.c, &msgs, and_wire)
+        let r = self.t.send_frames(self.c, &self.pending, and_wire);
+        self.pending.clear();
+        r
     }
 
     /// Sends one operation; returns its result slot.
