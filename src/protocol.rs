@@ -332,13 +332,10 @@ pub enum Reply {
 pub fn encode_frame<T: Serialize>(out: &mut Vec<u8>, msg: &T) -> Result<usize, FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0; 8]);
-    // postcard extends a writer it takes by value and hands back.
-    let body = postcard::to_extend(msg, std::mem::take(out));
-    let body = match body {
-        Ok(v) => v,
-        Err(e) => return Err(FrameError::Encode(e.to_string())),
-    };
-    *out = body;
+    if let Err(e) = postcard::to_io(msg, &mut *out) {
+        out.truncate(start);
+        return Err(FrameError::Encode(e.to_string()));
+    }
     let payload = out.len() - start - 8;
     if payload > MAX_FRAME {
         out.truncate(start);

@@ -400,8 +400,9 @@ const QUEUE_BUDGET: u64 = 64 << 20;
 /// arrive interleaved and this thread hands them out in order, so when one
 /// worker's queue is full, reading stops for all of them: with 256, this
 /// thread blocked on a full queue 30,628 times in a 200,000-file initial
-/// sync over loopback. A small file is three short frames, so the bound is
-/// in requests, and the byte budget above still caps the memory.
+/// sync over loopback. A streamed file is three or more short frames (a
+/// small one is a single frame of up to 64 KiB), so the bound is in
+/// requests, and the byte budget above still caps the memory.
 const WORKER_QUEUE: usize = 16384;
 
 /// Requests handed to one worker, and how many it has handled.
@@ -587,9 +588,13 @@ struct Session<'a> {
     /// next file of the same batch and parent reuses it rather than
     /// resolving the path again (most of a batch is one directory's files;
     /// the lookup and close were 2 of some 10 system calls per small file).
-    /// Kept only while nothing else happens: any other request, or another
-    /// batch, drops it, so no rename or removal the sender asks for can
-    /// leave it stale. (A directory moved by someone else on this host:
+    /// Kept only while nothing else happens: any other request this worker
+    /// handles, or another batch, drops it. Renames are handled by the
+    /// reading thread, not here: they cannot leave it stale because the
+    /// sender never renames while a batch is open (a round's renames come
+    /// before its batches, and a round waits for all its acks), and a later
+    /// batch has another id. Deletions are operations of a batch, so this
+    /// worker sees them. (A directory moved by someone else on this host:
     /// each file already held its directory open from its first data to
     /// its link; the cache widens that window to the batch, a few dozen
     /// small files.)
@@ -1083,9 +1088,11 @@ fn write_all(fd: &std::os::fd::OwnedFd, data: &[u8]) -> io::Result<()> {
 /// without being inflated further.
 fn zstd_decompress(z: &[u8], limit: usize) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    zstd::stream::read::Decoder::new(z)?
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)?;
+    let mut d = zstd::stream::read::Decoder::new(z)?;
+    // A window larger than the content can be is hostile too, and would
+    // make the decoder reserve it (up to 128 MiB by default).
+    d.window_log_max(limit.next_power_of_two().trailing_zeros() + 1)?;
+    d.take(limit as u64 + 1).read_to_end(&mut out)?;
     if out.len() > limit {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,

@@ -203,6 +203,55 @@ fn ssh_initial_sync_and_live_mirroring() {
     d.terminate();
 }
 
+/// `compress = true`: small files travel whole and compressed, a large one
+/// in compressed chunks; the copies are exact and the wire carries less
+/// than the files hold.
+#[test]
+fn ssh_compressed_target_mirrors_exactly_with_fewer_bytes() {
+    let env = Env::new();
+    let Some(sshd) = Sshd::start(&env.root) else {
+        return;
+    };
+    let line = |i: usize| format!("{i:08} the quick brown fox jumps over the lazy dog\n");
+    let mut total = 0usize;
+    for i in 0..200 {
+        let text: String = (0..(i % 50 + 1)).map(|j| line(i * 100 + j)).collect();
+        total += text.len();
+        write(&env.s(format!("t/{}/f{i}.txt", i % 7)), text.as_bytes());
+    }
+    // Streamed: over the whole-file limit, several 1 MiB chunks.
+    let big: String = (0..60_000).map(line).collect();
+    total += big.len();
+    write(&env.s("big.txt"), big.as_bytes());
+    // Incompressible: sent as is.
+    let noise = pattern(100_000, 3);
+    total += noise.len();
+    write(&env.s("noise.bin"), &noise);
+    let port = free_port();
+    let top = format!("metrics_listen = \"127.0.0.1:{port}\"");
+    let d = start_config(
+        &env,
+        &config(
+            &env,
+            &sshd.target_toml("dr", &env.dst, "compress = true"),
+            &top,
+        ),
+    );
+    d.wait_log("initial sync complete", secs(120));
+    env.converge(&["--checksum"], &d);
+    let text = http_get(port, "/metrics").unwrap_or_default();
+    let wire = metric(&text, "drmirror_wire_bytes_total");
+    assert!(
+        wire > 0.0 && wire < 0.5 * total as f64,
+        "wire bytes {wire} for {total} bytes of files"
+    );
+    // Live changes go the same ways.
+    append(&env.s("big.txt"), line(1).as_bytes());
+    write(&env.s("t/0/f0.txt"), b"rewritten\n");
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+}
+
 #[test]
 fn ssh_large_file_change_sends_a_delta() {
     let env = Env::new();
@@ -1051,12 +1100,25 @@ fn receiver_refuses_paths_that_leave_its_root_and_keeps_serving() {
         res[0].as_ref().is_err_and(|e| e.contains("limit")),
         "{res:?}"
     );
+    // Just over the limit within an acceptable window: inflated up to the
+    // limit, then refused.
+    let zeros = vec![0u8; 2 * protocol::WHOLE_MAX as usize];
+    let over = zstd::bulk::compress(&zeros, 1).expect("compress");
+    let res = put_whole(&mut r, 403, b"bomb", &over, true, hash(&zeros));
+    assert!(
+        res[0].as_ref().is_err_and(|e| e.contains("limit")),
+        "{res:?}"
+    );
+    // A bomb whose window alone is far beyond a whole file: refused
+    // before the decoder reserves it.
     let zeros = vec![0u8; 64 << 20];
     let bomb = zstd::bulk::compress(&zeros, 19).expect("compress");
     assert!(bomb.len() < 1 << 20);
-    let res = put_whole(&mut r, 403, b"bomb", &bomb, true, hash(&zeros));
+    let res = put_whole(&mut r, 406, b"bomb", &bomb, true, hash(&zeros));
     assert!(
-        res[0].as_ref().is_err_and(|e| e.contains("limit")),
+        res[0]
+            .as_ref()
+            .is_err_and(|e| e.contains("bad compressed content")),
         "{res:?}"
     );
     let res = put_whole(&mut r, 404, b"garbage", b"not zstd at all", true, hash(b""));
