@@ -1092,11 +1092,7 @@ impl BatchSender<'_> {
                     return Ok(FileSent::Now(Err(ApplyError::source_read(rel, e))));
                 }
                 Ok((hash, bytes)) => {
-                    let after = rustix::fs::fstat(&src).map(|st| Meta::from_stat(&st));
-                    let same = matches!(&after, Ok(a) if a.size == before.size
-                        && a.mtime_ns == before.mtime_ns
-                        && a.ctime_ns == before.ctime_ns)
-                        && bytes == before.size;
+                    let same = read_whole_unchanged(&src, &before, bytes);
                     self.push(Request::Data {
                         file,
                         chunk: Chunk::End { hash, commit: same },
@@ -1130,11 +1126,7 @@ impl BatchSender<'_> {
             Ok(n) => n,
             Err(e) => return Ok(Some(FileSent::Now(Err(ApplyError::source_read(rel, e))))),
         };
-        let after = rustix::fs::fstat(src).map(|st| Meta::from_stat(&st));
-        let same = matches!(&after, Ok(a) if a.size == before.size
-            && a.mtime_ns == before.mtime_ns
-            && a.ctime_ns == before.ctime_ns)
-            && n as u64 == before.size;
+        let same = read_whole_unchanged(src, before, n as u64);
         if !same {
             return Ok(None);
         }
@@ -1241,6 +1233,16 @@ impl BatchSender<'_> {
         }
         Ok(Ok((hasher.finish(), off)))
     }
+}
+
+/// Whether `bytes` read from `src` are its whole content as of `before`:
+/// it has not changed since (size, mtime, ctime) and all of it was read.
+fn read_whole_unchanged(src: &OwnedFd, before: &Meta, bytes: u64) -> bool {
+    let after = rustix::fs::fstat(src).map(|st| Meta::from_stat(&st));
+    matches!(&after, Ok(a) if a.size == before.size
+        && a.mtime_ns == before.mtime_ns
+        && a.ctime_ns == before.ctime_ns)
+        && bytes == before.size
 }
 
 /// Reads up to `buf.len()` bytes at `off`, short at the end of the file or

@@ -791,6 +791,15 @@ fn file_requests(
     ]
 }
 
+/// Ends `batch` and returns its results.
+fn end_batch(r: &mut Receiver, batch: u64) -> Vec<Result<Done, String>> {
+    r.send(&Request::EndBatch { batch });
+    match r.reply() {
+        Ok(Reply::Batch { results, .. }) => results,
+        other => panic!("expected a batch reply, got {other:?}"),
+    }
+}
+
 fn put(
     r: &mut Receiver,
     batch: u64,
@@ -801,11 +810,7 @@ fn put(
     for req in file_requests(batch, batch, rel, data, hash) {
         r.send(&req);
     }
-    r.send(&Request::EndBatch { batch });
-    match r.reply() {
-        Ok(Reply::Batch { results, .. }) => results,
-        other => panic!("expected a batch reply, got {other:?}"),
-    }
+    end_batch(r, batch)
 }
 
 /// Sends one small file whole (`Op::Whole`, content `wire` as it goes on
@@ -829,11 +834,7 @@ fn put_whole(
             hash,
         },
     });
-    r.send(&Request::EndBatch { batch });
-    match r.reply() {
-        Ok(Reply::Batch { results, .. }) => results,
-        other => panic!("expected a batch reply, got {other:?}"),
-    }
+    end_batch(r, batch)
 }
 
 /// A file sent either way: streamed (`Op::File` and `Data` frames) or
@@ -1231,15 +1232,7 @@ fn receiver_rejects_bad_frames_with_a_clear_error() {
 
     // A valid frame whose payload is garbage.
     let mut r = Receiver::hello(&env.dst);
-    let payload = [0xffu8; 16];
-    let len = (payload.len() as u32).to_le_bytes();
-    let mut h = crc32fast::Hasher::new();
-    h.update(&len);
-    h.update(&payload);
-    let mut f = len.to_vec();
-    f.extend_from_slice(&h.finalize().to_le_bytes());
-    f.extend_from_slice(&payload);
-    r.raw(&f);
+    r.raw(&protocol::frame_of_payload(&[0xffu8; 16]));
     match r.reply() {
         Ok(Reply::Fatal { reason }) => assert!(reason.contains("malformed"), "{reason}"),
         other => panic!("garbage payload: {other:?}"),
