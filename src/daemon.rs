@@ -734,7 +734,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                             Ok(n) => {
                                 tracing::info!(
                                     "changed directories compared first target={name} dirs={n} differing={} ms={}",
-                                    pre_stats.enqueued.load(Ordering::Relaxed),
+                                    pre_stats.differing(),
                                     t0.elapsed().as_millis()
                                 );
                                 // What the crash or stop left unmirrored
@@ -820,7 +820,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                                 "startup scan done target={} scanned={} differing={} in_sync={} errors={} resumed_subtrees={} deletions={} secs={:.2} rate={:.0}/s capture_wait_ms={} walk_ms={}",
                                 name,
                                 scanned,
-                                stats.enqueued.load(Ordering::Relaxed),
+                                stats.differing(),
                                 stats.in_sync.load(Ordering::Relaxed),
                                 stats.errors.load(Ordering::Relaxed),
                                 stats.resumed.load(Ordering::Relaxed),

@@ -1183,6 +1183,7 @@ impl Shipper {
             target = %self.name, path = %paths::display(p),
             scanned = stats.scanned.load(Ordering::Relaxed),
             enqueued = stats.enqueued.load(Ordering::Relaxed),
+            differing = stats.differing(),
             "subtree compared"
         );
         Ok(())

@@ -27,7 +27,12 @@ use crate::target::{DirView, Target};
 #[derive(Default, Debug)]
 pub struct ScanStats {
     pub scanned: AtomicU64,
+    /// Pending entries written to the journal.
     pub enqueued: AtomicU64,
+    /// Entries that differ from the target: those enqueued, plus the
+    /// entries of new directories that one `BULK` entry ships whole
+    /// (which `enqueued` counts once, as their directory).
+    pub bulk_covered: AtomicU64,
     pub in_sync: AtomicU64,
     pub errors: AtomicU64,
     /// Source directories that could not be listed: re-enqueued as
@@ -36,6 +41,13 @@ pub struct ScanStats {
     /// Subtrees skipped because an earlier, interrupted reconciliation had
     /// finished them.
     pub resumed: AtomicU64,
+}
+
+impl ScanStats {
+    /// Entries found to differ from the target (see `bulk_covered`).
+    pub fn differing(&self) -> u64 {
+        self.enqueued.load(Ordering::Relaxed) + self.bulk_covered.load(Ordering::Relaxed)
+    }
 }
 
 /// The smallest subtree (in entries) a reconciliation checkpoints.
@@ -387,6 +399,7 @@ impl Compare<'_> {
             }
         };
         let mut same_ix = 0u64;
+        let mut covered_n = 0u64;
         let mut same_dirs: Vec<(Vec<u8>, Meta)> = Vec::new();
         let mut todo = Vec::new();
         let mut same: Vec<(Vec<u8>, Meta)> = Vec::new();
@@ -402,6 +415,8 @@ impl Compare<'_> {
                 if c.meta.kind == Kind::Dir {
                     todo.push((c.rel.clone(), flag | flags::BULK));
                     new_bulk.push(c.rel.clone());
+                } else {
+                    covered_n += 1;
                 }
                 continue;
             }
@@ -468,6 +483,9 @@ impl Compare<'_> {
         self.stats
             .in_sync
             .fetch_add(same.len() as u64 + same_ix, Ordering::Relaxed);
+        self.stats
+            .bulk_covered
+            .fetch_add(covered_n, Ordering::Relaxed);
         if names {
             view(&mut tdir);
         }

@@ -91,8 +91,25 @@ fn restart_after_clean_stop_copies_nothing() {
         "first run copied={c1}, expected >= 501\n{}",
         d1.log_tail()
     );
+    // Every entry differs from the empty target, those that directories
+    // new on the target ship whole among them.
+    let scan1 = d1.wait_log("startup scan done", secs(1));
+    eprintln!("{scan1}");
+    assert_eq!(
+        field(&scan1, "differing"),
+        field(&scan1, "scanned"),
+        "{scan1}"
+    );
+    assert_eq!(field(&scan1, "in_sync"), 0, "{scan1}");
 
     let d2 = env.start(&[]);
+    let scan2 = d2.wait_log("startup scan done", secs(120));
+    assert_eq!(field(&scan2, "differing"), 0, "{scan2}");
+    assert_eq!(
+        field(&scan2, "in_sync"),
+        field(&scan2, "scanned"),
+        "{scan2}"
+    );
     let line = d2.wait_initial_sync(secs(120));
     let c2 = kv(&line, "copied").unwrap_or_else(|| panic!("no copied= in {line:?}"));
     assert_eq!(
