@@ -388,21 +388,34 @@ impl Hurry {
     }
 }
 
-/// How long the flusher waits, idle with copies recorded unflushed, before
-/// it flushes on its own: a flush that found the target unreachable (at
-/// the end of an initial sync, say) is retried even if nothing else is
-/// applied, so a restart of the DR machine meanwhile is found.
+/// How long the flusher waits, with no commit or flush to do, before it
+/// flushes on its own if copies are recorded unflushed: a flush that found
+/// the target unreachable (at the end of an initial sync, say) is retried
+/// even if nothing else is applied, so the note is cleared once the target
+/// is back, and a restart of the DR machine meanwhile is found.
 const SETTLE_RETRY: Duration = Duration::from_secs(10);
 
 fn flusher_loop(rx: crossbeam_channel::Receiver<FlushJob>, mut f: Flusher) {
     let mut failed: Option<JournalError> = None;
+    // Only commits and flushes count as activity: an idle shipper still
+    // sends a barrier and a compaction check every round (every second),
+    // which must not put the retry off for ever.
+    let mut active = Instant::now();
     loop {
-        let job = match rx.recv_timeout(SETTLE_RETRY) {
+        let job = match rx.recv_deadline(active + SETTLE_RETRY) {
             Ok(job) => job,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) if !f.poisoned => FlushJob::Settle,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                active = Instant::now();
+                if f.poisoned {
+                    continue;
+                }
+                FlushJob::Settle
+            }
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         };
+        if matches!(job, FlushJob::Commit { .. } | FlushJob::Settle) {
+            active = Instant::now();
+        }
         match job {
             FlushJob::Commit {
                 c,

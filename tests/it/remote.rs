@@ -476,6 +476,57 @@ fn copies_recorded_unflushed_are_compared_again_after_the_receivers_machine_rest
     recv.terminate();
 }
 
+/// The flush that ends an initial sync can find the DR machine gone (here
+/// its receiver exits when asked to flush). The copies stay recorded
+/// unflushed under that machine's boot. Once it is back the daemon flushes
+/// on its own, though nothing changes on the source: in the same boot it
+/// clears the note; after a restart of that machine, which took a copy's
+/// data with it, it compares the whole target again and repairs it.
+#[test]
+fn a_flush_that_found_the_target_down_is_retried_with_nothing_to_ship() {
+    use drmirror::durability::TEST_BOOT_ID;
+    for restarted in [false, true] {
+        let env = Env::new();
+        let files = gen_tree(&env.s("t"), 300, 50);
+        let tcp = Tcp::new(&env);
+        let toml = config(&env, &tcp.target_toml(&env), "");
+        let recv = tcp.receiver(
+            &env,
+            &[
+                (TEST_BOOT_ID, "boot-a"),
+                ("DRMIRROR_TEST_EXIT_ON_SYNC", "1"),
+            ],
+        );
+        let d = start_config(&env, &toml);
+        d.wait_log("initial sync complete", secs(120));
+        let st = recv.wait_exit(secs(60));
+        assert_eq!(st.code(), Some(3), "{}", recv.log_tail());
+        assert!(!d.log().contains("target flushed"), "{}", d.log_tail());
+        let boot = if restarted {
+            let victim = env.d(files[17].strip_prefix(&env.src).expect("under src"));
+            empty_keeping_mtime(&victim);
+            "boot-b"
+        } else {
+            "boot-a"
+        };
+        let recv = tcp.receiver(&env, &[(TEST_BOOT_ID, boot)]);
+        if restarted {
+            d.wait_log("comparing the whole target with the source again", secs(60));
+            env.converge(&["--checksum"], &d);
+        } else {
+            d.wait_log("target flushed", secs(60));
+            assert!(
+                !d.log().contains("comparing the whole target"),
+                "{}",
+                d.log_tail()
+            );
+            env.converge(&["--checksum"], &d);
+        }
+        d.terminate();
+        recv.terminate();
+    }
+}
+
 /// Reads `/proc/PID` figures: resident set in bytes, CPU seconds.
 fn rss_and_cpu(pid: u32) -> (u64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -1388,6 +1388,13 @@ pub fn lose_unflushed_copy(journal: &Path, victim: &Path, boot: &[u8]) {
     let j = drmirror::journal::Journal::open(journal).expect("journal");
     j.set_unflushed(0, boot).expect("note");
     drop(j);
+    empty_keeping_mtime(victim);
+}
+
+/// Empties file `victim` and puts its mtime back: a copy whose data a
+/// power loss took (its size and name survived in the journal of the
+/// filesystem, its blocks had not been written).
+pub fn empty_keeping_mtime(victim: &Path) {
     let mt = mtime_of(victim);
     std::fs::OpenOptions::new()
         .write(true)
