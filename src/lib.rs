@@ -28,6 +28,7 @@ pub mod filter;
 pub mod fsops;
 pub mod handover;
 pub mod journal;
+pub mod keepalive;
 pub mod locks;
 pub mod meta;
 pub mod mounts;

@@ -83,7 +83,10 @@ pub fn serve_tcp(
         TcpListener::bind(addr).map_err(|source| ReceiveError::Listen { addr, source })?;
     let local = listener.local_addr().unwrap_or(addr);
     let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signal(stop.clone(), local).map_err(|source| ReceiveError::Listen { addr, source })?;
+    listener
+        .try_clone()
+        .and_then(|l| stop_on_signal(stop.clone(), l))
+        .map_err(|source| ReceiveError::Listen { addr, source })?;
     tracing::info!(
         "drmirror receive listening on {} root={} max_connections={max_conns}",
         local,
@@ -124,6 +127,9 @@ pub fn serve_tcp(
             .name("receive-conn".into())
             .spawn(move || {
                 let _ = stream.set_nodelay(true);
+                if let Err(e) = crate::keepalive::detect_dead_peer(&stream) {
+                    tracing::warn!("{peer}: cannot set TCP keepalive: {e}; if this daemon's machine dies silently, its connection is kept");
+                }
                 let r = match stream.try_clone() {
                     Ok(w) => serve(&target, stream, w, Some(token.as_bytes())),
                     Err(e) => Err(FrameError::Io(e).into()),
@@ -141,9 +147,9 @@ pub fn serve_tcp(
     Ok(())
 }
 
-/// Sets `stop` and wakes the accept loop (a connection to `local`) on
-/// SIGTERM or SIGINT. The handlers are in place when this returns.
-fn stop_on_signal(stop: Arc<AtomicBool>, local: SocketAddr) -> io::Result<()> {
+/// Sets `stop` and wakes the accept loop on SIGTERM or SIGINT. The
+/// handlers are in place when this returns.
+fn stop_on_signal(stop: Arc<AtomicBool>, listener: TcpListener) -> io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -165,12 +171,12 @@ fn stop_on_signal(stop: Arc<AtomicBool>, local: SocketAddr) -> io::Result<()> {
                 }
             });
             stop.store(true, Ordering::Release);
-            let wake: SocketAddr = if local.ip().is_unspecified() {
-                SocketAddr::from(([127, 0, 0, 1], local.port()))
-            } else {
-                local
-            };
-            let _ = std::net::TcpStream::connect(wake);
+            // Shutting the listening socket down makes a blocked accept
+            // return (EINVAL). Not a connection to the listen address,
+            // which nothing guarantees this host can reach (a loopback
+            // interface down, a firewall): the receiver then ignored
+            // SIGTERM.
+            let _ = rustix::net::shutdown(&listener, rustix::net::Shutdown::Read);
         })?;
     Ok(())
 }

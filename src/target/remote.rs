@@ -421,6 +421,9 @@ impl RemoteTarget {
                     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
                         .map_err(|e| format!("connect {addr}: {e}"))?;
                     let _ = s.set_nodelay(true);
+                    if let Err(e) = crate::keepalive::detect_dead_peer(&s) {
+                        tracing::warn!(target = %self.name, "cannot set TCP keepalive: {e}; a silently dead link is found only by the reply timeout");
+                    }
                     s.set_read_timeout(Some(Duration::from_secs(30)))
                         .map_err(|e| e.to_string())?;
                     let w = s.try_clone().map_err(|e| e.to_string())?;

@@ -527,6 +527,68 @@ fn a_flush_that_found_the_target_down_is_retried_with_nothing_to_ship() {
     }
 }
 
+/// A `tcp://` link that dies without a word (the DR side's interface goes
+/// down: nothing answers, nothing resets) is found by both ends through
+/// TCP keepalive and a user timeout (~45 s), not by the daemon's 5-minute
+/// reply timeout, and the receiver frees the dead connection's slot: with
+/// `--max-connections 1` the daemon's next connection is served once the
+/// link is back. Before, the receiver kept the dead connection for good and
+/// refused every later one.
+#[test]
+fn a_silently_dead_tcp_link_is_found_by_both_ends() {
+    let env = Env::new();
+    gen_tree(&env.s("t"), 40, 20);
+    let Some(net) = NetNs::new() else {
+        return;
+    };
+    let tcp = Tcp::new(&env);
+    let mut cmd = net.command(BIN);
+    cmd.arg("receive")
+        .arg("--listen")
+        .arg(format!("{}:{}", net.peer_ip, tcp.port))
+        .arg("--root")
+        .arg(&env.dst)
+        .arg("--token-file")
+        .arg(&tcp.token)
+        .args(["--max-connections", "1"]);
+    let recv = Daemon::spawn_command(cmd, &env.root);
+    recv.wait_log("listening on", secs(20));
+    let target = tcp.target_toml(&env).replace("127.0.0.1", &net.peer_ip);
+    let d = start_config(&env, &config(&env, &target, ""));
+    env.converge(&[], &d);
+
+    net.link(false);
+    let cut = Instant::now();
+    // Data in flight when the link died, and more changes after it.
+    write(&env.s("big"), &pattern(4 << 20, 7));
+    write(
+        &env.s("t/after-the-cut"),
+        b"written while the link was dead",
+    );
+    // Past the 45 s of the keepalive, well short of the 300 s reply
+    // timeout that used to be the only way out.
+    let line = d.wait_log("cannot reach", secs(150));
+    eprintln!(
+        "daemon: {:.0} s after the cut: {line}",
+        cut.elapsed().as_secs_f64()
+    );
+    let line = recv.wait_log("timed out", secs(150));
+    eprintln!(
+        "receiver: {:.0} s after the cut: {line}",
+        cut.elapsed().as_secs_f64()
+    );
+
+    net.link(true);
+    env.converge(&["--checksum"], &d);
+    assert!(
+        !d.log().contains("connection limit"),
+        "the receiver kept the dead connection's slot:\n{}",
+        d.log_tail()
+    );
+    d.terminate();
+    recv.terminate();
+}
+
 /// Reads `/proc/PID` figures: resident set in bytes, CPU seconds.
 fn rss_and_cpu(pid: u32) -> (u64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

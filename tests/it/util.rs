@@ -1403,3 +1403,118 @@ pub fn empty_keeping_mtime(victim: &Path) {
         .expect("truncate the copy");
     set_mtime(victim, mt.0, mt.1);
 }
+
+/// A network namespace joined to this one by a veth pair: a "DR host" at
+/// `peer_ip` whose link can be cut without a word (its interface set
+/// down: nothing answers, nothing resets). Removed on drop. Its loopback
+/// interface stays down, as nothing needs it: a receiver in it must stop
+/// on SIGTERM all the same (it used to connect to its own listen address
+/// to wake its accept loop, and hung there).
+pub struct NetNs {
+    pub name: String,
+    host_if: String,
+    peer_if: String,
+    pub peer_ip: String,
+}
+
+impl NetNs {
+    /// `None` (with a printed reason) without root or iproute2.
+    pub fn new() -> Option<NetNs> {
+        if !is_root() {
+            eprintln!("SKIP: a network namespace needs root");
+            return None;
+        }
+        let id = std::process::id() % 100_000;
+        let net = NetNs {
+            name: format!("drm{id}"),
+            host_if: format!("dmh{id}"),
+            peer_if: format!("dmr{id}"),
+            peer_ip: format!("10.213.{}.2", id % 250),
+        };
+        let host_ip = format!("10.213.{}.1/30", id % 250);
+        let peer_cidr = format!("{}/30", net.peer_ip);
+        let steps: [&[&str]; 7] = [
+            &["netns", "add", &net.name],
+            &[
+                "link",
+                "add",
+                &net.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &net.peer_if,
+            ],
+            &["link", "set", &net.peer_if, "netns", &net.name],
+            &["addr", "add", &host_ip, "dev", &net.host_if],
+            &["link", "set", &net.host_if, "up"],
+            &[
+                "netns",
+                "exec",
+                &net.name,
+                "ip",
+                "addr",
+                "add",
+                &peer_cidr,
+                "dev",
+                &net.peer_if,
+            ],
+            &[
+                "netns",
+                "exec",
+                &net.name,
+                "ip",
+                "link",
+                "set",
+                &net.peer_if,
+                "up",
+            ],
+        ];
+        for args in steps {
+            match Command::new("ip").args(args).output() {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => {
+                    eprintln!(
+                        "SKIP: ip {}: {}",
+                        args.join(" "),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    eprintln!("SKIP: cannot run ip (iproute2): {e}");
+                    return None;
+                }
+            }
+        }
+        Some(net)
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Sets the DR side's interface up or down.
+    pub fn link(&self, up: bool) {
+        let st = self
+            .command("ip")
+            .args(["link", "set", &self.peer_if, if up { "up" } else { "down" }])
+            .status()
+            .expect("run ip");
+        assert!(st.success(), "ip link set {} failed", self.peer_if);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
