@@ -20,6 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::fsops;
 use crate::locks::lock;
@@ -68,8 +69,13 @@ pub fn open_root(root: &Path) -> Result<LocalTarget, ReceiveError> {
 /// Serves one connection on stdin/stdout until the daemon hangs up.
 pub fn serve_stdio(target: &LocalTarget) -> Result<(), ReceiveError> {
     let stdin = io::stdin().lock();
-    serve(target, stdin, io::stdout(), None)
+    serve(target, stdin, io::stdout(), None, || {})
 }
+
+/// How long a TCP client has to say Hello once connected: one that says
+/// nothing (a port scanner, a stuck process) must not keep one of the
+/// `--max-connections` slots. A daemon sends its Hello at once.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves TCP connections on `addr` (each needs `token`), at most
 /// `max_conns` at once, until the process is stopped.
@@ -130,9 +136,17 @@ pub fn serve_tcp(
                 if let Err(e) = crate::keepalive::detect_dead_peer(&stream) {
                     tracing::warn!("{peer}: cannot set TCP keepalive: {e}; if this daemon's machine dies silently, its connection is kept");
                 }
-                let r = match stream.try_clone() {
-                    Ok(w) => serve(&target, stream, w, Some(token.as_bytes())),
-                    Err(e) => Err(FrameError::Io(e).into()),
+                let r = match (stream.try_clone(), stream.try_clone()) {
+                    (Ok(w), Ok(timer)) => {
+                        let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+                        // Past the handshake a daemon may stay silent for
+                        // hours: the keepalive watches the link then.
+                        let welcomed = move || {
+                            let _ = timer.set_read_timeout(None);
+                        };
+                        serve(&target, stream, w, Some(token.as_bytes()), welcomed)
+                    }
+                    (Err(e), _) | (_, Err(e)) => Err(FrameError::Io(e).into()),
                 };
                 match r {
                     Ok(()) => tracing::info!("{peer}: connection closed"),
@@ -182,12 +196,14 @@ fn stop_on_signal(stop: Arc<AtomicBool>, listener: TcpListener) -> io::Result<()
 }
 
 /// Serves one connection: handshake, then requests until the peer closes.
-/// `token`: the shared secret the peer must present (TCP).
+/// `token`: the shared secret the peer must present (TCP). `welcomed` runs
+/// once the peer is accepted.
 pub fn serve<R: Read, W: Write + Send>(
     target: &LocalTarget,
     r: R,
     w: W,
     token: Option<&[u8]>,
+    welcomed: impl FnOnce(),
 ) -> Result<(), ReceiveError> {
     let mut r = BufReader::with_capacity(256 * 1024, r);
     let mut w = BufWriter::with_capacity(64 * 1024, w);
@@ -241,6 +257,17 @@ pub fn serve<R: Read, W: Write + Send>(
             }
         }
         Ok(other) => return refuse(&mut w, format!("expected Hello, got {}", other.kind())),
+        Err(FrameError::Io(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            return refuse(
+                &mut w,
+                format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+            )
+        }
         Err(e) => return refuse(&mut w, format!("bad handshake: {e}")),
     }
     let boot = if crate::durability::local_disk(target.root().fd()) {
@@ -256,6 +283,7 @@ pub fn serve<R: Read, W: Write + Send>(
         },
     )?;
     w.flush().map_err(FrameError::Io)?;
+    welcomed();
 
     // Replies come from this loop, the workers and the sync thread.
     let w = Mutex::new(w);

@@ -1356,8 +1356,14 @@ impl Tcp {
     }
 
     pub fn receiver(&self, env: &Env, vars: &[(&str, &str)]) -> Daemon {
+        self.receiver_args(env, vars, &[])
+    }
+
+    /// [`Tcp::receiver`] with more arguments.
+    pub fn receiver_args(&self, env: &Env, vars: &[(&str, &str)], args: &[&str]) -> Daemon {
         let mut cmd = Command::new(BIN);
         cmd.arg("receive")
+            .args(args)
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--root")
