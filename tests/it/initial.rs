@@ -91,16 +91,17 @@ fn restart_after_clean_stop_copies_nothing() {
         "first run copied={c1}, expected >= 501\n{}",
         d1.log_tail()
     );
-    // Every entry differs from the empty target, those that directories
-    // new on the target ship whole among them.
+    // Each entry is counted as differing or in sync, those that
+    // directories new on the target ship whole included. (Not all as
+    // differing: what the first pass queued can be on the target before
+    // the walk gets there.)
     let scan1 = d1.wait_log("startup scan done", secs(1));
     eprintln!("{scan1}");
     assert_eq!(
-        field(&scan1, "differing"),
+        field(&scan1, "differing") + field(&scan1, "in_sync"),
         field(&scan1, "scanned"),
         "{scan1}"
     );
-    assert_eq!(field(&scan1, "in_sync"), 0, "{scan1}");
 
     let d2 = env.start(&[]);
     let scan2 = d2.wait_log("startup scan done", secs(120));

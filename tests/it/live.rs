@@ -152,7 +152,11 @@ fn live_rename_across_dirs_keeps_inode(b: Backend) {
         d.log_tail()
     );
 
-    // Into a directory created just before the rename.
+    // Into a directory created just before the rename. inotify may report
+    // only the MOVED_FROM (the watch on the new directory comes too late):
+    // the rename is then recognised by the inode the index holds for the
+    // old path, which the commit of the first rename put there.
+    wait_committed(&env.state);
     mkdirp(&env.s("c/deeper"));
     rename(&env.s("b/f2"), &env.s("c/deeper/f3"));
     env.converge(&["--checksum"], &d);

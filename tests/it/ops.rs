@@ -2,24 +2,10 @@
 //! Prometheus, the shipped alert rules (promtool) and systemd units.
 
 use crate::util::*;
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::Instant;
-
-fn status(state: &Path, extra: &[&str]) -> CmdOut {
-    let mut args: Vec<OsString> = vec!["status".into(), "--state".into(), state.into()];
-    args.extend(extra.iter().map(OsString::from));
-    drmirror(&args, secs(20))
-}
-
-fn status_json(state: &Path) -> serde_json::Value {
-    let o = status(state, &["--json", "--max-lag", "1000000"]);
-    assert_eq!(o.code, Some(0), "status --json failed\n{}", o.describe());
-    serde_json::from_str(&o.stdout)
-        .unwrap_or_else(|e| panic!("status --json is not JSON ({e})\n{}", o.describe()))
-}
 
 fn target0(v: &serde_json::Value) -> &serde_json::Value {
     &v["targets"][0]

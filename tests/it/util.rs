@@ -1420,6 +1420,7 @@ pub struct NetNs {
     pub name: String,
     host_if: String,
     peer_if: String,
+    pub host_ip: String,
     pub peer_ip: String,
 }
 
@@ -1435,9 +1436,10 @@ impl NetNs {
             name: format!("drm{id}"),
             host_if: format!("dmh{id}"),
             peer_if: format!("dmr{id}"),
+            host_ip: format!("10.213.{}.1", id % 250),
             peer_ip: format!("10.213.{}.2", id % 250),
         };
-        let host_ip = format!("10.213.{}.1/30", id % 250);
+        let host_ip = format!("{}/30", net.host_ip);
         let peer_cidr = format!("{}/30", net.peer_ip);
         let steps: [&[&str]; 7] = [
             &["netns", "add", &net.name],
@@ -1522,5 +1524,39 @@ impl Drop for NetNs {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+    }
+}
+
+/// `drmirror status --state STATE EXTRA...`.
+pub fn status(state: &Path, extra: &[&str]) -> CmdOut {
+    let mut args: Vec<OsString> = vec!["status".into(), "--state".into(), state.into()];
+    args.extend(extra.iter().map(OsString::from));
+    drmirror(&args, secs(20))
+}
+
+pub fn status_json(state: &Path) -> serde_json::Value {
+    let o = status(state, &["--json", "--max-lag", "1000000"]);
+    assert_eq!(o.code, Some(0), "status --json failed\n{}", o.describe());
+    serde_json::from_str(&o.stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e})\n{}", o.describe()))
+}
+
+/// Waits until what the daemon applied is committed to its journal (the
+/// index moved with a rename, say): its backlog reads 0 in two reports
+/// at least a second apart (reports come at most once a second, so the
+/// second one was made after this was called). A target equal to the
+/// source says only that the apply happened; the commit follows it.
+pub fn wait_committed(state: &Path) {
+    let backlog = || status_json(state)["targets"][0]["backlog_entries"].as_u64();
+    let deadline = Instant::now() + secs(60);
+    loop {
+        if backlog() == Some(0) {
+            thread::sleep(ms(1100));
+            if backlog() == Some(0) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "the backlog did not drain");
+        thread::sleep(ms(100));
     }
 }
