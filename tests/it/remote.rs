@@ -580,17 +580,13 @@ fn a_silently_dead_tcp_link_is_found_by_both_ends() {
         return;
     };
     let tcp = Tcp::new(&env);
-    let mut cmd = net.command(BIN);
-    cmd.arg("receive")
-        .arg("--listen")
-        .arg(format!("{}:{}", net.peer_ip, tcp.port))
-        .arg("--root")
-        .arg(&env.dst)
-        .arg("--token-file")
-        .arg(&tcp.token)
-        .args(["--max-connections", "1"]);
-    let recv = Daemon::spawn_command(cmd, &env.root);
-    recv.wait_log("listening on", secs(20));
+    let recv = tcp.receiver_on(
+        &env,
+        net.command(BIN),
+        &net.peer_ip,
+        &[],
+        &["--max-connections", "1"],
+    );
     let target = tcp.target_toml(&env).replace("127.0.0.1", &net.peer_ip);
     let d = start_config(&env, &config(&env, &target, ""));
     env.converge(&[], &d);

@@ -1361,11 +1361,23 @@ impl Tcp {
 
     /// [`Tcp::receiver`] with more arguments.
     pub fn receiver_args(&self, env: &Env, vars: &[(&str, &str)], args: &[&str]) -> Daemon {
-        let mut cmd = Command::new(BIN);
+        self.receiver_on(env, Command::new(BIN), "127.0.0.1", vars, args)
+    }
+
+    /// A receiver that `cmd` (BIN, or a wrapper that runs it) starts,
+    /// listening on `ip`.
+    pub fn receiver_on(
+        &self,
+        env: &Env,
+        mut cmd: Command,
+        ip: &str,
+        vars: &[(&str, &str)],
+        args: &[&str],
+    ) -> Daemon {
         cmd.arg("receive")
             .args(args)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("{ip}:{}", self.port))
             .arg("--root")
             .arg(&env.dst)
             .arg("--token-file")
