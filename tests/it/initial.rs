@@ -37,6 +37,38 @@ fn initial_sync_of_rich_tree() {
     d.terminate();
 }
 
+/// `examples/copy_floor`, the floor `tools/bench-initial-sync` measures
+/// the daemon against, copies a rich tree exactly: a floor that skipped
+/// work (attributes, symlinks, odd names) would flatter the daemon.
+#[test]
+fn copy_floor_copies_a_rich_tree_exactly() {
+    // `cargo test` builds the examples next to the test binaries' deps.
+    let exe = std::env::current_exe().expect("test binary path");
+    let examples = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("examples");
+    let floor = fs::read_dir(&examples)
+        .expect("examples built by cargo test")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            (name == "copy_floor" || name.starts_with("copy_floor-"))
+                && p.extension().is_none()
+                && fs::metadata(p).is_ok_and(|m| m.is_file())
+        })
+        .unwrap_or_else(|| panic!("no copy_floor in {}", examples.display()));
+    let env = Env::new();
+    populate_rich(&env.src);
+    let mut cmd = std::process::Command::new(&floor);
+    cmd.arg(&env.src).arg(&env.dst);
+    let o = run_timeout(&mut cmd, secs(120));
+    assert_eq!(o.code, Some(0), "copy_floor failed\n{}", o.all());
+    let (same, out) = env.verify(&["--checksum"]);
+    assert!(same, "copy_floor's copy differs from the source\n{out}");
+}
+
 #[test]
 fn initial_sync_20000_files() {
     let env = Env::new();
