@@ -77,11 +77,8 @@ struct Raw {
     name: Option<Vec<u8>>,
 }
 
-/// Renames [`InotifyWatcher`] remembers until the index knows them: at
-/// most this many, of at most [`MOVED_BYTES`] of paths (long paths must not
-/// make the memory grow with the renames).
+/// Renames [`InotifyWatcher`] remembers until the index knows them.
 const MOVED_MEMORY: usize = 65536;
-const MOVED_BYTES: usize = 8 << 20;
 
 pub struct InotifyWatcher {
     ino: Inotify,
@@ -107,7 +104,6 @@ pub struct InotifyWatcher {
     /// delays for as long as it is down (see
     /// [`InotifyWatcher::recorded_meta`]).
     moved: HashMap<Vec<u8>, Vec<u8>>,
-    moved_bytes: usize,
     /// Whose index to ask for the inode of a path that moved away.
     index_target: Option<TargetId>,
     /// Watches re-added from the journal's watch tree at start (0 after a
@@ -170,7 +166,6 @@ impl InotifyWatcher {
             recent: HashMap::new(),
             collect_recent: false,
             moved: HashMap::new(),
-            moved_bytes: 0,
             index_target,
             restored: 0,
             adopted: false,
@@ -832,13 +827,11 @@ impl InotifyWatcher {
     }
 
     fn remember_move(&mut self, from: &[u8], to: &[u8]) {
-        if self.moved.len() >= MOVED_MEMORY || self.moved_bytes >= MOVED_BYTES {
+        if self.moved.len() >= MOVED_MEMORY {
             // Forgotten, a rename of this kind is applied as a delete and
             // a copy: the content is the same either way.
             self.moved.clear();
-            self.moved_bytes = 0;
         }
-        self.moved_bytes += from.len() + to.len();
         self.moved.insert(to.to_vec(), from.to_vec());
     }
 
