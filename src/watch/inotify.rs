@@ -77,9 +77,6 @@ struct Raw {
     name: Option<Vec<u8>>,
 }
 
-/// Renames [`InotifyWatcher`] remembers until the index knows them.
-const MOVED_MEMORY: usize = 65536;
-
 pub struct InotifyWatcher {
     ino: Inotify,
     root: Root,
@@ -98,12 +95,6 @@ pub struct InotifyWatcher {
     /// the current poll (see [`InotifyWatcher::match_moved`]).
     recent: HashMap<u64, Vec<u8>>,
     collect_recent: bool,
-    /// New path -> old path of the renames reported so far (at most
-    /// [`MOVED_MEMORY`]): the index learns a rename only when the target
-    /// has applied it and the shipper committed it, which a down target
-    /// delays for as long as it is down (see
-    /// [`InotifyWatcher::recorded_meta`]).
-    moved: HashMap<Vec<u8>, Vec<u8>>,
     /// Whose index to ask for the inode of a path that moved away.
     index_target: Option<TargetId>,
     /// Watches re-added from the journal's watch tree at start (0 after a
@@ -165,7 +156,6 @@ impl InotifyWatcher {
             rewatched: false,
             recent: HashMap::new(),
             collect_recent: false,
-            moved: HashMap::new(),
             index_target,
             restored: 0,
             adopted: false,
@@ -772,9 +762,6 @@ impl InotifyWatcher {
                 if is_dir && !fe {
                     self.rekey_tree(&from, &to)?;
                 }
-                if !fe {
-                    self.remember_move(&from, &to);
-                }
                 super::on_rename(&self.filter, from, to, is_dir, out);
                 Ok(())
             }
@@ -789,50 +776,11 @@ impl InotifyWatcher {
         if self.recent.is_empty() {
             return None;
         }
-        let m = self.recorded_meta(from)?;
+        let t = self.index_target?;
+        let m = self.journal.index_get(t, from).ok().flatten()?;
         let to = self.recent.get(&m.ino)?;
         (to.as_slice() != from && !self.filter.excluded(to, m.kind == Kind::Dir))
             .then(|| to.clone())
-    }
-
-    /// What the index holds for `path`, or for the path it had before
-    /// renames the index has not learnt yet: `mv f g; mkdir d; mv g d/`
-    /// in quick succession finds no `g` in the index (the first rename is
-    /// not committed yet), but `f`, the same inode.
-    fn recorded_meta(&self, path: &[u8]) -> Option<crate::meta::Meta> {
-        let t = self.index_target?;
-        let mut p = path.to_vec();
-        // Bounded: renames can form a cycle (a -> b, b -> a).
-        for _ in 0..8 {
-            if let Some(m) = self.journal.index_get(t, &p).ok().flatten() {
-                return Some(m);
-            }
-            p = self.moved_from_path(&p)?;
-        }
-        None
-    }
-
-    /// The path `p` had before the last remembered rename of it or of one
-    /// of its directories.
-    fn moved_from_path(&self, p: &[u8]) -> Option<Vec<u8>> {
-        let mut end = p.len();
-        loop {
-            if let Some(old) = self.moved.get(&p[..end]) {
-                let mut q = old.clone();
-                q.extend_from_slice(&p[end..]);
-                return Some(q);
-            }
-            end = p[..end].iter().rposition(|&c| c == b'/')?;
-        }
-    }
-
-    fn remember_move(&mut self, from: &[u8], to: &[u8]) {
-        if self.moved.len() >= MOVED_MEMORY {
-            // Forgotten, a rename of this kind is applied as a delete and
-            // a copy: the content is the same either way.
-            self.moved.clear();
-        }
-        self.moved.insert(to.to_vec(), from.to_vec());
     }
 
     fn read_raw(&mut self) -> Result<Vec<Raw>, WatchError> {
@@ -1039,7 +987,6 @@ impl Watcher for InotifyWatcher {
                         }
                         super::dirty_parent(&self.filter, out, &path);
                         super::dirty_parent(&self.filter, out, &to);
-                        self.remember_move(&path, &to);
                         out.push(Event::Rename { from: path, to });
                     }
                     None => {

@@ -169,47 +169,6 @@ fn live_rename_across_dirs_keeps_inode(b: Backend) {
     d.terminate();
 }
 
-/// Renames read before the earlier ones are committed: each is still
-/// recognised (by the inode the index holds for the path before them) and
-/// applied as a rename, not as a delete and a copy.
-fn live_renames_in_quick_succession_keep_inodes(b: Backend) {
-    let env = Env::with(b);
-    write(&env.s("f"), &pattern(3000, 7));
-    write(&env.s("a/x"), &pattern(4000, 8));
-    write(&env.s("a/y"), b"y");
-    let d = env.start(&[]);
-    env.converge(&[], &d);
-    let (ino_f, ino_x) = (ino(&env.d("f")), ino(&env.d("a/x")));
-    // Recorded in the index, as a file mirrored a while ago is.
-    wait_committed(&env.state);
-
-    // No pause between the steps. With inotify the moves into the new
-    // directories usually come as a MOVED_FROM alone (the watch on the new
-    // directory is added after the move), and the first renames are not in
-    // the index yet.
-    rename(&env.s("f"), &env.s("g"));
-    rename(&env.s("a"), &env.s("b"));
-    mkdirp(&env.s("d/deeper"));
-    rename(&env.s("g"), &env.s("d/deeper/g"));
-    mkdirp(&env.s("e"));
-    rename(&env.s("b/x"), &env.s("e/x"));
-    env.converge(&["--checksum"], &d);
-    assert_eq!(
-        ino(&env.d("d/deeper/g")),
-        ino_f,
-        "a file renamed twice was copied instead\n{}",
-        d.log_tail()
-    );
-    assert_eq!(
-        ino(&env.d("e/x")),
-        ino_x,
-        "a file moved out of a renamed directory was copied instead\n{}",
-        d.log_tail()
-    );
-    assert!(!exists(&env.d("g")) && !exists(&env.d("b/x")) && exists(&env.d("b/y")));
-    d.terminate();
-}
-
 fn live_mkdir_nested_with_immediate_files(b: Backend) {
     let env = Env::with(b);
     let d = env.start(&[]);
@@ -840,7 +799,6 @@ suite!(
     live_delete_file,
     live_rename_within_dir_keeps_inode,
     live_rename_across_dirs_keeps_inode,
-    live_renames_in_quick_succession_keep_inodes,
     live_mkdir_nested_with_immediate_files,
     live_rmdir_and_remove_subtree,
     live_move_directory_with_10000_files,
