@@ -179,6 +179,17 @@ pub enum ApplyBoot {
     Mixed,
 }
 
+/// During which boot a remote target's copies since the last flush were
+/// applied: `last_gen` is its boot epoch at that flush, `gen` and `boot`
+/// now (see [`crate::target::remote::RemoteTarget::boot_epoch`]).
+fn remote_apply_boot(last_gen: u64, gen: u64, boot: Option<Vec<u8>>) -> ApplyBoot {
+    match (last_gen == gen, boot) {
+        (false, _) => ApplyBoot::Mixed,
+        (true, Some(b)) => ApplyBoot::Boot(b),
+        (true, None) => ApplyBoot::Unknown,
+    }
+}
+
 /// Work for the flusher thread.
 pub enum FlushJob {
     /// Record `c` as applied; `wrote`: after flushing the target, unless
@@ -1267,12 +1278,8 @@ impl Shipper {
             },
             Target::Remote(r) => {
                 let (gen, boot) = r.boot_epoch();
-                let same = std::mem::replace(&mut self.boot_gen, gen) == gen;
-                match (same, boot) {
-                    (false, _) => ApplyBoot::Mixed,
-                    (true, Some(b)) => ApplyBoot::Boot(b),
-                    (true, None) => ApplyBoot::Unknown,
-                }
+                let last = std::mem::replace(&mut self.boot_gen, gen);
+                remote_apply_boot(last, gen, boot)
             }
         }
     }
@@ -1347,5 +1354,79 @@ impl Shipper {
         ack_rx
             .recv()
             .unwrap_or_else(|_| Err(JournalError::Corrupt("flusher thread is gone".into())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::local::LocalTarget;
+
+    fn flusher() -> (Flusher, TargetId, tempfile::TempDir, tempfile::TempDir) {
+        let state = tempfile::tempdir().unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        let journal = Arc::new(Journal::open(state.path()).unwrap());
+        let t = journal.target_id("dr").unwrap();
+        let target = Arc::new(Target::Local(LocalTarget::open(dst.path(), false).unwrap()));
+        let f = Flusher {
+            journal,
+            target,
+            t,
+            name: "dr".into(),
+            note: None,
+            poisoned: false,
+        };
+        (f, t, state, dst)
+    }
+
+    /// `f` applied, as a shipper hands it to the flusher.
+    fn applied(f: &Flusher, t: TargetId, path: &[u8]) -> Completion {
+        f.journal
+            .enqueue(t, &[(path.to_vec(), flags::CONTENT)])
+            .unwrap();
+        let batch = f.journal.pending_batch(t, None, 10).unwrap();
+        let (_, p) = batch.iter().find(|(k, _)| k == path).unwrap();
+        Completion {
+            done: vec![(path.to_vec(), p.seq)],
+            ..Default::default()
+        }
+    }
+
+    /// A remote target's copies since the last flush are vouched for by
+    /// its current boot only if its boot epoch stayed put since.
+    #[test]
+    fn copies_across_a_boot_epoch_move_are_mixed() {
+        let b = || Some(b"boot-b".to_vec());
+        assert_eq!(remote_apply_boot(0, 1, b()), ApplyBoot::Mixed);
+        assert_eq!(remote_apply_boot(1, 2, None), ApplyBoot::Mixed);
+        assert_eq!(
+            remote_apply_boot(1, 1, b()),
+            ApplyBoot::Boot(b"boot-b".to_vec())
+        );
+        assert_eq!(remote_apply_boot(1, 1, None), ApplyBoot::Unknown);
+    }
+
+    /// Copies made over connections to two boots of the target's machine
+    /// (`ApplyBoot::Mixed`: it restarted among them, and may have lost the
+    /// earlier ones with its page cache) are not recorded as done, though
+    /// the flush before the commit succeeds: that flush covers only the
+    /// current boot. Their entries stay pending and are applied again. The
+    /// same commit within one boot, or from a target that names none, is
+    /// recorded.
+    #[test]
+    fn a_commit_spanning_a_restart_of_the_targets_machine_stays_pending() {
+        let (mut f, t, _state, _dst) = flusher();
+        let c = applied(&f, t, b"a/file");
+        f.commit(&c, true, false, &ApplyBoot::Mixed).unwrap();
+        assert_eq!(f.journal.pending_count(t).unwrap(), 1);
+        f.commit(&c, true, false, &ApplyBoot::Boot(b"boot-a".to_vec()))
+            .unwrap();
+        assert_eq!(f.journal.pending_count(t).unwrap(), 0);
+
+        let c = applied(&f, t, b"b/file");
+        f.commit(&c, true, false, &ApplyBoot::Mixed).unwrap();
+        assert_eq!(f.journal.pending_count(t).unwrap(), 1);
+        f.commit(&c, true, false, &ApplyBoot::Unknown).unwrap();
+        assert_eq!(f.journal.pending_count(t).unwrap(), 0);
     }
 }

@@ -476,6 +476,67 @@ fn copies_recorded_unflushed_are_compared_again_after_the_receivers_machine_rest
     recv.terminate();
 }
 
+/// A connection that finds another boot of the receiver's machine than the
+/// connection before it moves the target's boot epoch; the shipper then
+/// holds copies made across the move as `ApplyBoot::Mixed`, which no flush
+/// covers (see `ship::tests`). A reconnect to the same boot (only the
+/// receiver process restarted) leaves the epoch where it was.
+#[test]
+fn the_boot_epoch_moves_only_when_the_receivers_machine_restarted() {
+    use drmirror::durability::TEST_BOOT_ID;
+    use drmirror::target::remote::{RemoteSpec, RemoteTarget, Transport};
+    let env = Env::new();
+    let tcp = Tcp::new(&env);
+    let spec = RemoteSpec {
+        transport: Transport::Tcp {
+            host: "127.0.0.1".into(),
+            port: tcp.port,
+        },
+        path: env.dst.clone(),
+        identity: None,
+        ssh_args: Vec::new(),
+        command: "drmirror".into(),
+        token: Some("tcp-test-token".into()),
+        compress: false,
+        bwlimit: 0,
+    };
+    let r = RemoteTarget::new("dr", spec, false);
+    // A flush, retried while the receiver is starting and through the
+    // reconnect backoff; returns the boot the receiver reported.
+    let flush = |r: &RemoteTarget| -> Option<Vec<u8>> {
+        let t0 = Instant::now();
+        loop {
+            match r.sync() {
+                Ok(boot) => return boot,
+                Err(e) if t0.elapsed() < secs(60) => {
+                    eprintln!("flush: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                Err(e) => panic!("no flush within 60 s: {e}"),
+            }
+        }
+    };
+    let recv = tcp.receiver(&env, &[(TEST_BOOT_ID, "boot-a")]);
+    assert_eq!(flush(&r).as_deref(), Some(b"boot-a".as_slice()));
+    let (gen, boot) = r.boot_epoch();
+    assert_eq!(boot.as_deref(), Some(b"boot-a".as_slice()));
+    recv.terminate();
+
+    let recv = tcp.receiver(&env, &[(TEST_BOOT_ID, "boot-a")]);
+    assert_eq!(flush(&r).as_deref(), Some(b"boot-a".as_slice()));
+    assert_eq!(r.boot_epoch().0, gen, "the same boot, reconnected");
+    recv.terminate();
+
+    let recv = tcp.receiver(&env, &[(TEST_BOOT_ID, "boot-b")]);
+    assert_eq!(flush(&r).as_deref(), Some(b"boot-b".as_slice()));
+    assert_eq!(
+        r.boot_epoch(),
+        (gen + 1, Some(b"boot-b".to_vec())),
+        "another boot"
+    );
+    recv.terminate();
+}
+
 /// The flush that ends an initial sync can find the DR machine gone (here
 /// its receiver exits when asked to flush). The copies stay recorded
 /// unflushed under that machine's boot. Once it is back the daemon flushes
