@@ -1379,7 +1379,7 @@ mod tests {
         (f, t, state, dst)
     }
 
-    /// `f` applied, as a shipper hands it to the flusher.
+    /// `path` applied, as a shipper hands it to the flusher.
     fn applied(f: &Flusher, t: TargetId, path: &[u8]) -> Completion {
         f.journal
             .enqueue(t, &[(path.to_vec(), flags::CONTENT)])
