@@ -123,6 +123,15 @@ impl Drop for Sshd {
     }
 }
 
+/// Kills the receivers below its path when dropped, however a test ends.
+struct Reap<'p>(&'p Path);
+
+impl Drop for Reap<'_> {
+    fn drop(&mut self) {
+        kill_receivers(self.0);
+    }
+}
+
 /// Kills every `drmirror receive` writing below `root`.
 fn kill_receivers(root: &Path) {
     let needle = root.display().to_string();
@@ -379,6 +388,9 @@ fn new_files_in_new_directories_are_created_at_their_names_unless_atomic_is_aske
             .arg(&trace)
             .arg(BIN);
         let recv = tcp.receiver_on(&env, cmd, "127.0.0.1", &[], &[]);
+        // Killing strace (as a failed test's cleanup does) leaves the
+        // receiver under it running.
+        let _reap = Reap(&env.dst);
         let extra = if atomic {
             "atomic_new_files = true\n"
         } else {
