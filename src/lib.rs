@@ -35,6 +35,7 @@ pub mod mounts;
 pub mod paths;
 pub mod protocol;
 pub mod receive;
+pub mod root_lock;
 pub mod scan;
 pub mod ship;
 pub mod status;

@@ -270,6 +270,8 @@ pub fn serve<R: Read, W: Write + Send>(
         }
         Err(e) => return refuse(&mut w, format!("bad handshake: {e}")),
     }
+    // Held until this function returns, after the workers are done.
+    let _session = crate::root_lock::acquire(target.root().fd(), crate::root_lock::TAKEOVER_WAIT);
     let boot = if crate::durability::local_disk(target.root().fd()) {
         crate::durability::boot_id()
     } else {
@@ -295,7 +297,12 @@ pub fn serve<R: Read, W: Write + Send>(
     let failed: Mutex<Option<String>> = Mutex::new(None);
     // Bytes of frames handed to workers and not yet handled.
     let queued = AtomicU64::new(0);
-    std::thread::scope(|sc| {
+    // The peer is gone: nothing applied from now on can be acknowledged,
+    // and its next session waits for this one (`root_lock`), so the
+    // workers drop what they still hold instead of applying it.
+    let hung_up = AtomicBool::new(false);
+    let dropped = AtomicU64::new(0);
+    let result = std::thread::scope(|sc| {
         // Batches are applied by a few workers side by side: creating a
         // file on a journaling filesystem is tens of microseconds of kernel
         // work, and one thread leaves the DR host's other cores idle. Every
@@ -309,6 +316,7 @@ pub fn serve<R: Read, W: Write + Send>(
             let (tx, rx) = crossbeam_channel::bounded::<(Request, u64)>(WORKER_QUEUE);
             txs.push(tx);
             let (w, failed, queued) = (&w, &failed, &queued);
+            let (hung_up, dropped) = (&hung_up, &dropped);
             sc.spawn(move || {
                 // Set however the worker ends (a panic included), so that
                 // nobody waits for requests it will never handle.
@@ -321,6 +329,12 @@ pub fn serve<R: Read, W: Write + Send>(
                 let _stopped = Stopped(p);
                 let mut s = Session::new(target);
                 for (req, size) in rx {
+                    if hung_up.load(Ordering::Acquire) {
+                        queued.fetch_sub(size, Ordering::AcqRel);
+                        p.done.fetch_add(1, Ordering::Release);
+                        dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     let r = s.handle(req);
                     queued.fetch_sub(size, Ordering::AcqRel);
                     p.done.fetch_add(1, Ordering::Release);
@@ -353,8 +367,14 @@ pub fn serve<R: Read, W: Write + Send>(
             }
             let req = match protocol::read_frame::<_, Request>(&mut r, &mut buf) {
                 Ok(req) => req,
-                Err(FrameError::Closed) => break Ok(()),
-                Err(e) if e.is_disconnect() => break Err(e.into()),
+                Err(FrameError::Closed) => {
+                    hung_up.store(true, Ordering::Release);
+                    break Ok(());
+                }
+                Err(e) if e.is_disconnect() => {
+                    hung_up.store(true, Ordering::Release);
+                    break Err(e.into());
+                }
                 Err(e) => {
                     let reason = e.to_string();
                     fatal(&w, &reason);
@@ -423,7 +443,12 @@ pub fn serve<R: Read, W: Write + Send>(
         drop(sync_tx);
         let _ = syncer.join();
         result
-    })
+    });
+    let dropped = dropped.into_inner();
+    if dropped > 0 {
+        tracing::info!("the peer hung up; {dropped} requests it had sent were dropped unapplied (never acknowledged: it sends them again)");
+    }
+    result
 }
 
 /// Most batch workers per connection.

@@ -905,10 +905,15 @@ struct Receiver {
 
 impl Receiver {
     fn start(root: &Path) -> Receiver {
+        Receiver::start_logging(root, "error")
+    }
+
+    /// [`Receiver::start`] logging at `level` (on stderr).
+    fn start_logging(root: &Path, level: &str) -> Receiver {
         let mut child = Command::new(BIN)
             .args(["receive", "--root"])
             .arg(root)
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", level)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1235,6 +1240,94 @@ fn receiver_exits_when_the_daemon_goes_away_mid_stream() {
         }
         std::thread::sleep(ms(50));
     }
+}
+
+/// A daemon that comes back (after kill -9, or on a new connection after
+/// a dead one) can reach the receiver while its previous session is still
+/// applying what it had read. The new session is welcomed only once the
+/// old one is done: nothing changes under the root behind its back (a
+/// late directory created would leave its parent's mtime different from
+/// what the new daemon just compared and recorded).
+#[test]
+fn a_new_session_waits_until_the_previous_one_on_its_root_is_done() {
+    let env = Env::new();
+    let mut a = Receiver::hello(&env.dst);
+    let r = put(&mut a, 1, b"first", b"1", hash(b"1"));
+    assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+
+    let mut b = Receiver::start_logging(&env.dst, "info");
+    b.send(&Request::Hello {
+        magic: MAGIC,
+        version: VERSION,
+        token: None,
+        root: None,
+    });
+    let Receiver {
+        child: mut b_child,
+        out: mut b_out,
+        buf: mut b_buf,
+    } = b;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(protocol::read_frame::<_, Reply>(&mut b_out, &mut b_buf));
+    });
+    // The old session is open (idle, its peer alive as far as it knows).
+    assert!(
+        rx.recv_timeout(secs(2)).is_err(),
+        "a second session on the root was welcomed while the first was open"
+    );
+
+    // The old peer sends a pile of work and goes away without waiting.
+    let Receiver {
+        child: mut a_child,
+        out: mut a_out,
+        ..
+    } = a;
+    let drain = std::thread::spawn(move || std::io::copy(&mut a_out, &mut std::io::sink()));
+    let mut frames = Vec::new();
+    let mkdir = |frames: &mut Vec<u8>, batch: u64, rel: String| {
+        let op = Op::Mkdir {
+            rel: rel.into_bytes(),
+        };
+        protocol::write_frame(frames, &Request::Op { batch, op }).expect("encode");
+    };
+    for batch in 2..62u64 {
+        mkdir(&mut frames, batch, format!("d{batch}"));
+        for i in 0..50u64 {
+            mkdir(&mut frames, batch, format!("d{batch}/s{i}"));
+            let rel = format!("d{batch}/s{i}/f").into_bytes();
+            for req in file_requests(batch, batch * 1000 + i, &rel, b"x", hash(b"x")) {
+                protocol::write_frame(&mut frames, &req).expect("encode");
+            }
+        }
+        protocol::write_frame(&mut frames, &Request::EndBatch { batch }).expect("encode");
+    }
+    let mut stdin = a_child.stdin.take().expect("stdin");
+    stdin.write_all(&frames).expect("write to the old session");
+    drop(stdin);
+
+    match rx.recv_timeout(secs(60)) {
+        Ok(Ok(Reply::Welcome { .. })) => {}
+        other => panic!("expected the new session's Welcome, got {other:?}"),
+    }
+    let at_welcome = listing(&env.dst);
+    let a_status = a_child.wait().expect("wait for the old session");
+    let _ = drain.join();
+    assert!(a_status.success(), "the old session: {a_status}");
+    assert_eq!(
+        listing(&env.dst),
+        at_welcome,
+        "the old session wrote after the new one was welcomed"
+    );
+    drop(b_child.stdin.take());
+    let out = b_child
+        .wait_with_output()
+        .expect("wait for the new session");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("the previous session on this root ended"),
+        "{log}"
+    );
 }
 
 #[test]
