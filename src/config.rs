@@ -159,6 +159,11 @@ pub struct TargetConfig {
     /// or a number of KiB/s as rsync's `--bwlimit` takes it.
     #[serde(default)]
     pub bwlimit: Option<toml::Value>,
+    /// Remote targets: put new small files in place through a temp file
+    /// too, so that a reader on the target never sees one incomplete (see
+    /// the README's "Atomic writes").
+    #[serde(default)]
+    pub atomic_new_files: bool,
 }
 
 pub const DEFAULT_DELAY: Duration = Duration::from_millis(100);
@@ -273,6 +278,7 @@ fn remote_target(
         token,
         compress: t.compress,
         bwlimit,
+        atomic_new_files: t.atomic_new_files,
     })
 }
 
@@ -506,11 +512,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             || t.token_file.is_some()
             || t.compress
             || t.bwlimit.is_some()
+            || t.atomic_new_files
         {
             return Err(field(
                 "target",
                 format!(
-                    "{}: ssh_*, remote_command, token_file, compress and bwlimit apply to ssh:// and tcp:// targets only",
+                    "{}: ssh_*, remote_command, token_file, compress, bwlimit and atomic_new_files apply to ssh:// and tcp:// targets only",
                     t.path.display()
                 ),
             ));
@@ -733,6 +740,18 @@ mod tests {
         let r = c.targets[0].remote.as_ref().unwrap();
         assert!(r.compress);
         assert_eq!(r.bwlimit, 2 << 20);
+        assert!(!r.atomic_new_files);
+        let c = Config::from_toml(
+            &cfg("path = \"ssh://dr/srv/m\"\natomic_new_files = true"),
+            "c.toml",
+        )
+        .unwrap();
+        assert!(c.targets[0].remote.as_ref().unwrap().atomic_new_files);
+        let e = err(&cfg(&format!("path = {d:?}\natomic_new_files = true")));
+        assert!(
+            e.contains("atomic_new_files") && e.contains("ssh://"),
+            "{e}"
+        );
         let e = err(&cfg("path = \"tcp://dr:7878/srv/m\""));
         assert!(e.contains("token_file"), "{e}");
         let e = err(&cfg(&format!(

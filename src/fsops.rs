@@ -273,6 +273,35 @@ fn open_or_make_dir(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> 
     Ok(open(parent)?)
 }
 
+/// Writes all of `data` to `fd`.
+pub fn write_all(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
+    let mut off = 0;
+    while off < data.len() {
+        match rustix::io::write(fd, &data[off..]) {
+            Ok(n) => off += n,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Removes `name` in `dir` if it is still the inode open as `fd` (a file
+/// this process created and failed to complete; anything that replaced it
+/// meanwhile is left alone). Best effort: an error here leaves the
+/// incomplete file for the next comparison to replace.
+pub fn unlink_if_same(dir: BorrowedFd<'_>, name: &[u8], fd: BorrowedFd<'_>) {
+    let (Ok(ours), Ok(there)) = (
+        rustix::fs::fstat(fd),
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW),
+    ) else {
+        return;
+    };
+    if (ours.st_dev, ours.st_ino) == (there.st_dev, there.st_ino) {
+        let _ = rustix::fs::unlinkat(dir, name, AtFlags::empty());
+    }
+}
+
 /// Reads a symlink's text relative to a directory fd.
 pub fn read_link_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Vec<u8>> {
     let target = rustix::fs::readlinkat(dir, cstr_name(name)?.as_c_str(), Vec::new())?;

@@ -41,7 +41,8 @@ use crate::meta::Meta;
 /// Protocol version spoken by this build. Bump on any incompatible change.
 /// 2: `Welcome` carries the receiver's boot id.
 /// 3: [`Op::Whole`], a small file in one frame.
-pub const VERSION: u32 = 3;
+/// 4: `Op::Whole { fresh }`.
+pub const VERSION: u32 = 4;
 
 /// Largest payload accepted. Data chunks are at most [`CHUNK`] bytes, and
 /// listings are split well below this.
@@ -227,6 +228,10 @@ pub enum Op {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         hash: ContentHash,
+        /// The sender believes the target has nothing at `rel` (it created
+        /// the parent directory in this run): the receiver may create the
+        /// file at its name directly, never over anything already there.
+        fresh: bool,
     },
 }
 
@@ -534,6 +539,7 @@ mod tests {
                     zstd: true,
                     data: vec![0, 255, 7],
                     hash: content_hash(b"abc"),
+                    fresh: true,
                 },
             },
             Request::EndBatch { batch: 9 },
@@ -680,7 +686,7 @@ mod tests {
                 Request::Rename { id: 4, from: b"a".to_vec(), to: b"b".to_vec() },
                 Request::Sync { id: 5 },
                 Request::Op { batch: 6, op: Op::File { file: 7, rel: b"f".to_vec(), meta: meta(), delta: true } },
-                Request::Op { batch: 6, op: Op::Whole { rel: b"w".to_vec(), meta: meta(), zstd: false, data: vec![1; 40], hash: content_hash(&[1; 40]) } },
+                Request::Op { batch: 6, op: Op::Whole { rel: b"w".to_vec(), meta: meta(), zstd: false, data: vec![1; 40], hash: content_hash(&[1; 40]), fresh: false } },
                 Request::Data { file: 7, chunk: Chunk::Copy { offset: 65536, len: 4096 } },
                 Request::EndBatch { batch: 6 },
             ];

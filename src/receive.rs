@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -969,9 +969,20 @@ impl<'a> Session<'a> {
                 zstd,
                 data,
                 hash,
-            } => {
-                checked(&rel, false).and_then(|()| self.whole(batch, &rel, &meta, zstd, data, hash))
-            }
+                fresh,
+            } => checked(&rel, false).and_then(|()| {
+                self.whole(
+                    batch,
+                    &rel,
+                    &meta,
+                    Whole {
+                        zstd,
+                        data,
+                        hash,
+                        fresh,
+                    },
+                )
+            }),
         };
         self.result(batch, index, r);
         Ok(())
@@ -980,26 +991,31 @@ impl<'a> Session<'a> {
     /// A temp file for `rel` in its parent directory, which the previous
     /// file of the same batch may have resolved already (see `parent`).
     fn begin(&mut self, batch: u64, rel: &[u8], mode: u32) -> Result<TempFile, ApplyError> {
+        let dir = self.parent_of(batch, rel)?;
+        self.target.begin_file_in(dir, rel, mode)
+    }
+
+    /// The parent directory of `rel`: the one the previous file of the same
+    /// batch resolved, if it is the same.
+    fn parent_of(&mut self, batch: u64, rel: &[u8]) -> Result<Arc<OwnedFd>, ApplyError> {
         let parent = paths::split(rel).0;
         let dir = match self.parent.take() {
             Some((b, p, fd)) if b == batch && p == parent => fd,
             _ => self.target.parent_of(rel)?,
         };
         self.parent = Some((batch, parent.to_vec(), dir.clone()));
-        self.target.begin_file_in(dir, rel, mode)
+        Ok(dir)
     }
 
     /// A small file sent in one frame: checked before anything is created,
     /// then written and put in place like a streamed one.
-    fn whole(
-        &mut self,
-        batch: u64,
-        rel: &[u8],
-        meta: &Meta,
-        zstd: bool,
-        data: Vec<u8>,
-        hash: protocol::ContentHash,
-    ) -> Result<Done, String> {
+    fn whole(&mut self, batch: u64, rel: &[u8], meta: &Meta, w: Whole) -> Result<Done, String> {
+        let Whole {
+            zstd,
+            data,
+            hash,
+            fresh,
+        } = w;
         let data = if zstd {
             zstd_decompress(&data, protocol::WHOLE_MAX as usize)
                 .map_err(|e| format!("{}: bad compressed content: {e}", paths::display(rel)))?
@@ -1019,8 +1035,17 @@ impl<'a> Session<'a> {
                 paths::display(rel)
             ));
         }
+        if fresh {
+            let dir = self.parent_of(batch, rel).map_err(apply_err)?;
+            match self.target.put_new_file(dir.as_fd(), rel, &data, meta) {
+                Ok(true) => return Ok(Done::Ok),
+                // Something is there after all: replaced as usual.
+                Ok(false) => {}
+                Err(e) => return Err(apply_err(e)),
+            }
+        }
         let tmp = self.begin(batch, rel, meta.mode).map_err(apply_err)?;
-        if let Err(e) = write_all(&tmp.out, &data) {
+        if let Err(e) = fsops::write_all(tmp.out.as_fd(), &data) {
             self.target.abort_file(tmp);
             return Err(format!("cannot write {}: {e}", paths::display(rel)));
         }
@@ -1128,28 +1153,24 @@ impl<'a> Session<'a> {
     }
 }
 
+/// The content of an [`Op::Whole`] and how to put it in place.
+struct Whole {
+    zstd: bool,
+    data: Vec<u8>,
+    hash: protocol::ContentHash,
+    fresh: bool,
+}
+
 fn write_part(inc: &mut Incoming, data: &[u8]) {
     if inc.failed.is_some() {
         return;
     }
     let Some(t) = inc.tmp.as_ref() else { return };
-    if let Err(e) = write_all(&t.out, data) {
+    if let Err(e) = fsops::write_all(t.out.as_fd(), data) {
         inc.failed = Some(format!("cannot write {}: {e}", paths::display(&inc.rel)));
         return;
     }
     inc.hasher.update(data);
-}
-
-fn write_all(fd: &std::os::fd::OwnedFd, data: &[u8]) -> io::Result<()> {
-    let mut off = 0;
-    while off < data.len() {
-        match rustix::io::write(fd, &data[off..]) {
-            Ok(n) => off += n,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }
 
 /// Decompresses `z`, which the protocol allows to hold at most `limit`

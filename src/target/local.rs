@@ -337,6 +337,50 @@ impl LocalTarget {
         }
     }
 
+    /// Creates file `rel` in `dir` (its parent, from
+    /// [`LocalTarget::parent_of`]) with content `data` and `m`'s attributes,
+    /// at its name directly: for a small file the sender believes absent,
+    /// whose content is in hand and verified. `Ok(false)`, with nothing
+    /// touched, when anything is at the name already (`O_EXCL`, which also
+    /// refuses a symlink there): the caller then replaces it through a temp
+    /// file as usual. On a failed write the file is removed again.
+    ///
+    /// Why: an `O_TMPFILE` inode goes on the filesystem's orphan list and
+    /// comes off it at the link, two more metadata updates plus a second
+    /// system call per file. A receiver in an initial sync of small files
+    /// spends most of its time creating and linking; see the README's
+    /// bench-remote row for what this saves. What it gives up: for the
+    /// microseconds between the create and the last attribute, a reader on
+    /// the target (or a receiver killed right then) sees the new file
+    /// incomplete, where a temp file would show nothing. Only a name that
+    /// held nothing before is ever exposed so, never an older good copy.
+    pub fn put_new_file(
+        &self,
+        dir: BorrowedFd<'_>,
+        rel: &[u8],
+        data: &[u8],
+        m: &Meta,
+    ) -> Result<bool, ApplyError> {
+        let name = paths::split(rel).1;
+        let out = match rustix::fs::openat(
+            dir,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(m.mode & 0o777),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::EXIST) => return Ok(false),
+            Err(e) => return Err(ApplyError::target_write(rel, e.into())),
+        };
+        if let Err(e) =
+            fsops::write_all(out.as_fd(), data).and_then(|()| self.finish_attrs(&out, m))
+        {
+            fsops::unlink_if_same(dir, name, out.as_fd());
+            return Err(ApplyError::target_write(rel, e));
+        }
+        Ok(true)
+    }
+
     /// Gives a fresh temp file `m`'s owner, mode and mtime. On a journaling
     /// filesystem each attribute change of the inode is a metadata update:
     /// skip those it does not need (a stat is far cheaper; a file created

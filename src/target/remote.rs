@@ -66,6 +66,9 @@ pub struct RemoteSpec {
     pub compress: bool,
     /// Bytes per second on the wire, 0 for no limit.
     pub bwlimit: u64,
+    /// Never let the receiver create a file at its name ([`Op::Whole`]'s
+    /// `fresh`): every file goes through a temp file.
+    pub atomic_new_files: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -793,13 +796,15 @@ impl RemoteTarget {
                 if let (Some(sd), true) = (&src_dir, f & flags::LISTED_FILE != 0 && !rel.is_empty())
                 {
                     // `file` finds out by its own `fstat` (see the flag).
-                    plans.push(match b.file(sd.as_fd(), rel, None)? {
-                        FileSent::Sent { slot, meta, bytes } => Plan::Sent {
-                            slot,
-                            then: Then::Copied { meta, bytes },
+                    plans.push(
+                        match b.file(sd.as_fd(), rel, None, f & flags::ABSENT != 0)? {
+                            FileSent::Sent { slot, meta, bytes } => Plan::Sent {
+                                slot,
+                                then: Then::Copied { meta, bytes },
+                            },
+                            FileSent::Now(r) => Plan::Now(r),
                         },
-                        FileSent::Now(r) => Plan::Now(r),
-                    });
+                    );
                     continue;
                 }
                 let m = match &src_dir {
@@ -862,13 +867,15 @@ impl RemoteTarget {
                         },
                         Kind::File => match src_dir.as_ref() {
                             None => Plan::Now(Ok(Outcome::Vanished)),
-                            Some(sd) => match b.file(sd.as_fd(), rel, Some(&m))? {
-                                FileSent::Sent { slot, meta, bytes } => Plan::Sent {
-                                    slot,
-                                    then: Then::Copied { meta, bytes },
-                                },
-                                FileSent::Now(r) => Plan::Now(r),
-                            },
+                            Some(sd) => {
+                                match b.file(sd.as_fd(), rel, Some(&m), f & flags::ABSENT != 0)? {
+                                    FileSent::Sent { slot, meta, bytes } => Plan::Sent {
+                                        slot,
+                                        then: Then::Copied { meta, bytes },
+                                    },
+                                    FileSent::Now(r) => Plan::Now(r),
+                                }
+                            }
                         },
                     },
                 };
@@ -1042,11 +1049,13 @@ impl BatchSender<'_> {
     /// Streams regular file `rel` (in source directory `sd`): stat before
     /// and after, as a local copy does, and a delta against the receiver's
     /// copy for large files. `seen`: its `lstat` before, if one was made.
+    /// `absent`: the target should have nothing at `rel` ([`flags::ABSENT`]).
     fn file(
         &mut self,
         sd: std::os::fd::BorrowedFd<'_>,
         rel: &[u8],
         seen: Option<&Meta>,
+        absent: bool,
     ) -> Result<FileSent, ApplyError> {
         let name = paths::split(rel).1;
         for _attempt in 1..=COPY_TRIES {
@@ -1065,7 +1074,7 @@ impl BatchSender<'_> {
                 return Ok(FileSent::Now(Ok(Outcome::Vanished)));
             }
             if before.size <= WHOLE_MAX {
-                match self.whole(&src, rel, &before)? {
+                match self.whole(&src, rel, &before, absent && !self.t.spec.atomic_new_files)? {
                     Some(sent) => return Ok(sent),
                     None => continue,
                 }
@@ -1118,11 +1127,13 @@ impl BatchSender<'_> {
 
     /// Sends small file `src` in one [`Op::Whole`]; `None` when it changed
     /// while it was read (nothing was sent: the caller tries again).
+    /// `fresh`: see [`Op::Whole`].
     fn whole(
         &mut self,
         src: &OwnedFd,
         rel: &[u8],
         before: &Meta,
+        fresh: bool,
     ) -> Result<Option<FileSent>, ApplyError> {
         let mut data = vec![0u8; before.size as usize];
         let n = match read_full_at(src.as_fd(), &mut data, 0, before.size) {
@@ -1147,6 +1158,7 @@ impl BatchSender<'_> {
             zstd,
             data,
             hash,
+            fresh,
         })?;
         Ok(Some(FileSent::Sent {
             slot,

@@ -7,6 +7,7 @@ use crate::util::*;
 use std::ffi::OsString;
 use std::io::{BufReader, Write};
 use std::net::TcpStream;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
@@ -119,6 +120,15 @@ impl Drop for Sshd {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Kills the receivers below its path when dropped, however a test ends.
+struct Reap<'p>(&'p Path);
+
+impl Drop for Reap<'_> {
+    fn drop(&mut self) {
+        kill_receivers(self.0);
     }
 }
 
@@ -348,6 +358,79 @@ fn tcp_target_needs_the_token() {
     recv.terminate();
 }
 
+/// New small files in a directory the target lacked are created at their
+/// names (one `openat` with `O_EXCL`; no temp inode, no link); with
+/// `atomic_new_files = true` each goes through a temp inode and a link.
+/// The receiver runs under strace, which counts those system calls.
+#[test]
+fn new_files_in_new_directories_are_created_at_their_names_unless_atomic_is_asked() {
+    if !Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("SKIP: strace is not installed (tools/install-deps installs it)");
+        return;
+    }
+    const N: usize = 40;
+    for atomic in [false, true] {
+        let env = Env::new();
+        for i in 0..N {
+            write(
+                &env.s(format!("new/dir/f{i:03}")),
+                format!("file {i}").as_bytes(),
+            );
+        }
+        let tcp = Tcp::new(&env);
+        let trace = env.root.join("strace.log");
+        let mut cmd = Command::new("strace");
+        cmd.args(["-f", "-qq", "-e", "trace=openat,linkat", "-o"])
+            .arg(&trace)
+            .arg(BIN);
+        let recv = tcp.receiver_on(&env, cmd, "127.0.0.1", &[], &[]);
+        // Killing strace (as a failed test's cleanup does) leaves the
+        // receiver under it running.
+        let _reap = Reap(&env.dst);
+        let extra = if atomic {
+            "atomic_new_files = true\n"
+        } else {
+            ""
+        };
+        let targets = format!("{}{extra}", tcp.target_toml(&env));
+        let d = start_config(&env, &config(&env, &targets, ""));
+        d.wait_log("initial sync complete", secs(120));
+        env.converge(&["--checksum"], &d);
+        d.terminate();
+        // strace outlives a SIGTERM of its own; the receiver under it
+        // stops on one, and strace then exits with its log complete.
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", recv.pid))
+            .expect("strace's children");
+        for pid in children.split_whitespace() {
+            let pid: i32 = pid.parse().expect("pid");
+            // SAFETY: plain kill(2) on a pid read from /proc.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        recv.wait_exit(secs(30));
+        let log = std::fs::read_to_string(&trace).expect("strace log");
+        let created = log
+            .lines()
+            .filter(|l| l.contains("openat(") && l.contains("\"f0") && l.contains("O_EXCL"))
+            .count();
+        let linked = log
+            .lines()
+            .filter(|l| l.contains("linkat(") && l.contains("\"f0") && l.contains("AT_EMPTY_PATH"))
+            .count();
+        let want = if atomic { (0, N) } else { (N, 0) };
+        assert_eq!(
+            (created, linked),
+            want,
+            "atomic_new_files = {atomic}: (created at the name, linked from a temp inode)"
+        );
+    }
+}
+
 /// A file that grows, shrinks and is overwritten in place while it is
 /// sent (the sender reads up to the size it saw at open) ends equal on the
 /// target once the writes stop. (A torn copy is also followed by the event
@@ -499,6 +582,7 @@ fn the_boot_epoch_moves_only_when_the_receivers_machine_restarted() {
         token: Some("tcp-test-token".into()),
         compress: false,
         bwlimit: 0,
+        atomic_new_files: false,
     };
     let r = RemoteTarget::new("dr", spec, false);
     // A flush, retried while the receiver is starting and through the
@@ -1031,8 +1115,8 @@ fn put(
 }
 
 /// Sends one small file whole (`Op::Whole`, content `wire` as it goes on
-/// the wire, zstd-compressed if `zstd`) in one batch and returns the
-/// batch's results.
+/// the wire, zstd-compressed if `zstd`; `fresh`: the sender's word that
+/// nothing is at `rel`) in one batch and returns the batch's results.
 fn put_whole(
     r: &mut Receiver,
     batch: u64,
@@ -1040,6 +1124,7 @@ fn put_whole(
     wire: &[u8],
     zstd: bool,
     hash: protocol::ContentHash,
+    fresh: bool,
 ) -> Vec<Result<Done, String>> {
     r.send(&Request::Op {
         batch,
@@ -1049,25 +1134,35 @@ fn put_whole(
             zstd,
             data: wire.to_vec(),
             hash,
+            fresh,
         },
     });
     end_batch(r, batch)
 }
 
-/// A file sent either way: streamed (`Op::File` and `Data` frames) or
-/// whole (`Op::Whole`, uncompressed).
+/// How a test sends a file's content.
+#[derive(Clone, Copy, Debug)]
+enum Way {
+    /// `Op::File` and `Data` frames.
+    Streamed,
+    /// One `Op::Whole`, uncompressed.
+    Whole,
+    /// One `Op::Whole` marked fresh: the receiver may create it at its name.
+    Fresh,
+}
+
 fn put_as(
-    whole: bool,
+    how: Way,
     r: &mut Receiver,
     batch: u64,
     rel: &[u8],
     data: &[u8],
     hash: protocol::ContentHash,
 ) -> Vec<Result<Done, String>> {
-    if whole {
-        put_whole(r, batch, rel, data, false, hash)
-    } else {
-        put(r, batch, rel, data, hash)
+    match how {
+        Way::Streamed => put(r, batch, rel, data, hash),
+        Way::Whole => put_whole(r, batch, rel, data, false, hash, false),
+        Way::Fresh => put_whole(r, batch, rel, data, false, hash, true),
     }
 }
 
@@ -1330,6 +1425,98 @@ fn a_new_session_waits_until_the_previous_one_on_its_root_is_done() {
     );
 }
 
+/// `Op::Whole` marked fresh: the receiver creates the file at its name,
+/// with the sender's content, mode and mtime; and never over anything
+/// already there (a file, a symlink, a directory), which it replaces as if
+/// the mark were absent, without following the symlink.
+#[test]
+fn a_fresh_whole_file_is_created_at_its_name_and_never_over_what_is_there() {
+    let env = Env::new();
+    let outside = env.root.join("outside");
+    mkdirp(&outside);
+    write(&outside.join("target"), b"untouched");
+    mkdirp(&env.d("dir/sub/inner"));
+    write(&env.d("dir/old"), b"the previous copy");
+    symlink(outside.join("target"), &env.d("dir/link"));
+    let mut r = Receiver::hello(&env.dst);
+    for (i, name) in ["new", "old", "link", "sub"].into_iter().enumerate() {
+        let body = format!("fresh content of {name}").into_bytes();
+        // 0o666 is more than the receiver's umask lets a create give.
+        let meta = Meta {
+            mode: 0o666,
+            mtime_ns: 1_500_000_000_123_456_789,
+            ..file_meta(body.len() as u64)
+        };
+        let batch = 10 + i as u64;
+        r.send(&Request::Op {
+            batch,
+            op: Op::Whole {
+                rel: format!("dir/{name}").into_bytes(),
+                meta,
+                zstd: false,
+                hash: hash(&body),
+                data: body.clone(),
+                fresh: true,
+            },
+        });
+        let res = end_batch(&mut r, batch);
+        assert!(res[0].is_ok(), "{name}: {res:?}");
+        let p = env.d(format!("dir/{name}"));
+        let m = lmeta(&p);
+        assert!(m.file_type().is_file(), "{name} is not a regular file");
+        assert_eq!(read(&p), body, "{name}");
+        assert_eq!(m.mode() & 0o7777, 0o666, "{name}");
+        assert_eq!(
+            (m.mtime(), m.mtime_nsec()),
+            (1_500_000_000, 123_456_789),
+            "{name}"
+        );
+    }
+    assert_eq!(read(&outside.join("target")), b"untouched");
+    let mut names: Vec<_> = std::fs::read_dir(env.d("dir"))
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["link", "new", "old", "sub"],
+        "temp files left behind"
+    );
+    let (st, err) = r.finish();
+    assert!(st.success(), "{err}");
+}
+
+/// A fresh file that fills the disk: a clear error naming the cause,
+/// nothing left at its name, and the receiver goes on serving.
+#[test]
+fn a_fresh_file_that_does_not_fit_leaves_nothing_at_its_name() {
+    if !is_root() {
+        eprintln!("SKIP: mounting a small tmpfs needs root");
+        return;
+    }
+    let env = Env::new();
+    let Some(_m) = mount_with("tmpfs", "size=32k", &env.dst) else {
+        return;
+    };
+    let mut r = Receiver::hello(&env.dst);
+    let big = vec![0x5a; 60 * 1024];
+    let res = put_as(Way::Fresh, &mut r, 1, b"big", &big, hash(&big));
+    let err = res[0]
+        .as_ref()
+        .expect_err("60 KiB fit in a 32 KiB filesystem");
+    assert!(err.contains("No space left"), "{err}");
+    assert!(
+        !exists(&env.d("big")),
+        "a partial file was left at its name"
+    );
+    let res = put_as(Way::Fresh, &mut r, 2, b"small", b"fits", hash(b"fits"));
+    assert!(res[0].is_ok(), "{res:?}");
+    assert_eq!(read(&env.d("small")), b"fits");
+    let (st, err) = r.finish();
+    assert!(st.success(), "{err}");
+}
+
 #[test]
 fn receiver_refuses_paths_that_leave_its_root_and_keeps_serving() {
     let env = Env::new();
@@ -1351,20 +1538,26 @@ fn receiver_refuses_paths_that_leave_its_root_and_keeps_serving() {
         b"nul\0byte".to_vec(),
     ];
     symlink(&outside, &env.d("escape2"));
-    // Both ways a file's content travels: streamed, and whole in one frame.
-    for (whole, escape, base) in [(false, "escape", 100u64), (true, "escape2", 1100)] {
+    symlink(&outside, &env.d("escape3"));
+    // Every way a file's content travels: streamed, whole in one frame, and
+    // whole created at its name.
+    for (how, escape, base) in [
+        (Way::Streamed, "escape", 100u64),
+        (Way::Whole, "escape2", 1100),
+        (Way::Fresh, "escape3", 2100),
+    ] {
         for (i, rel) in evil.iter().enumerate() {
-            let res = put_as(whole, &mut r, base + i as u64, rel, b"evil", hash(b"evil"));
+            let res = put_as(how, &mut r, base + i as u64, rel, b"evil", hash(b"evil"));
             assert_eq!(res.len(), 1);
             let err = res[0].as_ref().expect_err("a hostile path was accepted");
-            assert!(err.contains("refused path"), "whole={whole}: {err}");
+            assert!(err.contains("refused path"), "{how:?}: {err}");
         }
         // Through the symlink: the receiver never follows it. The mirror
         // holds a directory there (the sender says so), so the link is
         // replaced inside the root; nothing lands outside.
         let rel = format!("{escape}/victim").into_bytes();
-        let res = put_as(whole, &mut r, base + 100, &rel, b"evil", hash(b"evil"));
-        assert!(res[0].is_ok(), "whole={whole}: {res:?}");
+        let res = put_as(how, &mut r, base + 100, &rel, b"evil", hash(b"evil"));
+        assert!(res[0].is_ok(), "{how:?}: {res:?}");
         assert_eq!(read(&outside.join("victim")), b"untouched");
         assert!(!lmeta(&env.d(escape)).file_type().is_symlink());
     }
@@ -1390,18 +1583,18 @@ fn receiver_refuses_paths_that_leave_its_root_and_keeps_serving() {
         other => panic!("{other:?}"),
     }
     // A wrong content checksum: not installed.
-    for (whole, batch) in [(false, 400), (true, 401)] {
-        let res = put_as(whole, &mut r, batch, b"bad-hash", b"data", hash(b"other"));
+    for (how, batch) in [(Way::Streamed, 400), (Way::Whole, 401), (Way::Fresh, 407)] {
+        let res = put_as(how, &mut r, batch, b"bad-hash", b"data", hash(b"other"));
         assert!(
             res[0].as_ref().is_err_and(|e| e.contains("checksum")),
-            "whole={whole}: {res:?}"
+            "{how:?}: {res:?}"
         );
         assert!(!exists(&env.d("bad-hash")));
     }
     // Whole files: content past the size limit, raw or compressed (a
     // zstd bomb: 64 MiB of zeros in a few KiB), and compressed garbage.
     let big = vec![7u8; protocol::WHOLE_MAX as usize + 1];
-    let res = put_whole(&mut r, 402, b"too-big", &big, false, hash(&big));
+    let res = put_whole(&mut r, 402, b"too-big", &big, false, hash(&big), false);
     assert!(
         res[0].as_ref().is_err_and(|e| e.contains("limit")),
         "{res:?}"
@@ -1410,7 +1603,7 @@ fn receiver_refuses_paths_that_leave_its_root_and_keeps_serving() {
     // limit, then refused.
     let zeros = vec![0u8; 2 * protocol::WHOLE_MAX as usize];
     let over = zstd::bulk::compress(&zeros, 1).expect("compress");
-    let res = put_whole(&mut r, 403, b"bomb", &over, true, hash(&zeros));
+    let res = put_whole(&mut r, 403, b"bomb", &over, true, hash(&zeros), false);
     assert!(
         res[0].as_ref().is_err_and(|e| e.contains("limit")),
         "{res:?}"
@@ -1420,14 +1613,22 @@ fn receiver_refuses_paths_that_leave_its_root_and_keeps_serving() {
     let zeros = vec![0u8; 64 << 20];
     let bomb = zstd::bulk::compress(&zeros, 19).expect("compress");
     assert!(bomb.len() < 1 << 20);
-    let res = put_whole(&mut r, 406, b"bomb", &bomb, true, hash(&zeros));
+    let res = put_whole(&mut r, 406, b"bomb", &bomb, true, hash(&zeros), false);
     assert!(
         res[0]
             .as_ref()
             .is_err_and(|e| e.contains("bad compressed content")),
         "{res:?}"
     );
-    let res = put_whole(&mut r, 404, b"garbage", b"not zstd at all", true, hash(b""));
+    let res = put_whole(
+        &mut r,
+        404,
+        b"garbage",
+        b"not zstd at all",
+        true,
+        hash(b""),
+        false,
+    );
     assert!(
         res[0].as_ref().is_err_and(|e| e.contains("bad compressed")),
         "{res:?}"
@@ -1438,7 +1639,7 @@ fn receiver_refuses_paths_that_leave_its_root_and_keeps_serving() {
     // A good whole file, compressed, is installed with its content.
     let text = b"line of text\n".repeat(100);
     let z = zstd::bulk::compress(&text, 3).expect("compress");
-    let res = put_whole(&mut r, 405, b"good/whole", &z, true, hash(&text));
+    let res = put_whole(&mut r, 405, b"good/whole", &z, true, hash(&text), false);
     assert!(res[0].is_ok(), "{res:?}");
     assert_eq!(read(&env.d("good/whole")), text);
     // And the connection still serves a good request.

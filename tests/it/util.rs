@@ -1295,9 +1295,14 @@ impl Drop for MountGuard {
 }
 
 pub fn mount(fstype: &str, at: &Path) -> Option<MountGuard> {
+    mount_with(fstype, "defaults", at)
+}
+
+/// [`mount`] with mount options `opts` (`-o`).
+pub fn mount_with(fstype: &str, opts: &str, at: &Path) -> Option<MountGuard> {
     mkdirp(at);
     let ok = Command::new("mount")
-        .args(["-t", fstype, fstype])
+        .args(["-t", fstype, "-o", opts, fstype])
         .arg(at)
         .status()
         .map(|s| s.success())
