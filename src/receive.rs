@@ -446,7 +446,7 @@ pub fn serve<R: Read, W: Write + Send>(
     });
     let dropped = dropped.into_inner();
     if dropped > 0 {
-        tracing::info!("the peer hung up; {dropped} requests it had sent were dropped unapplied (never acknowledged: it sends them again)");
+        tracing::info!("the peer hung up: {dropped} of its requests dropped unapplied (never acknowledged, so it sends them again)");
     }
     result
 }
