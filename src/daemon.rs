@@ -318,10 +318,6 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         });
     }
 
-    for t in &targets {
-        t.target.connect_in_background();
-    }
-
     // Copies the last run recorded before flushing them (see
     // crate::durability) are lost if the machine went down since. (A remote
     // target's note is of its receiver's machine: its shipper's flusher

@@ -28,12 +28,8 @@ use crate::target::{ApplyError, Outcome, Target};
 const BATCH: usize = 2048;
 /// Most [`flags::BULK`] entries (directories) one round applies.
 const BULK_PER_ROUND: usize = 256;
-/// Results of BULK tasks waiting to be taken in (each up to [`GROUP`]
-/// files): enough that the I/O pool never waits for the shipper thread.
-const BULK_RESULTS: usize = 64;
-/// A BULK task's index, the target's boot epoch when it started, and its
-/// entries' outcomes.
-type TaskResult = (usize, u64, Vec<Result<Outcome, ApplyError>>);
+/// Files of BULK directories applied between two chances to commit.
+const BULK_WAVE: usize = 16384;
 /// Longest run of same-directory entries one task applies.
 pub const GROUP: usize = 64;
 const RETRY_MIN: Duration = Duration::from_millis(500);
@@ -1038,53 +1034,35 @@ impl Shipper {
         self.acc.merge(finished);
         let mut unreachable = vec![false; dirs.len()];
         let mut target_errors = 0u64;
-        // The tasks stream through the I/O pool and each result is taken
-        // in as it comes: no wave of them waits for its slowest batch
-        // (gaps of 2 to 98 ms each, measured, while the receiver idled).
-        // `abort`: take no more tasks (the target went down, the journal
-        // failed); those already taken are still accounted for.
-        let abort = AtomicBool::new(false);
-        let (target, policy, stop) = (self.target.clone(), self.policy, self.stop.clone());
-        let pool = self.io_pool.clone();
-        let (tx, rx) = crossbeam_channel::bounded::<TaskResult>(BULK_RESULTS);
-        let mut journal_error = None;
-        std::thread::scope(|sc| {
-            let (tasks, dirs, source, abort) = (&tasks, &dirs, &source, &abort);
-            sc.spawn(move || {
-                let run = move || {
-                    tasks
-                        .par_iter()
-                        .enumerate()
-                        .for_each_with(tx, |tx, (k, (i, rels))| {
-                            if abort.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
-                                return;
-                            }
-                            let d = &dirs[*i];
-                            let f = d.origin() | if d.created { flags::ABSENT } else { 0 };
-                            let entries: Vec<(&[u8], u8)> =
-                                rels.iter().map(|(r, lf)| (r.as_slice(), f | lf)).collect();
-                            let gen = target.boot_gen();
-                            let out = target.apply_group(source, &d.path, &entries, policy);
-                            let _ = tx.send((k, gen, out));
-                        })
-                };
-                match pool {
-                    Some(p) => p.install(run),
-                    None => run(),
-                }
-            });
-            for (k, gen, out) in rx {
-                if journal_error.is_some() {
-                    continue;
-                }
-                // A copy acknowledged by a boot of the receiver's machine
-                // that a commit before it already saw end must not be
-                // recorded as made during the next one.
-                self.boot_gen = self.boot_gen.min(gen);
-                let (i, rels) = &tasks[k];
+        let mut tasks = tasks.into_iter().peekable();
+        while tasks.peek().is_some() && !self.stop.load(Ordering::Relaxed) {
+            let mut wave = Vec::new();
+            let mut n = 0;
+            while n < BULK_WAVE {
+                let Some(t) = tasks.next() else { break };
+                n += t.1.len();
+                wave.push(t);
+            }
+            let apply = || -> Vec<Vec<Result<Outcome, ApplyError>>> {
+                wave.par_iter()
+                    .map(|(i, rels)| {
+                        let d = &dirs[*i];
+                        let f = d.origin() | if d.created { flags::ABSENT } else { 0 };
+                        let entries: Vec<(&[u8], u8)> =
+                            rels.iter().map(|(r, lf)| (r.as_slice(), f | lf)).collect();
+                        self.target
+                            .apply_group(&self.source, &d.path, &entries, self.policy)
+                    })
+                    .collect()
+            };
+            let results = match &self.io_pool {
+                Some(pool) => pool.install(apply),
+                None => apply(),
+            };
+            let mut c = Completion::default();
+            let mut wrote = false;
+            for ((i, rels), out) in wave.iter().zip(results) {
                 let d = &dirs[*i];
-                let mut c = Completion::default();
-                let mut wrote = false;
                 for ((rel, _), r) in rels.iter().zip(out) {
                     match r {
                         Ok(Outcome::Copied { meta, bytes }) => {
@@ -1120,7 +1098,6 @@ impl Shipper {
                             // target is back.
                             unreachable[*i] = true;
                             self.target_up = false;
-                            abort.store(true, Ordering::Relaxed);
                         }
                         Err(e) => {
                             if matches!(e, ApplyError::TargetWrite { .. }) {
@@ -1135,20 +1112,17 @@ impl Shipper {
                 if left[*i] == 0 && !unreachable[*i] {
                     c.done.push((d.path.clone(), d.seq));
                 }
-                self.acc.merge(c);
-                self.acc_wrote |= wrote;
-                if self.last_flush.elapsed() >= GROUP_COMMIT {
-                    if let Err(e) = self.flush() {
-                        abort.store(true, Ordering::Relaxed);
-                        journal_error = Some(e);
-                    }
-                }
             }
-        });
-        match journal_error {
-            Some(e) => Err(e),
-            None => Ok(target_errors),
+            self.acc.merge(c);
+            self.acc_wrote |= wrote;
+            if self.last_flush.elapsed() >= GROUP_COMMIT {
+                self.flush()?;
+            }
+            if unreachable.iter().any(|u| *u) {
+                break;
+            }
         }
+        Ok(target_errors)
     }
 
     /// Enqueues (in `c`) the entries of BULK directory `d` on the target

@@ -9,7 +9,6 @@ pub mod remote;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fsops::{self, Root};
@@ -76,36 +75,6 @@ impl Target {
         match self {
             Target::Local(t) => t.root().path().display().to_string(),
             Target::Remote(t) => t.describe(),
-        }
-    }
-
-    /// Starts a remote target's connection in the background: its
-    /// handshake (an ssh login is a few hundred ms) then overlaps with what
-    /// startup does before the first copy. Nothing for a local target.
-    pub fn connect_in_background(self: &Arc<Self>) {
-        if !matches!(self.as_ref(), Target::Remote(_)) {
-            return;
-        }
-        let t = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("connect".into())
-            .spawn(move || {
-                if let Target::Remote(r) = t.as_ref() {
-                    r.warm();
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::debug!("no early connection ({e}): it is made on first use");
-        }
-    }
-
-    /// A remote target's boot epoch counter
-    /// ([`crate::target::remote::RemoteTarget::boot_epoch`]); 0 for a local
-    /// one.
-    pub fn boot_gen(&self) -> u64 {
-        match self {
-            Target::Local(_) => 0,
-            Target::Remote(t) => t.boot_epoch().0,
         }
     }
 

@@ -297,12 +297,6 @@ impl RemoteTarget {
         })
     }
 
-    /// Connects now if not connected (see `Target::connect_in_background`);
-    /// a failure is handled, and logged, as on first use.
-    pub fn warm(&self) {
-        let _ = self.conn();
-    }
-
     fn conn(&self) -> Result<Arc<Conn>, ApplyError> {
         if let Some(c) = self.live() {
             return Ok(c);
