@@ -82,7 +82,9 @@ fn a_mount_fanotify_cannot_mark_is_named_and_auto_falls_back() {
         eprintln!("SKIP: {why}");
         return;
     }
-    let env = Env::with(Backend::Fanotify);
+    // Declared before the mount guard, so dropped after it: the temp dir
+    // cannot be removed while mqueue is still mounted in it.
+    let mut env = Env::with(Backend::Fanotify);
     write(&env.s("top"), b"top");
     // mqueue cannot encode file handles, and is empty: harmless to mirror.
     let Some(_m) = mount("mqueue", &env.s("mq")) else {
@@ -102,7 +104,6 @@ fn a_mount_fanotify_cannot_mark_is_named_and_auto_falls_back() {
     );
 
     // auto: the same source runs on inotify, and says why.
-    let mut env = env;
     env.backend = Some(Backend::Auto);
     let d = env.spawn(&[]);
     let ready = d.wait_log("drmirror ready", secs(30));
