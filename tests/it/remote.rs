@@ -1027,14 +1027,19 @@ impl Receiver {
         protocol::read_frame(&mut self.out, &mut self.buf)
     }
 
-    fn hello(root: &Path) -> Receiver {
-        let mut r = Receiver::start(root);
-        r.send(&Request::Hello {
+    /// Sends the Hello a daemon over ssh sends.
+    fn send_hello(&mut self) {
+        self.send(&Request::Hello {
             magic: MAGIC,
             version: VERSION,
             token: None,
             root: None,
         });
+    }
+
+    fn hello(root: &Path) -> Receiver {
+        let mut r = Receiver::start(root);
+        r.send_hello();
         assert!(matches!(r.reply(), Ok(Reply::Welcome { .. })));
         r
     }
@@ -1351,12 +1356,7 @@ fn a_new_session_waits_until_the_previous_one_on_its_root_is_done() {
     assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
 
     let mut b = Receiver::start_logging(&env.dst, "info");
-    b.send(&Request::Hello {
-        magic: MAGIC,
-        version: VERSION,
-        token: None,
-        root: None,
-    });
+    b.send_hello();
     let Receiver {
         child: mut b_child,
         out: mut b_out,
