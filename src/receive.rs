@@ -29,7 +29,7 @@ use crate::paths;
 use crate::protocol::{
     self, Chunk, Done, Entry, FrameError, Op, Reply, Request, BLOCK, MAGIC, MAX_FRAME, VERSION,
 };
-use crate::target::local::{LocalTarget, TempFile};
+use crate::target::local::{Born, LocalTarget, TempFile};
 use crate::target::ApplyError;
 
 /// Files a connection may have open at once (one per parallel stream).
@@ -667,9 +667,18 @@ struct Session<'a> {
     /// each file already held its directory open from its first data to
     /// its link; the cache widens that window to the batch, a few dozen
     /// small files.)
-    parent: Option<(u64, Vec<u8>, Arc<std::os::fd::OwnedFd>)>,
+    /// With it, what files created there came out as.
+    parent: Option<Parent>,
     open: HashMap<u64, Incoming>,
     batches: HashMap<u64, Vec<Option<Result<Done, String>>>>,
+}
+
+/// See [`Session::parent`].
+struct Parent {
+    batch: u64,
+    path: Vec<u8>,
+    dir: Arc<OwnedFd>,
+    born: Born,
 }
 
 /// A path from the wire, checked. `allow_root`: the empty path (the root
@@ -998,13 +1007,22 @@ impl<'a> Session<'a> {
     /// The parent directory of `rel`: the one the previous file of the same
     /// batch resolved, if it is the same.
     fn parent_of(&mut self, batch: u64, rel: &[u8]) -> Result<Arc<OwnedFd>, ApplyError> {
-        let parent = paths::split(rel).0;
-        let dir = match self.parent.take() {
-            Some((b, p, fd)) if b == batch && p == parent => fd,
-            _ => self.target.parent_of(rel)?,
+        self.parent_entry(batch, rel).map(|p| p.dir.clone())
+    }
+
+    /// [`Session::parent_of`], with its [`Born`] memo.
+    fn parent_entry(&mut self, batch: u64, rel: &[u8]) -> Result<&mut Parent, ApplyError> {
+        let path = paths::split(rel).0;
+        let p = match self.parent.take() {
+            Some(p) if p.batch == batch && p.path == path => p,
+            _ => Parent {
+                batch,
+                path: path.to_vec(),
+                dir: self.target.parent_of(rel)?,
+                born: Born::default(),
+            },
         };
-        self.parent = Some((batch, parent.to_vec(), dir.clone()));
-        Ok(dir)
+        Ok(self.parent.insert(p))
     }
 
     /// A small file sent in one frame: checked before anything is created,
@@ -1036,8 +1054,9 @@ impl<'a> Session<'a> {
             ));
         }
         if fresh {
-            let dir = self.parent_of(batch, rel).map_err(apply_err)?;
-            match self.target.put_new_file(dir.as_fd(), rel, &data, meta) {
+            let target = self.target;
+            let p = self.parent_entry(batch, rel).map_err(apply_err)?;
+            match target.put_new_file(p.dir.as_fd(), rel, &data, meta, &mut p.born) {
                 Ok(true) => return Ok(Done::Ok),
                 // Something is there after all: replaced as usual.
                 Ok(false) => {}

@@ -359,8 +359,9 @@ fn tcp_target_needs_the_token() {
 }
 
 /// New small files in a directory the target lacked are created at their
-/// names (one `openat` with `O_EXCL`; no temp inode, no link); with
-/// `atomic_new_files = true` each goes through a temp inode and a link.
+/// names (one `openat` with `O_EXCL`; no temp inode, no link), and only the
+/// first of them is `fstat`ed (the others of its mode come out the same);
+/// with `atomic_new_files = true` each goes through a temp inode and a link.
 /// The receiver runs under strace, which counts those system calls.
 #[test]
 fn new_files_in_new_directories_are_created_at_their_names_unless_atomic_is_asked() {
@@ -384,7 +385,7 @@ fn new_files_in_new_directories_are_created_at_their_names_unless_atomic_is_aske
         let tcp = Tcp::new(&env);
         let trace = env.root.join("strace.log");
         let mut cmd = Command::new("strace");
-        cmd.args(["-f", "-qq", "-e", "trace=openat,linkat", "-o"])
+        cmd.args(["-f", "-qq", "-e", "trace=openat,linkat,fstat", "-o"])
             .arg(&trace)
             .arg(BIN);
         let recv = tcp.receiver_on(&env, cmd, "127.0.0.1", &[], &[]);
@@ -428,7 +429,67 @@ fn new_files_in_new_directories_are_created_at_their_names_unless_atomic_is_aske
             want,
             "atomic_new_files = {atomic}: (created at the name, linked from a temp inode)"
         );
+        // The receiver's fstat of a regular file: once per file through
+        // a temp inode (which shows that this counts them), and only the
+        // first of those created at their names.
+        let stats = log
+            .lines()
+            .filter(|l| l.contains(" fstat(") && l.contains("S_IFREG"))
+            .count();
+        if atomic {
+            assert!(
+                stats >= N,
+                "{stats} fstat calls for {N} new files through temp inodes"
+            );
+        } else {
+            assert!(
+                stats < N / 4,
+                "{stats} fstat calls for {N} new files created at their names"
+            );
+        }
     }
+}
+
+/// New files created at their names in one new directory, with several
+/// modes (set-user-ID among them) and owners, in a set-group-ID directory
+/// whose group they inherit on creation: each ends with its own mode and
+/// owner, although only the first of each mode was `fstat`ed (see `Born`).
+#[test]
+fn new_files_of_mixed_modes_and_owners_in_one_directory_keep_their_own() {
+    if !is_root() {
+        eprintln!("SKIP: keeping owners needs root");
+        return;
+    }
+    let env = Env::new();
+    let modes = [
+        0o644, 0o600, 0o644, 0o755, 0o4755, 0o640, 0o644, 0o2755, 0o600,
+    ];
+    let owners = [(0, 0), (1234, 5678), (0, 5678), (1234, 0)];
+    for (i, mode) in modes.iter().cycle().take(36).enumerate() {
+        let p = env.s(format!("new/sg/f{i:02}"));
+        write(&p, format!("file {i}").as_bytes());
+        let (u, g) = owners[i % owners.len()];
+        lchown(&p, u, g);
+        chmod(&p, *mode);
+    }
+    lchown(&env.s("new/sg"), 0, 5678);
+    chmod(&env.s("new/sg"), 0o2775);
+    let tcp = Tcp::new(&env);
+    let recv = tcp.receiver(&env, &[]);
+    let d = start_config(&env, &config(&env, &tcp.target_toml(&env), ""));
+    d.wait_log("initial sync complete", secs(120));
+    env.converge(&["--checksum"], &d);
+    for (i, mode) in modes.iter().cycle().take(36).enumerate() {
+        let m = std::fs::symlink_metadata(env.d(format!("new/sg/f{i:02}"))).expect("copy");
+        let (u, g) = owners[i % owners.len()];
+        assert_eq!(
+            (m.mode() & 0o7777, m.uid(), m.gid()),
+            (*mode, u, g),
+            "f{i:02}: (mode, uid, gid)"
+        );
+    }
+    d.terminate();
+    recv.terminate();
 }
 
 /// A file that grows, shrinks and is overwritten in place while it is
