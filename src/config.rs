@@ -146,6 +146,10 @@ pub struct TargetConfig {
     /// ssh: extra arguments (e.g. `["-o", "ProxyJump=bastion"]`).
     #[serde(default)]
     pub ssh_args: Vec<String>,
+    /// ssh: ask ssh to prefer AES-GCM where this CPU runs it in hardware
+    /// (see `target::ssh_cipher`).
+    #[serde(default)]
+    pub ssh_prefer_aes_gcm: Option<bool>,
     /// ssh: drmirror's path on the far side.
     #[serde(default)]
     pub remote_command: Option<String>,
@@ -271,6 +275,7 @@ fn remote_target(
         path,
         identity: t.ssh_identity.clone(),
         ssh_args: t.ssh_args.clone(),
+        prefer_aes_gcm: t.ssh_prefer_aes_gcm.unwrap_or(true),
         command: t
             .remote_command
             .clone()
@@ -508,6 +513,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
         if t.ssh_identity.is_some()
             || !t.ssh_args.is_empty()
+            || t.ssh_prefer_aes_gcm.is_some()
             || t.remote_command.is_some()
             || t.token_file.is_some()
             || t.compress
@@ -741,6 +747,15 @@ mod tests {
         assert!(r.compress);
         assert_eq!(r.bwlimit, 2 << 20);
         assert!(!r.atomic_new_files);
+        assert!(r.prefer_aes_gcm, "AES-GCM is preferred unless turned off");
+        let c = Config::from_toml(
+            &cfg("path = \"ssh://dr/srv/m\"\nssh_prefer_aes_gcm = false"),
+            "c.toml",
+        )
+        .unwrap();
+        assert!(!c.targets[0].remote.as_ref().unwrap().prefer_aes_gcm);
+        let e = err(&cfg(&format!("path = {d:?}\nssh_prefer_aes_gcm = false")));
+        assert!(e.contains("ssh_*") && e.contains("ssh://"), "{e}");
         let c = Config::from_toml(
             &cfg("path = \"ssh://dr/srv/m\"\natomic_new_files = true"),
             "c.toml",

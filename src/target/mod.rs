@@ -5,6 +5,7 @@
 
 pub mod local;
 pub mod remote;
+pub mod ssh_cipher;
 
 use std::collections::HashMap;
 use std::io;

@@ -24,7 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -58,6 +58,9 @@ pub struct RemoteSpec {
     pub identity: Option<PathBuf>,
     /// ssh: more arguments, before the host (e.g. `-o`, `Compression=no`).
     pub ssh_args: Vec<String>,
+    /// ssh: prefer AES-GCM where the CPU runs it in hardware (see
+    /// [`super::ssh_cipher`]).
+    pub prefer_aes_gcm: bool,
     /// ssh: the program to run on the far side (default `drmirror`).
     pub command: String,
     /// tcp: the shared secret.
@@ -239,6 +242,9 @@ pub struct RemoteTarget {
     epoch: Mutex<Epoch>,
     /// Bytes written to the wire (all frames).
     pub wire_bytes: Arc<AtomicU64>,
+    /// ssh: the `Ciphers` option to pass, worked out once (see
+    /// [`RemoteTarget::ciphers`]).
+    ciphers: Arc<OnceLock<Option<String>>>,
 }
 
 impl RemoteTarget {
@@ -249,7 +255,19 @@ impl RemoteTarget {
                 .map(|d| d.subsec_nanos() as u64)
                 .unwrap_or(1)
             | 1;
+        let ciphers = Arc::new(OnceLock::new());
+        if let Some(dest) = ssh_dest(&spec.transport) {
+            // `ssh -G` takes tens of milliseconds: done while the daemon
+            // starts, not in front of the first connection.
+            let (c, name, spec) = (ciphers.clone(), name.to_string(), spec.clone());
+            let _ = std::thread::Builder::new()
+                .name("ssh-cipher".into())
+                .spawn(move || {
+                    c.get_or_init(|| work_out_ciphers(&name, &spec, &dest));
+                });
+        }
         RemoteTarget {
+            ciphers,
             name: name.to_string(),
             spec,
             owner,
@@ -365,28 +383,34 @@ impl RemoteTarget {
         }
     }
 
+    /// The `Ciphers` value for ssh (see [`super::ssh_cipher`]): the one
+    /// `new` started working out, waited for if need be.
+    fn ciphers(&self, dest: &[String]) -> Option<&str> {
+        self.ciphers
+            .get_or_init(|| work_out_ciphers(&self.name, &self.spec, dest))
+            .as_deref()
+    }
+
     /// Opens the transport and does the handshake.
     fn connect(&self) -> Result<Arc<Conn>, String> {
         let mut tcp: Option<TcpStream> = None;
         let (mut r, w, child): (Box<dyn Read + Send>, Box<dyn Write + Send>, Option<Child>) =
             match &self.spec.transport {
-                Transport::Ssh { user, host, port } => {
+                Transport::Ssh { .. } => {
                     let mut cmd = Command::new("ssh");
                     // First: for ssh the first value given for an option
                     // wins, so the user's `-o` overrides the defaults below.
                     cmd.args(&self.spec.ssh_args);
                     cmd.args(["-o", "BatchMode=yes", "-o", "ServerAliveInterval=15"]);
                     cmd.args(["-o", "ServerAliveCountMax=3", "-o", "ConnectTimeout=10"]);
-                    if let Some(p) = port {
-                        cmd.arg("-p").arg(p.to_string());
+                    let dest = ssh_dest(&self.spec.transport).unwrap_or_default();
+                    if let Some(c) = self.ciphers(&dest) {
+                        cmd.arg("-o").arg(format!("Ciphers={c}"));
                     }
                     if let Some(i) = &self.spec.identity {
                         cmd.arg("-i").arg(i);
                     }
-                    cmd.arg(match user {
-                        Some(u) => format!("{u}@{host}"),
-                        None => host.clone(),
-                    });
+                    cmd.args(&dest);
                     cmd.arg("--");
                     cmd.arg(format!(
                         "{} receive --root {}",
@@ -1258,6 +1282,37 @@ fn read_whole_unchanged(src: &OwnedFd, before: &Meta, bytes: u64) -> bool {
         && a.mtime_ns == before.mtime_ns
         && a.ctime_ns == before.ctime_ns)
         && bytes == before.size
+}
+
+/// ssh's `[-p PORT] [user@]host` arguments for an ssh transport.
+fn ssh_dest(t: &Transport) -> Option<Vec<String>> {
+    let Transport::Ssh { user, host, port } = t else {
+        return None;
+    };
+    let mut dest = Vec::new();
+    if let Some(p) = port {
+        dest.extend(["-p".to_string(), p.to_string()]);
+    }
+    dest.push(match user {
+        Some(u) => format!("{u}@{host}"),
+        None => host.clone(),
+    });
+    Some(dest)
+}
+
+/// [`super::ssh_cipher::preferred`] for target `name`, logged.
+fn work_out_ciphers(name: &str, spec: &RemoteSpec, dest: &[String]) -> Option<String> {
+    if !spec.prefer_aes_gcm {
+        return None;
+    }
+    let c = super::ssh_cipher::preferred(&spec.ssh_args, dest);
+    match &c {
+        Some(c) => {
+            tracing::info!(target = %name, "ssh: AES-GCM preferred (this CPU runs it in hardware): Ciphers={c}")
+        }
+        None => tracing::info!(target = %name, "ssh: cipher left to ssh's configuration"),
+    }
+    c
 }
 
 /// Reads up to `buf.len()` bytes at `off`, short at the end of the file or

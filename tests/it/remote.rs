@@ -213,6 +213,77 @@ fn ssh_initial_sync_and_live_mirroring() {
     d.terminate();
 }
 
+/// On a CPU with AES instructions, drmirror asks ssh to prefer AES-GCM,
+/// unless told not to or the user chose the ciphers (in `ssh_args`, or in
+/// an ssh configuration file). ssh's `-v` output in drmirror's log shows
+/// the cipher each connection negotiated.
+#[test]
+fn ssh_prefers_aes_gcm_unless_the_user_chose_the_ciphers() {
+    if !drmirror::target::ssh_cipher::cpu_has_aes_gcm() {
+        eprintln!(
+            "SKIP: this CPU has no AES-GCM instructions, so drmirror leaves ssh's cipher alone"
+        );
+        return;
+    }
+    let env = Env::new();
+    let Some(sshd) = Sshd::start(&env.root) else {
+        return;
+    };
+    let user_config = env.root.join("ssh_config");
+    write(
+        &user_config,
+        b"Host *\n  Ciphers aes256-ctr,aes128-gcm@openssh.com\n",
+    );
+    let cases = [
+        ("", "aes128-gcm@openssh.com"),
+        (
+            "ssh_prefer_aes_gcm = false\n",
+            "chacha20-poly1305@openssh.com",
+        ),
+        (
+            "ssh_args = [\"-v\", \"-c\", \"aes256-ctr\"]\n",
+            "aes256-ctr",
+        ),
+        (
+            &format!("ssh_args = [\"-v\", \"-F\", {}]\n", toml_str(&user_config)),
+            "aes256-ctr",
+        ),
+    ];
+    for (extra, want) in cases {
+        // `-v` first: ssh keeps the first value of an option, and
+        // `target_toml`'s own ssh_args ask for errors only.
+        let toml = sshd
+            .target_toml("dr", &env.dst, "")
+            .replace("ssh_args = [", "ssh_args = [\"-v\", ");
+        let toml = match extra.strip_prefix("ssh_args = [") {
+            // The case's arguments instead of the harness's, with its
+            // host-key options kept.
+            Some(args) => {
+                let start = toml.find("ssh_args").expect("ssh_args");
+                let end = start + toml[start..].find('\n').expect("line end");
+                format!(
+                    "{}ssh_args = [\"-o\", \"StrictHostKeyChecking=no\", \"-o\", \"UserKnownHostsFile=/dev/null\", {}{}",
+                    &toml[..start],
+                    args.trim_end(),
+                    &toml[end..]
+                )
+            }
+            None => format!("{toml}{extra}"),
+        };
+        // Each case has something to copy.
+        write(&env.s("f"), want.as_bytes());
+        let d = start_config(&env, &config(&env, &toml, ""));
+        d.wait_log("initial sync complete", secs(120));
+        env.converge(&[], &d);
+        let line = d.wait_log("kex: client->server cipher:", secs(30));
+        assert!(
+            line.contains(&format!("cipher: {want} ")),
+            "{extra:?}: {line}"
+        );
+        d.terminate();
+    }
+}
+
 /// `compress = true`: small files travel whole and compressed, a large one
 /// in compressed chunks; the copies are exact and the wire carries less
 /// than the files hold.
@@ -639,6 +710,7 @@ fn the_boot_epoch_moves_only_when_the_receivers_machine_restarted() {
         path: env.dst.clone(),
         identity: None,
         ssh_args: Vec::new(),
+        prefer_aes_gcm: true,
         command: "drmirror".into(),
         token: Some("tcp-test-token".into()),
         compress: false,
