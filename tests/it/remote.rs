@@ -102,10 +102,25 @@ impl Sshd {
 
     /// The `[[target]]` section for a target at `path` through this sshd.
     pub fn target_toml(&self, name: &str, path: &Path, extra: &str) -> String {
+        self.target_toml_args(name, path, &["-o", "LogLevel=ERROR"], extra)
+    }
+
+    /// [`Sshd::target_toml`] with `args` in `ssh_args` (after the host-key
+    /// options every connection to this sshd needs).
+    pub fn target_toml_args(&self, name: &str, path: &Path, args: &[&str], extra: &str) -> String {
+        let args: String = [
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ]
+        .iter()
+        .chain(args)
+        .map(|a| format!("{}, ", toml_str(Path::new(a))))
+        .collect();
         format!(
             "[[target]]\nname = \"{name}\"\npath = \"ssh://root@127.0.0.1:{port}{p}\"\n\
-             ssh_identity = {key}\nremote_command = {bin}\n\
-             ssh_args = [\"-o\", \"StrictHostKeyChecking=no\", \"-o\", \"UserKnownHostsFile=/dev/null\", \"-o\", \"LogLevel=ERROR\"]\n{extra}\n",
+             ssh_identity = {key}\nremote_command = {bin}\nssh_args = [{args}]\n{extra}\n",
             port = self.port,
             p = path.display(),
             key = toml_str(&self.dir.join("user_key")),
@@ -234,42 +249,21 @@ fn ssh_prefers_aes_gcm_unless_the_user_chose_the_ciphers() {
         &user_config,
         b"Host *\n  Ciphers aes256-ctr,aes128-gcm@openssh.com\n",
     );
-    let cases = [
-        ("", "aes128-gcm@openssh.com"),
+    let user_config = user_config.to_string_lossy();
+    // `-v`: ssh's debug lines, the negotiated cipher among them, go to
+    // drmirror's log.
+    let cases: [(&[&str], &str, &str); 4] = [
+        (&["-v"], "", "aes128-gcm@openssh.com"),
         (
-            "ssh_prefer_aes_gcm = false\n",
+            &["-v"],
+            "ssh_prefer_aes_gcm = false",
             "chacha20-poly1305@openssh.com",
         ),
-        (
-            "ssh_args = [\"-v\", \"-c\", \"aes256-ctr\"]\n",
-            "aes256-ctr",
-        ),
-        (
-            &format!("ssh_args = [\"-v\", \"-F\", {}]\n", toml_str(&user_config)),
-            "aes256-ctr",
-        ),
+        (&["-v", "-c", "aes256-ctr"], "", "aes256-ctr"),
+        (&["-v", "-F", &user_config], "", "aes256-ctr"),
     ];
-    for (extra, want) in cases {
-        // `-v` first: ssh keeps the first value of an option, and
-        // `target_toml`'s own ssh_args ask for errors only.
-        let toml = sshd
-            .target_toml("dr", &env.dst, "")
-            .replace("ssh_args = [", "ssh_args = [\"-v\", ");
-        let toml = match extra.strip_prefix("ssh_args = [") {
-            // The case's arguments instead of the harness's, with its
-            // host-key options kept.
-            Some(args) => {
-                let start = toml.find("ssh_args").expect("ssh_args");
-                let end = start + toml[start..].find('\n').expect("line end");
-                format!(
-                    "{}ssh_args = [\"-o\", \"StrictHostKeyChecking=no\", \"-o\", \"UserKnownHostsFile=/dev/null\", {}{}",
-                    &toml[..start],
-                    args.trim_end(),
-                    &toml[end..]
-                )
-            }
-            None => format!("{toml}{extra}"),
-        };
+    for (args, extra, want) in cases {
+        let toml = sshd.target_toml_args("dr", &env.dst, args, extra);
         // Each case has something to copy.
         write(&env.s("f"), want.as_bytes());
         let d = start_config(&env, &config(&env, &toml, ""));
@@ -278,7 +272,7 @@ fn ssh_prefers_aes_gcm_unless_the_user_chose_the_ciphers() {
         let line = d.wait_log("kex: client->server cipher:", secs(30));
         assert!(
             line.contains(&format!("cipher: {want} ")),
-            "{extra:?}: {line}"
+            "{args:?} {extra:?}: {line}"
         );
         d.terminate();
     }
