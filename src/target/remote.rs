@@ -256,7 +256,7 @@ impl RemoteTarget {
                 .unwrap_or(1)
             | 1;
         let ciphers = Arc::new(OnceLock::new());
-        if let Some(dest) = ssh_dest(&spec.transport) {
+        if let Some(dest) = ssh_dest(&spec.transport).filter(|_| spec.prefer_aes_gcm) {
             // `ssh -G` takes tens of milliseconds: done while the daemon
             // starts, not in front of the first connection.
             let (c, name, spec) = (ciphers.clone(), name.to_string(), spec.clone());
