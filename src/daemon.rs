@@ -866,6 +866,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     for t in &targets {
         let _ = t.wake.try_send(());
     }
+    crate::status::wake(&cfg.state_dir);
     let mut panicked = None;
     for th in threads {
         let name = th.thread().name().unwrap_or("worker").to_string();

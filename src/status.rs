@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rustix::event::{PollFd, PollFlags};
+use rustix::fs::Timespec;
 use serde::{Deserialize, Serialize};
 
 use crate::sync::ScanStats;
@@ -137,6 +139,25 @@ pub fn serve(
         .name("status".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
+                // Sleeps until a client connects: an idle daemon should not
+                // wake up to look. The stop connects to the socket
+                // ([`wake`]); the timeout only bounds the stop if that
+                // connection cannot be made.
+                let mut fds = [PollFd::new(&listener, PollFlags::IN)];
+                let idle = Timespec {
+                    tv_sec: 1,
+                    tv_nsec: 0,
+                };
+                match rustix::event::poll(&mut fds, Some(&idle)) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => {
+                        tracing::warn!("status socket: {e}");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 match listener.accept() {
                     Ok((mut conn, _)) => {
                         let _ = conn.set_nonblocking(false);
@@ -146,9 +167,7 @@ pub fn serve(
                             let _ = conn.write_all(&body);
                         }
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(50))
-                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => {
                         tracing::warn!("status socket: {e}");
                         std::thread::sleep(Duration::from_millis(200));
@@ -157,6 +176,12 @@ pub fn serve(
             }
             let _ = std::fs::remove_file(&path);
         })
+}
+
+/// Makes the status thread of the daemon using `state_dir` notice its stop
+/// now rather than at its next timeout.
+pub fn wake(state_dir: &Path) {
+    let _ = UnixStream::connect(state_dir.join(SOCKET_NAME));
 }
 
 /// Asks the daemon using `state_dir` for its status.

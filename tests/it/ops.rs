@@ -334,3 +334,38 @@ fn status_reports_scan_progress_against_the_last_full_count() {
     assert_eq!(v["scan_entries"], second, "{v}");
     d.terminate();
 }
+
+/// An idle daemon's status thread sleeps until a client connects (it used
+/// to wake up 20 times a second to look), still answers, and the daemon
+/// still stops cleanly.
+#[test]
+fn idle_status_thread_sleeps_until_asked() {
+    let env = Env::new();
+    write(&env.s("f"), b"x");
+    let d = Daemon::spawn(&env.run_args(&[]), &env.root, None, None);
+    d.wait_log("startup scan done", secs(60));
+    let task = std::fs::read_dir(format!("/proc/{}/task", d.pid))
+        .expect("the daemon's threads")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| std::fs::read_to_string(p.join("comm")).is_ok_and(|c| c.trim() == "status"))
+        .expect("a thread named status");
+    let wakeups = || -> u64 {
+        let st = std::fs::read_to_string(task.join("status")).expect("the thread's status");
+        st.lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no voluntary_ctxt_switches in {st}"))
+    };
+    let before = wakeups();
+    thread::sleep(secs(3));
+    let woke = wakeups() - before;
+    // One a second for the poll's timeout: 3, or 4 at the edges.
+    assert!(
+        woke <= 6,
+        "the idle status thread woke up {woke} times in 3 s"
+    );
+    let v = status_json(&env.state);
+    assert_eq!(target0(&v)["backlog_entries"], 0, "{v}");
+    d.terminate();
+}
