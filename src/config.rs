@@ -80,6 +80,17 @@ pub enum WatchMode {
     Inotify,
 }
 
+/// What to do with a journal RocksDB reports corrupt (`on_corrupt_journal`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnCorruptJournal {
+    /// Move it aside, start a fresh one and compare the whole tree.
+    #[default]
+    Rebuild,
+    /// Exit (code 2) and leave it for a human.
+    Refuse,
+}
+
 impl WatchMode {
     pub fn parse(s: &str) -> Option<WatchMode> {
         match s {
@@ -191,6 +202,8 @@ struct RawConfig {
     targets: Vec<TargetConfig>,
     #[serde(default)]
     metrics_listen: Option<String>,
+    #[serde(default)]
+    on_corrupt_journal: OnCorruptJournal,
 }
 
 fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -300,6 +313,7 @@ pub struct Config {
     pub targets: Vec<Target>,
     /// Prometheus endpoint; `None` when disabled (`"off"`).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub on_corrupt_journal: OnCorruptJournal,
 }
 
 /// Default Prometheus endpoint (loopback only).
@@ -377,6 +391,7 @@ impl Config {
                 })
                 .collect(),
             metrics_listen: q.metrics_listen,
+            on_corrupt_journal: OnCorruptJournal::default(),
         })
     }
 }
@@ -662,6 +677,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         backlog: raw.backlog,
         targets,
         metrics_listen,
+        on_corrupt_journal: raw.on_corrupt_journal,
     })
 }
 

@@ -20,6 +20,7 @@ use crate::filter::Filter;
 use crate::fsops::Root;
 use crate::journal::{flags, Change, Journal, JournalError, TargetId};
 use crate::ship::{ShipStats, Shipper};
+use crate::supervise::{Role, Supervisor};
 use crate::sync::{Compare, Deletions, ScanStats};
 use crate::target::local::{DeletePolicy, LocalTarget};
 use crate::target::remote::RemoteTarget;
@@ -60,6 +61,30 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error("a worker thread panicked: {0}")]
     Panic(String),
+    #[error(
+        "the state directory is gone ({0}); stopping, so that no second daemon can start on \
+         its path while this one writes the target"
+    )]
+    StateDirGone(String),
+    #[error(
+        "journal {path} is corrupt ({why}); on_corrupt_journal = \"refuse\" keeps it as it is: \
+         move it aside (or set on_corrupt_journal = \"rebuild\") and start again, and drmirror \
+         compares the whole tree with the target"
+    )]
+    CorruptJournal { path: PathBuf, why: String },
+    #[error("thread {thread} died: {why}")]
+    ThreadDied { thread: String, why: String },
+}
+
+impl DaemonError {
+    /// The exit code of `drmirror run` for this error: 2 for what a human
+    /// must settle (the configuration says to refuse), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::CorruptJournal { .. } => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// Raises the soft fd limit to the hard one: walks and parallel copies
@@ -231,17 +256,6 @@ fn capture_loop(
     Ok(())
 }
 
-struct Shared {
-    stop: Arc<AtomicBool>,
-    fatal: tokio::sync::mpsc::UnboundedSender<DaemonError>,
-}
-
-impl Shared {
-    fn fail(&self, e: DaemonError) {
-        let _ = self.fatal.send(e);
-    }
-}
-
 /// Runs the daemon until a signal or a fatal error.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
     raise_fd_limit();
@@ -251,14 +265,17 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let _ = rayon::ThreadPoolBuilder::new()
         .thread_name(|i| format!("work-{i}"))
         .build_global();
-    let _lock = lock_state_dir(&cfg.state_dir)?;
+    let lock = lock_state_dir(&cfg.state_dir)?;
+    let guard =
+        crate::pulse::StateDirGuard::new(cfg.state_dir.join("lock"), &lock).map_err(|source| {
+            DaemonError::StateDir {
+                path: cfg.state_dir.clone(),
+                source,
+            }
+        })?;
     let jpath = cfg.state_dir.join("journal");
-    let journal = Arc::new(
-        Journal::open(&jpath).map_err(|source| DaemonError::Journal {
-            path: jpath.clone(),
-            source,
-        })?,
-    );
+    let (journal, rebuilt) = crate::rebuild::open(&cfg, &jpath)?;
+    let journal = Arc::new(journal);
     journal.set_backlog_bound(cfg.backlog.max_entries, cfg.backlog.max_bytes);
     if let Some(addr) = cfg.metrics_listen {
         // Metrics are how the RPO is watched, but a mirror that stops
@@ -268,6 +285,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             Err(e) => tracing::error!("{e}; running without the metrics endpoint"),
         }
     }
+    metrics::gauge!("drmirror_journal_rebuilt").set(if rebuilt.is_some() { 1.0 } else { 0.0 });
     let owner = rustix::process::geteuid().is_root();
     let source = Arc::new(
         Root::open(&cfg.source).map_err(|source| DaemonError::Source {
@@ -481,6 +499,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         source: cfg.source.display().to_string(),
         capture_backend: watcher.backend().to_string(),
         scan_running: true,
+        journal_rebuilt: rebuilt.map(|p| p.display().to_string()),
         scan_entries: 0,
         scan_expected: 0,
         targets: targets
@@ -493,11 +512,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             .collect(),
     }));
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel();
-    let shared = Arc::new(Shared {
-        stop: Arc::new(AtomicBool::new(false)),
-        fatal: fatal_tx,
-    });
-    let stop = shared.stop.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sup = Arc::new(Supervisor::new(stop.clone(), fatal_tx));
     // Scans (startup, rescans) run on their own pool: rayon serves work from
     // outside a pool only when its workers are idle, so a long scan on the
     // global pool would hold back live capture (new directories are walked
@@ -515,18 +531,31 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             .map_err(|e| DaemonError::Signals(std::io::Error::other(e)))?,
     );
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
-    threads.push(
-        crate::status::serve(&cfg.state_dir, board.clone(), stop.clone()).map_err(|source| {
-            DaemonError::StateDir {
+    {
+        let listener =
+            crate::status::bind(&cfg.state_dir).map_err(|source| DaemonError::StateDir {
                 path: cfg.state_dir.join(crate::status::SOCKET_NAME),
                 source,
-            }
-        })?,
-    );
+            })?;
+        let (board, stop) = (board.clone(), stop.clone());
+        threads.push(sup.spawn("status", Role::Essential, move || {
+            listener.serve(&board, &stop);
+            Ok(())
+        })?);
+    }
+
+    let pulse = crate::pulse::Pulse {
+        journal: journal.clone(),
+        targets: targets.iter().map(|t| (t.id, t.name.clone())).collect(),
+        board: board.clone(),
+        guard,
+        stop: stop.clone(),
+    };
+    threads.push(sup.spawn("pulse", Role::Essential, move || pulse.run())?);
 
     // Capture.
     {
-        let shared = shared.clone();
+        let stop = stop.clone();
         let journal = journal.clone();
         let ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
         let wakers: Vec<_> = targets
@@ -553,25 +582,17 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         ]);
         let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
         let board = board.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("capture".into())
-                .spawn(move || {
-                    let r = capture_loop(
-                        watcher.as_mut(),
-                        &journal,
-                        &ids,
-                        &wakers,
-                        &shared.stop,
-                        watchdog,
-                        &board,
-                    );
-                    if let Err(e) = r {
-                        shared.fail(e);
-                    }
-                })
-                .map_err(DaemonError::Signals)?,
-        );
+        threads.push(sup.spawn("capture", Role::Essential, move || {
+            capture_loop(
+                watcher.as_mut(),
+                &journal,
+                &ids,
+                &wakers,
+                &stop,
+                watchdog,
+                &board,
+            )
+        })?);
     }
 
     // Shippers and startup scans.
@@ -626,19 +647,13 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             log_limit: Default::default(),
             target_up: true,
         };
-        let sh = shared.clone();
         threads.push(
-            std::thread::Builder::new()
-                .name(format!("ship-{}", t.id))
-                .spawn(move || {
-                    if let Err(e) = shipper.run() {
-                        sh.fail(e.into());
-                    }
-                })
-                .map_err(DaemonError::Signals)?,
+            sup.spawn(format!("ship-{}", t.id), Role::Essential, move || {
+                shipper.run().map_err(DaemonError::from)
+            })?,
         );
 
-        let sh = shared.clone();
+        let stop = stop.clone();
         let board = board.clone();
         let scan_pool = scan_pool.clone();
         let (journal, source, target, filter) = (
@@ -658,22 +673,18 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             t.wake.clone(),
             t.hurry.clone(),
         );
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("scan-{}", t.id))
-                .spawn(move || {
+        threads.push(sup.spawn(format!("scan-{}", t.id), Role::Task, move || {
                     if seamless {
                         tracing::info!("startup scan skipped target={name}: capture was handed over and nothing was missed");
                         board.update(|s| s.scan_running = false);
                         scan_done.store(true, Ordering::Release);
                         let _ = wake.try_send(());
-                        return;
+                        return Ok(());
                     }
                     let was_complete = match journal.scan_complete(id) {
                         Ok(c) => c,
                         Err(e) => {
-                            sh.fail(e.into());
-                            return;
+                            return Err(e.into());
                         }
                     };
                     let resume = if !was_complete && gapless {
@@ -685,8 +696,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                     let resume = match resume.and_then(|r| journal.set_scan_complete(id, false).map(|()| r)) {
                         Ok(r) => r,
                         Err(e) => {
-                            sh.fail(e.into());
-                            return;
+                            return Err(e.into());
                         }
                     };
                     if !resume.is_empty() {
@@ -698,8 +708,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                     match journal.scan_entries(id) {
                         Ok(expected) => board.track_scan(stats.clone(), expected.unwrap_or(0)),
                         Err(e) => {
-                            sh.fail(e.into());
-                            return;
+                            return Err(e.into());
                         }
                     }
                     let pb = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
@@ -717,7 +726,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         filter: &filter,
                         owner,
                         stats: &stats,
-                        stop: &sh.stop,
+                        stop: &stop,
                         progress: Some(&pb),
                         dirs_seen: dirs_seen.as_ref(),
                         absent_ok,
@@ -743,8 +752,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                                 let _ = wake.try_send(());
                             }
                             Err(e) => {
-                                sh.fail(e.into());
-                                return;
+                                return Err(e.into());
                             }
                         }
                     }
@@ -770,15 +778,13 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                     let index_whole = match index_whole {
                         Ok(w) => w,
                         Err(e) => {
-                            sh.fail(e.into());
-                            return;
+                            return Err(e.into());
                         }
                     };
                     let deletions = match &temp_dirs {
                         Some(dirs) if index_whole => {
                             if let Err(e) = scan_pool.install(|| cmp.remove_stale_temps(dirs, flags::STARTUP)) {
-                                sh.fail(e.into());
-                                return;
+                                return Err(e.into());
                             }
                             Deletions::Index
                         }
@@ -793,7 +799,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                     board.update(|s| s.scan_running = false);
                     // A walk cut short by a stop must run again next time.
                     let r = r.and_then(|()| {
-                        if sh.stop.load(Ordering::Relaxed) {
+                        if stop.load(Ordering::Relaxed) {
                             Ok(())
                         } else {
                             journal
@@ -835,12 +841,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                             );
                             scan_done.store(true, Ordering::Release);
                             let _ = wake.try_send(());
+                            Ok(())
                         }
-                        Err(e) => sh.fail(e.into()),
+                        Err(e) => Err(e.into()),
                     }
-                })
-                .map_err(DaemonError::Signals)?,
-        );
+                })?);
     }
 
     // The scan holds the only sender now: its end tells the watcher that the
@@ -873,6 +878,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         if th.join().is_err() {
             panicked = Some(name);
         }
+    }
+    if let Err(e) = &outcome {
+        crate::rebuild::note_if_corrupt(&cfg.state_dir, e);
     }
     journal.flush()?;
     outcome?;

@@ -125,6 +125,45 @@ pub enum JournalError {
     Corrupt(String),
     #[error("too many targets in one journal")]
     TooManyTargets,
+    #[error("journal files are damaged: {0}")]
+    Damaged(String),
+}
+
+impl JournalError {
+    /// The journal's files are damaged (RocksDB's `Corruption`, or files
+    /// it cannot do without are gone): not an error of the moment that a
+    /// retry or a restart would cure.
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            JournalError::Db(e) => e.kind() == rocksdb::ErrorKind::Corruption,
+            JournalError::Damaged(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Whether the journal in `dir` has lost files RocksDB needs to open it as
+/// it is: without `CURRENT` RocksDB would create an empty database beside
+/// the old files (and forget the backlog without a word); a table file the
+/// manifest names but the directory lacks fails the open with an I/O error.
+fn missing_files(dir: &Path, open_err: Option<&rocksdb::Error>) -> Option<String> {
+    if let Some(e) = open_err {
+        let msg = e.to_string();
+        let gone = e.kind() == rocksdb::ErrorKind::IOError
+            && msg.contains("No such file")
+            && (msg.contains(".sst") || msg.contains("MANIFEST"));
+        return gone.then_some(msg);
+    }
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let has_data = names
+        .iter()
+        .any(|n| n.starts_with("MANIFEST-") || n.ends_with(".sst"));
+    (has_data && !names.iter().any(|n| n == "CURRENT"))
+        .then(|| "CURRENT is missing while the journal's other files remain".to_string())
 }
 
 pub type Result<T> = std::result::Result<T, JournalError>;
@@ -276,6 +315,36 @@ pub struct Journal {
     /// `dirlist`) since they were last compacted: see
     /// [`Journal::compact_churned`].
     churn: AtomicU64,
+    /// Each target's oldest pending capture time, known without a walk:
+    /// see [`Journal::oldest_pending_ns`].
+    lag: Mutex<std::collections::HashMap<TargetId, LagClock>>,
+}
+
+/// What the journal knows of a target's oldest pending change between two
+/// walks of its backlog ([`Journal::backlog_stats`]).
+///
+/// Invariant: `min(walked, since)` is at most the capture time of every
+/// change still pending, so a lag computed from it against the clock never
+/// under-reports, and it grows by a second each second however long the
+/// shipper is stuck (a round blocked on a dead link publishes nothing).
+/// It holds because a change is noted in `since` only after its write is
+/// in the database, and a walk takes `since` away before it makes its
+/// iterator: a change is either in the walk's snapshot or in the next
+/// `since`.
+#[derive(Clone, Copy, Debug, Default)]
+struct LagClock {
+    /// The oldest capture time the last walk found (`None`: none pending).
+    walked: Option<u64>,
+    /// The oldest capture time recorded since that walk began.
+    since: Option<u64>,
+}
+
+fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
 }
 
 #[derive(Default)]
@@ -520,7 +589,15 @@ impl Journal {
             };
             ColumnFamilyDescriptor::new(*name, o)
         });
-        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        if let Some(why) = missing_files(dir, None) {
+            return Err(JournalError::Damaged(why));
+        }
+        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| {
+            match missing_files(dir, Some(&e)) {
+                Some(why) => JournalError::Damaged(why),
+                None => JournalError::Db(e),
+            }
+        })?;
         let j = Journal {
             db,
             seq: AtomicU64::new(0),
@@ -531,6 +608,7 @@ impl Journal {
                 ..Default::default()
             }),
             churn: AtomicU64::new(0),
+            lag: Mutex::default(),
         };
         j.check_schema()?;
         let seq = j.meta_u64(META_SEQ)?.unwrap_or(0);
@@ -903,7 +981,26 @@ impl Journal {
             }
         }
         self.db.write(b)?;
+        self.note_recorded(targets, now);
         Ok(())
+    }
+
+    /// Notes changes captured at `ns` for `targets`, after their write.
+    fn note_recorded(&self, targets: &[TargetId], ns: u64) {
+        let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        for &t in targets {
+            let c = lag.entry(t).or_default();
+            c.since = min_opt(c.since, Some(ns));
+        }
+    }
+
+    /// The capture time of target `t`'s oldest pending change, as far as
+    /// the last walk of its backlog and what was recorded since tell: never
+    /// later than the truth (see [`LagClock`]). `None` when nothing is
+    /// known to be pending.
+    pub fn oldest_pending_ns(&self, t: TargetId) -> Option<u64> {
+        let lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        lag.get(&t).and_then(|c| min_opt(c.walked, c.since))
     }
 
     /// Moves the pending entries of `from` and its subtree to `to` (within `b`).
@@ -1073,6 +1170,24 @@ impl Journal {
     }
 
     pub fn backlog_stats(&self, t: TargetId, limit: usize) -> Result<BacklogStats> {
+        // Before the iterator is made: see `LagClock`.
+        let since = {
+            let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+            lag.entry(t).or_default().since.take()
+        };
+        let st = self.walk_backlog(t, limit)?;
+        let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        let c = lag.entry(t).or_default();
+        c.walked = if st.complete {
+            st.oldest_ns
+        } else {
+            // Entries past the limit were not seen: keep what was known.
+            min_opt(min_opt(c.walked, since), st.oldest_ns)
+        };
+        Ok(st)
+    }
+
+    fn walk_backlog(&self, t: TargetId, limit: usize) -> Result<BacklogStats> {
         let start = key(t, b"");
         let end = prefix_end(&start).unwrap_or_else(|| vec![0xff; 3]);
         let mut ro = ReadOptions::default();
@@ -1359,8 +1474,11 @@ impl Journal {
             k.extend_from_slice(&seq.to_be_bytes());
             b.delete_cf(renames, k);
         }
-        self.merge_pending(&mut b, t, &c.requeue)?;
+        let requeued = self.merge_pending(&mut b, t, &c.requeue)?;
         self.db.write(b)?;
+        if let Some(ns) = requeued {
+            self.note_recorded(&[t], ns);
+        }
         self.churn.fetch_add(deletes, Ordering::Relaxed);
         Ok(())
     }
@@ -1397,20 +1515,25 @@ impl Journal {
         }
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut b = WriteBatch::default();
-        self.merge_pending(&mut b, t, entries)?;
-        Ok(self.db.write(b)?)
+        let recorded = self.merge_pending(&mut b, t, entries)?;
+        self.db.write(b)?;
+        if let Some(ns) = recorded {
+            self.note_recorded(&[t], ns);
+        }
+        Ok(())
     }
 
-    /// Adds pending entries (fresh sequence numbers, first seen now) to `b`.
-    /// The caller holds the lock.
+    /// Adds pending entries (fresh sequence numbers, first seen now) to `b`;
+    /// returns that time, for [`Journal::note_recorded`] once `b` is
+    /// written. The caller holds the lock.
     fn merge_pending(
         &self,
         b: &mut WriteBatch,
         t: TargetId,
         entries: &[(Vec<u8>, u8)],
-    ) -> Result<()> {
+    ) -> Result<Option<u64>> {
         if entries.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let first = self.next_seqs(entries.len() as u64);
         let now = now_ns();
@@ -1428,7 +1551,7 @@ impl Journal {
             META_SEQ,
             self.seq.load(Ordering::SeqCst).to_le_bytes(),
         );
-        Ok(())
+        Ok(Some(now))
     }
 
     /// Records watched directories (the persisted watch tree), each with

@@ -4,7 +4,6 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use drmirror::cli::{Cli, Command};
 use drmirror::config::{Config, QuickForm};
@@ -18,9 +17,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A log line that cannot be written (stderr on a full disk) is dropped
+    // and counted, never an error: tracing-subscriber would report it with
+    // `eprintln!`, which panics when stderr fails, and that panic ended
+    // whichever thread was logging (a shipper: replication stopped).
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| drmirror::logsink::Stderr)
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal());
     // Under systemd the journal stamps every line: plain lines, no clock.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
@@ -188,11 +192,12 @@ fn main() -> ExitCode {
                 }
             };
             init_logging();
-            match drmirror::daemon::run(cfg).context("drmirror run") {
+            match drmirror::daemon::run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{}", render(&e));
-                    ExitCode::from(1)
+                    let code = e.exit_code();
+                    tracing::error!("{}", render(&anyhow::Error::new(e).context("drmirror run")));
+                    ExitCode::from(code)
                 }
             }
         }

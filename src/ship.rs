@@ -34,6 +34,9 @@ const BULK_WAVE: usize = 16384;
 pub const GROUP: usize = 64;
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Longest wait between two attempts at a path that failed for want of
+/// space on the target.
+const SPACE_RETRY: Duration = Duration::from_secs(2);
 /// Longest time applied changes wait for their syncfs + journal commit.
 const GROUP_COMMIT: Duration = Duration::from_secs(1);
 
@@ -612,12 +615,9 @@ impl Shipper {
         // Counting a large backlog walks it: keep that under ~2% of the
         // shipper's time (once a second while it is small).
         self.report_every = (t0.elapsed() * 50).max(Duration::from_secs(1));
-        let lag = match (st.entries, st.oldest_ns) {
-            (0, _) | (_, None) => 0.0,
-            (_, Some(oldest)) => (crate::journal::now_ns().saturating_sub(oldest)) as f64 / 1e9,
-        };
+        // The lag is published by the daemon's pulse, from the clock and
+        // what this walk found (see `crate::pulse`).
         let name = self.name.clone();
-        metrics::gauge!("drmirror_replication_lag_seconds", "target" => name.clone()).set(lag);
         metrics::gauge!("drmirror_backlog_entries", "target" => name.clone())
             .set(st.entries as f64);
         metrics::gauge!("drmirror_backlog_bytes", "target" => name.clone()).set(st.bytes as f64);
@@ -632,7 +632,6 @@ impl Shipper {
             self.reported_initial,
         );
         self.board.update_target(&name, |t| {
-            t.lag_seconds = lag;
             t.backlog_entries = st.entries;
             t.backlog_bytes = st.bytes;
             t.up = up;
@@ -663,9 +662,9 @@ impl Shipper {
     }
 
     /// Schedules the next attempt at `p` with exponential backoff.
-    fn schedule_retry(&mut self, p: &[u8], seq: Option<u64>) -> u32 {
+    fn schedule_retry(&mut self, p: &[u8], seq: Option<u64>, cap: Duration) -> u32 {
         let attempts = self.retry.get(p).map(|r| r.attempts + 1).unwrap_or(1);
-        let backoff = (RETRY_MIN * 2u32.saturating_pow(attempts.min(16) - 1)).min(RETRY_MAX);
+        let backoff = (RETRY_MIN * 2u32.saturating_pow(attempts.min(16) - 1)).min(cap);
         self.retry.insert(
             p.to_vec(),
             Retry {
@@ -1201,7 +1200,7 @@ impl Shipper {
             std::mem::take(&mut *stats.failed_dirs.lock().unwrap_or_else(|p| p.into_inner()));
         for d in failed {
             let seq = self.journal.pending_get(self.t, &d)?.map(|v| v.seq);
-            self.schedule_retry(&d, seq);
+            self.schedule_retry(&d, seq, RETRY_MAX);
         }
         tracing::debug!(
             target = %self.name, path = %paths::display(p),
@@ -1253,14 +1252,25 @@ impl Shipper {
         }
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("drmirror_errors_total", "kind" => e.kind()).increment(1);
-        let msg = e.to_string();
+        // A full target is retried at a short, steady interval: once space
+        // returns, everything goes on within seconds, not after a backoff
+        // that grew through the outage.
+        let (msg, cap) = if e.out_of_space() {
+            let why = format!(
+                "waiting for space on the target (retrying every {}s): {e}",
+                SPACE_RETRY.as_secs()
+            );
+            (why, SPACE_RETRY)
+        } else {
+            (e.to_string(), RETRY_MAX)
+        };
         self.board
             .update_target(&self.name, |t| t.last_error = Some(msg));
         // A file that keeps changing raises new events all the time: those
         // must not cut its backoff short, or every round would spend three
         // full copies on it and hold back every other path.
         let changing = matches!(e, ApplyError::Changing { .. });
-        let attempts = self.schedule_retry(p, (!changing).then_some(seq));
+        let attempts = self.schedule_retry(p, (!changing).then_some(seq), cap);
         if attempts == 1 && self.log_limit.allow() {
             tracing::warn!(target = %self.name, kind = e.kind(), "{e}; will retry");
         } else {

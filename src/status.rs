@@ -40,6 +40,10 @@ pub struct Status {
     pub source: String,
     pub capture_backend: String,
     pub scan_running: bool,
+    /// Where the corrupt journal this run replaced was moved (see
+    /// [`crate::rebuild`]); `None` when the journal opened as it was.
+    #[serde(default)]
+    pub journal_rebuilt: Option<String>,
     /// Entries the startup scans compared so far.
     pub scan_entries: u64,
     /// Entries the same scans counted last time they ran to the end (0:
@@ -123,59 +127,65 @@ pub enum StatusError {
     },
 }
 
-/// Serves `board` on `state_dir/status.sock` until `stop` is set.
-pub fn serve(
-    state_dir: &Path,
-    board: Arc<Board>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// The daemon's status socket, bound: [`Listener::serve`] answers on it.
+pub struct Listener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+/// Binds `state_dir/status.sock`.
+pub fn bind(state_dir: &Path) -> std::io::Result<Listener> {
     let path = state_dir.join(SOCKET_NAME);
     // A socket left by a crashed daemon; the state-dir lock guarantees no
     // live daemon owns it.
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     listener.set_nonblocking(true)?;
-    std::thread::Builder::new()
-        .name("status".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                // Sleeps until a client connects: an idle daemon should not
-                // wake up to look. The stop connects to the socket
-                // ([`wake`]); the timeout only bounds the stop if that
-                // connection cannot be made.
-                let mut fds = [PollFd::new(&listener, PollFlags::IN)];
-                let idle = Timespec {
-                    tv_sec: 1,
-                    tv_nsec: 0,
-                };
-                match rustix::event::poll(&mut fds, Some(&idle)) {
-                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                    Err(e) => {
-                        tracing::warn!("status socket: {e}");
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
-                }
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        let _ = conn.set_nonblocking(false);
-                        let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
-                        if let Ok(mut body) = serde_json::to_vec(&board.snapshot()) {
-                            body.push(b'\n');
-                            let _ = conn.write_all(&body);
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        tracing::warn!("status socket: {e}");
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
+    Ok(Listener { listener, path })
+}
+
+impl Listener {
+    /// Serves `board` until `stop` is set (on the calling thread).
+    pub fn serve(self, board: &Board, stop: &AtomicBool) {
+        let Listener { listener, path } = self;
+        while !stop.load(Ordering::Relaxed) {
+            // Sleeps until a client connects: an idle daemon should not
+            // wake up to look. The stop connects to the socket ([`wake`]);
+            // the timeout only bounds the stop if that connection cannot be
+            // made.
+            let mut fds = [PollFd::new(&listener, PollFlags::IN)];
+            let idle = Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            };
+            match rustix::event::poll(&mut fds, Some(&idle)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    tracing::warn!("status socket: {e}");
+                    std::thread::sleep(Duration::from_millis(200));
                 }
             }
-            let _ = std::fs::remove_file(&path);
-        })
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            match listener.accept() {
+                Ok((mut conn, _)) => {
+                    let _ = conn.set_nonblocking(false);
+                    let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+                    if let Ok(mut body) = serde_json::to_vec(&board.snapshot()) {
+                        body.push(b'\n');
+                        let _ = conn.write_all(&body);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    tracing::warn!("status socket: {e}");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 /// Makes the status thread of the daemon using `state_dir` notice its stop
@@ -253,6 +263,11 @@ pub fn render(s: &Status) -> String {
             String::new()
         }
     );
+    if let Some(old) = &s.journal_rebuilt {
+        out.push_str(&format!(
+            "  journal rebuilt at this start: the corrupt one is kept at {old}\n"
+        ));
+    }
     for t in &s.targets {
         out.push_str(&format!(
             "  target {}: {} lag {:.1}s backlog {} entries ({} bytes){}{}\n",

@@ -229,4 +229,18 @@ impl ApplyError {
             ApplyError::Unreachable { .. } => "unreachable",
         }
     }
+
+    /// The target's filesystem is full (or the quota used up): a condition
+    /// of the whole target, to wait out, not a fault of the path. A remote
+    /// target's error arrives as the receiver's message.
+    pub fn out_of_space(&self) -> bool {
+        let ApplyError::TargetWrite { source, .. } = self else {
+            return false;
+        };
+        if let Some(code) = source.raw_os_error() {
+            return code == libc::ENOSPC || code == libc::EDQUOT;
+        }
+        let msg = source.to_string();
+        msg.contains("No space left on device") || msg.contains("Disk quota exceeded")
+    }
 }

@@ -7,6 +7,7 @@
 mod capture;
 mod config;
 mod crash;
+mod faults;
 mod handover;
 mod initial;
 mod live;

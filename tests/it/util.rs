@@ -1288,6 +1288,13 @@ pub fn wait_metric_still(port: u16, d: &Daemon, series: &str) {
 /// Unmounts (lazily) on drop, so a failing test leaves no mount behind.
 pub struct MountGuard(PathBuf);
 
+impl MountGuard {
+    /// Takes charge of a mount made at `at` by other means.
+    pub fn new(at: &Path) -> MountGuard {
+        MountGuard(at.to_path_buf())
+    }
+}
+
 impl Drop for MountGuard {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();

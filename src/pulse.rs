@@ -1,0 +1,99 @@
+//! The daemon's pulse: a thread that, several times a second, publishes
+//! each target's lag from the clock, and checks that the state directory
+//! the daemon locked is still the one at its path.
+//!
+//! Invariants:
+//! - The lag (`drmirror_replication_lag_seconds`, `status`) is `now − the
+//!   capture time of the oldest change not known to be applied`
+//!   ([`Journal::oldest_pending_ns`]), computed here against the clock and
+//!   not by the shipper between rounds: it grows by one second per second
+//!   whatever holds the backlog up (a link cut in the middle of a round, a
+//!   full disk, a stuck thread), and it never reads lower than the truth.
+//! - A daemon whose state directory was deleted or replaced stops, loudly
+//!   (a non-zero exit): its lock no longer keeps a second daemon off the
+//!   path, and two daemons would write one target.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::daemon::DaemonError;
+use crate::journal::{now_ns, Journal, TargetId};
+use crate::status::Board;
+
+/// How often the lag is published and the state directory checked.
+const PERIOD: Duration = Duration::from_millis(250);
+
+/// A file's identity: (device, inode).
+type FileId = (u64, u64);
+
+fn file_id(st: &rustix::fs::Stat) -> FileId {
+    (st.st_dev, st.st_ino)
+}
+
+/// The state directory's lock file, as locked by this daemon.
+pub struct StateDirGuard {
+    path: PathBuf,
+    id: FileId,
+}
+
+impl StateDirGuard {
+    /// Remembers which file `lock` (open at `path`) is.
+    pub fn new(path: PathBuf, lock: impl AsFd) -> std::io::Result<StateDirGuard> {
+        let st = rustix::fs::fstat(lock)?;
+        Ok(StateDirGuard {
+            path,
+            id: file_id(&st),
+        })
+    }
+
+    /// `Err(why)` if the lock file at the path is gone or another file.
+    pub fn check(&self) -> Result<(), String> {
+        match rustix::fs::stat(&self.path) {
+            Ok(st) if file_id(&st) == self.id => Ok(()),
+            Ok(_) => Err(format!(
+                "{} was replaced by another file",
+                self.path.display()
+            )),
+            Err(e) => Err(format!("{}: {e}", self.path.display())),
+        }
+    }
+}
+
+/// What the pulse thread watches.
+pub struct Pulse {
+    pub journal: Arc<Journal>,
+    pub targets: Vec<(TargetId, String)>,
+    pub board: Arc<Board>,
+    pub guard: StateDirGuard,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Pulse {
+    /// Publishes every target's lag until `stop`; an error if the state
+    /// directory goes away.
+    pub fn run(self) -> Result<(), DaemonError> {
+        while !self.stop.load(Ordering::Relaxed) {
+            self.publish_lag();
+            if let Err(why) = self.guard.check() {
+                return Err(DaemonError::StateDirGone(why));
+            }
+            std::thread::sleep(PERIOD);
+        }
+        Ok(())
+    }
+
+    fn publish_lag(&self) {
+        let now = now_ns();
+        for (t, name) in &self.targets {
+            let lag = self
+                .journal
+                .oldest_pending_ns(*t)
+                .map_or(0.0, |o| now.saturating_sub(o) as f64 / 1e9);
+            metrics::gauge!("drmirror_replication_lag_seconds", "target" => name.clone()).set(lag);
+            self.board.update_target(name, |s| s.lag_seconds = lag);
+        }
+    }
+}

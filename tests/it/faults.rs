@@ -1,0 +1,483 @@
+//! Faults that used to stop replication, or its signals, without a word
+//! (issue 29): a thread that dies, a log on a full disk, a full target, a
+//! link cut in the middle of a round, the state directory deleted.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::util::*;
+
+/// A small ext4 filesystem in a file, loop-mounted at `at`: a disk that
+/// fills up. Unmounted on drop. `None` (printed) without root or mkfs.
+struct LoopFs {
+    _mount: MountGuard,
+    pub dir: PathBuf,
+}
+
+impl LoopFs {
+    fn new(image: &Path, at: &Path, mib: u64) -> Option<LoopFs> {
+        if !is_root() {
+            eprintln!("SKIP: a loop mount needs root");
+            return None;
+        }
+        let f = File::create(image).expect("create image");
+        f.set_len(mib << 20).expect("size image");
+        drop(f);
+        let ok = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0", "-N", "4096"])
+            .arg(image)
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIP: mkfs.ext4 failed");
+            return None;
+        }
+        mkdirp(at);
+        let ok = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(image)
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIP: cannot loop-mount {}", image.display());
+            return None;
+        }
+        Some(LoopFs {
+            _mount: MountGuard::new(at),
+            dir: at.to_path_buf(),
+        })
+    }
+
+    /// Fills the filesystem to the last block with a file `name`.
+    fn fill(&self, name: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k"])
+            .arg(format!("of={}", p.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        // dd stops at ENOSPC; the last partial blocks go too.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "i=0; while dd if=/dev/zero bs=1k count=1 of={}.$i 2>/dev/null; do i=$((i+1)); done",
+                p.display()
+            ))
+            .status();
+        p
+    }
+
+    fn unfill(&self, name: &str) {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!("rm -f {}/{name}*", self.dir.display()))
+            .status();
+    }
+}
+
+/// The names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in rd.flatten() {
+            if let Ok(c) = std::fs::read_to_string(e.path().join("comm")) {
+                out.push(c.trim().to_string());
+            }
+        }
+    }
+    out
+}
+
+fn write_files(env: &Env, dir: &str, n: usize, size: usize) {
+    for i in 0..n {
+        write(&env.s(format!("{dir}/f{i}")), &pattern(size, i as u64));
+    }
+}
+
+#[test]
+fn a_thread_that_dies_takes_the_daemon_down_naming_it() {
+    for thread in ["ship-0", "capture", "pulse", "status"] {
+        let env = Env::new();
+        write(&env.s("a"), b"a");
+        let mut cmd = Command::new(BIN);
+        cmd.args(env.run_args(&[]))
+            .env("DRMIRROR_TEST_PANIC_THREAD", thread);
+        let d = Daemon::spawn_command(cmd, &env.root);
+        let st = d.wait_exit(secs(60));
+        assert!(
+            !st.success(),
+            "{thread}: the daemon must exit non-zero when a thread dies ({st})\n{}",
+            d.log_tail()
+        );
+        let log = d.log();
+        assert!(
+            log.contains(&format!("thread {thread} died")),
+            "{thread}: the log must name the thread\n{}",
+            d.log_tail()
+        );
+    }
+}
+
+#[test]
+fn a_log_on_a_full_disk_does_not_stop_replication() {
+    let env = Env::new();
+    let Some(fs) = LoopFs::new(&env.root.join("log.img"), &env.root.join("logfs"), 8) else {
+        return;
+    };
+    // The daemon logs to a file on the small filesystem, every line (debug).
+    let log_path = fs.dir.join("daemon.log");
+    let log = File::create(&log_path).expect("log file");
+    let mut cmd = Command::new(BIN);
+    cmd.args(env.run_args(&[]))
+        .env("RUST_LOG", "debug")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().expect("dup")))
+        .stderr(Stdio::from(log));
+    let mut child = cmd.spawn().expect("spawn drmirror");
+    let pid = child.id();
+    let alive = |child: &mut std::process::Child| {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("drmirror exited ({st}); log: {}", log_path.display());
+        }
+    };
+    wait_until("drmirror ready", secs(60), None, || {
+        std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains("drmirror ready"))
+    });
+    fs.fill("ballast");
+    // Every one of these changes makes debug lines the log cannot take.
+    write_files(&env, "while-full", 300, 1000);
+    wait_until(
+        "the mirror has the changes made while the log was full",
+        CONVERGE_TIMEOUT,
+        None,
+        || {
+            alive(&mut child);
+            env.verify(&[]).0
+        },
+    );
+    let names = thread_names(pid);
+    for t in ["ship-0", "flush-0", "capture", "pulse"] {
+        assert!(
+            names.iter().any(|n| n == t),
+            "thread {t} is gone: {names:?}"
+        );
+    }
+    let full_len = lmeta(&log_path).len();
+    fs.unfill("ballast");
+    write_files(&env, "after", 50, 1000);
+    wait_until(
+        "the mirror has the changes made after space returned",
+        CONVERGE_TIMEOUT,
+        None,
+        || {
+            alive(&mut child);
+            env.verify(&[]).0
+        },
+    );
+    // Lines are logged again once there is room.
+    wait_until("the log grows again", secs(30), None, || {
+        lmeta(&log_path).len() > full_len
+    });
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).expect("pid"),
+        rustix::process::Signal::TERM,
+    );
+    let st = child.wait().expect("wait");
+    assert!(st.success(), "clean stop after the log filled: {st}");
+}
+
+#[test]
+fn a_full_target_resumes_by_itself_when_space_returns() {
+    let env = Env::new();
+    let Some(fs) = LoopFs::new(&env.root.join("dr.img"), &env.root.join("drfs"), 16) else {
+        return;
+    };
+    let dst = fs.dir.join("mirror");
+    mkdirp(&dst);
+    write(&env.s("seed"), b"seed");
+    let args: Vec<OsString> = env
+        .run_args(&[])
+        .into_iter()
+        .map(|a| {
+            if a == env.dst.as_os_str() {
+                dst.clone().into_os_string()
+            } else {
+                a
+            }
+        })
+        .collect();
+    let d = env.spawn_args(&args);
+    d.wait_log("initial sync complete", secs(60));
+    fs.fill("ballast");
+    // More than fits in what little the filesystem has left.
+    write_files(&env, "big", 40, 64 << 10);
+    wait_until(
+        "status says the target waits for space",
+        secs(60),
+        Some(&d),
+        || {
+            let s = status_json(&env.state);
+            s["targets"][0]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("waiting for space"))
+        },
+    );
+    // Long enough for a growing backoff to have grown.
+    let held = Instant::now();
+    wait_until("a few retries", secs(30), Some(&d), || {
+        held.elapsed() >= secs(12)
+    });
+    let names = thread_names(d.pid);
+    for t in ["ship-0", "flush-0", "capture"] {
+        assert!(
+            names.iter().any(|n| n == t),
+            "thread {t} is gone: {names:?}"
+        );
+    }
+    fs.unfill("ballast");
+    let back = Instant::now();
+    wait_converged(&env.src, &dst, &[], Some(&d));
+    eprintln!(
+        "converged {:.1} s after space returned on the target",
+        back.elapsed().as_secs_f64()
+    );
+    d.terminate();
+}
+
+#[test]
+fn lag_grows_with_the_clock_while_the_link_is_cut() {
+    let env = Env::new();
+    let Some(net) = NetNs::new() else {
+        return;
+    };
+    let tcp = Tcp::new(&env);
+    let _recv = tcp.receiver_on(&env, net.command(BIN), &net.peer_ip, &[], &[]);
+    let port = free_port();
+    let toml = format!(
+        "source = {}\nstate_dir = {}\nmetrics_listen = \"127.0.0.1:{port}\"\n{}",
+        toml_str(&env.src),
+        toml_str(&env.state),
+        tcp.target_toml(&env).replace("127.0.0.1", &net.peer_ip)
+    );
+    let d = env.spawn_config(&toml);
+    d.wait_log("initial sync complete", secs(60));
+    write(&env.s("before"), b"before the cut");
+    env.converge(&[], &d);
+
+    net.link(false);
+    // A change the shipper picks up at once and cannot deliver: its round
+    // blocks on the dead link.
+    write(&env.s("during"), &pattern(256 << 10, 1));
+    let written = Instant::now();
+    let lag = || {
+        let text = http_get(port, "/metrics").expect("metrics");
+        metric(&text, "drmirror_replication_lag_seconds{target=\"dr\"}")
+    };
+    let mut scrapes = Vec::new();
+    while written.elapsed() < secs(10) {
+        let at = written.elapsed().as_secs_f64();
+        scrapes.push((at, lag()));
+        std::thread::sleep(ms(500));
+    }
+    // Published every 250 ms from the capture time (a few ms after the
+    // write): at most that much below the time since the write.
+    for &(at, l) in scrapes.iter().filter(|s| s.0 >= 1.0) {
+        assert!(
+            l >= at - 0.5,
+            "lag {l:.2} s at {at:.2} s into the cut: under-reported\n{scrapes:?}"
+        );
+    }
+    let (t0, l0) = scrapes[2];
+    let (t1, l1) = scrapes[scrapes.len() - 1];
+    let rate = (l1 - l0) / (t1 - t0);
+    assert!(
+        rate >= 0.9,
+        "lag grew {rate:.2} s per second during the cut\n{scrapes:?}"
+    );
+    net.link(true);
+    env.converge(&[], &d);
+    d.terminate();
+}
+
+#[test]
+fn deleting_the_state_directory_stops_the_daemon_loudly() {
+    let env = Env::new();
+    write(&env.s("a"), b"a");
+    let d = env.start(&[]);
+    d.wait_log("initial sync complete", secs(60));
+    std::fs::remove_dir_all(&env.state).expect("rm state dir");
+    let st = d.wait_exit(secs(30));
+    assert!(!st.success(), "exit status {st}\n{}", d.log_tail());
+    // The pulse's check, or the journal's next write, whichever comes
+    // first: either names what is gone.
+    let log = d.log();
+    assert!(
+        log.contains("the state directory is gone")
+            || log.contains(&format!("{}/journal", env.state.display())),
+        "{}",
+        d.log_tail()
+    );
+}
+
+/// The journal's files of one kind (`.sst`, `.log`), largest first.
+fn journal_files(state: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(state.join("journal"))
+        .expect("journal dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .map(|p| (lmeta(&p).len(), p))
+        .collect();
+    v.sort_by(|a, b| b.cmp(a));
+    v.into_iter().map(|(_, p)| p).collect()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    TruncatedSst,
+    GarbledSst,
+    TruncatedWal,
+    MissingCurrent,
+}
+
+fn damage(state: &Path, how: Damage) {
+    let j = state.join("journal");
+    match how {
+        Damage::TruncatedSst => {
+            let sst = &journal_files(state, "sst")[0];
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(sst)
+                .expect("open sst");
+            f.set_len(lmeta(sst).len() / 2).expect("truncate");
+        }
+        Damage::GarbledSst => {
+            use std::os::unix::fs::FileExt;
+            let sst = &journal_files(state, "sst")[0];
+            let len = lmeta(sst).len();
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(sst)
+                .expect("open sst");
+            // Every data block of the table: whatever reads it fails its
+            // checksum (the footer is left, so the open itself may pass).
+            let garbage = vec![0xa5u8; (len as usize).saturating_sub(4096).max(1)];
+            f.write_all_at(&garbage, 0).expect("garble");
+        }
+        Damage::TruncatedWal => {
+            let wal = journal_files(state, "log");
+            let wal = wal.first().expect("a WAL file after kill -9");
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(wal)
+                .expect("open wal");
+            f.set_len(lmeta(wal).len() / 2).expect("truncate");
+        }
+        Damage::MissingCurrent => remove_file(&j.join("CURRENT")),
+    }
+}
+
+/// A tree mirrored, the daemon stopped (cleanly, or with kill -9 for the
+/// WAL), changes made meanwhile, the journal damaged `how`.
+fn damaged_env(how: Damage) -> Env {
+    let env = Env::new();
+    gen_tree(&env.src, 3000, 50);
+    let d = env.start(&[]);
+    d.wait_initial_sync(secs(120));
+    env.converge(&[], &d);
+    if matches!(how, Damage::TruncatedWal) {
+        // Changes the journal holds only in its WAL when the process dies.
+        write_files(&env, "in-wal", 200, 100);
+        env.converge(&[], &d);
+        d.kill9();
+    } else {
+        d.terminate();
+    }
+    write_files(&env, "while-down", 20, 100);
+    remove_file(&env.s("while-down/f3"));
+    damage(&env.state, how);
+    env
+}
+
+#[test]
+fn a_corrupt_journal_is_moved_aside_and_the_mirror_converges() {
+    for how in [
+        Damage::MissingCurrent,
+        Damage::TruncatedSst,
+        Damage::GarbledSst,
+        Damage::TruncatedWal,
+    ] {
+        let env = damaged_env(how);
+        let mut d = env.spawn(&[]);
+        // A table whose blocks are read only later fails that read: the
+        // run exits and leaves a note, and the next start rebuilds.
+        let mut runs = 1;
+        let rebuilt = loop {
+            wait_until("the daemon syncs or exits", secs(120), None, || {
+                d.poll_exit().is_some() || d.log().contains("initial sync complete")
+            });
+            if let Some(st) = d.poll_exit() {
+                assert!(runs < 3, "{how:?}: exited again ({st})\n{}", d.log_tail());
+                assert!(
+                    d.log().contains("corrupt") || d.log().contains("Corruption"),
+                    "{how:?}: exited ({st}) without naming the corruption\n{}",
+                    d.log_tail()
+                );
+                runs += 1;
+                d = env.spawn(&[]);
+                continue;
+            }
+            break d.log().contains("is corrupt");
+        };
+        env.converge(&[], &d);
+        let asides = std::fs::read_dir(&env.state)
+            .expect("state dir")
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("journal.corrupt-")
+            })
+            .count();
+        eprintln!("{how:?}: {runs} start(s), rebuilt: {rebuilt}, kept aside: {asides}");
+        match how {
+            // RocksDB recovers a WAL cut short to its last whole record;
+            // the startup scan finds what the lost tail said.
+            Damage::TruncatedWal => {}
+            _ => {
+                assert!(rebuilt, "{how:?}: no rebuild\n{}", d.log_tail());
+                assert_eq!(asides, 1, "{how:?}: the corrupt journal is kept aside");
+                let s = status_json(&env.state);
+                assert!(
+                    s["journal_rebuilt"].as_str().is_some(),
+                    "{how:?}: status {s}"
+                );
+            }
+        }
+        d.terminate();
+    }
+}
+
+#[test]
+fn on_corrupt_journal_refuse_exits_2_naming_the_setting() {
+    let env = damaged_env(Damage::MissingCurrent);
+    let toml = env.config_text("on_corrupt_journal = \"refuse\"");
+    let d = env.spawn_config(&toml);
+    let st = d.wait_exit(secs(60));
+    assert_eq!(st.code(), Some(2), "{}", d.log_tail());
+    let log = d.log();
+    assert!(
+        log.contains("is corrupt") && log.contains("on_corrupt_journal = \"refuse\""),
+        "{}",
+        d.log_tail()
+    );
+    // Left as it was, for a human.
+    assert!(env.state.join("journal").exists());
+}
