@@ -136,6 +136,29 @@ pub fn to_changes(events: Vec<Event>) -> Vec<Change> {
             }
             Event::Rename { from, to } => {
                 flush(&mut seg, &mut out);
+                // renameat2(RENAME_EXCHANGE) reaches us as two renames, a->b
+                // then b->a (fsnotify_move twice; no event names the swap).
+                // Recorded as such they are two *replacing* renames: the
+                // target loses b's entry to the first and gets a's back
+                // from the second, move_pending piles both subtrees' entries
+                // onto a, and the index follows those moves. State-based
+                // marks are right whatever happened between the two (a
+                // swap, or a move there and back): both whole subtrees, and
+                // the content (two swapped files may agree in size and
+                // mtime).
+                let last = out.iter().rposition(|c| matches!(c, Change::Rename { .. }));
+                if let Some(i) = last.filter(|&i| {
+                    matches!(&out[i], Change::Rename { from: f, to: t } if *f == to && *t == from)
+                }) {
+                    out.remove(i);
+                    for path in [from, to] {
+                        out.push(Change::Dirty {
+                            path,
+                            flags: flags::RECURSIVE | flags::CONTENT | flags::LIVE,
+                        });
+                    }
+                    continue;
+                }
                 out.push(Change::Rename { from, to });
             }
         }
@@ -889,4 +912,35 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rename(from: &str, to: &str) -> Event {
+        Event::Rename {
+            from: from.as_bytes().to_vec(),
+            to: to.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn an_exchange_becomes_two_whole_rescans_not_two_renames() {
+        let out = to_changes(vec![rename("a", "b"), rename("b", "a")]);
+        let f = flags::RECURSIVE | flags::CONTENT | flags::LIVE;
+        assert_eq!(out.len(), 2, "{out:?}");
+        for p in ["a", "b"] {
+            assert!(
+                out.iter().any(|c| matches!(c, Change::Dirty { path, flags } if path == p.as_bytes() && *flags == f)),
+                "{p}: {out:?}"
+            );
+        }
+        // A chain that does not come back stays renames, in order.
+        let out = to_changes(vec![rename("a", "b"), rename("b", "c")]);
+        assert!(
+            matches!(&out[..], [Change::Rename { to: t1, .. }, Change::Rename { to: t2, .. }] if t1 == b"b" && t2 == b"c"),
+            "{out:?}"
+        );
+    }
 }

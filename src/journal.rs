@@ -1412,8 +1412,16 @@ impl Journal {
         let renames = self.cf(CF_RENAMES)?;
         let dirlist = self.cf(CF_DIRLIST)?;
         let is_dir = |v: &[u8]| Meta::decode(v).is_some_and(|m| m.kind == Kind::Dir);
-        let mut b = WriteBatch::default();
+        // Each move is written before the next one reads: a chain applied
+        // in one round (`mv p tmp; mv q p; mv tmp q`) must see what the
+        // moves before it did, not the index as it was committed (read so,
+        // the third move found nothing at `tmp` and the index kept `p`'s
+        // old entries there, `q`'s nowhere). The moves are of renames the
+        // target has already made durable: written ahead of the rest, they
+        // are right however a crash cuts this short (a rename applied again
+        // finds nothing at `from` and becomes a rescan of `to`).
         for (from, to) in &c.index_moves {
+            let mut b = WriteBatch::default();
             let mut moved = Vec::new();
             if let Some(v) = self.db.get_cf(index, key(t, from))? {
                 moved.push((from.clone(), v));
@@ -1437,7 +1445,9 @@ impl Journal {
                 }
                 b.put_cf(index, new, v);
             }
+            self.db.write(b)?;
         }
+        let mut b = WriteBatch::default();
         for p in &c.index_remove_tree {
             let (s, e) = subtree_range(t, p);
             for cf in [index, dirlist] {
@@ -1824,6 +1834,36 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].0, b"b");
         assert_eq!(j.index_get(t, b"a").unwrap(), Some(m));
+    }
+
+    #[test]
+    fn a_chain_of_index_moves_in_one_completion_sees_each_move_before_it() {
+        // `mv p tmp; mv q p; mv tmp q`, committed in one round.
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t = j.target_id("dr").unwrap();
+        let with_ino = |ino| Meta { ino, ..meta(Kind::File) };
+        j.index_put_many(
+            t,
+            &[
+                (b"p".to_vec(), meta(Kind::Dir)),
+                (b"p/id".to_vec(), with_ino(1)),
+                (b"q".to_vec(), meta(Kind::Dir)),
+                (b"q/id".to_vec(), with_ino(2)),
+            ],
+        )
+        .unwrap();
+        let mv = |a: &[u8], b: &[u8]| (a.to_vec(), b.to_vec());
+        let c = Completion {
+            index_moves: vec![mv(b"p", b"tmp"), mv(b"q", b"p"), mv(b"tmp", b"q")],
+            ..Default::default()
+        };
+        j.complete(t, &c).unwrap();
+        let ino = |p: &[u8]| j.index_get(t, p).unwrap().map(|m| m.ino);
+        assert_eq!(ino(b"q/id"), Some(1), "q holds what p held");
+        assert_eq!(ino(b"p/id"), Some(2), "p holds what q held");
+        assert_eq!(ino(b"tmp/id"), None);
+        assert_eq!(ino(b"tmp"), None);
     }
 
     #[test]

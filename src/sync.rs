@@ -100,6 +100,15 @@ fn symlink_same(src_dir: &Root, rel: &[u8], tdir: Option<&DirView>, name: &[u8])
     }
 }
 
+/// Whether the index's entry `ix` records a regular file copied from
+/// another source file than the one now at its path (same filesystem,
+/// another inode).
+fn replaced_file(ix: Option<&Meta>, now: &Meta) -> bool {
+    ix.is_some_and(|m| {
+        m.kind == Kind::File && now.kind == Kind::File && m.dev == now.dev && m.ino != now.ino
+    })
+}
+
 /// What the workers of one walk share.
 struct WalkShared<'j> {
     /// The first journal error, which ends the walk.
@@ -425,6 +434,15 @@ impl Compare<'_> {
                 if list_dirs && c.meta.kind == Kind::Dir {
                     same_dirs.push((c.rel.clone(), c.meta));
                 }
+                continue;
+            }
+            if replaced_file(ix.as_ref(), &c.meta) {
+                // The index says the target's file here was copied from
+                // another source file. Its size and mtime may still match
+                // (directories swapped through a temporary name, two files
+                // written in one clock tick): the target's metadata cannot
+                // vouch for its content, so it is copied.
+                todo.push((c.rel.clone(), flag | flags::CONTENT));
                 continue;
             }
             view(&mut tdir);

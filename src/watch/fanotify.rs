@@ -372,12 +372,20 @@ impl FanotifyWatcher {
         if let Some(rel) = self.rel(&abs) {
             self.dirs_put.push((key.clone(), rel.to_vec()));
         }
+        // The two maps stay each other's inverse: a path held by another
+        // handle (a directory since moved away or deleted) is that handle's
+        // no longer, and this handle's old path is dropped only if it still
+        // names this handle.
         if let Some(old) = self.cache.insert(key.clone(), abs.clone()) {
-            if old != abs {
+            if old != abs && self.by_path.get(&old) == Some(&key) {
                 self.by_path.remove(&old);
             }
         }
-        self.by_path.insert(abs, key);
+        if let Some(prev) = self.by_path.insert(abs, key.clone()) {
+            if prev != key {
+                self.cache.remove(&prev);
+            }
+        }
     }
 
     fn forget_all(&mut self) {
@@ -412,19 +420,28 @@ impl FanotifyWatcher {
         }
     }
 
+    /// A directory renamed `from` → `to`: both subtrees leave the cache,
+    /// and their handles resolve again (`open_by_handle_at`) on their next
+    /// event.
+    ///
+    /// Why not rebase the cached paths, as an inotify watch table does: the
+    /// cache does not hold paths of one moment. A handle resolved by
+    /// `open_by_handle_at` gets the directory's path *now*, which is ahead
+    /// of the events still queued; replaying those events' renames on it
+    /// moved it a second time. Directories swapped through a temporary
+    /// name (`mv p tmp; mv q p; mv tmp q`), with a create in one of them
+    /// resolved mid-way, ended with each directory cached under the other's
+    /// name, and every later event in either went to the wrong path: files
+    /// missing on the target, old contents kept, nothing logged.
+    /// `renameat2(RENAME_EXCHANGE)`, reported as a→b then b→a, did the
+    /// same. Forgetting costs one lookup per directory of the moved
+    /// subtrees that sees another event, and is right whatever the order.
     fn move_tree(&mut self, from: &[u8], to: &[u8], moved: Option<Vec<u8>>) {
-        let entries = self.subtree(from);
-        for (p, _) in &entries {
-            self.by_path.remove(p);
-        }
-        for (p, k) in entries {
-            let np = paths::rebase(&p, from, to);
-            if self.rel(&np).is_none() && self.rel(&p).is_some() {
-                self.dirs_del.push(k.clone());
-            }
-            self.learn(k, np);
-        }
+        self.forget_tree(from);
+        self.forget_tree(to);
         if let Some(k) = moved {
+            // The event's own handle of the moved directory names it as of
+            // this event, like the events around it.
             self.learn(k, to.to_vec());
         }
     }

@@ -77,6 +77,15 @@ struct Raw {
     name: Option<Vec<u8>>,
 }
 
+/// Watches displaced by a directory rename (see
+/// [`InotifyWatcher::on_dir_rename`]): the rename's paths, and the
+/// displaced subtree's watches with their paths under `to`.
+struct Held {
+    from: Vec<u8>,
+    to: Vec<u8>,
+    watches: Vec<(Vec<u8>, Wd)>,
+}
+
 pub struct InotifyWatcher {
     ino: Inotify,
     root: Root,
@@ -118,6 +127,10 @@ pub struct InotifyWatcher {
     deep_go: Option<crossbeam_channel::Receiver<()>>,
     deep_tx: Option<crossbeam_channel::Sender<()>>,
     deep_handle: Option<CompleteWatch>,
+    /// The watches a directory rename displaced from its destination, kept
+    /// until the next directory rename says what they were (see
+    /// [`InotifyWatcher::on_dir_rename`]).
+    held: Option<Held>,
     deep_since: std::time::Instant,
     /// This group's marker, until the journal names it.
     marker: Option<String>,
@@ -151,6 +164,7 @@ impl InotifyWatcher {
             journal,
             by_wd: HashMap::new(),
             by_path: BTreeMap::new(),
+            held: None,
             buf: vec![0u8; 256 * 1024],
             moved_from: HashMap::new(),
             rewatched: false,
@@ -656,7 +670,9 @@ impl InotifyWatcher {
 
     fn record_watch(&mut self, rel: Vec<u8>, wd: Wd) {
         if let Some(old) = self.by_wd.insert(wd, rel.clone()) {
-            if old != rel {
+            // Only if the old path still names this watch: after an
+            // exchange it may name the other directory's, re-added first.
+            if old != rel && self.by_path.get(&old) == Some(&wd) {
                 self.by_path.remove(&old);
             }
         }
@@ -713,6 +729,72 @@ impl InotifyWatcher {
         Ok(())
     }
 
+    /// Keeps the watch table right through a directory rename.
+    ///
+    /// A rename onto a watched directory is either `rename(2)` replacing an
+    /// empty directory or one half of `renameat2(RENAME_EXCHANGE)`, which
+    /// inotify reports as two renames, a→b then b→a, with nothing to tell
+    /// them apart. Rekeyed as plain renames, the first half merged both
+    /// subtrees under b and the second moved them all to a, so that each
+    /// directory's events were filed under the other's path (files missing
+    /// on the target, nothing logged). So the destination's watches are
+    /// held aside: if the next directory rename is the reverse, they are
+    /// the other half of an exchange and go to its destination; otherwise
+    /// the directory was replaced, and its watches (which the kernel drops
+    /// with the directory) are forgotten. The two halves of an exchange
+    /// are queued together, so nothing of either directory comes between.
+    /// The table is only ever updated from events, in their order: a walk
+    /// of the tree as it is now would be ahead of the events still queued.
+    fn on_dir_rename(&mut self, from: &[u8], to: &[u8]) -> Result<(), WatchError> {
+        if let Some(h) = self.held.take() {
+            if h.from == to && h.to == from {
+                let moved: Vec<(Vec<u8>, Wd)> = h
+                    .watches
+                    .into_iter()
+                    .map(|(p, wd)| (paths::rebase(&p, from, to), wd))
+                    .collect();
+                // The second half: the held directory is the one moving
+                // (to `to`); what the first half put at `from` stays.
+                self.put_watches(moved)?;
+                return Ok(());
+            }
+            for (_, wd) in h.watches {
+                let stale = self.by_wd.get(&wd).is_some_and(|p| self.by_path.get(p) != Some(&wd));
+                if stale {
+                    self.by_wd.remove(&wd);
+                }
+            }
+        }
+        if self.by_path.contains_key(to) {
+            let watches: Vec<(Vec<u8>, Wd)> = self
+                .subtree_keys(to)
+                .into_iter()
+                .filter_map(|p| self.by_path.remove(&p).map(|wd| (p, wd)))
+                .collect();
+            self.journal.dirs_remove_tree(to)?;
+            self.held = Some(Held {
+                from: from.to_vec(),
+                to: to.to_vec(),
+                watches,
+            });
+        }
+        self.rekey_tree(from, to)
+    }
+
+    /// Records `watches` (path, watch) in the table and the journal.
+    fn put_watches(&mut self, watches: Vec<(Vec<u8>, Wd)>) -> Result<(), WatchError> {
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = watches
+            .iter()
+            .map(|(p, wd)| (p.clone(), wd.to_le_bytes().to_vec()))
+            .collect();
+        for (p, wd) in watches {
+            self.by_wd.insert(wd, p.clone());
+            self.by_path.insert(p, wd);
+        }
+        self.journal.dirs_put(&rows)?;
+        Ok(())
+    }
+
     fn on_new(
         &mut self,
         path: Vec<u8>,
@@ -760,7 +842,7 @@ impl InotifyWatcher {
             (false, true) => self.on_gone(from, is_dir, out),
             (fe, _) => {
                 if is_dir && !fe {
-                    self.rekey_tree(&from, &to)?;
+                    self.on_dir_rename(&from, &to)?;
                 }
                 super::on_rename(&self.filter, from, to, is_dir, out);
                 Ok(())

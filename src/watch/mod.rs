@@ -194,7 +194,21 @@ fn on_rename(filter: &Filter, from: Vec<u8>, to: Vec<u8>, is_dir: bool, out: &mu
         (false, false) => {
             dirty_parent(filter, out, &from);
             dirty_parent(filter, out, &to);
+            // A directory's subtree is compared again once the rename is
+            // applied: a rename applies cheaply as such, but an event of
+            // the moved subtree may have been filed under a path of
+            // another moment (fanotify resolves a handle to where the
+            // directory is now, ahead of the events still queued), and a
+            // chain of renames can meet a target the path entries around
+            // it changed meanwhile. The compare puts right what those left.
+            let rescan = is_dir.then(|| to.clone());
             out.push(Event::Rename { from, to });
+            if let Some(to) = rescan {
+                out.push(Event::Dirty {
+                    path: to,
+                    flags: flags::RECURSIVE | flags::LIVE,
+                });
+            }
         }
     }
 }

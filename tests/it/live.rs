@@ -779,20 +779,6 @@ fn live_directory_moved_out_and_name_reused_keeps_watching(b: Backend) {
     d.terminate();
 }
 
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        pub mod fanotify {
-            $( #[test] fn $name() { crate::util::with_backend(crate::util::Backend::Fanotify, super::$name) } )*
-        }
-        pub mod inotify {
-            $( #[test] fn $name() { crate::util::with_backend(crate::util::Backend::Inotify, super::$name) } )*
-        }
-        pub mod auto {
-            $( #[test] fn $name() { crate::util::with_backend(crate::util::Backend::Auto, super::$name) } )*
-        }
-    };
-}
-
 suite!(
     live_create_file,
     live_modify_append_and_overwrite,

@@ -4,6 +4,22 @@
 //! checks the result with `drmirror verify` plus direct file checks. The CLI
 //! contract the tests rely on is docs/cli.md.
 
+/// Instantiates each behavioural test function (`fn(Backend)`) once per
+/// capture backend: `fanotify::NAME`, `inotify::NAME` and `auto::NAME`.
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        pub mod fanotify {
+            $( #[test] fn $name() { crate::util::with_backend(crate::util::Backend::Fanotify, super::$name) } )*
+        }
+        pub mod inotify {
+            $( #[test] fn $name() { crate::util::with_backend(crate::util::Backend::Inotify, super::$name) } )*
+        }
+        pub mod auto {
+            $( #[test] fn $name() { crate::util::with_backend(crate::util::Backend::Auto, super::$name) } )*
+        }
+    };
+}
+
 mod capture;
 mod config;
 mod crash;
@@ -14,5 +30,6 @@ mod live;
 mod modes;
 mod ops;
 mod remote;
+mod renames;
 mod util;
 mod verify_cmd;
