@@ -23,6 +23,7 @@ use crate::ship::{ShipStats, Shipper};
 use crate::supervise::{Role, Supervisor};
 use crate::sync::{Compare, Deletions, ScanStats};
 use crate::target::local::{DeletePolicy, LocalTarget};
+use crate::target::identity;
 use crate::target::remote::RemoteTarget;
 use crate::target::Target;
 use crate::watch::fanotify::FanotifyWatcher;
@@ -72,6 +73,8 @@ pub enum DaemonError {
          compares the whole tree with the target"
     )]
     CorruptJournal { path: PathBuf, why: String },
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
     #[error("thread {thread} died: {why}")]
     ThreadDied { thread: String, why: String },
 }
@@ -85,6 +88,24 @@ impl DaemonError {
             _ => 1,
         }
     }
+}
+
+/// Opens a local target, once its path is known to be the target (see
+/// [`identity`]), and settles its mark.
+fn open_local(
+    journal: &Journal,
+    id: TargetId,
+    t: &crate::config::Target,
+    owner: bool,
+) -> Result<LocalTarget, DaemonError> {
+    identity::check_path(journal, id, &t.name, &t.path)?;
+    let l = LocalTarget::open(&t.path, owner).map_err(|source| DaemonError::Target {
+        name: t.name.clone(),
+        path: t.path.clone(),
+        source,
+    })?;
+    identity::settle(journal, id, &t.name, l.dir_fd())?;
+    Ok(l)
 }
 
 /// Raises the soft fd limit to the hard one: walks and parallel copies
@@ -333,22 +354,26 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         scan_stats: Arc<ScanStats>,
     }
     let mut targets = Vec::new();
+    let mut local_roots = Vec::new();
     for t in &cfg.targets {
+        let id = journal.target_id(&t.name)?;
         // A remote target connects on first use: one that is down at start
         // must not keep the daemon (and capture) from starting.
         let target = match &t.remote {
             Some(spec) => Target::Remote(Box::new(RemoteTarget::new(&t.name, spec.clone(), owner))),
-            None => Target::Local(LocalTarget::open(&t.path, owner).map_err(|source| {
-                DaemonError::Target {
-                    name: t.name.clone(),
-                    path: t.path.clone(),
-                    source,
-                }
-            })?),
+            None => Target::Local(open_local(&journal, id, t, owner)?),
         };
+        if let Target::Local(l) = &target {
+            let held = identity::file_id(l.dir_fd()).map_err(|source| DaemonError::Target {
+                name: t.name.clone(),
+                path: t.path.clone(),
+                source,
+            })?;
+            local_roots.push((t.name.clone(), t.path.clone(), held));
+        }
         let (wake, wake_rx) = bounded(1);
         targets.push(T {
-            id: journal.target_id(&t.name)?,
+            id,
             name: t.name.clone(),
             target: Arc::new(target),
             wake,
@@ -572,6 +597,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         targets: targets.iter().map(|t| (t.id, t.name.clone())).collect(),
         board: board.clone(),
         guard,
+        local_roots,
         stop: stop.clone(),
     };
     threads.push(sup.spawn("pulse", Role::Essential, move || pulse.run())?);
@@ -703,6 +729,18 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                         scan_done.store(true, Ordering::Release);
                         let _ = wake.try_send(());
                         return Ok(());
+                    }
+                    if let Target::Local(l) = target.as_ref() {
+                        let t0 = Instant::now();
+                        if let Some(why) = identity::sample_holds(&journal, id, l.root(), owner)? {
+                            tracing::warn!(
+                                "target {name}: {why}: comparing the whole target with the \
+                                 source, not trusting what the journal says it holds"
+                            );
+                            journal.forget_target(id)?;
+                        } else {
+                            tracing::debug!(target = %name, ms = t0.elapsed().as_millis() as u64, "index sample checked");
+                        }
                     }
                     let was_complete = match journal.scan_complete(id) {
                         Ok(c) => c,

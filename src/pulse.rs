@@ -22,12 +22,13 @@ use std::time::Duration;
 use crate::daemon::DaemonError;
 use crate::journal::{now_ns, Journal, TargetId};
 use crate::status::Board;
+use crate::target::identity::IdentityError;
 
 /// How often the lag is published and the state directory checked.
 const PERIOD: Duration = Duration::from_millis(250);
 
 /// A file's identity: (device, inode).
-type FileId = (u64, u64);
+pub type FileId = (u64, u64);
 
 fn file_id(st: &rustix::fs::Stat) -> FileId {
     (st.st_dev, st.st_ino)
@@ -68,6 +69,9 @@ pub struct Pulse {
     pub targets: Vec<(TargetId, String)>,
     pub board: Arc<Board>,
     pub guard: StateDirGuard,
+    /// Local targets: name, path, and the (device, inode) of the directory
+    /// the daemon holds open (see [`crate::target::identity`]).
+    pub local_roots: Vec<(String, PathBuf, FileId)>,
     pub stop: Arc<AtomicBool>,
 }
 
@@ -80,7 +84,32 @@ impl Pulse {
             if let Err(why) = self.guard.check() {
                 return Err(DaemonError::StateDirGone(why));
             }
+            self.check_targets()?;
             std::thread::sleep(PERIOD);
+        }
+        Ok(())
+    }
+
+    /// Each local target's path must still name the directory the daemon
+    /// writes through: one renamed, replaced or mounted over would take
+    /// writes that are no longer the mirror.
+    fn check_targets(&self) -> Result<(), DaemonError> {
+        for (name, path, held) in &self.local_roots {
+            let now = rustix::fs::stat(path).map(|st| file_id(&st));
+            if now.as_ref().ok() != Some(held) {
+                let why = match now {
+                    Ok(_) => "the path now names another directory (renamed, replaced or \
+                              mounted over) than the one drmirror writes to"
+                        .to_string(),
+                    Err(e) => format!("the path is gone ({e})"),
+                };
+                return Err(IdentityError::NotTheTarget {
+                    name: name.clone(),
+                    path: path.display().to_string(),
+                    why,
+                }
+                .into());
+            }
         }
         Ok(())
     }

@@ -117,6 +117,12 @@ impl LocalTarget {
         })
     }
 
+    /// A readable descriptor of the target directory (the root's is
+    /// `O_PATH`): for `syncfs` and the target's mark.
+    pub fn dir_fd(&self) -> BorrowedFd<'_> {
+        self.sync_fd.as_fd()
+    }
+
     pub fn root(&self) -> &Root {
         &self.root
     }

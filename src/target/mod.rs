@@ -3,6 +3,7 @@
 //! [`Target`] gives the shipper and the compare walks one interface to
 //! both; [`DirView`] is one target directory as a compare walk sees it.
 
+pub mod identity;
 pub mod local;
 pub mod remote;
 pub mod ssh_cipher;

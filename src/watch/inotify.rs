@@ -759,7 +759,10 @@ impl InotifyWatcher {
                 return Ok(());
             }
             for (_, wd) in h.watches {
-                let stale = self.by_wd.get(&wd).is_some_and(|p| self.by_path.get(p) != Some(&wd));
+                let stale = self
+                    .by_wd
+                    .get(&wd)
+                    .is_some_and(|p| self.by_path.get(p) != Some(&wd));
                 if stale {
                     self.by_wd.remove(&wd);
                 }

@@ -481,3 +481,127 @@ fn on_corrupt_journal_refuse_exits_2_naming_the_setting() {
     // Left as it was, for a human.
     assert!(env.state.join("journal").exists());
 }
+
+/// A mirrored tree, the daemon stopped.
+fn mirrored_then_stopped(env: &Env) {
+    gen_tree(&env.src, 300, 30);
+    let d = env.start(&[]);
+    d.wait_initial_sync(secs(60));
+    env.converge(&["--checksum"], &d);
+    wait_committed(&env.state);
+    d.terminate();
+}
+
+#[test]
+fn a_target_emptied_or_restored_while_stopped_is_repaired_at_start() {
+    // Emptied (`rm -rf T/*`, a DR disk replaced): the directory and its
+    // mark stay, the index sample finds the entries gone.
+    let env = Env::new();
+    mirrored_then_stopped(&env);
+    for e in std::fs::read_dir(&env.dst).expect("ls dst").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            remove_dir_all(&p);
+        } else {
+            remove_file(&p);
+        }
+    }
+    let d = env.start(&[]);
+    d.wait_log("comparing the whole target", secs(60));
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+
+    // Restored from an older copy (its mark of an older generation), and
+    // the directory recreated (no mark at all).
+    let env = Env::new();
+    mirrored_then_stopped(&env);
+    let old = env.root.join("old-copy");
+    let st = Command::new("cp").arg("-a").arg(&env.dst).arg(&old).status().expect("cp");
+    assert!(st.success());
+    let d = env.start(&[]);
+    write_files(&env, "later", 20, 100);
+    env.converge(&[], &d);
+    wait_committed(&env.state);
+    d.terminate();
+    remove_dir_all(&env.dst);
+    let st = Command::new("cp").arg("-a").arg(&old).arg(&env.dst).status().expect("cp");
+    assert!(st.success());
+    let d = env.start(&[]);
+    let line = d.wait_log("comparing the whole target", secs(60));
+    assert!(line.contains("mark"), "{line}");
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+}
+
+#[test]
+fn an_unmounted_dr_filesystem_is_never_written_and_the_start_says_why() {
+    let env = Env::new();
+    let mnt = env.root.join("drdisk");
+    let image = env.root.join("dr.img");
+    let Some(fs) = LoopFs::new(&image, &mnt, 32) else {
+        return;
+    };
+    write(&env.s("a/f"), b"before");
+    let args: Vec<OsString> = env
+        .run_args(&[])
+        .into_iter()
+        .map(|a| if a == env.dst.as_os_str() { mnt.clone().into_os_string() } else { a })
+        .collect();
+    let d = env.spawn_args(&args);
+    d.wait_log("initial sync complete", secs(60));
+    wait_converged(&env.src, &mnt, &[], Some(&d));
+    wait_committed(&env.state);
+    d.terminate();
+    drop(fs);
+    wait_until("the DR filesystem is unmounted", secs(30), None, || {
+        std::fs::read_dir(&mnt).is_ok_and(|mut r| r.next().is_none())
+    });
+    write(&env.s("a/f"), b"changed while the DR disk was away");
+    let d = env.spawn_args(&args);
+    let st = d.wait_exit(secs(60));
+    assert!(!st.success(), "started on the mount point: {st}\n{}", d.log_tail());
+    assert!(d.log().contains("another filesystem"), "{}", d.log_tail());
+    assert!(
+        std::fs::read_dir(&mnt).expect("ls").next().is_none(),
+        "something was written into the bare mount point"
+    );
+    // Mounted again: the next start goes on, and the change arrives.
+    let ok = Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mnt).status();
+    assert!(ok.is_ok_and(|s| s.success()), "remount");
+    let _mount = MountGuard::new(&mnt);
+    let d = env.spawn_args(&args);
+    d.wait_log("drmirror ready", secs(60));
+    wait_converged(&env.src, &mnt, &["--checksum"], Some(&d));
+    d.terminate();
+}
+
+#[test]
+fn a_target_renamed_or_swapped_for_a_symlink_while_running_stops_the_daemon() {
+    for how in ["renamed", "symlink"] {
+        let env = Env::new();
+        write(&env.s("a"), b"a");
+        let d = env.start(&[]);
+        env.converge(&[], &d);
+        let moved = env.root.join("dst-moved");
+        rename(&env.dst, &moved);
+        if how == "symlink" {
+            let elsewhere = env.root.join("elsewhere");
+            mkdirp(&elsewhere);
+            symlink(&elsewhere, &env.dst);
+        }
+        write(&env.s("b"), b"after the swap");
+        let st = d.wait_exit(secs(30));
+        assert!(!st.success(), "{how}: exit {st}\n{}", d.log_tail());
+        assert!(
+            d.log().contains("another directory") || d.log().contains("is gone"),
+            "{how}: {}",
+            d.log_tail()
+        );
+        if how == "symlink" {
+            assert!(
+                std::fs::read_dir(env.root.join("elsewhere")).expect("ls").next().is_none(),
+                "written through the symlink"
+            );
+        }
+    }
+}

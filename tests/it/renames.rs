@@ -62,7 +62,10 @@ fn exchange_chains(b: Backend) {
         exchange(&env.s("b"), &env.s("c"));
         exchange(&env.s("c"), &env.s("a"));
         write(&env.s(format!("a/w{}", i % 5)), format!("{i}").as_bytes());
-        write(&env.s(format!("b/sub/w{}", i % 3)), format!("{i}").as_bytes());
+        write(
+            &env.s(format!("b/sub/w{}", i % 3)),
+            format!("{i}").as_bytes(),
+        );
     }
     env.converge(&["--checksum"], &d);
     d.terminate();

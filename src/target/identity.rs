@@ -1,0 +1,293 @@
+//! Knowing the target we write to.
+//!
+//! A local target's directory carries a mark, the extended attribute
+//! `user.drmirror.target` = `ID GEN`: a random id given at first use and a
+//! generation that moves at every start. The journal records the mark with
+//! the device and inode of the directory.
+//!
+//! Invariants:
+//! - **The index is trusted only for the target it describes.** At start,
+//!   a target whose mark is missing (emptied and recreated, a new disk),
+//!   names another id (another mirror's copy) or another generation (a copy
+//!   restored from before the last start) is compared in full with the
+//!   source, never against the index (its index is forgotten).
+//! - **Nothing is written where the target is not.** A target that the
+//!   journal knows is refused at start, with the reason, when its path is
+//!   missing, is a symlink to another directory, or is on another
+//!   filesystem than the one
+//!   recorded (the DR filesystem not mounted: the mount point is an empty
+//!   directory of the filesystem below). While running, the daemon's pulse
+//!   stops it when the path names another directory than the one it holds
+//!   open (renamed, replaced, swapped for a symlink, mounted over). Both
+//!   are exits with an error, so that the service manager starts it again,
+//!   and a start succeeds once the real target is back.
+//! - A crash between the journal's record and the mark leaves them
+//!   different: the next start compares in full, the safe side.
+//!
+//! A filesystem without user extended attributes cannot carry the mark:
+//! the target is then trusted as before (logged once at start).
+
+use std::io;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use crate::journal::{Journal, JournalError, TargetId};
+
+const XATTR: &str = "user.drmirror.target";
+const META_PREFIX: &[u8] = b"target_identity/";
+
+/// What the journal recorded of a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Recorded {
+    mark: String,
+    dev: u64,
+    ino: u64,
+}
+
+impl Recorded {
+    fn encode(&self) -> Vec<u8> {
+        format!("{} {} {}", self.mark, self.dev, self.ino).into_bytes()
+    }
+
+    fn decode(b: &[u8]) -> Option<Recorded> {
+        let s = std::str::from_utf8(b).ok()?;
+        let mut it = s.rsplitn(3, ' ');
+        let ino = it.next()?.parse().ok()?;
+        let dev = it.next()?.parse().ok()?;
+        Some(Recorded {
+            mark: it.next()?.to_string(),
+            dev,
+            ino,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error(
+        "target {name} ({path}): {why}; writing nothing there (is the DR filesystem mounted?)"
+    )]
+    NotTheTarget {
+        name: String,
+        path: String,
+        why: String,
+    },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+fn key(t: TargetId) -> Vec<u8> {
+    let mut k = META_PREFIX.to_vec();
+    k.extend_from_slice(&t.to_be_bytes());
+    k
+}
+
+fn recorded(journal: &Journal, t: TargetId) -> Result<Option<Recorded>, JournalError> {
+    Ok(journal.meta_get(&key(t))?.and_then(|v| Recorded::decode(&v)))
+}
+
+/// Before the target is opened (and its directory created): refuses a
+/// target the journal knows whose path is missing, a symlink, or on
+/// another filesystem.
+pub fn check_path(
+    journal: &Journal,
+    t: TargetId,
+    name: &str,
+    path: &Path,
+) -> Result<(), IdentityError> {
+    let Some(r) = recorded(journal, t)? else {
+        return Ok(());
+    };
+    let refuse = |why: String| IdentityError::NotTheTarget {
+        name: name.to_string(),
+        path: path.display().to_string(),
+        why,
+    };
+    let st = rustix::fs::stat(path).map_err(|e| refuse(format!("it is gone ({e})")))?;
+    let link = rustix::fs::lstat(path).is_ok_and(|l| {
+        rustix::fs::FileType::from_raw_mode(l.st_mode) == rustix::fs::FileType::Symlink
+    });
+    if link && (st.st_dev, st.st_ino) != (r.dev, r.ino) {
+        return Err(refuse(
+            "it is now a symbolic link to another directory than the target".into(),
+        ));
+    }
+    if st.st_dev != r.dev {
+        return Err(refuse(format!(
+            "it is on another filesystem (device {:#x}) than the one the mirror was written to \
+             (device {:#x})",
+            st.st_dev, r.dev
+        )));
+    }
+    Ok(())
+}
+
+/// The device and inode of an open directory.
+pub fn file_id(fd: impl AsFd) -> io::Result<(u64, u64)> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// Once the target is open (`dir`: a readable descriptor of its root):
+/// compares its mark with the journal's record, forgets the index of a
+/// target it cannot vouch for, and moves the generation. Returns why the
+/// index was forgotten, if it was.
+pub fn settle(
+    journal: &Journal,
+    t: TargetId,
+    name: &str,
+    dir: impl AsFd,
+) -> Result<Option<String>, IdentityError> {
+    let (dev, ino) = file_id(&dir).map_err(|e| IdentityError::NotTheTarget {
+        name: name.to_string(),
+        path: String::new(),
+        why: e.to_string(),
+    })?;
+    let mark = read_mark(&dir);
+    let rec = recorded(journal, t)?;
+    let distrust = match (&rec, &mark) {
+        (None, _) => None,
+        (Some(_), Err(e)) if unsupported(e) => None,
+        (Some(_), Err(e)) => Some(format!("its mark cannot be read ({e})")),
+        (Some(_), Ok(None)) => Some("its mark is missing (emptied, or a new directory)".into()),
+        (Some(r), Ok(Some(m))) if *m != r.mark => Some(format!(
+            "its mark {m:?} is not the one recorded ({:?}): another copy, or one restored \
+             from before the last start",
+            r.mark
+        )),
+        (Some(_), Ok(Some(_))) => None,
+    };
+    if let Some(why) = &distrust {
+        tracing::warn!(
+            "target {name}: {why}: comparing the whole target with the source, not trusting \
+             what the journal says it holds"
+        );
+        journal.forget_target(t)?;
+    }
+    let id = match (&rec, &mark) {
+        (Some(r), Ok(Some(m))) if *m == r.mark => r.mark.split(' ').next().map(str::to_string),
+        _ => None,
+    }
+    .unwrap_or_else(new_id);
+    let gen = rec
+        .as_ref()
+        .and_then(|r| r.mark.split(' ').nth(1)?.parse::<u64>().ok())
+        .map_or(1, |g| g + 1);
+    let new = Recorded {
+        mark: format!("{id} {gen}"),
+        dev,
+        ino,
+    };
+    // The journal first: a crash before the mark is written leaves them
+    // different, and the next start compares in full.
+    journal.meta_put(&key(t), &new.encode())?;
+    match rustix::fs::fsetxattr(
+        &dir,
+        XATTR,
+        new.mark.as_bytes(),
+        rustix::fs::XattrFlags::empty(),
+    ) {
+        Ok(()) => {}
+        Err(e) if unsupported(&e.into()) => {
+            tracing::info!(
+                "target {name}: its filesystem keeps no user extended attributes: drmirror \
+                 cannot mark it, and trusts that it is the directory it mirrored to"
+            );
+        }
+        Err(e) => {
+            return Err(IdentityError::NotTheTarget {
+                name: name.to_string(),
+                path: String::new(),
+                why: format!("cannot mark it ({e})"),
+            })
+        }
+    }
+    Ok(distrust)
+}
+
+/// Samples checked at start: at least this many, or 1 % of the index.
+pub const SAMPLE_MIN: usize = 1000;
+
+/// Trust the index, but check it: a sample of what the index says the
+/// target holds is looked up on the target. `Some(why)` if the target
+/// lacks or differs from any sampled entry that nothing pending explains
+/// (a target emptied while the daemon was stopped, or restored from an
+/// older copy); the caller then compares the whole target.
+pub fn sample_holds(
+    journal: &Journal,
+    t: TargetId,
+    root: &crate::fsops::Root,
+    owner: bool,
+) -> Result<Option<String>, JournalError> {
+    let n = journal
+        .scan_entries(t)?
+        .map_or(SAMPLE_MIN, |e| (e / 100) as usize)
+        .max(SAMPLE_MIN);
+    let seed = crate::journal::now_ns() ^ u64::from(std::process::id());
+    let mut checked = 0usize;
+    for (path, m) in journal.index_sample(t, n, seed)? {
+        // In flight: applied (or not) but not committed.
+        if journal.pending_get(t, &path)?.is_some() {
+            continue;
+        }
+        checked += 1;
+        let held = root.lstat(&path).ok().flatten();
+        if !held.is_some_and(|h| m.mirrors(&h, owner)) {
+            return Ok(Some(format!(
+                "{} is {} on the target, unlike what the journal recorded ({checked} of a \
+                 sample checked)",
+                crate::paths::display(&path),
+                if held.is_some() { "different" } else { "missing" }
+            )));
+        }
+    }
+    Ok(None)
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOTSUP) | Some(libc::EPERM) | Some(libc::EACCES)
+    )
+}
+
+fn read_mark(dir: impl AsFd) -> io::Result<Option<String>> {
+    let mut buf = [0u8; 128];
+    match rustix::fs::fgetxattr(dir, XATTR, &mut buf[..]) {
+        Ok(n) => Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned())),
+        Err(rustix::io::Errno::NODATA) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// 128 random bits, hex.
+fn new_id() -> String {
+    let mut b = [0u8; 16];
+    // /dev/urandom: no crate for 16 bytes once per target's first start;
+    // the clock and pid are a fallback that is unique enough for a mark.
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok();
+    if !ok {
+        let now = crate::journal::now_ns();
+        b[..8].copy_from_slice(&now.to_le_bytes());
+        b[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_round_trips() {
+        let r = Recorded {
+            mark: "abcd 7".into(),
+            dev: 0x801,
+            ino: 42,
+        };
+        assert_eq!(Recorded::decode(&r.encode()), Some(r));
+        assert_eq!(Recorded::decode(b"garbage"), None);
+    }
+}
