@@ -232,8 +232,14 @@ impl Root {
     /// `*at` calls. Components that exist as something other than a
     /// directory are removed first: the source holds a directory there.
     pub fn ensure_dir(&self, rel: &[u8]) -> io::Result<OwnedFd> {
+        self.ensure_dir_made(rel).map(|(fd, _)| fd)
+    }
+
+    /// [`Root::ensure_dir`], and the path of the first directory it had to
+    /// create (`rel` itself or an ancestor), if any.
+    pub fn ensure_dir_made(&self, rel: &[u8]) -> io::Result<(OwnedFd, Option<Vec<u8>>)> {
         match self.open_dir(rel, false) {
-            Ok(fd) => return Ok(fd),
+            Ok(fd) => return Ok((fd, None)),
             Err(e) if is_missing(&e) => {}
             Err(e) => return Err(e),
         }
@@ -243,15 +249,23 @@ impl Root {
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
+        let mut first_made = None;
+        let mut len = 0;
         for comp in rel.split(|&b| b == b'/') {
+            len += comp.len() + usize::from(len > 0);
             let name = cstr_name(comp)?;
-            cur = open_or_make_dir(cur.as_fd(), &name)?;
+            let (fd, made) = open_or_make_dir(cur.as_fd(), &name)?;
+            if made && first_made.is_none() {
+                first_made = Some(rel[..len].to_vec());
+            }
+            cur = fd;
         }
-        Ok(cur)
+        Ok((cur, first_made))
     }
 }
 
-fn open_or_make_dir(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> {
+/// Opens directory `name` in `parent`, making it if missing; true if made.
+fn open_or_make_dir(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<(OwnedFd, bool)> {
     let open = |p: BorrowedFd<'_>| {
         rustix::fs::openat(
             p,
@@ -261,16 +275,17 @@ fn open_or_make_dir(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<OwnedFd> 
         )
     };
     match open(parent) {
-        Ok(fd) => return Ok(fd),
+        Ok(fd) => return Ok((fd, false)),
         Err(Errno::NOENT) => {}
         Err(Errno::NOTDIR) | Err(Errno::LOOP) => remove_tree_at(parent, name.to_bytes())?,
         Err(e) => return Err(e.into()),
     }
-    match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
-        Ok(()) | Err(Errno::EXIST) => {}
+    let made = match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) => true,
+        Err(Errno::EXIST) => false,
         Err(e) => return Err(e.into()),
-    }
-    Ok(open(parent)?)
+    };
+    Ok((open(parent)?, made))
 }
 
 /// Writes all of `data` to `fd`.

@@ -897,6 +897,11 @@ impl Shipper {
             }
         }
         target_errors += self.apply_bulk(bulk, &mut applied)?;
+        // Directories a copy made as parents are compared again: the source
+        // may no longer hold them (see `LocalTarget::take_made_parents`).
+        for p in self.target.take_made_parents() {
+            c.requeue.push((p, flags::RECURSIVE | flags::LIVE));
+        }
         if at_start && !full {
             // This batch was the whole backlog: a retry key it did not hold
             // belongs to a path that moved or was superseded.

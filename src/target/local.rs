@@ -39,6 +39,9 @@ pub struct LocalTarget {
     /// Set when capture would see this target's writes (fanotify, same
     /// filesystem): each directory written into gets an ignore mark.
     ignore: OnceLock<Arc<SelfIgnore>>,
+    /// Directories made on the target as parents of another entry, not by
+    /// an entry of their own (see [`LocalTarget::take_made_parents`]).
+    made: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
 /// Owner, group and mode of a file as `open(O_CREAT | O_EXCL)` made it.
@@ -114,6 +117,7 @@ impl LocalTarget {
             tmpfile: AtomicBool::new(true),
             pid: std::process::id(),
             ignore: OnceLock::new(),
+            made: Default::default(),
         })
     }
 
@@ -168,10 +172,7 @@ impl LocalTarget {
             Ok(None) => return Ok(false),
             Err(e) => return Err(ApplyError::target_write(from, e)),
         }
-        let tdir = self
-            .root
-            .ensure_dir(tp)
-            .map_err(|e| ApplyError::target_write(to, e))?;
+        let tdir = self.ensure_parent(tp, to)?;
         match rustix::fs::renameat(&fdir, fname, &tdir, tname) {
             Ok(()) => Ok(true),
             // Type clash or a non-empty directory in the way: fall back to
@@ -286,10 +287,14 @@ impl LocalTarget {
             });
         }
         let existed = matches!(self.root.lstat(rel), Ok(Some(t)) if t.kind == Kind::Dir);
-        let d = self
+        let (d, made) = self
             .root
-            .ensure_dir(rel)
+            .ensure_dir_made(rel)
             .map_err(|e| ApplyError::target_write(rel, e))?;
+        // Its own making is this entry's; an ancestor's is not.
+        if let Some(m) = made.filter(|m| m.as_slice() != rel) {
+            crate::locks::lock(&self.made).push(m);
+        }
         self.writing_in(d.as_fd());
         Ok(Outcome::Dir {
             meta: *m,
@@ -512,12 +517,35 @@ impl LocalTarget {
 
     /// Parent directory of `rel` on the target (created as needed).
     fn parent_dir(&self, rel: &[u8]) -> Result<OwnedFd, ApplyError> {
-        let d = self
-            .root
-            .ensure_dir(paths::split(rel).0)
-            .map_err(|e| ApplyError::target_write(rel, e))?;
+        let d = self.ensure_parent(paths::split(rel).0, rel)?;
         self.writing_in(d.as_fd());
         Ok(d)
+    }
+
+    /// Directory `dir` on the target, made as needed for `rel` (an entry in
+    /// it): what is made is noted for [`LocalTarget::take_made_parents`].
+    fn ensure_parent(&self, dir: &[u8], rel: &[u8]) -> Result<OwnedFd, ApplyError> {
+        let (d, made) = self
+            .root
+            .ensure_dir_made(dir)
+            .map_err(|e| ApplyError::target_write(rel, e))?;
+        if let Some(m) = made {
+            crate::locks::lock(&self.made).push(m);
+        }
+        Ok(d)
+    }
+
+    /// The directories made on the target since the last call as parents
+    /// of other entries (each the topmost of its run).
+    ///
+    /// The shipper compares each again (a rescan entry): copies read the
+    /// source at different moments, and a file copied into a directory the
+    /// source has since renamed or removed made that directory again on
+    /// the target, after the entry that removed it (the two are applied in
+    /// parallel). Left so, it stayed, mode 0700, unknown to the index, so
+    /// that no later compare against the index found it.
+    pub fn take_made_parents(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *crate::locks::lock(&self.made))
     }
 
     /// Puts temp file `tmp` in place as `name`, replacing a directory if one

@@ -73,6 +73,16 @@ impl DirView {
 }
 
 impl Target {
+    /// Directories made on the target as parents of other entries since
+    /// the last call (see [`LocalTarget::take_made_parents`]); a remote
+    /// receiver makes its own and does not report them.
+    pub fn take_made_parents(&self) -> Vec<Vec<u8>> {
+        match self {
+            Target::Local(l) => l.take_made_parents(),
+            Target::Remote(_) => Vec::new(),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Target::Local(t) => t.root().path().display().to_string(),

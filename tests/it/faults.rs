@@ -516,7 +516,12 @@ fn a_target_emptied_or_restored_while_stopped_is_repaired_at_start() {
     let env = Env::new();
     mirrored_then_stopped(&env);
     let old = env.root.join("old-copy");
-    let st = Command::new("cp").arg("-a").arg(&env.dst).arg(&old).status().expect("cp");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&env.dst)
+        .arg(&old)
+        .status()
+        .expect("cp");
     assert!(st.success());
     let d = env.start(&[]);
     write_files(&env, "later", 20, 100);
@@ -524,7 +529,12 @@ fn a_target_emptied_or_restored_while_stopped_is_repaired_at_start() {
     wait_committed(&env.state);
     d.terminate();
     remove_dir_all(&env.dst);
-    let st = Command::new("cp").arg("-a").arg(&old).arg(&env.dst).status().expect("cp");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&old)
+        .arg(&env.dst)
+        .status()
+        .expect("cp");
     assert!(st.success());
     let d = env.start(&[]);
     let line = d.wait_log("comparing the whole target", secs(60));
@@ -545,7 +555,13 @@ fn an_unmounted_dr_filesystem_is_never_written_and_the_start_says_why() {
     let args: Vec<OsString> = env
         .run_args(&[])
         .into_iter()
-        .map(|a| if a == env.dst.as_os_str() { mnt.clone().into_os_string() } else { a })
+        .map(|a| {
+            if a == env.dst.as_os_str() {
+                mnt.clone().into_os_string()
+            } else {
+                a
+            }
+        })
         .collect();
     let d = env.spawn_args(&args);
     d.wait_log("initial sync complete", secs(60));
@@ -559,14 +575,22 @@ fn an_unmounted_dr_filesystem_is_never_written_and_the_start_says_why() {
     write(&env.s("a/f"), b"changed while the DR disk was away");
     let d = env.spawn_args(&args);
     let st = d.wait_exit(secs(60));
-    assert!(!st.success(), "started on the mount point: {st}\n{}", d.log_tail());
+    assert!(
+        !st.success(),
+        "started on the mount point: {st}\n{}",
+        d.log_tail()
+    );
     assert!(d.log().contains("another filesystem"), "{}", d.log_tail());
     assert!(
         std::fs::read_dir(&mnt).expect("ls").next().is_none(),
         "something was written into the bare mount point"
     );
     // Mounted again: the next start goes on, and the change arrives.
-    let ok = Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mnt).status();
+    let ok = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&mnt)
+        .status();
     assert!(ok.is_ok_and(|s| s.success()), "remount");
     let _mount = MountGuard::new(&mnt);
     let d = env.spawn_args(&args);
@@ -599,7 +623,10 @@ fn a_target_renamed_or_swapped_for_a_symlink_while_running_stops_the_daemon() {
         );
         if how == "symlink" {
             assert!(
-                std::fs::read_dir(env.root.join("elsewhere")).expect("ls").next().is_none(),
+                std::fs::read_dir(env.root.join("elsewhere"))
+                    .expect("ls")
+                    .next()
+                    .is_none(),
                 "written through the symlink"
             );
         }
