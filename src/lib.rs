@@ -19,6 +19,11 @@
 //! - [`protocol`]: frames on the wire; [`receive`]: the DR-side receiver.
 //! - [`verify`]: comparing two trees; [`config`], [`cli`], [`daemon`]: the front;
 //!   [`mounts`]: a target reachable through the source by a bind mount.
+//! - Beside the pipeline: [`supervise`] (no thread dies quietly), [`pulse`]
+//!   (the lag from the clock; the state directory and local targets still
+//!   where they were), [`logsink`] (a log write never fails),
+//!   [`rebuild`] (a corrupt journal moved aside), and
+//!   [`target::identity`] (the target's mark and the index sample).
 
 pub mod cli;
 pub mod config;

@@ -758,15 +758,8 @@ impl InotifyWatcher {
                 self.put_watches(moved)?;
                 return Ok(());
             }
-            for (_, wd) in h.watches {
-                let stale = self
-                    .by_wd
-                    .get(&wd)
-                    .is_some_and(|p| self.by_path.get(p) != Some(&wd));
-                if stale {
-                    self.by_wd.remove(&wd);
-                }
-            }
+            self.held = Some(h);
+            self.drop_held();
         }
         if self.by_path.contains_key(to) {
             let watches: Vec<(Vec<u8>, Wd)> = self
@@ -782,6 +775,23 @@ impl InotifyWatcher {
             });
         }
         self.rekey_tree(from, to)
+    }
+
+    /// Forgets held watches (see [`InotifyWatcher::on_dir_rename`]): those
+    /// of a directory a rename replaced, which the kernel drops with it.
+    fn drop_held(&mut self) {
+        let Some(h) = self.held.take() else {
+            return;
+        };
+        for (_, wd) in h.watches {
+            let stale = self
+                .by_wd
+                .get(&wd)
+                .is_some_and(|p| self.by_path.get(p) != Some(&wd));
+            if stale {
+                self.by_wd.remove(&wd);
+            }
+        }
     }
 
     /// Records `watches` (path, watch) in the table and the journal.
@@ -886,6 +896,15 @@ impl InotifyWatcher {
     }
 
     fn handle(&mut self, r: Raw, out: &mut Vec<Event>) -> Result<(), WatchError> {
+        // The halves of an exchange come back to back (a MOVE_SELF of the
+        // first directory between them): anything else means the held
+        // watches were of a directory the rename replaced.
+        if !r
+            .mask
+            .intersects(EventMask::MOVED_FROM | EventMask::MOVED_TO | EventMask::MOVE_SELF)
+        {
+            self.drop_held();
+        }
         if r.mask.contains(EventMask::Q_OVERFLOW) {
             tracing::warn!("inotify queue overflowed: events were lost, rescanning the source");
             if !self.rewatched {

@@ -98,7 +98,26 @@ fn swaps_through_a_temporary_name(b: Backend) {
     d.terminate();
 }
 
+/// A directory renamed onto an empty one (which the rename replaces), then
+/// back: not the two halves of an exchange, though the paths are.
+fn moved_onto_an_empty_directory_and_back(b: Backend) {
+    let env = Env::with(b);
+    write(&env.s("a/f"), b"in a");
+    mkdirp(&env.s("b"));
+    let d = env.start(&[]);
+    env.converge(&[], &d);
+    rename(&env.s("a"), &env.s("b"));
+    write(&env.s("b/g"), b"written at b");
+    env.converge(&[], &d);
+    rename(&env.s("b"), &env.s("a"));
+    write(&env.s("a/h"), b"written at a");
+    write(&env.s("a/f"), b"rewritten at a");
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+}
+
 suite!(
+    moved_onto_an_empty_directory_and_back,
     exchanged_files_and_directories,
     exchange_chains,
     swaps_through_a_temporary_name,
