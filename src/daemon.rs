@@ -105,6 +105,7 @@ fn open_local(
         source,
     })?;
     identity::settle(journal, id, &t.name, l.dir_fd())?;
+    l.note_made_parents();
     Ok(l)
 }
 
@@ -302,6 +303,28 @@ fn capture_loop(
 
 /// Runs the daemon until a signal or a fatal error.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    let state_dir = cfg.state_dir.clone();
+    let r = run_daemon(cfg);
+    if let Err(e) = &r {
+        crate::rebuild::note_if_corrupt(&state_dir, e);
+    }
+    r
+}
+
+impl DaemonError {
+    /// The journal error behind this one, if any.
+    pub fn journal_error(&self) -> Option<&JournalError> {
+        match self {
+            DaemonError::Journal { source, .. } => Some(source),
+            DaemonError::JournalRuntime(e) => Some(e),
+            DaemonError::Identity(identity::IdentityError::Journal(e)) => Some(e),
+            DaemonError::Watch(WatchError::Journal(e)) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
     raise_fd_limit();
     // Named, so that `top -H` and perf tell the copy workers apart: unnamed,
     // they took the name of whichever thread first used the pool (`ship-0`).
@@ -939,9 +962,6 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         if th.join().is_err() {
             panicked = Some(name);
         }
-    }
-    if let Err(e) = &outcome {
-        crate::rebuild::note_if_corrupt(&cfg.state_dir, e);
     }
     journal.flush()?;
     outcome?;

@@ -337,6 +337,9 @@ struct LagClock {
     walked: Option<u64>,
     /// The oldest capture time recorded since that walk began.
     since: Option<u64>,
+    /// `since` as it was when the walk under way began: still counted
+    /// until that walk's result is stored.
+    in_walk: Option<u64>,
 }
 
 fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
@@ -1026,7 +1029,8 @@ impl Journal {
     /// known to be pending.
     pub fn oldest_pending_ns(&self, t: TargetId) -> Option<u64> {
         let lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
-        lag.get(&t).and_then(|c| min_opt(c.walked, c.since))
+        lag.get(&t)
+            .and_then(|c| min_opt(min_opt(c.walked, c.since), c.in_walk))
     }
 
     /// Moves the pending entries of `from` and its subtree to `to` (within `b`).
@@ -1199,11 +1203,15 @@ impl Journal {
         // Before the iterator is made: see `LagClock`.
         let since = {
             let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
-            lag.entry(t).or_default().since.take()
+            let c = lag.entry(t).or_default();
+            let since = c.since.take();
+            c.in_walk = min_opt(c.in_walk, since);
+            since
         };
         let st = self.walk_backlog(t, limit)?;
         let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
         let c = lag.entry(t).or_default();
+        c.in_walk = None;
         c.walked = if st.complete {
             st.oldest_ns
         } else {
@@ -1438,42 +1446,52 @@ impl Journal {
         let renames = self.cf(CF_RENAMES)?;
         let dirlist = self.cf(CF_DIRLIST)?;
         let is_dir = |v: &[u8]| Meta::decode(v).is_some_and(|m| m.kind == Kind::Dir);
-        // Each move is written before the next one reads: a chain applied
-        // in one round (`mv p tmp; mv q p; mv tmp q`) must see what the
-        // moves before it did, not the index as it was committed (read so,
-        // the third move found nothing at `tmp` and the index kept `p`'s
-        // old entries there, `q`'s nowhere). The moves are of renames the
-        // target has already made durable: written ahead of the rest, they
-        // are right however a crash cuts this short (a rename applied again
-        // finds nothing at `from` and becomes a rescan of `to`).
+        let mut b = WriteBatch::default();
+        // The moves are worked out in memory, in order, and written with the
+        // rest in one batch. In order: a chain applied in one round (`mv p
+        // tmp; mv q p; mv tmp q`) must see what the moves before it did, not
+        // the index as committed (read so, the third move found nothing at
+        // `tmp`, and `q`'s entries were lost). In one batch: the renames'
+        // rows are deleted in it, and a chain replayed after a crash that
+        // had written only some of its moves would swap the directories back
+        // on the target under an index that no longer says so.
+        let mut overlay: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>> =
+            std::collections::BTreeMap::new();
         for (from, to) in &c.index_moves {
-            let mut b = WriteBatch::default();
-            let mut moved = Vec::new();
-            if let Some(v) = self.db.get_cf(index, key(t, from))? {
-                moved.push((from.clone(), v));
-            }
-            let (start, end) = subtree_range(t, from);
-            for (k, v) in self.range(CF_INDEX, &start, &end)? {
-                moved.push((k[2..].to_vec(), v));
-            }
+            let moved = self.index_subtree_overlaid(t, from, &overlay)?;
             // Whatever the target held at `to` was replaced by the rename.
+            for (k, _) in self.index_subtree_overlaid(t, to, &overlay)? {
+                overlay.insert(k, None);
+            }
             let (ts, te) = subtree_range(t, to);
             for cf in [index, dirlist] {
                 b.delete_cf(cf, key(t, to));
                 b.delete_range_cf(cf, &ts, &te);
             }
-            for (p, v) in moved {
-                let new = key(t, &paths::rebase(&p, from, to));
-                b.delete_cf(index, key(t, &p));
-                if is_dir(&v) {
-                    b.delete_cf(dirlist, key(t, &p));
-                    b.put_cf(dirlist, &new, &v);
-                }
-                b.put_cf(index, new, v);
+            for (k, _) in &moved {
+                overlay.insert(k.clone(), None);
             }
-            self.db.write(b)?;
+            for (k, v) in moved {
+                let new = key(t, &paths::rebase(&k[2..], from, to));
+                overlay.insert(new, Some(v));
+            }
         }
-        let mut b = WriteBatch::default();
+        for (k, v) in overlay {
+            match v {
+                Some(v) => {
+                    if is_dir(&v) {
+                        b.put_cf(dirlist, &k, &v);
+                    } else {
+                        b.delete_cf(dirlist, &k);
+                    }
+                    b.put_cf(index, k, v);
+                }
+                None => {
+                    b.delete_cf(index, &k);
+                    b.delete_cf(dirlist, &k);
+                }
+            }
+        }
         for p in &c.index_remove_tree {
             let (s, e) = subtree_range(t, p);
             for cf in [index, dirlist] {
@@ -1517,6 +1535,37 @@ impl Journal {
         }
         self.churn.fetch_add(deletes, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Index entries (full keys and values) of `dir` and its subtree, as
+    /// the index holds them with `overlay` (key → value, or `None` for
+    /// deleted) laid over it.
+    fn index_subtree_overlaid(
+        &self,
+        t: TargetId,
+        dir: &[u8],
+        overlay: &std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let index = self.cf(CF_INDEX)?;
+        let mut out: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
+        let own = key(t, dir);
+        if let Some(v) = self.db.get_cf(index, &own)? {
+            out.insert(own.clone(), v);
+        }
+        let (start, end) = subtree_range(t, dir);
+        for (k, v) in self.range(CF_INDEX, &start, &end)? {
+            out.insert(k, v);
+        }
+        let laid = overlay
+            .range(own.clone()..=own.clone())
+            .chain(overlay.range(start..end));
+        for (k, v) in laid {
+            match v {
+                Some(v) => out.insert(k.clone(), v.clone()),
+                None => out.remove(k),
+            };
+        }
+        Ok(out.into_iter().collect())
     }
 
     /// Compacts `pending` and `dirlist` once `min_deletes` deletions have

@@ -1,8 +1,9 @@
 //! Where log lines go: stderr (the journal under systemd), never failing.
 //!
-//! Invariant: writing a log line cannot fail, block replication, or panic.
-//! A line that stderr does not take (its file is on a full disk, its pipe
-//! is gone) is dropped whole and counted in
+//! Invariant: writing a log line cannot fail or panic. (It can block while
+//! stderr blocks, a pipe to a stalled reader: the watchdog is what notices
+//! that.) A line that stderr does not take (its file is on a full disk, its
+//! pipe is gone) is dropped whole and counted in
 //! `drmirror_log_write_errors_total`; the next line is tried again, so the
 //! log resumes by itself once space returns.
 

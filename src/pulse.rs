@@ -79,6 +79,13 @@ impl Pulse {
     /// Publishes every target's lag until `stop`; an error if the state
     /// directory goes away.
     pub fn run(self) -> Result<(), DaemonError> {
+        // What a restart left pending counts from its capture time at once,
+        // not from the shipper's first report (which a round blocked on a
+        // dead link would put off).
+        for (t, _) in &self.targets {
+            self.journal
+                .backlog_stats(*t, self.journal.backlog_count_limit())?;
+        }
         while !self.stop.load(Ordering::Relaxed) {
             self.publish_lag();
             if let Err(why) = self.guard.check() {

@@ -64,12 +64,11 @@ pub fn open(cfg: &Config, jpath: &Path) -> Result<(Journal, Option<PathBuf>), Da
 }
 
 /// Notes, for the next start, that the journal was found corrupt while
-/// this run used it (a table file read fails only when a read reaches it).
+/// this run used it, at startup or later (a table file read fails only
+/// when a read reaches it, and the open succeeds again).
 pub fn note_if_corrupt(state_dir: &Path, e: &DaemonError) {
-    if let DaemonError::JournalRuntime(je) = e {
-        if je.is_corruption() {
-            let _ = std::fs::write(state_dir.join(MARKER), je.to_string());
-        }
+    if let Some(je) = e.journal_error().filter(|je| je.is_corruption()) {
+        let _ = std::fs::write(state_dir.join(MARKER), je.to_string());
     }
 }
 

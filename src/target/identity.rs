@@ -114,14 +114,30 @@ pub fn check_path(
             "it is now a symbolic link to another directory than the target".into(),
         ));
     }
-    if st.st_dev != r.dev {
+    // Device numbers are not stable across reboots (a disk found in
+    // another order, device-mapper minors): another device is the target
+    // still if the directory carries the target's mark.
+    if st.st_dev != r.dev && !carries_id(path, &r.mark) {
         return Err(refuse(format!(
             "it is on another filesystem (device {:#x}) than the one the mirror was written to \
-             (device {:#x})",
+             (device {:#x}), and does not carry the target's mark",
             st.st_dev, r.dev
         )));
     }
     Ok(())
+}
+
+/// Whether directory `path` carries a mark with the id of `mark`.
+fn carries_id(path: &Path, mark: &str) -> bool {
+    let id = |m: &str| m.split(' ').next().map(str::to_string);
+    rustix::fs::open(
+        path,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()
+    .and_then(|fd| read_mark(&fd).ok().flatten())
+    .is_some_and(|m| id(&m) == id(mark))
 }
 
 /// The device and inode of an open directory.
@@ -241,6 +257,12 @@ pub fn sample_holds(
             _ => m.mirrors(h, owner),
         };
         if !held.is_some_and(|h| holds(&h)) {
+            // A shipper may have applied and committed a newer version
+            // since the sample was read: only a record that still stands
+            // counts.
+            if journal.index_get(t, &path)? != Some(m) || journal.pending_get(t, &path)?.is_some() {
+                continue;
+            }
             return Ok(Some(format!(
                 "{} is {} on the target, unlike what the journal recorded ({checked} of a \
                  sample checked)",

@@ -40,8 +40,11 @@ pub struct LocalTarget {
     /// filesystem): each directory written into gets an ignore mark.
     ignore: OnceLock<Arc<SelfIgnore>>,
     /// Directories made on the target as parents of another entry, not by
-    /// an entry of their own (see [`LocalTarget::take_made_parents`]).
+    /// an entry of their own (see [`LocalTarget::take_made_parents`]);
+    /// noted only for a daemon's shipper, which drains them (a receiver
+    /// would let them pile up).
     made: std::sync::Mutex<Vec<Vec<u8>>>,
+    note_made: AtomicBool,
 }
 
 /// Owner, group and mode of a file as `open(O_CREAT | O_EXCL)` made it.
@@ -118,6 +121,7 @@ impl LocalTarget {
             pid: std::process::id(),
             ignore: OnceLock::new(),
             made: Default::default(),
+            note_made: AtomicBool::new(false),
         })
     }
 
@@ -293,7 +297,7 @@ impl LocalTarget {
             .map_err(|e| ApplyError::target_write(rel, e))?;
         // Its own making is this entry's; an ancestor's is not.
         if let Some(m) = made.filter(|m| m.as_slice() != rel) {
-            crate::locks::lock(&self.made).push(m);
+            self.note_made(m);
         }
         self.writing_in(d.as_fd());
         Ok(Outcome::Dir {
@@ -530,9 +534,21 @@ impl LocalTarget {
             .ensure_dir_made(dir)
             .map_err(|e| ApplyError::target_write(rel, e))?;
         if let Some(m) = made {
-            crate::locks::lock(&self.made).push(m);
+            self.note_made(m);
         }
         Ok(d)
+    }
+
+    fn note_made(&self, dir: Vec<u8>) {
+        if self.note_made.load(Ordering::Relaxed) {
+            crate::locks::lock(&self.made).push(dir);
+        }
+    }
+
+    /// Has this target note the directories it makes as parents, for
+    /// [`LocalTarget::take_made_parents`] (the daemon's shippers drain them).
+    pub fn note_made_parents(&self) {
+        self.note_made.store(true, Ordering::Relaxed);
     }
 
     /// The directories made on the target since the last call as parents

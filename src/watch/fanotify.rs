@@ -384,6 +384,8 @@ impl FanotifyWatcher {
         if let Some(prev) = self.by_path.insert(abs, key.clone()) {
             if prev != key {
                 self.cache.remove(&prev);
+                self.dirs_put.retain(|(k, _)| *k != prev);
+                self.dirs_del.push(prev);
             }
         }
     }
@@ -411,7 +413,15 @@ impl FanotifyWatcher {
     }
 
     fn forget_tree(&mut self, abs: &[u8]) {
-        for (p, k) in self.subtree(abs) {
+        let gone = self.subtree(abs);
+        if gone.is_empty() {
+            return;
+        }
+        // Not saved either if learnt since the last save: the journal's
+        // watch tree applies its deletions before its additions.
+        let keys: std::collections::HashSet<&Vec<u8>> = gone.iter().map(|(_, k)| k).collect();
+        self.dirs_put.retain(|(k, _)| !keys.contains(k));
+        for (p, k) in gone {
             self.by_path.remove(&p);
             self.cache.remove(&k);
             if self.rel(&p).is_some() {
