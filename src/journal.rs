@@ -1532,6 +1532,13 @@ impl Journal {
         self.db.write(b)?;
         if let Some(ns) = requeued {
             self.note_recorded(&[t], ns);
+        } else if !self.pending_any(t)? {
+            // Drained, and no record can be under way (they take the same
+            // lock): in sync now, not at the next walk of the backlog.
+            let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+            let c = lag.entry(t).or_default();
+            c.walked = None;
+            c.since = None;
         }
         self.churn.fetch_add(deletes, Ordering::Relaxed);
         Ok(())

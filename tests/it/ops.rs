@@ -122,6 +122,12 @@ fn status_and_prometheus_follow_an_outage() {
         Some(&d),
         || target0(&status_json(&env.state))["initial_sync_done"] == true,
     );
+    // The lag comes from the clock and the backlog from its last count: a
+    // change the initial sync requeued may still be in flight for a moment.
+    wait_until("in sync: no lag, no backlog", secs(30), Some(&d), || {
+        let v = status_json(&env.state);
+        target0(&v)["lag_seconds"] == 0.0 && target0(&v)["backlog_entries"] == 0
+    });
     let v = status_json(&env.state);
     let t = target0(&v);
     assert_eq!(t["lag_seconds"], 0.0, "{v}");
