@@ -81,6 +81,20 @@ impl LoopFs {
     }
 }
 
+/// `env`'s `run` arguments with `target` as the target instead of `env.dst`.
+fn run_args_into(env: &Env, target: &Path) -> Vec<OsString> {
+    env.run_args(&[])
+        .into_iter()
+        .map(|a| {
+            if a == env.dst.as_os_str() {
+                target.as_os_str().to_owned()
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
 /// The names of a process's threads.
 fn thread_names(pid: u32) -> Vec<String> {
     let mut out = Vec::new();
@@ -202,17 +216,7 @@ fn a_full_target_resumes_by_itself_when_space_returns() {
     let dst = fs.dir.join("mirror");
     mkdirp(&dst);
     write(&env.s("seed"), b"seed");
-    let args: Vec<OsString> = env
-        .run_args(&[])
-        .into_iter()
-        .map(|a| {
-            if a == env.dst.as_os_str() {
-                dst.clone().into_os_string()
-            } else {
-                a
-            }
-        })
-        .collect();
+    let args = run_args_into(&env, &dst);
     let d = env.spawn_args(&args);
     d.wait_log("initial sync complete", secs(60));
     fs.fill("ballast");
@@ -552,17 +556,7 @@ fn an_unmounted_dr_filesystem_is_never_written_and_the_start_says_why() {
         return;
     };
     write(&env.s("a/f"), b"before");
-    let args: Vec<OsString> = env
-        .run_args(&[])
-        .into_iter()
-        .map(|a| {
-            if a == env.dst.as_os_str() {
-                mnt.clone().into_os_string()
-            } else {
-                a
-            }
-        })
-        .collect();
+    let args = run_args_into(&env, &mnt);
     let d = env.spawn_args(&args);
     d.wait_log("initial sync complete", secs(60));
     wait_converged(&env.src, &mnt, &[], Some(&d));
