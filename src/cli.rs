@@ -35,7 +35,7 @@ pub enum Command {
     /// Mirror a source to one or more targets, in the foreground.
     Run {
         /// TOML configuration file (see README "Configuration").
-        #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "delay", "metrics", "watch"])]
+        #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "delay", "metrics", "watch", "scrub_interval"])]
         config: Option<PathBuf>,
         /// Directory to mirror.
         #[arg(long)]
@@ -62,6 +62,9 @@ pub enum Command {
         /// Capture backend: auto, fanotify or inotify.
         #[arg(long, value_parser = parse_watch)]
         watch: Option<WatchMode>,
+        /// Time of one background scrub pass, e.g. 24h, or `off`.
+        #[arg(long)]
+        scrub_interval: Option<String>,
     },
     /// Report the running daemon's lag, backlog and targets.
     Status {

@@ -204,6 +204,9 @@ struct RawConfig {
     metrics_listen: Option<String>,
     #[serde(default)]
     on_corrupt_journal: OnCorruptJournal,
+    /// A duration, or "off".
+    #[serde(default)]
+    scrub_interval: Option<String>,
 }
 
 fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -314,6 +317,25 @@ pub struct Config {
     /// Prometheus endpoint; `None` when disabled (`"off"`).
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub on_corrupt_journal: OnCorruptJournal,
+    /// How long one pass of the background scrub takes (see
+    /// `drmirror::scrub`); `None`: no scrub (`"off"`).
+    pub scrub_interval: Option<Duration>,
+}
+
+/// The default time of one scrub pass.
+pub const DEFAULT_SCRUB_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses `scrub_interval`: a duration of at least 1 s, or "off".
+fn scrub_interval(raw: Option<&str>) -> Result<Option<Duration>, ConfigError> {
+    match raw {
+        None => Ok(Some(DEFAULT_SCRUB_INTERVAL)),
+        Some("off") => Ok(None),
+        Some(s) => match parse_duration(s) {
+            Ok(d) if d >= Duration::from_secs(1) => Ok(Some(d)),
+            Ok(_) => Err(field("scrub_interval", "must be at least 1s, or \"off\"")),
+            Err(e) => Err(field("scrub_interval", format!("{s:?}: {e}, or \"off\""))),
+        },
+    }
 }
 
 /// Default Prometheus endpoint (loopback only).
@@ -350,6 +372,7 @@ pub struct QuickForm {
     pub delay: Option<Duration>,
     pub metrics_listen: Option<String>,
     pub watch: Option<WatchMode>,
+    pub scrub_interval: Option<String>,
 }
 
 impl Config {
@@ -392,6 +415,7 @@ impl Config {
                 .collect(),
             metrics_listen: q.metrics_listen,
             on_corrupt_journal: OnCorruptJournal::default(),
+            scrub_interval: q.scrub_interval,
         })
     }
 }
@@ -667,6 +691,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     if delay > Duration::from_secs(3600) {
         return Err(field("delay", "must be at most 1h"));
     }
+    let scrub_interval = scrub_interval(raw.scrub_interval.as_deref())?;
     Ok(Config {
         source,
         state_dir,
@@ -678,6 +703,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         targets,
         metrics_listen,
         on_corrupt_journal: raw.on_corrupt_journal,
+        scrub_interval,
     })
 }
 

@@ -724,6 +724,27 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
                 shipper.run().map_err(DaemonError::from)
             })?,
         );
+        if let Some(interval) = cfg.scrub_interval {
+            let scrub = crate::scrub::Scrub {
+                t: t.id,
+                name: t.name.clone(),
+                journal: journal.clone(),
+                source: source.clone(),
+                target: t.target.clone(),
+                filter: filter.clone(),
+                owner,
+                interval,
+                scan_done: t.scan_done.clone(),
+                wake: t.wake.clone(),
+                board: board.clone(),
+                stop: stop.clone(),
+            };
+            threads.push(
+                sup.spawn(format!("scrub-{}", t.id), Role::Essential, move || {
+                    scrub.run()
+                })?,
+            );
+        }
 
         let stop = stop.clone();
         let board = board.clone();

@@ -22,8 +22,9 @@
 //! - Beside the pipeline: [`supervise`] (no thread dies quietly), [`pulse`]
 //!   (the lag from the clock; the state directory and local targets still
 //!   where they were), [`logsink`] (a log write never fails),
-//!   [`rebuild`] (a corrupt journal moved aside), and
-//!   [`target::identity`] (the target's mark and the index sample).
+//!   [`rebuild`] (a corrupt journal moved aside),
+//!   [`target::identity`] (the target's mark and the index sample), and
+//!   [`scrub`] (the slow background comparison that trusts no index).
 
 pub mod cli;
 pub mod config;
@@ -45,6 +46,7 @@ pub mod rebuild;
 pub mod receive;
 pub mod root_lock;
 pub mod scan;
+pub mod scrub;
 pub mod ship;
 pub mod status;
 pub mod supervise;

@@ -170,6 +170,7 @@ fn main() -> ExitCode {
             delay,
             metrics,
             watch,
+            scrub_interval,
         } => {
             let cfg = match config {
                 Some(f) => Config::load(&f),
@@ -182,6 +183,7 @@ fn main() -> ExitCode {
                     delay,
                     metrics_listen: metrics,
                     watch,
+                    scrub_interval,
                 }),
             };
             let cfg = match cfg {

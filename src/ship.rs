@@ -937,6 +937,14 @@ impl Shipper {
                 Err(e) => tracing::debug!("{e}"),
             }
         }
+        // An entry whose subtree is compared below stays pending until that
+        // compare has enqueued what differs in it: done before, it would
+        // leave a moment with the subtree's differences in no pending entry
+        // (a lag of 0 while they are not on the target).
+        let (after_scan, done): (Vec<_>, Vec<_>) = std::mem::take(&mut c.done)
+            .into_iter()
+            .partition(|(p, _)| scans.iter().any(|(s, _, _)| s == p));
+        c.done = done;
         // Group commit: one syncfs and one journal write per second (or
         // when the backlog is drained), not per batch. Removals and moves must
         // not be reordered before earlier index puts, so they flush first.
@@ -957,6 +965,13 @@ impl Shipper {
         // Subtrees to compare (new or moved-in directories, rescans).
         for (p, f, created) in scans {
             self.scan_subtree(&p, f, created)?;
+        }
+        if !after_scan.is_empty() {
+            self.acc.merge(Completion {
+                done: after_scan,
+                ..Completion::default()
+            });
+            self.flush()?;
         }
         Ok(Round {
             worked: !todo.is_empty() || !renames.is_empty(),

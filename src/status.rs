@@ -31,6 +31,14 @@ pub struct TargetStatus {
     pub initial_sync_done: bool,
     /// Paths waiting for a retry after an error.
     pub failing_paths: u64,
+    /// Background scrub (see `drmirror::scrub`): full passes finished,
+    /// divergences found (and repaired) since start, the last pass's end.
+    #[serde(default)]
+    pub scrub_passes: u64,
+    #[serde(default)]
+    pub scrub_divergences: u64,
+    #[serde(default)]
+    pub scrub_last_pass_unix: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -286,6 +294,12 @@ pub fn render(s: &Status) -> String {
                 .map(|e| format!(", last error: {e}"))
                 .unwrap_or_default(),
         ));
+        if t.scrub_divergences > 0 || t.scrub_passes > 0 {
+            out.push_str(&format!(
+                "    scrub: {} full passes, {} divergences found and repaired since start\n",
+                t.scrub_passes, t.scrub_divergences
+            ));
+        }
     }
     out
 }

@@ -119,7 +119,7 @@ fn a_thread_that_dies_takes_the_daemon_down_naming_it() {
     for thread in ["ship-0", "capture", "pulse", "status"] {
         let env = Env::new();
         write(&env.s("a"), b"a");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(env.run_args(&[]))
             .env("DRMIRROR_TEST_PANIC_THREAD", thread);
         let d = Daemon::spawn_command(cmd, &env.root);
@@ -147,7 +147,7 @@ fn a_log_on_a_full_disk_does_not_stop_replication() {
     // The daemon logs to a file on the small filesystem, every line (debug).
     let log_path = fs.dir.join("daemon.log");
     let log = File::create(&log_path).expect("log file");
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args(env.run_args(&[]))
         .env("RUST_LOG", "debug")
         .env("NO_COLOR", "1")
@@ -262,7 +262,7 @@ fn lag_grows_with_the_clock_while_the_link_is_cut() {
         return;
     };
     let tcp = Tcp::new(&env);
-    let _recv = tcp.receiver_on(&env, net.command(BIN), &net.peer_ip, &[], &[]);
+    let _recv = tcp.receiver_on(&env, net.command(bin()), &net.peer_ip, &[], &[]);
     let port = free_port();
     let toml = format!(
         "source = {}\nstate_dir = {}\nmetrics_listen = \"127.0.0.1:{port}\"\n{}",

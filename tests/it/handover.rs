@@ -90,7 +90,7 @@ impl Manager {
         } else {
             r#"LISTEN_PID=$$ exec "$0" "$@""#
         };
-        cmd.arg("-c").arg(script).arg(BIN);
+        cmd.arg("-c").arg(script).arg(bin());
         cmd.args(env.run_args(args));
         cmd.env("NOTIFY_SOCKET", &self.path);
         for (k, v) in extra_env {

@@ -21,6 +21,7 @@ macro_rules! suite {
 }
 
 mod capture;
+mod churn;
 mod config;
 mod crash;
 mod faults;
@@ -31,5 +32,6 @@ mod modes;
 mod ops;
 mod remote;
 mod renames;
+mod scrub;
 mod util;
 mod verify_cmd;

@@ -124,7 +124,7 @@ impl Sshd {
             port = self.port,
             p = path.display(),
             key = toml_str(&self.dir.join("user_key")),
-            bin = toml_str(Path::new(BIN)),
+            bin = toml_str(Path::new(bin())),
         )
     }
 }
@@ -452,7 +452,7 @@ fn new_files_in_new_directories_are_created_at_their_names_unless_atomic_is_aske
         let mut cmd = Command::new("strace");
         cmd.args(["-f", "-qq", "-e", "trace=openat,linkat,fstat", "-o"])
             .arg(&trace)
-            .arg(BIN);
+            .arg(bin());
         let recv = tcp.receiver_on(&env, cmd, "127.0.0.1", &[], &[]);
         // Killing strace (as a failed test's cleanup does) leaves the
         // receiver under it running.
@@ -854,7 +854,7 @@ fn a_silently_dead_tcp_link_is_found_by_both_ends() {
     let tcp = Tcp::new(&env);
     let recv = tcp.receiver_on(
         &env,
-        net.command(BIN),
+        net.command(bin()),
         &net.peer_ip,
         &[],
         &["--max-connections", "1"],
@@ -1121,7 +1121,7 @@ impl Receiver {
 
     /// [`Receiver::start`] logging at `level` (on stderr).
     fn start_logging(root: &Path, level: &str) -> Receiver {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["receive", "--root"])
             .arg(root)
             .env("RUST_LOG", level)

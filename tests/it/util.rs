@@ -20,8 +20,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_drmirror");
+/// The drmirror binary under test: cargo's, or `DRMIRROR_TEST_BIN` (a copy
+/// that a long run, such as `tools/churn`, keeps while the tree is rebuilt).
+pub fn bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("DRMIRROR_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_drmirror").into())
+    })
+}
 
 /// uid/gid of `nobody` / `nogroup`.
 pub const NOBODY: (u32, u32) = (65534, 65534);
@@ -610,7 +616,7 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> CmdOut {
 
 /// Runs `drmirror ARGS` (default log level, no colour), waits up to `timeout`.
 pub fn drmirror(args: &[OsString], timeout: Duration) -> CmdOut {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args(args)
         .env_remove("RUST_LOG")
         .env_remove("STATE_DIRECTORY")
@@ -629,19 +635,19 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Spawns `BIN ARGS` (args include the `run` subcommand) with
+    /// Spawns `bin() ARGS` (args include the `run` subcommand) with
     /// `RUST_LOG=info`, logging to a new file in `log_dir`. `user` runs it as
-    /// that uid/gid (needs root); `bin` overrides the binary path.
+    /// that uid/gid (needs root); `other` overrides the binary path.
     pub fn spawn(
         args: &[OsString],
         log_dir: &Path,
         user: Option<(u32, u32)>,
-        bin: Option<&Path>,
+        other: Option<&Path>,
     ) -> Daemon {
-        let bin: PathBuf = bin
+        let path: PathBuf = other
             .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from(BIN));
-        let mut cmd = Command::new(&bin);
+            .unwrap_or_else(|| PathBuf::from(bin()));
+        let mut cmd = Command::new(&path);
         cmd.args(args);
         if let Some((uid, gid)) = user {
             cmd.uid(uid).gid(gid);
@@ -881,7 +887,7 @@ impl Drop for Daemon {
 
 /// Runs `drmirror verify --source SRC --target DST EXTRA...`.
 pub fn verify_out(src: &Path, dst: &Path, extra: &[&str]) -> CmdOut {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.arg("verify")
         .arg("--source")
         .arg(src)
@@ -1135,7 +1141,7 @@ impl Env {
 
     /// [`Env::start`] with extra environment variables.
     pub fn start_env(&self, extra: &[&str], vars: &[(&str, &str)]) -> Daemon {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(self.run_args(extra)).envs(vars.iter().copied());
         let d = Daemon::spawn_command(cmd, &self.root);
         d.wait_log("drmirror ready", secs(60));
@@ -1201,7 +1207,7 @@ impl Env {
     /// every ancestor directory is world-searchable, else a copy in the temp
     /// dir.
     pub fn bin_for_other_user(&self) -> PathBuf {
-        let orig = PathBuf::from(BIN);
+        let orig = PathBuf::from(bin());
         let world_ok = |p: &Path| {
             fs::metadata(p)
                 .map(|m| m.mode() & 0o001 != 0)
@@ -1373,10 +1379,10 @@ impl Tcp {
 
     /// [`Tcp::receiver`] with more arguments.
     pub fn receiver_args(&self, env: &Env, vars: &[(&str, &str)], args: &[&str]) -> Daemon {
-        self.receiver_on(env, Command::new(BIN), "127.0.0.1", vars, args)
+        self.receiver_on(env, Command::new(bin()), "127.0.0.1", vars, args)
     }
 
-    /// A receiver that `cmd` (BIN, or a wrapper that runs it) starts,
+    /// A receiver that `cmd` (bin(), or a wrapper that runs it) starts,
     /// listening on `ip`.
     pub fn receiver_on(
         &self,
