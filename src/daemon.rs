@@ -19,6 +19,7 @@ use crate::config::{Config, WatchMode};
 use crate::filter::Filter;
 use crate::fsops::Root;
 use crate::journal::{flags, Change, Journal, JournalError, TargetId};
+use crate::paths;
 use crate::ship::{ShipStats, Shipper};
 use crate::supervise::{Role, Supervisor};
 use crate::sync::{Compare, Deletions, ScanStats};
@@ -139,54 +140,128 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<File, DaemonError> {
     }
 }
 
-/// Merges a poll's events into journal changes: dirty paths coalesce, renames
-/// keep their order relative to the dirty paths around them.
+/// Merges a poll's events into journal changes (see [`Fold::changes`]).
 pub fn to_changes(events: Vec<Event>) -> Vec<Change> {
-    let mut out = Vec::new();
-    let mut seg: std::collections::HashMap<Vec<u8>, u8> = std::collections::HashMap::new();
-    let flush = |seg: &mut std::collections::HashMap<Vec<u8>, u8>, out: &mut Vec<Change>| {
-        out.extend(
-            seg.drain()
-                .map(|(path, flags)| Change::Dirty { path, flags }),
-        );
-    };
-    for e in events {
-        match e {
-            Event::Dirty { path, flags } => *seg.entry(path).or_insert(0) |= flags,
-            Event::Overflow => {
-                *seg.entry(Vec::new()).or_insert(0) |= flags::RECURSIVE | flags::LIVE
-            }
-            Event::Rename { from, to } => {
-                flush(&mut seg, &mut out);
-                // renameat2(RENAME_EXCHANGE) reaches us as two renames, a->b
-                // then b->a (fsnotify_move twice; no event names the swap).
-                // Recorded as such they are two *replacing* renames: the
-                // target loses b's entry to the first and gets a's back
-                // from the second, move_pending piles both subtrees' entries
-                // onto a, and the index follows those moves. State-based
-                // marks are right whatever happened between the two (a
-                // swap, or a move there and back): both whole subtrees, and
-                // the content (two swapped files may agree in size and
-                // mtime).
-                let last = out.iter().rposition(|c| matches!(c, Change::Rename { .. }));
-                if let Some(i) = last.filter(|&i| {
-                    matches!(&out[i], Change::Rename { from: f, to: t } if *f == to && *t == from)
-                }) {
-                    out.remove(i);
-                    for path in [from, to] {
-                        out.push(Change::Dirty {
-                            path,
-                            flags: flags::RECURSIVE | flags::CONTENT | flags::LIVE,
-                        });
-                    }
-                    continue;
+    Fold::default().changes(events)
+}
+
+/// How many renames of earlier polls [`Fold`] keeps, and for how long: the
+/// two halves of an exchange are queued by one syscall, so a poll boundary
+/// between them is at most a read apart.
+const RECENT_RENAMES: usize = 256;
+const RECENT_FOR: Duration = Duration::from_secs(2);
+
+/// Turns polls of events into journal changes, remembering the last renames
+/// so that the two halves of an exchange are recognised whatever came
+/// between them.
+#[derive(Default)]
+pub struct Fold {
+    /// Renames recorded by earlier polls, oldest first, with when.
+    recent: std::collections::VecDeque<(Vec<u8>, Vec<u8>, Instant)>,
+}
+
+/// The marks that stand for both sides of an exchange (or a move there and
+/// back): both whole subtrees, and their content.
+fn exchanged(a: Vec<u8>, b: Vec<u8>) -> [Change; 2] {
+    let f = flags::RECURSIVE | flags::CONTENT | flags::LIVE;
+    [
+        Change::Dirty { path: a, flags: f },
+        Change::Dirty { path: b, flags: f },
+    ]
+}
+
+/// Whether `p` and `q` are the same entry or one holds the other.
+fn overlap(p: &[u8], q: &[u8]) -> bool {
+    paths::is_within(p, q) || paths::is_within(q, p)
+}
+
+impl Fold {
+    /// A poll's events as journal changes: dirty paths coalesce, renames
+    /// keep their order relative to the dirty paths around them.
+    ///
+    /// renameat2(RENAME_EXCHANGE) reaches us as two renames, a->b then b->a
+    /// (fsnotify_move twice; no event names the swap), with the events of
+    /// other processes possibly between them, or a poll boundary. Recorded
+    /// as such they are two *replacing* renames: the target loses b's entry
+    /// to the first and gets a's back from the second, move_pending piles
+    /// both subtrees' entries onto a, and the index follows those moves.
+    /// State-based marks are right whatever happened between the two (a
+    /// swap, or a move there and back): both whole subtrees, and the
+    /// content (two swapped files may agree in size and mtime). So:
+    /// - the reverse of a rename earlier in this poll replaces it with
+    ///   those marks, unless a rename between them touched either side;
+    /// - the reverse of a rename of an earlier poll (already recorded)
+    ///   is recorded, followed by those marks, which repair what the two
+    ///   renames did.
+    pub fn changes(&mut self, events: Vec<Event>) -> Vec<Change> {
+        let mut out = Vec::new();
+        let mut seg: std::collections::HashMap<Vec<u8>, u8> = std::collections::HashMap::new();
+        let flush = |seg: &mut std::collections::HashMap<Vec<u8>, u8>, out: &mut Vec<Change>| {
+            out.extend(
+                seg.drain()
+                    .map(|(path, flags)| Change::Dirty { path, flags }),
+            );
+        };
+        for e in events {
+            match e {
+                Event::Dirty { path, flags } => *seg.entry(path).or_insert(0) |= flags,
+                Event::Overflow => {
+                    *seg.entry(Vec::new()).or_insert(0) |= flags::RECURSIVE | flags::LIVE
                 }
-                out.push(Change::Rename { from, to });
+                Event::Rename { from, to } => {
+                    flush(&mut seg, &mut out);
+                    if let Some(i) = reverse_in(&out, &from, &to) {
+                        out.remove(i);
+                        out.extend(exchanged(from, to));
+                    } else if let Some(i) = self
+                        .recent
+                        .iter()
+                        .rposition(|(f, t, at)| *f == to && *t == from && at.elapsed() < RECENT_FOR)
+                    {
+                        self.recent.remove(i);
+                        out.push(Change::Rename {
+                            from: from.clone(),
+                            to: to.clone(),
+                        });
+                        out.extend(exchanged(from, to));
+                    } else {
+                        out.push(Change::Rename { from, to });
+                    }
+                }
+            }
+        }
+        flush(&mut seg, &mut out);
+        self.remember(&out);
+        out
+    }
+
+    fn remember(&mut self, out: &[Change]) {
+        for c in out {
+            if let Change::Rename { from, to } = c {
+                if self.recent.len() == RECENT_RENAMES {
+                    self.recent.pop_front();
+                }
+                self.recent
+                    .push_back((from.clone(), to.clone(), Instant::now()));
             }
         }
     }
-    flush(&mut seg, &mut out);
-    out
+}
+
+/// The index in `out` of the rename `to -> from` (the reverse of `from ->
+/// to`), if no rename after it touches either side.
+fn reverse_in(out: &[Change], from: &[u8], to: &[u8]) -> Option<usize> {
+    for (i, c) in out.iter().enumerate().rev() {
+        if let Change::Rename { from: f, to: t } = c {
+            if f.as_slice() == to && t.as_slice() == from {
+                return Some(i);
+            }
+            if [f, t].iter().any(|p| overlap(p, from) || overlap(p, to)) {
+                return None;
+            }
+        }
+    }
+    None
 }
 
 fn count_events(events: &[Event]) {
@@ -229,6 +304,7 @@ fn capture_loop(
 ) -> Result<(), DaemonError> {
     let abort_after_read = std::env::var_os(TEST_ABORT_AFTER_READ).is_some();
     let mut events = Vec::new();
+    let mut fold = Fold::default();
     let mut reading = false;
     // The first events read queued in the kernel while capture was set up
     // (the watches of a large tree take a good part of a second to
@@ -278,7 +354,7 @@ fn capture_loop(
         }
         if !events.is_empty() {
             count_events(&events);
-            let changes = to_changes(std::mem::take(&mut events));
+            let changes = fold.changes(std::mem::take(&mut events));
             journal.record(ids, &changes)?;
             let hurry = std::mem::take(&mut first);
             for (w, h) in wakers {
@@ -1015,6 +1091,30 @@ mod tests {
                 "{p}: {out:?}"
             );
         }
+        // Other renames between the halves (other processes), or a poll
+        // boundary, do not hide the exchange.
+        let out = to_changes(vec![rename("a", "b"), rename("x", "y"), rename("b", "a")]);
+        assert!(
+            matches!(&out[..], [Change::Rename { from, .. }, Change::Dirty { .. }, Change::Dirty { .. }] if from == b"x"),
+            "{out:?}"
+        );
+        let mut fold = Fold::default();
+        let first = fold.changes(vec![rename("a", "b")]);
+        assert!(matches!(&first[..], [Change::Rename { .. }]), "{first:?}");
+        let second = fold.changes(vec![rename("p", "q"), rename("b", "a")]);
+        assert!(
+            matches!(&second[..], [Change::Rename { .. }, Change::Rename { from, .. }, Change::Dirty { flags: fl, .. }, Change::Dirty { .. }] if from == b"b" && *fl == f),
+            "{second:?}"
+        );
+        // A rename between them that touches a side keeps them apart.
+        let out = to_changes(vec![rename("a", "b"), rename("b/x", "c"), rename("b", "a")]);
+        assert_eq!(
+            out.iter()
+                .filter(|c| matches!(c, Change::Rename { .. }))
+                .count(),
+            3,
+            "{out:?}"
+        );
         // A chain that does not come back stays renames, in order.
         let out = to_changes(vec![rename("a", "b"), rename("b", "c")]);
         assert!(

@@ -109,7 +109,7 @@ impl Scrub {
             // pass starts an interval after this one did.
             while started.elapsed() < self.interval {
                 self.judge(&mut suspects)?;
-                if !self.nap(NAP.min(self.interval - started.elapsed())) {
+                if !self.nap(NAP.min(self.interval.saturating_sub(started.elapsed()))) {
                     return Ok(());
                 }
             }
@@ -150,7 +150,7 @@ impl Scrub {
             // Paced by entries compared: ahead of schedule, wait.
             let due = Duration::from_secs_f64(entries as f64 / rate);
             while t0.elapsed() < due {
-                if !self.nap(NAP.min(due - t0.elapsed())) {
+                if !self.nap(NAP.min(due.saturating_sub(t0.elapsed()))) {
                     return Ok(false);
                 }
             }

@@ -35,8 +35,14 @@ pub const GROUP: usize = 64;
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Longest wait between two attempts at a path that failed for want of
-/// space on the target.
+/// space on the target (and would fit in what it has, as far as is known).
 const SPACE_RETRY: Duration = Duration::from_secs(2);
+/// A remote target's free space is not known here: a space error on a file
+/// larger than this backs off like any other error, so that a file that can
+/// never fit is not sent again every SPACE_RETRY.
+const SPACE_RETRY_MAX_BYTES: u64 = 4 << 20;
+/// How many failing paths `status` names.
+const FAILING_SHOWN: usize = 10;
 /// Longest time applied changes wait for their syncfs + journal commit.
 const GROUP_COMMIT: Duration = Duration::from_secs(1);
 
@@ -161,13 +167,18 @@ struct Applied {
 }
 
 /// A path that failed and waits before its next attempt.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Retry {
     at: Instant,
     attempts: u32,
     /// The pending entry's sequence number at the failure: a newer change
     /// to the path (a chmod that makes it readable, say) retries at once.
     seq: Option<u64>,
+    /// The last error, for `status`.
+    why: String,
+    /// Failed for want of space on a local target: due again as soon as
+    /// this many bytes are free there.
+    need: Option<u64>,
 }
 
 /// During which boot of the target's machine a commit's copies were made.
@@ -631,11 +642,13 @@ impl Shipper {
             self.retry.len() as u64,
             self.reported_initial,
         );
+        let failing_shown = self.failing_shown();
         self.board.update_target(&name, |t| {
             t.backlog_entries = st.entries;
             t.backlog_bytes = st.bytes;
             t.up = up;
             t.failing_paths = failing;
+            t.failing = failing_shown;
             t.initial_sync_done = done;
         });
         Ok(())
@@ -655,14 +668,18 @@ impl Shipper {
         );
     }
 
-    fn due(&self, path: &[u8], seq: u64, now: Instant) -> bool {
-        self.retry
-            .get(path)
-            .is_none_or(|r| r.at <= now || r.seq.is_some_and(|s| s != seq))
+    /// Whether `path` (its pending entry at `seq`) may be tried now; `free`:
+    /// the bytes free on a local target, if a path waits for space.
+    fn due(&self, path: &[u8], seq: u64, now: Instant, free: Option<u64>) -> bool {
+        self.retry.get(path).is_none_or(|r| {
+            r.at <= now
+                || r.seq.is_some_and(|s| s != seq)
+                || r.need.zip(free).is_some_and(|(n, f)| f >= n)
+        })
     }
 
     /// Schedules the next attempt at `p` with exponential backoff.
-    fn schedule_retry(&mut self, p: &[u8], seq: Option<u64>, cap: Duration) -> u32 {
+    fn schedule_retry(&mut self, p: &[u8], seq: Option<u64>, cap: Duration, why: String) -> u32 {
         let attempts = self.retry.get(p).map(|r| r.attempts + 1).unwrap_or(1);
         let backoff = (RETRY_MIN * 2u32.saturating_pow(attempts.min(16) - 1)).min(cap);
         self.retry.insert(
@@ -671,9 +688,59 @@ impl Shipper {
                 at: Instant::now() + backoff,
                 attempts,
                 seq,
+                why,
+                need: None,
             },
         );
         attempts
+    }
+
+    /// The failing paths `status` names: the first few, with their errors.
+    fn failing_shown(&self) -> Vec<String> {
+        let mut v: Vec<(&Vec<u8>, &Retry)> = self.retry.iter().collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v.into_iter()
+            .take(FAILING_SHOWN)
+            .map(|(p, r)| format!("{}: {} (attempt {})", paths::display(p), r.why, r.attempts))
+            .collect()
+    }
+
+    /// How to retry path `p`, which failed for want of space: (the free
+    /// bytes that make it due again, the longest backoff, a note for the
+    /// message). On a local target it is due again as soon as its size is
+    /// free (checked every round), and otherwise backs off: a file that
+    /// cannot fit is not written again every few seconds, and one that can
+    /// goes as soon as space returns. A remote target's free space is not
+    /// known here: small files are retried every SPACE_RETRY, larger ones
+    /// back off, so that one that never fits is not sent again and again.
+    fn space_retry(&self, p: &[u8]) -> (Option<u64>, Duration, String) {
+        let size = self.source.lstat(p).ok().flatten().map_or(0, |m| m.size);
+        match self.target.as_ref() {
+            Target::Local(_) => {
+                let free = self.target_free().unwrap_or(0);
+                let note = format!("needs {size} bytes, {free} free; retried when they are");
+                (Some(size), RETRY_MAX, note)
+            }
+            Target::Remote(_) if size <= SPACE_RETRY_MAX_BYTES => (
+                None,
+                SPACE_RETRY,
+                format!("retrying every {}s", SPACE_RETRY.as_secs()),
+            ),
+            Target::Remote(_) => (
+                None,
+                RETRY_MAX,
+                format!("{size} bytes: backing off, it may not fit on the far side"),
+            ),
+        }
+    }
+
+    /// The bytes free on a local target (None for a remote one).
+    fn target_free(&self) -> Option<u64> {
+        let Target::Local(l) = self.target.as_ref() else {
+            return None;
+        };
+        let st = rustix::fs::fstatvfs(l.root().fd()).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
     fn round(&mut self) -> Result<Round, JournalError> {
@@ -757,9 +824,14 @@ impl Shipper {
         }
 
         let now = Instant::now();
+        let free = if self.retry.values().any(|r| r.need.is_some()) {
+            self.target_free()
+        } else {
+            None
+        };
         let todo: Vec<&(Vec<u8>, Pending)> = batch
             .iter()
-            .filter(|(p, v)| self.due(p, v.seq, now))
+            .filter(|(p, v)| self.due(p, v.seq, now, free))
             .collect();
 
         // Runs of entries with the same parent (the batch is in path order),
@@ -1220,7 +1292,7 @@ impl Shipper {
             std::mem::take(&mut *stats.failed_dirs.lock().unwrap_or_else(|p| p.into_inner()));
         for d in failed {
             let seq = self.journal.pending_get(self.t, &d)?.map(|v| v.seq);
-            self.schedule_retry(&d, seq, RETRY_MAX);
+            self.schedule_retry(&d, seq, RETRY_MAX, "cannot list the directory".into());
         }
         tracing::debug!(
             target = %self.name, path = %paths::display(p),
@@ -1256,7 +1328,11 @@ impl Shipper {
             self.board
                 .update_target(&name, |t| t.last_apply_unix = Some(now));
             self.target_up = true;
-        } else if target_errors > 0 {
+        } else if target_errors > 0 && self.retry.len() > 1 {
+            // Down when writes fail and none succeed, for more than one
+            // path: one path that fails (a file that cannot fit, a name the
+            // target refuses) is shown by name in `status`, and its change
+            // keeps the lag growing, but the rest of the target is up.
             self.target_up = false;
         }
     }
@@ -1275,22 +1351,26 @@ impl Shipper {
         // A full target is retried at a short, steady interval: once space
         // returns, everything goes on within seconds, not after a backoff
         // that grew through the outage.
-        let (msg, cap) = if e.out_of_space() {
-            let why = format!(
-                "waiting for space on the target (retrying every {}s): {e}",
-                SPACE_RETRY.as_secs()
-            );
-            (why, SPACE_RETRY)
+        let (need, cap, msg) = if e.out_of_space() {
+            let (need, cap, note) = self.space_retry(p);
+            (
+                need,
+                cap,
+                format!("waiting for space on the target ({note}): {e}"),
+            )
         } else {
-            (e.to_string(), RETRY_MAX)
+            (None, RETRY_MAX, e.to_string())
         };
         self.board
-            .update_target(&self.name, |t| t.last_error = Some(msg));
+            .update_target(&self.name, |t| t.last_error = Some(msg.clone()));
         // A file that keeps changing raises new events all the time: those
         // must not cut its backoff short, or every round would spend three
         // full copies on it and hold back every other path.
         let changing = matches!(e, ApplyError::Changing { .. });
-        let attempts = self.schedule_retry(p, (!changing).then_some(seq), cap);
+        let attempts = self.schedule_retry(p, (!changing).then_some(seq), cap, msg);
+        if let Some(r) = self.retry.get_mut(p) {
+            r.need = need;
+        }
         if attempts == 1 && self.log_limit.allow() {
             tracing::warn!(target = %self.name, kind = e.kind(), "{e}; will retry");
         } else {

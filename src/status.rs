@@ -31,6 +31,9 @@ pub struct TargetStatus {
     pub initial_sync_done: bool,
     /// Paths waiting for a retry after an error.
     pub failing_paths: u64,
+    /// The first few of them: `PATH: ERROR (attempt N)`.
+    #[serde(default)]
+    pub failing: Vec<String>,
     /// Background scrub (see `drmirror::scrub`): full passes finished,
     /// divergences found (and repaired) since start, the last pass's end.
     #[serde(default)]
@@ -294,6 +297,15 @@ pub fn render(s: &Status) -> String {
                 .map(|e| format!(", last error: {e}"))
                 .unwrap_or_default(),
         ));
+        for f in &t.failing {
+            out.push_str(&format!("    failing: {f}\n"));
+        }
+        if t.failing_paths > t.failing.len() as u64 {
+            out.push_str(&format!(
+                "    ... and {} more failing paths\n",
+                t.failing_paths - t.failing.len() as u64
+            ));
+        }
         if t.scrub_divergences > 0 || t.scrub_passes > 0 {
             out.push_str(&format!(
                 "    scrub: {} full passes, {} divergences found and repaired since start\n",

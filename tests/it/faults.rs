@@ -255,6 +255,65 @@ fn a_full_target_resumes_by_itself_when_space_returns() {
     d.terminate();
 }
 
+/// One file larger than the whole target filesystem: it is set aside
+/// (retried when its size is free there, or after a growing backoff; named
+/// in `status` with its reason) while the rest of the target stays up and
+/// takes every other change; once the file fits, it goes too.
+#[test]
+fn a_file_that_cannot_fit_is_set_aside_and_the_rest_goes_on() {
+    let env = Env::new();
+    let Some(fs) = LoopFs::new(&env.root.join("dr.img"), &env.root.join("drfs"), 16) else {
+        return;
+    };
+    let dst = fs.dir.join("mirror");
+    mkdirp(&dst);
+    write_files(&env, "small", 20, 4096);
+    let d = env.spawn_args(&run_args_into(&env, &dst));
+    d.wait_log("initial sync complete", secs(60));
+    write(&env.s("huge"), &pattern(24 << 20, 7));
+    let failing_huge = |s: &serde_json::Value| {
+        s["targets"][0]["failing"][0].as_str().is_some_and(|f| {
+            f.starts_with("huge: waiting for space") && f.contains("needs 25165824 bytes")
+        })
+    };
+    wait_until(
+        "status names the file that does not fit",
+        secs(60),
+        Some(&d),
+        || failing_huge(&status_json(&env.state)),
+    );
+    // Everything else still goes, and the target is up all along.
+    for i in 0..5 {
+        write(&env.s(format!("small/later{i}")), b"later");
+        let s = status_json(&env.state);
+        assert_eq!(s["targets"][0]["up"], true, "{s}");
+        assert!(failing_huge(&s), "{s}");
+    }
+    wait_until("all but the huge file mirrored", secs(60), Some(&d), || {
+        let o = verify_out(&env.src, &dst, &[]);
+        let out = o.all();
+        let diffs: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains(": ") && !l.starts_with("verify:"))
+            .collect();
+        diffs.len() == 1 && diffs[0].contains("missing: huge")
+    });
+    let s = status_json(&env.state);
+    assert_eq!(s["targets"][0]["up"], true, "{s}");
+    assert_eq!(s["targets"][0]["failing_paths"], 1, "{s}");
+    // Once it fits, it goes at once (a change to the path retries it).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(env.s("huge"))
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("truncate huge");
+    wait_converged(&env.src, &dst, &["--checksum"], Some(&d));
+    wait_until("no failing path left", secs(30), Some(&d), || {
+        status_json(&env.state)["targets"][0]["failing_paths"] == 0
+    });
+    d.terminate();
+}
+
 #[test]
 fn lag_grows_with_the_clock_while_the_link_is_cut() {
     let env = Env::new();
