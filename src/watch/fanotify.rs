@@ -189,6 +189,45 @@ pub struct FanotifyWatcher {
     /// was, after an overflow: renames may have been lost).
     dirs_reset: bool,
     marks: usize,
+    /// Bind mounts under the source of directories of a filesystem already
+    /// marked (see [`Alias`]).
+    aliases: Vec<Alias>,
+}
+
+/// A bind mount under the source of a directory of a filesystem the source
+/// (or an earlier mount under it) is on. Its events carry handles that
+/// resolve, through the first mount of that filesystem, to the directory's
+/// own path (`origin`), which may lie outside the source: they are
+/// translated to the bind's mount point (`point`) instead of being dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alias {
+    pub origin: Vec<u8>,
+    pub point: Vec<u8>,
+}
+
+/// The mountinfo entry of the mount `path` is on: the one with the longest
+/// mount point above it (the last of equals: the one mounted on top).
+fn mount_of<'m>(mounts: &'m [crate::mounts::Mount], path: &Path) -> Option<&'m crate::mounts::Mount> {
+    mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.point))
+        .max_by_key(|m| m.point.as_os_str().len())
+}
+
+/// The alias of bind mount `bind` whose filesystem's first mount under the
+/// source is `first` (both from mountinfo): where the bind's root appears
+/// through `first`. None when the bind shows a directory `first` does not.
+pub fn alias_of(first: &crate::mounts::Mount, bind: &crate::mounts::Mount) -> Option<Alias> {
+    let inner = bind.root.strip_prefix(&first.root).ok()?;
+    let origin = if inner.as_os_str().is_empty() {
+        first.point.clone()
+    } else {
+        first.point.join(inner)
+    };
+    (origin != bind.point).then(|| Alias {
+        origin: origin.into_os_string().into_vec(),
+        point: bind.point.clone().into_os_string().into_vec(),
+    })
 }
 
 impl FanotifyWatcher {
@@ -261,7 +300,12 @@ impl FanotifyWatcher {
             fstype: "source".into(),
         }];
         points.extend(mounts_under(&mountinfo, &source_abs));
+        let table = crate::mounts::parse(mountinfo.as_bytes());
         let mut mounts: HashMap<[u8; 8], OwnedFd> = HashMap::new();
+        // Per marked filesystem, the mountinfo entry its handles resolve
+        // through (that of its first point).
+        let mut first: HashMap<[u8; 8], crate::mounts::Mount> = HashMap::new();
+        let mut aliases = Vec::new();
         for m in &points {
             // An excluded mount point is not mirrored, so needs no mark.
             let rel = m
@@ -293,8 +337,17 @@ impl FanotifyWatcher {
                 }
             };
             let fsid = fsid_of(&dir).map_err(|e| mark_error(&m.point, &m.fstype, e))?;
+            let entry = mount_of(&table, &m.point).cloned();
             if mounts.contains_key(&fsid) {
+                if let (Some(f), Some(b)) = (first.get(&fsid), &entry) {
+                    if b.point == m.point {
+                        aliases.extend(alias_of(f, b));
+                    }
+                }
                 continue;
+            }
+            if let Some(e) = entry {
+                first.insert(fsid, e);
             }
             if mark {
                 fan::fanotify_mark(
@@ -336,7 +389,19 @@ impl FanotifyWatcher {
             dirs_del: Vec::new(),
             dirs_reset: false,
             marks,
+            aliases,
         };
+        if !w.aliases.is_empty() {
+            tracing::info!(
+                "fanotify: {} bind mount(s) under the source show directories of a marked filesystem: {}",
+                w.aliases.len(),
+                w.aliases
+                    .iter()
+                    .map(|a| format!("{} at {}", String::from_utf8_lossy(&a.origin), String::from_utf8_lossy(&a.point)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         if mark {
             w.journal.dirs_reset(b"fanotify")?;
         } else if w.journal.dirs_backend()?.as_deref() == Some(b"fanotify".as_slice()) {
@@ -363,6 +428,24 @@ impl FanotifyWatcher {
             return Some(rest);
         }
         rest.strip_prefix(b"/")
+    }
+
+    /// The path relative to the source of `abs` as an event names it:
+    /// inside the source, or inside the origin of a bind mount under it
+    /// (translated to the bind's mount point).
+    fn rel_of(&self, abs: &[u8]) -> Option<Vec<u8>> {
+        if let Some(r) = self.rel(abs) {
+            return Some(r.to_vec());
+        }
+        self.aliases.iter().find_map(|a| {
+            let rest = abs.strip_prefix(a.origin.as_slice())?;
+            if !(rest.is_empty() || rest.starts_with(b"/")) {
+                return None;
+            }
+            let mut p = a.point.clone();
+            p.extend_from_slice(rest);
+            self.rel(&p).map(<[u8]>::to_vec)
+        })
     }
 
     fn learn(&mut self, key: Vec<u8>, abs: Vec<u8>) {
@@ -539,7 +622,7 @@ impl FanotifyWatcher {
         } else {
             paths::join(&dir_abs, name)
         };
-        let Some(rel) = self.rel(&abs).map(<[u8]>::to_vec) else {
+        let Some(rel) = self.rel_of(&abs) else {
             metrics::counter!("drmirror_capture_dropped_total", "reason" => "outside_source")
                 .increment(1);
             if m & fan::FAN_DELETE != 0 && is_dir {
@@ -603,11 +686,8 @@ impl FanotifyWatcher {
                 (None, None) => {}
             }
         }
-        let from_rel = from
-            .as_deref()
-            .and_then(|f| self.rel(f))
-            .map(<[u8]>::to_vec);
-        let to_rel = to.as_deref().and_then(|t| self.rel(t)).map(<[u8]>::to_vec);
+        let from_rel = from.as_deref().and_then(|f| self.rel_of(f));
+        let to_rel = to.as_deref().and_then(|t| self.rel_of(t));
         tracing::trace!(?from_rel, ?to_rel, "fanotify rename");
         match (from_rel, to_rel) {
             (Some(f), Some(t)) => super::on_rename(&self.filter, f, t, is_dir, out),
@@ -720,6 +800,30 @@ impl Watcher for FanotifyWatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bind_of_a_marked_filesystem_maps_its_origin_to_its_mount_point() {
+        let mi = b"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                   30 22 8:2 / /data rw - ext4 /dev/sdb1 rw\n\
+                   31 30 8:2 /other/dir /data/src/bind rw - ext4 /dev/sdb1 rw\n";
+        let t = crate::mounts::parse(mi);
+        let first = mount_of(&t, Path::new("/data/src")).expect("mount of the source");
+        assert_eq!(first.point, Path::new("/data"));
+        let bind = mount_of(&t, Path::new("/data/src/bind")).expect("the bind");
+        assert_eq!(
+            alias_of(first, bind),
+            Some(Alias {
+                origin: b"/data/other/dir".to_vec(),
+                point: b"/data/src/bind".to_vec(),
+            })
+        );
+        // A bind of something the first mount does not show: no alias.
+        let narrow = crate::mounts::Mount {
+            root: "/only".into(),
+            ..first.clone()
+        };
+        assert_eq!(alias_of(&narrow, bind), None);
+    }
 
     #[test]
     fn mounts_under_the_source_are_found_with_escapes() {

@@ -261,3 +261,35 @@ fn inotify_restart_restores_watches_from_the_journal() {
     env.converge(&[], &d);
     d.terminate();
 }
+
+/// A bind mount under the source of a directory outside it on the same
+/// filesystem, present at start: with one filesystem mark, its events name
+/// the directory by its own path (outside the source) and used to be
+/// dropped as `outside_source` while the initial sync had copied it. Its
+/// changes, made through either path, now arrive.
+#[test]
+fn fanotify_a_bind_of_the_same_filesystem_under_the_source_is_captured() {
+    if let Err(why) = fanotify_available() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let env = Env::with(Backend::Fanotify);
+    let other = env.root.join("other");
+    write(&other.join("o1"), b"one");
+    write(&other.join("sub/o2"), b"two");
+    let Some(_bind) = bind_mount(&other, &env.s("bind")) else {
+        return;
+    };
+    let d = env.start(&[]);
+    d.wait_log("bind mount(s) under the source", secs(5));
+    env.converge(&[], &d);
+    write(&env.s("bind/new"), b"written through the bind");
+    write(&other.join("o1"), b"rewritten at the origin, longer");
+    std::fs::remove_file(other.join("sub/o2")).expect("rm o2");
+    mkdirp(&env.s("bind/sub/deeper"));
+    write(&env.s("bind/sub/deeper/f"), b"deep");
+    rename(&env.s("bind/new"), &env.s("bind/sub/moved"));
+    env.converge(&["--checksum"], &d);
+    assert_eq!(read(&env.d("bind/sub/moved")), b"written through the bind");
+    d.terminate();
+}
