@@ -207,7 +207,10 @@ pub struct Alias {
 
 /// The mountinfo entry of the mount `path` is on: the one with the longest
 /// mount point above it (the last of equals: the one mounted on top).
-fn mount_of<'m>(mounts: &'m [crate::mounts::Mount], path: &Path) -> Option<&'m crate::mounts::Mount> {
+fn mount_of<'m>(
+    mounts: &'m [crate::mounts::Mount],
+    path: &Path,
+) -> Option<&'m crate::mounts::Mount> {
     mounts
         .iter()
         .filter(|m| path.starts_with(&m.point))
