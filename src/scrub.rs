@@ -19,9 +19,10 @@
 //!   a *suspect*, judged once the journal's oldest pending change is
 //!   younger than the suspect ([`Journal::oldest_pending_ns`] never reads
 //!   later than the truth), i.e. once everything captured before it was
-//!   seen has been applied. Only if by then the source entry is unchanged,
-//!   nothing is pending at its path and the target still differs is it a
-//!   divergence: one the daemon would not have repaired by itself.
+//!   seen has been applied, and no rename is pending. Only if by then the
+//!   source entry is unchanged, nothing is pending at its path or above it
+//!   and the target still differs is it a divergence: one the daemon would
+//!   not have repaired by itself.
 //! - A divergence is logged (WARN, with its path), counted
 //!   (`drmirror_scrub_divergences_total{target}`, `status`), dropped from
 //!   the index (which was wrong about it) and repaired through the
@@ -264,6 +265,11 @@ impl Scrub {
         if suspects.is_empty() {
             return Ok(0);
         }
+        // A rename not yet applied moves whole subtrees on the target:
+        // nothing is judged before it is.
+        if !self.journal.renames(self.t, 1)?.is_empty() {
+            return Ok(0);
+        }
         let drained_to = self.journal.oldest_pending_ns(self.t).unwrap_or(u64::MAX);
         let (ripe, wait): (Vec<Suspect>, Vec<Suspect>) =
             suspects.drain(..).partition(|s| s.seen_ns < drained_to);
@@ -336,22 +342,17 @@ impl Scrub {
         })
     }
 
-    /// Whether an entry is pending at `rel`, or a rescan of a directory
-    /// above it (which covers it).
+    /// Whether an entry is pending at `rel` or at a directory above it (a
+    /// rescan covers it; the marks of a rename not yet applied, which
+    /// moves it): then it is judged again in a later pass, if it still
+    /// differs then.
     fn pending_at_or_above(&self, rel: &[u8]) -> Result<bool, DaemonError> {
-        if self.journal.pending_get(self.t, rel)?.is_some() {
-            return Ok(true);
-        }
-        let mut at = paths::parent(rel);
-        while let Some(dir) = at {
-            if self
-                .journal
-                .pending_get(self.t, dir)?
-                .is_some_and(|p| p.flags & flags::RECURSIVE != 0)
-            {
+        let mut at = Some(rel);
+        while let Some(p) = at {
+            if self.journal.pending_get(self.t, p)?.is_some() {
                 return Ok(true);
             }
-            at = paths::parent(dir);
+            at = paths::parent(p);
         }
         Ok(false)
     }

@@ -521,7 +521,19 @@ fn churn(b: Backend, dest: Dest, default_ops: u64, default_kills: u64) {
         .lines()
         .filter(|l| l.contains("diverged from the source"))
         .collect();
-    assert!(false_alarms.is_empty(), "{false_alarms:#?}");
+    if !false_alarms.is_empty() {
+        // Kept for a look at the daemons' logs.
+        d.terminate();
+        if let Some(r) = &run.receiver {
+            r.terminate();
+        }
+        let root = run.env.root.clone();
+        std::mem::forget(run);
+        panic!(
+            "the scrub reported divergences (kept: {}):\n{false_alarms:#?}",
+            root.display()
+        );
+    }
     eprintln!(
         "churn: the daemons' scrubs made {} passes, 0 divergences",
         logs.matches("scrub pass done").count()
