@@ -232,13 +232,19 @@ impl Churn {
         }
     }
 
-    fn write(&mut self) -> Result<String, String> {
+    /// A random regular file opened for writing, and its length.
+    fn open_file(&mut self) -> Result<(PathBuf, fs::File, u64), String> {
         let p = self.file().ok_or("no file")?;
         let f = OpenOptions::new()
             .write(true)
             .open(&p)
             .map_err(|e| show(&p, e))?;
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok((p, f, len))
+    }
+
+    fn write(&mut self) -> Result<String, String> {
+        let (p, f, len) = self.open_file()?;
         let at = self.rng.below(len + 1);
         let data = pattern(self.rng.range(1, 4096) as usize, self.rng.next_u64());
         f.write_all_at(&data, at).map_err(|e| show(&p, e))?;
@@ -246,12 +252,7 @@ impl Churn {
     }
 
     fn resize(&mut self) -> Result<String, String> {
-        let p = self.file().ok_or("no file")?;
-        let f = OpenOptions::new()
-            .write(true)
-            .open(&p)
-            .map_err(|e| show(&p, e))?;
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let (p, f, len) = self.open_file()?;
         let to = self.rng.below(2 * len + 4096);
         f.set_len(to).map_err(|e| show(&p, e))?;
         Ok(format!("{} {len} -> {to}", p.display()))
