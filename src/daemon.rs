@@ -456,6 +456,16 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
     let mut local_roots = Vec::new();
     for t in &cfg.targets {
         let id = journal.target_id(&t.name)?;
+        // Before anything reads the index (see `Journal::doubt_put`).
+        let doubted = journal.resolve_doubts(id)?;
+        if doubted > 0 {
+            tracing::info!(
+                "target {}: the last run stopped while changing {doubted} path(s) on it: \
+                 what the journal says the target holds there is forgotten, and compared \
+                 with the target itself",
+                t.name
+            );
+        }
         // A remote target connects on first use: one that is down at start
         // must not keep the daemon (and capture) from starting.
         let target = match &t.remote {
@@ -757,6 +767,7 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
             boot_id: if defer_ok { boot.clone() } else { None },
             boot_gen: 0,
             run_seq0,
+            rounds: 0,
             t: t.id,
             name: t.name.clone(),
             journal: journal.clone(),

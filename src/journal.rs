@@ -21,6 +21,13 @@
 //! pending entry is removed, and the index updated, in one `WriteBatch` after
 //! the target confirmed the apply — and only if no newer change to the path
 //! arrived meanwhile (its sequence number is compared under a lock).
+//!
+//! The index may lag the target (it is committed once a second, after the
+//! flush) but never vouches, after a crash, for entries the target may have
+//! lost: an apply that removes or moves what the index holds below a
+//! directory writes a *doubt* for that path first, and a start forgets the
+//! index under each doubt a crash left and compares those subtrees with the
+//! target itself ([`Journal::doubt_put`], [`Journal::resolve_doubts`]).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,6 +70,11 @@ const META_UNFLUSHED: &[u8] = b"unflushed/";
 /// Reconciliation checkpoint: `recon_done/<target be16><dir>`, one key per
 /// directory whose whole subtree the running reconciliation has compared.
 const META_RECON_DONE: &[u8] = b"recon_done/";
+/// Doubt: `doubt/<target be16><path>` → the shipper's round (u64 LE) that
+/// is changing, on the target, an entry the index holds as a directory (or
+/// renaming one): written before the target is touched, removed with the
+/// round's index changes. See [`Journal::doubt_put`].
+const META_DOUBT: &[u8] = b"doubt/";
 /// The name of the marker file (in the journal's directory) that the
 /// current inotify group watches: identifies the group at a handover.
 pub const META_INOTIFY_GROUP: &[u8] = b"inotify_group";
@@ -110,6 +122,11 @@ pub mod flags {
     /// without an `lstat` first. (If it is something else by then, that
     /// change was captured and its entry follows.)
     pub const LISTED_FILE: u8 = 64;
+    /// Never stored: set by the shipper on an entry that the index holds
+    /// as a directory, so that an apply that would remove it (the source
+    /// holds no directory there now) stops and says so
+    /// ([`crate::target::Outcome::NeedsDoubt`]).
+    pub const HOLDS_DIR: u8 = 128;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,6 +293,9 @@ pub struct Completion {
     pub index_moves: Vec<(Vec<u8>, Vec<u8>)>,
     /// New pending entries (a failed rename degrades into these).
     pub requeue: Vec<(Vec<u8>, u8)>,
+    /// Doubts this completion settles: path and the round that doubted it
+    /// (see [`Journal::doubt_put`]).
+    pub undoubt: Vec<(Vec<u8>, u64)>,
 }
 
 impl Completion {
@@ -288,6 +308,7 @@ impl Completion {
         self.renames_done.extend(o.renames_done);
         self.index_moves.extend(o.index_moves);
         self.requeue.extend(o.requeue);
+        self.undoubt.extend(o.undoubt);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -298,6 +319,7 @@ impl Completion {
             && self.renames_done.is_empty()
             && self.index_moves.is_empty()
             && self.requeue.is_empty()
+            && self.undoubt.is_empty()
     }
 }
 
@@ -540,6 +562,16 @@ fn subtree_range(t: TargetId, path: &[u8]) -> (Vec<u8>, Vec<u8>) {
 /// `prefix` followed by target `t`'s id: the `meta` keys kept per target.
 fn tkey(prefix: &[u8], t: TargetId) -> Vec<u8> {
     [prefix, &t.to_be_bytes()[..]].concat()
+}
+
+/// The key range `prefix` + target `t` + anything (`prefix` ends in `/`).
+fn tkey_range(prefix: &[u8], t: TargetId) -> (Vec<u8>, Vec<u8>) {
+    let end = match t.checked_add(1) {
+        Some(next) => tkey(prefix, next),
+        // e.g. "doubt0": past every target's keys.
+        None => prefix_end(prefix).unwrap_or_else(|| KEY_MAX.to_vec()),
+    };
+    (tkey(prefix, t), end)
 }
 
 /// The first key of target `t` and read options bounded to its keys.
@@ -816,8 +848,10 @@ impl Journal {
         ] {
             b.delete_cf(meta, tkey(k, t));
         }
-        let (p, pend) = Self::recon_range(t);
-        b.delete_range_cf(meta, &p, &pend);
+        for k in [META_RECON_DONE, META_DOUBT] {
+            let (p, pend) = tkey_range(k, t);
+            b.delete_range_cf(meta, &p, &pend);
+        }
         let mut o = WriteOptions::default();
         o.set_sync(true);
         Ok(self.db.write_opt(b, &o)?)
@@ -868,12 +902,106 @@ impl Journal {
 
     /// The `meta` key range of target `t`'s reconciliation checkpoint.
     fn recon_range(t: TargetId) -> (Vec<u8>, Vec<u8>) {
-        let end = match t.checked_add(1) {
-            Some(next) => Self::recon_prefix(next),
-            // "recon_done0": past every target's keys.
-            None => b"recon_done0".to_vec(),
-        };
-        (Self::recon_prefix(t), end)
+        tkey_range(META_RECON_DONE, t)
+    }
+
+    /// Records, before a shipper's round touches the target, the paths at
+    /// which it may remove or move entries the index holds below them: the
+    /// directories it applies and both sides of the renames it applies.
+    /// Removed by [`Journal::complete`] with the round's index changes
+    /// (`Completion::undoubt`), only if no later round doubted the path
+    /// again meanwhile.
+    ///
+    /// Why: the index is committed after the target changed (once a
+    /// second, with the flush that makes the changes durable). A crash in
+    /// between leaves the index vouching for entries the target no longer
+    /// holds where they were; if the source then holds the very same
+    /// entries there again (a directory moved away and back while the
+    /// daemon was down keeps its entries' metadata), the startup scan
+    /// found them in sync and they stayed missing on the target. A doubt
+    /// left by a crash makes the next start forget those index entries
+    /// first ([`Journal::resolve_doubts`]), so they are compared with the
+    /// target itself.
+    pub fn doubt_put(&self, t: TargetId, paths: &[&[u8]], round: u64) -> Result<()> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let cf = self.cf(CF_META)?;
+        let mut b = WriteBatch::default();
+        let p = tkey(META_DOUBT, t);
+        for d in paths {
+            b.put_cf(cf, [p.as_slice(), d].concat(), round.to_le_bytes());
+        }
+        // Under the lock `complete` holds: its check of the round and its
+        // removal must not straddle this write.
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(self.db.write(b)?)
+    }
+
+    /// At a start, before anything reads the index: forgets what the index
+    /// says the target holds at and below each path a crashed run was
+    /// changing (see [`Journal::doubt_put`]), and the doubts themselves,
+    /// and enqueues each path for a compare of its subtree with the
+    /// target. Returns how many there were.
+    pub fn resolve_doubts(&self, t: TargetId) -> Result<usize> {
+        let (p, end) = tkey_range(META_DOUBT, t);
+        let meta = self.cf(CF_META)?;
+        let mut doubted = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(meta, IteratorMode::From(&p, Direction::Forward))
+        {
+            let (k, _) = item?;
+            match k.strip_prefix(p.as_slice()) {
+                Some(d) => doubted.push(d.to_vec()),
+                None => break,
+            }
+        }
+        if doubted.is_empty() {
+            return Ok(0);
+        }
+        let mut b = WriteBatch::default();
+        for d in &doubted {
+            let (s, e) = subtree_range(t, d);
+            for cf in [self.cf(CF_INDEX)?, self.cf(CF_DIRLIST)?] {
+                b.delete_cf(cf, key(t, d));
+                b.delete_range_cf(cf, &s, &e);
+            }
+        }
+        b.delete_range_cf(meta, &p, &end);
+        // Without the index there, nothing would find what the target
+        // holds there and the source does not: each subtree is compared
+        // with the target's own listing (the startup scan's deletion
+        // policy applies).
+        let rescan: Vec<(Vec<u8>, u8)> = doubted
+            .into_iter()
+            .map(|d| (d, flags::RECURSIVE | flags::STARTUP))
+            .collect();
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let recorded = self.merge_pending(&mut b, t, &rescan)?;
+        self.db.write(b)?;
+        if let Some(ns) = recorded {
+            self.note_recorded(&[t], ns);
+        }
+        Ok(rescan.len())
+    }
+
+    /// The doubts of target `t` (tests).
+    #[cfg(test)]
+    fn doubts(&self, t: TargetId) -> Result<Vec<Vec<u8>>> {
+        let p = tkey(META_DOUBT, t);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_META)?,
+            IteratorMode::From(&p, Direction::Forward),
+        ) {
+            let (k, _) = item?;
+            match k.strip_prefix(p.as_slice()) {
+                Some(d) => out.push(d.to_vec()),
+                None => break,
+            }
+        }
+        Ok(out)
     }
 
     fn meta_u64(&self, k: &[u8]) -> Result<Option<u64>> {
@@ -1528,6 +1656,15 @@ impl Journal {
             k.extend_from_slice(&seq.to_be_bytes());
             b.delete_cf(renames, k);
         }
+        let meta = self.cf(CF_META)?;
+        let dp = tkey(META_DOUBT, t);
+        for (p, round) in &c.undoubt {
+            let k = [dp.as_slice(), p].concat();
+            let current = self.db.get_pinned_cf(meta, &k)?;
+            if current.is_some_and(|v| v.as_ref() == round.to_le_bytes()) {
+                b.delete_cf(meta, k);
+            }
+        }
         let requeued = self.merge_pending(&mut b, t, &c.requeue)?;
         self.db.write(b)?;
         if let Some(ns) = requeued {
@@ -1857,6 +1994,55 @@ mod tests {
             j.dirs_backend().unwrap().as_deref(),
             Some(b"fanotify".as_slice())
         );
+    }
+
+    #[test]
+    fn a_doubt_is_settled_by_its_own_round_and_resolved_by_forgetting_the_subtree() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t = j.target_id("t").unwrap();
+        let u = j.target_id("u").unwrap();
+        let (m, dir) = (meta(Kind::File), meta(Kind::Dir));
+        let held: Vec<(Vec<u8>, Meta)> = vec![
+            (b"a".to_vec(), dir),
+            (b"a/f".to_vec(), m),
+            (b"a/s".to_vec(), dir),
+            (b"a/s/g".to_vec(), m),
+            (b"ab".to_vec(), m),
+            (b"b".to_vec(), dir),
+        ];
+        j.index_put_many(t, &held).unwrap();
+        j.index_put_many(u, &held).unwrap();
+        j.doubt_put(t, &[b"a", b"b"], 1).unwrap();
+        j.doubt_put(u, &[b"a"], 1).unwrap();
+        // A later round doubted `b` again: round 1's settling leaves it.
+        j.doubt_put(t, &[b"b"], 2).unwrap();
+        let settle = |p: &[u8], r| Completion {
+            undoubt: vec![(p.to_vec(), r)],
+            ..Completion::default()
+        };
+        j.complete(t, &settle(b"b", 1)).unwrap();
+        assert_eq!(j.doubts(t).unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
+        j.complete(u, &settle(b"a", 1)).unwrap();
+        assert!(j.doubts(u).unwrap().is_empty());
+        // A crash now: the next start forgets `a` and `b` and below.
+        assert_eq!(j.resolve_doubts(t).unwrap(), 2);
+        assert!(j.doubts(t).unwrap().is_empty());
+        let rescan: Vec<(Vec<u8>, u8)> = j
+            .pending_batch(t, None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(p, v)| (p, v.flags))
+            .collect();
+        let f = flags::RECURSIVE | flags::STARTUP;
+        assert_eq!(rescan, vec![(b"a".to_vec(), f), (b"b".to_vec(), f)]);
+        let left: Vec<Option<Meta>> = held
+            .iter()
+            .map(|(p, _)| j.index_get_many(t, &[p.as_slice()]).unwrap()[0])
+            .collect();
+        assert_eq!(left, vec![None, None, None, None, Some(m), None]);
+        assert_eq!(j.index_children(u, b"a").unwrap().len(), 2, "other target");
+        assert_eq!(j.resolve_doubts(t).unwrap(), 0);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! and only then tells the journal. A path that fails is retried with
 //! exponential backoff and never holds back the others.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,6 +108,9 @@ pub struct Shipper {
     pub boot_gen: u64,
     /// [`Journal::seq_now`] when this run started (see [`flags::ABSENT`]).
     pub run_seq0: u64,
+    /// Rounds started, numbering the doubts each records
+    /// (see [`Journal::doubt_put`]).
+    pub rounds: u64,
 }
 
 /// Batches in flight to a remote target (threads of its I/O pool).
@@ -209,7 +212,7 @@ pub enum FlushJob {
     /// Record `c` as applied; `wrote`: after flushing the target, unless
     /// `defer` (see [`crate::durability`]).
     Commit {
-        c: Completion,
+        c: Box<Completion>,
         wrote: bool,
         defer: bool,
         boot: ApplyBoot,
@@ -252,6 +255,15 @@ fn sync_target(target: &Target, name: &str) -> Flushed {
         }
     }
 }
+
+/// Test hook: abort the process at the commit of a removal or a move
+/// on the target, before the journal records it.
+pub const TEST_ABORT_BEFORE_COMMIT: &str = "DRMIRROR_TEST_ABORT_BEFORE_COMMIT";
+static ABORT_BEFORE_COMMIT: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var_os(TEST_ABORT_BEFORE_COMMIT).is_some());
+
+/// An entry of a round and what applying it came to.
+type Applying<'b> = (&'b Vec<u8>, &'b Pending, Result<Outcome, ApplyError>);
 
 /// The flusher thread's state: commits in order, flushing the target
 /// before each, or under the unflushed note of [`crate::durability`].
@@ -778,6 +790,13 @@ impl Shipper {
             None
         };
         let renames = self.journal.renames(self.t, 256)?;
+        self.rounds += 1;
+        let round = self.rounds;
+        let sides: Vec<&[u8]> = renames
+            .iter()
+            .flat_map(|r| [r.from.as_slice(), r.to.as_slice()])
+            .collect();
+        self.journal.doubt_put(self.t, &sides, round)?;
         for r in &renames {
             match self.target.rename(&r.from, &r.to) {
                 Ok(true) => {
@@ -813,6 +832,9 @@ impl Shipper {
                 }
             }
             c.renames_done.push(r.seq);
+            for p in [&r.from, &r.to] {
+                c.undoubt.push((p.clone(), round));
+            }
         }
         if !renames.is_empty() {
             // Renames are committed on their own, after everything before
@@ -834,48 +856,8 @@ impl Shipper {
             .filter(|(p, v)| self.due(p, v.seq, now, free))
             .collect();
 
-        // Runs of entries with the same parent (the batch is in path order),
-        // at most GROUP long so that one big directory still spreads over
-        // all cores.
-        let mut groups: Vec<&[&(Vec<u8>, Pending)]> = Vec::new();
-        let mut start = 0;
-        for i in 1..=todo.len() {
-            let split = i == todo.len()
-                || i - start >= GROUP
-                || paths::split(&todo[i].0).0 != paths::split(&todo[start].0).0;
-            if split {
-                groups.push(&todo[start..i]);
-                start = i;
-            }
-        }
-        let apply = || -> Vec<(&Vec<u8>, &Pending, Result<Outcome, ApplyError>)> {
-            groups
-                .par_iter()
-                .flat_map_iter(|g| {
-                    let parent = paths::split(&g[0].0).0;
-                    let entries: Vec<(&[u8], u8)> = g
-                        .iter()
-                        .map(|(p, v)| {
-                            let f = if v.seq <= self.run_seq0 {
-                                v.flags & !flags::ABSENT
-                            } else {
-                                v.flags
-                            };
-                            (p.as_slice(), f & !flags::BULK)
-                        })
-                        .collect();
-                    let out = self
-                        .target
-                        .apply_group(&self.source, parent, &entries, self.policy);
-                    g.iter().zip(out).map(|((p, v), r)| (p, v, r))
-                })
-                .collect()
-        };
         let t_apply = Instant::now();
-        let results = match &self.io_pool {
-            Some(pool) => pool.install(apply),
-            None => apply(),
-        };
+        let (results, doubted) = self.apply_todo(&todo, round)?;
         let apply_ms = t_apply.elapsed().as_secs_f64() * 1e3;
 
         let mut scans = Vec::new();
@@ -886,7 +868,12 @@ impl Shipper {
             if matches!(r, Err(ApplyError::TargetWrite { .. })) {
                 target_errors += 1;
             }
+            if r.is_ok() && doubted.contains(p.as_slice()) {
+                c.undoubt.push((p.clone(), round));
+            }
             match r {
+                // Not applied (see `apply_todo`): stays pending.
+                Ok(Outcome::NeedsDoubt) => {}
                 Ok(o) => {
                     if self.retry.remove(p.as_slice()).is_some() {
                         tracing::info!(target = %self.name, path = %paths::display(p), "applied after earlier failures");
@@ -962,7 +949,8 @@ impl Shipper {
                         // Also a copy a crash cut off (see above), since
                         // deleted on the source.
                         Outcome::DeleteSkipped => touched.extend(parent),
-                        Outcome::Special | Outcome::Vanished => {}
+                        // (NeedsDoubt: matched above.)
+                        Outcome::Special | Outcome::Vanished | Outcome::NeedsDoubt => {}
                     }
                 }
                 Err(e) => self.failed(p, v.seq, e),
@@ -1030,7 +1018,7 @@ impl Shipper {
         }
 
         tracing::debug!(
-            target = %self.name, entries = todo.len(), groups = groups.len(),
+            target = %self.name, entries = todo.len(),
             apply_ms, round_ms = t_round.elapsed().as_secs_f64() * 1e3,
             "round"
         );
@@ -1052,6 +1040,100 @@ impl Shipper {
                 && renames.is_empty()
                 && batch.iter().all(|(p, _)| self.retry.contains_key(p)),
         })
+    }
+
+    /// Applies `todo` on the target. An entry that the index holds as a
+    /// directory and that the source no longer holds as one is applied
+    /// only once a doubt (see [`Journal::doubt_put`]) is recorded for it:
+    /// its apply removes what the index holds below it. The apply says so
+    /// ([`Outcome::NeedsDoubt`], for entries flagged
+    /// [`flags::HOLDS_DIR`]); those are doubted in one write and applied
+    /// again. Returns the results, in `todo`'s order, and the doubted
+    /// paths (an entry that then fails keeps its doubt until a later round
+    /// applies it).
+    #[allow(clippy::type_complexity)]
+    fn apply_todo<'b>(
+        &self,
+        todo: &[&'b (Vec<u8>, Pending)],
+        round: u64,
+    ) -> Result<(Vec<Applying<'b>>, HashSet<&'b [u8]>), JournalError> {
+        let keys: Vec<&[u8]> = todo.iter().map(|(p, _)| p.as_slice()).collect();
+        let held = self.journal.index_get_many(self.t, &keys)?;
+        let holds_dir: HashSet<&[u8]> = keys
+            .into_iter()
+            .zip(held)
+            .filter(|(_, m)| m.is_some_and(|m| m.kind == Kind::Dir))
+            .map(|(p, _)| p)
+            .collect();
+        let mut results = self.apply_groups(todo, &holds_dir);
+        // `results` is in `todo`'s order.
+        let need: Vec<usize> = (0..results.len())
+            .filter(|&i| matches!(results[i].2, Ok(Outcome::NeedsDoubt)))
+            .collect();
+        if need.is_empty() {
+            return Ok((results, HashSet::new()));
+        }
+        let again: Vec<&'b (Vec<u8>, Pending)> = need.iter().map(|&i| todo[i]).collect();
+        let doubted: Vec<&'b [u8]> = again.iter().map(|(p, _)| p.as_slice()).collect();
+        self.journal.doubt_put(self.t, &doubted, round)?;
+        for (i, (_, _, r)) in need
+            .into_iter()
+            .zip(self.apply_groups(&again, &HashSet::new()))
+        {
+            results[i].2 = r;
+        }
+        Ok((results, doubted.into_iter().collect()))
+    }
+
+    /// Applies `todo` in runs of entries with the same parent (the batch is
+    /// in path order), at most GROUP long so that one big directory still
+    /// spreads over all cores. Entries in `holds_dir` are flagged
+    /// [`flags::HOLDS_DIR`].
+    fn apply_groups<'b>(
+        &self,
+        todo: &[&'b (Vec<u8>, Pending)],
+        holds_dir: &HashSet<&[u8]>,
+    ) -> Vec<Applying<'b>> {
+        let mut groups: Vec<&[&(Vec<u8>, Pending)]> = Vec::new();
+        let mut start = 0;
+        for i in 1..=todo.len() {
+            let split = i == todo.len()
+                || i - start >= GROUP
+                || paths::split(&todo[i].0).0 != paths::split(&todo[start].0).0;
+            if split {
+                groups.push(&todo[start..i]);
+                start = i;
+            }
+        }
+        let apply = || -> Vec<Applying<'b>> {
+            groups
+                .par_iter()
+                .flat_map_iter(|g| {
+                    let parent = paths::split(&g[0].0).0;
+                    let entries: Vec<(&[u8], u8)> = g
+                        .iter()
+                        .map(|(p, v)| {
+                            let mut f = v.flags & !flags::BULK;
+                            if v.seq <= self.run_seq0 {
+                                f &= !flags::ABSENT;
+                            }
+                            if holds_dir.contains(p.as_slice()) {
+                                f |= flags::HOLDS_DIR;
+                            }
+                            (p.as_slice(), f)
+                        })
+                        .collect();
+                    let out = self
+                        .target
+                        .apply_group(&self.source, parent, &entries, self.policy);
+                    g.iter().zip(out).map(|(&(p, v), r)| (p, v, r))
+                })
+                .collect()
+        };
+        match &self.io_pool {
+            Some(pool) => pool.install(apply),
+            None => apply(),
+        }
     }
 
     /// Copies the entries of the BULK directories `dirs` (other than their
@@ -1180,7 +1262,9 @@ impl Shipper {
                         }
                         // Became a directory since the listing: compared
                         // with its subtree, as an entry of its own.
-                        Ok(Outcome::Dir { .. }) => {
+                        // (NeedsDoubt: never, without the flag; applied
+                        // again as an entry of its own to be safe.)
+                        Ok(Outcome::Dir { .. }) | Ok(Outcome::NeedsDoubt) => {
                             c.requeue.push((rel.clone(), d.origin() | flags::RECURSIVE))
                         }
                         Ok(Outcome::DeleteSkipped | Outcome::Special | Outcome::Vanished) => {}
@@ -1399,6 +1483,11 @@ impl Shipper {
     /// goes on applying the next batch. At most two commits are in flight.
     pub fn flush(&mut self) -> Result<(), JournalError> {
         let c = std::mem::take(&mut self.acc);
+        if (!c.index_remove_tree.is_empty() || !c.index_moves.is_empty()) && *ABORT_BEFORE_COMMIT {
+            // Test hook: a crash after the target lost entries the index
+            // still records (see `Journal::doubt_put`).
+            std::process::abort();
+        }
         let wrote = std::mem::take(&mut self.acc_wrote);
         self.last_flush = Instant::now();
         let boot = self.apply_boot();
@@ -1410,7 +1499,7 @@ impl Shipper {
                 let defer = wrote && matches!(boot, ApplyBoot::Boot(_)) && !self.reported_initial;
                 if tx
                     .send(FlushJob::Commit {
-                        c,
+                        c: Box::new(c),
                         wrote,
                         defer,
                         boot,

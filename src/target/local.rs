@@ -215,10 +215,16 @@ impl LocalTarget {
             .iter()
             .map(|&(rel, f)| {
                 let Some(sd) = src_dir.as_ref() else {
+                    if super::needs_doubt(f, None) {
+                        return Ok(Outcome::NeedsDoubt);
+                    }
                     return self.remove(rel, f, policy);
                 };
                 let name = paths::split(rel).1;
                 if f & flags::LISTED_FILE != 0 && !rel.is_empty() {
+                    if super::needs_doubt(f, Some(Kind::File)) {
+                        return Ok(Outcome::NeedsDoubt);
+                    }
                     // `file_at` finds out by its own `fstat` (see the flag).
                     return self.file_in(sd.as_fd(), &mut tdir, rel, f);
                 }
@@ -230,6 +236,9 @@ impl LocalTarget {
                     fsops::lstat_at(sd.as_fd(), name)
                 }
                 .map_err(|e| ApplyError::source_read(rel, e))?;
+                if super::needs_doubt(f, m.map(|m| m.kind)) {
+                    return Ok(Outcome::NeedsDoubt);
+                }
                 match m {
                     None => self.remove(rel, f, policy),
                     Some(m) => match m.kind {

@@ -14,7 +14,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use crate::fsops::{self, Root};
-use crate::meta::Meta;
+use crate::journal::flags;
+use crate::meta::{Kind, Meta};
 use crate::paths;
 use crate::protocol::Entry;
 use local::{DeletePolicy, LocalTarget};
@@ -200,6 +201,17 @@ pub enum Outcome {
     /// The source entry vanished or changed type mid-apply; the event that
     /// did it is already in the journal and will be applied next.
     Vanished,
+    /// Nothing done: the entry is flagged [`flags::HOLDS_DIR`] and its
+    /// apply would remove the directory (the source holds something else
+    /// there now, or nothing). The shipper records a doubt first, then
+    /// applies it again without the flag (see `Journal::doubt_put`).
+    NeedsDoubt,
+}
+
+/// [`Outcome::NeedsDoubt`] for an entry flagged [`flags::HOLDS_DIR`] whose
+/// source is not a directory (`None`: gone).
+pub fn needs_doubt(f: u8, source: Option<Kind>) -> bool {
+    f & flags::HOLDS_DIR != 0 && source != Some(Kind::Dir)
 }
 
 /// Why a path could not be applied. Each is logged, counted and retried.

@@ -819,6 +819,10 @@ impl RemoteTarget {
             for &(rel, f) in entries {
                 if let (Some(sd), true) = (&src_dir, f & flags::LISTED_FILE != 0 && !rel.is_empty())
                 {
+                    if super::needs_doubt(f, Some(Kind::File)) {
+                        plans.push(Plan::Now(Ok(Outcome::NeedsDoubt)));
+                        continue;
+                    }
                     // `file` finds out by its own `fstat` (see the flag).
                     plans.push(
                         match b.file(sd.as_fd(), rel, None, f & flags::ABSENT != 0)? {
@@ -850,6 +854,10 @@ impl RemoteTarget {
                         }
                     },
                 };
+                if super::needs_doubt(f, m.map(|m| m.kind)) {
+                    plans.push(Plan::Now(Ok(Outcome::NeedsDoubt)));
+                    continue;
+                }
                 let plan = match m {
                     None => {
                         if rel.is_empty() || !policy.allows(f) {

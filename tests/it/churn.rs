@@ -18,6 +18,7 @@ use crate::util::*;
 use rustix::fs::{renameat_with, RenameFlags, CWD};
 use std::collections::VecDeque;
 use std::fs::{self, OpenOptions};
+use std::io::Write as _;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -83,13 +84,18 @@ struct Churn {
     failed: u64,
     entries: usize,
     log: VecDeque<String>,
+    /// Every operation and kill, in order (`ops.log` in the test's
+    /// directory, kept with it when a run fails).
+    trace: std::io::BufWriter<fs::File>,
 }
 
 impl Churn {
-    fn new(root: PathBuf, outside: PathBuf, seed: u64, links: bool) -> Churn {
+    fn new(root: PathBuf, outside: PathBuf, seed: u64, links: bool, trace: &Path) -> Churn {
         mkdirp(&root);
         mkdirp(&outside);
+        let trace = std::io::BufWriter::new(fs::File::create(trace).expect("create the op log"));
         Churn {
+            trace,
             root,
             outside,
             rng: XorShift::new(seed),
@@ -117,8 +123,16 @@ impl Churn {
             if self.log.len() == OP_LOG {
                 self.log.pop_front();
             }
-            self.log.push_back(format!("{} {op:?} {what}", self.done));
+            let line = format!("{} {op:?} {what}", self.done);
+            let _ = writeln!(self.trace, "{line}");
+            self.log.push_back(line);
         }
+    }
+
+    /// Marks an event of the run (a kill, a restart) in the op log.
+    fn mark(&mut self, what: &str) {
+        let _ = writeln!(self.trace, "--- {what} after op {}", self.done);
+        let _ = self.trace.flush();
     }
 
     fn pick_op(&mut self) -> Op {
@@ -418,11 +432,17 @@ fn show(p: &Path, e: std::io::Error) -> String {
     format!("{}: {e}", p.display())
 }
 
+/// A number from the environment, decimal or `0x` hex (as the summary
+/// line prints seeds); a value that is neither is refused.
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    let Ok(v) = std::env::var(name) else {
+        return default;
+    };
+    let parsed = match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => v.parse().ok(),
+    };
+    parsed.unwrap_or_else(|| panic!("{name}={v}: not a number"))
 }
 
 /// Where the daemon sends its copies.
@@ -473,9 +493,14 @@ fn churn(b: Backend, dest: Dest, default_ops: u64, default_kills: u64) {
     let kills = env_u64("DRMIRROR_CHURN_KILLS", default_kills);
     let seed = env_u64("DRMIRROR_CHURN_SEED", (0xc4 << 32) | (ops ^ kills));
     let links = env_u64("DRMIRROR_CHURN_LINKS", 0) == 1;
-    let run = Run::new(b, dest);
-    let env = &run.env;
-    let mut c = Churn::new(env.s("churn"), env.root.join("outside"), seed, links);
+    let mut run = Run::new(b, dest);
+    let mut c = Churn::new(
+        run.env.s("churn"),
+        run.env.root.join("outside"),
+        seed,
+        links,
+        &run.env.root.join("ops.log"),
+    );
     c.burst(200);
     let mut d = run.start();
     let started = Instant::now();
@@ -492,9 +517,12 @@ fn churn(b: Backend, dest: Dest, default_ops: u64, default_kills: u64) {
         if next_kill.peek().is_some_and(|&k| c.done >= k) {
             next_kill.next();
             d.kill9();
+            c.mark("kill -9");
             c.burst(rng.below(40));
             d = run.start();
             restarts += 1;
+            c.mark(&format!("restart {restarts}"));
+            run = no_false_alarms(run, &d, &mut c);
             if restarts % 4 == 0 {
                 converged(&run, &d, &c);
                 checks += 1;
@@ -515,34 +543,44 @@ fn churn(b: Backend, dest: Dest, default_ops: u64, default_kills: u64) {
         started.elapsed().as_secs_f64()
     );
     assert!(c.done >= ops && c.failed < c.done / 2, "{}", c.recent());
-    // The background scrub (a pass a second in every daemon here) judged
-    // no change on its way to be a divergence, and found none.
-    let logs = daemon_logs(&env.root);
-    let false_alarms: Vec<&str> = logs
-        .lines()
-        .filter(|l| l.contains("diverged from the source"))
-        .collect();
-    if !false_alarms.is_empty() {
-        // Kept for a look at the daemons' logs.
-        d.terminate();
-        if let Some(r) = &run.receiver {
-            r.terminate();
-        }
-        let root = run.env.root.clone();
-        std::mem::forget(run);
-        panic!(
-            "the scrub reported divergences (kept: {}):\n{false_alarms:#?}",
-            root.display()
-        );
-    }
+    let run = no_false_alarms(run, &d, &mut c);
     eprintln!(
         "churn: the daemons' scrubs made {} passes, 0 divergences",
-        logs.matches("scrub pass done").count()
+        daemon_logs(&run.env.root)
+            .matches("scrub pass done")
+            .count()
     );
     d.terminate();
     if let Some(r) = &run.receiver {
         r.terminate();
     }
+}
+
+/// The background scrub (a pass a second in every daemon here) judged no
+/// change on its way to be a divergence, and found none. Checked now and
+/// then during the run too, so a failure stops near its cause, keeping the
+/// run's directory (the daemons' logs and `ops.log`) for a look.
+fn no_false_alarms(run: Run, d: &Daemon, c: &mut Churn) -> Run {
+    let logs = daemon_logs(&run.env.root);
+    let false_alarms: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("diverged from the source"))
+        .collect();
+    if false_alarms.is_empty() {
+        return run;
+    }
+    c.mark("the scrub reported divergences");
+    d.terminate();
+    if let Some(r) = &run.receiver {
+        r.terminate();
+    }
+    let root = run.env.root.clone();
+    // Not dropped: dropping would remove the directory.
+    std::mem::forget(run);
+    panic!(
+        "the scrub reported divergences (kept: {}):\n{false_alarms:#?}",
+        root.display()
+    );
 }
 
 /// Waits until the mirror is equal with checksums; on failure, the panic

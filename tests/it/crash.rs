@@ -181,15 +181,26 @@ fn crash_kill9_with_a_remote_target_converges_every_cycle() {
 /// Starts the daemon on `env`, with a local target or `tcp`'s receiver;
 /// waits for `drmirror ready` if `ready`.
 fn launch(env: &Env, tcp: Option<&Tcp>, ready: bool) -> Daemon {
-    let d = match tcp {
-        None => env.spawn(&[]),
-        Some(t) => env.spawn_config(&format!(
-            "source = {}\nstate_dir = {}\n{}",
-            toml_str(&env.src),
-            toml_str(&env.state),
-            t.target_toml(env)
-        )),
+    launch_env(env, tcp, ready, &[])
+}
+
+/// [`launch`] with extra environment variables.
+fn launch_env(env: &Env, tcp: Option<&Tcp>, ready: bool, vars: &[(&str, &str)]) -> Daemon {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.envs(vars.iter().copied());
+    match tcp {
+        None => cmd.args(env.run_args(&[])),
+        Some(t) => cmd
+            .arg("run")
+            .arg("--config")
+            .arg(env.write_config(&format!(
+                "source = {}\nstate_dir = {}\n{}",
+                toml_str(&env.src),
+                toml_str(&env.state),
+                t.target_toml(env)
+            ))),
     };
+    let d = Daemon::spawn_command(cmd, &env.root);
     if ready {
         d.wait_log("drmirror ready", secs(60));
     }
@@ -383,6 +394,60 @@ fn a_restart_after_a_complete_scan_finds_deletions_in_the_index_and_drops_stale_
     // verify lists the target: a temp file left behind would be "extra".
     env.converge(&["--checksum"], &d);
     d.terminate();
+}
+
+/// A crash after the target lost a directory's entries at a path (renamed
+/// or removed there) and before the journal recorded it: the index still
+/// held them at that path. Moved back there while the daemon was down, the
+/// very same entries (same inode, times and size: a rename leaves the
+/// entries of a directory alone) were found "in sync" by the startup scan
+/// and stayed missing on the target. A doubt written before the target is
+/// touched makes the restart compare them with the target itself.
+#[test]
+fn a_crash_before_a_removal_is_recorded_leaves_no_stale_index() {
+    use drmirror::ship::TEST_ABORT_BEFORE_COMMIT;
+    for (away, remote) in [
+        ("renamed", false),
+        ("moved-out", false),
+        ("renamed", true),
+        ("moved-out", true),
+    ] {
+        let env = Env::new();
+        let tcp = remote.then(|| Tcp::new(&env));
+        let receiver = tcp.as_ref().map(|t| t.receiver(&env, &[]));
+        for k in 0..5 {
+            write(&env.s(format!("d/f{k}")), format!("file {k}").as_bytes());
+        }
+        write(&env.s("d/sub/g"), b"deep");
+        let d = launch(&env, tcp.as_ref(), true);
+        env.converge(&[], &d);
+        d.terminate();
+
+        let d = launch_env(&env, tcp.as_ref(), true, &[(TEST_ABORT_BEFORE_COMMIT, "1")]);
+        d.wait_log("startup scan done", secs(60));
+        let parked = match away {
+            "renamed" => env.s("e"),
+            _ => env.root.join("parked"),
+        };
+        fs::rename(env.s("d"), &parked).expect("move d away");
+        let st = d.wait_exit(secs(60));
+        let case = format!("{away} (remote: {remote})");
+        assert!(!st.success(), "{case}: the hook aborts the daemon: {st:?}");
+        // The target lost `d`, the journal did not record it.
+        assert!(!env.d("d").exists(), "{case}: d is still on the target");
+        fs::rename(&parked, env.s("d")).expect("move d back");
+
+        let d = launch(&env, tcp.as_ref(), true);
+        d.wait_log(
+            "what the journal says the target holds there is forgotten",
+            secs(60),
+        );
+        env.converge(&[], &d);
+        d.terminate();
+        if let Some(r) = receiver {
+            r.terminate();
+        }
+    }
 }
 
 /// The initial sync records its copies before flushing the target, under a
