@@ -28,6 +28,8 @@ use crate::target::{ApplyError, Outcome, Target};
 const BATCH: usize = 2048;
 /// Most [`flags::BULK`] entries (directories) one round applies.
 const BULK_PER_ROUND: usize = 256;
+/// Renames a round applies at most (before its batch of entries).
+const RENAMES_PER_ROUND: usize = 256;
 /// Files of BULK directories applied between two chances to commit.
 const BULK_WAVE: usize = 16384;
 /// Longest run of same-directory entries one task applies.
@@ -784,12 +786,23 @@ impl Shipper {
             full = true;
         }
         let at_start = self.cursor.is_none();
+        let cursor0 = self.cursor.clone();
         self.cursor = if full {
             batch.last().map(|(p, _)| p.clone())
         } else {
             None
         };
-        let renames = self.journal.renames(self.t, 256)?;
+        let renames = self.journal.renames(self.t, RENAMES_PER_ROUND)?;
+        // Entries recorded after a rename this round does not apply wait
+        // for it: applied before it, a copy to its destination would be
+        // overwritten by the rename of the older file (what fsstress found
+        // when more than a round's worth of renames were pending and the
+        // destination's entry sorted into an earlier batch than the
+        // source's: the destination kept the old content). Entries are
+        // applied only if older than `cut`, the first rename not applied.
+        let mut cut = (renames.len() == RENAMES_PER_ROUND)
+            .then(|| renames.last().map(|r| r.seq + 1))
+            .flatten();
         self.rounds += 1;
         let round = self.rounds;
         let sides: Vec<&[u8]> = renames
@@ -815,7 +828,10 @@ impl Shipper {
                     .requeue
                     .push((r.to.clone(), flags::RECURSIVE | flags::LIVE)),
                 // Left in the journal: tried again once the target is back.
-                Err(ApplyError::Unreachable { .. }) => break,
+                Err(ApplyError::Unreachable { .. }) => {
+                    cut = Some(r.seq);
+                    break;
+                }
                 Err(e) => {
                     // Degrade to copies rather than retry in a loop.
                     tracing::warn!(
@@ -853,8 +869,13 @@ impl Shipper {
         };
         let todo: Vec<&(Vec<u8>, Pending)> = batch
             .iter()
+            .filter(|(_, v)| cut.is_none_or(|c| v.seq < c))
             .filter(|(p, v)| self.due(p, v.seq, now, free))
             .collect();
+        if cut.is_some_and(|c| batch.iter().any(|(_, v)| v.seq >= c)) {
+            // This batch again, once the renames are through.
+            self.cursor = cursor0;
+        }
 
         let t_apply = Instant::now();
         let (results, doubted) = self.apply_todo(&todo, round)?;

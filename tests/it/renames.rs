@@ -116,6 +116,49 @@ fn moved_onto_an_empty_directory_and_back(b: Backend) {
     d.terminate();
 }
 
+/// More renames pending than a round applies (256), and a write to a
+/// file renamed late in them whose entry sorts into the first batch (a
+/// round takes 2,048 entries in path order) while the entry of its old name
+/// sorts into a later one: the round that copied the new content must not
+/// run before the rename, which then moved the old file over it (what
+/// fsstress found: the file kept its old content, and nothing said so).
+/// The renames pile up while the `tcp://` receiver is down.
+#[test]
+fn more_renames_than_a_round_before_a_write() {
+    const N: usize = 3000;
+    let env = Env::new();
+    let tcp = Tcp::new(&env);
+    let receiver = tcp.receiver(&env, &[]);
+    for i in 0..N {
+        write(&env.s(format!("z/f{i:05}")), format!("old {i}").as_bytes());
+    }
+    mkdirp(&env.s("a"));
+    let port = free_port();
+    let d = env.spawn_config(&format!(
+        "source = {}\nstate_dir = {}\nmetrics_listen = \"127.0.0.1:{port}\"\n{}",
+        toml_str(&env.src),
+        toml_str(&env.state),
+        tcp.target_toml(&env)
+    ));
+    d.wait_log("drmirror ready", secs(60));
+    env.converge(&[], &d);
+    receiver.terminate();
+    // The 300th rename brings z/f02699 to a/g00300: its target entry is
+    // in the first batch, its source entry in the third.
+    for i in 0..N {
+        rename(
+            &env.s(format!("z/f{:05}", N - 1 - i)),
+            &env.s(format!("a/g{i:05}")),
+        );
+    }
+    write(&env.s("a/g00300"), b"written after the renames, longer");
+    wait_events_recorded(port, &d);
+    let receiver = tcp.receiver(&env, &[]);
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+    receiver.terminate();
+}
+
 suite!(
     moved_onto_an_empty_directory_and_back,
     exchanged_files_and_directories,
