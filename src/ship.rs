@@ -266,6 +266,9 @@ static ABORT_BEFORE_COMMIT: std::sync::LazyLock<bool> =
 
 /// An entry of a round and what applying it came to.
 type Applying<'b> = (&'b Vec<u8>, &'b Pending, Result<Outcome, ApplyError>);
+/// What [`Shipper::apply_todo`] returns: the results, the entries the
+/// index held as directories, and those of them doubted.
+type Applied3<'b> = (Vec<Applying<'b>>, HashSet<&'b [u8]>, HashSet<&'b [u8]>);
 
 /// The flusher thread's state: commits in order, flushing the target
 /// before each, or under the unflushed note of [`crate::durability`].
@@ -878,7 +881,7 @@ impl Shipper {
         }
 
         let t_apply = Instant::now();
-        let (results, doubted) = self.apply_todo(&todo, round)?;
+        let (results, held_dirs, doubted) = self.apply_todo(&todo, round)?;
         let apply_ms = t_apply.elapsed().as_secs_f64() * 1e3;
 
         let mut scans = Vec::new();
@@ -891,6 +894,19 @@ impl Shipper {
             }
             if r.is_ok() && doubted.contains(p.as_slice()) {
                 c.undoubt.push((p.clone(), round));
+            }
+            if held_dirs.contains(p.as_slice())
+                && matches!(
+                    r,
+                    Ok(Outcome::Copied { .. }) | Ok(Outcome::Unchanged { .. })
+                )
+            {
+                // A file or symlink where the index held a directory: what
+                // it held below is gone from the target. Left, those
+                // entries came back to life when a directory was renamed
+                // there again, vouching for files the target lacked (the
+                // churn test's divergence after chains of exchanges).
+                c.index_remove_tree.push(p.clone());
             }
             match r {
                 // Not applied (see `apply_todo`): stays pending.
@@ -1069,15 +1085,15 @@ impl Shipper {
     /// its apply removes what the index holds below it. The apply says so
     /// ([`Outcome::NeedsDoubt`], for entries flagged
     /// [`flags::HOLDS_DIR`]); those are doubted in one write and applied
-    /// again. Returns the results, in `todo`'s order, and the doubted
-    /// paths (an entry that then fails keeps its doubt until a later round
-    /// applies it).
+    /// again. Returns the results, in `todo`'s order, the paths the index
+    /// held as directories, and the doubted ones (an entry that then fails
+    /// keeps its doubt until a later round applies it).
     #[allow(clippy::type_complexity)]
     fn apply_todo<'b>(
         &self,
         todo: &[&'b (Vec<u8>, Pending)],
         round: u64,
-    ) -> Result<(Vec<Applying<'b>>, HashSet<&'b [u8]>), JournalError> {
+    ) -> Result<Applied3<'b>, JournalError> {
         let keys: Vec<&[u8]> = todo.iter().map(|(p, _)| p.as_slice()).collect();
         let held = self.journal.index_get_many(self.t, &keys)?;
         let holds_dir: HashSet<&[u8]> = keys
@@ -1092,7 +1108,7 @@ impl Shipper {
             .filter(|&i| matches!(results[i].2, Ok(Outcome::NeedsDoubt)))
             .collect();
         if need.is_empty() {
-            return Ok((results, HashSet::new()));
+            return Ok((results, holds_dir, HashSet::new()));
         }
         let again: Vec<&'b (Vec<u8>, Pending)> = need.iter().map(|&i| todo[i]).collect();
         let doubted: Vec<&'b [u8]> = again.iter().map(|(p, _)| p.as_slice()).collect();
@@ -1103,7 +1119,7 @@ impl Shipper {
         {
             results[i].2 = r;
         }
-        Ok((results, doubted.into_iter().collect()))
+        Ok((results, holds_dir, doubted.into_iter().collect()))
     }
 
     /// Applies `todo` in runs of entries with the same parent (the batch is

@@ -412,6 +412,7 @@ impl Compare<'_> {
         let mut same_dirs: Vec<(Vec<u8>, Meta)> = Vec::new();
         let mut todo = Vec::new();
         let mut same: Vec<(Vec<u8>, Meta)> = Vec::new();
+        let mut unheld: Vec<Vec<u8>> = Vec::new();
         for (c, ix) in children.iter_mut().zip(indexed) {
             if self.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
                 c.descend = false;
@@ -457,6 +458,11 @@ impl Compare<'_> {
                 _ => false,
             };
             if equal {
+                if ix.is_some_and(|m| m.kind == Kind::Dir) && c.meta.kind != Kind::Dir {
+                    // What the index held below it is gone (see the
+                    // shipper's rounds).
+                    unheld.push(c.rel.clone());
+                }
                 same.push((c.rel.clone(), c.meta));
             } else if t.is_none() && c.meta.kind == Kind::Dir && sh.bulk.is_some() {
                 // New on the target: one entry for the directory and its
@@ -543,7 +549,15 @@ impl Compare<'_> {
         if let Err(e) = self.journal.enqueue(self.t, &todo) {
             Self::keep_first(err, e);
         }
-        if let Err(e) = self.journal.index_put_many(self.t, &same) {
+        let forget = crate::journal::Completion {
+            index_remove_tree: unheld,
+            ..Default::default()
+        };
+        if let Err(e) = self
+            .journal
+            .complete(self.t, &forget)
+            .and_then(|()| self.journal.index_put_many(self.t, &same))
+        {
             Self::keep_first(err, e);
         }
     }

@@ -159,7 +159,34 @@ fn more_renames_than_a_round_before_a_write() {
     receiver.terminate();
 }
 
+/// A directory and a file exchanged, and back: the second time the
+/// directory returns to a path the target held a file at. The index used to
+/// keep what it had held below the directory when the file replaced it, so
+/// its entries (the very same files: same inode, times and size) were
+/// found in sync there, and stayed missing on the target (the churn test's
+/// divergence, after chains of exchanges and renames).
+fn a_directory_and_a_file_exchanged_twice(b: Backend) {
+    let env = Env::with(b);
+    write(&env.s("p/f1"), b"one");
+    write(&env.s("p/sub/f2"), b"two");
+    write(&env.s("y"), b"a file");
+    let d = env.start(&[]);
+    env.converge(&[], &d);
+    exchange(&env.s("p"), &env.s("y"));
+    env.converge(&[], &d);
+    exchange(&env.s("p"), &env.s("y"));
+    env.converge(&["--checksum"], &d);
+    // And through a rename: the directory moved on from there.
+    exchange(&env.s("p"), &env.s("y"));
+    env.converge(&[], &d);
+    exchange(&env.s("p"), &env.s("y"));
+    rename(&env.s("p"), &env.s("q"));
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+}
+
 suite!(
+    a_directory_and_a_file_exchanged_twice,
     moved_onto_an_empty_directory_and_back,
     exchanged_files_and_directories,
     exchange_chains,
