@@ -108,6 +108,109 @@ pub fn visible_inside(mounts: &[Mount], tree: &Path, inner: &Path) -> Option<Pat
         .find(|at| at != inner)
 }
 
+/// The mounts at or below a tree (its own root's excepted), kept current:
+/// the kernel flags an open `/proc/self/mountinfo` with POLLPRI on every
+/// mount and unmount in the namespace, so a capture backend polls it with
+/// its own queue and learns of a mount added or removed under the source
+/// while it runs (see [`MountTable::changes`]).
+pub struct MountTable {
+    file: std::fs::File,
+    tree: PathBuf,
+    points: std::collections::BTreeMap<PathBuf, Mount>,
+}
+
+/// What changed under the tree since the last look.
+#[derive(Debug, Default)]
+pub struct MountChanges {
+    pub added: Vec<Mount>,
+    pub removed: Vec<Mount>,
+}
+
+impl MountTable {
+    /// Opens the table and takes the mounts under `tree` (absolute,
+    /// canonical) as known.
+    pub fn open(tree: &Path) -> std::io::Result<MountTable> {
+        let file = std::fs::File::open("/proc/self/mountinfo")?;
+        let mut t = MountTable {
+            file,
+            tree: tree.to_path_buf(),
+            points: Default::default(),
+        };
+        t.points = t.read()?;
+        Ok(t)
+    }
+
+    /// The descriptor to poll for `POLLPRI`.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.file.as_fd()
+    }
+
+    fn read(&mut self) -> std::io::Result<std::collections::BTreeMap<PathBuf, Mount>> {
+        use std::io::{Read, Seek};
+        let mut text = Vec::new();
+        self.file.rewind()?;
+        self.file.read_to_end(&mut text)?;
+        // The last mount on a point is the one that shows there.
+        Ok(parse(&text)
+            .into_iter()
+            .filter(|m| m.point.starts_with(&self.tree) && m.point != self.tree)
+            .map(|m| (m.point.clone(), m))
+            .collect())
+    }
+
+    /// Reads the table again (after `POLLPRI`) and returns what changed
+    /// under the tree: a mount point new or showing another filesystem or
+    /// directory is added (and, in the second case, removed first).
+    pub fn changes(&mut self) -> std::io::Result<MountChanges> {
+        let now = self.read()?;
+        let mut c = MountChanges::default();
+        for (p, m) in &self.points {
+            if now.get(p) != Some(m) {
+                c.removed.push(m.clone());
+            }
+        }
+        for (p, m) in &now {
+            if self.points.get(p) != Some(m) {
+                c.added.push(m.clone());
+            }
+        }
+        self.points = now;
+        Ok(c)
+    }
+}
+
+/// Waits up to `timeout` for `fd` (a capture group) to be readable or, if
+/// given, for the mount table to change; returns (readable, mounts
+/// changed). A signal counts as neither. `poll` itself consumes the mount
+/// table's flag: the caller must act on `true`.
+pub fn poll_with(
+    fd: std::os::fd::BorrowedFd<'_>,
+    table: Option<&MountTable>,
+    timeout: std::time::Duration,
+) -> std::io::Result<(bool, bool)> {
+    use rustix::event::{PollFd, PollFlags};
+    let ts = rustix::fs::Timespec {
+        tv_sec: timeout.as_secs() as i64,
+        tv_nsec: timeout.subsec_nanos() as _,
+    };
+    let mut fds = vec![PollFd::new(&fd, PollFlags::IN)];
+    if let Some(t) = table {
+        fds.push(PollFd::new(&t.file, PollFlags::PRI));
+    }
+    match rustix::event::poll(&mut fds, Some(&ts)) {
+        Ok(_) => {
+            let ready = fds[0].revents().contains(PollFlags::IN);
+            let changed = fds
+                .get(1)
+                .is_some_and(|f| f.revents().intersects(PollFlags::PRI | PollFlags::ERR));
+            Ok((ready, changed))
+        }
+        Err(rustix::io::Errno::INTR) => Ok((false, false)),
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

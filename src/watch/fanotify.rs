@@ -192,6 +192,13 @@ pub struct FanotifyWatcher {
     /// Bind mounts under the source of directories of a filesystem already
     /// marked (see [`Alias`]).
     aliases: Vec<Alias>,
+    /// Per marked filesystem, the mountinfo entry its handles resolve
+    /// through (that of its first point).
+    first: HashMap<[u8; 8], crate::mounts::Mount>,
+    /// The mounts under the source, followed while running.
+    table: Option<crate::mounts::MountTable>,
+    /// Mounts added or removed under the source, not yet acted on.
+    mounts_pending: Option<crate::mounts::MountChanges>,
 }
 
 /// A bind mount under the source of a directory of a filesystem the source
@@ -298,73 +305,6 @@ impl FanotifyWatcher {
                 path: "/proc/self/mountinfo".into(),
                 source: e,
             })?;
-        let mut points = vec![Mount {
-            point: source.clone(),
-            fstype: "source".into(),
-        }];
-        points.extend(mounts_under(&mountinfo, &source_abs));
-        let table = crate::mounts::parse(mountinfo.as_bytes());
-        let mut mounts: HashMap<[u8; 8], OwnedFd> = HashMap::new();
-        // Per marked filesystem, the mountinfo entry its handles resolve
-        // through (that of its first point).
-        let mut first: HashMap<[u8; 8], crate::mounts::Mount> = HashMap::new();
-        let mut aliases = Vec::new();
-        for m in &points {
-            // An excluded mount point is not mirrored, so needs no mark.
-            let rel = m
-                .point
-                .as_os_str()
-                .as_bytes()
-                .strip_prefix(source_abs.as_slice());
-            if let Some(rel) = rel.and_then(|r| r.strip_prefix(b"/")) {
-                if filter.excluded(rel, true) {
-                    continue;
-                }
-            }
-            // Not O_PATH: open_by_handle_at refuses such a mount fd (EBADF).
-            let dir = match rustix::fs::open(
-                &m.point,
-                rustix::fs::OFlags::RDONLY
-                    | rustix::fs::OFlags::DIRECTORY
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            ) {
-                Ok(d) => d,
-                // Over-mounted or gone since the mount table was read.
-                Err(_) if m.fstype != "source" => continue,
-                Err(e) => {
-                    return Err(WatchError::Add {
-                        path: m.point.display().to_string(),
-                        source: e.into(),
-                    })
-                }
-            };
-            let fsid = fsid_of(&dir).map_err(|e| mark_error(&m.point, &m.fstype, e))?;
-            let entry = mount_of(&table, &m.point).cloned();
-            if mounts.contains_key(&fsid) {
-                if let (Some(f), Some(b)) = (first.get(&fsid), &entry) {
-                    if b.point == m.point {
-                        aliases.extend(alias_of(f, b));
-                    }
-                }
-                continue;
-            }
-            if let Some(e) = entry {
-                first.insert(fsid, e);
-            }
-            if mark {
-                fan::fanotify_mark(
-                    fd.as_raw_fd(),
-                    fan::FAN_MARK_ADD | fan::FAN_MARK_FILESYSTEM,
-                    MASK,
-                    fan::AT_FDCWD,
-                    m.point.as_path(),
-                )
-                .map_err(|e| mark_error(&m.point, &m.fstype, e))?;
-            }
-            mounts.insert(fsid, dir);
-        }
-        let marks = mounts.len();
         let root_fd = rustix::fs::open(
             &source,
             rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
@@ -377,13 +317,21 @@ impl FanotifyWatcher {
         let root_fsid = fsid_of(&root_fd).map_err(|e| mark_error(&source, "source", e))?;
         let root_key =
             handle_key(&root_fd, root_fsid).map_err(|e| mark_error(&source, "source", e))?;
+        let table = match crate::mounts::MountTable::open(&source) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!("cannot follow the mount table (/proc/self/mountinfo): {e}; filesystems mounted under the source while drmirror runs will not be captured");
+                None
+            }
+        };
         let mut w = FanotifyWatcher {
             fd,
-            source,
-            source_abs,
+            source: source.clone(),
+            source_abs: source_abs.clone(),
             filter,
             journal,
-            mounts,
+            mounts: HashMap::new(),
+            first: HashMap::new(),
             root_key: root_key.clone(),
             cache: HashMap::new(),
             by_path: BTreeMap::new(),
@@ -391,9 +339,20 @@ impl FanotifyWatcher {
             dirs_put: Vec::new(),
             dirs_del: Vec::new(),
             dirs_reset: false,
-            marks,
-            aliases,
+            marks: 0,
+            aliases: Vec::new(),
+            table,
+            mounts_pending: None,
         };
+        let table = crate::mounts::parse(mountinfo.as_bytes());
+        w.add_point(&source, "source", &table, mark)?;
+        for m in mounts_under(&mountinfo, &source_abs) {
+            // Over-mounted or gone since the mount table was read.
+            match w.add_point(&m.point, &m.fstype, &table, mark) {
+                Err(WatchError::Add { .. }) => {}
+                r => r?,
+            }
+        }
         if !w.aliases.is_empty() {
             tracing::info!(
                 "fanotify: {} bind mount(s) under the source show directories of a marked filesystem: {}",
@@ -418,6 +377,91 @@ impl FanotifyWatcher {
         w.learn(root_key, abs);
         w.persist()?;
         Ok(w)
+    }
+
+    /// Marks the filesystem shown at `point` (the source, or a mount under
+    /// it), unless it is marked already; a bind mount of a directory of a
+    /// marked filesystem becomes an [`Alias`] instead. An excluded point
+    /// needs nothing.
+    fn add_point(
+        &mut self,
+        point: &Path,
+        fstype: &str,
+        table: &[crate::mounts::Mount],
+        mark: bool,
+    ) -> Result<(), WatchError> {
+        let rel = point
+            .as_os_str()
+            .as_bytes()
+            .strip_prefix(self.source_abs.as_slice());
+        if let Some(rel) = rel.and_then(|r| r.strip_prefix(b"/")) {
+            if self.filter.excluded(rel, true) {
+                return Ok(());
+            }
+        }
+        // Not O_PATH: open_by_handle_at refuses such a mount fd (EBADF).
+        let dir = rustix::fs::open(
+            point,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| WatchError::Add {
+            path: point.display().to_string(),
+            source: e.into(),
+        })?;
+        let fsid = fsid_of(&dir).map_err(|e| mark_error(point, fstype, e))?;
+        let entry = mount_of(table, point).cloned();
+        if self.mounts.contains_key(&fsid) {
+            if let (Some(f), Some(b)) = (self.first.get(&fsid), &entry) {
+                if b.point == point {
+                    self.aliases.extend(alias_of(f, b));
+                }
+            }
+            return Ok(());
+        }
+        if mark {
+            fan::fanotify_mark(
+                self.fd.as_raw_fd(),
+                fan::FAN_MARK_ADD | fan::FAN_MARK_FILESYSTEM,
+                MASK,
+                fan::AT_FDCWD,
+                point,
+            )
+            .map_err(|e| mark_error(point, fstype, e))?;
+        }
+        if let Some(e) = entry {
+            self.first.insert(fsid, e);
+        }
+        self.mounts.insert(fsid, dir);
+        self.marks = self.mounts.len();
+        Ok(())
+    }
+
+    /// Mounts added or removed under the source while running: a new
+    /// filesystem is marked, a bind of a marked one becomes an alias, and
+    /// each mount point is compared with the target again (what it shows
+    /// changed all at once, without an event).
+    fn on_mounts(&mut self, out: &mut Vec<Event>) -> Result<(), WatchError> {
+        let Some(c) = self.mounts_pending.take() else {
+            return Ok(());
+        };
+        let table = crate::mounts::current();
+        for m in &c.removed {
+            let point = m.point.as_os_str().as_bytes();
+            self.aliases.retain(|a| a.point != point);
+        }
+        for m in &c.added {
+            if let Err(e) = self.add_point(&m.point, &m.fstype, &table, true) {
+                tracing::warn!(
+                    "fanotify: cannot capture changes under {} (mounted under the source while running): {e}; it is compared now, but its later changes are not mirrored until drmirror restarts with `watch = \"inotify\"`",
+                    m.point.display()
+                );
+            }
+        }
+        super::mount_events(&self.filter, &self.source_abs, &c, out);
+        Ok(())
     }
 
     /// The path of `abs` relative to the source, if it is inside.
@@ -705,8 +749,13 @@ impl FanotifyWatcher {
         Ok(())
     }
 
-    fn wait_fd(&self, timeout: Duration) -> Result<bool, WatchError> {
-        super::readable(&self.fd, timeout)
+    fn wait_fd(&mut self, timeout: Duration) -> Result<bool, WatchError> {
+        super::wait_with_mounts(
+            self.fd.as_fd(),
+            &mut self.table,
+            &mut self.mounts_pending,
+            timeout,
+        )
     }
 
     /// Reads what is queued; `false` once the queue is empty.
@@ -789,6 +838,7 @@ impl Watcher for FanotifyWatcher {
     }
 
     fn read(&mut self, out: &mut Vec<Event>) -> Result<(), WatchError> {
+        self.on_mounts(out)?;
         // Bounded, so that the journal write (and so replication) is never
         // held back by a never-ending stream.
         for _ in 0..64 {

@@ -134,6 +134,10 @@ pub struct InotifyWatcher {
     deep_since: std::time::Instant,
     /// This group's marker, until the journal names it.
     marker: Option<String>,
+    /// The mounts under the source, followed while running (see
+    /// [`InotifyWatcher::on_mounts`]).
+    table: Option<crate::mounts::MountTable>,
+    mounts_pending: Option<crate::mounts::MountChanges>,
 }
 
 /// Whether `fd` is an inotify group.
@@ -157,7 +161,14 @@ impl InotifyWatcher {
         journal: Arc<Journal>,
         index_target: Option<TargetId>,
     ) -> Self {
+        let source =
+            std::fs::canonicalize(root.path()).unwrap_or_else(|_| root.path().to_path_buf());
+        let table = crate::mounts::MountTable::open(&source)
+            .map_err(|e| tracing::warn!("cannot follow the mount table (/proc/self/mountinfo): {e}; filesystems mounted under the source while drmirror runs will not be captured"))
+            .ok();
         InotifyWatcher {
+            table,
+            mounts_pending: None,
             ino,
             root,
             filter,
@@ -986,8 +997,38 @@ impl InotifyWatcher {
         Ok(())
     }
 
-    fn wait_fd(&self, timeout: Duration) -> Result<bool, WatchError> {
-        super::readable(&self.ino, timeout)
+    fn wait_fd(&mut self, timeout: Duration) -> Result<bool, WatchError> {
+        super::wait_with_mounts(
+            std::os::fd::AsFd::as_fd(&self.ino),
+            &mut self.table,
+            &mut self.mounts_pending,
+            timeout,
+        )
+    }
+
+    /// Mounts added or removed under the source while running: the
+    /// directory a mount point shows now is watched, with its subtree (a
+    /// watch is on an inode: the one the mount covers, or uncovers, is not
+    /// the one shown), and compared with the target again.
+    fn on_mounts(&mut self, out: &mut Vec<Event>) -> Result<(), WatchError> {
+        let Some(c) = self.mounts_pending.take() else {
+            return Ok(());
+        };
+        let source = std::fs::canonicalize(self.root.path())
+            .unwrap_or_else(|_| self.root.path().to_path_buf());
+        let source_abs = source.as_os_str().as_bytes().to_vec();
+        for m in c.removed.iter().chain(&c.added) {
+            let abs = m.point.as_os_str().as_bytes();
+            let Some(rel) = abs.strip_prefix(source_abs.as_slice()) else {
+                continue;
+            };
+            let rel = rel.strip_prefix(b"/").unwrap_or(rel).to_vec();
+            if !self.filter.excluded(&rel, true) {
+                self.add_tree(&rel)?;
+            }
+        }
+        super::mount_events(&self.filter, &source_abs, &c, out);
+        Ok(())
     }
 }
 
@@ -1052,6 +1093,7 @@ impl Watcher for InotifyWatcher {
     }
 
     fn read(&mut self, out: &mut Vec<Event>) -> Result<(), WatchError> {
+        self.on_mounts(out)?;
         self.drain_feed(out)?;
         // Drain what is queued, bounded so that the journal write (and so
         // replication) is never held back by a never-ending stream.

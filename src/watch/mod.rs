@@ -120,18 +120,73 @@ pub struct CompleteWatch {
 }
 
 /// Waits up to `timeout` for `fd` (an inotify or fanotify group) to be
-/// readable; a signal counts as "not yet".
-fn readable(fd: impl std::os::fd::AsFd, timeout: Duration) -> Result<bool, WatchError> {
-    use rustix::event::{PollFd, PollFlags};
-    let ts = rustix::fs::Timespec {
-        tv_sec: timeout.as_secs() as i64,
-        tv_nsec: timeout.subsec_nanos() as _,
-    };
-    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-    match rustix::event::poll(&mut fds, Some(&ts)) {
-        Ok(n) => Ok(n > 0),
-        Err(rustix::io::Errno::INTR) => Ok(false),
-        Err(e) => Err(WatchError::Read(e.into())),
+/// readable or the mount table under the source to change (what changed is
+/// kept in `pending`, for the backend's next read); a signal, or a change
+/// of the mount table elsewhere, counts as "not yet". A table that cannot
+/// be read again is dropped, with a warning: mounts are no longer followed.
+fn wait_with_mounts(
+    fd: std::os::fd::BorrowedFd<'_>,
+    table: &mut Option<crate::mounts::MountTable>,
+    pending: &mut Option<crate::mounts::MountChanges>,
+    timeout: Duration,
+) -> Result<bool, WatchError> {
+    let (ready, moved) =
+        crate::mounts::poll_with(fd, table.as_ref(), timeout).map_err(WatchError::Read)?;
+    if moved {
+        if let Some(t) = table.as_mut() {
+            match t.changes() {
+                Ok(c) if c.added.is_empty() && c.removed.is_empty() => {}
+                Ok(c) => {
+                    let p = pending.get_or_insert_with(Default::default);
+                    p.added.extend(c.added);
+                    p.removed.extend(c.removed);
+                }
+                Err(e) => {
+                    tracing::warn!("cannot read the mount table again: {e}; mounts under the source are no longer followed");
+                    *table = None;
+                }
+            }
+        }
+    }
+    Ok(ready || pending.is_some())
+}
+
+/// Each mount point added or removed under the source (`source_abs`) is
+/// compared with the target again, as a whole: what it shows changed at
+/// once, without an event.
+fn mount_events(
+    filter: &Filter,
+    source_abs: &[u8],
+    c: &crate::mounts::MountChanges,
+    out: &mut Vec<Event>,
+) {
+    use std::os::unix::ffi::OsStrExt;
+    for (m, what) in c
+        .removed
+        .iter()
+        .map(|m| (m, "removed"))
+        .chain(c.added.iter().map(|m| (m, "added")))
+    {
+        let abs = m.point.as_os_str().as_bytes();
+        let Some(rel) = abs
+            .strip_prefix(source_abs)
+            .map(|r| r.strip_prefix(b"/").unwrap_or(r))
+        else {
+            continue;
+        };
+        if filter.excluded(rel, true) {
+            continue;
+        }
+        tracing::info!(
+            "mount {what} under the source: {} ({} {}); comparing it with the target",
+            m.point.display(),
+            m.fstype,
+            m.root.display()
+        );
+        out.push(Event::Dirty {
+            path: rel.to_vec(),
+            flags: flags::RECURSIVE | flags::LIVE,
+        });
     }
 }
 

@@ -293,3 +293,57 @@ fn fanotify_a_bind_of_the_same_filesystem_under_the_source_is_captured() {
     assert_eq!(read(&env.d("bind/sub/moved")), b"written through the bind");
     d.terminate();
 }
+
+/// Mounts added under the source while the daemon runs (issue 29, item 7):
+/// a bind mount of a directory of the source's own filesystem and a tmpfs
+/// (a filesystem of its own). What each shows arrives at once, and so do
+/// its later changes; once unmounted, the directory beneath is mirrored
+/// again.
+fn mounts_added_while_running_are_captured(b: Backend) {
+    let env = Env::with(b);
+    let other = env.root.join("other");
+    write(&other.join("o1"), b"one");
+    write(&other.join("sub/o2"), b"two");
+    write(&env.s("bind/under"), b"beneath the bind");
+    mkdirp(&env.s("tmp"));
+    let d = env.start(&[]);
+    env.converge(&[], &d);
+
+    let Some(bind) = bind_mount(&other, &env.s("bind")) else {
+        d.terminate();
+        return;
+    };
+    d.wait_log("mount added under the source", secs(10));
+    env.converge(&[], &d);
+    write(&env.s("bind/new"), b"written through the bind");
+    write(&other.join("o1"), b"rewritten at the origin, longer");
+    mkdirp(&env.s("bind/sub/deeper"));
+    write(&env.s("bind/sub/deeper/f"), b"deep");
+    env.converge(&["--checksum"], &d);
+    assert_eq!(read(&env.d("bind/new")), b"written through the bind");
+
+    if let Some(tmp) = mount("tmpfs", &env.s("tmp")) {
+        write(&env.s("tmp/t1"), b"on the tmpfs");
+        env.converge(&[], &d);
+        write(&env.s("tmp/t1"), b"rewritten on the tmpfs");
+        write(&env.s("tmp/dir/t2"), b"new on the tmpfs");
+        env.converge(&["--checksum"], &d);
+        drop(tmp);
+    }
+    drop(bind);
+    // Unmounted: the directories beneath show again.
+    env.converge(&["--checksum"], &d);
+    assert_eq!(read(&env.d("bind/under")), b"beneath the bind");
+    assert!(!env.d("bind/new").exists());
+    d.terminate();
+}
+
+#[test]
+fn mounts_added_while_running_are_captured_fanotify() {
+    with_backend(Backend::Fanotify, mounts_added_while_running_are_captured);
+}
+
+#[test]
+fn mounts_added_while_running_are_captured_inotify() {
+    with_backend(Backend::Inotify, mounts_added_while_running_are_captured);
+}
