@@ -349,6 +349,9 @@ fn capture_loop(
             reading = true;
         }
         watcher.read(&mut events)?;
+        if let Some(u) = watcher.uncaptured() {
+            board.update(|s| s.uncaptured = u);
+        }
         if abort_after_read && !events.is_empty() {
             std::process::abort();
         }
@@ -659,6 +662,7 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
         journal_rebuilt: rebuilt.map(|p| p.display().to_string()),
         scan_entries: 0,
         scan_expected: 0,
+        uncaptured: Vec::new(),
         targets: targets
             .iter()
             .map(|t| crate::status::TargetStatus {

@@ -50,8 +50,9 @@ fn render(e: &anyhow::Error) -> String {
     out
 }
 
-/// `drmirror status`: 0 when every target lags at most `max_lag` seconds,
-/// 1 above, 2 when the daemon cannot be asked.
+/// `drmirror status`: 0 when every target lags at most `max_lag` seconds
+/// and every mount under the source is captured, 1 otherwise, 2 when the
+/// daemon cannot be asked.
 fn status(
     state: Option<std::path::PathBuf>,
     config: Option<std::path::PathBuf>,
@@ -93,7 +94,7 @@ fn status(
             } else {
                 print!("{}", drmirror::status::render(&s));
             }
-            if s.targets.iter().all(|t| t.lag_seconds <= max_lag) {
+            if s.uncaptured.is_empty() && s.targets.iter().all(|t| t.lag_seconds <= max_lag) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -61,6 +61,10 @@ pub struct Status {
     /// never), against which `scan_entries` is a percentage.
     #[serde(default)]
     pub scan_expected: u64,
+    /// Mounts under the source whose changes are not captured ("POINT:
+    /// why"): what they show is not kept current. `status` exits 1.
+    #[serde(default)]
+    pub uncaptured: Vec<String>,
     pub targets: Vec<TargetStatus>,
 }
 
@@ -278,6 +282,9 @@ pub fn render(s: &Status) -> String {
         out.push_str(&format!(
             "  journal rebuilt at this start: the corrupt one is kept at {old}\n"
         ));
+    }
+    for u in &s.uncaptured {
+        out.push_str(&format!("  NOT CAPTURED (mounted under the source): {u}\n"));
     }
     for t in &s.targets {
         out.push_str(&format!(

@@ -199,6 +199,10 @@ pub struct FanotifyWatcher {
     table: Option<crate::mounts::MountTable>,
     /// Mounts added or removed under the source, not yet acted on.
     mounts_pending: Option<crate::mounts::MountChanges>,
+    /// Mount points under the source that could not be marked, and why;
+    /// whether that list changed since `status` was told.
+    uncaptured: BTreeMap<PathBuf, String>,
+    uncaptured_changed: bool,
 }
 
 /// A bind mount under the source of a directory of a filesystem the source
@@ -343,6 +347,8 @@ impl FanotifyWatcher {
             aliases: Vec::new(),
             table,
             mounts_pending: None,
+            uncaptured: BTreeMap::new(),
+            uncaptured_changed: false,
         };
         let table = crate::mounts::parse(mountinfo.as_bytes());
         w.add_point(&source, "source", &table, mark)?;
@@ -451,9 +457,12 @@ impl FanotifyWatcher {
         for m in &c.removed {
             let point = m.point.as_os_str().as_bytes();
             self.aliases.retain(|a| a.point != point);
+            self.uncaptured_changed |= self.uncaptured.remove(&m.point).is_some();
         }
         for m in &c.added {
             if let Err(e) = self.add_point(&m.point, &m.fstype, &table, true) {
+                self.uncaptured.insert(m.point.clone(), e.to_string());
+                self.uncaptured_changed = true;
                 tracing::warn!(
                     "fanotify: cannot capture changes under {} (mounted under the source while running): {e}; it is compared now, but its later changes are not mirrored until drmirror restarts with `watch = \"inotify\"`",
                     m.point.display()
@@ -814,6 +823,15 @@ impl Watcher for FanotifyWatcher {
 
     fn wait(&mut self, timeout: Duration) -> Result<bool, WatchError> {
         self.wait_fd(timeout)
+    }
+
+    fn uncaptured(&mut self) -> Option<Vec<String>> {
+        std::mem::take(&mut self.uncaptured_changed).then(|| {
+            self.uncaptured
+                .iter()
+                .map(|(p, why)| format!("{}: {why}", p.display()))
+                .collect()
+        })
     }
 
     fn self_ignore(

@@ -92,6 +92,12 @@ pub trait Watcher: Send {
     fn complete_watch(&mut self) -> Option<CompleteWatch> {
         None
     }
+    /// The mounts under the source whose changes this backend cannot
+    /// capture ("POINT: why"), when that list changed since the last call
+    /// (for `status`).
+    fn uncaptured(&mut self) -> Option<Vec<String>> {
+        None
+    }
     /// For a backend that sees the whole filesystem (fanotify): a handle
     /// that keeps drmirror's own writes out of its queue, with `fixed`
     /// directories (the journal's) ignored for good.

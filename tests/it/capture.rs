@@ -347,3 +347,56 @@ fn mounts_added_while_running_are_captured_fanotify() {
 fn mounts_added_while_running_are_captured_inotify() {
     with_backend(Backend::Inotify, mounts_added_while_running_are_captured);
 }
+
+/// A filesystem fanotify cannot mark (mqueue: no file handles), mounted
+/// under the source while running: named in a warning and in `status`,
+/// which exits 1 until it is unmounted; capture of the rest goes on.
+#[test]
+fn fanotify_a_mount_it_cannot_mark_while_running_is_reported_by_status() {
+    if let Err(why) = fanotify_available() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let env = Env::with(Backend::Fanotify);
+    write(&env.s("top"), b"top");
+    let d = env.start(&[]);
+    env.converge(&[], &d);
+    let ask = || {
+        let o = status(&env.state, &["--json"]);
+        let v: serde_json::Value = serde_json::from_str(&o.stdout)
+            .unwrap_or_else(|e| panic!("status --json: {e}\n{}", o.describe()));
+        (o.code, v["uncaptured"].clone())
+    };
+    assert_eq!(ask().0, Some(0));
+    let mq = mount("mqueue", &env.s("mq"));
+    let Some(mq) = mq else {
+        d.terminate();
+        return;
+    };
+    let warn = d.wait_log("cannot capture changes under", secs(10));
+    assert!(
+        warn.contains("/mq") && warn.contains("file handles"),
+        "{warn}"
+    );
+    wait_until("status pages", secs(10), Some(&d), || ask().0 == Some(1));
+    let (_, uncaptured) = ask();
+    let listed = uncaptured.as_array().cloned().unwrap_or_default();
+    assert!(
+        listed.len() == 1 && listed[0].as_str().is_some_and(|u| u.contains("/mq")),
+        "{uncaptured}"
+    );
+    let human = status(&env.state, &[]);
+    assert!(
+        human.stdout.contains("NOT CAPTURED"),
+        "{}",
+        human.describe()
+    );
+    write(&env.s("later"), b"still captured");
+    env.converge(&[], &d);
+    drop(mq);
+    d.wait_log("mount removed under the source", secs(10));
+    wait_until("status clears the mount", secs(10), Some(&d), || {
+        ask().0 == Some(0)
+    });
+    d.terminate();
+}
