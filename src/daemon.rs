@@ -386,6 +386,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let r = run_daemon(cfg);
     if let Err(e) = &r {
         crate::rebuild::note_if_corrupt(&state_dir, e);
+        crate::state_space::wait_out_if_full(&state_dir, e);
     }
     r
 }

@@ -48,6 +48,7 @@ pub mod root_lock;
 pub mod scan;
 pub mod scrub;
 pub mod ship;
+pub mod state_space;
 pub mod status;
 pub mod supervise;
 pub mod sync;

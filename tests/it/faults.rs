@@ -207,6 +207,71 @@ fn a_log_on_a_full_disk_does_not_stop_replication() {
     assert!(st.success(), "clean stop after the log filled: {st}");
 }
 
+/// The state directory's filesystem fills up (issue 29, item 8): the
+/// journal can take no more writes, and the daemon used to exit with
+/// RocksDB's `Writer has previous error`. Now the process waits, saying
+/// why, and starts again by itself (same PID) once there is room; the
+/// changes made meanwhile arrive.
+#[test]
+fn a_full_state_directory_is_waited_out_in_place() {
+    let env = Env::new();
+    let Some(fs) = LoopFs::new(&env.root.join("state.img"), &env.root.join("statefs"), 48) else {
+        return;
+    };
+    let state = fs.dir.join("state");
+    let args: Vec<OsString> = env
+        .run_args(&[])
+        .into_iter()
+        .map(|a| {
+            if a == env.state.as_os_str() {
+                state.clone().into_os_string()
+            } else {
+                a
+            }
+        })
+        .collect();
+    write(&env.s("seed"), b"seed");
+    let d = env.spawn_args(&args);
+    d.wait_log("initial sync complete", secs(60));
+    fs.fill("ballast");
+    // Changes until the journal cannot take them (each one is a write).
+    let mut i = 0;
+    while !d.log().contains("is full; waiting until") {
+        assert!(
+            d.poll_exit().is_none(),
+            "drmirror exited:\n{}",
+            d.log_tail()
+        );
+        assert!(i < 300_000, "the journal never filled:\n{}", d.log_tail());
+        for _ in 0..500 {
+            write(
+                &env.s(format!("while-full/{}-{i:06}", "n".repeat(100))),
+                b"x",
+            );
+            i += 1;
+        }
+    }
+    assert!(
+        d.poll_exit().is_none(),
+        "it must wait, not exit:\n{}",
+        d.log_tail()
+    );
+    fs.unfill("ballast");
+    d.wait_log(
+        "space returned on the state directory's filesystem",
+        secs(30),
+    );
+    wait_until(
+        "the same process is ready again",
+        secs(60),
+        Some(&d),
+        || d.log().matches("drmirror ready").count() >= 2,
+    );
+    write(&env.s("after"), b"after space returned");
+    wait_converged(&env.src, &env.dst, &[], Some(&d));
+    d.terminate();
+}
+
 #[test]
 fn a_full_target_resumes_by_itself_when_space_returns() {
     let env = Env::new();

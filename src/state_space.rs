@@ -1,0 +1,137 @@
+//! A full state directory is waited out in place, not a reason to stop for
+//! good.
+//!
+//! RocksDB takes no write once its filesystem is full: the journal enters
+//! an error state the bindings cannot resume from (`Writer has previous
+//! error`), and the daemon's threads stop with a journal error. The
+//! daemon's `run` then asks [`wait_out_if_full`]: if the state directory's
+//! filesystem has less than [`ROOM`] free, the process does not exit. It
+//! says why (log, and systemd's `STATUS=`), keeps feeding the watchdog,
+//! waits until that much is free, and re-executes itself: same PID, same
+//! arguments, so the service manager sees no restart, and the new run's
+//! startup scan finds whatever changed meanwhile (nothing is lost: changes
+//! not yet recorded are found by comparing the tree).
+//!
+//! Invariants:
+//! - Only when the filesystem is short of space, or the journal's error
+//!   says it ran out (closing the journal may give back what it had
+//!   preallocated); any other error exits as before.
+//! - SIGTERM or SIGINT while waiting ends the process (exit 1, the error
+//!   that stopped the run logged).
+//! - Re-executions that fail again at once back off (1 s doubling to 60 s;
+//!   a run that lasted 5 minutes starts the count again), so a filesystem
+//!   that hovers at the edge cannot make a tight loop of it.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Free space the journal needs to start again (its write-ahead log is
+/// preallocated, and a memtable flush writes a table file).
+pub const ROOM: u64 = 16 << 20;
+/// Carries the re-execution count and time to the next run.
+const REEXEC_ENV: &str = "DRMIRROR_SPACE_REEXEC";
+
+/// Bytes free for this process on the filesystem of `dir` (root may use
+/// the reserved blocks too); `None` when it cannot be asked.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    let blocks = if rustix::process::geteuid().is_root() {
+        st.f_bfree
+    } else {
+        st.f_bavail
+    };
+    Some(blocks.saturating_mul(st.f_frsize))
+}
+
+/// After the run stopped with `err`: if the state directory `state` is
+/// short of space, waits until it has [`ROOM`] and re-executes the daemon
+/// (does not return then). Returns if there is room, if it cannot tell, on
+/// SIGTERM/SIGINT, or if the re-execution failed.
+pub fn wait_out_if_full(state: &Path, err: &dyn std::fmt::Display) {
+    let text = err.to_string();
+    // Closing the journal may give back what it had preallocated, so the
+    // error itself tells too: RocksDB's own ENOSPC, or the state it leaves
+    // every later write in.
+    let said = text.contains("No space left") || text.contains("Writer has previous error");
+    match free_bytes(state) {
+        Some(free) if free < ROOM || said => {}
+        _ => return,
+    }
+    let (count, last) = previous();
+    tracing::error!(
+        "{err}: the state directory's filesystem ({}) is full; waiting until {} MiB are free there, \
+         then drmirror starts again by itself (a scan then finds what changed meanwhile)",
+        state.display(),
+        ROOM >> 20
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
+        "waiting for space on the state directory's filesystem",
+    )]);
+    let recent = now_secs().saturating_sub(last) < 300;
+    let backoff = if recent {
+        Duration::from_secs((1u64 << count.min(6)).min(60))
+    } else {
+        Duration::ZERO
+    };
+    if !wait(state, backoff) {
+        return;
+    }
+    tracing::info!("space returned on the state directory's filesystem: starting again");
+    let next = if recent { count + 1 } else { 0 };
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let e = std::process::Command::new("/proc/self/exe")
+        .args(args)
+        .env(REEXEC_ENV, format!("{next} {}", now_secs()))
+        .exec();
+    tracing::error!("cannot start again (exec /proc/self/exe): {e}");
+}
+
+/// Waits at least `backoff` and until `state` has [`ROOM`] free, feeding
+/// the watchdog; false on SIGTERM/SIGINT.
+fn wait(state: &Path, backoff: Duration) -> bool {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return false;
+    };
+    rt.block_on(async {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return false;
+        };
+        let start = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = term.recv() => return false,
+                _ = int.recv() => return false,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            if start.elapsed() >= backoff && free_bytes(state).is_some_and(|f| f >= ROOM) {
+                return true;
+            }
+        }
+    })
+}
+
+/// The count and time of the re-execution that started this process.
+fn previous() -> (u32, u64) {
+    std::env::var(REEXEC_ENV)
+        .ok()
+        .and_then(|v| {
+            let (c, t) = v.split_once(' ')?;
+            Some((c.parse().ok()?, t.parse().ok()?))
+        })
+        .unwrap_or((0, 0))
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
