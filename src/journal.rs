@@ -287,6 +287,10 @@ pub struct Completion {
     pub index_new: Vec<(Vec<u8>, Meta)>,
     /// The target no longer holds this path nor anything below it.
     pub index_remove_tree: Vec<Vec<u8>>,
+    /// As `index_remove_tree`, for paths the index held as something other
+    /// than a directory: a subtree is dropped only if the index has one
+    /// there (see [`Journal::complete`]).
+    pub index_remove: Vec<Vec<u8>>,
     /// Renames applied (or given up as renames) on the target.
     pub renames_done: Vec<u64>,
     /// Subtrees the target moved: the index follows.
@@ -305,6 +309,7 @@ impl Completion {
         self.index_put.extend(o.index_put);
         self.index_new.extend(o.index_new);
         self.index_remove_tree.extend(o.index_remove_tree);
+        self.index_remove.extend(o.index_remove);
         self.renames_done.extend(o.renames_done);
         self.index_moves.extend(o.index_moves);
         self.requeue.extend(o.requeue);
@@ -316,6 +321,7 @@ impl Completion {
             && self.index_put.is_empty()
             && self.index_new.is_empty()
             && self.index_remove_tree.is_empty()
+            && self.index_remove.is_empty()
             && self.renames_done.is_empty()
             && self.index_moves.is_empty()
             && self.requeue.is_empty()
@@ -1465,6 +1471,20 @@ impl Journal {
             .collect()
     }
 
+    /// Whether the index holds anything below `dir` for target `t`.
+    fn index_has_children(&self, t: TargetId, dir: &[u8]) -> Result<bool> {
+        let (s, e) = subtree_range(t, dir);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(e);
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_INDEX)?, ro);
+        it.seek(&s);
+        if it.valid() {
+            return Ok(true);
+        }
+        it.status()?;
+        Ok(false)
+    }
+
     /// What the index says target `t` holds directly in directory `dir`:
     /// names and metadata, in name order (see [`IndexReaders`] for a walk).
     pub fn index_children(&self, t: TargetId, dir: &[u8]) -> Result<Vec<(Vec<u8>, Meta)>> {
@@ -1625,6 +1645,22 @@ impl Journal {
             for cf in [index, dirlist] {
                 b.delete_cf(cf, key(t, p));
                 b.delete_range_cf(cf, &s, &e);
+            }
+        }
+        // A range tombstone only where there is a subtree to drop: every
+        // read of a column family's memtable fragments all of its range
+        // tombstones again (RocksDB), so one per deleted file made each
+        // round's reads cost more with every file deleted since the last
+        // flush (the soak's CPU per change climbed from 0.4 to 5 ms).
+        for p in &c.index_remove {
+            if self.index_has_children(t, p)? {
+                let (s, e) = subtree_range(t, p);
+                for cf in [index, dirlist] {
+                    b.delete_range_cf(cf, &s, &e);
+                }
+            }
+            for cf in [index, dirlist] {
+                b.delete_cf(cf, key(t, p));
             }
         }
         let mut deletes = 0u64;
@@ -2043,6 +2079,41 @@ mod tests {
         assert_eq!(left, vec![None, None, None, None, Some(m), None]);
         assert_eq!(j.index_children(u, b"a").unwrap().len(), 2, "other target");
         assert_eq!(j.resolve_doubts(t).unwrap(), 0);
+    }
+
+    #[test]
+    fn removing_a_file_drops_a_subtree_only_where_the_index_has_one() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t = j.target_id("t").unwrap();
+        let (f, dir) = (meta(Kind::File), meta(Kind::Dir));
+        let held: Vec<(Vec<u8>, Meta)> = vec![
+            (b"a".to_vec(), f),
+            (b"a.b".to_vec(), f),
+            (b"ab".to_vec(), f),
+            // Entries below a path the index holds as a file: left by an
+            // older run, they must not outlive its removal.
+            (b"o".to_vec(), f),
+            (b"o/x".to_vec(), f),
+            (b"o/y".to_vec(), dir),
+            (b"o/y/z".to_vec(), f),
+            (b"p".to_vec(), f),
+        ];
+        j.index_put_many(t, &held).unwrap();
+        let remove = Completion {
+            index_remove: vec![b"a".to_vec(), b"o".to_vec()],
+            ..Completion::default()
+        };
+        j.complete(t, &remove).unwrap();
+        let left: Vec<bool> = held
+            .iter()
+            .map(|(p, _)| j.index_get_many(t, &[p.as_slice()]).unwrap()[0].is_some())
+            .collect();
+        assert_eq!(
+            left,
+            vec![false, true, true, false, false, false, false, true]
+        );
+        assert!(j.dirlist(t).unwrap().iter().all(|(p, _)| p != b"o/y"));
     }
 
     #[test]

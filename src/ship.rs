@@ -496,8 +496,14 @@ fn flusher_loop(rx: crossbeam_channel::Receiver<FlushJob>, mut f: Flusher) {
 }
 
 /// Deletions in the journal's queues after which a drained backlog
-/// compacts them: a 100,000-file initial sync leaves twice this.
-const COMPACT_AFTER_DELETES: u64 = 100_000;
+/// compacts them. Every scan of a queue steps over the tombstones still in
+/// its memtable (the check for an empty backlog after each commit, the
+/// next batch), so its cost grows with them until the compaction (which
+/// flushes the memtable first) drops them: at 100,000, a steady 200
+/// changes a second took the daemon from 0.4 to 5 ms of CPU per change
+/// over ~4 minutes, then back (`tools/bench-soak`). A compaction of a
+/// drained queue is a few milliseconds.
+const COMPACT_AFTER_DELETES: u64 = 10_000;
 
 fn compact_churned(journal: &Journal, name: &str) -> Result<(), JournalError> {
     let t0 = Instant::now();
@@ -979,7 +985,11 @@ impl Shipper {
                         Outcome::Deleted => {
                             self.stats.deleted.fetch_add(1, Ordering::Relaxed);
                             applied.deleted += 1;
-                            c.index_remove_tree.push(p.clone());
+                            if held_dirs.contains(p.as_slice()) {
+                                c.index_remove_tree.push(p.clone());
+                            } else {
+                                c.index_remove.push(p.clone());
+                            }
                             touched.extend(parent);
                             wrote = true;
                         }
@@ -1045,7 +1055,10 @@ impl Shipper {
         // Group commit: one syncfs and one journal write per second (or
         // when the backlog is drained), not per batch. Removals and moves must
         // not be reordered before earlier index puts, so they flush first.
-        if !c.index_remove_tree.is_empty() || !c.index_moves.is_empty() {
+        if !c.index_remove_tree.is_empty()
+            || !c.index_remove.is_empty()
+            || !c.index_moves.is_empty()
+        {
             self.flush()?;
         }
         self.acc.merge(c);
@@ -1520,7 +1533,11 @@ impl Shipper {
     /// goes on applying the next batch. At most two commits are in flight.
     pub fn flush(&mut self) -> Result<(), JournalError> {
         let c = std::mem::take(&mut self.acc);
-        if (!c.index_remove_tree.is_empty() || !c.index_moves.is_empty()) && *ABORT_BEFORE_COMMIT {
+        if (!c.index_remove_tree.is_empty()
+            || !c.index_remove.is_empty()
+            || !c.index_moves.is_empty())
+            && *ABORT_BEFORE_COMMIT
+        {
             // Test hook: a crash after the target lost entries the index
             // still records (see `Journal::doubt_put`).
             std::process::abort();
