@@ -7,7 +7,8 @@
 //! daemon's `run` then asks [`wait_out_if_full`]: if the state directory's
 //! filesystem has less than [`ROOM`] free, the process does not exit. It
 //! says why (log, and systemd's `STATUS=`), keeps feeding the watchdog,
-//! waits until that much is free, and re-executes itself: same PID, same
+//! waits until [`MORE`] more is free than once the journal had closed, and
+//! re-executes itself: same PID, same
 //! arguments, so the service manager sees no restart, and the new run's
 //! startup scan finds whatever changed meanwhile (nothing is lost: changes
 //! not yet recorded are found by comparing the tree).
@@ -26,9 +27,16 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Free space the journal needs to start again (its write-ahead log is
-/// preallocated, and a memtable flush writes a table file).
-pub const ROOM: u64 = 16 << 20;
+/// Below this much free, a journal error is taken for a full state
+/// directory even if it does not say so.
+pub const ROOM: u64 = 64 << 20;
+/// How much more must be free than right after the journal closed before
+/// it starts again. Not a fixed amount: closing the journal gives back its
+/// write-ahead logs (up to 64 MiB, each preallocated), which the next run
+/// would fill at once, so that space is not taken for space returned.
+pub const MORE: u64 = 16 << 20;
+/// Free space at which it starts again whatever it was after closing.
+pub const PLENTY: u64 = 1 << 30;
 /// Carries the re-execution count and time to the next run.
 const REEXEC_ENV: &str = "DRMIRROR_SPACE_REEXEC";
 
@@ -60,10 +68,10 @@ pub fn wait_out_if_full(state: &Path, err: &dyn std::fmt::Display) {
     }
     let (count, last) = previous();
     tracing::error!(
-        "{err}: the state directory's filesystem ({}) is full; waiting until {} MiB are free there, \
-         then drmirror starts again by itself (a scan then finds what changed meanwhile)",
+        "{err}: the state directory's filesystem ({}) is full; waiting until {} MiB more are free \
+         there, then drmirror starts again by itself (a scan then finds what changed meanwhile)",
         state.display(),
-        ROOM >> 20
+        MORE >> 20
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
         "waiting for space on the state directory's filesystem",
@@ -87,9 +95,10 @@ pub fn wait_out_if_full(state: &Path, err: &dyn std::fmt::Display) {
     tracing::error!("cannot start again (exec /proc/self/exe): {e}");
 }
 
-/// Waits at least `backoff` and until `state` has [`ROOM`] free, feeding
-/// the watchdog; false on SIGTERM/SIGINT.
+/// Waits at least `backoff` and until `state` has [`MORE`] more free than
+/// now (or [`PLENTY`]), feeding the watchdog; false on SIGTERM/SIGINT.
 fn wait(state: &Path, backoff: Duration) -> bool {
+    let base = free_bytes(state).unwrap_or(0);
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -112,7 +121,8 @@ fn wait(state: &Path, backoff: Duration) -> bool {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            if start.elapsed() >= backoff && free_bytes(state).is_some_and(|f| f >= ROOM) {
+            let room = |f: u64| f >= base.saturating_add(MORE) || f >= PLENTY;
+            if start.elapsed() >= backoff && free_bytes(state).is_some_and(room) {
                 return true;
             }
         }

@@ -215,7 +215,7 @@ fn a_log_on_a_full_disk_does_not_stop_replication() {
 #[test]
 fn a_full_state_directory_is_waited_out_in_place() {
     let env = Env::new();
-    let Some(fs) = LoopFs::new(&env.root.join("state.img"), &env.root.join("statefs"), 48) else {
+    let Some(fs) = LoopFs::new(&env.root.join("state.img"), &env.root.join("statefs"), 96) else {
         return;
     };
     let state = fs.dir.join("state");
@@ -254,6 +254,13 @@ fn a_full_state_directory_is_waited_out_in_place() {
     assert!(
         d.poll_exit().is_none(),
         "it must wait, not exit:\n{}",
+        d.log_tail()
+    );
+    // What closing the journal gave back is not taken for space returned.
+    std::thread::sleep(secs(3));
+    assert!(
+        !d.log().contains("space returned"),
+        "it started again with the ballast still there:\n{}",
         d.log_tail()
     );
     fs.unfill("ballast");
