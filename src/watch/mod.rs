@@ -136,8 +136,29 @@ fn wait_with_mounts(
     pending: &mut Option<crate::mounts::MountChanges>,
     timeout: Duration,
 ) -> Result<bool, WatchError> {
-    let (ready, moved) =
-        crate::mounts::poll_with(fd, table.as_ref(), timeout).map_err(WatchError::Read)?;
+    // A change of the mount table elsewhere ends the poll early: it waits
+    // again for the rest of `timeout`, since callers rely on the full wait
+    // (inotify gives a MOVED_TO a few milliseconds to follow its
+    // MOVED_FROM, and other tests' mounts made a rename two events).
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let (ready, moved) =
+            crate::mounts::poll_with(fd, table.as_ref(), left).map_err(WatchError::Read)?;
+        note_mounts(table, pending, moved);
+        if ready || pending.is_some() || !moved || left.is_zero() {
+            return Ok(ready || pending.is_some());
+        }
+    }
+}
+
+/// After a poll that saw the mount table change (`moved`): what changed
+/// under the source, added to `pending`.
+fn note_mounts(
+    table: &mut Option<crate::mounts::MountTable>,
+    pending: &mut Option<crate::mounts::MountChanges>,
+    moved: bool,
+) {
     if moved {
         if let Some(t) = table.as_mut() {
             match t.changes() {
@@ -154,7 +175,6 @@ fn wait_with_mounts(
             }
         }
     }
-    Ok(ready || pending.is_some())
 }
 
 /// Each mount point added or removed under the source (`source_abs`) is
