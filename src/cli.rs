@@ -97,9 +97,22 @@ pub enum Command {
         /// File holding the shared token TCP clients must present.
         #[arg(long, requires = "listen")]
         token_file: Option<PathBuf>,
-        /// Most TCP connections served at once [default: 8].
+        /// Most authenticated TCP sessions served at once [default: 8].
         #[arg(long, requires = "listen")]
         max_connections: Option<usize>,
+        /// Most TCP connections in their handshake (not yet shown the
+        /// token) at once; a newer one displaces the oldest [default: 16].
+        #[arg(long, requires = "listen")]
+        max_handshakes: Option<usize>,
+        /// Of those, most from one IP address [default: 4].
+        #[arg(long, requires = "listen")]
+        max_handshakes_per_address: Option<usize>,
+        /// Time from connect to an accepted Hello, e.g. 10s [default: 10s].
+        #[arg(long, requires = "listen", value_parser = parse_delay)]
+        handshake_timeout: Option<Duration>,
+        /// Prometheus endpoint of the receiver, e.g. 127.0.0.1:9732.
+        #[arg(long)]
+        metrics: Option<String>,
     },
     /// Compare a source tree with its mirror; exit 1 listing differences.
     Verify {

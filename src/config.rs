@@ -269,16 +269,7 @@ fn remote_target(
             ))
         }
         (_, Some(f)) => {
-            let text = std::fs::read_to_string(f)
-                .map_err(|e| field("target.token_file", format!("{}: {e}", f.display())))?;
-            let tok = text.trim().to_string();
-            if tok.is_empty() {
-                return Err(field(
-                    "target.token_file",
-                    format!("{} is empty", f.display()),
-                ));
-            }
-            Some(tok)
+            Some(crate::protocol::read_token_file(f).map_err(|e| field("target.token_file", e))?)
         }
         (_, None) => None,
     };

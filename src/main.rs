@@ -107,47 +107,51 @@ fn status(
     }
 }
 
-/// `drmirror receive`: 0 when the daemon hung up cleanly, 1 on a protocol
-/// or I/O error, 2 on bad arguments.
-fn receive(
+/// `drmirror receive`'s arguments.
+struct ReceiveArgs {
     root: std::path::PathBuf,
     listen: Option<std::net::SocketAddr>,
     token_file: Option<std::path::PathBuf>,
-    max_connections: usize,
-) -> ExitCode {
+    limits: drmirror::receive::gate::Limits,
+    metrics: Option<String>,
+}
+
+/// `drmirror receive`: 0 when the daemon hung up cleanly, 1 on a protocol
+/// or I/O error, 2 on bad arguments.
+fn receive(a: ReceiveArgs) -> ExitCode {
     init_logging();
-    let target = match drmirror::receive::open_root(&root) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("drmirror receive: {e}");
-            return ExitCode::from(2);
-        }
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("drmirror receive: {e}");
+        ExitCode::from(2)
     };
-    let r = match listen {
-        None => drmirror::receive::serve_stdio(&target),
-        Some(addr) => {
-            let token = match token_file.as_deref().map(std::fs::read_to_string) {
-                Some(Ok(t)) if !t.trim().is_empty() => t.trim().to_string(),
-                Some(Ok(_)) => {
-                    eprintln!("drmirror receive: the token file is empty");
-                    return ExitCode::from(2);
-                }
-                Some(Err(e)) => {
-                    eprintln!("drmirror receive: token file: {e}");
-                    return ExitCode::from(2);
-                }
-                None => {
-                    eprintln!("drmirror receive: --listen needs --token-file");
-                    return ExitCode::from(2);
-                }
+    match a.metrics.as_deref().map(drmirror::telemetry::parse_listen) {
+        Some(Ok(Some(addr))) => {
+            if let Err(e) = drmirror::telemetry::install(addr) {
+                return fail(&e);
+            }
+        }
+        Some(Err(e)) => return fail(&e),
+        Some(Ok(None)) | None => {}
+    }
+    let target = match drmirror::receive::open_root(&a.root) {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
+    let r = match (a.listen, a.token_file) {
+        (None, _) => drmirror::receive::serve_stdio(&target),
+        (Some(addr), Some(f)) => {
+            let token = match drmirror::protocol::read_token_file(&f) {
+                Ok(t) => t,
+                Err(e) => return fail(&format!("token file: {e}")),
             };
-            drmirror::receive::serve_tcp(
-                std::sync::Arc::new(target),
+            let opts = drmirror::receive::TcpOptions {
                 addr,
                 token,
-                max_connections.max(1),
-            )
+                limits: a.limits,
+            };
+            drmirror::receive::serve_tcp(std::sync::Arc::new(target), opts)
         }
+        (Some(_), None) => return fail(&"--listen needs --token-file"),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -209,7 +213,22 @@ fn main() -> ExitCode {
             listen,
             token_file,
             max_connections,
-        } => receive(root, listen, token_file, max_connections.unwrap_or(8)),
+            max_handshakes,
+            max_handshakes_per_address,
+            handshake_timeout,
+            metrics,
+        } => receive(ReceiveArgs {
+            root,
+            listen,
+            token_file,
+            limits: drmirror::receive::gate::Limits {
+                sessions: max_connections.unwrap_or(8).max(1),
+                handshakes: max_handshakes.unwrap_or(16).max(1),
+                per_address: max_handshakes_per_address.unwrap_or(4).max(1),
+                deadline: handshake_timeout.unwrap_or(std::time::Duration::from_secs(10)),
+            },
+            metrics,
+        }),
         Command::Status {
             state,
             config,

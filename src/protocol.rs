@@ -57,6 +57,15 @@ pub const LIST_CHUNK: usize = 8192;
 /// Block size for delta transfers of large files (see [`Chunk::Copy`]).
 pub const BLOCK: u64 = 64 * 1024;
 
+/// Longest shared token of a `tcp://` target, in bytes.
+pub const TOKEN_MAX: usize = 4096;
+
+/// Largest frame a receiver reads before the peer has shown its token: a
+/// [`Request::Hello`] with a token of [`TOKEN_MAX`] bytes and a root path
+/// of `PATH_MAX` (4,096) fits with room to spare. A stranger cannot make
+/// the receiver allocate more than this.
+pub const HELLO_MAX: usize = 16 * 1024;
+
 /// Files up to this size travel whole in one [`Op::Whole`] frame instead of
 /// a stream of three or more frames: most files of a large tree are small,
 /// and per-file framing was a sizeable part of the sender's and the
@@ -74,8 +83,8 @@ pub enum FrameError {
     Closed,
     #[error("connection closed in the middle of a frame")]
     Truncated,
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    TooLarge(u64),
+    #[error("frame of {len} bytes exceeds the {limit}-byte limit")]
+    TooLarge { len: u64, limit: usize },
     #[error("frame checksum mismatch (crc32 {got:#010x}, header says {want:#010x})")]
     BadCrc { got: u32, want: u32 },
     #[error("malformed frame payload: {0}")]
@@ -344,7 +353,10 @@ pub fn encode_frame<T: Serialize>(out: &mut Vec<u8>, msg: &T) -> Result<usize, F
     let payload = out.len() - start - 8;
     if payload > MAX_FRAME {
         out.truncate(start);
-        return Err(FrameError::TooLarge(payload as u64));
+        return Err(FrameError::TooLarge {
+            len: payload as u64,
+            limit: MAX_FRAME,
+        });
     }
     let len = (payload as u32).to_le_bytes();
     let mut h = crc32fast::Hasher::new();
@@ -380,6 +392,16 @@ pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<usize, 
 
 /// Reads one frame's payload into `buf` (reused between calls).
 pub fn read_payload<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), FrameError> {
+    read_payload_max(r, buf, MAX_FRAME)
+}
+
+/// [`read_payload`] for frames of at most `limit` bytes: a larger length is
+/// refused before anything is allocated for it.
+pub fn read_payload_max<R: Read>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> Result<(), FrameError> {
     let mut head = [0u8; 8];
     let mut got = 0;
     while got < head.len() {
@@ -393,8 +415,11 @@ pub fn read_payload<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), FrameEr
     }
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
     let want = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-    if len as usize > MAX_FRAME {
-        return Err(FrameError::TooLarge(len as u64));
+    if len as usize > limit {
+        return Err(FrameError::TooLarge {
+            len: len as u64,
+            limit,
+        });
     }
     buf.clear();
     buf.resize(len as usize, 0);
@@ -427,6 +452,25 @@ pub fn read_frame<R: Read, T: for<'a> Deserialize<'a>>(
 ) -> Result<T, FrameError> {
     read_payload(r, buf)?;
     decode(buf)
+}
+
+/// Reads the shared token of a `tcp://` link from `path` (both ends use
+/// it): surrounding whitespace is dropped; an empty token or one longer
+/// than [`TOKEN_MAX`] is refused, naming the file.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    if token.len() > TOKEN_MAX {
+        return Err(format!(
+            "{}: the token is {} bytes long; at most {TOKEN_MAX} are allowed",
+            path.display(),
+            token.len()
+        ));
+    }
+    Ok(token.to_string())
 }
 
 /// Checksum of a whole file's content as sent: xxh3-128, as rsync 3.2+
@@ -573,7 +617,7 @@ mod tests {
             chunk: Chunk::Bytes(vec![0; MAX_FRAME + 1]),
         };
         let r = encode_frame(&mut out, &huge);
-        assert!(matches!(r, Err(FrameError::TooLarge(_))), "{r:?}");
+        assert!(matches!(r, Err(FrameError::TooLarge { .. })), "{r:?}");
         assert_eq!(out, kept);
     }
 
@@ -641,7 +685,7 @@ mod tests {
         f.extend_from_slice(&[0; 4]);
         let mut buf = Vec::new();
         let r = read_frame::<_, Request>(&mut &f[..], &mut buf);
-        assert!(matches!(r, Err(FrameError::TooLarge(_))), "{r:?}");
+        assert!(matches!(r, Err(FrameError::TooLarge { .. })), "{r:?}");
         assert!(buf.capacity() < 1 << 20);
     }
 
@@ -715,5 +759,29 @@ mod tests {
             let _ = read_frame::<_, Request>(&mut &f[..], &mut buf);
             let _ = read_frame::<_, Reply>(&mut &f[..], &mut buf);
         }
+    }
+
+    #[test]
+    fn a_token_file_is_trimmed_and_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("token");
+        std::fs::write(&f, " secret\n").expect("write");
+        assert_eq!(read_token_file(&f).as_deref(), Ok("secret"));
+        std::fs::write(&f, "\n").expect("write");
+        assert!(read_token_file(&f).expect_err("empty").contains("is empty"));
+        std::fs::write(&f, "x".repeat(TOKEN_MAX + 1)).expect("write");
+        let e = read_token_file(&f).expect_err("too long");
+        assert!(e.contains("at most 4096"), "{e}");
+        // The longest token still fits a Hello's frame, with a root path of
+        // PATH_MAX.
+        let hello = Request::Hello {
+            magic: MAGIC,
+            version: VERSION,
+            token: Some("x".repeat(TOKEN_MAX)),
+            root: Some(vec![b'/'; 4096]),
+        };
+        let mut out = Vec::new();
+        let n = encode_frame(&mut out, &hello).expect("encode");
+        assert!(n <= HELLO_MAX, "{n}");
     }
 }

@@ -28,6 +28,7 @@ mod faults;
 mod handover;
 mod initial;
 mod live;
+mod lockout;
 mod modes;
 mod ops;
 mod remote;

@@ -14,23 +14,27 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use crate::fsops;
 use crate::locks::lock;
 use crate::meta::{Kind, Meta};
 use crate::paths;
 use crate::protocol::{
-    self, Chunk, Done, Entry, FrameError, Op, Reply, Request, BLOCK, MAGIC, MAX_FRAME, VERSION,
+    self, Chunk, Done, Entry, FrameError, Op, Reply, Request, BLOCK, HELLO_MAX, MAGIC, MAX_FRAME,
+    VERSION,
 };
 use crate::target::local::{Born, LocalTarget, TempFile};
 use crate::target::ApplyError;
+
+pub mod gate;
+
+use gate::{Admission, Gate, Limits, Open, Refusal, RefusalKind, Ticket};
 
 /// Files a connection may have open at once (one per parallel stream).
 const MAX_OPEN_FILES: usize = 256;
@@ -47,6 +51,8 @@ pub enum ReceiveError {
     Listen { addr: SocketAddr, source: io::Error },
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("refused: {}", .0.reason)]
+    Refused(Refusal),
     #[error("{0}")]
     Frame(#[from] FrameError),
 }
@@ -69,37 +75,40 @@ pub fn open_root(root: &Path) -> Result<LocalTarget, ReceiveError> {
 /// Serves one connection on stdin/stdout until the daemon hangs up.
 pub fn serve_stdio(target: &LocalTarget) -> Result<(), ReceiveError> {
     let stdin = io::stdin().lock();
-    serve(target, stdin, io::stdout(), None, || {})
+    serve(target, stdin, io::stdout(), None, &mut Open)
 }
 
-/// How long a TCP client has to say Hello once connected: one that says
-/// nothing (a port scanner, a stuck process) must not keep one of the
-/// `--max-connections` slots. A daemon sends its Hello at once.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How the TCP receiver admits connections (see [`gate`]).
+pub struct TcpOptions {
+    pub addr: SocketAddr,
+    pub token: String,
+    pub limits: Limits,
+}
 
-/// Serves TCP connections on `addr` (each needs `token`), at most
-/// `max_conns` at once, until the process is stopped.
-pub fn serve_tcp(
-    target: Arc<LocalTarget>,
-    addr: SocketAddr,
-    token: String,
-    max_conns: usize,
-) -> Result<(), ReceiveError> {
-    let listener =
-        TcpListener::bind(addr).map_err(|source| ReceiveError::Listen { addr, source })?;
+/// Serves TCP connections (each needs the token) within `opts.limits`
+/// until the process is stopped.
+pub fn serve_tcp(target: Arc<LocalTarget>, opts: TcpOptions) -> Result<(), ReceiveError> {
+    let addr = opts.addr;
+    let listen_err = |source| ReceiveError::Listen { addr, source };
+    let listener = TcpListener::bind(addr).map_err(listen_err)?;
     let local = listener.local_addr().unwrap_or(addr);
     let stop = Arc::new(AtomicBool::new(false));
     listener
         .try_clone()
         .and_then(|l| stop_on_signal(stop.clone(), l))
-        .map_err(|source| ReceiveError::Listen { addr, source })?;
+        .map_err(listen_err)?;
+    let gate = Gate::start(opts.limits).map_err(listen_err)?;
+    let l = gate.limits();
     tracing::info!(
-        "drmirror receive listening on {} root={} max_connections={max_conns}",
+        "drmirror receive listening on {} root={} max_connections={} handshakes={} per_address={} handshake_timeout={}s",
         local,
-        target.root().path().display()
+        target.root().path().display(),
+        l.sessions,
+        l.handshakes,
+        l.per_address,
+        l.deadline.as_secs_f64()
     );
-    let active = Arc::new(AtomicUsize::new(0));
-    let token = Arc::new(token);
+    let token = Arc::new(opts.token);
     for conn in listener.incoming() {
         if stop.load(Ordering::Acquire) {
             tracing::info!("drmirror receive stopped cleanly (signal)");
@@ -112,53 +121,55 @@ pub fn serve_tcp(
                 continue;
             }
         };
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        if active.fetch_add(1, Ordering::AcqRel) >= max_conns {
-            active.fetch_sub(1, Ordering::AcqRel);
-            tracing::warn!("refusing {peer}: connection limit ({max_conns}) reached");
-            let mut s = stream;
-            let _ = protocol::write_frame(
-                &mut s,
-                &Reply::Refused {
-                    reason: format!("connection limit ({max_conns}) reached"),
-                },
-            );
-            continue;
-        }
-        let (target, active, token) = (target.clone(), active.clone(), token.clone());
+        let peer = match stream.peer_addr() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!("accept: the peer is already gone: {e}");
+                continue;
+            }
+        };
+        let ticket = match gate.enter(&stream, peer.ip()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("{peer}: {e}");
+                continue;
+            }
+        };
+        let (target, token, gate) = (target.clone(), token.clone(), gate.clone());
         let spawned = std::thread::Builder::new()
             .name("receive-conn".into())
-            .spawn(move || {
-                let _ = stream.set_nodelay(true);
-                if let Err(e) = crate::keepalive::detect_dead_peer(&stream) {
-                    tracing::warn!("{peer}: cannot set TCP keepalive: {e}; if this daemon's machine dies silently, its connection is kept");
-                }
-                let r = match (stream.try_clone(), stream.try_clone()) {
-                    (Ok(w), Ok(timer)) => {
-                        let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-                        // Past the handshake a daemon may stay silent for
-                        // hours: the keepalive watches the link then.
-                        let welcomed = move || {
-                            let _ = timer.set_read_timeout(None);
-                        };
-                        serve(&target, stream, w, Some(token.as_bytes()), welcomed)
-                    }
-                    (Err(e), _) | (_, Err(e)) => Err(FrameError::Io(e).into()),
-                };
-                match r {
-                    Ok(()) => tracing::info!("{peer}: connection closed"),
-                    Err(e) => tracing::warn!("{peer}: {e}"),
-                }
-                active.fetch_sub(1, Ordering::AcqRel);
-            });
+            .spawn(move || serve_conn(&target, stream, peer, &token, ticket, &gate));
         if let Err(e) = spawned {
             tracing::warn!("cannot start a connection thread: {e}");
         }
     }
     Ok(())
+}
+
+/// Serves one accepted TCP connection to its end.
+fn serve_conn(
+    target: &LocalTarget,
+    stream: TcpStream,
+    peer: SocketAddr,
+    token: &str,
+    mut ticket: Ticket,
+    gate: &Gate,
+) {
+    let _ = stream.set_nodelay(true);
+    if let Err(e) = crate::keepalive::detect_dead_peer(&stream) {
+        tracing::warn!("{peer}: cannot set TCP keepalive: {e}; if this daemon's machine dies silently, its connection is kept");
+    }
+    match serve(
+        target,
+        &stream,
+        &stream,
+        Some(token.as_bytes()),
+        &mut ticket,
+    ) {
+        Ok(()) => tracing::info!("{peer}: connection closed"),
+        Err(ReceiveError::Refused(r)) => gate.refused(ticket.addr(), &r),
+        Err(e) => tracing::warn!("{peer}: {e}"),
+    }
 }
 
 /// Sets `stop` and wakes the accept loop on SIGTERM or SIGINT. The
@@ -196,80 +207,36 @@ fn stop_on_signal(stop: Arc<AtomicBool>, listener: TcpListener) -> io::Result<()
 }
 
 /// Serves one connection: handshake, then requests until the peer closes.
-/// `token`: the shared secret the peer must present (TCP). `welcomed` runs
-/// once the peer is accepted.
+/// `token`: the shared secret the peer must present (TCP). `gate` cuts the
+/// handshake short from outside and grants the session a slot.
 pub fn serve<R: Read, W: Write + Send>(
     target: &LocalTarget,
-    r: R,
+    mut r: R,
     w: W,
     token: Option<&[u8]>,
-    welcomed: impl FnOnce(),
+    gate: &mut dyn Admission,
 ) -> Result<(), ReceiveError> {
-    let mut r = BufReader::with_capacity(256 * 1024, r);
     let mut w = BufWriter::with_capacity(64 * 1024, w);
     let mut buf = Vec::new();
-    let refuse = |w: &mut BufWriter<W>, reason: String| -> Result<(), ReceiveError> {
+    // Read unbuffered, at most `HELLO_MAX` bytes: nothing larger is
+    // allocated before the peer has shown the token.
+    let hello = protocol::read_payload_max(&mut r, &mut buf, HELLO_MAX)
+        .and_then(|()| protocol::decode::<Request>(&buf));
+    let checked = check_hello(target, hello, token).and_then(|()| gate.admit());
+    if let Err(refusal) = checked {
+        // Cut from outside (the deadline, a newer connection): that is the
+        // reason, not the end of file it caused.
+        let refusal = gate.cut().unwrap_or(refusal);
         let _ = protocol::write_frame(
-            w,
+            &mut w,
             &Reply::Refused {
-                reason: reason.clone(),
+                reason: refusal.reason.clone(),
             },
         );
         let _ = w.flush();
-        Err(ReceiveError::Protocol(reason))
-    };
-    match protocol::read_frame::<_, Request>(&mut r, &mut buf) {
-        Ok(Request::Hello {
-            magic,
-            version,
-            token: presented,
-            root,
-        }) => {
-            if magic != MAGIC {
-                return refuse(&mut w, "not a drmirror client".into());
-            }
-            if version != VERSION {
-                return refuse(
-                    &mut w,
-                    format!(
-                        "protocol version {version} is not supported; this receiver speaks {VERSION} (drmirror {})",
-                        env!("CARGO_PKG_VERSION")
-                    ),
-                );
-            }
-            if let Some(want) = token {
-                let ok = presented
-                    .as_deref()
-                    .is_some_and(|p| protocol::token_eq(p.as_bytes(), want));
-                if !ok {
-                    return refuse(
-                        &mut w,
-                        "authentication failed: wrong or missing token".into(),
-                    );
-                }
-            }
-            // Two targets naming different directories must not end up
-            // writing into the same tree.
-            if let Some(want) = root {
-                if let Err(reason) = same_root(target, &want) {
-                    return refuse(&mut w, reason);
-                }
-            }
-        }
-        Ok(other) => return refuse(&mut w, format!("expected Hello, got {}", other.kind())),
-        Err(FrameError::Io(e))
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            return refuse(
-                &mut w,
-                format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()),
-            )
-        }
-        Err(e) => return refuse(&mut w, format!("bad handshake: {e}")),
+        return Err(ReceiveError::Refused(refusal));
     }
+    let mut r = BufReader::with_capacity(256 * 1024, r);
     // Held until this function returns, after the workers are done.
     let _session = crate::root_lock::acquire(target.root().fd(), crate::root_lock::TAKEOVER_WAIT);
     let boot = if crate::durability::local_disk(target.root().fd()) {
@@ -285,7 +252,6 @@ pub fn serve<R: Read, W: Write + Send>(
         },
     )?;
     w.flush().map_err(FrameError::Io)?;
-    welcomed();
 
     // Replies come from this loop, the workers and the sync thread.
     let w = Mutex::new(w);
@@ -449,6 +415,67 @@ pub fn serve<R: Read, W: Write + Send>(
         tracing::info!("the peer hung up: {dropped} of its requests dropped unapplied (never acknowledged, so it sends them again)");
     }
     result
+}
+
+/// Checks a Hello: a drmirror client of this protocol version, with the
+/// token (TCP), for this root.
+fn check_hello(
+    target: &LocalTarget,
+    hello: Result<Request, FrameError>,
+    token: Option<&[u8]>,
+) -> Result<(), Refusal> {
+    let (magic, version, presented, root) = match hello {
+        Ok(Request::Hello {
+            magic,
+            version,
+            token,
+            root,
+        }) => (magic, version, token, root),
+        Ok(other) => {
+            return Err(Refusal::new(
+                RefusalKind::BadHandshake,
+                format!("expected Hello, got {}", other.kind()),
+            ))
+        }
+        Err(e) => {
+            return Err(Refusal::new(
+                RefusalKind::BadHandshake,
+                format!("bad handshake: {e}"),
+            ))
+        }
+    };
+    if magic != MAGIC {
+        return Err(Refusal::new(
+            RefusalKind::BadHandshake,
+            "not a drmirror client",
+        ));
+    }
+    if version != VERSION {
+        return Err(Refusal::new(
+            RefusalKind::Version,
+            format!(
+                "protocol version {version} is not supported; this receiver speaks {VERSION} (drmirror {})",
+                env!("CARGO_PKG_VERSION")
+            ),
+        ));
+    }
+    if let Some(want) = token {
+        let ok = presented
+            .as_deref()
+            .is_some_and(|p| protocol::token_eq(p.as_bytes(), want));
+        if !ok {
+            return Err(Refusal::new(
+                RefusalKind::Auth,
+                "authentication failed: wrong or missing token",
+            ));
+        }
+    }
+    // Two targets naming different directories must not end up writing
+    // into the same tree.
+    if let Some(want) = root {
+        same_root(target, &want).map_err(|reason| Refusal::new(RefusalKind::Root, reason))?;
+    }
+    Ok(())
 }
 
 /// Most batch workers per connection.

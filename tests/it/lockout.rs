@@ -1,0 +1,529 @@
+//! Nobody can stop replication from outside (issue 35): strangers on the
+//! network cannot keep a daemon that holds the token from its receiver.
+
+use crate::remote::{config, rss_and_cpu, start_config};
+use crate::util::*;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use drmirror::protocol::{self, Reply, Request, HELLO_MAX, MAGIC, VERSION};
+
+/// A TCP connection to the receiver from `from` (any 127.x address works
+/// on loopback): several source addresses on one machine.
+fn connect_from(from: IpAddr, port: u16) -> TcpStream {
+    use rustix::net::{bind, connect, socket, AddressFamily, SocketType};
+    let fd: OwnedFd = socket(AddressFamily::INET, SocketType::STREAM, None).expect("socket");
+    bind(&fd, &SocketAddr::new(from, 0)).expect("bind the source address");
+    connect(&fd, &SocketAddr::from(([127, 0, 0, 1], port))).expect("connect");
+    TcpStream::from(fd)
+}
+
+/// What a stranger does once connected.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Behaviour {
+    /// Says nothing.
+    Idle,
+    /// Announces a frame the size of a Hello, then sends a byte every
+    /// half second: a per-read timeout never fires.
+    Trickle,
+    /// Announces a 4 MiB frame, then trickles.
+    Huge,
+}
+
+/// How a stranger's connection ended.
+#[derive(Debug)]
+struct Dropped {
+    behaviour: Behaviour,
+    after: Duration,
+    /// The receiver's reason, from its `Refused` frame.
+    reason: String,
+}
+
+/// Runs one stranger on `sock` until the receiver closes it (or `give_up`
+/// passes, which fails the test).
+fn stranger(mut sock: TcpStream, b: Behaviour, give_up: Duration) -> Dropped {
+    let t0 = Instant::now();
+    let header = |len: u32| {
+        let mut h = len.to_le_bytes().to_vec();
+        h.extend_from_slice(&[0, 0, 0, 0]);
+        h
+    };
+    let _ = match b {
+        Behaviour::Idle => Ok(()),
+        Behaviour::Trickle => sock.write_all(&header(HELLO_MAX as u32 - 8)),
+        Behaviour::Huge => sock.write_all(&header(4 << 20)),
+    };
+    sock.set_read_timeout(Some(ms(500))).expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        assert!(
+            t0.elapsed() < give_up,
+            "{b:?}: the receiver kept a stranger for {give_up:?}"
+        );
+        if b != Behaviour::Idle {
+            let _ = sock.write_all(b"x");
+        }
+        match sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            // Closed with our trickled bytes unread.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("{b:?}: {e}"),
+        }
+    }
+    let after = t0.elapsed();
+    let mut r = &got[..];
+    let reason = match protocol::read_frame::<_, Reply>(&mut r, &mut Vec::new()) {
+        Ok(Reply::Refused { reason }) => reason,
+        other => format!("no Refused frame ({other:?})"),
+    };
+    Dropped {
+        behaviour: b,
+        after,
+        reason,
+    }
+}
+
+/// `n` strangers from `from`, a third of each behaviour, each on its own
+/// thread.
+fn strangers(
+    n: usize,
+    from: IpAddr,
+    port: u16,
+    give_up: Duration,
+) -> Vec<std::thread::JoinHandle<Dropped>> {
+    let kinds = [Behaviour::Idle, Behaviour::Trickle, Behaviour::Huge];
+    (0..n)
+        .map(|i| {
+            let sock = connect_from(from, port);
+            let b = kinds[i % kinds.len()];
+            std::thread::spawn(move || stranger(sock, b, give_up))
+        })
+        .collect()
+}
+
+/// Checks how each stranger was dropped: at once for a frame too large for
+/// a Hello, at the deadline or displaced by a newer one otherwise.
+fn check_dropped(all: Vec<std::thread::JoinHandle<Dropped>>, deadline: Duration) {
+    for h in all {
+        let d = h.join().expect("stranger thread");
+        eprintln!(
+            "{:?} dropped after {:.2} s: {}",
+            d.behaviour,
+            d.after.as_secs_f64(),
+            d.reason
+        );
+        match d.behaviour {
+            Behaviour::Huge => assert!(
+                d.reason.contains("exceeds the 16384-byte limit")
+                    || d.reason.contains("handshake slots full"),
+                "{d:?}"
+            ),
+            Behaviour::Idle | Behaviour::Trickle => {
+                let timed_out = d
+                    .reason
+                    .contains(&format!("no handshake within {} s", deadline.as_secs_f64()));
+                assert!(
+                    timed_out || d.reason.contains("handshake slots full"),
+                    "{d:?}"
+                );
+                // The deadline runs from accept: never before it.
+                if timed_out {
+                    assert!(d.after >= deadline - ms(100), "{d:?}");
+                }
+            }
+        }
+    }
+}
+
+/// Acceptance 1 of issue 35: strangers idle or trickling bytes, opened
+/// before the daemon connects (from its own address) and during its session
+/// (from another), never keep it out: it is never refused, its mirror
+/// converges, the strangers are dropped at the handshake deadline (or
+/// displaced), every refusal is counted, the log says it once per address
+/// and reason, and the receiver's memory stays small.
+fn strangers_cannot_keep_the_daemon_out(n: usize) {
+    let env = Env::new();
+    gen_tree(&env.s("t"), 200, 20);
+    let tcp = Tcp::new(&env);
+    let mport = free_port();
+    let deadline = secs(3);
+    let recv = tcp.receiver_args(
+        &env,
+        &[],
+        &[
+            "--handshake-timeout",
+            "3s",
+            "--metrics",
+            &format!("127.0.0.1:{mport}"),
+        ],
+    );
+    let give_up = deadline * 10 + secs(30);
+    let local: IpAddr = [127, 0, 0, 1].into();
+    let mut all = strangers(n, local, tcp.port, give_up);
+
+    let t0 = Instant::now();
+    let d = start_config(&env, &config(&env, &tcp.target_toml(&env), ""));
+    let line = d.wait_log("initial sync complete", secs(120));
+    eprintln!(
+        "{n} strangers: initial sync complete {:.2} s after the daemon started",
+        t0.elapsed().as_secs_f64()
+    );
+    eprintln!("{line}");
+    env.converge(&[], &d);
+
+    let other: IpAddr = [127, 0, 0, 2].into();
+    all.extend(strangers(n, other, tcp.port, give_up));
+    write(&env.s("t/during"), b"written while strangers knock");
+    env.converge(&[], &d);
+    let (rss, _) = rss_and_cpu(recv.pid);
+    eprintln!("receiver RSS with {n} + {n} strangers: {} KiB", rss / 1024);
+    assert!(rss < 64 << 20, "receiver RSS {rss} bytes");
+
+    check_dropped(all, deadline);
+    let log = d.log();
+    assert!(
+        !log.contains("receiver refused") && !log.contains("cannot reach"),
+        "the daemon was kept out:\n{}",
+        d.log_tail()
+    );
+    let text = http_get(mport, "/metrics").expect("receiver metrics");
+    let refused = |reason: &str| {
+        metric(
+            &text,
+            &format!("drmirror_receive_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    // Each stranger refused once, for one of its three reasons; the
+    // daemon never.
+    let dropped = ["bad_handshake", "handshake_timeout", "handshake_slots_full"]
+        .iter()
+        .map(|r| refused(r))
+        .sum::<f64>();
+    assert_eq!(dropped, 2.0 * n as f64, "{text}");
+    for r in ["auth", "connection_limit", "version", "root"] {
+        assert_eq!(refused(r), 0.0, "{r}: {text}");
+    }
+    // Logged at most once per address and reason within the minute this
+    // test lasts.
+    let rlog = recv.log();
+    for addr in ["127.0.0.1", "127.0.0.2"] {
+        for why in ["bad handshake", "no handshake", "handshake slots full"] {
+            let lines = rlog
+                .lines()
+                .filter(|l| l.contains(&format!("refusing {addr}: {why}")))
+                .count();
+            assert!(
+                lines <= 1,
+                "{addr} {why}: {lines} lines\n{}",
+                recv.log_tail()
+            );
+        }
+        assert!(
+            rlog.contains(&format!("refusing {addr}: ")),
+            "{}",
+            recv.log_tail()
+        );
+    }
+    d.terminate();
+    recv.terminate();
+}
+
+#[test]
+fn eight_strangers_cannot_keep_the_daemon_out() {
+    strangers_cannot_keep_the_daemon_out(8);
+}
+
+#[test]
+fn sixty_four_strangers_cannot_keep_the_daemon_out() {
+    strangers_cannot_keep_the_daemon_out(64);
+}
+
+/// Sessions are limited by `--max-connections`; strangers do not count.
+#[test]
+fn tcp_receiver_limits_sessions_not_strangers() {
+    let env = Env::new();
+    gen_tree(&env.s("t"), 30, 10);
+    let tcp = Tcp::new(&env);
+    let recv = tcp.receiver_args(
+        &env,
+        &[],
+        &["--max-connections", "1", "--handshake-timeout", "2s"],
+    );
+    let silent = TcpStream::connect(("127.0.0.1", tcp.port)).expect("connect");
+    let d = start_config(&env, &config(&env, &tcp.target_toml(&env), ""));
+    env.converge(&[], &d);
+    // A second daemon with the token is refused while the first holds the
+    // only session slot.
+    let mut second = TcpStream::connect(("127.0.0.1", tcp.port)).expect("connect");
+    let token = std::fs::read_to_string(&tcp.token).expect("token");
+    protocol::write_frame(
+        &mut second,
+        &Request::Hello {
+            magic: MAGIC,
+            version: VERSION,
+            token: Some(token.trim().to_string()),
+            root: None,
+        },
+    )
+    .expect("hello");
+    match protocol::read_frame::<_, Reply>(&mut second, &mut Vec::new()) {
+        Ok(Reply::Refused { reason }) => {
+            assert!(reason.contains("connection limit (1) reached"), "{reason}")
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    // The silent client was told why, then hung up on.
+    let d2 = stranger(silent, Behaviour::Idle, secs(60));
+    assert!(d2.reason.contains("no handshake within 2 s"), "{d2:?}");
+    recv.wait_log("refusing 127.0.0.1: no handshake within 2 s", secs(10));
+    // Live changes keep flowing over the daemon's connection.
+    write(&env.s("t/live"), b"live");
+    env.converge(&[], &d);
+    assert!(!d.log().contains("receiver refused"), "{}", d.log_tail());
+    d.terminate();
+    recv.terminate();
+}
+
+/// One fuzz case: bytes to send, in chunks with pauses between them.
+struct Case {
+    bytes: Vec<u8>,
+    chunks: Vec<(usize, Duration)>,
+    /// A whole valid Hello with the token, sent before the deadline.
+    welcome_expected: bool,
+}
+
+fn hello_bytes(token: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    protocol::encode_frame(
+        &mut out,
+        &Request::Hello {
+            magic: MAGIC,
+            version: VERSION,
+            token: Some(token.to_string()),
+            root: None,
+        },
+    )
+    .expect("encode");
+    out
+}
+
+/// A random handshake: a valid Hello (sent whole, in pieces, or slowly), or
+/// one truncated, bit-flipped, with a wrong token or length, or garbage.
+fn fuzz_case(rng: &mut XorShift, token: &str, deadline: Duration) -> Case {
+    let good = hello_bytes(token);
+    let mut bytes = good.clone();
+    let mut valid = true;
+    match rng.below(8) {
+        0 | 1 => {}
+        2 => {
+            let at = rng.below(bytes.len() as u64) as usize;
+            bytes[at] ^= 1 << rng.below(8);
+            valid = false;
+        }
+        3 => {
+            bytes.truncate(rng.below(bytes.len() as u64) as usize);
+            valid = false;
+        }
+        4 => {
+            bytes = hello_bytes("not-the-token");
+            valid = false;
+        }
+        5 => {
+            let len = rng.next_u64() as u32;
+            bytes[..4].copy_from_slice(&len.to_le_bytes());
+            valid = false;
+        }
+        6 => {
+            bytes = (0..rng.below(64 << 10))
+                .map(|_| rng.next_u64() as u8)
+                .collect();
+            valid = false;
+        }
+        _ => {
+            // A valid Hello followed by garbage requests.
+            bytes.extend((0..rng.below(4096)).map(|_| rng.next_u64() as u8));
+        }
+    }
+    // Chunks of 1 byte up to the whole, with pauses; slow ones may pass
+    // the deadline.
+    let slow = rng.below(4) == 0;
+    let mut chunks = Vec::new();
+    let mut left = bytes.len();
+    let mut spent = Duration::ZERO;
+    while left > 0 {
+        let most = if rng.below(2) == 0 { 16 } else { 4096 };
+        let n = (1 + rng.below(most) as usize).min(left);
+        let pause = if slow {
+            ms(rng.below(400))
+        } else {
+            Duration::from_micros(rng.below(2000))
+        };
+        spent += pause;
+        chunks.push((n, pause));
+        left -= n;
+    }
+    // Room for a busy machine: only a Hello complete well within the
+    // deadline must be welcomed.
+    let hello_len = good.len().min(bytes.len());
+    let mut sent = 0;
+    let mut hello_time = Duration::ZERO;
+    for (n, pause) in &chunks {
+        if sent >= hello_len {
+            break;
+        }
+        hello_time += *pause;
+        sent += n;
+    }
+    Case {
+        welcome_expected: valid && hello_time < deadline / 4,
+        bytes,
+        chunks,
+    }
+}
+
+/// Runs one case: sends it, then reads until the receiver closes (or
+/// welcomes). Returns what came back.
+fn run_case(port: u16, c: &Case, give_up: Duration) -> Result<Vec<u8>, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let t0 = Instant::now();
+    let mut at = 0;
+    for (n, pause) in &c.chunks {
+        std::thread::sleep(*pause);
+        if s.write_all(&c.bytes[at..at + n]).is_err() {
+            break; // closed by the receiver: read its reason below
+        }
+        at += n;
+    }
+    s.set_read_timeout(Some(ms(200)))
+        .map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if t0.elapsed() > give_up {
+            return Err(format!("not closed after {give_up:?}; got {got:?}"));
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                // A welcomed session stays open: that is the outcome.
+                let mut r = &got[..];
+                if let Ok(Reply::Welcome { .. }) =
+                    protocol::read_frame::<_, Reply>(&mut r, &mut Vec::new())
+                {
+                    return Ok(got);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(got),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Acceptance 3 of issue 35: random handshakes, written in random pieces at
+/// random speeds by several clients at once, against a real receiver. Each
+/// connection is welcomed (a valid Hello with the token, in time) or
+/// refused with a reason and closed; none is kept past the deadline; the
+/// receiver stays up and small, and a daemon then mirrors through it.
+/// `DRMIRROR_FUZZ_SECS` (default 15) sets the length of the run.
+#[test]
+fn the_handshake_survives_fuzzing_with_slow_and_partial_writes() {
+    let secs_total: u64 = std::env::var("DRMIRROR_FUZZ_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15);
+    let seed: u64 = std::env::var("DRMIRROR_FUZZ_SEED")
+        .ok()
+        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("fuzz seed {seed:#x} for {secs_total} s (DRMIRROR_FUZZ_SEED / DRMIRROR_FUZZ_SECS)");
+    let env = Env::new();
+    let tcp = Tcp::new(&env);
+    let deadline = secs(2);
+    let recv = tcp.receiver_args(
+        &env,
+        &[],
+        &[
+            "--handshake-timeout",
+            "2s",
+            "--max-handshakes",
+            "64",
+            "--max-handshakes-per-address",
+            "64",
+            "--max-connections",
+            "64",
+        ],
+    );
+    let token = std::fs::read_to_string(&tcp.token).expect("token");
+    let token = token.trim().to_string();
+    let stop = Instant::now() + secs(secs_total);
+    let clients = 8;
+    let results: Vec<(u64, u64, u64)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..clients)
+            .map(|k| {
+                let (token, port) = (token.clone(), tcp.port);
+                sc.spawn(move || {
+                    let mut rng = XorShift::new(seed ^ (k as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                    let (mut cases, mut welcomed, mut refused) = (0, 0, 0);
+                    while Instant::now() < stop {
+                        let c = fuzz_case(&mut rng, &token, deadline);
+                        let got = run_case(port, &c, deadline * 5 + secs(20))
+                            .unwrap_or_else(|e| panic!("client {k} case {cases}: {e}"));
+                        let mut r = &got[..];
+                        match protocol::read_frame::<_, Reply>(&mut r, &mut Vec::new()) {
+                            Ok(Reply::Welcome { .. }) => welcomed += 1,
+                            Ok(Reply::Refused { .. }) => {
+                                assert!(!c.welcome_expected, "client {k} case {cases}: a valid Hello in time was refused: {got:?}");
+                                refused += 1
+                            }
+                            other => panic!("client {k} case {cases}: neither Welcome nor Refused: {other:?}"),
+                        }
+                        if c.welcome_expected {
+                            let mut r = &got[..];
+                            assert!(
+                                matches!(protocol::read_frame::<_, Reply>(&mut r, &mut Vec::new()), Ok(Reply::Welcome { .. })),
+                                "client {k} case {cases}: not welcomed: {got:?}"
+                            );
+                        }
+                        cases += 1;
+                    }
+                    (cases, welcomed, refused)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("client")).collect()
+    });
+    let (cases, welcomed, refused) = results
+        .iter()
+        .fold((0, 0, 0), |a, r| (a.0 + r.0, a.1 + r.1, a.2 + r.2));
+    let (rss, _) = rss_and_cpu(recv.pid);
+    eprintln!(
+        "fuzz: {cases} handshakes in {secs_total} s, {welcomed} welcomed, {refused} refused; receiver RSS {} KiB",
+        rss / 1024
+    );
+    assert!(welcomed > 0 && refused > 0, "the cases cover both outcomes");
+    assert!(recv.is_running(), "{}", recv.log_tail());
+    assert!(rss < 64 << 20, "receiver RSS {rss} bytes");
+    // And it still serves a daemon.
+    gen_tree(&env.s("t"), 50, 10);
+    let d = start_config(&env, &config(&env, &tcp.target_toml(&env), ""));
+    env.converge(&[], &d);
+    d.terminate();
+    recv.terminate();
+}
