@@ -12,7 +12,7 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
@@ -146,20 +146,29 @@ impl Root {
         } else {
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC
         };
-        let c = if rel.is_empty() {
-            cstr_name(b".")?
-        } else {
-            cstr_name(rel)?
-        };
-        // openat2 returns EAGAIN when a concurrent rename raced the lookup;
-        // the kernel asks callers to retry.
-        let mut tries = 0;
-        loop {
-            match rustix::fs::openat2(&self.fd, c.as_c_str(), flags, Mode::empty(), BENEATH) {
-                Err(Errno::AGAIN) if tries < 16 => tries += 1,
-                r => return r.map_err(io::Error::from),
-            }
+        if rel.is_empty() {
+            return open_beneath(self.fd.as_fd(), b".", flags);
         }
+        // A path the kernel would refuse whole (ENAMETOOLONG past PATH_MAX)
+        // is opened a piece at a time, each piece beneath the directory the
+        // last one opened: a user who can write in the source can make a
+        // chain of any depth, and it must neither stop capture nor go
+        // unmirrored.
+        let mut cur: Option<OwnedFd> = None;
+        let mut rest = rel;
+        while rest.len() > PATH_PIECE {
+            let cut = piece_end(rest);
+            let from = cur.as_ref().map_or(self.fd.as_fd(), |f| f.as_fd());
+            let fd = open_beneath(
+                from,
+                &rest[..cut],
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            )?;
+            cur = Some(fd);
+            rest = &rest[cut + 1..];
+        }
+        let from = cur.as_ref().map_or(self.fd.as_fd(), |f| f.as_fd());
+        open_beneath(from, rest, flags)
     }
 
     /// `lstat` of `rel`; `None` when it does not exist as a plain entry.
@@ -186,7 +195,7 @@ impl Root {
     /// [`crate::sync::Compare::changed_dirs_first`]): whatever is then read
     /// or written is resolved beneath the root.
     pub fn lstat_quick(&self, rel: &[u8]) -> io::Result<Option<Meta>> {
-        if rel.is_empty() {
+        if rel.is_empty() || self.path.as_os_str().len() + rel.len() >= PATH_PIECE {
             return self.lstat(rel);
         }
         // rustix copies a short path to a buffer on the stack (and refuses
@@ -262,6 +271,131 @@ impl Root {
         }
         Ok((cur, first_made))
     }
+}
+
+/// Longest path handed to the kernel in one piece: under `PATH_MAX`
+/// (4,096 bytes with its NUL), with room for a root's own path where an
+/// absolute one is built.
+pub const PATH_PIECE: usize = 3072;
+
+/// Where the first piece of `rel` (longer than [`PATH_PIECE`]) ends: at the
+/// last `/` within it. A name is at most 255 bytes, so there is one.
+fn piece_end(rel: &[u8]) -> usize {
+    rel[..=PATH_PIECE]
+        .iter()
+        .rposition(|&b| b == b'/')
+        .unwrap_or(PATH_PIECE)
+}
+
+/// `openat2` of `rel` beneath `dir`, retried while a concurrent rename races
+/// the lookup (EAGAIN: the kernel asks callers to retry).
+fn open_beneath(dir: BorrowedFd<'_>, rel: &[u8], flags: OFlags) -> io::Result<OwnedFd> {
+    let c = cstr_name(rel)?;
+    let mut tries = 0;
+    loop {
+        match rustix::fs::openat2(dir, c.as_c_str(), flags, Mode::empty(), BENEATH) {
+            Err(Errno::AGAIN) if tries < 16 => tries += 1,
+            r => return r.map_err(io::Error::from),
+        }
+    }
+}
+
+/// A path the kernel can use for directory `rel` of `root` where it takes
+/// only a path (`inotify_add_watch`): the absolute path while it is short
+/// enough, else `/proc/self/fd/N` of the directory opened beneath the root
+/// in pieces (valid while the returned descriptor is open; that magic link
+/// must then be followed).
+pub fn kernel_path(root: &Root, rel: &[u8]) -> io::Result<(PathBuf, Option<OwnedFd>)> {
+    let abs = paths::under(root.path(), rel);
+    if abs.as_os_str().len() < PATH_PIECE {
+        return Ok((abs, None));
+    }
+    let fd = root.open_dir(rel, false)?;
+    let link = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    Ok((link, Some(fd)))
+}
+
+/// The absolute path of the directory open as `fd`, however long.
+/// `/proc/self/fd/N` names at most `PATH_MAX` bytes (the kernel renders it
+/// into one page and fails with ENAMETOOLONG past that); then the path is
+/// found by walking up through `..` to the first ancestor it can name and
+/// looking each directory up in its parent by inode, as `getcwd(3)` did
+/// before the kernel had a system call for it. No crate does this.
+/// `None` when the directory was deleted or cannot be walked.
+pub fn dir_path(fd: BorrowedFd<'_>) -> Option<Vec<u8>> {
+    let mut names: Vec<Vec<u8>> = Vec::new();
+    let mut cur = rustix::io::fcntl_dupfd_cloexec(fd, 0).ok()?;
+    loop {
+        match read_proc_link(cur.as_fd()) {
+            Ok(link) => {
+                let mut abs = link.into_bytes();
+                if abs.ends_with(b" (deleted)") || !abs.starts_with(b"/") {
+                    return None;
+                }
+                for n in names.iter().rev() {
+                    if abs.len() > 1 {
+                        abs.push(b'/');
+                    }
+                    abs.extend_from_slice(n);
+                }
+                return Some(abs);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => {}
+            Err(_) => return None,
+        }
+        // Deeper than any path can be: something is wrong, give up.
+        if names.len() > 1 << 16 {
+            return None;
+        }
+        let st = rustix::fs::fstat(&cur).ok()?;
+        let parent = rustix::fs::openat(
+            &cur,
+            c"..",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        names.push(name_in(parent.as_fd(), &st)?);
+        cur = parent;
+    }
+}
+
+/// `readlink` of `/proc/self/fd/N` for `fd`.
+fn read_proc_link(fd: BorrowedFd<'_>) -> io::Result<std::ffi::CString> {
+    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    rustix::fs::readlink(link.as_str(), Vec::new()).map_err(io::Error::from)
+}
+
+/// The name under which directory `dir` (its `stat`) appears in `parent`.
+fn name_in(parent: BorrowedFd<'_>, dir: &rustix::fs::Stat) -> Option<Vec<u8>> {
+    let same = |name: &CStr| {
+        rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|s| (s.st_dev, s.st_ino) == (dir.st_dev, dir.st_ino))
+    };
+    let mut candidates = Vec::new();
+    let entries = rustix::fs::Dir::read_from(parent).ok()?;
+    for e in entries {
+        let e = e.ok()?;
+        let name = e.file_name();
+        if name == c"." || name == c".." {
+            continue;
+        }
+        // The inode number readdir gives is that of the directory the
+        // mount point hides, for a mount point: check each candidate.
+        if e.ino() == dir.st_ino && same(name) {
+            return Some(name.to_bytes().to_vec());
+        }
+        if matches!(
+            e.file_type(),
+            rustix::fs::FileType::Directory | rustix::fs::FileType::Unknown
+        ) {
+            candidates.push(name.to_owned());
+        }
+    }
+    candidates
+        .into_iter()
+        .find(|n| same(n))
+        .map(|n| n.into_bytes())
 }
 
 /// Opens directory `name` in `parent`, making it if missing; true if made.
@@ -500,5 +634,67 @@ mod tests {
             got.sort();
             assert_eq!(got, want);
         }
+    }
+
+    /// Paths past PATH_MAX: opened in pieces beneath the root, named by
+    /// walking up, made with `ensure_dir`.
+    #[test]
+    fn a_path_deeper_than_path_max_is_opened_and_named() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::open(t.path()).unwrap();
+        let rel: Vec<u8> = (0..24)
+            .map(|i| {
+                let mut n = format!("{i:02}").into_bytes();
+                n.resize(255, b'x');
+                n
+            })
+            .collect::<Vec<_>>()
+            .join(&b'/');
+        assert!(rel.len() > 6000);
+        let made = root.ensure_dir(&rel).unwrap();
+        let opened = root.open_dir(&rel, true).unwrap();
+        let (a, b) = (
+            rustix::fs::fstat(&made).unwrap(),
+            rustix::fs::fstat(&opened).unwrap(),
+        );
+        assert_eq!((a.st_dev, a.st_ino), (b.st_dev, b.st_ino));
+        let mut want = t.path().as_os_str().as_bytes().to_vec();
+        want.push(b'/');
+        want.extend_from_slice(&rel);
+        assert_eq!(dir_path(opened.as_fd()), Some(want));
+        // A short one is read from /proc in one step.
+        assert_eq!(
+            dir_path(root.fd()),
+            Some(t.path().as_os_str().as_bytes().to_vec())
+        );
+        // lstat of an entry at the bottom, and a symlink in the way refused.
+        let file = [rel.as_slice(), b"/f"].concat();
+        rustix::fs::openat(
+            &opened,
+            "f",
+            OFlags::CREATE | OFlags::WRONLY,
+            Mode::from_raw_mode(0o644),
+        )
+        .unwrap();
+        assert_eq!(
+            root.lstat_quick(&file).unwrap().map(|m| m.kind),
+            Some(Kind::File)
+        );
+        let mid = made_symlink_at_level(&root, &rel, 15);
+        assert!(
+            is_missing(&root.open_dir(&rel, false).unwrap_err()),
+            "{mid}"
+        );
+    }
+
+    /// Replaces level `level` of `rel` with a symlink to itself's parent.
+    fn made_symlink_at_level(root: &Root, rel: &[u8], level: usize) -> String {
+        let parts: Vec<&[u8]> = rel.split(|&b| b == b'/').collect();
+        let parent = parts[..level].join(&b'/');
+        let pfd = root.open_dir(&parent, false).unwrap();
+        let name = parts[level];
+        rustix::fs::renameat(&pfd, name, &pfd, "moved").unwrap();
+        rustix::fs::symlinkat("moved", &pfd, name).unwrap();
+        String::from_utf8_lossy(&name[..2]).into_owned()
     }
 }

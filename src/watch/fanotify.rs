@@ -609,12 +609,9 @@ impl FanotifyWatcher {
                 return None;
             }
         };
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
-        let abs = link.as_os_str().as_bytes().to_vec();
+        // Any depth: past PATH_MAX, by walking up (see `dir_path`).
+        let abs = crate::fsops::dir_path(fd.as_fd())?;
         tracing::trace!(path = %String::from_utf8_lossy(&abs), "resolved a directory handle");
-        if abs.ends_with(b" (deleted)") || !abs.starts_with(b"/") {
-            return None;
-        }
         metrics::counter!("drmirror_capture_handle_lookups_total").increment(1);
         self.learn(key, abs.clone());
         Some(abs)

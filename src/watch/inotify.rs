@@ -140,6 +140,25 @@ pub struct InotifyWatcher {
     mounts_pending: Option<crate::mounts::MountChanges>,
 }
 
+/// `inotify_add_watch` of directory `rel` of `root`, however deep (see
+/// [`crate::fsops::kernel_path`]).
+fn add_at(
+    w: &mut inotify::Watches,
+    root: &Root,
+    rel: &[u8],
+    mask: WatchMask,
+) -> io::Result<inotify::WatchDescriptor> {
+    let (path, held) = crate::fsops::kernel_path(root, rel)?;
+    // A descriptor's path is a magic link to the directory, opened beneath
+    // the root without following any symlink: it must be followed.
+    let mask = if held.is_some() {
+        mask.difference(WatchMask::DONT_FOLLOW)
+    } else {
+        mask
+    };
+    w.add(path, mask)
+}
+
 /// Whether `fd` is an inotify group.
 fn is_inotify(fd: &impl std::os::fd::AsRawFd) -> io::Result<bool> {
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
@@ -373,7 +392,7 @@ impl InotifyWatcher {
         let mut gone = Vec::new();
         // inotify_add_watch is mostly a path lookup: spread it over the cores.
         let watches = self.ino.watches();
-        let source = self.root.path().to_path_buf();
+        let root = &self.root;
         let filter = self.filter.clone();
         let added: Vec<(Vec<u8>, Option<io::Result<Wd>>)> = list
             .into_par_iter()
@@ -381,7 +400,7 @@ impl InotifyWatcher {
                 if !rel.is_empty() && filter.excluded(&rel, true) {
                     return (rel, None);
                 }
-                let r = w.add(paths::under(&source, &rel), shallow_mask());
+                let r = add_at(w, root, &rel, shallow_mask());
                 (rel, Some(r.map(|wd| wd.get_watch_descriptor_id())))
             })
             .collect();
@@ -439,12 +458,12 @@ impl InotifyWatcher {
         // themselves take the group's lock). On a thread of its own, not on
         // a rayon pool: this is the capture thread, and a pool busy with
         // copies would hold it up.
-        let source = self.root.path();
+        let root = &self.root;
         let add = |part: &[(Wd, Vec<u8>)]| -> Vec<io::Result<Wd>> {
             let mut w = self.ino.watches();
             part.iter()
                 .map(|(_, rel)| {
-                    w.add(paths::under(source, rel), mask() | WatchMask::MASK_ADD)
+                    add_at(&mut w, root, rel, mask() | WatchMask::MASK_ADD)
                         .map(|got| got.get_watch_descriptor_id())
                 })
                 .collect()
@@ -590,9 +609,9 @@ impl InotifyWatcher {
         let collect = self.collect_recent;
         let filter = &self.filter;
         let watches = self.ino.watches();
-        let source = self.root.path();
+        let root = &self.root;
         crate::scan::walk(
-            &self.root,
+            root,
             rel,
             |_, children| {
                 let mut mine = Vec::new();
@@ -605,7 +624,7 @@ impl InotifyWatcher {
                         c.descend = false;
                         continue;
                     }
-                    match w.add(paths::under(source, &c.rel), mask()) {
+                    match add_at(&mut w, root, &c.rel, mask()) {
                         Ok(wd) => mine.push((c.rel.clone(), wd.get_watch_descriptor_id())),
                         Err(e) if crate::fsops::is_missing(&e) => c.descend = false,
                         // Unreadable: its parent's watch reports the chmod
@@ -691,8 +710,7 @@ impl InotifyWatcher {
     }
 
     fn add_watch(&mut self, rel: &[u8]) -> io::Result<()> {
-        let path = paths::under(self.root.path(), rel);
-        let wd = self.ino.watches().add(path, mask())?;
+        let wd = add_at(&mut self.ino.watches(), &self.root, rel, mask())?;
         self.record_watch(rel.to_vec(), wd.get_watch_descriptor_id());
         Ok(())
     }

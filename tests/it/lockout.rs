@@ -6,6 +6,7 @@ use crate::util::*;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use drmirror::protocol::{self, Reply, Request, HELLO_MAX, MAGIC, VERSION};
@@ -525,5 +526,185 @@ fn the_handshake_survives_fuzzing_with_slow_and_partial_writes() {
     let d = start_config(&env, &config(&env, &tcp.target_toml(&env), ""));
     env.converge(&[], &d);
     d.terminate();
+    recv.terminate();
+}
+
+/// Levels of a deep chain: 22 names of 255 bytes, 5,632 bytes below the
+/// root, past PATH_MAX (4,096).
+const DEEP: usize = 22;
+
+/// Name of level `i` of chain `tag`: 255 bytes, the longest a name can be.
+fn chain_name(i: usize, tag: u8) -> Vec<u8> {
+    let mut n = format!("{i:02}").into_bytes();
+    n.resize(255, tag);
+    n
+}
+
+/// Makes (or reuses) chain `tag` below `root`: a directory per level, each
+/// with a file `f<i>` holding `level <i> <what>`. By descriptor, level by
+/// level: the path calls of std fail past PATH_MAX.
+fn make_chain(root: &Path, tag: u8, what: &str) {
+    use rustix::fs::{mkdirat, openat, Mode, OFlags};
+    let mut dir = openat(
+        rustix::fs::CWD,
+        root,
+        OFlags::PATH | OFlags::DIRECTORY,
+        Mode::empty(),
+    )
+    .expect("open root");
+    for i in 0..DEEP {
+        let name = chain_name(i, tag);
+        match mkdirat(&dir, name.as_slice(), Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => panic!("mkdir level {i}: {e}"),
+        }
+        dir = openat(
+            &dir,
+            name.as_slice(),
+            OFlags::PATH | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .expect("open level");
+        let f = openat(
+            &dir,
+            format!("f{i}").as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC,
+            Mode::from_raw_mode(0o644),
+        )
+        .expect("create file");
+        rustix::io::write(&f, format!("level {i} {what}\n").as_bytes()).expect("write");
+    }
+}
+
+/// Opens level `levels` of chain `tag` below `root` (`None` if missing).
+fn chain_dir(root: &Path, tag: u8, levels: usize) -> Option<OwnedFd> {
+    use rustix::fs::{openat, Mode, OFlags};
+    let mut dir = openat(
+        rustix::fs::CWD,
+        root,
+        OFlags::PATH | OFlags::DIRECTORY,
+        Mode::empty(),
+    )
+    .ok()?;
+    for i in 0..levels {
+        dir = openat(
+            &dir,
+            chain_name(i, tag).as_slice(),
+            OFlags::PATH | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .ok()?;
+    }
+    Some(dir)
+}
+
+/// The content of each level's file of chain `tag` below `root`.
+fn read_chain(root: &Path, tag: u8) -> Vec<Option<String>> {
+    use rustix::fs::{openat, Mode, OFlags};
+    (0..DEEP)
+        .map(|i| {
+            let dir = chain_dir(root, tag, i + 1)?;
+            let f = openat(
+                &dir,
+                format!("f{i}").as_str(),
+                OFlags::RDONLY,
+                Mode::empty(),
+            )
+            .ok()?;
+            let mut s = String::new();
+            std::fs::File::from(f).read_to_string(&mut s).ok()?;
+            Some(s)
+        })
+        .collect()
+}
+
+/// Chain `tag` is mirrored whole, with the content `what` at every level.
+fn assert_chain(env: &Env, tag: u8, what: &str) {
+    let want: Vec<Option<String>> = (0..DEEP)
+        .map(|i| Some(format!("level {i} {what}\n")))
+        .collect();
+    assert_eq!(read_chain(&env.src, tag), want, "source");
+    assert_eq!(
+        read_chain(&env.dst, tag),
+        want,
+        "chain {} on the target",
+        tag as char
+    );
+}
+
+/// Live changes deep in chain `tag`: a subdirectory made, filled and
+/// renamed at the bottom, and the files of the last two levels rewritten.
+fn change_deep(root: &Path, tag: u8) {
+    use rustix::fs::{mkdirat, openat, renameat, Mode, OFlags};
+    let dir = chain_dir(root, tag, DEEP).expect("bottom of the chain");
+    mkdirat(&dir, "sub", Mode::from_raw_mode(0o755)).expect("mkdir sub");
+    let f = openat(
+        &dir,
+        "sub/x",
+        OFlags::WRONLY | OFlags::CREATE,
+        Mode::from_raw_mode(0o600),
+    )
+    .expect("create sub/x");
+    rustix::io::write(&f, b"deep x\n").expect("write");
+    renameat(&dir, "sub", &dir, "sub2").expect("rename");
+    rustix::fs::symlinkat(format!("f{}", DEEP - 1).as_str(), &dir, "link").expect("symlink");
+}
+
+/// Acceptance 2 of issue 35: a chain of directories deeper than PATH_MAX,
+/// made before the start, while running and while stopped, neither stops
+/// the daemon from starting nor goes unmirrored: a user who can write in
+/// the source cannot stop the DR copy.
+fn a_chain_deeper_than_path_max_is_mirrored(env: &Env, start: &dyn Fn() -> Daemon) {
+    gen_tree(&env.s("t"), 100, 10);
+    make_chain(&env.src, b'a', "before");
+    let d = start();
+    env.converge(&["--checksum"], &d);
+    assert_chain(env, b'a', "before");
+
+    make_chain(&env.src, b'b', "live");
+    make_chain(&env.src, b'a', "changed");
+    change_deep(&env.src, b'a');
+    write(&env.s("t/live"), b"live");
+    env.converge(&["--checksum"], &d);
+    assert_chain(env, b'b', "live");
+    assert_chain(env, b'a', "changed");
+    let bottom = chain_dir(&env.dst, b'a', DEEP).expect("bottom on the target");
+    rustix::fs::statat(&bottom, "sub2/x", rustix::fs::AtFlags::empty()).expect("sub2/x mirrored");
+    d.terminate();
+
+    make_chain(&env.src, b'c', "while stopped");
+    make_chain(&env.src, b'b', "changed while stopped");
+    let d = start();
+    env.converge(&["--checksum"], &d);
+    assert_chain(env, b'c', "while stopped");
+    assert_chain(env, b'b', "changed while stopped");
+    // Nothing went wrong on the way (a busy metrics port aside).
+    let log = d.log();
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .filter(|l| !l.contains("metrics endpoint"))
+        .collect();
+    assert!(bad.is_empty(), "{bad:#?}");
+    d.terminate();
+}
+
+fn a_deep_chain_is_mirrored(b: Backend) {
+    let env = Env::with(b);
+    a_chain_deeper_than_path_max_is_mirrored(&env, &|| env.start(&[]));
+}
+
+suite!(a_deep_chain_is_mirrored);
+
+/// The same over a `tcp://` target: the receiver writes beneath its root
+/// at any depth too.
+#[test]
+fn a_deep_chain_is_mirrored_over_tcp() {
+    let env = Env::new();
+    let tcp = Tcp::new(&env);
+    let recv = tcp.receiver(&env, &[]);
+    let toml = config(&env, &tcp.target_toml(&env), "");
+    a_chain_deeper_than_path_max_is_mirrored(&env, &|| start_config(&env, &toml));
+    assert!(!recv.log().contains(" WARN "), "{}", recv.log_tail());
     recv.terminate();
 }
