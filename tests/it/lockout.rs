@@ -708,3 +708,160 @@ fn a_deep_chain_is_mirrored_over_tcp() {
     assert!(!recv.log().contains(" WARN "), "{}", recv.log_tail());
     recv.terminate();
 }
+
+/// A file written without pause (rewritten in place all the time, and
+/// growing without end) never makes a copy run without end (a copy reads
+/// the size it saw at open), is never installed half-written, and holds
+/// nothing else back: the rest of the tree is mirrored meanwhile, while
+/// `status` names the file and the lag grows with its age, so the gap is on
+/// show. Once the writer stops, it arrives.
+#[test]
+fn a_file_written_without_pause_holds_back_nothing_else_and_is_on_show() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Stops the writer however the test ends (a failed wait included),
+    /// or the scope would wait for it for ever.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let env = Env::new();
+    write(&env.s("hot.log"), &pattern(1 << 20, 3));
+    let d = env.start(&["--metrics", "off"]);
+    env.converge(&[], &d);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let _stop = StopOnDrop(&stop);
+        let hot = env.s("hot.log");
+        let stop = &stop;
+        let writer = sc.spawn(move || {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&hot)
+                .expect("open hot.log");
+            let block = [b'x'; 4096];
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                // Mostly in place; one write in 64 grows the file.
+                let at = if n % 64 == 0 {
+                    len
+                } else {
+                    (n * 4096) % len.max(1)
+                };
+                f.write_all_at(&block, at).expect("write");
+                n += 1;
+            }
+            n
+        });
+        // Everything else flows.
+        gen_tree(&env.s("meanwhile"), 50, 10);
+        wait_until(
+            "the rest of the tree is mirrored",
+            secs(60),
+            Some(&d),
+            || {
+                let o = env.verify_out(&[]);
+                // Only hot.log differs, if anything.
+                o.stdout
+                    .lines()
+                    .all(|l| l.contains("hot.log") || l.starts_with("verify: "))
+            },
+        );
+        // The file that does not settle is named, and the lag shows it.
+        wait_until("status names the changing file", secs(60), Some(&d), || {
+            let s = status_json(&env.state);
+            let t = &s["targets"][0];
+            t["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("hot.log"))
+                && t["lag_seconds"].as_f64().is_some_and(|l| l >= 2.0)
+        });
+        stop.store(true, Ordering::Relaxed);
+        let writes = writer.join().expect("writer");
+        eprintln!("{writes} writes of 4 KiB");
+    });
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+}
+
+/// FIFOs in the source with a process blocked opening each end: the
+/// daemon never opens them (which would wake the one and break the other's
+/// pipe), and they stop nothing: the tree around them is mirrored.
+#[test]
+fn fifos_with_blocked_readers_and_writers_stop_nothing() {
+    let env = Env::new();
+    gen_tree(&env.s("t"), 30, 10);
+    let (r, w) = (env.s("t/read.fifo"), env.s("t/write.fifo"));
+    for p in [&r, &w] {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            p.as_path(),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .expect("mkfifo");
+    }
+    // Each blocks in open(2) until the other end is opened.
+    let mut reader = std::process::Command::new("cat")
+        .arg(&r)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("cat");
+    let mut writer = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo written > '{}'", w.display()))
+        .spawn()
+        .expect("sh");
+    let d = env.start(&["--metrics", "off"]);
+    write(&env.s("t/live"), b"live");
+    env.converge(&[], &d);
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        r.as_path(),
+        &rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            },
+        },
+        rustix::fs::AtFlags::empty(),
+    )
+    .expect("touch the fifo");
+    write(&env.s("t/after-touch"), b"after");
+    env.converge(&[], &d);
+    // Still blocked: the daemon opened neither.
+    assert!(
+        reader.try_wait().expect("reader").is_none(),
+        "the daemon opened read.fifo for writing"
+    );
+    assert!(
+        writer.try_wait().expect("writer").is_none(),
+        "the daemon opened write.fifo for reading"
+    );
+    // Their own peers end them.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&r)
+        .expect("open read.fifo")
+        .write_all(b"bye\n")
+        .expect("write");
+    let out = reader.wait_with_output().expect("reader output");
+    assert_eq!(out.stdout, b"bye\n");
+    let mut got = String::new();
+    std::fs::File::open(&w)
+        .expect("open write.fifo")
+        .read_to_string(&mut got)
+        .expect("read");
+    assert_eq!(got, "written\n");
+    assert!(writer.wait().expect("writer").success());
+    assert!(d.is_running(), "{}", d.log_tail());
+    d.terminate();
+}
