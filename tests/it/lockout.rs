@@ -865,3 +865,29 @@ fn fifos_with_blocked_readers_and_writers_stop_nothing() {
     assert!(d.is_running(), "{}", d.log_tail());
     d.terminate();
 }
+
+/// A directory of 100,000 entries made while the daemon runs (a user
+/// unpacking a mail spool into one directory) neither stops the daemon nor
+/// hides changes elsewhere: a file written in the middle of it arrives,
+/// everything converges, and a restart finds it all in sync.
+#[test]
+fn a_directory_of_a_hundred_thousand_entries_stops_nothing() {
+    let env = Env::new();
+    let d = env.start(&["--metrics", "off"]);
+    let big = env.s("big");
+    mkdirp(&big);
+    for i in 0..100_000u32 {
+        std::fs::File::create(big.join(format!("f{i:06}"))).expect("create");
+        if i == 50_000 {
+            write(&env.s("elsewhere"), b"written halfway");
+        }
+    }
+    env.converge_for(&[], &d, secs(300));
+    assert_eq!(read(&env.d("elsewhere")), b"written halfway");
+    d.terminate();
+    let d = env.start(&["--metrics", "off"]);
+    let line = d.wait_initial_sync(secs(120));
+    assert_eq!(field(&line, "copied"), 0, "{line}");
+    env.converge(&[], &d);
+    d.terminate();
+}
