@@ -216,10 +216,10 @@ pub fn serve<R: Read, W: Write + Send>(
     token: Option<&[u8]>,
     gate: &mut dyn Admission,
 ) -> Result<(), ReceiveError> {
-    let mut w = BufWriter::with_capacity(64 * 1024, w);
+    let mut w = w;
     let mut buf = Vec::new();
-    // Read unbuffered, at most `HELLO_MAX` bytes: nothing larger is
-    // allocated before the peer has shown the token.
+    // Read and written unbuffered, at most `HELLO_MAX` bytes: nothing
+    // larger is allocated before the peer has shown the token.
     let hello = protocol::read_payload_max(&mut r, &mut buf, HELLO_MAX)
         .and_then(|()| protocol::decode::<Request>(&buf));
     let checked = check_hello(target, hello, token).and_then(|()| gate.admit());
@@ -237,6 +237,7 @@ pub fn serve<R: Read, W: Write + Send>(
         return Err(ReceiveError::Refused(refusal));
     }
     let mut r = BufReader::with_capacity(256 * 1024, r);
+    let mut w = BufWriter::with_capacity(64 * 1024, w);
     // Held until this function returns, after the workers are done.
     let _session = crate::root_lock::acquire(target.root().fd(), crate::root_lock::TAKEOVER_WAIT);
     let boot = if crate::durability::local_disk(target.root().fd()) {
