@@ -325,6 +325,11 @@ fn capture_loop(
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
             last_status = Instant::now();
         }
+        // Cheap (a flag) unless the list changed: checked every turn, so
+        // that what set-up could not capture shows before any event.
+        if let Some(u) = watcher.uncaptured() {
+            board.update(|s| s.uncaptured = u);
+        }
         if !watcher.wait(Duration::from_millis(200))? {
             continue;
         }
@@ -349,9 +354,6 @@ fn capture_loop(
             reading = true;
         }
         watcher.read(&mut events)?;
-        if let Some(u) = watcher.uncaptured() {
-            board.update(|s| s.uncaptured = u);
-        }
         if abort_after_read && !events.is_empty() {
             std::process::abort();
         }
@@ -386,7 +388,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let r = run_daemon(cfg);
     if let Err(e) = &r {
         crate::rebuild::note_if_corrupt(&state_dir, e);
-        crate::state_space::wait_out_if_full(&state_dir, e);
+        crate::state_space::wait_out_if_full(&state_dir, e, e.journal_error().is_some());
     }
     r
 }

@@ -56,12 +56,14 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
 /// short of space, waits until it has [`ROOM`] and re-executes the daemon
 /// (does not return then). Returns if there is room, if it cannot tell, on
 /// SIGTERM/SIGINT, or if the re-execution failed.
-pub fn wait_out_if_full(state: &Path, err: &dyn std::fmt::Display) {
+pub fn wait_out_if_full(state: &Path, err: &dyn std::fmt::Display, from_journal: bool) {
     let text = err.to_string();
     // Closing the journal may give back what it had preallocated, so the
-    // error itself tells too: RocksDB's own ENOSPC, or the state it leaves
-    // every later write in.
-    let said = text.contains("No space left") || text.contains("Writer has previous error");
+    // journal's error itself tells too: RocksDB's own ENOSPC, or the state
+    // it leaves every later write in. (Only the journal's: inotify's watch
+    // limit is an ENOSPC too.)
+    let said = from_journal
+        && (text.contains("No space left") || text.contains("Writer has previous error"));
     match free_bytes(state) {
         Some(free) if free < ROOM || said => {}
         _ => return,

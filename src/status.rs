@@ -284,7 +284,7 @@ pub fn render(s: &Status) -> String {
         ));
     }
     for u in &s.uncaptured {
-        out.push_str(&format!("  NOT CAPTURED (mounted under the source): {u}\n"));
+        out.push_str(&format!("  NOT CAPTURED: {u}\n"));
     }
     for t in &s.targets {
         out.push_str(&format!(

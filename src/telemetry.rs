@@ -124,6 +124,10 @@ fn describe() {
         "drmirror_backlog_collapsed_total",
         "Changes recorded as directory-level rescans because a backlog reached its bound"
     );
+    describe_gauge!(
+        "drmirror_capture_unwatched_dirs",
+        "Directories inotify could not watch for its watch limit (compared every 30 s instead)"
+    );
     describe_counter!(
         "drmirror_receive_refused_total",
         "Connections a receiver turned away, by reason (handshake_timeout, handshake_slots_full, bad_handshake, auth, version, root, connection_limit)"

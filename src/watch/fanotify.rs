@@ -826,7 +826,7 @@ impl Watcher for FanotifyWatcher {
         std::mem::take(&mut self.uncaptured_changed).then(|| {
             self.uncaptured
                 .iter()
-                .map(|(p, why)| format!("{}: {why}", p.display()))
+                .map(|(p, why)| format!("{} (mounted under the source): {why}", p.display()))
                 .collect()
         })
     }

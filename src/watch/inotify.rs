@@ -16,10 +16,12 @@ use std::time::Duration;
 
 use inotify::{EventMask, Inotify, WatchMask};
 
+use super::unwatched::{self, Unwatched};
 use super::{CompleteWatch, Event, WatchError, Watcher};
 use crate::filter::Filter;
 use crate::fsops::Root;
 use crate::journal::{flags, Journal, TargetId};
+use crate::locks::lock;
 use crate::meta::Kind;
 use crate::paths;
 
@@ -134,6 +136,9 @@ pub struct InotifyWatcher {
     deep_since: std::time::Instant,
     /// This group's marker, until the journal names it.
     marker: Option<String>,
+    /// Directories refused a watch for the watch limit (see
+    /// [`super::unwatched`]).
+    unwatched: Unwatched,
     /// The mounts under the source, followed while running (see
     /// [`InotifyWatcher::on_mounts`]).
     table: Option<crate::mounts::MountTable>,
@@ -163,13 +168,6 @@ fn add_at(
 fn is_inotify(fd: &impl std::os::fd::AsRawFd) -> io::Result<bool> {
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
     Ok(link.as_os_str() == "anon_inode:inotify")
-}
-
-fn read_limit() -> u64 {
-    std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 impl InotifyWatcher {
@@ -213,6 +211,7 @@ impl InotifyWatcher {
             deep_handle: None,
             deep_since: std::time::Instant::now(),
             marker: None,
+            unwatched: Unwatched::default(),
         }
     }
 
@@ -317,6 +316,9 @@ impl InotifyWatcher {
         } else {
             Vec::new()
         };
+        // First, so that the watch limit, should the tree reach it, never
+        // leaves the marker unwatched.
+        w.mark_group()?;
         if list.first().is_some_and(|root| root.is_empty()) {
             w.restore(list)?;
             let (tx, rx) = crossbeam_channel::unbounded();
@@ -326,7 +328,6 @@ impl InotifyWatcher {
             w.journal.dirs_reset(b"inotify")?;
             w.add_tree(b"")?;
         }
-        w.mark_group()?;
         // Restored watches: named once complete (see `note_deep`).
         if w.shallow.is_empty() {
             w.deep_tx = None;
@@ -354,7 +355,17 @@ impl InotifyWatcher {
             source: e,
         };
         std::fs::File::create(&path).map_err(err)?;
-        add_watch(&self.ino, &path, WatchFlags::DELETE_SELF).map_err(|e| err(e.into()))?;
+        match add_watch(&self.ino, &path, WatchFlags::DELETE_SELF) {
+            Ok(_) => {}
+            // Other processes of this user hold every watch: capture goes
+            // on (see `unwatched`), only a handover of this group cannot.
+            Err(e) if unwatched::is_limit(&io::Error::from(e)) => {
+                tracing::warn!("inotify watch limit reached before the first watch: this group cannot be handed over to the next run");
+                let _ = std::fs::remove_file(&path);
+                return Ok(());
+            }
+            Err(e) => return Err(err(e.into())),
+        }
         self.marker = Some(name);
         Ok(())
     }
@@ -388,7 +399,6 @@ impl InotifyWatcher {
     /// rescanned (see `drain_feed`).
     fn restore(&mut self, list: Vec<Vec<u8>>) -> Result<(), WatchError> {
         use rayon::prelude::*;
-        let needed = list.len();
         let mut gone = Vec::new();
         // inotify_add_watch is mostly a path lookup: spread it over the cores.
         let watches = self.ino.watches();
@@ -411,6 +421,7 @@ impl InotifyWatcher {
             };
             match r.map(|wd| self.record_watch(rel.clone(), wd)) {
                 Ok(()) => {}
+                Err(e) if unwatched::is_limit(&e) => self.unwatched.note(rel),
                 Err(e) if rel.is_empty() => {
                     return Err(WatchError::Add {
                         path: self.root.path().display().to_string(),
@@ -423,10 +434,7 @@ impl InotifyWatcher {
                 {
                     gone.push(rel)
                 }
-                Err(e) => {
-                    let more = needed - self.by_wd.len();
-                    return Err(self.add_error(&rel, e, more));
-                }
+                Err(e) => return Err(self.add_error(&rel, e)),
             }
         }
         self.restored = self.by_wd.len();
@@ -494,7 +502,11 @@ impl InotifyWatcher {
                     }
                     self.stale.push(wd);
                 }
-                Err(e) if crate::fsops::is_missing(&e) => self.stale.push(wd),
+                // Gone, or renamed so that its path names a directory that
+                // would need a watch of its own.
+                Err(e) if crate::fsops::is_missing(&e) || unwatched::is_limit(&e) => {
+                    self.stale.push(wd)
+                }
                 // Unreadable now: as when restoring, it goes unwatched until
                 // a chmod its parent reports makes it readable.
                 Err(e) if e.raw_os_error() == Some(crate::fsops::libc_errno::EACCES) => {
@@ -504,7 +516,7 @@ impl InotifyWatcher {
                     self.by_path.remove(&rel);
                     self.journal.dirs_update(&[], &[rel])?;
                 }
-                Err(e) => return Err(self.add_error(&rel, e, 0)),
+                Err(e) => return Err(self.add_error(&rel, e)),
             }
         }
         self.note_deep()
@@ -553,10 +565,8 @@ impl InotifyWatcher {
     fn rewatch_all(&mut self) -> Result<(), WatchError> {
         self.rewatched = true;
         self.moved_from.clear();
-        match self.add_tree(b"") {
-            Ok(()) => {}
-            Err(e @ WatchError::WatchLimit { .. }) => return Err(e),
-            Err(e) => tracing::warn!("{e}"),
+        if let Err(e) = self.add_tree(b"") {
+            tracing::warn!("{e}");
         }
         self.shallow.clear();
         self.stale.clear();
@@ -588,6 +598,21 @@ impl InotifyWatcher {
         Ok(())
     }
 
+    /// Tries the directories past the watch limit again, when due, and
+    /// has each compared (see [`super::unwatched`]).
+    fn retry_unwatched(&mut self, out: &mut Vec<Event>) {
+        let Some(dirs) = self.unwatched.take_due(&self.filter, out) else {
+            return;
+        };
+        let had = dirs.len();
+        for d in dirs {
+            if let Err(e) = self.add_tree(&d) {
+                tracing::warn!("{e}");
+            }
+        }
+        self.unwatched.retried(had);
+    }
+
     /// Watches `rel` and every directory below it.
     ///
     /// Each directory is watched *before* it is listed: a subdirectory
@@ -598,13 +623,18 @@ impl InotifyWatcher {
         let root_wd = match self.add_watch(rel) {
             Ok(()) => true,
             Err(e) if crate::fsops::is_missing(&e) => false,
-            Err(e) => return Err(self.add_error(rel, e, 1)),
+            Err(e) if unwatched::is_limit(&e) => {
+                self.unwatched.note(rel.to_vec());
+                false
+            }
+            Err(e) => return Err(self.add_error(rel, e)),
         };
         if !root_wd {
             return Ok(());
         }
         let added = Mutex::new(Vec::new());
         let failed: Mutex<Option<(Vec<u8>, io::Error)>> = Mutex::new(None);
+        let limited: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
         let seen = Mutex::new(Vec::new());
         let collect = self.collect_recent;
         let filter = &self.filter;
@@ -627,6 +657,10 @@ impl InotifyWatcher {
                     match add_at(&mut w, root, &c.rel, mask()) {
                         Ok(wd) => mine.push((c.rel.clone(), wd.get_watch_descriptor_id())),
                         Err(e) if crate::fsops::is_missing(&e) => c.descend = false,
+                        Err(e) if unwatched::is_limit(&e) => {
+                            c.descend = false;
+                            lock(&limited).push(c.rel.clone());
+                        }
                         // Unreadable: its parent's watch reports the chmod
                         // that makes it readable, and it is watched then.
                         Err(e) if e.raw_os_error() == Some(crate::fsops::libc_errno::EACCES) => {
@@ -662,27 +696,19 @@ impl InotifyWatcher {
             dirs.push((p, wd.to_le_bytes().to_vec()));
         }
         self.journal.dirs_put(&dirs)?;
+        for p in limited.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            self.unwatched.note(p);
+        }
         if let Some((p, e)) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(self.add_error(&p, e, 0));
+            return Err(self.add_error(&p, e));
         }
         Ok(())
     }
 
-    fn add_error(&self, rel: &[u8], e: io::Error, more: usize) -> WatchError {
-        if e.raw_os_error() == Some(crate::fsops::libc_errno::ENOSPC) {
-            let limit = read_limit();
-            let needed = self.by_wd.len() + more.max(1);
-            WatchError::WatchLimit {
-                added: self.by_wd.len(),
-                needed,
-                limit,
-                suggest: (needed as u64 * 2).max(limit * 2),
-            }
-        } else {
-            WatchError::Add {
-                path: paths::under(self.root.path(), rel).display().to_string(),
-                source: e,
-            }
+    fn add_error(&self, rel: &[u8], e: io::Error) -> WatchError {
+        WatchError::Add {
+            path: paths::under(self.root.path(), rel).display().to_string(),
+            source: e,
         }
     }
 
@@ -733,6 +759,7 @@ impl InotifyWatcher {
             }
         }
         self.journal.dirs_remove_tree(dir)?;
+        self.unwatched.forget_tree(dir);
         Ok(())
     }
 
@@ -846,10 +873,8 @@ impl InotifyWatcher {
         if is_dir && !self.filter.excluded(&path, true) {
             // Watch first, then let the subtree scan find what was created
             // before the watch existed (`mkdir -p a/b/c; touch a/b/c/f`).
-            match self.add_tree(&path) {
-                Ok(()) => {}
-                Err(e @ WatchError::WatchLimit { .. }) => return Err(e),
-                Err(e) => tracing::warn!("{e}"),
+            if let Err(e) = self.add_tree(&path) {
+                tracing::warn!("{e}");
             }
         }
         super::on_new(&self.filter, path, is_dir, true, out);
@@ -1088,10 +1113,20 @@ impl Watcher for InotifyWatcher {
         self.deep_handle.take()
     }
 
+    fn uncaptured(&mut self) -> Option<Vec<String>> {
+        self.unwatched.report()
+    }
+
     fn wait(&mut self, timeout: Duration) -> Result<bool, WatchError> {
         if self.feed_rx.as_ref().is_some_and(|rx| !rx.is_empty()) {
             return Ok(true);
         }
+        // Wake for the next look at directories past the watch limit.
+        let timeout = match self.unwatched.due_in() {
+            Some(d) if d.is_zero() => return Ok(true),
+            Some(d) => timeout.min(d),
+            None => timeout,
+        };
         if self.shallow.is_empty() {
             return self.wait_fd(timeout);
         }
@@ -1113,6 +1148,7 @@ impl Watcher for InotifyWatcher {
     fn read(&mut self, out: &mut Vec<Event>) -> Result<(), WatchError> {
         self.on_mounts(out)?;
         self.drain_feed(out)?;
+        self.retry_unwatched(out);
         // Drain what is queued, bounded so that the journal write (and so
         // replication) is never held back by a never-ending stream.
         for _ in 0..64 {

@@ -10,6 +10,7 @@ pub mod fanotify;
 pub mod fid;
 pub mod inotify;
 pub mod self_ignore;
+pub mod unwatched;
 
 use std::time::Duration;
 
@@ -30,16 +31,6 @@ pub enum Event {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
-    #[error(
-        "inotify watch limit reached after {added} watches ({needed} directories to watch); \
-         raise it with `sysctl fs.inotify.max_user_watches={suggest}` (now {limit})"
-    )]
-    WatchLimit {
-        added: usize,
-        needed: usize,
-        limit: u64,
-        suggest: u64,
-    },
     #[error("the source directory {0} was deleted or moved away")]
     SourceGone(String),
     #[error("cannot watch {path}: {source}")]

@@ -891,3 +891,57 @@ fn a_directory_of_a_hundred_thousand_entries_stops_nothing() {
     env.converge(&[], &d);
     d.terminate();
 }
+
+/// A user who makes more directories than inotify has watches cannot stop
+/// the DR copy (it used to refuse to start, and to exit while running):
+/// the daemon starts and runs, says what it cannot watch (log, `status`
+/// exiting 1), compares those directories every 30 s so their changes still
+/// arrive, and watches them once watches are free again. The limit is set
+/// low in a user namespace of the daemon's own
+/// (`user.max_inotify_watches`), so the rest of the machine is untouched.
+#[test]
+fn the_inotify_watch_limit_degrades_capture_and_says_so() {
+    let env = Env::new();
+    gen_tree(&env.s("t"), 20, 10);
+    for i in 0..40 {
+        write(&env.s(format!("many/d{i:02}/f")), b"before");
+    }
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--user", "--map-root-user", "sh", "-c"])
+        .arg("echo 30 > /proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\"")
+        .arg(bin())
+        .args(env.run_args(&["--watch", "inotify", "--metrics", "off"]));
+    let d = Daemon::spawn_command(cmd, &env.root);
+    d.wait_log("drmirror ready", secs(60));
+    let line = d.wait_log("inotify watch limit (30) reached", secs(60));
+    eprintln!("{line}");
+    env.converge(&[], &d);
+    let o = status(&env.state, &[]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(
+        o.stdout.contains("NOT CAPTURED: ") && o.stdout.contains("inotify watch limit 30"),
+        "{}",
+        o.describe()
+    );
+    // Changes in every directory, watched or not, arrive.
+    for i in 0..40 {
+        write(
+            &env.s(format!("many/d{i:02}/f")),
+            b"changed, watched or not",
+        );
+    }
+    env.converge_for(&[], &d, secs(120));
+    // Watches freed: within a retry, everything is watched again and
+    // status says so.
+    remove_dir_all(&env.s("many"));
+    wait_until(
+        "status shows everything captured",
+        secs(120),
+        Some(&d),
+        || status(&env.state, &[]).code == Some(0),
+    );
+    d.wait_log("directories past the watch limit are watched now", secs(10));
+    write(&env.s("t/after"), b"captured live again");
+    env.converge(&[], &d);
+    d.terminate();
+}
