@@ -293,6 +293,7 @@ const TEST_ABORT_AFTER_READ: &str = "DRMIRROR_TEST_ABORT_AFTER_READ";
 /// Shortest time between two reads of the kernel queue (see capture_loop).
 const READ_GAP: Duration = Duration::from_millis(2);
 
+#[allow(clippy::too_many_arguments)]
 fn capture_loop(
     watcher: &mut dyn Watcher,
     journal: &Journal,
@@ -301,6 +302,7 @@ fn capture_loop(
     stop: &AtomicBool,
     watchdog: Option<Duration>,
     board: &crate::status::Board,
+    heartbeat: &mut crate::heartbeat::Heartbeat,
 ) -> Result<(), DaemonError> {
     let abort_after_read = std::env::var_os(TEST_ABORT_AFTER_READ).is_some();
     let mut events = Vec::new();
@@ -330,7 +332,11 @@ fn capture_loop(
         if let Some(u) = watcher.uncaptured() {
             board.update(|s| s.uncaptured = u);
         }
+        heartbeat.tick(journal)?;
+        let before_wait = crate::journal::now_ns();
         if !watcher.wait(Duration::from_millis(200))? {
+            // Nothing queued: every event before the wait began is read.
+            heartbeat.quiet(before_wait);
             continue;
         }
         // Reading at most every READ_GAP batches a trickle of events (most
@@ -353,6 +359,7 @@ fn capture_loop(
             journal.set_capture_reading(true)?;
             reading = true;
         }
+        let before_read = crate::journal::now_ns();
         watcher.read(&mut events)?;
         if abort_after_read && !events.is_empty() {
             std::process::abort();
@@ -372,12 +379,32 @@ fn capture_loop(
         if !watcher.wait(Duration::ZERO)? {
             journal.set_capture_reading(false)?;
             reading = false;
+            // The read emptied the queue: all before it is recorded.
+            heartbeat.quiet(before_read);
         }
     }
     // Everything read has been recorded; what is still queued stays in the
     // kernel (and with the handed-over descriptor).
     if reading {
         journal.set_capture_reading(false)?;
+    }
+    heartbeat.write(journal)?;
+    Ok(())
+}
+
+/// After a start that may have missed changes (no gap-free handover): each
+/// target's lag counts from when capture was last known whole until its
+/// startup scan has compared everything (see [`Journal::set_startup_floor`]).
+fn lag_floor(journal: &Journal, ids: impl Iterator<Item = TargetId>) -> Result<(), DaemonError> {
+    let Some(since) = journal.captured_through()? else {
+        return Ok(());
+    };
+    let ago = crate::journal::now_ns().saturating_sub(since) as f64 / 1e9;
+    tracing::info!(
+        "changes made since capture was last known whole ({ago:.1} s ago) may be missing on the targets: each target's lag counts from then until its startup scan has compared everything"
+    );
+    for t in ids {
+        journal.set_startup_floor(t, since);
     }
     Ok(())
 }
@@ -639,6 +666,9 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
     // it did not finish can resume from its checkpoint.
     let gapless = handed_over && !lost_read;
     let seamless = gapless && scans_complete;
+    if !seamless {
+        lag_floor(&journal, targets.iter().map(|t| t.id))?;
+    }
     if handed_over {
         if seamless {
             tracing::info!(
@@ -747,6 +777,8 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
         ]);
         let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
         let board = board.clone();
+        let mut heartbeat =
+            crate::heartbeat::Heartbeat::new(targets.iter().map(|t| t.scan_done.clone()).collect());
         threads.push(sup.spawn("capture", Role::Essential, move || {
             capture_loop(
                 watcher.as_mut(),
@@ -756,6 +788,7 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
                 &stop,
                 watchdog,
                 &board,
+                &mut heartbeat,
             )
         })?);
     }
@@ -1038,6 +1071,9 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
                                 waited.as_millis(),
                                 walk_ms
                             );
+                            // What it found is enqueued, stamped with the
+                            // floor: the lag stays until that is applied.
+                            journal.clear_startup_floor(id);
                             scan_done.store(true, Ordering::Release);
                             let _ = wake.try_send(());
                             Ok(())

@@ -57,11 +57,13 @@ const CF_META: &str = "meta";
 /// [`crate::sync::Compare::changed_dirs_first`]). Only an accelerator: a
 /// directory it lacks is found by the full walk that follows.
 const CF_DIRLIST: &str = "dirlist";
-/// Sorts after every key (paths are at most PATH_MAX bytes, handles far
-/// shorter): the end of a delete_range over a whole column family.
+/// Sorts after every key (a key holds no run of 0xff bytes this long: a
+/// path's names are at most 255 bytes, between `/`s): the end of a
+/// delete_range over a whole column family.
 const KEY_MAX: [u8; 8192] = [0xff; 8192];
 const META_DIRS_BACKEND: &[u8] = b"dirs_backend";
 const META_CAPTURE_READING: &[u8] = b"capture_reading";
+const META_CAPTURED_THROUGH: &[u8] = b"captured_through";
 const META_SCAN_COMPLETE: &[u8] = b"scan_complete/";
 const META_SCAN_ENTRIES: &[u8] = b"scan_entries/";
 const META_INDEX_WHOLE: &[u8] = b"index_whole/";
@@ -368,6 +370,10 @@ struct LagClock {
     /// `since` as it was when the walk under way began: still counted
     /// until that walk's result is stored.
     in_walk: Option<u64>,
+    /// After a start that may have missed changes: the last time capture
+    /// was known whole, until the startup scan has compared everything
+    /// (see [`Journal::set_startup_floor`]).
+    floor: Option<u64>,
 }
 
 fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
@@ -1164,7 +1170,43 @@ impl Journal {
     pub fn oldest_pending_ns(&self, t: TargetId) -> Option<u64> {
         let lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
         lag.get(&t)
-            .and_then(|c| min_opt(min_opt(c.walked, c.since), c.in_walk))
+            .and_then(|c| min_opt(min_opt(min_opt(c.walked, c.since), c.in_walk), c.floor))
+    }
+
+    /// Target `t` may lack changes made since `ns` that nothing captured
+    /// (the daemon was down, or died): until [`Journal::clear_startup_floor`],
+    /// its lag counts from `ns` at least, and entries the startup scan
+    /// enqueues ([`flags::STARTUP`]) count from `ns`, so the lag stays
+    /// there until they are applied.
+    pub fn set_startup_floor(&self, t: TargetId, ns: u64) {
+        let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        lag.entry(t).or_default().floor = Some(ns);
+    }
+
+    /// The startup scan of `t` has enqueued all it found.
+    pub fn clear_startup_floor(&self, t: TargetId) {
+        let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = lag.get_mut(&t) {
+            c.floor = None;
+        }
+    }
+
+    fn startup_floor(&self, t: TargetId) -> Option<u64> {
+        let lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        lag.get(&t).and_then(|c| c.floor)
+    }
+
+    /// The last time capture was known to have recorded every change made
+    /// before it (see `daemon::capture_loop`): a restart that was not
+    /// handed the kernel's queue may have missed changes since.
+    pub fn captured_through(&self) -> Result<Option<u64>> {
+        Ok(self
+            .meta_get(META_CAPTURED_THROUGH)?
+            .and_then(|v| v.try_into().ok().map(u64::from_le_bytes)))
+    }
+
+    pub fn set_captured_through(&self, ns: u64) -> Result<()> {
+        self.meta_put(META_CAPTURED_THROUGH, &ns.to_le_bytes())
     }
 
     /// Moves the pending entries of `from` and its subtree to `to` (within `b`).
@@ -1802,11 +1844,19 @@ impl Journal {
         }
         let first = self.next_seqs(entries.len() as u64);
         let now = now_ns();
+        // What a startup scan finds may have changed as early as the floor.
+        let floor = self.startup_floor(t).map(|f| f.min(now));
+        let mut oldest = now;
         let pending = self.cf(CF_PENDING)?;
         for (i, (p, f)) in entries.iter().enumerate() {
+            let first_seen_ns = match floor {
+                Some(fl) if f & flags::STARTUP != 0 => fl,
+                _ => now,
+            };
+            oldest = oldest.min(first_seen_ns);
             let v = Pending {
                 seq: first + i as u64,
-                first_seen_ns: now,
+                first_seen_ns,
                 flags: *f,
             };
             b.merge_cf(pending, key(t, p), v.encode());
@@ -1816,7 +1866,7 @@ impl Journal {
             META_SEQ,
             self.seq.load(Ordering::SeqCst).to_le_bytes(),
         );
-        Ok(Some(now))
+        Ok(Some(oldest))
     }
 
     /// About `n` entries of target `t`'s index, spread over it: each is

@@ -21,7 +21,8 @@
 //!   [`mounts`]: a target reachable through the source by a bind mount.
 //! - Beside the pipeline: [`supervise`] (no thread dies quietly), [`pulse`]
 //!   (the lag from the clock; the state directory and local targets still
-//!   where they were), [`logsink`] (a log write never fails),
+//!   where they were), [`heartbeat`] (when capture was last known whole:
+//!   the lag's floor after a start that may have missed changes), [`logsink`] (a log write never fails),
 //!   [`rebuild`] (a corrupt journal moved aside),
 //!   [`target::identity`] (the target's mark and the index sample), and
 //!   [`scrub`] (the slow background comparison that trusts no index).
@@ -33,6 +34,7 @@ pub mod durability;
 pub mod filter;
 pub mod fsops;
 pub mod handover;
+pub mod heartbeat;
 pub mod journal;
 pub mod keepalive;
 pub mod locks;

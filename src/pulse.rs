@@ -8,7 +8,11 @@
 //!   ([`Journal::oldest_pending_ns`]), computed here against the clock and
 //!   not by the shipper between rounds: it grows by one second per second
 //!   whatever holds the backlog up (a link cut in the middle of a round, a
-//!   full disk, a stuck thread), and it never reads lower than the truth.
+//!   full disk, a stuck thread), and it never reads lower than the truth:
+//!   it is published as it will be at the next refresh (at most
+//!   [`PERIOD`] high), and after a start that may have missed changes it
+//!   counts from when capture was last known whole
+//!   ([`crate::heartbeat`]).
 //! - A daemon whose state directory was deleted or replaced stops, loudly
 //!   (a non-zero exit): its lock no longer keeps a second daemon off the
 //!   path, and two daemons would write one target.
@@ -86,13 +90,21 @@ impl Pulse {
             self.journal
                 .backlog_stats(*t, self.journal.backlog_count_limit())?;
         }
+        // On a fixed schedule, so that each value holds until the next.
+        let mut next = std::time::Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
-            self.publish_lag();
+            next += PERIOD;
+            self.publish_lag(next.saturating_duration_since(std::time::Instant::now()));
             if let Err(why) = self.guard.check() {
                 return Err(DaemonError::StateDirGone(why));
             }
             self.check_targets()?;
-            std::thread::sleep(PERIOD);
+            let now = std::time::Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            } else {
+                next = now;
+            }
         }
         Ok(())
     }
@@ -121,8 +133,11 @@ impl Pulse {
         Ok(())
     }
 
-    fn publish_lag(&self) {
-        let now = now_ns();
+    /// Publishes each target's lag as it will be `until_next` from now,
+    /// at the next refresh: a reading taken just before that is never
+    /// below the truth.
+    fn publish_lag(&self, until_next: Duration) {
+        let now = now_ns() + until_next.as_nanos() as u64;
         for (t, name) in &self.targets {
             let lag = self
                 .journal

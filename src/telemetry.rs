@@ -49,7 +49,7 @@ fn describe() {
     describe_gauge!(
         "drmirror_replication_lag_seconds",
         Unit::Seconds,
-        "Age of the oldest change not yet applied to the target (the live RPO); 0 when in sync"
+        "Age of the oldest change not yet applied to the target (the live RPO), as of the next refresh (4 a second); after a restart without a gap-free handover, at least the time since capture was last known whole, until the startup scan's findings are applied; 0 when in sync"
     );
     describe_gauge!(
         "drmirror_backlog_entries",

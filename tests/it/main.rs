@@ -34,5 +34,6 @@ mod ops;
 mod remote;
 mod renames;
 mod scrub;
+mod signals;
 mod util;
 mod verify_cmd;

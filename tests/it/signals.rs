@@ -1,0 +1,83 @@
+//! Honest signals (issue 32): the lag never reads below the truth.
+
+use crate::util::*;
+use std::time::Instant;
+
+const DIRS: usize = 2000;
+
+/// Kills (or stops) an in-sync daemon, changes a file in each of 2,000
+/// directories while it is down, starts it again and scrapes its lag every
+/// 50 ms: every scrape taken while any of those changes is still missing
+/// on the target reads at least the time since the daemon went down. (The
+/// restart's scan finds them; before, the lag read 0 until it had.)
+fn the_lag_after_a_restart_counts_from_the_outage(kill: bool) {
+    let env = Env::new();
+    for i in 0..DIRS {
+        write(&env.s(format!("t/d{i:04}/f")), b"before");
+    }
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let d = env.start(&["--metrics", &metrics]);
+    env.converge(&[], &d);
+    if kill {
+        d.kill9();
+    } else {
+        d.terminate();
+    }
+    // Gone: every change from now on is one it did not capture.
+    let down = Instant::now();
+    let big = pattern(32 << 10, 5);
+    for i in 0..DIRS {
+        write(&env.s(format!("t/d{i:04}/changed")), &big);
+    }
+    // The outage lasts a few seconds.
+    std::thread::sleep(secs(3));
+    let d = env.spawn(&["--metrics", &metrics]);
+    let missing = || {
+        (0..DIRS)
+            .filter(|i| !env.d(format!("t/d{i:04}/changed")).exists())
+            .count()
+    };
+    let (mut checked, mut lowest_margin) = (0, f64::MAX);
+    loop {
+        let at = down.elapsed().as_secs_f64();
+        let Some(text) = http_get(port, "/metrics") else {
+            assert!(d.is_running(), "{}", d.log_tail());
+            std::thread::sleep(ms(50));
+            continue;
+        };
+        let lag = metric(&text, "drmirror_replication_lag_seconds{");
+        // Checked after the scrape: missing now means missing then.
+        let left = missing();
+        if left == 0 {
+            break;
+        }
+        checked += 1;
+        lowest_margin = lowest_margin.min(lag - at);
+        assert!(
+            lag >= at,
+            "lag {lag:.2} s while {left} changes made less than {at:.2} s ago are missing\n{}",
+            d.log_tail()
+        );
+        assert!(
+            down.elapsed() < secs(120),
+            "not converged\n{}",
+            d.log_tail()
+        );
+        std::thread::sleep(ms(50));
+    }
+    eprintln!("{checked} scrapes while changes were missing; lag - time since down >= {lowest_margin:.2} s");
+    assert!(checked > 0, "the target caught up before the first scrape");
+    env.converge(&[], &d);
+    d.terminate();
+}
+
+#[test]
+fn the_lag_after_a_kill_counts_from_the_kill() {
+    the_lag_after_a_restart_counts_from_the_outage(true);
+}
+
+#[test]
+fn the_lag_after_a_clean_stop_counts_from_the_stop() {
+    the_lag_after_a_restart_counts_from_the_outage(false);
+}
