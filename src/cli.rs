@@ -80,9 +80,14 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
-        /// Exit 1 when any target lags more than this many seconds.
+        /// CRITICAL (exit 2) when a target lags more than this many
+        /// seconds (or is down, or part of the source is not captured).
         #[arg(long, default_value_t = 60.0)]
         max_lag: f64,
+        /// WARNING (exit 1) when a target lags more than this many seconds
+        /// (or has paths failing).
+        #[arg(long, default_value_t = 30.0)]
+        warn_lag: f64,
     },
     /// The DR host's end: write what a daemon sends beneath ROOT. Speaks
     /// the protocol on stdin/stdout (what `ssh://` targets run), or serves

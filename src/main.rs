@@ -50,61 +50,52 @@ fn render(e: &anyhow::Error) -> String {
     out
 }
 
-/// `drmirror status`: 0 when every target lags at most `max_lag` seconds
-/// and every mount under the source is captured, 1 otherwise, 2 when the
-/// daemon cannot be asked.
+/// `drmirror status`, as a monitoring plugin: 0 OK, 1 WARNING, 2 CRITICAL
+/// (see [`drmirror::status::health`]), 3 UNKNOWN when no daemon can be asked.
 fn status(
     state: Option<std::path::PathBuf>,
     config: Option<std::path::PathBuf>,
     source: Option<std::path::PathBuf>,
     json: bool,
-    max_lag: f64,
+    (warn_lag, max_lag): (f64, f64),
 ) -> ExitCode {
+    use drmirror::status::Health;
+    let unknown = |msg: String| {
+        eprintln!("drmirror: status: {msg}");
+        ExitCode::from(Health::Unknown as u8)
+    };
     let dir = match (state, config, source) {
         (Some(d), _, _) => d,
         (None, Some(f), _) => match Config::load(&f) {
             Ok(c) => c.state_dir,
-            Err(e) => {
-                eprintln!("drmirror: config error: {e}");
-                return ExitCode::from(2);
-            }
+            Err(e) => return unknown(format!("config error: {e}")),
         },
         (None, None, Some(s)) => match s.canonicalize() {
             Ok(s) => drmirror::config::default_state_dir(&s),
-            Err(e) => {
-                eprintln!("drmirror: status: source {}: {e}", s.display());
-                return ExitCode::from(2);
-            }
+            Err(e) => return unknown(format!("source {}: {e}", s.display())),
         },
         (None, None, None) => {
-            eprintln!("drmirror: status: give --state DIR, --config FILE or --source DIR");
-            return ExitCode::from(2);
+            return unknown("give --state DIR, --config FILE or --source DIR".into())
         }
     };
-    match drmirror::status::query(&dir) {
-        Ok(s) => {
-            if json {
-                match serde_json::to_string_pretty(&s) {
-                    Ok(j) => println!("{j}"),
-                    Err(e) => {
-                        eprintln!("drmirror: status: {e}");
-                        return ExitCode::from(2);
-                    }
-                }
-            } else {
-                print!("{}", drmirror::status::render(&s));
-            }
-            if s.uncaptured.is_empty() && s.targets.iter().all(|t| t.lag_seconds <= max_lag) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
+    let s = match drmirror::status::query(&dir) {
+        Ok(s) => s,
+        Err(e) => return unknown(e.to_string()),
+    };
+    let (h, why) = drmirror::status::health(&s, warn_lag, max_lag);
+    if json {
+        match serde_json::to_string_pretty(&s) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return unknown(e.to_string()),
         }
-        Err(e) => {
-            eprintln!("drmirror: status: {e}");
-            ExitCode::from(2)
-        }
+    } else {
+        print!(
+            "{}{}",
+            drmirror::status::verdict_line(h, &why),
+            drmirror::status::render(&s)
+        );
     }
+    ExitCode::from(h as u8)
 }
 
 /// `drmirror receive`'s arguments.
@@ -235,7 +226,8 @@ fn main() -> ExitCode {
             source,
             json,
             max_lag,
-        } => status(state, config, source, json, max_lag),
+            warn_lag,
+        } => status(state, config, source, json, (warn_lag, max_lag)),
         Command::Verify {
             source,
             target,

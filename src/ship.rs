@@ -673,6 +673,11 @@ impl Shipper {
             t.failing_paths = failing;
             t.failing = failing_shown;
             t.initial_sync_done = done;
+            // Working again: the last error is history.
+            if up && failing == 0 && t.last_error.is_some() && t.last_error_resolved_unix.is_none()
+            {
+                t.last_error_resolved_unix = Some(crate::status::unix_now());
+            }
         });
         Ok(())
     }
@@ -1495,8 +1500,12 @@ impl Shipper {
         } else {
             (None, RETRY_MAX, e.to_string())
         };
-        self.board
-            .update_target(&self.name, |t| t.last_error = Some(msg.clone()));
+        let at = crate::status::unix_now();
+        self.board.update_target(&self.name, |t| {
+            t.last_error = Some(msg.clone());
+            t.last_error_unix = Some(at);
+            t.last_error_resolved_unix = None;
+        });
         // A file that keeps changing raises new events all the time: those
         // must not cut its backoff short, or every round would spend three
         // full copies on it and hold back every other path.

@@ -26,6 +26,12 @@ pub struct TargetStatus {
     /// False while writes to the target fail.
     pub up: bool,
     pub last_error: Option<String>,
+    /// When `last_error` happened, and when the target worked again after
+    /// it (up, no path failing): an old error is told from a live one.
+    #[serde(default)]
+    pub last_error_unix: Option<f64>,
+    #[serde(default)]
+    pub last_error_resolved_unix: Option<f64>,
     /// Unix time of the last applied change.
     pub last_apply_unix: Option<f64>,
     pub initial_sync_done: bool,
@@ -61,8 +67,9 @@ pub struct Status {
     /// never), against which `scan_entries` is a percentage.
     #[serde(default)]
     pub scan_expected: u64,
-    /// Mounts under the source whose changes are not captured ("POINT:
-    /// why"): what they show is not kept current. `status` exits 1.
+    /// What capture misses under the source (a mount fanotify could not
+    /// mark, directories past inotify's watch limit), one line each: what
+    /// they show is not kept current. `status` says CRITICAL.
     #[serde(default)]
     pub uncaptured: Vec<String>,
     pub targets: Vec<TargetStatus>,
@@ -265,6 +272,109 @@ fn scan_progress(s: &Status) -> String {
     )
 }
 
+/// `drmirror status`'s verdict, as monitoring plugins (Nagios, Icinga)
+/// take exit codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Health {
+    Ok = 0,
+    Warning = 1,
+    Critical = 2,
+    /// No daemon answered.
+    Unknown = 3,
+}
+
+impl Health {
+    pub fn word(self) -> &'static str {
+        match self {
+            Health::Ok => "OK",
+            Health::Warning => "WARNING",
+            Health::Critical => "CRITICAL",
+            Health::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// The verdict on `s` and its reasons: CRITICAL when a target is down,
+/// lags more than `max_lag` seconds, or something under the source is not
+/// captured; WARNING when a target lags more than `warn_lag` or has paths
+/// failing; OK otherwise.
+pub fn health(s: &Status, warn_lag: f64, max_lag: f64) -> (Health, Vec<String>) {
+    let mut worst = Health::Ok;
+    let mut why = Vec::new();
+    let mut say = |h: Health, w: String| {
+        worst = worst.max(h);
+        why.push(w);
+    };
+    if !s.uncaptured.is_empty() {
+        say(
+            Health::Critical,
+            format!("{} part(s) of the source not captured", s.uncaptured.len()),
+        );
+    }
+    for t in &s.targets {
+        if !t.up {
+            say(Health::Critical, format!("target {} is DOWN", t.name));
+        }
+        if t.lag_seconds > max_lag {
+            say(
+                Health::Critical,
+                format!(
+                    "target {} lags {:.1} s (> {max_lag} s)",
+                    t.name, t.lag_seconds
+                ),
+            );
+        } else if t.lag_seconds > warn_lag {
+            say(
+                Health::Warning,
+                format!(
+                    "target {} lags {:.1} s (> {warn_lag} s)",
+                    t.name, t.lag_seconds
+                ),
+            );
+        }
+        if t.failing_paths > 0 {
+            say(
+                Health::Warning,
+                format!("target {}: {} path(s) failing", t.name, t.failing_paths),
+            );
+        }
+    }
+    (worst, why)
+}
+
+/// The first line of `status`: the verdict, as a monitoring plugin's.
+pub fn verdict_line(h: Health, why: &[String]) -> String {
+    if why.is_empty() {
+        format!("DRMIRROR {}: every target current and captured\n", h.word())
+    } else {
+        format!("DRMIRROR {}: {}\n", h.word(), why.join("; "))
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// "N s ago" for a Unix time, against now.
+fn ago(unix: f64) -> String {
+    format!("{:.0} s ago", (unix_now() - unix).max(0.0))
+}
+
+/// How the last error reads: with its age, and whether it is over.
+fn last_error(t: &TargetStatus) -> String {
+    let Some(e) = &t.last_error else {
+        return String::new();
+    };
+    let when = t.last_error_unix.map(ago).unwrap_or_default();
+    match t.last_error_resolved_unix {
+        Some(r) => format!(", last error ({when}, resolved {}): {e}", ago(r)),
+        None => format!(", last error ({when}): {e}"),
+    }
+}
+
 pub fn render(s: &Status) -> String {
     let mut out = format!(
         "drmirror {} (pid {}) source {} capture {}{}\n",
@@ -299,10 +409,7 @@ pub fn render(s: &Status) -> String {
             } else {
                 ", initial sync running"
             },
-            t.last_error
-                .as_ref()
-                .map(|e| format!(", last error: {e}"))
-                .unwrap_or_default(),
+            last_error(t),
         ));
         for f in &t.failing {
             out.push_str(&format!("    failing: {f}\n"));
@@ -368,5 +475,40 @@ mod tests {
         assert!(one_line(&board.snapshot()).contains("reconciling 99%"));
         board.update(|s| s.scan_running = false);
         assert!(!one_line(&board.snapshot()).contains("reconciling"));
+    }
+
+    #[test]
+    fn health_is_the_worst_of_what_each_target_says() {
+        let ok = TargetStatus {
+            name: "dr".into(),
+            up: true,
+            ..Default::default()
+        };
+        let mut s = Status {
+            targets: vec![ok.clone()],
+            ..Default::default()
+        };
+        assert_eq!(health(&s, 30.0, 60.0), (Health::Ok, vec![]));
+        s.targets[0].lag_seconds = 31.0;
+        assert_eq!(health(&s, 30.0, 60.0).0, Health::Warning);
+        s.targets[0].lag_seconds = 0.0;
+        s.targets[0].failing_paths = 2;
+        assert_eq!(health(&s, 30.0, 60.0).0, Health::Warning);
+        s.targets.push(TargetStatus {
+            name: "far".into(),
+            up: false,
+            ..Default::default()
+        });
+        let (h, why) = health(&s, 30.0, 60.0);
+        assert_eq!(h, Health::Critical);
+        assert_eq!(why, ["target dr: 2 path(s) failing", "target far is DOWN"]);
+        s.targets = vec![ok];
+        s.targets[0].lag_seconds = 61.0;
+        assert_eq!(health(&s, 30.0, 60.0).0, Health::Critical);
+        s.targets[0].lag_seconds = 0.0;
+        s.uncaptured = vec!["/src/mq (mounted under the source): no handles".into()];
+        assert_eq!(health(&s, 30.0, 60.0).0, Health::Critical);
+        assert!(verdict_line(Health::Critical, &health(&s, 30.0, 60.0).1)
+            .starts_with("DRMIRROR CRITICAL: 1 part(s) of the source not captured"));
     }
 }

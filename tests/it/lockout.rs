@@ -717,16 +717,7 @@ fn a_deep_chain_is_mirrored_over_tcp() {
 /// show. Once the writer stops, it arrives.
 #[test]
 fn a_file_written_without_pause_holds_back_nothing_else_and_is_on_show() {
-    use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicBool, Ordering};
-    /// Stops the writer however the test ends (a failed wait included),
-    /// or the scope would wait for it for ever.
-    struct StopOnDrop<'a>(&'a AtomicBool);
-    impl Drop for StopOnDrop<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
     let env = Env::new();
     write(&env.s("hot.log"), &pattern(1 << 20, 3));
     let d = env.start(&["--metrics", "off"]);
@@ -736,26 +727,7 @@ fn a_file_written_without_pause_holds_back_nothing_else_and_is_on_show() {
         let _stop = StopOnDrop(&stop);
         let hot = env.s("hot.log");
         let stop = &stop;
-        let writer = sc.spawn(move || {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&hot)
-                .expect("open hot.log");
-            let block = [b'x'; 4096];
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-                // Mostly in place; one write in 64 grows the file.
-                let at = if n % 64 == 0 {
-                    len
-                } else {
-                    (n * 4096) % len.max(1)
-                };
-                f.write_all_at(&block, at).expect("write");
-                n += 1;
-            }
-            n
-        });
+        let writer = sc.spawn(move || rewrite_without_pause(&hot, stop));
         // Everything else flows.
         gen_tree(&env.s("meanwhile"), 50, 10);
         wait_until(
@@ -917,7 +889,7 @@ fn the_inotify_watch_limit_degrades_capture_and_says_so() {
     eprintln!("{line}");
     env.converge(&[], &d);
     let o = status(&env.state, &[]);
-    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert_eq!(o.code, Some(2), "{}", o.describe());
     assert!(
         o.stdout.contains("NOT CAPTURED: ") && o.stdout.contains("inotify watch limit 30"),
         "{}",

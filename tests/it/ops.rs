@@ -15,7 +15,8 @@ fn target0(v: &serde_json::Value) -> &serde_json::Value {
 fn status_without_daemon_is_an_error() {
     let env = Env::new();
     let o = status(&env.state, &["--json"]);
-    assert_eq!(o.code, Some(2), "{}", o.describe());
+    // UNKNOWN, as a monitoring plugin says it.
+    assert_eq!(o.code, Some(3), "{}", o.describe());
     assert!(
         o.stderr.contains("no drmirror is running"),
         "{}",
@@ -176,11 +177,16 @@ fn status_and_prometheus_follow_an_outage() {
     let o = status(&env.state, &["--max-lag", "0.5"]);
     assert_eq!(
         o.code,
-        Some(1),
-        "lag above --max-lag must exit 1\n{}",
+        Some(2),
+        "a target down must be CRITICAL (exit 2)\n{}",
         o.describe()
     );
     assert!(o.stdout.contains("DOWN"), "{}", o.describe());
+    assert!(
+        o.stdout.starts_with("DRMIRROR CRITICAL: target ") && o.stdout.contains(" is DOWN"),
+        "{}",
+        o.describe()
+    );
     let t0 = Instant::now();
     let mut seen = None;
     while t0.elapsed() < secs(60) {

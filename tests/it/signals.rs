@@ -81,3 +81,57 @@ fn the_lag_after_a_kill_counts_from_the_kill() {
 fn the_lag_after_a_clean_stop_counts_from_the_stop() {
     the_lag_after_a_restart_counts_from_the_outage(false);
 }
+
+/// `status` as a monitoring plugin: OK (0) in sync; WARNING (1) while a
+/// path fails (a file rewritten without pause), naming the last error and
+/// its age; OK again once it is through, the error marked resolved. (A
+/// target down is CRITICAL (2) and no daemon UNKNOWN (3): `ops` tests.)
+#[test]
+fn status_says_ok_or_warning_and_when_an_error_was_resolved() {
+    use std::sync::atomic::AtomicBool;
+    let env = Env::new();
+    write(&env.s("hot.log"), &pattern(1 << 20, 3));
+    let d = env.start(&["--metrics", "off"]);
+    env.converge(&[], &d);
+    let ask = || status(&env.state, &["--warn-lag", "1000", "--max-lag", "2000"]);
+    let o = ask();
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stdout.starts_with("DRMIRROR OK: "), "{}", o.describe());
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let _stop = StopOnDrop(&stop);
+        let (hot, stop) = (env.s("hot.log"), &stop);
+        sc.spawn(move || rewrite_without_pause(&hot, stop));
+        wait_until(
+            "status warns of the failing path",
+            secs(60),
+            Some(&d),
+            || {
+                let o = ask();
+                o.code == Some(1)
+                    && o.stdout.starts_with("DRMIRROR WARNING: target ")
+                    && o.stdout.contains("path(s) failing")
+                    && o.stdout.contains("s ago): source hot.log kept changing")
+            },
+        );
+    });
+    env.converge(&["--checksum"], &d);
+    wait_until(
+        "status is OK with the error resolved",
+        secs(60),
+        Some(&d),
+        || {
+            let o = ask();
+            o.code == Some(0)
+                && o.stdout.contains(" ago, resolved ")
+                && o.stdout.contains("hot.log")
+        },
+    );
+    let v = status_json(&env.state);
+    let t = &v["targets"][0];
+    assert!(
+        t["last_error_unix"].as_f64() <= t["last_error_resolved_unix"].as_f64(),
+        "{v}"
+    );
+    d.terminate();
+}
