@@ -666,6 +666,11 @@ impl Shipper {
             self.reported_initial,
         );
         let failing_shown = self.failing_shown();
+        if !self.target_up {
+            if let Some(why) = self.target.unreachable_reason() {
+                self.show_error(why);
+            }
+        }
         self.board.update_target(&name, |t| {
             t.backlog_entries = st.entries;
             t.backlog_bytes = st.bytes;
@@ -1476,6 +1481,20 @@ impl Shipper {
         }
     }
 
+    /// Shows `msg` as the target's last error in `status`, timed from when
+    /// it first read so (a retry that fails the same way is the same error).
+    fn show_error(&self, msg: String) {
+        let at = crate::status::unix_now();
+        self.board.update_target(&self.name, |t| {
+            if t.last_error.as_deref() != Some(msg.as_str()) || t.last_error_resolved_unix.is_some()
+            {
+                t.last_error_unix = Some(at);
+            }
+            t.last_error = Some(msg);
+            t.last_error_resolved_unix = None;
+        });
+    }
+
     fn failed(&mut self, p: &[u8], seq: u64, e: ApplyError) {
         if let ApplyError::Unreachable { .. } = e {
             // Not this path's fault: it stays pending and goes with the
@@ -1483,6 +1502,8 @@ impl Shipper {
             // logs the outage once, not once per path).
             self.target_up = false;
             tracing::debug!(target = %self.name, path = %paths::display(p), "{e}");
+            let why = self.target.unreachable_reason();
+            self.show_error(why.unwrap_or_else(|| e.to_string()));
             return;
         }
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -1500,12 +1521,7 @@ impl Shipper {
         } else {
             (None, RETRY_MAX, e.to_string())
         };
-        let at = crate::status::unix_now();
-        self.board.update_target(&self.name, |t| {
-            t.last_error = Some(msg.clone());
-            t.last_error_unix = Some(at);
-            t.last_error_resolved_unix = None;
-        });
+        self.show_error(msg.clone());
         // A file that keeps changing raises new events all the time: those
         // must not cut its backoff short, or every round would spend three
         // full copies on it and hold back every other path.

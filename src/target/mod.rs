@@ -74,6 +74,14 @@ impl DirView {
 }
 
 impl Target {
+    /// Why a remote target cannot be reached, while it cannot.
+    pub fn unreachable_reason(&self) -> Option<String> {
+        match self {
+            Target::Local(_) => None,
+            Target::Remote(r) => r.unreachable_reason(),
+        }
+    }
+
     /// Directories made on the target as parents of other entries since
     /// the last call (see [`LocalTarget::take_made_parents`]); a remote
     /// receiver makes its own and does not report them.

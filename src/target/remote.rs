@@ -159,6 +159,60 @@ pub fn parse_url(url: &str) -> Result<(Transport, PathBuf), UrlError> {
     Ok((transport, PathBuf::from(path)))
 }
 
+/// The last lines of ssh's stderr kept for an error message.
+const SSH_LINES_KEPT: usize = 5;
+
+/// Why an ssh connection closed before the handshake, from what ssh said
+/// (it has exited: its stderr ends, and the thread reading it with it),
+/// with the next step for the common causes.
+fn ssh_failure(child: &mut Child, said: &Mutex<Vec<String>>) -> String {
+    // ssh is gone or going: wait for its exit status (and so for its last
+    // words to be read), a bounded moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => break None,
+        }
+    };
+    // The reader thread takes the last lines as ssh's stderr closes.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let lines = loop {
+        let l = said.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !l.is_empty() || Instant::now() >= deadline {
+            break l;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let Some(last) = lines.iter().rev().find(|l| !l.trim().is_empty()) else {
+        return format!(
+            "the connection closed during the handshake (ssh exited {}, saying nothing; is drmirror installed on the far side? see `remote_command`)",
+            status.map_or("?".to_string(), |s| s.to_string())
+        );
+    };
+    let all = lines.join("\n");
+    let hint = if all.contains("Permission denied") {
+        "authentication failed: check `ssh_identity` and that its public key is in the remote user's authorized_keys"
+    } else if all.contains("Host key verification failed")
+        || all.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+    {
+        "the host key is unknown or changed: connect once with ssh by hand to accept it, or check known_hosts"
+    } else if all.contains("Connection refused")
+        || all.contains("Could not resolve")
+        || all.contains("timed out")
+        || all.contains("No route to host")
+    {
+        "the DR host or its sshd cannot be reached"
+    } else if all.contains("not found") || all.contains("No such file") {
+        "drmirror is not where `remote_command` says on the far side"
+    } else {
+        "see ssh's messages above"
+    };
+    let last = last.strip_prefix("ssh: ").unwrap_or(last);
+    format!("ssh: {last} ({hint})")
+}
+
 /// Quotes `s` for the remote shell ssh hands the command to.
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -216,6 +270,8 @@ struct Backoff {
     delay: Duration,
     failures: u32,
     seed: u64,
+    /// Why the last attempt failed: what `status` shows while waiting.
+    last: Option<String>,
 }
 
 impl Backoff {
@@ -277,6 +333,7 @@ impl RemoteTarget {
                 delay: BACKOFF_MIN,
                 failures: 0,
                 seed,
+                last: None,
             }),
             ids: AtomicU64::new(1),
             connecting: Mutex::new(()),
@@ -326,7 +383,10 @@ impl RemoteTarget {
         {
             let b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
             if Instant::now() < b.next {
-                return Err(self.unreachable("waiting to reconnect"));
+                return Err(self.unreachable(match &b.last {
+                    Some(why) => format!("waiting to reconnect; the last attempt: {why}"),
+                    None => "waiting to reconnect".into(),
+                }));
             }
         }
         match self.connect() {
@@ -339,6 +399,7 @@ impl RemoteTarget {
                 }
                 b.failures = 0;
                 b.delay = BACKOFF_MIN;
+                b.last = None;
                 drop(b);
                 let mut e = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
                 if e.connected && e.boot != c.boot {
@@ -357,6 +418,7 @@ impl RemoteTarget {
                 b.next = Instant::now() + wait;
                 b.delay = (b.delay * 2).min(BACKOFF_MAX);
                 b.failures += 1;
+                b.last = Some(e.clone());
                 metrics::counter!("drmirror_reconnects_total", "target" => self.name.clone(), "result" => "failed").increment(1);
                 // One line per outage and then one a minute or so, not one
                 // per attempt.
@@ -394,7 +456,8 @@ impl RemoteTarget {
     /// Opens the transport and does the handshake.
     fn connect(&self) -> Result<Arc<Conn>, String> {
         let mut tcp: Option<TcpStream> = None;
-        let (mut r, w, child): (Box<dyn Read + Send>, Box<dyn Write + Send>, Option<Child>) =
+        let ssh_said: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (mut r, w, mut child): (Box<dyn Read + Send>, Box<dyn Write + Send>, Option<Child>) =
             match &self.spec.transport {
                 Transport::Ssh { .. } => {
                     let mut cmd = Command::new("ssh");
@@ -427,14 +490,27 @@ impl RemoteTarget {
                         return Err("ssh without pipes".into());
                     };
                     let name = self.name.clone();
+                    let said = ssh_said.clone();
                     // The far side's complaints (auth, missing drmirror) are
-                    // the best explanation an operator gets: into our log.
+                    // the best explanation an operator gets: into our log,
+                    // and the last few kept for the error (see `ssh_failure`).
                     let _ =
                         std::thread::Builder::new()
                             .name("ssh-stderr".into())
                             .spawn(move || {
                                 for line in BufReader::new(err).lines().map_while(Result::ok) {
-                                    tracing::warn!(target = %name, "ssh: {line}");
+                                    // ssh's own lines start with "ssh: " already.
+                                    let shown = if line.starts_with("ssh: ") {
+                                        line.clone()
+                                    } else {
+                                        format!("ssh: {line}")
+                                    };
+                                    tracing::warn!(target = %name, "{shown}");
+                                    let mut s = said.lock().unwrap_or_else(|p| p.into_inner());
+                                    if s.len() == SSH_LINES_KEPT {
+                                        s.remove(0);
+                                    }
+                                    s.push(line);
                                 }
                             });
                     (Box::new(o), Box::new(i), Some(child))
@@ -479,7 +555,10 @@ impl RemoteTarget {
             Ok(Reply::Refused { reason }) => return Err(format!("receiver refused: {reason}")),
             Ok(other) => return Err(format!("unexpected handshake reply {other:?}")),
             Err(FrameError::Closed) | Err(FrameError::Truncated) => {
-                return Err("the connection closed during the handshake (see ssh's messages above; is drmirror installed on the far side?)".into())
+                return Err(match child.as_mut() {
+                    Some(c) => ssh_failure(c, &ssh_said),
+                    None => "the connection closed during the handshake".into(),
+                })
             }
             Err(e) => return Err(format!("handshake: {e}")),
         };
@@ -677,6 +756,15 @@ impl RemoteTarget {
     /// counter that moves whenever a connection finds another boot than
     /// the connection before it: copies applied while the counter stayed
     /// put were all applied during that boot.
+    /// Why the target cannot be reached, while it cannot: the last
+    /// connection attempt's error (`None` once connected).
+    pub fn unreachable_reason(&self) -> Option<String> {
+        let b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        b.last
+            .as_ref()
+            .map(|why| format!("cannot reach {}: {why}", self.describe()))
+    }
+
     pub fn boot_epoch(&self) -> (u64, Option<Vec<u8>>) {
         let e = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
         (e.gen, e.boot.clone())

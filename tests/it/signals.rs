@@ -135,3 +135,79 @@ fn status_says_ok_or_warning_and_when_an_error_was_resolved() {
     );
     d.terminate();
 }
+
+/// Waits until `status` shows the first target's last error containing
+/// every one of `want`, and says CRITICAL (the target is down).
+fn wait_last_error(env: &Env, d: &Daemon, want: &[&str]) -> String {
+    let mut seen = String::new();
+    wait_until(
+        "status names why the target is down",
+        secs(60),
+        Some(d),
+        || {
+            let o = status(&env.state, &["--json"]);
+            let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_default();
+            seen = v["targets"][0]["last_error"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            o.code == Some(2) && want.iter().all(|w| seen.contains(w))
+        },
+    );
+    seen
+}
+
+/// A `tcp://` target whose receiver is not running: `status` (and its
+/// exit code) says the target is down and why, the connection refused.
+#[test]
+fn a_refused_tcp_connection_is_named_in_status() {
+    let env = Env::new();
+    write(&env.s("f"), b"to ship");
+    let tcp = Tcp::new(&env);
+    let d = crate::remote::start_config(
+        &env,
+        &crate::remote::config(&env, &tcp.target_toml(&env), ""),
+    );
+    let e = wait_last_error(&env, &d, &["cannot reach tcp://", "Connection refused"]);
+    eprintln!("last_error: {e}");
+    d.terminate();
+}
+
+/// An `ssh://` target whose key the DR host does not accept: `status` and
+/// the log say that authentication failed and what to check, from ssh's own
+/// words (not a guess that drmirror is missing over there), and ssh's
+/// lines are not prefixed twice.
+#[test]
+fn an_ssh_authentication_failure_is_named_in_status() {
+    let env = Env::new();
+    let Some(sshd) = crate::remote::Sshd::start(&env.root) else {
+        return;
+    };
+    write(&env.s("f"), b"to ship");
+    let other = env.root.join("not_authorized_key");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .status()
+        .expect("ssh-keygen");
+    assert!(st.success());
+    let toml = sshd
+        .target_toml("dr", &env.dst, "")
+        .lines()
+        .map(|l| {
+            if l.starts_with("ssh_identity") {
+                format!("ssh_identity = {}", toml_str(&other))
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let d = crate::remote::start_config(&env, &crate::remote::config(&env, &toml, ""));
+    let e = wait_last_error(&env, &d, &["Permission denied", "authentication failed"]);
+    eprintln!("last_error: {e}");
+    let log = d.log();
+    assert!(!log.contains("ssh: ssh: "), "{}", d.log_tail());
+    assert!(!log.contains("is drmirror installed"), "{}", d.log_tail());
+    d.terminate();
+}
