@@ -907,9 +907,18 @@ impl InotifyWatcher {
         ) {
             (true, false) => self.on_new(to, is_dir, out),
             (false, true) => self.on_gone(from, is_dir, out),
-            (fe, _) => {
+            (fe, te) => {
                 if is_dir && !fe {
                     self.on_dir_rename(&from, &to)?;
+                }
+                // A directory renamed before its CREATE was read (`mkdir d;
+                // mv d e`, both in one read) was never watched: nothing
+                // moved to `to`, which needs watches of its own, or every
+                // later change inside it goes unseen.
+                if is_dir && !te && !self.by_path.contains_key(&to) {
+                    if let Err(e) = self.add_tree(&to) {
+                        tracing::warn!("{e}");
+                    }
                 }
                 super::on_rename(&self.filter, from, to, is_dir, out);
                 Ok(())

@@ -185,7 +185,34 @@ fn a_directory_and_a_file_exchanged_twice(b: Backend) {
     d.terminate();
 }
 
+/// A directory made and renamed at once (`mkdir d; mv d e`, as a tool
+/// making a temporary directory and moving it into place does): capture
+/// reads the CREATE after the rename, so the directory was never watched
+/// under either name. Everything later made in it must still arrive (it
+/// went unseen with inotify: the churn test's scrub found it, a file moved
+/// into such a directory missing on the target).
+fn a_directory_renamed_as_soon_as_made_is_watched(b: Backend) {
+    let env = Env::with(b);
+    mkdirp(&env.s("top"));
+    let d = env.start(&[]);
+    env.converge(&[], &d);
+    for i in 0..20 {
+        let tmp = env.s(format!("top/.tmp{i}"));
+        std::fs::create_dir(&tmp).expect("mkdir");
+        rename(&tmp, &env.s(format!("top/d{i}")));
+    }
+    env.converge(&[], &d);
+    for i in 0..20 {
+        write(&env.s(format!("top/d{i}/later")), b"made after the rename");
+        mkdirp(&env.s(format!("top/d{i}/sub")));
+        write(&env.s(format!("top/d{i}/sub/deeper")), b"and below");
+    }
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+}
+
 suite!(
+    a_directory_renamed_as_soon_as_made_is_watched,
     a_directory_and_a_file_exchanged_twice,
     moved_onto_an_empty_directory_and_back,
     exchanged_files_and_directories,
