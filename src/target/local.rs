@@ -582,20 +582,22 @@ impl LocalTarget {
         name: &[u8],
         rel: &[u8],
     ) -> Result<(), ApplyError> {
-        match rustix::fs::renameat(dir, tmp, dir, name) {
-            Ok(()) => Ok(()),
+        let r = match rustix::fs::renameat(dir, tmp, dir, name) {
+            Ok(()) => return Ok(()),
             Err(rustix::io::Errno::ISDIR)
             | Err(rustix::io::Errno::NOTEMPTY)
-            | Err(rustix::io::Errno::EXIST) => {
-                fsops::remove_tree_at(dir, name).map_err(|e| ApplyError::target_write(rel, e))?;
-                rustix::fs::renameat(dir, tmp, dir, name)
-                    .map_err(|e| ApplyError::target_write(rel, e.into()))
-            }
-            Err(e) => {
-                let _ = rustix::fs::unlinkat(dir, tmp, rustix::fs::AtFlags::empty());
-                Err(ApplyError::target_write(rel, e.into()))
-            }
-        }
+            | Err(rustix::io::Errno::EXIST) => fsops::remove_tree_at(dir, name)
+                .and_then(|()| rustix::fs::renameat(dir, tmp, dir, name).map_err(io::Error::from)),
+            Err(e) => Err(e.into()),
+        };
+        // However it failed, the temporary file is ours to remove: left, it
+        // would outlive the copy (a long-lived receiver takes the temp
+        // files named with its own pid for copies in flight, and never
+        // removes them).
+        r.map_err(|e| {
+            let _ = rustix::fs::unlinkat(dir, tmp, rustix::fs::AtFlags::empty());
+            ApplyError::target_write(rel, e)
+        })
     }
 
     fn symlink(&self, source: &Root, rel: &[u8], f: u8) -> Result<Outcome, ApplyError> {
