@@ -139,6 +139,9 @@ pub struct InotifyWatcher {
     /// Directories refused a watch for the watch limit (see
     /// [`super::unwatched`]).
     unwatched: Unwatched,
+    /// Directories `add_tree` found gone at their path, lately: an event
+    /// read later may say an ancestor was renamed (see `on_rename`).
+    missed: std::collections::VecDeque<(Vec<u8>, std::time::Instant)>,
     /// The mounts under the source, followed while running (see
     /// [`InotifyWatcher::on_mounts`]).
     table: Option<crate::mounts::MountTable>,
@@ -163,6 +166,12 @@ fn add_at(
     };
     w.add(path, mask)
 }
+
+/// How long, and how many, directories found gone are remembered (see
+/// `InotifyWatcher::note_missed`): the rename that explains one is read
+/// within a read or two.
+const MISSED_FOR: Duration = Duration::from_secs(2);
+const MISSED_MAX: usize = 4096;
 
 /// Whether `fd` is an inotify group.
 fn is_inotify(fd: &impl std::os::fd::AsRawFd) -> io::Result<bool> {
@@ -212,6 +221,7 @@ impl InotifyWatcher {
             deep_since: std::time::Instant::now(),
             marker: None,
             unwatched: Unwatched::default(),
+            missed: std::collections::VecDeque::new(),
         }
     }
 
@@ -613,6 +623,35 @@ impl InotifyWatcher {
         self.unwatched.retried(had);
     }
 
+    /// Notes that `add_tree` found no directory at `rel`.
+    fn note_missed(&mut self, rel: &[u8]) {
+        let now = std::time::Instant::now();
+        while self.missed.front().is_some_and(|(_, at)| {
+            now.duration_since(*at) > MISSED_FOR || self.missed.len() >= MISSED_MAX
+        }) {
+            self.missed.pop_front();
+        }
+        self.missed.push_back((rel.to_vec(), now));
+    }
+
+    /// Watches, at their new paths, the directories lately missed below
+    /// `from` (now `to`): their events were read before this rename's.
+    fn watch_missed_below(&mut self, from: &[u8], to: &[u8]) {
+        let moved: Vec<Vec<u8>> = self
+            .missed
+            .iter()
+            .filter(|(p, _)| p.as_slice() != from && paths::is_within(p, from))
+            .map(|(p, _)| paths::rebase(p, from, to))
+            .collect();
+        for p in moved {
+            if !self.by_path.contains_key(&p) {
+                if let Err(e) = self.add_tree(&p) {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+    }
+
     /// Watches `rel` and every directory below it.
     ///
     /// Each directory is watched *before* it is listed: a subdirectory
@@ -622,7 +661,10 @@ impl InotifyWatcher {
     fn add_tree(&mut self, rel: &[u8]) -> Result<(), WatchError> {
         let root_wd = match self.add_watch(rel) {
             Ok(()) => true,
-            Err(e) if crate::fsops::is_missing(&e) => false,
+            Err(e) if crate::fsops::is_missing(&e) => {
+                self.note_missed(rel);
+                false
+            }
             Err(e) if unwatched::is_limit(&e) => {
                 self.unwatched.note(rel.to_vec());
                 false
@@ -919,6 +961,11 @@ impl InotifyWatcher {
                     if let Err(e) = self.add_tree(&to) {
                         tracing::warn!("{e}");
                     }
+                }
+                // Likewise a directory made or moved in below `from` and
+                // looked for there after this rename had moved it.
+                if is_dir && !te {
+                    self.watch_missed_below(&from, &to);
                 }
                 super::on_rename(&self.filter, from, to, is_dir, out);
                 Ok(())
