@@ -60,10 +60,6 @@ impl Unwatched {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.dirs.is_empty()
-    }
-
     /// Time until the next retry, if any is pending.
     pub fn due_in(&self) -> Option<Duration> {
         self.next
