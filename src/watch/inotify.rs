@@ -100,6 +100,11 @@ pub struct InotifyWatcher {
     /// directory) the watches of its subtree at that moment, so that a move
     /// out removes exactly those even if the name is reused meanwhile.
     moved_from: HashMap<u32, MovedFrom>,
+    /// The watches of the directories in `moved_from`, until one is added
+    /// again (see `record_watch`): a directory moved out and straight back
+    /// in (both read at once) keeps them, and only those still here when
+    /// its MOVED_FROM is found unmatched are removed.
+    leaving: std::collections::HashSet<Wd>,
     /// Set once per poll when an overflow re-added the watches.
     rewatched: bool,
     /// Inode -> path of entries found in directories that appeared during
@@ -142,6 +147,10 @@ pub struct InotifyWatcher {
     /// Directories `add_tree` found gone at their path, lately: an event
     /// read later may say an ancestor was renamed (see `on_rename`).
     missed: std::collections::VecDeque<(Vec<u8>, std::time::Instant)>,
+    /// Directory renames read lately, in order: a directory the startup
+    /// scan listed before one of them was read is looked for through them
+    /// (see `drain_feed`).
+    renames: std::collections::VecDeque<(Vec<u8>, Vec<u8>, std::time::Instant)>,
     /// The mounts under the source, followed while running (see
     /// [`InotifyWatcher::on_mounts`]).
     table: Option<crate::mounts::MountTable>,
@@ -172,6 +181,12 @@ fn add_at(
 /// within a read or two.
 const MISSED_FOR: Duration = Duration::from_secs(2);
 const MISSED_MAX: usize = 4096;
+
+/// How long, and how many, directory renames are remembered for the
+/// startup scan's reports (see `InotifyWatcher::drain_feed`), which reach
+/// capture well within that.
+const RENAMES_FOR: Duration = Duration::from_secs(30);
+const RENAMES_MAX: usize = 16384;
 
 /// Whether `fd` is an inotify group.
 fn is_inotify(fd: &impl std::os::fd::AsRawFd) -> io::Result<bool> {
@@ -204,6 +219,7 @@ impl InotifyWatcher {
             held: None,
             buf: vec![0u8; 256 * 1024],
             moved_from: HashMap::new(),
+            leaving: Default::default(),
             rewatched: false,
             recent: HashMap::new(),
             collect_recent: false,
@@ -222,6 +238,7 @@ impl InotifyWatcher {
             marker: None,
             unwatched: Unwatched::default(),
             missed: std::collections::VecDeque::new(),
+            renames: std::collections::VecDeque::new(),
         }
     }
 
@@ -595,17 +612,58 @@ impl InotifyWatcher {
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
                 Err(crossbeam_channel::TryRecvError::Disconnected) => {
                     self.feed_rx = None;
+                    self.renames.clear();
                     break;
                 }
             }
         }
         for dir in batches.into_iter().flatten() {
-            if !self.by_path.contains_key(&dir) && !self.filter.excluded(&dir, true) {
+            if self.by_path.contains_key(&dir) || self.filter.excluded(&dir, true) {
+                continue;
+            }
+            let dir = self.where_now(dir);
+            if !self.by_path.contains_key(&dir) {
                 tracing::debug!(path = %paths::display(&dir), "directory appeared while stopped: watching it");
                 self.on_new(dir, true, out)?;
             }
         }
         Ok(())
+    }
+
+    /// Where directory `dir`, listed by the startup scan, is now. The scan
+    /// reports what it listed some time before capture reads its report:
+    /// a rename of an ancestor read meanwhile (`mv p q` right after the
+    /// scan listed `p/d`) has moved it, and looked for at `p/d` it would
+    /// never be watched, and every later change inside it would go unseen.
+    /// So the renames read lately are followed from `dir`, in order, to the
+    /// first path that is a directory. (One that is not the scan's own is
+    /// still a directory of the source at its path: watching it is right.)
+    fn where_now(&self, dir: Vec<u8>) -> Vec<u8> {
+        let is_dir = |p: &[u8]| matches!(self.root.lstat(p), Ok(Some(m)) if m.kind == Kind::Dir);
+        if is_dir(&dir) {
+            return dir;
+        }
+        let mut at = dir.clone();
+        for (from, to, _) in &self.renames {
+            if paths::is_within(&at, from) {
+                at = paths::rebase(&at, from, to);
+                if self.by_path.contains_key(&at) || is_dir(&at) {
+                    return at;
+                }
+            }
+        }
+        dir
+    }
+
+    /// Notes a directory rename read (see `where_now`).
+    fn note_rename(&mut self, from: &[u8], to: &[u8]) {
+        let now = std::time::Instant::now();
+        while self.renames.front().is_some_and(|(_, _, at)| {
+            now.duration_since(*at) > RENAMES_FOR || self.renames.len() >= RENAMES_MAX
+        }) {
+            self.renames.pop_front();
+        }
+        self.renames.push_back((from.to_vec(), to.to_vec(), now));
     }
 
     /// Tries the directories past the watch limit again, when due, and
@@ -767,6 +825,7 @@ impl InotifyWatcher {
     }
 
     fn record_watch(&mut self, rel: Vec<u8>, wd: Wd) {
+        self.leaving.remove(&wd);
         if let Some(old) = self.by_wd.insert(wd, rel.clone()) {
             // Only if the old path still names this watch: after an
             // exchange it may name the other directory's, re-added first.
@@ -952,6 +1011,9 @@ impl InotifyWatcher {
             (fe, te) => {
                 if is_dir && !fe {
                     self.on_dir_rename(&from, &to)?;
+                    if self.feed_rx.is_some() {
+                        self.note_rename(&from, &to);
+                    }
                 }
                 // A directory renamed before its CREATE was read (`mkdir d;
                 // mv d e`, both in one read) was never watched: nothing
@@ -1060,6 +1122,7 @@ impl InotifyWatcher {
             } else {
                 Vec::new()
             };
+            self.leaving.extend(wds.iter().map(|(_, wd)| *wd));
             self.moved_from.insert(r.cookie, (path, is_dir, wds));
         } else if r.mask.contains(EventMask::MOVED_TO) {
             match self.moved_from.remove(&r.cookie) {
@@ -1247,8 +1310,12 @@ impl Watcher for InotifyWatcher {
                     }
                     None => {
                         // Moved out: drop exactly the watches it had (a new
-                        // entry of the same name may be watched already).
+                        // entry of the same name may be watched already),
+                        // but those added again since: it came back in.
                         for (k, wd) in wds {
+                            if !self.leaving.contains(&wd) {
+                                continue;
+                            }
                             let _ = rustix::fs::inotify::remove_watch(&self.ino, wd);
                             self.by_wd.remove(&wd);
                             if self.by_path.get(&k) == Some(&wd) {
@@ -1272,9 +1339,91 @@ impl Watcher for InotifyWatcher {
                 }
             }
         }
+        self.leaving.clear();
         self.retry_stale(out)?;
         self.recent.clear();
         self.rewatched = false;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event_paths(w: &mut InotifyWatcher) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        // The events of what the test just did are queued already.
+        assert!(w.wait(Duration::from_secs(5)).unwrap());
+        w.read(&mut out).unwrap();
+        out.into_iter()
+            .filter_map(|e| match e {
+                Event::Dirty { path, .. } => Some(path),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A directory moved out of the source and straight back in, both read
+    /// at once: the MOVED_FROM without its pair removed the watches the
+    /// MOVED_TO had just added again, and changes inside went unseen.
+    #[test]
+    fn a_directory_moved_out_and_back_in_at_once_stays_watched() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(src.join("top/a/b")).unwrap();
+        std::fs::create_dir_all(src.join("top/e/f")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        let filter = Arc::new(Filter::new(&src, &[]).unwrap());
+        let journal = Arc::new(Journal::open(&d.path().join("journal")).unwrap());
+        let mut w = InotifyWatcher::start(&src, filter, journal, None).unwrap();
+        // Back under another name, and under the same one.
+        std::fs::rename(src.join("top/a"), outside.join("a")).unwrap();
+        std::fs::rename(outside.join("a"), src.join("top/c")).unwrap();
+        std::fs::rename(src.join("top/e"), outside.join("e")).unwrap();
+        std::fs::rename(outside.join("e"), src.join("top/e")).unwrap();
+        event_paths(&mut w);
+        std::fs::create_dir(src.join("top/c/b/later")).unwrap();
+        std::fs::create_dir(src.join("top/e/f/later")).unwrap();
+        let seen = event_paths(&mut w);
+        for want in [b"top/c/b/later".as_slice(), b"top/e/f/later"] {
+            assert!(
+                seen.iter().any(|p| p == want),
+                "{} unseen: {:?}",
+                paths::display(want),
+                seen.iter().map(|p| paths::display(p)).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    /// A directory made while the daemon was down, listed by the startup
+    /// scan, and moved by a rename of its parent that capture read before
+    /// the scan's report: watched at its new path.
+    #[test]
+    fn a_directory_the_scan_listed_before_its_parent_moved_is_watched() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(src.join("top/p")).unwrap();
+        let filter = Arc::new(Filter::new(&src, &[]).unwrap());
+        let journal = Arc::new(Journal::open(&d.path().join("journal")).unwrap());
+        drop(InotifyWatcher::start(&src, filter.clone(), journal.clone(), None).unwrap());
+        // Made while stopped: not in the watch tree.
+        std::fs::create_dir(src.join("top/p/m")).unwrap();
+        let mut w = InotifyWatcher::start(&src, filter, journal, None).unwrap();
+        let feed = w.dir_feed().expect("a restored watch tree has a feed");
+        std::fs::rename(src.join("top/p"), src.join("top/q")).unwrap();
+        event_paths(&mut w);
+        feed.send(vec![b"top/p/m".to_vec()]).unwrap();
+        let mut out = Vec::new();
+        w.read(&mut out).unwrap();
+        assert!(w.by_path.contains_key(b"top/q/m".as_slice()));
+        std::fs::create_dir(src.join("top/q/m/later")).unwrap();
+        let seen = event_paths(&mut w);
+        assert!(
+            seen.iter().any(|p| p == b"top/q/m/later"),
+            "{:?}",
+            seen.iter().map(|p| paths::display(p)).collect::<Vec<_>>()
+        );
     }
 }

@@ -524,14 +524,14 @@ fn churn(b: Backend, dest: Dest, default_ops: u64, default_kills: u64) {
             c.mark(&format!("restart {restarts}"));
             run = no_false_alarms(run, &d, &mut c);
             if restarts % 4 == 0 {
-                converged(&run, &d, &c);
+                run = converged(run, &d, &c);
                 checks += 1;
             }
         } else if rng.below(4) == 0 {
             thread::sleep(Duration::from_millis(rng.below(30)));
         }
     }
-    converged(&run, &d, &c);
+    let run = converged(run, &d, &c);
     eprintln!(
         "churn ({} {}): seed {seed:#x}, {} operations ({} failed as intended), {restarts} kill -9s, {} quiet checks, {} entries at the end, {:.1} s, 0 divergences",
         b.name(),
@@ -585,21 +585,30 @@ fn no_false_alarms(run: Run, d: &Daemon, c: &mut Churn) -> Run {
 
 /// Waits until the mirror is equal with checksums; on failure, the panic
 /// shows the last operations.
-fn converged(run: &Run, d: &Daemon, c: &Churn) {
+/// A failure keeps the run's directory, as in [`no_false_alarms`].
+fn converged(run: Run, d: &Daemon, c: &Churn) -> Run {
     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         run.env.converge_for(&["--checksum"], d, secs(120));
     }));
-    if let Err(e) = out {
-        let msg = e
-            .downcast_ref::<String>()
-            .cloned()
-            .unwrap_or_else(|| "converge failed".into());
-        panic!(
-            "{msg}\nthe last {OP_LOG} operations (after op {}):\n{}",
-            c.done,
-            c.recent()
-        );
+    let Err(e) = out else {
+        return run;
+    };
+    let msg = e
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_else(|| "converge failed".into());
+    d.terminate();
+    if let Some(r) = &run.receiver {
+        r.terminate();
     }
+    let root = run.env.root.clone();
+    std::mem::forget(run);
+    panic!(
+        "{msg}\n(kept: {})\nthe last {OP_LOG} operations (after op {}):\n{}",
+        root.display(),
+        c.done,
+        c.recent()
+    );
 }
 
 #[test]
