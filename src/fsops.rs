@@ -71,14 +71,72 @@ pub fn is_temp_name(name: &[u8]) -> bool {
     name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX)
 }
 
-/// True for temporary files left by an earlier drmirror process (the pid is
-/// part of the name): this process's own are copies in flight.
+/// The numbers of this process's temporary files in flight (see
+/// [`TempName`]).
+static IN_FLIGHT: std::sync::Mutex<std::collections::BTreeSet<u64>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+static TEMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The name of a temporary file in a target (`.drmirror-PID-N.tmp`), in
+/// flight for as long as this value lives: hold it until the file is
+/// renamed into place or removed.
+///
+/// Why a registry rather than the pid alone: a receiver serves connection
+/// after connection with one pid, and a copy that failed without removing
+/// its temp file (a connection lost mid-file, a path missed) left one that
+/// its pid marked as in flight for the receiver's whole life (a 200,000-op
+/// churn ended with one on the target). A name of this process that is
+/// not registered is a leftover, and removed like an older process's.
+pub struct TempName {
+    name: Vec<u8>,
+    n: u64,
+}
+
+impl TempName {
+    pub fn register() -> TempName {
+        let n = TEMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Registered before the name exists anywhere: a listing that sees
+        // the file always finds it in flight.
+        crate::locks::lock(&IN_FLIGHT).insert(n);
+        let mut name = TEMP_PREFIX.to_vec();
+        name.extend_from_slice(format!("{}-{n}", std::process::id()).as_bytes());
+        name.extend_from_slice(TEMP_SUFFIX);
+        TempName { name, n }
+    }
+}
+
+impl std::ops::Deref for TempName {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.name
+    }
+}
+
+impl Drop for TempName {
+    fn drop(&mut self) {
+        crate::locks::lock(&IN_FLIGHT).remove(&self.n);
+    }
+}
+
+/// True for temporary files no copy of this process is writing: an
+/// earlier process's (the pid is part of the name), or this one's once
+/// its [`TempName`] is gone.
 pub fn is_stale_temp_name(name: &[u8]) -> bool {
     if !is_temp_name(name) {
         return false;
     }
     let own = format!("{}-", std::process::id());
-    !name[TEMP_PREFIX.len()..].starts_with(own.as_bytes())
+    let middle = &name[TEMP_PREFIX.len()..name.len() - TEMP_SUFFIX.len()];
+    let Some(n) = middle.strip_prefix(own.as_bytes()) else {
+        return true;
+    };
+    match std::str::from_utf8(n)
+        .ok()
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        Some(n) => !crate::locks::lock(&IN_FLIGHT).contains(&n),
+        None => true,
+    }
 }
 
 /// True for errors that mean "this path does not exist as a plain entry":
@@ -614,6 +672,23 @@ pub fn set_attrs_at(dir: BorrowedFd<'_>, name: &[u8], m: &Meta, owner: bool) -> 
 mod tests {
     use super::*;
     use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn a_temp_name_is_in_flight_while_its_owner_holds_it() {
+        let t = TempName::register();
+        let name = t.to_vec();
+        assert!(is_temp_name(&name) && !is_stale_temp_name(&name));
+        drop(t);
+        assert!(is_stale_temp_name(&name), "a leftover of this process");
+        assert!(
+            is_stale_temp_name(b".drmirror-1-7.tmp"),
+            "another process's"
+        );
+        assert!(is_stale_temp_name(
+            format!(".drmirror-{}-x.tmp", std::process::id()).as_bytes()
+        ));
+        assert!(!is_stale_temp_name(b"drmirror-1-7.tmp"), "not a temp name");
+    }
 
     #[test]
     fn list_dir_reads_every_name_and_rereads_from_the_start() {

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use rustix::fs::{Mode, OFlags};
@@ -32,10 +32,8 @@ pub struct LocalTarget {
     /// `syncfs` needs a readable fd; the root's is `O_PATH`.
     sync_fd: OwnedFd,
     owner: bool,
-    tmp_counter: AtomicU64,
     /// O_TMPFILE + linkat works here (cleared at the first refusal).
     tmpfile: AtomicBool,
-    pid: u32,
     /// Set when capture would see this target's writes (fanotify, same
     /// filesystem): each directory written into gets an ignore mark.
     ignore: OnceLock<Arc<SelfIgnore>>,
@@ -87,7 +85,7 @@ impl Born {
 pub struct TempFile {
     dir: Arc<OwnedFd>,
     pub out: OwnedFd,
-    tmp: Option<Vec<u8>>,
+    tmp: Option<fsops::TempName>,
 }
 
 /// The result of a delete policy decision for a path whose source is gone.
@@ -116,9 +114,7 @@ impl LocalTarget {
             root: Root::open(path)?,
             sync_fd,
             owner,
-            tmp_counter: AtomicU64::new(0),
             tmpfile: AtomicBool::new(true),
-            pid: std::process::id(),
             ignore: OnceLock::new(),
             made: Default::default(),
             note_made: AtomicBool::new(false),
@@ -153,12 +149,8 @@ impl LocalTarget {
         Ok(())
     }
 
-    fn temp_name(&self) -> Vec<u8> {
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let mut v = fsops::TEMP_PREFIX.to_vec();
-        v.extend_from_slice(format!("{}-{n}", self.pid).as_bytes());
-        v.extend_from_slice(fsops::TEMP_SUFFIX);
-        v
+    fn temp_name(&self) -> fsops::TempName {
+        fsops::TempName::register()
     }
 
     /// Renames `from` to `to` on the target. `Ok(false)` when the target does
@@ -343,10 +335,10 @@ impl LocalTarget {
     pub fn put_symlink(&self, rel: &[u8], text: &[u8], m: &Meta) -> Result<(), ApplyError> {
         let dir = self.parent_dir(rel)?;
         let tmp = self.temp_name();
-        rustix::fs::symlinkat(text, &dir, tmp.as_slice())
+        rustix::fs::symlinkat(text, &dir, &*tmp)
             .map_err(|e| ApplyError::target_write(rel, e.into()))?;
         if let Err(e) = fsops::set_attrs_at(dir.as_fd(), &tmp, m, self.owner) {
-            let _ = rustix::fs::unlinkat(&dir, tmp.as_slice(), rustix::fs::AtFlags::empty());
+            let _ = rustix::fs::unlinkat(&dir, &*tmp, rustix::fs::AtFlags::empty());
             return Err(ApplyError::target_write(rel, e));
         }
         self.install(dir.as_fd(), &tmp, paths::split(rel).1, rel)
@@ -489,7 +481,7 @@ impl LocalTarget {
     /// Drops an unfinished temp file.
     pub fn abort_file(&self, f: TempFile) {
         if let Some(t) = f.tmp {
-            let _ = rustix::fs::unlinkat(f.dir.as_fd(), t.as_slice(), rustix::fs::AtFlags::empty());
+            let _ = rustix::fs::unlinkat(f.dir.as_fd(), &*t, rustix::fs::AtFlags::empty());
         }
     }
 
@@ -628,10 +620,10 @@ impl LocalTarget {
             }
         }
         let tmp = self.temp_name();
-        rustix::fs::symlinkat(text.as_slice(), &dir, tmp.as_slice())
+        rustix::fs::symlinkat(text.as_slice(), &dir, &*tmp)
             .map_err(|e| ApplyError::target_write(rel, e.into()))?;
         if let Err(e) = fsops::set_attrs_at(dir.as_fd(), &tmp, &m, self.owner) {
-            let _ = rustix::fs::unlinkat(&dir, tmp.as_slice(), rustix::fs::AtFlags::empty());
+            let _ = rustix::fs::unlinkat(&dir, &*tmp, rustix::fs::AtFlags::empty());
             return Err(ApplyError::target_write(rel, e));
         }
         self.install(dir.as_fd(), &tmp, name, rel)?;
@@ -648,7 +640,7 @@ impl LocalTarget {
         td: BorrowedFd<'_>,
         rel: &[u8],
         mode: u32,
-    ) -> Result<(OwnedFd, Option<Vec<u8>>), ApplyError> {
+    ) -> Result<(OwnedFd, Option<fsops::TempName>), ApplyError> {
         if self.tmpfile.load(Ordering::Relaxed) {
             match rustix::fs::openat(
                 td,
@@ -670,7 +662,7 @@ impl LocalTarget {
         let tmp = self.temp_name();
         let fd = rustix::fs::openat(
             td,
-            tmp.as_slice(),
+            &*tmp,
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
             Mode::from_raw_mode(mode & 0o700),
         )
@@ -692,14 +684,8 @@ impl LocalTarget {
             Ok(()) => Ok(()),
             Err(rustix::io::Errno::EXIST) => {
                 let tmp = self.temp_name();
-                rustix::fs::linkat(
-                    out,
-                    c"",
-                    td,
-                    tmp.as_slice(),
-                    rustix::fs::AtFlags::EMPTY_PATH,
-                )
-                .map_err(|e| ApplyError::target_write(rel, e.into()))?;
+                rustix::fs::linkat(out, c"", td, &*tmp, rustix::fs::AtFlags::EMPTY_PATH)
+                    .map_err(|e| ApplyError::target_write(rel, e.into()))?;
                 self.install(td, &tmp, name, rel)
             }
             Err(e) => {
@@ -726,9 +712,9 @@ impl LocalTarget {
         f: u8,
     ) -> Result<Outcome, ApplyError> {
         let name = paths::split(rel).1;
-        let unlink_tmp = |tmp: &Option<Vec<u8>>| {
+        let unlink_tmp = |tmp: &Option<fsops::TempName>| {
             if let Some(t) = tmp {
-                let _ = rustix::fs::unlinkat(td, t.as_slice(), rustix::fs::AtFlags::empty());
+                let _ = rustix::fs::unlinkat(td, &**t, rustix::fs::AtFlags::empty());
             }
         };
         for attempt in 1..=COPY_TRIES {
