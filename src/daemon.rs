@@ -285,10 +285,6 @@ fn count_events(events: &[Event]) {
     }
 }
 
-/// Test hook: abort right after taking events off the kernel queue, before
-/// recording them (the window the `capture_reading` flag exists for).
-const TEST_ABORT_AFTER_READ: &str = "DRMIRROR_TEST_ABORT_AFTER_READ";
-
 /// Kernel events to the journal, write-ahead, until `stop`.
 /// Shortest time between two reads of the kernel queue (see capture_loop).
 const READ_GAP: Duration = Duration::from_millis(2);
@@ -304,7 +300,7 @@ fn capture_loop(
     board: &crate::status::Board,
     heartbeat: &mut crate::heartbeat::Heartbeat,
 ) -> Result<(), DaemonError> {
-    let abort_after_read = std::env::var_os(TEST_ABORT_AFTER_READ).is_some();
+    let abort_after_read = crate::failpoints::set(crate::failpoints::Hook::AbortAfterRead);
     let mut events = Vec::new();
     let mut fold = Fold::default();
     let mut reading = false;

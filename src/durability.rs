@@ -28,13 +28,9 @@
 
 use std::os::fd::AsFd;
 
-/// Test hook: stands in for the kernel's boot id (a simulated reboot);
-/// empty: as if the kernel provided none.
-pub const TEST_BOOT_ID: &str = "DRMIRROR_TEST_BOOT_ID";
-
 /// This boot's id, if the kernel provides one.
 pub fn boot_id() -> Option<Vec<u8>> {
-    if let Some(v) = std::env::var_os(TEST_BOOT_ID) {
+    if let Some(v) = crate::failpoints::get(crate::failpoints::Hook::BootId) {
         return (!v.is_empty()).then(|| v.into_encoded_bytes());
     }
     let s = std::fs::read("/proc/sys/kernel/random/boot_id").ok()?;

@@ -26,11 +26,13 @@
 //!   [`rebuild`] (a corrupt journal moved aside),
 //!   [`target::identity`] (the target's mark and the index sample), and
 //!   [`scrub`] (the slow background comparison that trusts no index).
+//! - [`failpoints`]: the test hooks, compiled only for the tests.
 
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod durability;
+pub mod failpoints;
 pub mod filter;
 pub mod fsops;
 pub mod handover;

@@ -258,11 +258,9 @@ fn sync_target(target: &Target, name: &str) -> Flushed {
     }
 }
 
-/// Test hook: abort the process at the commit of a removal or a move
-/// on the target, before the journal records it.
-pub const TEST_ABORT_BEFORE_COMMIT: &str = "DRMIRROR_TEST_ABORT_BEFORE_COMMIT";
+/// See [`crate::failpoints::Hook::AbortBeforeCommit`].
 static ABORT_BEFORE_COMMIT: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::env::var_os(TEST_ABORT_BEFORE_COMMIT).is_some());
+    std::sync::LazyLock::new(|| crate::failpoints::set(crate::failpoints::Hook::AbortBeforeCommit));
 
 /// An entry of a round and what applying it came to.
 type Applying<'b> = (&'b Vec<u8>, &'b Pending, Result<Outcome, ApplyError>);

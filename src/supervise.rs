@@ -22,10 +22,6 @@ use std::thread::JoinHandle;
 
 use crate::daemon::DaemonError;
 
-/// Test hook: the supervised thread of this name panics as it starts (the
-/// fault-injection test of supervision itself).
-const TEST_PANIC_THREAD: &str = "DRMIRROR_TEST_PANIC_THREAD";
-
 /// What a thread's return means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -74,13 +70,14 @@ impl Supervisor {
     {
         let name = name.into();
         let sup = self.clone();
-        let inject = std::env::var_os(TEST_PANIC_THREAD).is_some_and(|v| v == name.as_str());
+        let inject = crate::failpoints::get(crate::failpoints::Hook::PanicThread)
+            .is_some_and(|v| v == name.as_str());
         std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
                 let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     if inject {
-                        panic!("{TEST_PANIC_THREAD} asked this thread to panic");
+                        panic!("the PanicThread failpoint asked this thread to panic");
                     }
                     f()
                 }));

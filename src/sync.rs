@@ -53,10 +53,6 @@ impl ScanStats {
 /// The smallest subtree (in entries) a reconciliation checkpoints.
 const CHECKPOINT_MIN_ENTRIES: u64 = 256;
 
-/// Test hook: abort the process once a reconciliation has checkpointed this
-/// many directories.
-const TEST_ABORT_RECONCILE_AFTER: &str = "DRMIRROR_TEST_ABORT_RECONCILE_AFTER";
-
 /// How a compare walk finds entries the source no longer holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Deletions {
@@ -570,9 +566,9 @@ impl Compare<'_> {
         deletions: Deletions,
         resume: Option<&HashSet<Vec<u8>>>,
     ) -> Result<(), JournalError> {
-        let abort_after = std::env::var(TEST_ABORT_RECONCILE_AFTER)
-            .ok()
-            .and_then(|v| v.parse().ok());
+        let abort_after: Option<u64> =
+            crate::failpoints::get(crate::failpoints::Hook::AbortReconcileAfter)
+                .and_then(|v| v.to_str()?.parse().ok());
         let checkpointed = AtomicU64::new(0);
         // A startup scan fills the directory list until one has finished;
         // from then on the index writes keep it (see `Journal::dirlist`).

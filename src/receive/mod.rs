@@ -600,11 +600,6 @@ fn same_root(target: &LocalTarget, want: &[u8]) -> Result<(), String> {
     }
 }
 
-/// Test hook: the receiver's process exits when a flush is asked of it,
-/// as if the DR machine went down just then (the daemon's flush finds the
-/// target unreachable).
-const TEST_EXIT_ON_SYNC: &str = "DRMIRROR_TEST_EXIT_ON_SYNC";
-
 /// Answers Sync requests: one `syncfs` for all that queued up meanwhile,
 /// once the workers applied what was received before them.
 fn sync_loop<W: Write>(
@@ -613,10 +608,10 @@ fn sync_loop<W: Write>(
     w: &Mutex<BufWriter<W>>,
     progress: &[Progress],
 ) {
-    let exit_on_sync = std::env::var_os(TEST_EXIT_ON_SYNC).is_some();
+    let exit_on_sync = crate::failpoints::set(crate::failpoints::Hook::ExitOnSync);
     while let Ok(first) = rx.recv() {
         if exit_on_sync {
-            eprintln!("{TEST_EXIT_ON_SYNC}: exiting before a flush");
+            eprintln!("the ExitOnSync failpoint: exiting before a flush");
             std::process::exit(3);
         }
         let mut syncs = vec![first];

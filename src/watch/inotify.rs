@@ -60,10 +60,6 @@ const STALE_READS: u32 = 8;
 /// [`InotifyWatcher::mark_group`]).
 const GROUP_MARKER: &str = "inotify-group-";
 
-/// Test hook: restored watches stay shallow (a daemon killed before it
-/// completed them, made deterministic).
-const TEST_HOLD_SHALLOW: &str = "DRMIRROR_TEST_HOLD_SHALLOW";
-
 /// A MOVED_FROM half: path, is_dir, and the subtree's watches then.
 type MovedFrom = (Vec<u8>, bool, Vec<(Vec<u8>, Wd)>);
 
@@ -1251,7 +1247,7 @@ impl Watcher for InotifyWatcher {
         }
         if let Some(go) = &self.deep_go {
             if go.try_recv() == Err(crossbeam_channel::TryRecvError::Empty)
-                || std::env::var_os(TEST_HOLD_SHALLOW).is_some()
+                || crate::failpoints::set(crate::failpoints::Hook::HoldShallow)
             {
                 // Not yet: look again soon.
                 return self.wait_fd(timeout.min(Duration::from_millis(5)));

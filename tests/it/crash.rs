@@ -405,7 +405,7 @@ fn a_restart_after_a_complete_scan_finds_deletions_in_the_index_and_drops_stale_
 /// touched makes the restart compare them with the target itself.
 #[test]
 fn a_crash_before_a_removal_is_recorded_leaves_no_stale_index() {
-    use drmirror::ship::TEST_ABORT_BEFORE_COMMIT;
+    let abort_before_commit = drmirror::failpoints::Hook::AbortBeforeCommit.var();
     for (away, remote) in [
         ("renamed", false),
         ("moved-out", false),
@@ -423,7 +423,7 @@ fn a_crash_before_a_removal_is_recorded_leaves_no_stale_index() {
         env.converge(&[], &d);
         d.terminate();
 
-        let d = launch_env(&env, tcp.as_ref(), true, &[(TEST_ABORT_BEFORE_COMMIT, "1")]);
+        let d = launch_env(&env, tcp.as_ref(), true, &[(abort_before_commit, "1")]);
         d.wait_log("startup scan done", secs(60));
         let parked = match away {
             "renamed" => env.s("e"),
@@ -459,10 +459,10 @@ fn a_crash_before_a_removal_is_recorded_leaves_no_stale_index() {
 /// note, not the rescan itself, is what repairs it.
 #[test]
 fn copies_recorded_unflushed_are_compared_again_after_a_machine_restart() {
-    use drmirror::durability::TEST_BOOT_ID;
+    let test_boot_id = drmirror::failpoints::Hook::BootId.var();
     let env = Env::new();
     let files = gen_tree(&env.s("t"), 400, 50);
-    let d = env.start_env(&[], &[(TEST_BOOT_ID, "boot-a")]);
+    let d = env.start_env(&[], &[(test_boot_id, "boot-a")]);
     d.wait_initial_sync(secs(60));
     let flushed = d.wait_log("target flushed", secs(60));
     eprintln!("{flushed}");
@@ -472,7 +472,7 @@ fn copies_recorded_unflushed_are_compared_again_after_a_machine_restart() {
     let lose_copy = || lose_unflushed_copy(&env.state.join("journal"), &victim, b"boot-a");
 
     lose_copy();
-    let d = env.start_env(&[], &[(TEST_BOOT_ID, "boot-a")]);
+    let d = env.start_env(&[], &[(test_boot_id, "boot-a")]);
     d.wait_log("startup scan done", secs(60));
     d.wait_log("target flushed", secs(60));
     let (same, report) = env.verify(&[]);
@@ -483,7 +483,7 @@ fn copies_recorded_unflushed_are_compared_again_after_a_machine_restart() {
     d.terminate();
 
     lose_copy();
-    let d = env.start_env(&[], &[(TEST_BOOT_ID, "boot-b")]);
+    let d = env.start_env(&[], &[(test_boot_id, "boot-b")]);
     d.wait_log("comparing the whole target with the source again", secs(60));
     env.converge(&["--checksum"], &d);
     d.terminate();

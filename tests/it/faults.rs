@@ -121,7 +121,7 @@ fn a_thread_that_dies_takes_the_daemon_down_naming_it() {
         write(&env.s("a"), b"a");
         let mut cmd = Command::new(bin());
         cmd.args(env.run_args(&[]))
-            .env("DRMIRROR_TEST_PANIC_THREAD", thread);
+            .env(drmirror::failpoints::Hook::PanicThread.var(), thread);
         let d = Daemon::spawn_command(cmd, &env.root);
         let st = d.wait_exit(secs(60));
         assert!(

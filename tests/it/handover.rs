@@ -242,7 +242,7 @@ fn crash_holding_events_rescans(b: Backend) {
         &env,
         &mut m,
         &[],
-        &[("DRMIRROR_TEST_ABORT_AFTER_READ", "1")],
+        &[(drmirror::failpoints::Hook::AbortAfterRead.var(), "1")],
     );
     write(&env.s("a/lost-in-flight"), b"read, never recorded");
     let st = d.wait_exit(secs(30));
@@ -329,7 +329,11 @@ fn a_crash_during_reconciliation_resumes_it_from_its_checkpoint() {
     // A start without the stored group scans from scratch; it dies after
     // checkpointing three directories.
     m.stored.clear();
-    let d = m.spawn(&env, &[], &[("DRMIRROR_TEST_ABORT_RECONCILE_AFTER", "3")]);
+    let d = m.spawn(
+        &env,
+        &[],
+        &[(drmirror::failpoints::Hook::AbortReconcileAfter.var(), "3")],
+    );
     let st = d.wait_exit(secs(60));
     assert!(
         !st.success(),
@@ -402,7 +406,12 @@ fn an_inotify_group_handed_over_with_shallow_watches_is_refused() {
     // Restored from the journal, and killed (the hook: deterministically)
     // before its watches were complete.
     m.stored.clear();
-    let d = start_stored(&env, &mut m, &[], &[("DRMIRROR_TEST_HOLD_SHALLOW", "1")]);
+    let d = start_stored(
+        &env,
+        &mut m,
+        &[],
+        &[(drmirror::failpoints::Hook::HoldShallow.var(), "1")],
+    );
     assert!(
         d.log().contains("restored from the journal"),
         "{}",

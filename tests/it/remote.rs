@@ -606,11 +606,11 @@ fn a_file_changing_while_it_is_sent_arrives_whole() {
 /// the same boot (only a process died) must not.
 #[test]
 fn copies_recorded_unflushed_are_compared_again_after_the_receivers_machine_restarts() {
-    use drmirror::durability::TEST_BOOT_ID;
+    let test_boot_id = drmirror::failpoints::Hook::BootId.var();
     let env = Env::new();
     let files = gen_tree(&env.s("t"), 400, 50);
     let tcp = Tcp::new(&env);
-    let receiver = |boot: &str| tcp.receiver(&env, &[(TEST_BOOT_ID, boot)]);
+    let receiver = |boot: &str| tcp.receiver(&env, &[(test_boot_id, boot)]);
     let toml = config(&env, &tcp.target_toml(&env), "");
     let recv = receiver("boot-a");
     let d = start_config(&env, &toml);
@@ -692,7 +692,7 @@ fn copies_recorded_unflushed_are_compared_again_after_the_receivers_machine_rest
 /// receiver process restarted) leaves the epoch where it was.
 #[test]
 fn the_boot_epoch_moves_only_when_the_receivers_machine_restarted() {
-    use drmirror::durability::TEST_BOOT_ID;
+    let test_boot_id = drmirror::failpoints::Hook::BootId.var();
     use drmirror::target::remote::{RemoteSpec, RemoteTarget, Transport};
     let env = Env::new();
     let tcp = Tcp::new(&env);
@@ -727,18 +727,18 @@ fn the_boot_epoch_moves_only_when_the_receivers_machine_restarted() {
             }
         }
     };
-    let recv = tcp.receiver(&env, &[(TEST_BOOT_ID, "boot-a")]);
+    let recv = tcp.receiver(&env, &[(test_boot_id, "boot-a")]);
     assert_eq!(flush(&r).as_deref(), Some(b"boot-a".as_slice()));
     let (gen, boot) = r.boot_epoch();
     assert_eq!(boot.as_deref(), Some(b"boot-a".as_slice()));
     recv.terminate();
 
-    let recv = tcp.receiver(&env, &[(TEST_BOOT_ID, "boot-a")]);
+    let recv = tcp.receiver(&env, &[(test_boot_id, "boot-a")]);
     assert_eq!(flush(&r).as_deref(), Some(b"boot-a".as_slice()));
     assert_eq!(r.boot_epoch().0, gen, "the same boot, reconnected");
     recv.terminate();
 
-    let recv = tcp.receiver(&env, &[(TEST_BOOT_ID, "boot-b")]);
+    let recv = tcp.receiver(&env, &[(test_boot_id, "boot-b")]);
     assert_eq!(flush(&r).as_deref(), Some(b"boot-b".as_slice()));
     assert_eq!(
         r.boot_epoch(),
@@ -756,7 +756,7 @@ fn the_boot_epoch_moves_only_when_the_receivers_machine_restarted() {
 /// data with it, it compares the whole target again and repairs it.
 #[test]
 fn a_flush_that_found_the_target_down_is_retried_with_nothing_to_ship() {
-    use drmirror::durability::TEST_BOOT_ID;
+    let test_boot_id = drmirror::failpoints::Hook::BootId.var();
     for restarted in [false, true] {
         let env = Env::new();
         let files = gen_tree(&env.s("t"), 300, 50);
@@ -765,8 +765,8 @@ fn a_flush_that_found_the_target_down_is_retried_with_nothing_to_ship() {
         let recv = tcp.receiver(
             &env,
             &[
-                (TEST_BOOT_ID, "boot-a"),
-                ("DRMIRROR_TEST_EXIT_ON_SYNC", "1"),
+                (test_boot_id, "boot-a"),
+                (drmirror::failpoints::Hook::ExitOnSync.var(), "1"),
             ],
         );
         let d = start_config(&env, &toml);
@@ -781,7 +781,7 @@ fn a_flush_that_found_the_target_down_is_retried_with_nothing_to_ship() {
         } else {
             "boot-a"
         };
-        let recv = tcp.receiver(&env, &[(TEST_BOOT_ID, boot)]);
+        let recv = tcp.receiver(&env, &[(test_boot_id, boot)]);
         if restarted {
             d.wait_log("comparing the whole target with the source again", secs(60));
             env.converge(&["--checksum"], &d);
