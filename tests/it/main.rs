@@ -27,6 +27,7 @@ mod crash;
 mod faults;
 mod handover;
 mod initial;
+mod journal_model;
 mod live;
 mod lockout;
 mod modes;
