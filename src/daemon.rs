@@ -498,7 +498,11 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
         // A remote target connects on first use: one that is down at start
         // must not keep the daemon (and capture) from starting.
         let target = match &t.remote {
-            Some(spec) => Target::Remote(Box::new(RemoteTarget::new(&t.name, spec.clone(), owner))),
+            Some(spec) => {
+                let r = RemoteTarget::new(&t.name, spec.clone(), owner);
+                r.guard_identity(journal.clone(), id);
+                Target::Remote(Box::new(r))
+            }
             None => Target::Local(open_local(&journal, id, t, owner)?),
         };
         if let Target::Local(l) = &target {
@@ -897,9 +901,16 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
                         let _ = wake.try_send(());
                         return Ok(());
                     }
-                    if let Target::Local(l) = target.as_ref() {
+                    if let Target::Remote(r) = target.as_ref() {
+                        r.settle_before_scan();
+                    }
+                    {
                         let t0 = Instant::now();
-                        if let Some(why) = identity::sample_holds(&journal, id, l.root(), owner)? {
+                        let lookup = |paths: &[Vec<u8>]| match target.as_ref() {
+                            Target::Local(l) => paths.iter().map(|p| l.root().lstat(p)).collect(),
+                            Target::Remote(r) => r.lstat_many(paths),
+                        };
+                        if let Some(why) = identity::sample_holds(&journal, id, owner, lookup)? {
                             tracing::warn!(
                                 "target {name}: {why}: comparing the whole target with the \
                                  source, not trusting what the journal says it holds"

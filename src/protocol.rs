@@ -42,7 +42,8 @@ use crate::meta::Meta;
 /// 2: `Welcome` carries the receiver's boot id.
 /// 3: [`Op::Whole`], a small file in one frame.
 /// 4: `Op::Whole { fresh }`.
-pub const VERSION: u32 = 4;
+/// 5: `Welcome { root }` and [`Request::Mark`]: the target's identity.
+pub const VERSION: u32 = 5;
 
 /// Largest payload accepted. Data chunks are at most [`CHUNK`] bytes, and
 /// listings are split well below this.
@@ -157,6 +158,13 @@ pub enum Request {
     Sync {
         id: u64,
     },
+    /// Give the root the target's mark (see [`crate::target::identity`]);
+    /// answered by `Done`. Sent once per connection, before anything else
+    /// is asked.
+    Mark {
+        id: u64,
+        mark: String,
+    },
     Op {
         batch: u64,
         op: Op,
@@ -181,6 +189,7 @@ impl Request {
             Request::Signature { .. } => "Signature",
             Request::Rename { .. } => "Rename",
             Request::Sync { .. } => "Sync",
+            Request::Mark { .. } => "Mark",
             Request::Op { .. } => "Op",
             Request::Data { .. } => "Data",
             Request::EndBatch { .. } => "EndBatch",
@@ -297,6 +306,10 @@ pub enum Reply {
         /// `None`: every copy must be flushed before it is recorded.
         #[serde(with = "serde_bytes")]
         boot: Option<Vec<u8>>,
+        /// What the receiver's root shows of itself (device, inode, mark):
+        /// the daemon refuses a root that is not its target (see
+        /// [`crate::target::identity::settle_seen`]).
+        root: crate::target::identity::Seen,
     },
     Refused {
         reason: String,
@@ -654,11 +667,26 @@ mod tests {
     }
 
     #[test]
-    fn welcome_carries_the_receivers_boot_or_none() {
-        for boot in [Some(b"0d6c\n\xff".to_vec()), None] {
+    fn welcome_carries_the_receivers_boot_or_none_and_its_root() {
+        use crate::target::identity::{MarkRead, Seen};
+        let marks = [
+            MarkRead::Present("ab12 7".into()),
+            MarkRead::Missing,
+            MarkRead::Unsupported,
+            MarkRead::Unreadable("EIO".into()),
+        ];
+        for (boot, mark) in [Some(b"0d6c\n\xff".to_vec()), None]
+            .into_iter()
+            .flat_map(|b| marks.clone().map(|m| (b.clone(), m)))
+        {
             let msg = Reply::Welcome {
                 version: VERSION,
                 boot,
+                root: Seen {
+                    dev: 0x803,
+                    ino: 2,
+                    mark,
+                },
             };
             let mut f = Vec::new();
             write_frame(&mut f, &msg).expect("encode");

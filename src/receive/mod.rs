@@ -245,11 +245,29 @@ pub fn serve<R: Read, W: Write + Send>(
     } else {
         None
     };
+    let root = match crate::target::identity::Seen::of(target.dir_fd()) {
+        Ok(r) => r,
+        Err(e) => {
+            let reason = format!(
+                "cannot look at the root {}: {e}",
+                target.root().path().display()
+            );
+            let _ = protocol::write_frame(
+                &mut w,
+                &Reply::Refused {
+                    reason: reason.clone(),
+                },
+            );
+            let _ = w.flush();
+            return Err(ReceiveError::Protocol(reason));
+        }
+    };
     protocol::write_frame(
         &mut w,
         &Reply::Welcome {
             version: VERSION,
             boot,
+            root,
         },
     )?;
     w.flush().map_err(FrameError::Io)?;
@@ -768,6 +786,12 @@ impl<'a> Session<'a> {
                     .and_then(|()| self.target.rename(&from, &to).map_err(apply_err));
                 vec![Reply::Done { id, result }]
             }
+            Request::Mark { id, mark } => vec![Reply::Done {
+                id,
+                result: crate::target::identity::put_mark(self.target.dir_fd(), &mark)
+                    .map(|()| true)
+                    .map_err(|e| format!("cannot mark the root: {e}")),
+            }],
             Request::Sync { id } => vec![Reply::Done {
                 id,
                 result: self

@@ -26,12 +26,19 @@
 //!
 //! A filesystem without user extended attributes cannot carry the mark:
 //! the target is then trusted as before (logged once at start).
+//!
+//! A remote target is judged the same way at every connection, from what
+//! its receiver reports of its root ([`Seen`], in the welcome): another
+//! filesystem without the mark refuses the connection before anything is
+//! written ([`settle_seen`]), and the daemon then sends the new mark
+//! (`Request::Mark`). Its index sample is looked up over the wire.
 
 use std::io;
 use std::os::fd::AsFd;
 use std::path::Path;
 
 use crate::journal::{Journal, JournalError, TargetId};
+use crate::meta::{Kind, Meta};
 
 const XATTR: &str = "user.drmirror.target";
 const META_PREFIX: &[u8] = b"target_identity/";
@@ -146,6 +153,95 @@ pub fn file_id(fd: impl AsFd) -> io::Result<(u64, u64)> {
     Ok((st.st_dev, st.st_ino))
 }
 
+/// What a target's root shows of itself: its device and inode, and its
+/// mark (read on the target's own machine for a remote one).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Seen {
+    pub dev: u64,
+    pub ino: u64,
+    pub mark: MarkRead,
+}
+
+/// The mark, as read.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum MarkRead {
+    Present(String),
+    Missing,
+    /// The filesystem keeps no user extended attributes.
+    Unsupported,
+    Unreadable(String),
+}
+
+impl Seen {
+    /// What the open directory `dir` shows.
+    pub fn of(dir: impl AsFd) -> io::Result<Seen> {
+        let (dev, ino) = file_id(&dir)?;
+        let mark = match read_mark(&dir) {
+            Ok(Some(m)) => MarkRead::Present(m),
+            Ok(None) => MarkRead::Missing,
+            Err(e) if unsupported(&e) => MarkRead::Unsupported,
+            Err(e) => MarkRead::Unreadable(e.to_string()),
+        };
+        Ok(Seen { dev, ino, mark })
+    }
+}
+
+/// What a start (or a reconnection) makes of a target it has seen.
+struct Verdict {
+    /// Why the index cannot be trusted, if it cannot.
+    distrust: Option<String>,
+    /// The record to keep, whose mark the target is given.
+    new: Recorded,
+}
+
+fn judge(rec: Option<&Recorded>, seen: &Seen) -> Verdict {
+    let distrust = match (rec, &seen.mark) {
+        (None, _) | (Some(_), MarkRead::Unsupported) => None,
+        (Some(_), MarkRead::Unreadable(e)) => Some(format!("its mark cannot be read ({e})")),
+        (Some(_), MarkRead::Missing) => {
+            Some("its mark is missing (emptied, or a new directory)".into())
+        }
+        (Some(r), MarkRead::Present(m)) if *m != r.mark => Some(format!(
+            "its mark {m:?} is not the one recorded ({:?}): another copy, or one restored \
+             from before the last start",
+            r.mark
+        )),
+        (Some(_), MarkRead::Present(_)) => None,
+    };
+    let id = match (rec, &seen.mark) {
+        (Some(r), MarkRead::Present(m)) if *m == r.mark => {
+            r.mark.split(' ').next().map(str::to_string)
+        }
+        _ => None,
+    }
+    .unwrap_or_else(new_id);
+    let gen = rec
+        .and_then(|r| r.mark.split(' ').nth(1)?.parse::<u64>().ok())
+        .map_or(1, |g| g + 1);
+    Verdict {
+        distrust,
+        new: Recorded {
+            mark: format!("{id} {gen}"),
+            dev: seen.dev,
+            ino: seen.ino,
+        },
+    }
+}
+
+/// Records the verdict: the index is forgotten if it cannot be trusted,
+/// and the new record written (the journal first: a crash before the mark
+/// is written leaves them different, and the next start compares in full).
+fn record(journal: &Journal, t: TargetId, name: &str, v: &Verdict) -> Result<(), JournalError> {
+    if let Some(why) = &v.distrust {
+        tracing::warn!(
+            "target {name}: {why}: comparing the whole target with the source, not trusting \
+             what the journal says it holds"
+        );
+        journal.forget_target(t)?;
+    }
+    journal.meta_put(&key(t), &v.new.encode())
+}
+
 /// Once the target is open (`dir`: a readable descriptor of its root):
 /// compares its mark with the journal's record, forgets the index of a
 /// target it cannot vouch for, and moves the generation. Returns why the
@@ -156,53 +252,18 @@ pub fn settle(
     name: &str,
     dir: impl AsFd,
 ) -> Result<Option<String>, IdentityError> {
-    let (dev, ino) = file_id(&dir).map_err(|e| IdentityError::NotTheTarget {
+    let not_it = |why: String| IdentityError::NotTheTarget {
         name: name.to_string(),
         path: String::new(),
-        why: e.to_string(),
-    })?;
-    let mark = read_mark(&dir);
-    let rec = recorded(journal, t)?;
-    let distrust = match (&rec, &mark) {
-        (None, _) => None,
-        (Some(_), Err(e)) if unsupported(e) => None,
-        (Some(_), Err(e)) => Some(format!("its mark cannot be read ({e})")),
-        (Some(_), Ok(None)) => Some("its mark is missing (emptied, or a new directory)".into()),
-        (Some(r), Ok(Some(m))) if *m != r.mark => Some(format!(
-            "its mark {m:?} is not the one recorded ({:?}): another copy, or one restored \
-             from before the last start",
-            r.mark
-        )),
-        (Some(_), Ok(Some(_))) => None,
+        why,
     };
-    if let Some(why) = &distrust {
-        tracing::warn!(
-            "target {name}: {why}: comparing the whole target with the source, not trusting \
-             what the journal says it holds"
-        );
-        journal.forget_target(t)?;
-    }
-    let id = match (&rec, &mark) {
-        (Some(r), Ok(Some(m))) if *m == r.mark => r.mark.split(' ').next().map(str::to_string),
-        _ => None,
-    }
-    .unwrap_or_else(new_id);
-    let gen = rec
-        .as_ref()
-        .and_then(|r| r.mark.split(' ').nth(1)?.parse::<u64>().ok())
-        .map_or(1, |g| g + 1);
-    let new = Recorded {
-        mark: format!("{id} {gen}"),
-        dev,
-        ino,
-    };
-    // The journal first: a crash before the mark is written leaves them
-    // different, and the next start compares in full.
-    journal.meta_put(&key(t), &new.encode())?;
+    let seen = Seen::of(&dir).map_err(|e| not_it(e.to_string()))?;
+    let v = judge(recorded(journal, t)?.as_ref(), &seen);
+    record(journal, t, name, &v)?;
     match rustix::fs::fsetxattr(
         &dir,
         XATTR,
-        new.mark.as_bytes(),
+        v.new.mark.as_bytes(),
         rustix::fs::XattrFlags::empty(),
     ) {
         Ok(()) => {}
@@ -212,68 +273,114 @@ pub fn settle(
                  cannot mark it, and trusts that it is the directory it mirrored to"
             );
         }
-        Err(e) => {
+        Err(e) => return Err(not_it(format!("cannot mark it ({e})"))),
+    }
+    Ok(v.distrust)
+}
+
+/// A remote target's side of [`check_path`] and [`settle`], at each
+/// connection: what its receiver saw of its root (`seen`) against the
+/// journal's record. `Err` refuses the connection: the root is on another
+/// filesystem than the one mirrored to and does not carry the target's
+/// mark (the DR filesystem not mounted there). Otherwise the index is
+/// forgotten if it cannot be trusted (the first of the pair returned says
+/// why), and the second is the mark to give the root, if its filesystem
+/// keeps one.
+pub fn settle_seen(
+    journal: &Journal,
+    t: TargetId,
+    name: &str,
+    path: &str,
+    seen: &Seen,
+) -> Result<(Option<String>, Option<String>), IdentityError> {
+    let rec = recorded(journal, t)?;
+    if let Some(r) = &rec {
+        let same_id = |m: &str| m.split(' ').next() == r.mark.split(' ').next();
+        let marked = matches!(&seen.mark, MarkRead::Present(m) if same_id(m));
+        if seen.dev != r.dev && !marked {
             return Err(IdentityError::NotTheTarget {
                 name: name.to_string(),
-                path: String::new(),
-                why: format!("cannot mark it ({e})"),
-            })
+                path: path.to_string(),
+                why: format!(
+                    "its root is on another filesystem (device {:#x}) than the one the mirror \
+                     was written to (device {:#x}), and does not carry the target's mark",
+                    seen.dev, r.dev
+                ),
+            });
         }
     }
-    Ok(distrust)
+    let v = judge(rec.as_ref(), seen);
+    record(journal, t, name, &v)?;
+    let mark = (seen.mark != MarkRead::Unsupported).then(|| v.new.mark.clone());
+    Ok((v.distrust, mark))
+}
+
+/// Gives the open directory `dir` the mark `mark` (a receiver, as its
+/// daemon asks).
+pub fn put_mark(dir: impl AsFd, mark: &str) -> io::Result<()> {
+    rustix::fs::fsetxattr(dir, XATTR, mark.as_bytes(), rustix::fs::XattrFlags::empty())?;
+    Ok(())
 }
 
 /// Samples checked at start: at least this many, or 1 % of the index.
 pub const SAMPLE_MIN: usize = 1000;
 
 /// Trust the index, but check it: a sample of what the index says the
-/// target holds is looked up on the target. `Some(why)` if the target
-/// lacks or differs from any sampled entry that nothing pending explains
-/// (a target emptied while the daemon was stopped, or restored from an
-/// older copy); the caller then compares the whole target.
+/// target holds is looked up on the target (`lookup`: each path's entry
+/// there, all at once, so that a remote target answers in one round trip).
+/// `Some(why)` if the target lacks or differs from any sampled entry that
+/// nothing pending explains (a target emptied while the daemon was
+/// stopped, or restored from an older copy); the caller then compares the
+/// whole target.
 pub fn sample_holds(
     journal: &Journal,
     t: TargetId,
-    root: &crate::fsops::Root,
     owner: bool,
+    lookup: impl FnOnce(&[Vec<u8>]) -> Vec<io::Result<Option<Meta>>>,
 ) -> Result<Option<String>, JournalError> {
     let n = journal
         .scan_entries(t)?
         .map_or(SAMPLE_MIN, |e| (e / 100) as usize)
         .max(SAMPLE_MIN);
     let seed = crate::journal::now_ns() ^ u64::from(std::process::id());
-    let mut checked = 0usize;
+    let mut sample = Vec::new();
     for (path, m) in journal.index_sample(t, n, seed)? {
         // In flight: applied (or not) but not committed.
-        if journal.pending_get(t, &path)?.is_some() {
-            continue;
+        if journal.pending_get(t, &path)?.is_none() {
+            sample.push((path, m));
         }
-        checked += 1;
-        let held = root.lstat(&path).ok().flatten();
+    }
+    let paths: Vec<Vec<u8>> = sample.iter().map(|(p, _)| p.clone()).collect();
+    let held = lookup(&paths);
+    for (checked, ((path, m), held)) in sample.into_iter().zip(held).enumerate() {
+        // Unreadable (or the target unreachable): not evidence either way.
+        let Ok(held) = held else {
+            continue;
+        };
         // A directory's mtime moves with the temp files of copies a crash
         // cut short: only its being there, as a directory, is checked.
-        let holds = |h: &crate::meta::Meta| match m.kind {
-            crate::meta::Kind::Dir => h.kind == crate::meta::Kind::Dir,
+        let holds = |h: &Meta| match m.kind {
+            Kind::Dir => h.kind == Kind::Dir,
             _ => m.mirrors(h, owner),
         };
-        if !held.is_some_and(|h| holds(&h)) {
-            // A shipper may have applied and committed a newer version
-            // since the sample was read: only a record that still stands
-            // counts.
-            if journal.index_get(t, &path)? != Some(m) || journal.pending_get(t, &path)?.is_some() {
-                continue;
-            }
-            return Ok(Some(format!(
-                "{} is {} on the target, unlike what the journal recorded ({checked} of a \
-                 sample checked)",
-                crate::paths::display(&path),
-                if held.is_some() {
-                    "different"
-                } else {
-                    "missing"
-                }
-            )));
+        if held.as_ref().is_some_and(holds) {
+            continue;
         }
+        // A shipper may have applied and committed a newer version since
+        // the sample was read: only a record that still stands counts.
+        if journal.index_get(t, &path)? != Some(m) || journal.pending_get(t, &path)?.is_some() {
+            continue;
+        }
+        return Ok(Some(format!(
+            "{} is {} on the target, unlike what the journal recorded ({} of a sample checked)",
+            crate::paths::display(&path),
+            if held.is_some() {
+                "different"
+            } else {
+                "missing"
+            },
+            checked + 1
+        )));
     }
     Ok(None)
 }

@@ -301,6 +301,20 @@ pub struct RemoteTarget {
     /// ssh: the `Ciphers` option to pass, worked out once (see
     /// [`RemoteTarget::ciphers`]).
     ciphers: Arc<OnceLock<Option<String>>>,
+    /// A daemon's: the journal that knows this target (see
+    /// [`RemoteTarget::guard_identity`]).
+    guard: OnceLock<Guard>,
+}
+
+/// What a daemon's remote target checks its receiver's root against at
+/// each connection (see [`super::identity::settle_seen`]).
+struct Guard {
+    journal: Arc<crate::journal::Journal>,
+    t: crate::journal::TargetId,
+    /// Set once the startup scan has read what the journal knows of the
+    /// target: an index forgotten after that also needs the whole tree
+    /// compared again by the shipper.
+    scan_begun: AtomicBool,
 }
 
 impl RemoteTarget {
@@ -324,6 +338,7 @@ impl RemoteTarget {
         }
         RemoteTarget {
             ciphers,
+            guard: OnceLock::new(),
             name: name.to_string(),
             spec,
             owner,
@@ -427,6 +442,63 @@ impl RemoteTarget {
                 }
                 Err(self.unreachable(e))
             }
+        }
+    }
+
+    /// From now on every connection checks that the receiver's root is
+    /// this target, as the journal knows it, and marks it (see
+    /// [`super::identity`]). Without it (`verify`, `status`) nothing is
+    /// checked.
+    pub fn guard_identity(
+        &self,
+        journal: Arc<crate::journal::Journal>,
+        t: crate::journal::TargetId,
+    ) {
+        let _ = self.guard.set(Guard {
+            journal,
+            t,
+            scan_begun: AtomicBool::new(false),
+        });
+    }
+
+    /// Connects now, if the target can be reached, so that its identity is
+    /// settled before the startup scan trusts the journal's index of it;
+    /// then notes that the scan begins.
+    pub fn settle_before_scan(&self) {
+        if let Err(e) = self.conn() {
+            tracing::info!(target = %self.name, "startup scan begins with the target unreachable ({e}); its identity is checked when it connects");
+        }
+        if let Some(g) = self.guard.get() {
+            g.scan_begun.store(true, Ordering::Release);
+        }
+    }
+
+    /// Checks a new connection's root against the journal (see
+    /// [`super::identity::settle_seen`]) and marks it. `Err`: not the
+    /// target, or it could not be marked; nothing has been written there.
+    fn settle_identity(&self, c: &Conn, seen: &super::identity::Seen) -> Result<(), String> {
+        let Some(g) = self.guard.get() else {
+            return Ok(());
+        };
+        let (distrust, mark) =
+            super::identity::settle_seen(&g.journal, g.t, &self.name, &self.describe(), seen)
+                .map_err(|e| e.to_string())?;
+        if distrust.is_some() && g.scan_begun.load(Ordering::Acquire) {
+            // The startup scan went by the index just forgotten.
+            g.journal
+                .enqueue(g.t, &[(Vec::new(), flags::RECURSIVE | flags::LIVE)])
+                .map_err(|e| e.to_string())?;
+        }
+        let Some(mark) = mark else {
+            return Ok(());
+        };
+        match self.query_on(c, |id| Request::Mark { id, mark }) {
+            Ok(Reply::Done { result: Ok(_), .. }) => Ok(()),
+            Ok(Reply::Done { result: Err(e), .. }) | Ok(Reply::Failed { error: e, .. }) => {
+                Err(format!("cannot mark the target's root: {e}"))
+            }
+            Ok(other) => Err(format!("unexpected reply to Mark: {other:?}")),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -550,8 +622,8 @@ impl RemoteTarget {
         )
         .and_then(|_| out.flush().map_err(FrameError::Io))
         .map_err(|e| format!("handshake: {e}"))?;
-        let boot = match protocol::read_frame::<_, Reply>(&mut r, &mut buf) {
-            Ok(Reply::Welcome { boot, .. }) => boot,
+        let (boot, root) = match protocol::read_frame::<_, Reply>(&mut r, &mut buf) {
+            Ok(Reply::Welcome { boot, root, .. }) => (boot, root),
             Ok(Reply::Refused { reason }) => return Err(format!("receiver refused: {reason}")),
             Ok(other) => return Err(format!("unexpected handshake reply {other:?}")),
             Err(FrameError::Closed) | Err(FrameError::Truncated) => {
@@ -584,6 +656,10 @@ impl RemoteTarget {
             .name(format!("recv-{name}"))
             .spawn(move || reader_loop(r, weak, name))
             .map_err(|e| format!("cannot start the reply reader: {e}"))?;
+        if let Err(e) = self.settle_identity(&conn, &root) {
+            conn.fail_all();
+            return Err(e);
+        }
         metrics::counter!("drmirror_reconnects_total", "target" => self.name.clone(), "result" => "connected").increment(1);
         Ok(conn)
     }
@@ -750,6 +826,54 @@ impl RemoteTarget {
             Reply::Failed { error, .. } => Err(io::Error::other(error)),
             other => Err(io::Error::other(format!("unexpected reply {other:?}"))),
         }
+    }
+
+    /// [`RemoteTarget::lstat`] of each of `rels`, the requests sent at
+    /// once and their replies awaited after (one round trip, not one per
+    /// path: the start's index sample looks up a thousand).
+    pub fn lstat_many(&self, rels: &[Vec<u8>]) -> Vec<io::Result<Option<Meta>>> {
+        let c = match self.conn() {
+            Ok(c) => c,
+            Err(e) => {
+                let e = e.to_string();
+                return rels
+                    .iter()
+                    .map(|_| Err(io::Error::other(e.clone())))
+                    .collect();
+            }
+        };
+        let asked: Vec<(u64, Receiver<Reply>)> = rels
+            .iter()
+            .map(|_| {
+                let id = self.next_id();
+                (id, self.register(&c, id))
+            })
+            .collect();
+        let reqs: Vec<Request> = asked
+            .iter()
+            .zip(rels)
+            .map(|((id, _), rel)| Request::Stat {
+                id: *id,
+                rel: rel.clone(),
+            })
+            .collect();
+        let sent = self.send(&c, &reqs, true);
+        let out = asked
+            .iter()
+            .map(|(_, rx)| match &sent {
+                Err(e) => Err(io::Error::other(e.to_string())),
+                Ok(()) => match self.wait(&c, rx).map_err(io::Error::other)? {
+                    Reply::Stat { meta, .. } => Ok(meta),
+                    Reply::Failed { error, .. } => Err(io::Error::other(error)),
+                    other => Err(io::Error::other(format!("unexpected reply {other:?}"))),
+                },
+            })
+            .collect();
+        let mut w = c.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, _) in &asked {
+            w.remove(id);
+        }
+        out
     }
 
     /// The receiving machine's boot id as of the last connection, and a

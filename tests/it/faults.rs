@@ -732,6 +732,105 @@ fn an_unmounted_dr_filesystem_is_never_written_and_the_start_says_why() {
     d.terminate();
 }
 
+/// The same two checks for a `tcp://` target, where the receiver looks at
+/// its root and the daemon judges: emptied while the daemon was stopped
+/// (the index sample, over the wire), and recreated (no mark) while both
+/// were stopped: each compared in full at the next start and repaired.
+#[test]
+fn a_remote_target_emptied_or_recreated_while_stopped_is_repaired_at_start() {
+    let env = Env::new();
+    gen_tree(&env.s("t"), 300, 30);
+    let tcp = Tcp::new(&env);
+    let toml = crate::remote::config(&env, &tcp.target_toml(&env), "");
+    let recv = tcp.receiver(&env, &[]);
+    let d = crate::remote::start_config(&env, &toml);
+    d.wait_log("initial sync complete", secs(120));
+    env.converge(&["--checksum"], &d);
+    wait_committed(&env.state);
+    d.terminate();
+    for e in std::fs::read_dir(&env.dst).expect("ls dst").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            remove_dir_all(&p);
+        } else {
+            remove_file(&p);
+        }
+    }
+    let d = crate::remote::start_config(&env, &toml);
+    let line = d.wait_log("comparing the whole target", secs(60));
+    assert!(line.contains("missing on the target"), "{line}");
+    env.converge(&["--checksum"], &d);
+    wait_committed(&env.state);
+    d.terminate();
+    recv.terminate();
+
+    remove_dir_all(&env.dst);
+    mkdirp(&env.dst);
+    let recv = tcp.receiver(&env, &[]);
+    let d = crate::remote::start_config(&env, &toml);
+    let line = d.wait_log("comparing the whole target", secs(60));
+    assert!(line.contains("mark is missing"), "{line}");
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+    recv.terminate();
+}
+
+/// A `tcp://` target whose DR filesystem is not mounted when its receiver
+/// starts (the receiver serves the bare mount point): the daemon refuses
+/// the connection before writing anything, says why in its log and in
+/// `status`, and goes on once the filesystem is mounted again and the
+/// receiver restarted, the change made meanwhile included.
+#[test]
+fn a_remote_target_whose_dr_filesystem_is_not_mounted_is_never_written() {
+    let env = Env::new();
+    let image = env.root.join("dr.img");
+    let Some(fs) = LoopFs::new(&image, &env.dst, 32) else {
+        return;
+    };
+    write(&env.s("a/f"), b"before");
+    let tcp = Tcp::new(&env);
+    let toml = crate::remote::config(&env, &tcp.target_toml(&env), "");
+    let recv = tcp.receiver(&env, &[]);
+    let d = crate::remote::start_config(&env, &toml);
+    d.wait_log("initial sync complete", secs(60));
+    wait_converged(&env.src, &env.dst, &[], Some(&d));
+    wait_committed(&env.state);
+    recv.terminate();
+    drop(fs);
+    wait_until("the DR filesystem is unmounted", secs(30), None, || {
+        std::fs::read_dir(&env.dst).is_ok_and(|mut r| r.next().is_none())
+    });
+    write(&env.s("a/f"), b"changed while the DR disk was away");
+    let recv = tcp.receiver(&env, &[]);
+    d.wait_log("another filesystem", secs(120));
+    wait_until(
+        "status says why the target is down",
+        secs(60),
+        Some(&d),
+        || {
+            status(&env.state, &[])
+                .stdout
+                .contains("another filesystem")
+        },
+    );
+    assert!(
+        std::fs::read_dir(&env.dst).expect("ls").next().is_none(),
+        "something was written into the bare mount point"
+    );
+    recv.terminate();
+    let ok = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&env.dst)
+        .status();
+    assert!(ok.is_ok_and(|s| s.success()), "remount");
+    let _mount = MountGuard::new(&env.dst);
+    let recv = tcp.receiver(&env, &[]);
+    wait_converged(&env.src, &env.dst, &["--checksum"], Some(&d));
+    d.terminate();
+    recv.terminate();
+}
+
 #[test]
 fn a_target_renamed_or_swapped_for_a_symlink_while_running_stops_the_daemon() {
     for how in ["renamed", "symlink"] {
