@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{DeleteMode, WatchMode};
+use crate::config::{DeleteMode, LogFormat, WatchMode};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,6 +26,10 @@ fn parse_watch(s: &str) -> Result<WatchMode, String> {
     WatchMode::parse(s).ok_or_else(|| "expected auto, fanotify or inotify".to_string())
 }
 
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    LogFormat::parse(s).ok_or_else(|| "expected text or json".to_string())
+}
+
 fn parse_delay(s: &str) -> Result<Duration, String> {
     crate::config::parse_delay_arg(s)
 }
@@ -35,7 +39,7 @@ pub enum Command {
     /// Mirror a source to one or more targets, in the foreground.
     Run {
         /// TOML configuration file (see README "Configuration").
-        #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "delay", "metrics", "watch", "scrub_interval"])]
+        #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "delay", "metrics", "watch", "scrub_interval", "log_format"])]
         config: Option<PathBuf>,
         /// Directory to mirror.
         #[arg(long)]
@@ -65,6 +69,9 @@ pub enum Command {
         /// Time of one background scrub pass, e.g. 24h, or `off`.
         #[arg(long)]
         scrub_interval: Option<String>,
+        /// Log lines as `text` (default) or `json` (one object per line).
+        #[arg(long, value_parser = parse_log_format)]
+        log_format: Option<LogFormat>,
     },
     /// Report the running daemon's lag, backlog and targets.
     Status {

@@ -80,6 +80,28 @@ pub enum WatchMode {
     Inotify,
 }
 
+/// How log lines are written (`log_format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line per event, for people (under systemd, with a journald
+    /// priority prefix and no clock: see `drmirror::logsink`).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(s: &str) -> Option<LogFormat> {
+        match s {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
 /// What to do with a journal RocksDB reports corrupt (`on_corrupt_journal`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -207,6 +229,8 @@ struct RawConfig {
     /// A duration, or "off".
     #[serde(default)]
     scrub_interval: Option<String>,
+    #[serde(default)]
+    log_format: LogFormat,
 }
 
 fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -311,6 +335,7 @@ pub struct Config {
     /// How long one pass of the background scrub takes (see
     /// `drmirror::scrub`); `None`: no scrub (`"off"`).
     pub scrub_interval: Option<Duration>,
+    pub log_format: LogFormat,
 }
 
 /// The default time of one scrub pass.
@@ -364,6 +389,7 @@ pub struct QuickForm {
     pub metrics_listen: Option<String>,
     pub watch: Option<WatchMode>,
     pub scrub_interval: Option<String>,
+    pub log_format: Option<LogFormat>,
 }
 
 impl Config {
@@ -407,6 +433,7 @@ impl Config {
             metrics_listen: q.metrics_listen,
             on_corrupt_journal: OnCorruptJournal::default(),
             scrub_interval: q.scrub_interval,
+            log_format: q.log_format.unwrap_or_default(),
         })
     }
 }
@@ -695,6 +722,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         metrics_listen,
         on_corrupt_journal: raw.on_corrupt_journal,
         scrub_interval,
+        log_format: raw.log_format,
     })
 }
 

@@ -449,14 +449,18 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
     let (journal, rebuilt) = crate::rebuild::open(&cfg, &jpath)?;
     let journal = Arc::new(journal);
     journal.set_backlog_bound(cfg.backlog.max_entries, cfg.backlog.max_bytes);
-    if let Some(addr) = cfg.metrics_listen {
-        // Metrics are how the RPO is watched, but a mirror that stops
-        // replicating because a port is taken would be worse.
-        match crate::telemetry::install(addr) {
-            Ok(()) => tracing::info!("metrics on http://{addr}/metrics"),
-            Err(e) => tracing::error!("{e}; running without the metrics endpoint"),
-        }
-    }
+    // Metrics are how the RPO is watched, but a mirror that stops
+    // replicating because a port is taken would be worse. Served once the
+    // lag is published (see `telemetry::Endpoint`).
+    let endpoint = cfg
+        .metrics_listen
+        .and_then(|addr| match crate::telemetry::install(addr) {
+            Ok(e) => Some((addr, e)),
+            Err(e) => {
+                tracing::error!("{e}; running without the metrics endpoint");
+                None
+            }
+        });
     metrics::gauge!("drmirror_journal_rebuilt").set(if rebuilt.is_some() { 1.0 } else { 0.0 });
     let owner = rustix::process::geteuid().is_root();
     let source = Arc::new(
@@ -746,6 +750,13 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
         local_roots,
         stop: stop.clone(),
     };
+    pulse.prime()?;
+    if let Some((addr, e)) = endpoint {
+        match e.serve() {
+            Ok(()) => tracing::info!("metrics on http://{addr}/metrics"),
+            Err(e) => tracing::error!("{e}; running without the metrics endpoint"),
+        }
+    }
     threads.push(sup.spawn("pulse", Role::Essential, move || pulse.run())?);
 
     // Capture.
@@ -972,6 +983,7 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
                     };
                     let t0 = Instant::now();
                     metrics::gauge!("drmirror_scan_running").increment(1.0);
+                    metrics::gauge!("drmirror_startup_scan_in_progress", "target" => name.clone()).set(1.0);
                     {
                         // Directories that changed since they were last
                         // mirrored stand out, and go first (see
@@ -1034,6 +1046,7 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
                     let walk_ms = t_walk.elapsed().as_millis();
                     pb.finish_and_clear();
                     metrics::gauge!("drmirror_scan_running").decrement(1.0);
+                    metrics::gauge!("drmirror_startup_scan_in_progress", "target" => name.clone()).set(0.0);
                     let scanned = stats.scanned.load(Ordering::Relaxed);
                     board.update(|s| s.scan_running = false);
                     // A walk cut short by a stop must run again next time.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use drmirror::cli::{Cli, Command};
-use drmirror::config::{Config, QuickForm};
+use drmirror::config::{Config, LogFormat, QuickForm};
 
 // The scans allocate a name and a path per entry from every thread; glibc's
 // malloc was ~7 % of a reconciliation's CPU time (arena locking and
@@ -14,7 +14,7 @@ use drmirror::config::{Config, QuickForm};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // A log line that cannot be written (stderr on a full disk) is dropped
@@ -26,11 +26,17 @@ fn init_logging() {
         .with_writer(|| drmirror::logsink::Stderr)
         .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal());
-    // Under systemd the journal stamps every line: plain lines, no clock.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        fmt.without_time().init();
-    } else {
-        fmt.init();
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    match format {
+        LogFormat::Json => fmt.json().init(),
+        // Under systemd the journal stamps every line: no clock, and the
+        // priority in front (see `drmirror::logsink`).
+        LogFormat::Text if journal => fmt
+            .event_format(drmirror::logsink::Prioritized(
+                tracing_subscriber::fmt::format().without_time(),
+            ))
+            .init(),
+        LogFormat::Text => fmt.init(),
     }
 }
 
@@ -110,14 +116,14 @@ struct ReceiveArgs {
 /// `drmirror receive`: 0 when the daemon hung up cleanly, 1 on a protocol
 /// or I/O error, 2 on bad arguments.
 fn receive(a: ReceiveArgs) -> ExitCode {
-    init_logging();
+    init_logging(LogFormat::Text);
     let fail = |e: &dyn std::fmt::Display| {
         eprintln!("drmirror receive: {e}");
         ExitCode::from(2)
     };
     match a.metrics.as_deref().map(drmirror::telemetry::parse_listen) {
         Some(Ok(Some(addr))) => {
-            if let Err(e) = drmirror::telemetry::install(addr) {
+            if let Err(e) = drmirror::telemetry::install(addr).and_then(|e| e.serve()) {
                 return fail(&e);
             }
         }
@@ -167,6 +173,7 @@ fn main() -> ExitCode {
             metrics,
             watch,
             scrub_interval,
+            log_format,
         } => {
             let cfg = match config {
                 Some(f) => Config::load(&f),
@@ -180,6 +187,7 @@ fn main() -> ExitCode {
                     metrics_listen: metrics,
                     watch,
                     scrub_interval,
+                    log_format,
                 }),
             };
             let cfg = match cfg {
@@ -189,7 +197,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logging();
+            init_logging(cfg.log_format);
             match drmirror::daemon::run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -83,13 +83,6 @@ impl Pulse {
     /// Publishes every target's lag until `stop`; an error if the state
     /// directory goes away.
     pub fn run(self) -> Result<(), DaemonError> {
-        // What a restart left pending counts from its capture time at once,
-        // not from the shipper's first report (which a round blocked on a
-        // dead link would put off).
-        for (t, _) in &self.targets {
-            self.journal
-                .backlog_stats(*t, self.journal.backlog_count_limit())?;
-        }
         // On a fixed schedule, so that each value holds until the next.
         let mut next = std::time::Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
@@ -106,6 +99,20 @@ impl Pulse {
                 next = now;
             }
         }
+        Ok(())
+    }
+
+    /// Publishes the first lag, before the metrics endpoint answers: what a
+    /// restart left pending counts from its capture time at once, not from
+    /// the shipper's first report (which a round blocked on a dead link
+    /// would put off), and a floor set for the startup scan shows from the
+    /// first scrape.
+    pub fn prime(&self) -> Result<(), DaemonError> {
+        for (t, _) in &self.targets {
+            self.journal
+                .backlog_stats(*t, self.journal.backlog_count_limit())?;
+        }
+        self.publish_lag(PERIOD);
         Ok(())
     }
 

@@ -663,6 +663,8 @@ impl Shipper {
             self.retry.len() as u64,
             self.reported_initial,
         );
+        metrics::gauge!("drmirror_initial_sync_in_progress", "target" => name.clone())
+            .set(if done { 0.0 } else { 1.0 });
         let failing_shown = self.failing_shown();
         if !self.target_up {
             if let Some(why) = self.target.unreachable_reason() {

@@ -15,6 +15,8 @@ pub enum TelemetryError {
     Address { addr: String, msg: String },
     #[error("cannot start the metrics endpoint on {addr}: {msg}")]
     Listen { addr: SocketAddr, msg: String },
+    #[error("cannot start the metrics endpoint's thread: {0}")]
+    Serve(String),
 }
 
 /// Parses a listen address; `off` (or empty) disables the endpoint.
@@ -31,18 +33,55 @@ pub fn parse_listen(s: &str) -> Result<Option<SocketAddr>, TelemetryError> {
         })
 }
 
-/// Starts the HTTP endpoint and registers every metric's description.
-pub fn install(addr: SocketAddr) -> Result<(), TelemetryError> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| TelemetryError::Listen {
-            addr,
-            msg: e.to_string(),
-        })?;
+/// The metrics endpoint between [`install`] and [`Endpoint::serve`]: the
+/// recorder takes every metric set from the start, and the port is bound
+/// (a taken port is found at once), but no scrape is answered yet. A scrape
+/// in that window waits in the listen queue: it gets the lag the daemon
+/// has published by then, never a series that is missing or 0 because the
+/// lag was not computed yet (a scrape right after a restart read no lag
+/// while the changes made during the outage were missing).
+pub struct Endpoint {
+    runtime: tokio::runtime::Runtime,
+    exporter: metrics_exporter_prometheus::ExporterFuture,
+}
+
+/// Installs the recorder, binds `addr`, and registers every metric's
+/// description; [`Endpoint::serve`] starts answering.
+pub fn install(addr: SocketAddr) -> Result<Endpoint, TelemetryError> {
+    let err = |msg: String| TelemetryError::Listen { addr, msg };
+    // As `PrometheusBuilder::install` does, with the serving put off.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    let (recorder, exporter) = {
+        let _g = runtime.enter();
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .build()
+            .map_err(|e| err(e.to_string()))?
+    };
+    metrics::set_global_recorder(recorder).map_err(|e| err(e.to_string()))?;
     describe();
+    zero_counters();
     gauge!("drmirror_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    Ok(())
+    Ok(Endpoint { runtime, exporter })
+}
+
+impl Endpoint {
+    /// Answers scrapes from now on, on a thread of its own.
+    pub fn serve(self) -> Result<(), TelemetryError> {
+        let Endpoint { runtime, exporter } = self;
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                if let Err(e) = runtime.block_on(exporter) {
+                    tracing::error!("the metrics endpoint stopped: {e:?}");
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| TelemetryError::Serve(e.to_string()))
+    }
 }
 
 fn describe() {
@@ -136,4 +175,53 @@ fn describe() {
         "drmirror_build_info",
         "Build information (label version), always 1"
     );
+    describe_gauge!(
+        "drmirror_initial_sync_in_progress",
+        "1 until a target's initial sync (or the compare after a start) has finished, per target"
+    );
+    describe_gauge!(
+        "drmirror_startup_scan_in_progress",
+        "1 while a target's startup scan runs, per target"
+    );
+    describe_gauge!(
+        "drmirror_journal_rebuilt",
+        "1 if this run started from a fresh journal after finding the old one corrupt"
+    );
+    describe_counter!(
+        "drmirror_log_write_errors_total",
+        "Log lines dropped because stderr did not take them (a full disk, a closed pipe)"
+    );
+    describe_counter!(
+        "drmirror_scrub_passes_total",
+        "Passes of the background scrub completed, per target"
+    );
+    describe_counter!(
+        "drmirror_scrub_entries_total",
+        "Entries the background scrub compared, per target"
+    );
+    describe_counter!(
+        "drmirror_scrub_divergences_total",
+        "Entries the scrub found different on the target with nothing in flight to explain it (each repaired), per target"
+    );
+    describe_gauge!(
+        "drmirror_scrub_last_pass_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time at which the last scrub pass of a target ended"
+    );
+}
+
+/// Counters without labels, exported at 0 from the start: a rate or an
+/// `increase()` over a counter that appears only at its first event misses
+/// that event.
+fn zero_counters() {
+    for name in [
+        "drmirror_backlog_collapsed_total",
+        "drmirror_capture_handle_lookups_total",
+        "drmirror_capture_wakeups_total",
+        "drmirror_kernel_overflows_total",
+        "drmirror_log_write_errors_total",
+        "drmirror_scan_files_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
 }

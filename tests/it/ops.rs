@@ -265,6 +265,80 @@ fn alert_rules_pass_promtool() {
     }
 }
 
+/// A live scrape, after a mirror converged and a scrub pass, passes
+/// `promtool check metrics`: every metric has its help text, counters end
+/// in `_total`, units are base units. And the counters without labels are
+/// there at 0 from the start.
+#[test]
+fn a_live_scrape_passes_promtool_check_metrics() {
+    use std::io::Write;
+    let Some(promtool) = tool("promtool") else {
+        panic!(
+            "promtool is not installed: tools/install-deps installs Debian's prometheus package"
+        );
+    };
+    let env = Env::new();
+    write(&env.s("d/f"), b"x");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = env.start(&["--metrics", &addr, "--scrub-interval", "1s"]);
+    d.wait_log("initial sync complete", secs(60));
+    env.converge(&[], &d);
+    d.wait_log("scrub pass done", secs(60));
+    // Published with the next report (every second or so).
+    wait_until(
+        "the initial sync is reported done",
+        secs(30),
+        Some(&d),
+        || {
+            http_get(port, "/metrics").is_some_and(|t| {
+                t.contains("drmirror_initial_sync_in_progress{")
+                    && metric(&t, "drmirror_initial_sync_in_progress") == 0.0
+            })
+        },
+    );
+    let text = http_get(port, "/metrics").expect("scrape");
+    assert_eq!(
+        metric(&text, "drmirror_startup_scan_in_progress{"),
+        0.0,
+        "{text}"
+    );
+    for zero in [
+        "drmirror_kernel_overflows_total",
+        "drmirror_log_write_errors_total",
+        "drmirror_backlog_collapsed_total",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(zero)),
+            "{zero} is not exported from the start:\n{text}"
+        );
+    }
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let o = child.wait_with_output().expect("promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {said}"
+    );
+    d.terminate();
+}
+
 #[test]
 fn systemd_units_pass_systemd_analyze_verify() {
     let Some(analyze) = tool("systemd-analyze") else {

@@ -211,3 +211,58 @@ fn an_ssh_authentication_failure_is_named_in_status() {
     assert!(!log.contains("is drmirror installed"), "{}", d.log_tail());
     d.terminate();
 }
+
+/// Under systemd (`JOURNAL_STREAM` set) each line carries its syslog
+/// priority for journald: `<6>` info, `<4>` a warning, `<3>` an error (here
+/// the metrics port taken: logged, and mirroring goes on).
+#[test]
+fn under_systemd_each_log_line_carries_its_priority() {
+    let env = Env::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let addr = format!("127.0.0.1:{port}");
+    let d = env.start_env(&["--metrics", &addr], &[("JOURNAL_STREAM", "8:12345")]);
+    let log = d.log();
+    let prio = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?}:\n{log}"))
+            .get(..3)
+            .map(str::to_string)
+    };
+    assert_eq!(prio("drmirror ready").as_deref(), Some("<6>"), "{log}");
+    assert_eq!(
+        prio("cannot start the metrics endpoint").as_deref(),
+        Some("<3>"),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .filter(|l| !l.is_empty())
+            .all(|l| l.starts_with('<')),
+        "a line without its priority:\n{log}"
+    );
+    d.terminate();
+}
+
+/// `--log-format json` (`log_format = "json"`): one JSON object per line,
+/// with its level and message, for log shippers.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let env = Env::new();
+    write(&env.s("f"), b"x");
+    let d = env.start_env(&["--log-format", "json"], &[]);
+    env.converge(&[], &d);
+    d.terminate();
+    let log = d.log();
+    let mut ready = false;
+    for l in log.lines().filter(|l| !l.is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string(), "no level: {l}");
+        ready |= v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("drmirror ready"));
+    }
+    assert!(ready, "no ready line:\n{log}");
+}
