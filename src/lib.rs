@@ -1,6 +1,6 @@
 //! drmirror: a disaster-recovery mirror of a directory tree, current within
-//! seconds, restartable in seconds. The architecture is in
-//! `shared/design.md`; the data flow and its modules:
+//! seconds, restartable in seconds. The architecture and its invariants,
+//! end to end, are in `docs/design.md`; the data flow and its modules:
 //!
 //! ```text
 //! kernel ─► watch (fanotify | inotify) ─► daemon::to_changes ─► journal (RocksDB, write-ahead)

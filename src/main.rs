@@ -73,11 +73,14 @@ fn status(
     let dir = match (state, config, source) {
         (Some(d), _, _) => d,
         (None, Some(f), _) => match Config::load(&f) {
-            Ok(c) => c.state_dir,
+            Ok(c) => {
+                let instance = f.file_stem().and_then(|s| s.to_str());
+                drmirror::status::locate(&c.state_dir, &c.source, instance)
+            }
             Err(e) => return unknown(format!("config error: {e}")),
         },
         (None, None, Some(s)) => match s.canonicalize() {
-            Ok(s) => drmirror::config::default_state_dir(&s),
+            Ok(s) => drmirror::status::locate(&drmirror::config::default_state_dir(&s), &s, None),
             Err(e) => return unknown(format!("source {}: {e}", s.display())),
         },
         (None, None, None) => {

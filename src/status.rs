@@ -217,6 +217,33 @@ pub fn wake(state_dir: &Path) {
 }
 
 /// Asks the daemon using `state_dir` for its status.
+/// Where systemd's `StateDirectory=drmirror` (or `drmirror/INSTANCE`)
+/// puts a unit's state.
+pub const SYSTEMD_STATE_ROOT: &str = "/var/lib/drmirror";
+
+/// The state directory of the daemon that mirrors `source`, for `status
+/// --config` or `--source` run from a shell: `state_dir` (configured, or the
+/// default as this shell computes it), else where a unit's
+/// `StateDirectory=` put it (the daemon saw `STATE_DIRECTORY`, which the
+/// shell lacks): `/var/lib/drmirror/INSTANCE` (`instance`: the config
+/// file's stem, as `drmirror@INSTANCE` reads `/etc/drmirror/INSTANCE.toml`)
+/// or `/var/lib/drmirror`. The first whose daemon says it mirrors `source`;
+/// `state_dir` if none does (the error then names it).
+pub fn locate(state_dir: &Path, source: &Path, instance: Option<&str>) -> std::path::PathBuf {
+    let root = Path::new(SYSTEMD_STATE_ROOT);
+    let mut candidates = vec![state_dir.to_path_buf()];
+    if let Some(i) = instance {
+        candidates.push(root.join(i));
+    }
+    candidates.push(root.to_path_buf());
+    let serves = |dir: &Path| query(dir).is_ok_and(|s| Path::new(&s.source) == source);
+    candidates
+        .iter()
+        .find(|d| serves(d))
+        .cloned()
+        .unwrap_or_else(|| state_dir.to_path_buf())
+}
+
 pub fn query(state_dir: &Path) -> Result<Status, StatusError> {
     let socket = state_dir.join(SOCKET_NAME);
     let mut conn = UnixStream::connect(&socket).map_err(|source| StatusError::NotRunning {

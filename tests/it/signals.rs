@@ -266,3 +266,72 @@ fn json_logs_are_one_object_per_line() {
     }
     assert!(ready, "no ready line:\n{log}");
 }
+
+/// `drmirror status --config FILE` run from a shell finds a daemon that
+/// runs as `drmirror@INSTANCE` under systemd, whose `StateDirectory=`
+/// (`STATE_DIRECTORY`, which the shell lacks) chose its state directory:
+/// `/var/lib/drmirror/INSTANCE`, INSTANCE being the config file's stem.
+#[test]
+fn status_finds_the_state_directory_a_unit_was_given() {
+    if !is_root() {
+        eprintln!("SKIP: the test uses /var/lib/drmirror, which needs root");
+        return;
+    }
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+            // And the parent, if this test made it (only if empty).
+            let _ = std::fs::remove_dir(drmirror::status::SYSTEMD_STATE_ROOT);
+        }
+    }
+    let env = Env::new();
+    write(&env.s("f"), b"x");
+    let instance = env
+        .root
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map(|n| format!("test-{n}"))
+        .expect("a temp dir name");
+    let state = std::path::Path::new("/var/lib/drmirror").join(&instance);
+    let _cleanup = Remove(state.clone());
+    mkdirp(&state);
+    let cfg = env.root.join(format!("{instance}.toml"));
+    write(
+        &cfg,
+        format!(
+            "source = {}\nmetrics_listen = \"off\"\n[[target]]\npath = {}\n",
+            toml_str(&env.src),
+            toml_str(&env.dst)
+        )
+        .as_bytes(),
+    );
+    // Through env(1): the harness keeps STATE_DIRECTORY out of daemons.
+    let mut cmd = std::process::Command::new("env");
+    cmd.arg(format!("STATE_DIRECTORY={}", state.display()))
+        .arg(bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&cfg);
+    let d = Daemon::spawn_command(cmd, &env.root);
+    d.wait_log("drmirror ready", secs(60));
+    assert!(
+        state.join("status.sock").exists(),
+        "the daemon did not use STATE_DIRECTORY\n{}",
+        d.log_tail()
+    );
+    let o = drmirror(
+        &[
+            std::ffi::OsString::from("status"),
+            "--config".into(),
+            cfg.clone().into_os_string(),
+        ],
+        secs(20),
+    );
+    assert!(
+        matches!(o.code, Some(0..=2)) && o.stdout.contains("target"),
+        "status --config did not find the daemon\n{}",
+        o.describe()
+    );
+    d.terminate();
+}
