@@ -339,6 +339,92 @@ fn a_live_scrape_passes_promtool_check_metrics() {
     d.terminate();
 }
 
+/// The Grafana dashboard (`tools/grafana/drmirror.json`) parses, every
+/// query is valid PromQL (`promtool check rules` on a rule file made of
+/// them), names only metrics the daemon exports (those `telemetry.rs`
+/// describes), and the headline signals are on it.
+#[test]
+fn the_dashboard_queries_only_metrics_the_daemon_exports() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("tools/grafana/drmirror.json")).expect("read");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(
+            !targets.is_empty(),
+            "a panel without a query: {}",
+            p["title"]
+        );
+        exprs.extend(
+            targets
+                .iter()
+                .map(|t| t["expr"].as_str().expect("expr").to_string()),
+        );
+    }
+    let names = |s: &str| -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = s;
+        while let Some(i) = rest.find("drmirror_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(tail.len());
+            out.push(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+        out
+    };
+    let telemetry = std::fs::read_to_string(root.join("src/telemetry.rs")).expect("read");
+    let exported: std::collections::BTreeSet<String> = names(&telemetry).into_iter().collect();
+    let used: std::collections::BTreeSet<String> = exprs.iter().flat_map(|e| names(e)).collect();
+    let unknown: Vec<&String> = used.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard queries metrics the daemon does not export: {unknown:?}"
+    );
+    for headline in [
+        "drmirror_replication_lag_seconds",
+        "drmirror_backlog_entries",
+        "drmirror_target_up",
+        "drmirror_applied_total",
+        "drmirror_errors_total",
+        "drmirror_reconnects_total",
+        "drmirror_initial_sync_in_progress",
+    ] {
+        assert!(
+            used.contains(headline),
+            "{headline} is not on the dashboard"
+        );
+    }
+    let Some(promtool) = tool("promtool") else {
+        panic!(
+            "promtool is not installed: tools/install-deps installs Debian's prometheus package"
+        );
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        rules.push_str(&format!(
+            "      - record: dashboard_query_{i}\n        expr: {}\n",
+            serde_json::to_string(e).expect("quote")
+        ));
+    }
+    let file = dir.path().join("dashboard.yml");
+    std::fs::write(&file, rules).expect("write rules");
+    let o = Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("run promtool");
+    assert!(
+        o.status.success(),
+        "a dashboard query is not valid PromQL\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 #[test]
 fn systemd_units_pass_systemd_analyze_verify() {
     let Some(analyze) = tool("systemd-analyze") else {
