@@ -142,4 +142,39 @@ pub enum Command {
         #[arg(long)]
         no_owner: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell), e.g. `drmirror completions bash >
+    /// /usr/share/bash-completion/completions/drmirror`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages, generated from this command line's own
+    /// definition, into DIR: drmirror.1 and drmirror-SUBCOMMAND.1.
+    Man { dir: PathBuf },
+}
+
+/// The manual pages of the command line `cmd` (`drmirror`'s, from
+/// [`Cli`]): (file name, roff text) for the command and each subcommand.
+pub fn man_pages(cmd: &clap::Command) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    let mut pages = Vec::new();
+    let mut top = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut top)?;
+    pages.push((format!("{}.1", cmd.get_name()), top));
+    for sub in cmd.get_subcommands() {
+        let title = format!("{}-{}", cmd.get_name(), sub.get_name());
+        let mut page = Vec::new();
+        // Named drmirror-SUB (as git's pages are), used as `drmirror SUB`.
+        let mut named = sub.clone().name(title.clone()).bin_name(format!(
+            "{} {}",
+            cmd.get_name(),
+            sub.get_name()
+        ));
+        if let Some(v) = cmd.get_version() {
+            named = named.version(v.to_string());
+        }
+        clap_mangen::Man::new(named).render(&mut page)?;
+        pages.push((format!("{title}.1"), page));
+    }
+    Ok(pages)
 }

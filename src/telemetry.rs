@@ -13,7 +13,10 @@ use metrics::{describe_counter, describe_gauge, gauge, Unit};
 pub enum TelemetryError {
     #[error("metrics listen address {addr:?}: {msg}")]
     Address { addr: String, msg: String },
-    #[error("cannot start the metrics endpoint on {addr}: {msg}")]
+    #[error(
+        "cannot start the metrics endpoint on {addr}: {msg} (two daemons cannot share a port: \
+         give each its own metrics_listen, or \"off\")"
+    )]
     Listen { addr: SocketAddr, msg: String },
     #[error("cannot start the metrics endpoint's thread: {0}")]
     Serve(String),

@@ -448,7 +448,9 @@ fn systemd_units_pass_systemd_analyze_verify() {
         // that verify also checks the command exists and is executable.
         let text = std::fs::read_to_string(&p).expect("read unit");
         let text = text.replace("/usr/local/bin/drmirror", env!("CARGO_BIN_EXE_drmirror"));
-        let out = tmp.path().join(p.file_name().expect("name"));
+        // A template is verified as an instance of it.
+        let name = p.file_name().and_then(|n| n.to_str()).expect("name");
+        let out = tmp.path().join(name.replace("@.service", "@test.service"));
         std::fs::write(&out, text).expect("write unit");
         let o = Command::new(&analyze)
             .args(["verify", "--man=no"])
@@ -540,4 +542,49 @@ fn idle_status_thread_sleeps_until_asked() {
     let v = status_json(&env.state);
     assert_eq!(target0(&v)["backlog_entries"], 0, "{v}");
     d.terminate();
+}
+
+/// `drmirror completions SHELL` prints a script that knows the subcommands,
+/// and `drmirror man DIR` writes a page per command, named and titled
+/// `drmirror-SUBCOMMAND` (rendered by man(1) where it is installed).
+#[test]
+fn completions_and_manual_pages_come_from_the_command_line() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = drmirror(&["completions".into(), shell.into()], secs(20));
+        assert_eq!(o.code, Some(0), "{}", o.describe());
+        for sub in ["run", "status", "receive", "verify"] {
+            assert!(
+                o.stdout.contains(sub),
+                "{shell}: no {sub}\n{}",
+                o.describe()
+            );
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = drmirror(&["man".into(), dir.path().into()], secs(20));
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    for page in [
+        "drmirror",
+        "drmirror-run",
+        "drmirror-status",
+        "drmirror-receive",
+        "drmirror-verify",
+    ] {
+        let p = dir.path().join(format!("{page}.1"));
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(text.contains(&format!(".TH {page} 1")), "{page}: {text}");
+        if let Some(man) = tool("man") {
+            let o = Command::new(man)
+                .arg("-l")
+                .arg(&p)
+                .env("MANWIDTH", "80")
+                .output()
+                .expect("man");
+            let shown = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                o.status.success() && shown.contains("NAME"),
+                "man -l {page}: {shown}"
+            );
+        }
+    }
 }
