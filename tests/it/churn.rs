@@ -570,9 +570,11 @@ fn no_false_alarms(run: Run, d: &Daemon, c: &mut Churn) -> Run {
         return run;
     }
     c.mark("the scrub reported divergences");
-    d.terminate();
+    // Stopped hard: a stop that fails (a SIGTERM before the handler is
+    // installed) must not unwind before the run's directory is kept.
+    d.force_kill();
     if let Some(r) = &run.receiver {
-        r.terminate();
+        r.force_kill();
     }
     let root = run.env.root.clone();
     // Not dropped: dropping would remove the directory.
@@ -597,9 +599,9 @@ fn converged(run: Run, d: &Daemon, c: &Churn) -> Run {
         .downcast_ref::<String>()
         .cloned()
         .unwrap_or_else(|| "converge failed".into());
-    d.terminate();
+    d.force_kill();
     if let Some(r) = &run.receiver {
-        r.terminate();
+        r.force_kill();
     }
     let root = run.env.root.clone();
     std::mem::forget(run);

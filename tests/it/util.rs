@@ -807,7 +807,9 @@ impl Daemon {
         }
     }
 
-    fn force_kill(&self) {
+    /// SIGKILL and reap, whatever state the process is in (a failure path
+    /// keeping evidence).
+    pub fn force_kill(&self) {
         if self.status.get().is_some() {
             return;
         }
