@@ -107,6 +107,40 @@ fn status(
     ExitCode::from(h as u8)
 }
 
+/// `drmirror completions SHELL`: the script on stdout.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use clap::CommandFactory;
+    use std::io::Write;
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "drmirror", &mut out);
+    match std::io::stdout().lock().write_all(&out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::from(1),
+    }
+}
+
+/// `drmirror man DIR`: the manual pages, written into DIR.
+fn man(dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    let written = drmirror::cli::man_pages(&Cli::command()).and_then(|pages| {
+        std::fs::create_dir_all(dir)?;
+        for (name, text) in &pages {
+            std::fs::write(dir.join(name), text)?;
+        }
+        Ok(pages.len())
+    });
+    match written {
+        Ok(n) => {
+            eprintln!("drmirror: {n} manual pages written to {}", dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("drmirror: man: {}: {e}", dir.display());
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// `drmirror receive`'s arguments.
 struct ReceiveArgs {
     root: std::path::PathBuf,
@@ -239,36 +273,8 @@ fn main() -> ExitCode {
             max_lag,
             warn_lag,
         } => status(state, config, source, json, (warn_lag, max_lag)),
-        Command::Completions { shell } => {
-            use clap::CommandFactory;
-            let mut out = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "drmirror", &mut out);
-            use std::io::Write;
-            match std::io::stdout().lock().write_all(&out) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(_) => ExitCode::from(1),
-            }
-        }
-        Command::Man { dir } => {
-            use clap::CommandFactory;
-            let written = drmirror::cli::man_pages(&Cli::command()).and_then(|pages| {
-                std::fs::create_dir_all(&dir)?;
-                for (name, text) in &pages {
-                    std::fs::write(dir.join(name), text)?;
-                }
-                Ok(pages.len())
-            });
-            match written {
-                Ok(n) => {
-                    eprintln!("drmirror: {n} manual pages written to {}", dir.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("drmirror: man: {}: {e}", dir.display());
-                    ExitCode::from(1)
-                }
-            }
-        }
+        Command::Completions { shell } => completions(shell),
+        Command::Man { dir } => man(&dir),
         Command::Verify {
             source,
             target,

@@ -87,7 +87,10 @@ impl Endpoint {
     }
 }
 
+/// Help texts of the metrics of replication, capture and scans (and,
+/// through [`describe_health`], of the rest).
 fn describe() {
+    describe_health();
     describe_gauge!(
         "drmirror_replication_lag_seconds",
         Unit::Seconds,
@@ -149,6 +152,11 @@ fn describe() {
         "drmirror_capture_backend",
         "The change-capture backend in use (label), always 1"
     );
+}
+
+/// Help texts of the metrics of errors, connections, the receiver, the
+/// build, the journal, the log and the scrub.
+fn describe_health() {
     describe_counter!(
         "drmirror_errors_total",
         "Errors by kind (each is logged and retried)"

@@ -570,8 +570,18 @@ fn no_false_alarms(run: Run, d: &Daemon, c: &mut Churn) -> Run {
         return run;
     }
     c.mark("the scrub reported divergences");
-    // Stopped hard: a stop that fails (a SIGTERM before the handler is
-    // installed) must not unwind before the run's directory is kept.
+    let root = keep(run, d);
+    panic!(
+        "the scrub reported divergences (kept: {}):\n{false_alarms:#?}",
+        root.display()
+    );
+}
+
+/// Ends a failed run keeping its directory (the daemons' logs and
+/// `ops.log`), which it returns. Stopped hard: a stop that fails (a SIGTERM
+/// before the handler is installed) must not unwind before the directory is
+/// kept.
+fn keep(run: Run, d: &Daemon) -> std::path::PathBuf {
     d.force_kill();
     if let Some(r) = &run.receiver {
         r.force_kill();
@@ -579,15 +589,11 @@ fn no_false_alarms(run: Run, d: &Daemon, c: &mut Churn) -> Run {
     let root = run.env.root.clone();
     // Not dropped: dropping would remove the directory.
     std::mem::forget(run);
-    panic!(
-        "the scrub reported divergences (kept: {}):\n{false_alarms:#?}",
-        root.display()
-    );
+    root
 }
 
 /// Waits until the mirror is equal with checksums; on failure, the panic
-/// shows the last operations.
-/// A failure keeps the run's directory, as in [`no_false_alarms`].
+/// shows the last operations, and the run's directory is kept.
 fn converged(run: Run, d: &Daemon, c: &Churn) -> Run {
     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         run.env.converge_for(&["--checksum"], d, secs(120));
@@ -599,12 +605,7 @@ fn converged(run: Run, d: &Daemon, c: &Churn) -> Run {
         .downcast_ref::<String>()
         .cloned()
         .unwrap_or_else(|| "converge failed".into());
-    d.force_kill();
-    if let Some(r) = &run.receiver {
-        r.force_kill();
-    }
-    let root = run.env.root.clone();
-    std::mem::forget(run);
+    let root = keep(run, d);
     panic!(
         "{msg}\n(kept: {})\nthe last {OP_LOG} operations (after op {}):\n{}",
         root.display(),

@@ -635,13 +635,9 @@ fn mirrored_then_stopped(env: &Env) {
     d.terminate();
 }
 
-#[test]
-fn a_target_emptied_or_restored_while_stopped_is_repaired_at_start() {
-    // Emptied (`rm -rf T/*`, a DR disk replaced): the directory and its
-    // mark stay, the index sample finds the entries gone.
-    let env = Env::new();
-    mirrored_then_stopped(&env);
-    for e in std::fs::read_dir(&env.dst).expect("ls dst").flatten() {
+/// `rm -rf DIR/*`: what a replaced DR disk looks like.
+fn empty_dir(dir: &Path) {
+    for e in std::fs::read_dir(dir).expect("ls").flatten() {
         let p = e.path();
         if p.is_dir() {
             remove_dir_all(&p);
@@ -649,6 +645,15 @@ fn a_target_emptied_or_restored_while_stopped_is_repaired_at_start() {
             remove_file(&p);
         }
     }
+}
+
+#[test]
+fn a_target_emptied_or_restored_while_stopped_is_repaired_at_start() {
+    // Emptied (`rm -rf T/*`, a DR disk replaced): the directory and its
+    // mark stay, the index sample finds the entries gone.
+    let env = Env::new();
+    mirrored_then_stopped(&env);
+    empty_dir(&env.dst);
     let d = env.start(&[]);
     d.wait_log("comparing the whole target", secs(60));
     env.converge(&["--checksum"], &d);
@@ -748,14 +753,7 @@ fn a_remote_target_emptied_or_recreated_while_stopped_is_repaired_at_start() {
     env.converge(&["--checksum"], &d);
     wait_committed(&env.state);
     d.terminate();
-    for e in std::fs::read_dir(&env.dst).expect("ls dst").flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            remove_dir_all(&p);
-        } else {
-            remove_file(&p);
-        }
-    }
+    empty_dir(&env.dst);
     let d = crate::remote::start_config(&env, &toml);
     let line = d.wait_log("comparing the whole target", secs(60));
     assert!(line.contains("missing on the target"), "{line}");

@@ -241,28 +241,46 @@ fn tool(name: &str) -> Option<PathBuf> {
 
 #[test]
 fn alert_rules_pass_promtool() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/prometheus");
+    for args in [
+        ["check", "rules", "drmirror-alerts.yml"],
+        ["test", "rules", "drmirror-alerts.test.yml"],
+    ] {
+        let (ok, said) = promtool(&args, &dir, b"");
+        assert!(ok, "promtool {args:?} failed\n{said}");
+    }
+}
+
+/// `promtool ARGS` (Debian's, which tools/install-deps installs) in `dir`
+/// with `input` on its stdin: whether it succeeded, and what it said.
+fn promtool(args: &[&str], dir: &Path, input: &[u8]) -> (bool, String) {
+    use std::io::Write;
     let Some(promtool) = tool("promtool") else {
         panic!(
             "promtool is not installed: tools/install-deps installs Debian's prometheus package"
         );
     };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/prometheus");
-    for args in [
-        vec!["check", "rules", "drmirror-alerts.yml"],
-        vec!["test", "rules", "drmirror-alerts.test.yml"],
-    ] {
-        let o = Command::new(&promtool)
-            .args(&args)
-            .current_dir(&dir)
-            .output()
-            .expect("run promtool");
-        assert!(
-            o.status.success(),
-            "promtool {args:?} failed\n{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
+    let mut child = Command::new(promtool)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("feed promtool");
+    let o = child.wait_with_output().expect("promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), said)
 }
 
 /// A live scrape, after a mirror converged and a scrub pass, passes
@@ -271,12 +289,6 @@ fn alert_rules_pass_promtool() {
 /// there at 0 from the start.
 #[test]
 fn a_live_scrape_passes_promtool_check_metrics() {
-    use std::io::Write;
-    let Some(promtool) = tool("promtool") else {
-        panic!(
-            "promtool is not installed: tools/install-deps installs Debian's prometheus package"
-        );
-    };
     let env = Env::new();
     write(&env.s("d/f"), b"x");
     let port = free_port();
@@ -313,27 +325,9 @@ fn a_live_scrape_passes_promtool_check_metrics() {
             "{zero} is not exported from the start:\n{text}"
         );
     }
-    let mut child = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("feed promtool");
-    let o = child.wait_with_output().expect("promtool");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let (ok, said) = promtool(&["check", "metrics"], Path::new("/"), text.as_bytes());
     assert!(
-        o.status.success() && said.trim().is_empty(),
+        ok && said.trim().is_empty(),
         "promtool check metrics: {said}"
     );
     d.terminate();
@@ -397,11 +391,6 @@ fn the_dashboard_queries_only_metrics_the_daemon_exports() {
             "{headline} is not on the dashboard"
         );
     }
-    let Some(promtool) = tool("promtool") else {
-        panic!(
-            "promtool is not installed: tools/install-deps installs Debian's prometheus package"
-        );
-    };
     let dir = tempfile::tempdir().expect("tempdir");
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, e) in exprs.iter().enumerate() {
@@ -412,17 +401,8 @@ fn the_dashboard_queries_only_metrics_the_daemon_exports() {
     }
     let file = dir.path().join("dashboard.yml");
     std::fs::write(&file, rules).expect("write rules");
-    let o = Command::new(&promtool)
-        .args(["check", "rules"])
-        .arg(&file)
-        .output()
-        .expect("run promtool");
-    assert!(
-        o.status.success(),
-        "a dashboard query is not valid PromQL\n{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let (ok, said) = promtool(&["check", "rules", "dashboard.yml"], dir.path(), b"");
+    assert!(ok, "a dashboard query is not valid PromQL\n{said}");
 }
 
 #[test]
