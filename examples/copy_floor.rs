@@ -101,7 +101,7 @@ fn main() -> Result<()> {
     // otherwise move its parent's mtime again.
     dirs.sort_by(|a, b| b.0.cmp(&a.0));
     for (d, m) in &dirs {
-        if let Err(e) = target.set_dir_attrs(d, m) {
+        if let Err(e) = target.set_dir_attrs_from(&root, d, m) {
             eprintln!("copy_floor: {e}");
             failed.fetch_add(1, Ordering::Relaxed);
         }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::{DeleteMode, LogFormat, WatchMode};
 
@@ -39,7 +39,7 @@ pub enum Command {
     /// Mirror a source to one or more targets, in the foreground.
     Run {
         /// TOML configuration file (see README "Configuration").
-        #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "delay", "metrics", "watch", "scrub_interval", "log_format"])]
+        #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "delay", "metrics", "watch", "scrub_interval", "log_format", "no_xattrs", "no_acls", "no_sparse", "no_special_files"])]
         config: Option<PathBuf>,
         /// Directory to mirror.
         #[arg(long)]
@@ -72,6 +72,8 @@ pub enum Command {
         /// Log lines as `text` (default) or `json` (one object per line).
         #[arg(long, value_parser = parse_log_format)]
         log_format: Option<LogFormat>,
+        #[command(flatten)]
+        fidelity: FidelityArgs,
     },
     /// Report the running daemon's lag, backlog and targets.
     Status {
@@ -141,6 +143,9 @@ pub enum Command {
         /// Do not compare owner and group (compared by default when root).
         #[arg(long)]
         no_owner: bool,
+        /// Leave out of the comparison what the mirror leaves out.
+        #[command(flatten)]
+        fidelity: FidelityArgs,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish,
     /// powershell), e.g. `drmirror completions bash >
@@ -177,4 +182,35 @@ pub fn man_pages(cmd: &clap::Command) -> std::io::Result<Vec<(String, Vec<u8>)>>
         pages.push((format!("{title}.1"), page));
     }
     Ok(pages)
+}
+
+/// What a copy leaves out (everything is kept by default; the config's
+/// `xattrs`, `acls`, `sparse` and `special_files` keys say the same).
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct FidelityArgs {
+    /// Do not mirror extended attributes (user.*; trusted.* and security.*
+    /// when root).
+    #[arg(long)]
+    pub no_xattrs: bool,
+    /// Do not mirror POSIX ACLs.
+    #[arg(long)]
+    pub no_acls: bool,
+    /// Write the holes of sparse files out as zeros.
+    #[arg(long)]
+    pub no_sparse: bool,
+    /// Leave out FIFOs, sockets' entries and devices.
+    #[arg(long)]
+    pub no_special_files: bool,
+}
+
+impl FidelityArgs {
+    pub fn keys(self) -> crate::config::FidelityKeys {
+        let off = |no: bool| if no { Some(false) } else { None };
+        crate::config::FidelityKeys {
+            xattrs: off(self.no_xattrs),
+            acls: off(self.no_acls),
+            sparse: off(self.no_sparse),
+            special_files: off(self.no_special_files),
+        }
+    }
 }

@@ -231,6 +231,37 @@ struct RawConfig {
     scrub_interval: Option<String>,
     #[serde(default)]
     log_format: LogFormat,
+    #[serde(default)]
+    xattrs: Option<bool>,
+    #[serde(default)]
+    acls: Option<bool>,
+    #[serde(default)]
+    sparse: Option<bool>,
+    #[serde(default)]
+    special_files: Option<bool>,
+}
+
+/// The fidelity keys (`xattrs`, `acls`, `sparse`, `special_files`): each
+/// on unless set to false. A DR copy keeps everything by default.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FidelityKeys {
+    pub xattrs: Option<bool>,
+    pub acls: Option<bool>,
+    pub sparse: Option<bool>,
+    pub special_files: Option<bool>,
+}
+
+impl FidelityKeys {
+    /// What is kept, with this process's privileges.
+    pub fn keep(self) -> crate::fidelity::Keep {
+        crate::fidelity::Keep {
+            xattrs: self.xattrs.unwrap_or(true),
+            acls: self.acls.unwrap_or(true),
+            sparse: self.sparse.unwrap_or(true),
+            specials: self.special_files.unwrap_or(true),
+            ..crate::fidelity::Keep::all()
+        }
+    }
 }
 
 fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -336,6 +367,8 @@ pub struct Config {
     /// `drmirror::scrub`); `None`: no scrub (`"off"`).
     pub scrub_interval: Option<Duration>,
     pub log_format: LogFormat,
+    /// What a copy keeps beyond content (see [`crate::fidelity`]).
+    pub keep: crate::fidelity::Keep,
 }
 
 /// The default time of one scrub pass.
@@ -390,6 +423,7 @@ pub struct QuickForm {
     pub watch: Option<WatchMode>,
     pub scrub_interval: Option<String>,
     pub log_format: Option<LogFormat>,
+    pub fidelity: FidelityKeys,
 }
 
 impl Config {
@@ -434,6 +468,10 @@ impl Config {
             on_corrupt_journal: OnCorruptJournal::default(),
             scrub_interval: q.scrub_interval,
             log_format: q.log_format.unwrap_or_default(),
+            xattrs: q.fidelity.xattrs,
+            acls: q.fidelity.acls,
+            sparse: q.fidelity.sparse,
+            special_files: q.fidelity.special_files,
         })
     }
 }
@@ -723,6 +761,13 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         on_corrupt_journal: raw.on_corrupt_journal,
         scrub_interval,
         log_format: raw.log_format,
+        keep: FidelityKeys {
+            xattrs: raw.xattrs,
+            acls: raw.acls,
+            sparse: raw.sparse,
+            special_files: raw.special_files,
+        }
+        .keep(),
     })
 }
 

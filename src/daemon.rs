@@ -98,6 +98,7 @@ fn open_local(
     id: TargetId,
     t: &crate::config::Target,
     owner: bool,
+    keep: crate::fidelity::Keep,
 ) -> Result<LocalTarget, DaemonError> {
     identity::check_path(journal, id, &t.name, &t.path)?;
     let l = LocalTarget::open(&t.path, owner).map_err(|source| DaemonError::Target {
@@ -105,6 +106,7 @@ fn open_local(
         path: t.path.clone(),
         source,
     })?;
+    let l = l.keeping(keep, &t.name);
     identity::settle(journal, id, &t.name, l.dir_fd())?;
     l.note_made_parents();
     Ok(l)
@@ -503,11 +505,11 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
         // must not keep the daemon (and capture) from starting.
         let target = match &t.remote {
             Some(spec) => {
-                let r = RemoteTarget::new(&t.name, spec.clone(), owner);
+                let r = RemoteTarget::new(&t.name, spec.clone(), owner).keeping(cfg.keep);
                 r.guard_identity(journal.clone(), id);
                 Target::Remote(Box::new(r))
             }
-            None => Target::Local(open_local(&journal, id, t, owner)?),
+            None => Target::Local(open_local(&journal, id, t, owner, cfg.keep)?),
         };
         if let Target::Local(l) = &target {
             let held = identity::file_id(l.dir_fd()).map_err(|source| DaemonError::Target {

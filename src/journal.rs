@@ -2020,6 +2020,7 @@ mod tests {
             ctime_ns: 1,
             ino: 1,
             dev: 1,
+            rdev: 0,
         }
     }
     use crate::meta::Kind;

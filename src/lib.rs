@@ -33,6 +33,7 @@ pub mod config;
 pub mod daemon;
 pub mod durability;
 pub mod failpoints;
+pub mod fidelity;
 pub mod filter;
 pub mod fsops;
 pub mod handover;

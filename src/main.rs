@@ -211,6 +211,7 @@ fn main() -> ExitCode {
             watch,
             scrub_interval,
             log_format,
+            fidelity,
         } => {
             let cfg = match config {
                 Some(f) => Config::load(&f),
@@ -225,6 +226,7 @@ fn main() -> ExitCode {
                     watch,
                     scrub_interval,
                     log_format,
+                    fidelity: fidelity.keys(),
                 }),
             };
             let cfg = match cfg {
@@ -281,6 +283,7 @@ fn main() -> ExitCode {
             checksum,
             exclude,
             no_owner,
+            fidelity,
         } => {
             let filter = match drmirror::filter::Filter::new(&source, &exclude) {
                 Ok(f) => f,
@@ -293,6 +296,7 @@ fn main() -> ExitCode {
                 checksum,
                 owner: !no_owner && rustix::process::geteuid().is_root(),
                 filter,
+                keep: fidelity.keys().keep(),
             };
             match drmirror::verify::verify(&source, &target, &opts) {
                 Ok(r) => {

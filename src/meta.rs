@@ -2,8 +2,10 @@
 
 use rustix::fs::{FileType, Stat};
 
-/// The kinds of entries drmirror mirrors. Special files (FIFOs, sockets,
-/// devices) are `Other` and are skipped, as `rsync -a` without `-D` does.
+/// The kinds of entries drmirror mirrors. FIFOs, sockets' entries and
+/// devices are mirrored as `rsync -D` keeps them (see
+/// [`crate::fidelity`]); `Other` is any type the kernel may add beyond
+/// these (never mirrored, as `rsync -a` skips what it does not know).
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
@@ -13,6 +15,10 @@ pub enum Kind {
     Dir = 2,
     Symlink = 3,
     Other = 4,
+    Fifo = 5,
+    Socket = 6,
+    CharDev = 7,
+    BlockDev = 8,
 }
 
 impl Kind {
@@ -22,6 +28,10 @@ impl Kind {
             2 => Kind::Dir,
             3 => Kind::Symlink,
             4 => Kind::Other,
+            5 => Kind::Fifo,
+            6 => Kind::Socket,
+            7 => Kind::CharDev,
+            8 => Kind::BlockDev,
             _ => return None,
         })
     }
@@ -32,7 +42,35 @@ impl Kind {
             Kind::Dir => "directory",
             Kind::Symlink => "symlink",
             Kind::Other => "special file",
+            Kind::Fifo => "fifo",
+            Kind::Socket => "socket",
+            Kind::CharDev => "character device",
+            Kind::BlockDev => "block device",
         }
+    }
+
+    /// A FIFO, a socket's entry or a device: made with `mknod`, no content.
+    pub fn is_special(self) -> bool {
+        matches!(
+            self,
+            Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev
+        )
+    }
+
+    /// A device, whose `rdev` is part of what it is.
+    pub fn is_device(self) -> bool {
+        matches!(self, Kind::CharDev | Kind::BlockDev)
+    }
+
+    /// The `S_IFMT` bits of this kind, for `mknod`.
+    pub fn file_type(self) -> Option<FileType> {
+        Some(match self {
+            Kind::Fifo => FileType::Fifo,
+            Kind::Socket => FileType::Socket,
+            Kind::CharDev => FileType::CharacterDevice,
+            Kind::BlockDev => FileType::BlockDevice,
+            _ => return None,
+        })
     }
 }
 
@@ -49,6 +87,8 @@ pub struct Meta {
     pub ctime_ns: i64,
     pub ino: u64,
     pub dev: u64,
+    /// The device number of a device; 0 for everything else.
+    pub rdev: u64,
 }
 
 impl Meta {
@@ -64,6 +104,7 @@ impl Meta {
             ctime_ns: 0,
             ino: 0,
             dev: 0,
+            rdev: 0,
         }
     }
 
@@ -74,6 +115,10 @@ impl Meta {
             FileType::RegularFile => Kind::File,
             FileType::Directory => Kind::Dir,
             FileType::Symlink => Kind::Symlink,
+            FileType::Fifo => Kind::Fifo,
+            FileType::Socket => Kind::Socket,
+            FileType::CharacterDevice => Kind::CharDev,
+            FileType::BlockDevice => Kind::BlockDev,
             _ => Kind::Other,
         };
         Meta {
@@ -86,25 +131,32 @@ impl Meta {
             ctime_ns: i64::from(st.st_ctime) * 1_000_000_000 + st.st_ctime_nsec as i64,
             ino: st.st_ino,
             dev: st.st_dev,
+            rdev: if kind.is_device() { st.st_rdev } else { 0 },
         }
     }
 
     /// True when a target entry with metadata `other` already mirrors this
-    /// source entry: same kind, mode and mtime, same size for files, and the
-    /// same owner when `owner` is set. Symlink targets are compared separately.
+    /// source entry: same kind, mode and mtime, same size for files, same
+    /// device number for devices, and the same owner when `owner` is set.
+    /// Symlink targets and extended attributes are compared separately.
     pub fn mirrors(&self, other: &Meta, owner: bool) -> bool {
         self.kind == other.kind
             && (self.kind == Kind::Symlink || self.mode == other.mode)
             && self.mtime_ns == other.mtime_ns
             && (self.kind != Kind::File || self.size == other.size)
+            && self.rdev == other.rdev
             && (!owner || (self.uid == other.uid && self.gid == other.gid))
     }
 
-    /// Fixed-size little-endian encoding used in the journal's `index`.
+    /// Little-endian encoding used in the journal's `index`: this many
+    /// bytes, or [`Meta::DEVICE_LEN`] for a device (its `rdev` appended),
+    /// so that the common entry pays nothing for the rare one. A journal
+    /// written before devices were mirrored holds only the short form.
     pub const ENCODED_LEN: usize = 1 + 4 * 3 + 8 * 5;
+    pub const DEVICE_LEN: usize = Self::ENCODED_LEN + 8;
 
-    pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
-        let mut b = [0u8; Self::ENCODED_LEN];
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; Self::ENCODED_LEN];
         b[0] = self.kind as u8;
         b[1..5].copy_from_slice(&self.mode.to_le_bytes());
         b[5..9].copy_from_slice(&self.uid.to_le_bytes());
@@ -114,11 +166,14 @@ impl Meta {
         b[29..37].copy_from_slice(&self.ctime_ns.to_le_bytes());
         b[37..45].copy_from_slice(&self.ino.to_le_bytes());
         b[45..53].copy_from_slice(&self.dev.to_le_bytes());
+        if self.rdev != 0 {
+            b.extend_from_slice(&self.rdev.to_le_bytes());
+        }
         b
     }
 
     pub fn decode(b: &[u8]) -> Option<Meta> {
-        if b.len() != Self::ENCODED_LEN {
+        if b.len() != Self::ENCODED_LEN && b.len() != Self::DEVICE_LEN {
             return None;
         }
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
@@ -137,6 +192,11 @@ impl Meta {
             ctime_ns: u64_at(29) as i64,
             ino: u64_at(37),
             dev: u64_at(45),
+            rdev: if b.len() == Self::DEVICE_LEN {
+                u64_at(53)
+            } else {
+                0
+            },
         })
     }
 }
@@ -157,8 +217,17 @@ mod tests {
             ctime_ns: 1_700_000_000_123_456_789,
             ino: 42,
             dev: 7,
+            rdev: 0,
         };
+        assert_eq!(m.encode().len(), Meta::ENCODED_LEN);
         assert_eq!(Meta::decode(&m.encode()), Some(m));
+        let d = Meta {
+            kind: Kind::CharDev,
+            rdev: 0x0103,
+            ..m
+        };
+        assert_eq!(d.encode().len(), Meta::DEVICE_LEN);
+        assert_eq!(Meta::decode(&d.encode()), Some(d));
         assert_eq!(Meta::decode(&[1, 2, 3]), None);
     }
 
@@ -174,6 +243,7 @@ mod tests {
             ctime_ns: 6,
             ino: 1,
             dev: 1,
+            rdev: 0,
         };
         let b = Meta {
             ino: 9,

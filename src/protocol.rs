@@ -36,6 +36,7 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+use crate::fidelity::Xattrs;
 use crate::meta::Meta;
 
 /// Protocol version spoken by this build. Bump on any incompatible change.
@@ -43,7 +44,9 @@ use crate::meta::Meta;
 /// 3: [`Op::Whole`], a small file in one frame.
 /// 4: `Op::Whole { fresh }`.
 /// 5: `Welcome { root }` and [`Request::Mark`]: the target's identity.
-pub const VERSION: u32 = 5;
+/// 6: fidelity: extended attributes and ACLs with each entry,
+///    [`Op::Special`], [`Chunk::Hole`], `Meta::rdev`, [`Done::Partial`].
+pub const VERSION: u32 = 6;
 
 /// Largest payload accepted. Data chunks are at most [`CHUNK`] bytes, and
 /// listings are split well below this.
@@ -128,11 +131,13 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         root: Option<Vec<u8>>,
     },
-    /// The entries of directory `dir` (names, metadata, symlink texts).
+    /// The entries of directory `dir` (names, metadata, symlink texts,
+    /// and their extended attributes in namespaces `ns`; 0: none).
     List {
         id: u64,
         #[serde(with = "serde_bytes")]
         dir: Vec<u8>,
+        ns: u8,
     },
     /// `lstat` of one path.
     Stat {
@@ -213,6 +218,16 @@ pub enum Op {
         #[serde(with = "serde_bytes")]
         text: Vec<u8>,
         meta: Meta,
+        /// The entry's extended attributes in the namespaces kept (see
+        /// [`crate::fidelity`]); `None`: leave the target's alone.
+        xattrs: Option<Xattrs>,
+    },
+    /// A FIFO, a socket's entry or a device (`meta.kind`, `meta.rdev`).
+    Special {
+        #[serde(with = "serde_bytes")]
+        rel: Vec<u8>,
+        meta: Meta,
+        xattrs: Option<Xattrs>,
     },
     /// Remove `rel` (recursively); missing is success.
     Delete {
@@ -223,6 +238,7 @@ pub enum Op {
         #[serde(with = "serde_bytes")]
         rel: Vec<u8>,
         meta: Meta,
+        xattrs: Option<Xattrs>,
     },
     /// A regular file; its content follows in `Data { file, .. }` frames
     /// ending with [`Chunk::End`]. With `delta`, `Chunk::Copy` refers to
@@ -233,6 +249,7 @@ pub enum Op {
         rel: Vec<u8>,
         meta: Meta,
         delta: bool,
+        xattrs: Option<Xattrs>,
     },
     /// A regular file of at most [`WHOLE_MAX`] bytes, content included:
     /// verified against `hash` (of the uncompressed content) and put in
@@ -250,6 +267,7 @@ pub enum Op {
         /// the parent directory in this run): the receiver may create the
         /// file at its name directly, never over anything already there.
         fresh: bool,
+        xattrs: Option<Xattrs>,
     },
 }
 
@@ -261,6 +279,11 @@ pub enum Chunk {
     /// `len` bytes at `offset` of the receiver's current copy.
     Copy {
         offset: u64,
+        len: u64,
+    },
+    /// A hole of `len` bytes: skipped, never written (a sparse file stays
+    /// sparse). The content hash takes it in as [`hole_marker`].
+    Hole {
         len: u64,
     },
     /// End of the file: [`ContentHash`] of the whole content as the daemon
@@ -281,6 +304,22 @@ pub struct Entry {
     /// Symlink text, for symlinks.
     #[serde(with = "serde_bytes")]
     pub link: Option<Vec<u8>>,
+    /// Extended attributes in the namespaces the listing asked for.
+    pub xattrs: Option<Xattrs>,
+}
+
+impl Entry {
+    /// Roughly what the entry takes in a frame: listings are cut well
+    /// below [`MAX_FRAME`] by it, as attributes can make entries large.
+    pub fn wire_size(&self) -> usize {
+        let x = self.xattrs.as_ref().map_or(0, |x| {
+            x.list
+                .iter()
+                .map(|a| a.name.len() + a.value.len() + 8)
+                .sum()
+        });
+        self.name.len() + self.link.as_ref().map_or(0, Vec::len) + x + 80
+    }
 }
 
 /// What one batched operation did.
@@ -291,6 +330,20 @@ pub enum Done {
     Dir {
         created: bool,
     },
+    /// Done, except what the receiver's filesystem or privileges refused
+    /// (kinds of [`crate::fidelity::KINDS`]): never retried, counted.
+    Partial {
+        refused: Vec<String>,
+    },
+}
+
+/// What a [`Chunk::Hole`] adds to the content hash in place of its zero
+/// bytes (hashing gigabytes of zeros would cost what skipping them saves).
+pub fn hole_marker(len: u64) -> [u8; 16] {
+    let mut m = [0u8; 16];
+    m[..8].copy_from_slice(b"\0hole\0\0\0");
+    m[8..].copy_from_slice(&len.to_le_bytes());
+    m
 }
 
 /// From the receiver to the daemon.
@@ -557,6 +610,7 @@ mod tests {
             ctime_ns: 5,
             ino: 6,
             dev: 7,
+            rdev: 0,
         }
     }
 
@@ -582,6 +636,13 @@ mod tests {
                     rel: b"a/\n\xff".to_vec(),
                     meta: meta(),
                     delta: false,
+                    xattrs: Some(crate::fidelity::Xattrs {
+                        ns: 9,
+                        list: vec![crate::fidelity::Xattr {
+                            name: b"user.a".to_vec(),
+                            value: vec![0, 1, 255],
+                        }],
+                    }),
                 },
             },
             Request::Data {
@@ -597,6 +658,23 @@ mod tests {
                     data: vec![0, 255, 7],
                     hash: content_hash(b"abc"),
                     fresh: true,
+                    xattrs: None,
+                },
+            },
+            Request::Data {
+                file: 1,
+                chunk: Chunk::Hole { len: 1 << 40 },
+            },
+            Request::Op {
+                batch: 9,
+                op: Op::Special {
+                    rel: b"dev".to_vec(),
+                    meta: Meta {
+                        kind: Kind::CharDev,
+                        rdev: 0x103,
+                        ..meta()
+                    },
+                    xattrs: None,
                 },
             },
             Request::EndBatch { batch: 9 },
@@ -752,13 +830,13 @@ mod tests {
         ) {
             let samples = [
                 Request::Hello { magic: MAGIC, version: VERSION, token: Some("tok".into()), root: Some(b"/r".to_vec()) },
-                Request::List { id: 1, dir: b"d/e".to_vec() },
+                Request::List { id: 1, dir: b"d/e".to_vec(), ns: 1 },
                 Request::Stat { id: 2, rel: b"x".to_vec() },
                 Request::Signature { id: 3, rel: b"big".to_vec() },
                 Request::Rename { id: 4, from: b"a".to_vec(), to: b"b".to_vec() },
                 Request::Sync { id: 5 },
-                Request::Op { batch: 6, op: Op::File { file: 7, rel: b"f".to_vec(), meta: meta(), delta: true } },
-                Request::Op { batch: 6, op: Op::Whole { rel: b"w".to_vec(), meta: meta(), zstd: false, data: vec![1; 40], hash: content_hash(&[1; 40]), fresh: false } },
+                Request::Op { batch: 6, op: Op::File { file: 7, rel: b"f".to_vec(), meta: meta(), delta: true, xattrs: None } },
+                Request::Op { batch: 6, op: Op::Whole { rel: b"w".to_vec(), meta: meta(), zstd: false, data: vec![1; 40], hash: content_hash(&[1; 40]), fresh: false, xattrs: None } },
                 Request::Data { file: 7, chunk: Chunk::Copy { offset: 65536, len: 4096 } },
                 Request::EndBatch { batch: 6 },
             ];

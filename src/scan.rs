@@ -213,6 +213,10 @@ pub fn read_names(root: &Root, dir: &[u8]) -> io::Result<Vec<(Vec<u8>, Kind)>> {
             FileType::RegularFile => Kind::File,
             FileType::Directory => Kind::Dir,
             FileType::Symlink => Kind::Symlink,
+            FileType::Fifo => Kind::Fifo,
+            FileType::Socket => Kind::Socket,
+            FileType::CharacterDevice => Kind::CharDev,
+            FileType::BlockDevice => Kind::BlockDev,
             FileType::Unknown => {
                 match rustix::fs::statat(fd.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW) {
                     Ok(st) => Meta::from_stat(&st).kind,
@@ -220,7 +224,6 @@ pub fn read_names(root: &Root, dir: &[u8]) -> io::Result<Vec<(Vec<u8>, Kind)>> {
                     Err(e) => return Err(e.into()),
                 }
             }
-            _ => Kind::Other,
         };
         out.push((name.to_bytes().to_vec(), kind));
         Ok(())

@@ -666,6 +666,12 @@ impl Shipper {
         metrics::gauge!("drmirror_initial_sync_in_progress", "target" => name.clone())
             .set(if done { 0.0 } else { 1.0 });
         let failing_shown = self.failing_shown();
+        let not_kept: Vec<String> = self
+            .target
+            .refused()
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
         if !self.target_up {
             if let Some(why) = self.target.unreachable_reason() {
                 self.show_error(why);
@@ -678,6 +684,7 @@ impl Shipper {
             t.failing_paths = failing;
             t.failing = failing_shown;
             t.initial_sync_done = done;
+            t.not_kept = not_kept;
             // Working again: the last error is history.
             if up && failing == 0 && t.last_error.is_some() && t.last_error_resolved_unix.is_none()
             {
@@ -1043,7 +1050,7 @@ impl Shipper {
                 }
             }
         }
-        let set = self.target.set_attrs_many(&dirs);
+        let set = self.target.set_attrs_many(&self.source, &dirs);
         for ((d, m), r) in dirs.into_iter().zip(set) {
             match r {
                 Ok(()) => {
@@ -1250,7 +1257,9 @@ impl Shipper {
                 .into_iter()
                 .filter_map(|(n, k)| match k {
                     Kind::File => Some((paths::join(&d.path, &n), flags::LISTED_FILE)),
-                    Kind::Symlink => Some((paths::join(&d.path, &n), 0)),
+                    Kind::Symlink | Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev => {
+                        Some((paths::join(&d.path, &n), 0))
+                    }
                     Kind::Dir | Kind::Other => None,
                 })
                 .filter(|(rel, _)| !self.filter.excluded(rel, false))

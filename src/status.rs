@@ -48,6 +48,10 @@ pub struct TargetStatus {
     pub scrub_divergences: u64,
     #[serde(default)]
     pub scrub_last_pass_unix: Option<f64>,
+    /// What the target refused to keep (kinds of
+    /// [`crate::fidelity::KINDS`]): the rest is mirrored without it.
+    #[serde(default)]
+    pub not_kept: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -445,6 +449,12 @@ pub fn render(s: &Status) -> String {
             out.push_str(&format!(
                 "    ... and {} more failing paths\n",
                 t.failing_paths - t.failing.len() as u64
+            ));
+        }
+        if !t.not_kept.is_empty() {
+            out.push_str(&format!(
+                "    not kept (the target refuses them): {}\n",
+                t.not_kept.join(", ")
             ));
         }
         if t.scrub_divergences > 0 || t.scrub_passes > 0 {

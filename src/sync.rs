@@ -453,7 +453,11 @@ impl Compare<'_> {
                 }
                 _ => false,
             };
-            if equal {
+            // Alike in metadata, but not vouched for by the index: what
+            // differs may be extended attributes or ACLs.
+            if equal && !self.same_xattrs(&c.rel, tdir, name) {
+                todo.push((c.rel.clone(), flag));
+            } else if equal {
                 if ix.is_some_and(|m| m.kind == Kind::Dir) && c.meta.kind != Kind::Dir {
                     // What the index held below it is gone (see the
                     // shipper's rounds).
@@ -763,6 +767,21 @@ impl Compare<'_> {
             .enqueued
             .fetch_add(todo.len() as u64, Ordering::Relaxed);
         self.journal.enqueue(self.t, &todo)
+    }
+
+    /// Whether source entry `rel` and entry `name` of target directory
+    /// `tdir` hold the same extended attributes in the namespaces the
+    /// target keeps. Unreadable on either side: not the same (the apply
+    /// reads them again and says why).
+    fn same_xattrs(&self, rel: &[u8], tdir: Option<&DirView>, name: &[u8]) -> bool {
+        let ns = self.target.keep_namespaces();
+        if ns == 0 {
+            return true;
+        }
+        let Some(t) = tdir.and_then(|d| d.xattrs(name, ns)) else {
+            return false;
+        };
+        crate::fidelity::read_at(self.source, rel, ns).is_ok_and(|s| s == t)
     }
 
     fn walk_error(&self, side: &str, p: &[u8], e: &io::Error) {

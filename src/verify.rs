@@ -1,8 +1,11 @@
 //! `drmirror verify`: compare a source tree with its mirror.
 //!
 //! Both walks are parallel; `--checksum` hashes both sides of every regular
-//! file (BLAKE3) in parallel as well. Special files are not mirrored and are
-//! not compared.
+//! file (BLAKE3) in parallel as well. Beyond type, size, mode, mtime and
+//! owner, what a faithful copy keeps is compared too (see
+//! [`crate::fidelity`]): extended attributes and ACLs (names and values),
+//! the allocation of sparse files, special files and device numbers. What
+//! the options leave out of the mirror is left out of the comparison.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -12,6 +15,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
+use crate::fidelity::{self, Handle, Keep};
 use crate::filter::Filter;
 use crate::fsops::{self, Root};
 use crate::meta::{Kind, Meta};
@@ -23,7 +27,13 @@ pub struct Options {
     pub checksum: bool,
     pub owner: bool,
     pub filter: Filter,
+    /// What the mirror keeps beyond content, and so what is compared.
+    pub keep: Keep,
 }
+
+/// A target file allocating more than its source's blocks and this much
+/// has lost holes (`differs(sparse)`); below it, filesystems differ.
+const SPARSE_SLACK: u64 = 1 << 20;
 
 /// One difference between the trees.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -63,7 +73,52 @@ fn compare_meta(s: &Meta, t: &Meta, owner: bool) -> Option<&'static str> {
     if owner && (s.uid != t.uid || s.gid != t.gid) {
         return Some("owner");
     }
+    if s.rdev != t.rdev {
+        return Some("rdev");
+    }
     None
+}
+
+/// Whether entry `name` differs in its extended attributes (`xattr`) or
+/// ACLs (`acl`) between source directory `sd` and target directory `td`.
+fn compare_xattrs(
+    sd: std::os::fd::BorrowedFd<'_>,
+    td: std::os::fd::BorrowedFd<'_>,
+    name: &[u8],
+    ns: u8,
+) -> io::Result<Vec<&'static str>> {
+    let a = fidelity::read(Handle::At(sd, name), ns)?;
+    let b = fidelity::read(Handle::At(td, name), ns)?;
+    let mut out = Vec::new();
+    let is_acl = |n: &[u8]| n.starts_with(b"system.posix_acl_");
+    let part = |x: &fidelity::Xattrs, acl: bool| -> Vec<fidelity::Xattr> {
+        x.list
+            .iter()
+            .filter(|e| is_acl(&e.name) == acl)
+            .cloned()
+            .collect()
+    };
+    if part(&a, false) != part(&b, false) {
+        out.push("xattr");
+    }
+    if part(&a, true) != part(&b, true) {
+        out.push("acl");
+    }
+    Ok(out)
+}
+
+/// Whether target file `name` allocates far more than its source (see
+/// [`SPARSE_SLACK`]).
+fn lost_holes(
+    sd: std::os::fd::BorrowedFd<'_>,
+    td: std::os::fd::BorrowedFd<'_>,
+    name: &[u8],
+) -> io::Result<bool> {
+    let blocks = |d| {
+        rustix::fs::statat(d, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .map(|st| st.st_blocks as u64 * 512)
+    };
+    Ok(blocks(td)? > blocks(sd)? + SPARSE_SLACK)
 }
 
 fn hash_file(root: &Root, rel: &[u8]) -> io::Result<Option<blake3::Hash>> {
@@ -122,9 +177,10 @@ pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyEr
         b"",
         |dir, children| {
             let tdir = d.open_dir(dir, false).ok();
+            let sdir = s.open_dir(dir, false).ok();
             let mut files = Vec::new();
             for c in children.iter_mut() {
-                if c.meta.kind == Kind::Other
+                if !mirrored(c.meta.kind, opts.keep)
                     || opts.filter.excluded(&c.rel, c.meta.kind == Kind::Dir)
                 {
                     c.descend = false;
@@ -145,6 +201,24 @@ pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyEr
                     if w == "type" {
                         c.descend = false;
                         continue;
+                    }
+                }
+                if let (Some(sd), Some(td)) = (&sdir, &tdir) {
+                    let (sd, td) = (sd.as_fd(), td.as_fd());
+                    match compare_xattrs(sd, td, name, opts.keep.namespaces()) {
+                        Ok(kinds) => {
+                            for k in kinds {
+                                push(&c.rel, format!("differs({k})"));
+                            }
+                        }
+                        Err(e) => on_error(&c.rel, &e),
+                    }
+                    if opts.keep.sparse
+                        && c.meta.kind == Kind::File
+                        && c.meta.size >= SPARSE_SLACK
+                        && lost_holes(sd, td, name).unwrap_or(false)
+                    {
+                        push(&c.rel, "differs(sparse)".into());
                     }
                 }
                 if c.meta.kind == Kind::Symlink {
@@ -185,7 +259,7 @@ pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyEr
                     .as_ref()
                     .and_then(|sd| fsops::lstat_at(sd.as_fd(), name).ok().flatten());
                 match src {
-                    Some(m) if m.kind != Kind::Other => {
+                    Some(m) if mirrored(m.kind, opts.keep) => {
                         if m.kind != c.meta.kind {
                             c.descend = false;
                         }
@@ -210,6 +284,11 @@ pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyEr
         differences,
         errors: errors.load(Ordering::Relaxed),
     })
+}
+
+/// Whether entries of `kind` are mirrored under `keep`.
+fn mirrored(kind: Kind, keep: Keep) -> bool {
+    kind != Kind::Other && (keep.specials || !kind.is_special())
 }
 
 impl Report {

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::fidelity::{Refused, Xattrs};
 use crate::fsops;
 use crate::locks::lock;
 use crate::meta::{Kind, Meta};
@@ -690,6 +691,10 @@ struct Incoming {
     hasher: protocol::ContentHasher,
     /// The first error; the rest of the stream is read and discarded.
     failed: Option<String>,
+    xattrs: Option<Xattrs>,
+    /// Bytes of content so far, holes included: the file's length at the
+    /// end (a trailing hole is never written).
+    len: u64,
 }
 
 struct Session<'a> {
@@ -768,7 +773,7 @@ impl<'a> Session<'a> {
         }
         Ok(match req {
             Request::Hello { .. } => return Err("Hello sent twice".into()),
-            Request::List { id, dir } => self.list(id, &dir),
+            Request::List { id, dir, ns } => self.list(id, &dir, ns),
             Request::Stat { id, rel } => vec![match checked(&rel, true) {
                 Err(error) => Reply::Failed { id, error },
                 Ok(()) => match self.target.root().lstat(&rel) {
@@ -838,7 +843,7 @@ impl<'a> Session<'a> {
         })
     }
 
-    fn list(&self, id: u64, dir: &[u8]) -> Vec<Reply> {
+    fn list(&self, id: u64, dir: &[u8], ns: u8) -> Vec<Reply> {
         if let Err(error) = checked(dir, true) {
             return vec![Reply::Failed { id, error }];
         }
@@ -877,16 +882,33 @@ impl<'a> Session<'a> {
             } else {
                 None
             };
+            // Unreadable attributes: listed without them (the entry then
+            // differs, and its apply says why).
+            let xattrs = match (&dfd, ns) {
+                (Some(d), ns) if ns != 0 => {
+                    crate::fidelity::read(crate::fidelity::Handle::At(d.as_fd(), &name), ns).ok()
+                }
+                _ => None,
+            };
             entries.push(Entry {
                 name,
                 meta: c.meta,
                 link,
+                xattrs,
             });
         }
         let mut out = Vec::new();
         let mut it = entries.into_iter().peekable();
         loop {
-            let part: Vec<Entry> = it.by_ref().take(protocol::LIST_CHUNK).collect();
+            let mut part: Vec<Entry> = Vec::new();
+            let mut bytes = 0;
+            while let Some(e) = it.next_if(|e| {
+                part.len() < protocol::LIST_CHUNK
+                    && (part.is_empty() || bytes + e.wire_size() < protocol::MAX_FRAME / 2)
+            }) {
+                bytes += e.wire_size();
+                part.push(e);
+            }
             let more = it.peek().is_some();
             out.push(Reply::Listing {
                 id,
@@ -957,16 +979,26 @@ impl<'a> Session<'a> {
                     .map(|created| Done::Dir { created })
                     .map_err(apply_err)
             }),
-            Op::Symlink { rel, text, meta } => checked(&rel, false).and_then(|()| {
-                t.put_symlink(&rel, &text, &meta)
-                    .map(|()| Done::Ok)
+            Op::Symlink {
+                rel,
+                text,
+                meta,
+                xattrs,
+            } => checked(&rel, false).and_then(|()| {
+                t.put_symlink(&rel, &text, &meta, xattrs.as_ref())
+                    .map(done)
+                    .map_err(apply_err)
+            }),
+            Op::Special { rel, meta, xattrs } => checked(&rel, false).and_then(|()| {
+                t.put_special(&rel, &meta, xattrs.as_ref())
+                    .map(done)
                     .map_err(apply_err)
             }),
             Op::Delete { rel } => checked(&rel, false)
                 .and_then(|()| t.delete(&rel).map(|()| Done::Ok).map_err(apply_err)),
-            Op::SetAttrs { rel, meta } => checked(&rel, true).and_then(|()| {
-                t.set_dir_attrs(&rel, &meta)
-                    .map(|()| Done::Ok)
+            Op::SetAttrs { rel, meta, xattrs } => checked(&rel, true).and_then(|()| {
+                t.set_dir_attrs(&rel, &meta, xattrs.as_ref())
+                    .map(done)
                     .map_err(apply_err)
             }),
             Op::File {
@@ -974,6 +1006,7 @@ impl<'a> Session<'a> {
                 rel,
                 meta,
                 delta,
+                xattrs,
             } => {
                 if self.open.contains_key(&file) {
                     return Err(format!("file stream {file} opened twice"));
@@ -990,6 +1023,8 @@ impl<'a> Session<'a> {
                     base: None,
                     hasher: protocol::ContentHasher::default(),
                     failed: None,
+                    xattrs,
+                    len: 0,
                 };
                 match checked(&rel, false) {
                     Err(e) => inc.failed = Some(e),
@@ -1026,6 +1061,7 @@ impl<'a> Session<'a> {
                 data,
                 hash,
                 fresh,
+                xattrs,
             } => checked(&rel, false).and_then(|()| {
                 self.whole(
                     batch,
@@ -1036,6 +1072,7 @@ impl<'a> Session<'a> {
                         data,
                         hash,
                         fresh,
+                        xattrs,
                     },
                 )
             }),
@@ -1080,6 +1117,7 @@ impl<'a> Session<'a> {
             data,
             hash,
             fresh,
+            xattrs,
         } = w;
         let data = if zstd {
             zstd_decompress(&data, protocol::WHOLE_MAX as usize)
@@ -1103,10 +1141,17 @@ impl<'a> Session<'a> {
         if fresh {
             let target = self.target;
             let p = self.parent_entry(batch, rel).map_err(apply_err)?;
-            match target.put_new_file(p.dir.as_fd(), rel, &data, meta, &mut p.born) {
-                Ok(true) => return Ok(Done::Ok),
+            match target.put_new_file(
+                p.dir.as_fd(),
+                rel,
+                &data,
+                meta,
+                xattrs.as_ref(),
+                &mut p.born,
+            ) {
+                Ok(Some(refused)) => return Ok(done(refused)),
                 // Something is there after all: replaced as usual.
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(e) => return Err(apply_err(e)),
             }
         }
@@ -1116,8 +1161,8 @@ impl<'a> Session<'a> {
             return Err(format!("cannot write {}: {e}", paths::display(rel)));
         }
         self.target
-            .finish_file(tmp, rel, meta)
-            .map(|()| Done::Ok)
+            .finish_file(tmp, rel, meta, xattrs.as_ref())
+            .map(done)
             .map_err(apply_err)
     }
 
@@ -1144,6 +1189,24 @@ impl<'a> Session<'a> {
                         Ok(data) => write_part(inc, &data),
                         Err(e) => inc.failed = Some(format!("bad compressed chunk: {e}")),
                     }
+                }
+                Ok(())
+            }
+            Chunk::Hole { len } => {
+                if inc.failed.is_some() {
+                    return Ok(());
+                }
+                if let Some(t) = inc.tmp.as_ref() {
+                    let to = inc.len.saturating_add(len);
+                    if let Err(e) = rustix::fs::seek(&t.out, rustix::fs::SeekFrom::Start(to)) {
+                        inc.failed = Some(format!(
+                            "cannot skip a hole in {}: {e}",
+                            paths::display(&inc.rel)
+                        ));
+                        return Ok(());
+                    }
+                    inc.len = to;
+                    inc.hasher.update(&protocol::hole_marker(len));
                 }
                 Ok(())
             }
@@ -1185,6 +1248,8 @@ impl<'a> Session<'a> {
             tmp,
             hasher,
             failed,
+            xattrs,
+            len,
             ..
         } = inc;
         let r = match (failed, tmp) {
@@ -1207,9 +1272,14 @@ impl<'a> Session<'a> {
                     ))
                 } else {
                     self.target
-                        .finish_file(t, &rel, &meta)
-                        .map(|()| Done::Ok)
-                        .map_err(apply_err)
+                        .set_len(&t, len)
+                        .map_err(|e| format!("cannot write {}: {e}", paths::display(&rel)))
+                        .and_then(|()| {
+                            self.target
+                                .finish_file(t, &rel, &meta, xattrs.as_ref())
+                                .map(done)
+                                .map_err(apply_err)
+                        })
                 }
             }
         };
@@ -1225,6 +1295,18 @@ struct Whole {
     data: Vec<u8>,
     hash: protocol::ContentHash,
     fresh: bool,
+    xattrs: Option<Xattrs>,
+}
+
+/// The answer to an operation done, with what the target refused.
+fn done(refused: Refused) -> Done {
+    if refused.is_empty() {
+        Done::Ok
+    } else {
+        Done::Partial {
+            refused: refused.iter().map(|k| k.to_string()).collect(),
+        }
+    }
 }
 
 fn write_part(inc: &mut Incoming, data: &[u8]) {
@@ -1232,11 +1314,42 @@ fn write_part(inc: &mut Incoming, data: &[u8]) {
         return;
     }
     let Some(t) = inc.tmp.as_ref() else { return };
-    if let Err(e) = fsops::write_all(t.out.as_fd(), data) {
+    if let Err(e) = write_holey(t.out.as_fd(), data) {
         inc.failed = Some(format!("cannot write {}: {e}", paths::display(&inc.rel)));
         return;
     }
+    inc.len += data.len() as u64;
     inc.hasher.update(data);
+}
+
+/// Writes `data` at the file's offset, skipping (seeking over) each whole
+/// block of zeros rather than writing it: what a delta or a sender that
+/// does not keep holes sends as zeros becomes a hole, as `rsync -S` does.
+/// The file's length is set at the end (see `Session::finish`), so a
+/// trailing run of zeros is not lost.
+fn write_holey(out: std::os::fd::BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
+    const HOLE_BLOCK: usize = 4096;
+    let mut start = 0;
+    while start < data.len() {
+        let zero_run = data[start..]
+            .chunks(HOLE_BLOCK)
+            .take_while(|b| b.len() == HOLE_BLOCK && b.iter().all(|&x| x == 0))
+            .count()
+            * HOLE_BLOCK;
+        if zero_run > 0 {
+            rustix::fs::seek(out, rustix::fs::SeekFrom::Current(zero_run as i64))?;
+            start += zero_run;
+            continue;
+        }
+        let data_run = data[start..]
+            .chunks(HOLE_BLOCK)
+            .take_while(|b| b.len() < HOLE_BLOCK || b.iter().any(|&x| x != 0))
+            .map(<[u8]>::len)
+            .sum::<usize>();
+        fsops::write_all(out, &data[start..start + data_run])?;
+        start += data_run;
+    }
+    Ok(())
 }
 
 /// Decompresses `z`, which the protocol allows to hold at most `limit`

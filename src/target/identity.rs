@@ -40,7 +40,7 @@ use std::path::Path;
 use crate::journal::{Journal, JournalError, TargetId};
 use crate::meta::{Kind, Meta};
 
-const XATTR: &str = "user.drmirror.target";
+pub const XATTR: &str = "user.drmirror.target";
 const META_PREFIX: &[u8] = b"target_identity/";
 
 /// What the journal recorded of a target.

@@ -18,6 +18,7 @@ use std::sync::{Arc, OnceLock};
 use rustix::fs::{Mode, OFlags};
 
 use super::{ApplyError, Outcome};
+use crate::fidelity::{self, Handle, Keep, Refusals, Refused, Xattrs};
 use crate::fsops::{self, Root};
 use crate::journal::flags;
 use crate::meta::{Kind, Meta};
@@ -43,6 +44,9 @@ pub struct LocalTarget {
     /// would let them pile up).
     made: std::sync::Mutex<Vec<Vec<u8>>>,
     note_made: AtomicBool,
+    /// What is kept beyond content (see [`crate::fidelity`]).
+    keep: Keep,
+    refusals: Refusals,
 }
 
 /// Owner, group and mode of a file as `open(O_CREAT | O_EXCL)` made it.
@@ -118,7 +122,61 @@ impl LocalTarget {
             ignore: OnceLock::new(),
             made: Default::default(),
             note_made: AtomicBool::new(false),
+            keep: Keep::all(),
+            refusals: Refusals::new(&path.display().to_string()),
         })
+    }
+
+    /// This target keeps `keep` (everything by default) and is called
+    /// `name` in warnings and metrics.
+    pub fn keeping(mut self, keep: Keep, name: &str) -> LocalTarget {
+        self.keep = keep;
+        self.refusals = Refusals::new(name);
+        self
+    }
+
+    pub fn keep(&self) -> Keep {
+        self.keep
+    }
+
+    /// What this target refused so far (see [`Refusals`]).
+    pub fn refusals(&self) -> &Refusals {
+        &self.refusals
+    }
+
+    /// Gives `h` (`rel` on the target) the attributes `x`; notes and
+    /// returns what the target refused.
+    fn put_xattrs(&self, h: Handle<'_>, x: Option<&Xattrs>, rel: &[u8]) -> io::Result<Refused> {
+        let Some(x) = x else { return Ok(Vec::new()) };
+        let refused = fidelity::apply(h, x)?;
+        for k in &refused {
+            self.refusals.note(k, &paths::display(rel));
+        }
+        Ok(refused)
+    }
+
+    /// The source attributes of `h` this target keeps.
+    fn source_xattrs(&self, h: Handle<'_>, rel: &[u8]) -> Result<Option<Xattrs>, ApplyError> {
+        let ns = self.keep.namespaces();
+        if ns == 0 {
+            return Ok(None);
+        }
+        fidelity::read(h, ns)
+            .map(Some)
+            .map_err(|e| ApplyError::source_read(rel, e))
+    }
+
+    /// Owner, mode, mtime and attributes of entry `name` in `dir`.
+    fn attrs_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        m: &Meta,
+        x: Option<&Xattrs>,
+        rel: &[u8],
+    ) -> io::Result<Refused> {
+        fsops::set_attrs_at(dir, name, m, self.owner)?;
+        self.put_xattrs(Handle::At(dir, name), x, rel)
     }
 
     /// A readable descriptor of the target directory (the root's is
@@ -238,6 +296,7 @@ impl LocalTarget {
                         Kind::Dir => self.dir(rel, &m, f),
                         Kind::Symlink => self.symlink(source, rel, f),
                         Kind::File => self.file_in(sd.as_fd(), &mut tdir, rel, f),
+                        _ => self.special(sd.as_fd(), rel, &m, f),
                     },
                 }
             })
@@ -332,16 +391,67 @@ impl LocalTarget {
     }
 
     /// Puts symlink `rel` with `text` and the attributes of `m` in place.
-    pub fn put_symlink(&self, rel: &[u8], text: &[u8], m: &Meta) -> Result<(), ApplyError> {
+    pub fn put_symlink(
+        &self,
+        rel: &[u8],
+        text: &[u8],
+        m: &Meta,
+        x: Option<&Xattrs>,
+    ) -> Result<Refused, ApplyError> {
         let dir = self.parent_dir(rel)?;
         let tmp = self.temp_name();
         rustix::fs::symlinkat(text, &dir, &*tmp)
             .map_err(|e| ApplyError::target_write(rel, e.into()))?;
-        if let Err(e) = fsops::set_attrs_at(dir.as_fd(), &tmp, m, self.owner) {
-            let _ = rustix::fs::unlinkat(&dir, &*tmp, rustix::fs::AtFlags::empty());
-            return Err(ApplyError::target_write(rel, e));
+        self.install_made(dir.as_fd(), &tmp, m, x, rel)
+    }
+
+    /// Puts special file `rel` (a FIFO, a socket's entry, a device) with
+    /// `m`'s type, device number and attributes in place. A device this
+    /// process may not make is a refusal (see [`crate::fidelity`]).
+    pub fn put_special(
+        &self,
+        rel: &[u8],
+        m: &Meta,
+        x: Option<&Xattrs>,
+    ) -> Result<Refused, ApplyError> {
+        let Some(ft) = m.kind.file_type() else {
+            return Err(ApplyError::target_write(
+                rel,
+                io::Error::new(io::ErrorKind::InvalidInput, "not a special file"),
+            ));
+        };
+        let dir = self.parent_dir(rel)?;
+        let tmp = self.temp_name();
+        match rustix::fs::mknodat(&dir, &*tmp, ft, Mode::from_raw_mode(m.mode & 0o777), m.rdev) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::PERM) if m.kind.is_device() => {
+                self.refusals.note("device", &paths::display(rel));
+                return Ok(vec!["device"]);
+            }
+            Err(e) => return Err(ApplyError::target_write(rel, e.into())),
         }
-        self.install(dir.as_fd(), &tmp, paths::split(rel).1, rel)
+        self.install_made(dir.as_fd(), &tmp, m, x, rel)
+    }
+
+    /// Gives entry `tmp`, just made in `dir`, `m`'s attributes and `x`,
+    /// and puts it in place as `rel`; removes it on failure.
+    fn install_made(
+        &self,
+        dir: BorrowedFd<'_>,
+        tmp: &fsops::TempName,
+        m: &Meta,
+        x: Option<&Xattrs>,
+        rel: &[u8],
+    ) -> Result<Refused, ApplyError> {
+        let refused = match self.attrs_at(dir, tmp, m, x, rel) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = rustix::fs::unlinkat(dir, &**tmp, rustix::fs::AtFlags::empty());
+                return Err(ApplyError::target_write(rel, e));
+            }
+        };
+        self.install(dir, tmp, paths::split(rel).1, rel)?;
+        Ok(refused)
     }
 
     /// Starts writing file `rel` from a stream: its parent directory and a
@@ -374,19 +484,39 @@ impl LocalTarget {
 
     /// Gives a complete temp file the attributes of `m` and puts it in
     /// place as `rel`.
-    pub fn finish_file(&self, f: TempFile, rel: &[u8], m: &Meta) -> Result<(), ApplyError> {
-        if let Err(e) = self.finish_attrs(&f.out, m, None) {
-            self.abort_file(f);
-            return Err(ApplyError::target_write(rel, e));
-        }
+    pub fn finish_file(
+        &self,
+        f: TempFile,
+        rel: &[u8],
+        m: &Meta,
+        x: Option<&Xattrs>,
+    ) -> Result<Refused, ApplyError> {
+        let refused = match self
+            .finish_attrs(&f.out, m, None)
+            .and_then(|_| self.put_xattrs(Handle::Fd(f.out.as_fd()), x, rel))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.abort_file(f);
+                return Err(ApplyError::target_write(rel, e));
+            }
+        };
         let name = paths::split(rel).1;
         match f.tmp {
             Some(t) => {
                 drop(f.out);
-                self.install(f.dir.as_fd(), &t, name, rel)
+                self.install(f.dir.as_fd(), &t, name, rel)?
             }
-            None => self.link_tmpfile(&f.out, f.dir.as_fd(), name, rel),
+            None => self.link_tmpfile(&f.out, f.dir.as_fd(), name, rel)?,
         }
+        Ok(refused)
+    }
+
+    /// Ends a streamed file at `size` bytes: what it ended with may have
+    /// been a hole, skipped rather than written.
+    pub fn set_len(&self, f: &TempFile, size: u64) -> io::Result<()> {
+        rustix::fs::ftruncate(&f.out, size)?;
+        Ok(())
     }
 
     /// Creates file `rel` in `dir` (its parent, from
@@ -415,8 +545,9 @@ impl LocalTarget {
         rel: &[u8],
         data: &[u8],
         m: &Meta,
+        x: Option<&Xattrs>,
         born: &mut Born,
-    ) -> Result<bool, ApplyError> {
+    ) -> Result<Option<Refused>, ApplyError> {
         let name = paths::split(rel).1;
         let out = match rustix::fs::openat(
             dir,
@@ -425,23 +556,26 @@ impl LocalTarget {
             Mode::from_raw_mode(m.mode & 0o777),
         ) {
             Ok(fd) => fd,
-            Err(rustix::io::Errno::EXIST) => return Ok(false),
+            Err(rustix::io::Errno::EXIST) => return Ok(None),
             Err(e) => return Err(ApplyError::target_write(rel, e.into())),
         };
         let asked = m.mode & 0o777;
         let known = born.get(asked);
         let r = fsops::write_all(out.as_fd(), data)
             .and_then(|()| self.finish_attrs(&out, m, known))
-            .map(|got| {
+            .and_then(|got| {
                 if known.is_none() {
                     born.put(asked, got);
                 }
+                self.put_xattrs(Handle::Fd(out.as_fd()), x, rel)
             });
-        if let Err(e) = r {
-            fsops::unlink_if_same(dir, name, out.as_fd());
-            return Err(ApplyError::target_write(rel, e));
+        match r {
+            Ok(refused) => Ok(Some(refused)),
+            Err(e) => {
+                fsops::unlink_if_same(dir, name, out.as_fd());
+                Err(ApplyError::target_write(rel, e))
+            }
         }
-        Ok(true)
     }
 
     /// Gives a fresh temp file `m`'s owner, mode and mtime. On a journaling
@@ -486,20 +620,43 @@ impl LocalTarget {
     }
 
     /// Sets a target directory's attributes to the source's current ones.
-    pub fn set_dir_attrs(&self, rel: &[u8], m: &Meta) -> Result<(), ApplyError> {
+    pub fn set_dir_attrs(
+        &self,
+        rel: &[u8],
+        m: &Meta,
+        x: Option<&Xattrs>,
+    ) -> Result<Refused, ApplyError> {
         let r = if rel.is_empty() {
             self.set_root_attrs(m)
+                .and_then(|()| self.put_xattrs(Handle::At(self.root.fd(), b""), x, rel))
         } else {
             let (parent, name) = paths::split(rel);
             self.root
                 .open_dir(parent, false)
-                .and_then(|d| fsops::set_attrs_at(d.as_fd(), name, m, self.owner))
+                .and_then(|d| self.attrs_at(d.as_fd(), name, m, x, rel))
         };
         match r {
-            Ok(()) => Ok(()),
-            Err(e) if fsops::is_missing(&e) => Ok(()),
+            Ok(r) => Ok(r),
+            Err(e) if fsops::is_missing(&e) => Ok(Vec::new()),
             Err(e) => Err(ApplyError::target_write(rel, e)),
         }
+    }
+
+    /// [`LocalTarget::set_dir_attrs`] with the attributes read from
+    /// `source`'s directory `rel` (a daemon's own target).
+    pub fn set_dir_attrs_from(
+        &self,
+        source: &Root,
+        rel: &[u8],
+        m: &Meta,
+    ) -> Result<(), ApplyError> {
+        let x = match self.keep.namespaces() {
+            0 => None,
+            ns => Some(
+                fidelity::read_at(source, rel, ns).map_err(|e| ApplyError::source_read(rel, e))?,
+            ),
+        };
+        self.set_dir_attrs(rel, m, x.as_ref()).map(drop)
     }
 
     fn set_root_attrs(&self, m: &Meta) -> io::Result<()> {
@@ -608,29 +765,58 @@ impl LocalTarget {
             return Ok(Outcome::Vanished);
         };
         let dir = self.parent_dir(rel)?;
-        let name = paths::split(rel).1;
+        let (sparent, name) = paths::split(rel);
+        let sd = source
+            .open_dir(sparent, false)
+            .map_err(|e| ApplyError::source_read(rel, e))?;
+        let x = self.source_xattrs(Handle::At(sd.as_fd(), name), rel)?;
         if f & (flags::CONTENT | flags::ABSENT) == 0 {
             if let Ok(Some(t)) = fsops::lstat_at(dir.as_fd(), name) {
                 if m.mirrors(&t, self.owner)
                     && fsops::read_link_at(dir.as_fd(), name).ok().as_deref()
                         == Some(text.as_slice())
                 {
+                    self.put_xattrs(Handle::At(dir.as_fd(), name), x.as_ref(), rel)
+                        .map_err(|e| ApplyError::target_write(rel, e))?;
                     return Ok(Outcome::Unchanged { meta: m });
                 }
             }
         }
-        let tmp = self.temp_name();
-        rustix::fs::symlinkat(text.as_slice(), &dir, &*tmp)
-            .map_err(|e| ApplyError::target_write(rel, e.into()))?;
-        if let Err(e) = fsops::set_attrs_at(dir.as_fd(), &tmp, &m, self.owner) {
-            let _ = rustix::fs::unlinkat(&dir, &*tmp, rustix::fs::AtFlags::empty());
-            return Err(ApplyError::target_write(rel, e));
-        }
-        self.install(dir.as_fd(), &tmp, name, rel)?;
+        self.put_symlink(rel, &text, &m, x.as_ref())?;
         Ok(Outcome::Copied {
             meta: m,
             bytes: text.len() as u64,
         })
+    }
+
+    /// Mirrors special file `rel` (in source directory `sd`), unless this
+    /// target does not keep special files.
+    fn special(
+        &self,
+        sd: BorrowedFd<'_>,
+        rel: &[u8],
+        m: &Meta,
+        f: u8,
+    ) -> Result<Outcome, ApplyError> {
+        if !self.keep.specials {
+            return Ok(Outcome::Special);
+        }
+        let name = paths::split(rel).1;
+        let x = self.source_xattrs(Handle::At(sd, name), rel)?;
+        if f & (flags::CONTENT | flags::ABSENT) == 0 {
+            let dir = self.parent_dir(rel)?;
+            if let Ok(Some(t)) = fsops::lstat_at(dir.as_fd(), name) {
+                if m.mirrors(&t, self.owner) {
+                    self.put_xattrs(Handle::At(dir.as_fd(), name), x.as_ref(), rel)
+                        .map_err(|e| ApplyError::target_write(rel, e))?;
+                    return Ok(Outcome::Unchanged { meta: *m });
+                }
+            }
+        }
+        if self.put_special(rel, m, x.as_ref())?.contains(&"device") {
+            return Ok(Outcome::Special);
+        }
+        Ok(Outcome::Copied { meta: *m, bytes: 0 })
     }
 
     /// An unnamed temp file in `td` (`None` name) or a named one, created
@@ -726,24 +912,33 @@ impl LocalTarget {
                 }
                 Err(e) => return Err(ApplyError::source_read(rel, e.into())),
             };
-            let before = Meta::from_stat(
-                &rustix::fs::fstat(&src).map_err(|e| ApplyError::source_read(rel, e.into()))?,
-            );
+            let st = rustix::fs::fstat(&src).map_err(|e| ApplyError::source_read(rel, e.into()))?;
+            let before = Meta::from_stat(&st);
             if before.kind != Kind::File {
                 return Ok(Outcome::Vanished);
             }
+            let x = self.source_xattrs(Handle::Fd(src.as_fd()), rel)?;
             if f & (flags::CONTENT | flags::ABSENT) == 0 || attempt > 1 {
                 if let Ok(Some(t)) = fsops::lstat_at(td, name) {
                     if before.mirrors(&t, self.owner) {
+                        self.put_xattrs(Handle::At(td, name), x.as_ref(), rel)
+                            .map_err(|e| ApplyError::target_write(rel, e))?;
                         return Ok(Outcome::Unchanged { meta: before });
                     }
                 }
             }
+            let sparse =
+                self.keep.sparse && fidelity::looks_sparse(before.size, st.st_blocks as u64);
             // New content goes into an unnamed O_TMPFILE inode that is linked
             // in only when complete (one directory update instead of a create
             // plus a rename), or, where that is unavailable, a temp name.
             let (out, tmp) = self.create_temp_mode(td, rel, before.mode & 0o777)?;
-            let bytes = match copy_contents(&src, &out, before.size) {
+            let copied = if sparse {
+                copy_sparse(&src, &out, before.size)
+            } else {
+                copy_contents(&src, &out, before.size)
+            };
+            let bytes = match copied {
                 Ok(b) => b,
                 Err((e, target_side)) => {
                     unlink_tmp(&tmp);
@@ -769,7 +964,10 @@ impl LocalTarget {
                 unlink_tmp(&tmp);
                 continue;
             }
-            if let Err(e) = self.finish_attrs(&out, &before, None) {
+            if let Err(e) = self
+                .finish_attrs(&out, &before, None)
+                .and_then(|_| self.put_xattrs(Handle::Fd(out.as_fd()), x.as_ref(), rel))
+            {
                 unlink_tmp(&tmp);
                 return Err(ApplyError::target_write(rel, e));
             }
@@ -813,14 +1011,7 @@ fn copy_small(src: &OwnedFd, out: &OwnedFd, expected: u64) -> Result<u64, (io::E
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err((e.into(), false)),
             };
-            let mut off = 0;
-            while off < n {
-                match rustix::io::write(out, &buf[off..n]) {
-                    Ok(w) => off += w,
-                    Err(rustix::io::Errno::INTR) => {}
-                    Err(e) => return Err((e.into(), true)),
-                }
-            }
+            write_out(out, &buf[..n], None)?;
             total += n as u64;
         }
         Ok(total)
@@ -868,4 +1059,48 @@ fn copy_contents(src: &OwnedFd, out: &OwnedFd, expected: u64) -> Result<u64, (io
             Err(e) => return Err((e.into(), false)),
         }
     }
+}
+
+/// Copies the data extents of `src` (a file of `size` bytes with holes)
+/// into `out` at the same offsets and sets `out`'s length: holes stay
+/// holes. Returns the file's size when all was copied, fewer bytes when
+/// the file shrank meanwhile (the caller's fstat then sends it round
+/// again). The error says which side failed.
+fn copy_sparse(src: &OwnedFd, out: &OwnedFd, size: u64) -> Result<u64, (io::Error, bool)> {
+    let extents = fidelity::data_extents(src.as_fd(), size).map_err(|e| (e, false))?;
+    let mut buf = vec![0u8; SMALL_FILE];
+    for (start, len) in extents {
+        let mut off = start;
+        while off < start + len {
+            let want = ((start + len - off) as usize).min(buf.len());
+            let n = match rustix::io::pread(src, &mut buf[..want], off) {
+                Ok(0) => return Ok(off),
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err((e.into(), false)),
+            };
+            write_out(out, &buf[..n], Some(off))?;
+            off += n as u64;
+        }
+    }
+    rustix::fs::ftruncate(out, size).map_err(|e| (e.into(), true))?;
+    Ok(size)
+}
+
+/// Writes all of `data` to `out`, at its file offset or at `at`; an error
+/// is the target's (see [`copy_contents`]).
+fn write_out(out: &OwnedFd, data: &[u8], at: Option<u64>) -> Result<(), (io::Error, bool)> {
+    let mut done = 0;
+    while done < data.len() {
+        let r = match at {
+            Some(at) => rustix::io::pwrite(out, &data[done..], at + done as u64),
+            None => rustix::io::write(out, &data[done..]),
+        };
+        match r {
+            Ok(w) => done += w,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err((e.into(), true)),
+        }
+    }
+    Ok(())
 }

@@ -57,6 +57,17 @@ impl DirView {
         }
     }
 
+    /// The extended attributes of entry `name` in namespaces `ns` (a
+    /// remote view holds those its listing asked for); `None`: unknown.
+    pub fn xattrs(&self, name: &[u8], ns: u8) -> Option<crate::fidelity::Xattrs> {
+        match self {
+            DirView::Local(fd) => {
+                crate::fidelity::read(crate::fidelity::Handle::At(fd.as_fd(), name), ns).ok()
+            }
+            DirView::Remote(m) => m.get(name).and_then(|e| e.xattrs.clone()),
+        }
+    }
+
     pub fn names(&self) -> Vec<Vec<u8>> {
         match self {
             DirView::Local(fd) => fsops::list_dir(fd.as_fd()).unwrap_or_default(),
@@ -128,14 +139,36 @@ impl Target {
         }
     }
 
-    /// Sets the attributes of several entries (directories after a round).
-    pub fn set_attrs_many(&self, items: &[(Vec<u8>, Meta)]) -> Vec<Result<(), ApplyError>> {
+    /// Sets the attributes of several entries (directories after a round)
+    /// to `items`' metadata and their extended attributes in `source`.
+    pub fn set_attrs_many(
+        &self,
+        source: &Root,
+        items: &[(Vec<u8>, Meta)],
+    ) -> Vec<Result<(), ApplyError>> {
         match self {
             Target::Local(t) => items
                 .iter()
-                .map(|(rel, m)| t.set_dir_attrs(rel, m))
+                .map(|(rel, m)| t.set_dir_attrs_from(source, rel, m))
                 .collect(),
-            Target::Remote(t) => t.set_attrs_many(items),
+            Target::Remote(t) => t.set_attrs_many(source, items),
+        }
+    }
+
+    /// The namespaces of extended attributes this target mirrors (see
+    /// [`crate::fidelity::Keep::namespaces`]).
+    pub fn keep_namespaces(&self) -> u8 {
+        match self {
+            Target::Local(t) => t.keep().namespaces(),
+            Target::Remote(t) => t.keep().namespaces(),
+        }
+    }
+
+    /// The kinds of attributes or entries this target refused so far.
+    pub fn refused(&self) -> Vec<&'static str> {
+        match self {
+            Target::Local(t) => t.refusals().seen(),
+            Target::Remote(t) => t.refusals().seen(),
         }
     }
 
@@ -163,7 +196,7 @@ impl Target {
     pub fn view(&self, dir: &[u8]) -> io::Result<Option<DirView>> {
         match self {
             Target::Local(t) => Ok(t.root().open_dir(dir, true).ok().map(DirView::Local)),
-            Target::Remote(t) => match t.list(dir) {
+            Target::Remote(t) => match t.list(dir, t.keep().namespaces()) {
                 Ok(v) => Ok(v.map(|v| {
                     DirView::Remote(v.into_iter().map(|e| (e.name.clone(), e)).collect())
                 })),

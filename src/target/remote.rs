@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::{ApplyError, Outcome};
+use crate::fidelity::{self, Handle, Keep, Refusals, Xattrs};
 use crate::fsops::{self, Root};
 use crate::journal::flags;
 use crate::meta::{Kind, Meta};
@@ -304,6 +305,10 @@ pub struct RemoteTarget {
     /// A daemon's: the journal that knows this target (see
     /// [`RemoteTarget::guard_identity`]).
     guard: OnceLock<Guard>,
+    /// What is kept beyond content (see [`crate::fidelity`]).
+    keep: Keep,
+    /// What the receiver refused.
+    refusals: Refusals,
 }
 
 /// What a daemon's remote target checks its receiver's root against at
@@ -339,6 +344,8 @@ impl RemoteTarget {
         RemoteTarget {
             ciphers,
             guard: OnceLock::new(),
+            keep: Keep::all(),
+            refusals: Refusals::new(name),
             name: name.to_string(),
             spec,
             owner,
@@ -354,6 +361,40 @@ impl RemoteTarget {
             connecting: Mutex::new(()),
             epoch: Mutex::new(Epoch::default()),
             wire_bytes: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// This target keeps `keep` (everything by default).
+    pub fn keeping(mut self, keep: Keep) -> RemoteTarget {
+        self.keep = keep;
+        self
+    }
+
+    pub fn keep(&self) -> Keep {
+        self.keep
+    }
+
+    /// What the receiver refused so far (see [`Refusals`]).
+    pub fn refusals(&self) -> &Refusals {
+        &self.refusals
+    }
+
+    /// The source attributes of `h` this target keeps.
+    fn source_xattrs(&self, h: Handle<'_>, rel: &[u8]) -> Result<Option<Xattrs>, ApplyError> {
+        match self.keep.namespaces() {
+            0 => Ok(None),
+            ns => fidelity::read(h, ns)
+                .map(Some)
+                .map_err(|e| ApplyError::source_read(rel, e)),
+        }
+    }
+
+    /// Notes what the receiver refused for `rel`.
+    fn note_refused(&self, rel: &[u8], done: &Done) {
+        if let Done::Partial { refused } = done {
+            for k in refused {
+                self.refusals.note(k, &paths::display(rel));
+            }
         }
     }
 
@@ -765,8 +806,9 @@ impl RemoteTarget {
         r
     }
 
-    /// The entries of directory `dir` on the target; `None` when missing.
-    pub fn list(&self, dir: &[u8]) -> io::Result<Option<Vec<Entry>>> {
+    /// The entries of directory `dir` on the target, with their extended
+    /// attributes in namespaces `ns`; `None` when missing.
+    pub fn list(&self, dir: &[u8], ns: u8) -> io::Result<Option<Vec<Entry>>> {
         let c = self.conn().map_err(io::Error::other)?;
         let id = self.next_id();
         let rx = self.register(&c, id);
@@ -776,6 +818,7 @@ impl RemoteTarget {
                 &[Request::List {
                     id,
                     dir: dir.to_vec(),
+                    ns,
                 }],
                 true,
             )?;
@@ -927,14 +970,26 @@ impl RemoteTarget {
     }
 
     /// Sets attributes of several entries in one batch.
-    pub fn set_attrs_many(&self, items: &[(Vec<u8>, Meta)]) -> Vec<Result<(), ApplyError>> {
-        let ops: Vec<Op> = items
-            .iter()
-            .map(|(rel, meta)| Op::SetAttrs {
+    pub fn set_attrs_many(
+        &self,
+        source: &Root,
+        items: &[(Vec<u8>, Meta)],
+    ) -> Vec<Result<(), ApplyError>> {
+        let ns = self.keep.namespaces();
+        let mut ops = Vec::with_capacity(items.len());
+        for (rel, meta) in items {
+            let xattrs = match ns {
+                0 => None,
+                // Gone or unreadable: its own event or retry follows; the
+                // rest of its attributes are still set.
+                ns => fidelity::read_at(source, rel, ns).ok(),
+            };
+            ops.push(Op::SetAttrs {
                 rel: rel.clone(),
                 meta: *meta,
-            })
-            .collect();
+                xattrs,
+            });
+        }
         match self.batch(|b| {
             for op in ops {
                 b.op(op)?;
@@ -949,7 +1004,7 @@ impl RemoteTarget {
                         .chain(std::iter::repeat_with(|| Err("no result".to_string()))),
                 )
                 .map(|((rel, _), r)| {
-                    r.map(|_| ())
+                    r.map(|d| self.note_refused(rel, &d))
                         .map_err(|e| ApplyError::target_write(rel, io::Error::other(e)))
                 })
                 .collect(),
@@ -1084,6 +1139,30 @@ impl RemoteTarget {
                     }
                     Some(m) => match m.kind {
                         Kind::Other => Plan::Now(Ok(Outcome::Special)),
+                        k if k.is_special() && !self.keep.specials => {
+                            Plan::Now(Ok(Outcome::Special))
+                        }
+                        Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev => {
+                            let name = paths::split(rel).1;
+                            let xattrs = match &src_dir {
+                                Some(sd) => self.source_xattrs(Handle::At(sd.as_fd(), name), rel),
+                                None => Ok(None),
+                            };
+                            match xattrs {
+                                Err(e) => Plan::Now(Err(e)),
+                                Ok(xattrs) => {
+                                    let slot = b.op(Op::Special {
+                                        rel: rel.to_vec(),
+                                        meta: m,
+                                        xattrs,
+                                    })?;
+                                    Plan::Sent {
+                                        slot,
+                                        then: Then::Copied { meta: m, bytes: 0 },
+                                    }
+                                }
+                            }
+                        }
                         Kind::Dir => {
                             let slot = b.op(Op::Mkdir { rel: rel.to_vec() })?;
                             Plan::Sent {
@@ -1091,13 +1170,17 @@ impl RemoteTarget {
                                 then: Then::Dir { meta: m, f },
                             }
                         }
-                        Kind::Symlink => match source.read_link(rel) {
-                            Ok(text) => {
+                        Kind::Symlink => match source
+                            .read_link(rel)
+                            .and_then(|t| Ok((t, fidelity_of(self, source, rel)?)))
+                        {
+                            Ok((text, xattrs)) => {
                                 let bytes = text.len() as u64;
                                 let slot = b.op(Op::Symlink {
                                     rel: rel.to_vec(),
                                     text,
                                     meta: m,
+                                    xattrs,
                                 })?;
                                 Plan::Sent {
                                     slot,
@@ -1146,8 +1229,16 @@ impl RemoteTarget {
                     None => Err(self.unreachable("batch result missing")),
                     Some(Err(e)) => Err(ApplyError::target_write(rel, io::Error::other(e.clone()))),
                     Some(Ok(done)) => Ok(match then {
+                        // A device the receiver may not make: not mirrored.
+                        Then::Copied { .. } if refused_device(done) => {
+                            self.note_refused(rel, done);
+                            Outcome::Special
+                        }
                         Then::Deleted => Outcome::Deleted,
-                        Then::Copied { meta, bytes } => Outcome::Copied { meta, bytes },
+                        Then::Copied { meta, bytes } => {
+                            self.note_refused(rel, done);
+                            Outcome::Copied { meta, bytes }
+                        }
                         Then::Dir { meta, f } => {
                             let created = matches!(done, Done::Dir { created: true });
                             Outcome::Dir {
@@ -1180,7 +1271,7 @@ impl RemoteTarget {
             D: Fn(&[u8], &mut [crate::scan::Child]) + Sync,
             E: Fn(&[u8], &io::Error) + Sync,
         {
-            let entries = match t.list(&dir) {
+            let entries = match t.list(&dir, 0) {
                 Ok(Some(e)) => e,
                 Ok(None) => return,
                 Err(e) => {
@@ -1310,15 +1401,21 @@ impl BatchSender<'_> {
                 }
                 Err(e) => return Ok(FileSent::Now(Err(ApplyError::source_read(rel, e.into())))),
             };
-            let before = match rustix::fs::fstat(&src) {
-                Ok(st) => Meta::from_stat(&st),
+            let st = match rustix::fs::fstat(&src) {
+                Ok(st) => st,
                 Err(e) => return Ok(FileSent::Now(Err(ApplyError::source_read(rel, e.into())))),
             };
+            let before = Meta::from_stat(&st);
             if before.kind != Kind::File {
                 return Ok(FileSent::Now(Ok(Outcome::Vanished)));
             }
+            let xattrs = match self.t.source_xattrs(Handle::Fd(src.as_fd()), rel) {
+                Ok(x) => x,
+                Err(e) => return Ok(FileSent::Now(Err(e))),
+            };
             if before.size <= WHOLE_MAX {
-                match self.whole(&src, rel, &before, absent && !self.t.spec.atomic_new_files)? {
+                let fresh = absent && !self.t.spec.atomic_new_files;
+                match self.whole(&src, rel, &before, fresh, xattrs)? {
                     Some(sent) => return Ok(sent),
                     None => continue,
                 }
@@ -1329,14 +1426,30 @@ impl BatchSender<'_> {
             } else {
                 None
             };
+            // Holes are sent as holes; a delta is sent as it always was.
+            let extents = match sig.is_none()
+                && self.t.keep.sparse
+                && fidelity::looks_sparse(before.size, st.st_blocks as u64)
+            {
+                false => None,
+                true => match fidelity::data_extents(src.as_fd(), before.size) {
+                    Ok(e) => Some(e),
+                    Err(e) => return Ok(FileSent::Now(Err(ApplyError::source_read(rel, e)))),
+                },
+            };
             let file = self.t.next_id();
             let slot = self.op(Op::File {
                 file,
                 rel: rel.to_vec(),
                 meta: before,
                 delta: sig.is_some(),
+                xattrs,
             })?;
-            match self.stream(&src, file, before.size, sig.as_ref())? {
+            let streamed = match extents {
+                Some(ext) => self.stream_extents(&src, file, before.size, &ext)?,
+                None => self.stream(&src, file, before.size, sig.as_ref())?,
+            };
+            match streamed {
                 Err(e) => {
                     self.push(Request::Data {
                         file,
@@ -1378,6 +1491,7 @@ impl BatchSender<'_> {
         rel: &[u8],
         before: &Meta,
         fresh: bool,
+        xattrs: Option<Xattrs>,
     ) -> Result<Option<FileSent>, ApplyError> {
         let mut data = vec![0u8; before.size as usize];
         let n = match read_full_at(src.as_fd(), &mut data, 0, before.size) {
@@ -1403,12 +1517,58 @@ impl BatchSender<'_> {
             data,
             hash,
             fresh,
+            xattrs,
         })?;
         Ok(Some(FileSent::Sent {
             slot,
             meta: *before,
             bytes: n as u64,
         }))
+    }
+
+    /// Sends the content of sparse file `src`: its data `extents` (see
+    /// [`fidelity::data_extents`]) as bytes, the holes between them as
+    /// [`Chunk::Hole`]. The inner result is a source read error; the
+    /// length returned counts the holes, so that a file that shrank
+    /// meanwhile shows as one.
+    #[allow(clippy::type_complexity)]
+    fn stream_extents(
+        &mut self,
+        src: &OwnedFd,
+        file: u64,
+        size: u64,
+        extents: &[(u64, u64)],
+    ) -> Result<Result<(protocol::ContentHash, u64), io::Error>, ApplyError> {
+        let mut hasher = protocol::ContentHasher::default();
+        let mut buf = vec![0u8; CHUNK];
+        let mut off = 0u64;
+        let holes = extents.iter().copied().chain(std::iter::once((size, 0)));
+        for (start, len) in holes {
+            if start > off {
+                let hole = start - off;
+                hasher.update(&protocol::hole_marker(hole));
+                self.push(Request::Data {
+                    file,
+                    chunk: Chunk::Hole { len: hole },
+                })?;
+                off = start;
+            }
+            while off < start + len {
+                let want = ((start + len - off) as usize).min(buf.len());
+                let n = match read_full_at(src.as_fd(), &mut buf[..want], off, start + len) {
+                    Ok(n) => n,
+                    Err(e) => return Ok(Err(e)),
+                };
+                if n == 0 {
+                    // Shrank: the length sent tells the caller.
+                    return Ok(Ok((hasher.finish(), off)));
+                }
+                hasher.update(&buf[..n]);
+                self.data(file, &buf[..n])?;
+                off += n as u64;
+            }
+        }
+        Ok(Ok((hasher.finish(), off)))
     }
 
     /// Sends the content of `src`; the inner result is a source read error.
@@ -1491,6 +1651,19 @@ impl BatchSender<'_> {
             self.data(file, &lit)?;
         }
         Ok(Ok((hasher.finish(), off)))
+    }
+}
+
+/// Whether the receiver answered that it may not make a device.
+fn refused_device(done: &Done) -> bool {
+    matches!(done, Done::Partial { refused } if refused.iter().any(|k| k == "device"))
+}
+
+/// The attributes of source entry `rel` that `t` keeps, read by name.
+fn fidelity_of(t: &RemoteTarget, source: &Root, rel: &[u8]) -> io::Result<Option<Xattrs>> {
+    match t.keep.namespaces() {
+        0 => Ok(None),
+        ns => fidelity::read_at(source, rel, ns).map(Some),
     }
 }
 

@@ -25,6 +25,7 @@ mod churn;
 mod config;
 mod crash;
 mod faults;
+mod fidelity;
 mod handover;
 mod initial;
 mod journal_model;

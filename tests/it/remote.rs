@@ -1152,6 +1152,7 @@ fn file_meta(size: u64) -> Meta {
         ctime_ns: 0,
         ino: 0,
         dev: 0,
+        rdev: 0,
     }
 }
 
@@ -1173,6 +1174,7 @@ fn file_requests(
                 rel: rel.to_vec(),
                 meta: file_meta(data.len() as u64),
                 delta: false,
+                xattrs: None,
             },
         },
         Request::Data {
@@ -1229,6 +1231,7 @@ fn put_whole(
             data: wire.to_vec(),
             hash,
             fresh,
+            xattrs: None,
         },
     });
     end_batch(r, batch)
@@ -1546,6 +1549,7 @@ fn a_fresh_whole_file_is_created_at_its_name_and_never_over_what_is_there() {
                 hash: hash(&body),
                 data: body.clone(),
                 fresh: true,
+                xattrs: None,
             },
         });
         let res = end_batch(&mut r, batch);
