@@ -817,6 +817,7 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
         let absent_ok = !journal.pending_any(t.id)?;
         let defer_ok = matches!(t.target.as_ref(), Target::Local(l) if crate::durability::local_disk(l.root().fd()));
         let shipper = Shipper {
+            links: Default::default(),
             boot_id: if defer_ok { boot.clone() } else { None },
             boot_gen: 0,
             run_seq0,

@@ -153,12 +153,20 @@ fn unsupported(e: rustix::io::Errno) -> bool {
 }
 
 /// Calls `f` with a buffer until it is large enough (an attribute can grow
-/// between the size query and the read: ERANGE, then again).
+/// between the size query and the read: ERANGE, then again). The first try
+/// is on the stack: most entries have no attributes at all, and an initial
+/// sync asks for every file's (an allocation each was measurable).
 fn grow<F>(mut f: F) -> rustix::io::Result<Vec<u8>>
 where
     F: FnMut(&mut [u8]) -> rustix::io::Result<usize>,
 {
-    let mut buf = vec![0u8; 256];
+    let mut first = [0u8; 256];
+    match f(&mut first) {
+        Ok(n) => return Ok(first[..n].to_vec()),
+        Err(rustix::io::Errno::RANGE) => {}
+        Err(e) => return Err(e),
+    }
+    let mut buf = vec![0u8; 1024];
     loop {
         match f(&mut buf) {
             Ok(n) => {

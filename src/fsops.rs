@@ -586,6 +586,16 @@ pub fn for_each_name(
     dir: BorrowedFd<'_>,
     mut f: impl FnMut(&CStr, rustix::fs::FileType) -> io::Result<()>,
 ) -> io::Result<()> {
+    for_each_entry(dir, |name, t, _| f(name, t))
+}
+
+/// [`for_each_name`], with each entry's inode number as `getdents` gave it
+/// (on a mount point: the inode of the directory mounted over, not of the
+/// mounted root).
+pub fn for_each_entry(
+    dir: BorrowedFd<'_>,
+    mut f: impl FnMut(&CStr, rustix::fs::FileType, u64) -> io::Result<()>,
+) -> io::Result<()> {
     // Taken out while in use: a nested call (none today) finds it empty
     // and reads through a buffer of its own.
     let mut buf = DIRENT.take();
@@ -597,7 +607,7 @@ pub fn for_each_name(
             let n = ent.file_name();
             match n.to_bytes() {
                 b"." | b".." => Ok(()),
-                _ => f(n, ent.file_type()),
+                _ => f(n, ent.file_type(), ent.ino()),
             }
         });
         if r.is_err() {

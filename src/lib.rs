@@ -40,6 +40,7 @@ pub mod handover;
 pub mod heartbeat;
 pub mod journal;
 pub mod keepalive;
+pub mod links;
 pub mod locks;
 pub mod logsink;
 pub mod meta;

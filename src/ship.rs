@@ -64,6 +64,9 @@ pub struct ShipStats {
 pub struct Shipper {
     pub t: TargetId,
     pub name: String,
+    /// The other names of hard-linked files changed live (see
+    /// [`crate::links`]).
+    pub links: crate::links::Links,
     pub journal: Arc<Journal>,
     pub source: Arc<Root>,
     pub target: Arc<Target>,
@@ -694,6 +697,19 @@ impl Shipper {
         Ok(())
     }
 
+    /// The other names of the hard-linked files among `changed` whose
+    /// index entry no longer matches the source (see [`crate::links`]).
+    fn stale_links(&self, changed: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        if changed.is_empty() {
+            return Vec::new();
+        }
+        let (journal, t) = (&self.journal, self.t);
+        self.links
+            .stale_others(&self.source, &self.filter, changed, |rel, m| {
+                journal.index_get(t, rel).ok().flatten().as_ref() != Some(m)
+            })
+    }
+
     fn report_initial(&mut self) {
         self.reported_initial = true;
         let s = &self.stats;
@@ -911,6 +927,7 @@ impl Shipper {
         let mut bulk = Vec::new();
         let mut applied = Applied::default();
         let mut target_errors = 0u64;
+        let mut live_files = Vec::new();
         for (p, v, r) in results {
             if matches!(r, Err(ApplyError::TargetWrite { .. })) {
                 target_errors += 1;
@@ -943,6 +960,11 @@ impl Shipper {
                         c.done.push((p.clone(), v.seq));
                     }
                     let parent = paths::parent(p).map(|x| x.to_vec());
+                    if v.flags & flags::LIVE != 0
+                        && matches!(o, Outcome::Copied { meta, .. } | Outcome::Unchanged { meta } if meta.kind == Kind::File)
+                    {
+                        live_files.push(p.clone());
+                    }
                     match o {
                         Outcome::Copied { meta, bytes } => {
                             self.stats.copied.fetch_add(1, Ordering::Relaxed);
@@ -1021,6 +1043,10 @@ impl Shipper {
             }
         }
         target_errors += self.apply_bulk(bulk, &mut applied)?;
+        // Other names of hard-linked files changed through one of them.
+        for rel in self.stale_links(&live_files) {
+            c.requeue.push((rel, flags::CONTENT | flags::LIVE));
+        }
         // Directories a copy made as parents are compared again: the source
         // may no longer hold them (see `LocalTarget::take_made_parents`).
         for p in self.target.take_made_parents() {

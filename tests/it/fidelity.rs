@@ -498,3 +498,37 @@ fn a_receiver_that_is_not_root_mirrors_the_rest() {
     assert!(!st.stdout.contains("failing"), "{}", st.describe());
     d.terminate();
 }
+
+/// A write, a chmod or an attribute set through one name of a hard-linked
+/// file shows under all its names, but capture reports only the name used:
+/// the mirror of every other name must follow all the same (it stayed
+/// stale, with the lag at 0, until a scrub). Names in other directories,
+/// and one outside the source (which only makes the link count larger).
+fn a_change_through_one_hard_link_reaches_every_name(b: Backend) {
+    let env = Env::with(b);
+    write(&env.s("d1/a"), b"one\n");
+    mkdirp(&env.s("d2"));
+    mkdirp(&env.s("d3/sub"));
+    std::fs::hard_link(env.s("d1/a"), env.s("d2/b")).expect("link");
+    std::fs::hard_link(env.s("d1/a"), env.s("d3/sub/c")).expect("link");
+    std::fs::hard_link(env.s("d1/a"), env.root.join("outside")).expect("link");
+    let d = env.start(&["--metrics", "off"]);
+    d.wait_initial_sync(secs(60));
+    env.converge(&["--checksum"], &d);
+
+    append(&env.s("d1/a"), b"two\n");
+    env.converge(&["--checksum"], &d);
+    assert_eq!(read(&env.d("d3/sub/c")), b"one\ntwo\n");
+
+    chmod(&env.s("d2/b"), 0o600);
+    env.converge(&[], &d);
+    assert_eq!(mode_of(&env.d("d1/a")) & 0o777, 0o600);
+
+    sh(&env.src, "setfattr -n user.k -v v d3/sub/c");
+    env.converge(&[], &d);
+    append(&env.s("d2/b"), b"three\n");
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+}
+
+suite!(a_change_through_one_hard_link_reaches_every_name);

@@ -1,0 +1,191 @@
+//! The other names of a hard-linked source file.
+//!
+//! A write (or `chmod`, `setfattr`) through one name of an inode shows
+//! under every name of it, but capture sees only the name it was made
+//! through: fanotify and inotify report the path that was opened. Left
+//! so, the mirror of the other names would stay stale without a word, with
+//! the lag at 0. After applying a live change of a file with more than one
+//! link, the shipper asks [`Links::stale_others`] for the other names whose
+//! index entry no longer matches the source, and queues them.
+//!
+//! Invariants:
+//! - Names are remembered per inode and checked against the source
+//!   (`lstat`: same device and inode) each time they are used; a name that
+//!   moved on is dropped.
+//! - The source is searched (one parallel walk of names and inode numbers
+//!   from `getdents`, no `stat` per entry) only for an inode with fewer
+//!   names known than its link count, and once per link count: names
+//!   outside the source (or excluded) would otherwise cost a walk per write.
+//! - What is queued converges: a queued name is applied, its index entry
+//!   then matches the source, and the next lookup queues nothing.
+//! - Only live changes ask: the startup scan compares every name itself.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::AsFd;
+use std::sync::Mutex;
+
+use rustix::fs::{AtFlags, FileType};
+
+use crate::filter::Filter;
+use crate::fsops::{self, Root};
+use crate::paths;
+
+/// Inodes remembered at most (a map past it starts over: names are
+/// found again by a search).
+const REMEMBERED: usize = 100_000;
+
+#[derive(Default)]
+struct Known {
+    names: Vec<Vec<u8>>,
+    /// The link count the last search was made at.
+    searched_at: Option<u64>,
+}
+
+/// Names of hard-linked source inodes, by (device, inode).
+#[derive(Default)]
+pub struct Links {
+    known: Mutex<HashMap<(u64, u64), Known>>,
+}
+
+impl Links {
+    /// For each of `changed` (paths of source files whose live change was
+    /// just applied), its other names whose mirror is stale: `stale(rel,
+    /// meta)` says whether the index entry of a name differs from its
+    /// source metadata `meta`.
+    pub fn stale_others(
+        &self,
+        source: &Root,
+        filter: &Filter,
+        changed: &[Vec<u8>],
+        stale: impl Fn(&[u8], &crate::meta::Meta) -> bool,
+    ) -> Vec<Vec<u8>> {
+        let linked: Vec<(Vec<u8>, u64, u64, u64)> = changed
+            .iter()
+            .filter_map(|rel| {
+                let st = stat(source, rel)?;
+                (st.st_nlink > 1 && FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
+                    .then(|| (rel.clone(), st.st_dev, st.st_ino, st.st_nlink))
+            })
+            .collect();
+        if linked.is_empty() {
+            return Vec::new();
+        }
+        self.search_unknown(source, filter, &linked);
+        let mut out = Vec::new();
+        let mut known = crate::locks::lock(&self.known);
+        for (rel, dev, ino, _) in &linked {
+            let Some(k) = known.get_mut(&(*dev, *ino)) else {
+                continue;
+            };
+            if !k.names.contains(rel) {
+                k.names.push(rel.clone());
+            }
+            k.names.retain(|n| {
+                stat(source, n).is_some_and(|st| st.st_dev == *dev && st.st_ino == *ino)
+            });
+            for n in &k.names {
+                if n == rel || out.contains(n) {
+                    continue;
+                }
+                if let Some(m) = source.lstat(n).ok().flatten() {
+                    if stale(n, &m) {
+                        out.push(n.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Searches the source for the names of the inodes in `linked` that
+    /// have fewer names known than links and were not searched at this
+    /// link count yet.
+    fn search_unknown(&self, source: &Root, filter: &Filter, linked: &[(Vec<u8>, u64, u64, u64)]) {
+        let wanted: HashSet<u64> = {
+            let mut known = crate::locks::lock(&self.known);
+            if known.len() > REMEMBERED {
+                known.clear();
+            }
+            linked
+                .iter()
+                .filter(|(_, dev, ino, nlink)| {
+                    let k = known.entry((*dev, *ino)).or_default();
+                    (k.names.len() as u64) < *nlink && k.searched_at != Some(*nlink)
+                })
+                .map(|(_, _, ino, _)| *ino)
+                .collect()
+        };
+        if wanted.is_empty() {
+            return;
+        }
+        let found = search(source, filter, &wanted);
+        let mut known = crate::locks::lock(&self.known);
+        for (_, dev, ino, nlink) in linked {
+            if !wanted.contains(ino) {
+                continue;
+            }
+            let k = known.entry((*dev, *ino)).or_default();
+            k.searched_at = Some(*nlink);
+            for (fino, rel) in &found {
+                if fino == ino && !k.names.contains(rel) {
+                    // Same inode number on another filesystem (a mount
+                    // below the source) is another file.
+                    if stat(source, rel).is_some_and(|st| st.st_dev == *dev) {
+                        k.names.push(rel.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn stat(source: &Root, rel: &[u8]) -> Option<rustix::fs::Stat> {
+    let (parent, name) = paths::split(rel);
+    let dir = source.open_dir(parent, false).ok()?;
+    rustix::fs::statat(dir.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW).ok()
+}
+
+/// The regular files of the source, outside what `filter` excludes, whose
+/// inode number is in `wanted`: a parallel walk of names and inode numbers.
+fn search(source: &Root, filter: &Filter, wanted: &HashSet<u64>) -> Vec<(u64, Vec<u8>)> {
+    let found = Mutex::new(Vec::new());
+    rayon::scope(|s| visit(s, source, filter, wanted, &found, Vec::new()));
+    found.into_inner().unwrap_or_else(|p| p.into_inner())
+}
+
+fn visit<'s>(
+    s: &rayon::Scope<'s>,
+    source: &'s Root,
+    filter: &'s Filter,
+    wanted: &'s HashSet<u64>,
+    found: &'s Mutex<Vec<(u64, Vec<u8>)>>,
+    dir: Vec<u8>,
+) {
+    let Ok(fd) = source.open_dir(&dir, true) else {
+        return;
+    };
+    let mut subdirs = Vec::new();
+    let _ = fsops::for_each_entry(fd.as_fd(), |name, t, ino| {
+        let rel = paths::join(&dir, name.to_bytes());
+        let t = match t {
+            FileType::Unknown => {
+                match rustix::fs::statat(fd.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => FileType::from_raw_mode(st.st_mode),
+                    Err(_) => return Ok(()),
+                }
+            }
+            t => t,
+        };
+        match t {
+            FileType::Directory if !filter.excluded(&rel, true) => subdirs.push(rel),
+            FileType::RegularFile if wanted.contains(&ino) && !filter.excluded(&rel, false) => {
+                crate::locks::lock(found).push((ino, rel));
+            }
+            _ => {}
+        }
+        Ok(())
+    });
+    for d in subdirs {
+        s.spawn(move |s| visit(s, source, filter, wanted, found, d));
+    }
+}
