@@ -106,9 +106,21 @@ impl Unwatched {
             .filter(|p| paths::is_within(p, rel))
             .cloned()
             .collect();
+        let had = below.len();
         for p in below {
             self.dirs.remove(&p);
             self.changed = true;
+        }
+        if had > 0 {
+            metrics::gauge!("drmirror_capture_unwatched_dirs").set(self.dirs.len() as f64);
+        }
+        // The last of them gone: the same word as a retry that watched the
+        // last (a removal can race a retry, which then notes the limit
+        // again for a directory about to go, and no retry follows).
+        if had > 0 && self.dirs.is_empty() {
+            tracing::info!(
+                "inotify: all directories past the watch limit are watched now (the last {had} were removed)"
+            );
         }
     }
 
