@@ -65,6 +65,23 @@ impl Keep {
         }
     }
 
+    /// The attributes of `h` in the namespaces kept; `None` when none are
+    /// (nothing read).
+    pub fn read(self, h: Handle<'_>) -> io::Result<Option<Xattrs>> {
+        match self.namespaces() {
+            0 => Ok(None),
+            ns => read(h, ns).map(Some),
+        }
+    }
+
+    /// [`Keep::read`] of entry `rel` of `root` (see [`read_at`]).
+    pub fn read_at(self, root: &crate::fsops::Root, rel: &[u8]) -> io::Result<Option<Xattrs>> {
+        match self.namespaces() {
+            0 => Ok(None),
+            ns => read_at(root, rel, ns).map(Some),
+        }
+    }
+
     /// The namespaces whose attributes are mirrored (0: none).
     pub fn namespaces(self) -> u8 {
         let mut n = 0;

@@ -157,13 +157,30 @@ impl LocalTarget {
 
     /// The source attributes of `h` this target keeps.
     fn source_xattrs(&self, h: Handle<'_>, rel: &[u8]) -> Result<Option<Xattrs>, ApplyError> {
-        let ns = self.keep.namespaces();
-        if ns == 0 {
-            return Ok(None);
-        }
-        fidelity::read(h, ns)
-            .map(Some)
+        self.keep
+            .read(h)
             .map_err(|e| ApplyError::source_read(rel, e))
+    }
+
+    /// Whether entry `name` of target directory `dir` already mirrors `m`
+    /// (and `same` holds): then it is given the attributes `x` and left.
+    fn unchanged(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        m: &Meta,
+        x: Option<&Xattrs>,
+        rel: &[u8],
+        same: impl FnOnce() -> bool,
+    ) -> Result<bool, ApplyError> {
+        match fsops::lstat_at(dir, name) {
+            Ok(Some(t)) if m.mirrors(&t, self.owner) && same() => {
+                self.put_xattrs(Handle::At(dir, name), x, rel)
+                    .map_err(|e| ApplyError::target_write(rel, e))?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Owner, mode, mtime and attributes of entry `name` in `dir`.
@@ -294,7 +311,7 @@ impl LocalTarget {
                     Some(m) => match m.kind {
                         Kind::Other => Ok(Outcome::Special),
                         Kind::Dir => self.dir(rel, &m, f),
-                        Kind::Symlink => self.symlink(source, rel, f),
+                        Kind::Symlink => self.symlink(source, sd.as_fd(), rel, f),
                         Kind::File => self.file_in(sd.as_fd(), &mut tdir, rel, f),
                         _ => self.special(sd.as_fd(), rel, &m, f),
                     },
@@ -650,12 +667,10 @@ impl LocalTarget {
         rel: &[u8],
         m: &Meta,
     ) -> Result<(), ApplyError> {
-        let x = match self.keep.namespaces() {
-            0 => None,
-            ns => Some(
-                fidelity::read_at(source, rel, ns).map_err(|e| ApplyError::source_read(rel, e))?,
-            ),
-        };
+        let x = self
+            .keep
+            .read_at(source, rel)
+            .map_err(|e| ApplyError::source_read(rel, e))?;
         self.set_dir_attrs(rel, m, x.as_ref()).map(drop)
     }
 
@@ -749,7 +764,14 @@ impl LocalTarget {
         })
     }
 
-    fn symlink(&self, source: &Root, rel: &[u8], f: u8) -> Result<Outcome, ApplyError> {
+    /// Mirrors symlink `rel` (in source directory `sd`).
+    fn symlink(
+        &self,
+        source: &Root,
+        sd: BorrowedFd<'_>,
+        rel: &[u8],
+        f: u8,
+    ) -> Result<Outcome, ApplyError> {
         let text = match source.read_link(rel) {
             Ok(t) => t,
             // EINVAL: no longer a symlink.
@@ -765,22 +787,14 @@ impl LocalTarget {
             return Ok(Outcome::Vanished);
         };
         let dir = self.parent_dir(rel)?;
-        let (sparent, name) = paths::split(rel);
-        let sd = source
-            .open_dir(sparent, false)
-            .map_err(|e| ApplyError::source_read(rel, e))?;
-        let x = self.source_xattrs(Handle::At(sd.as_fd(), name), rel)?;
-        if f & (flags::CONTENT | flags::ABSENT) == 0 {
-            if let Ok(Some(t)) = fsops::lstat_at(dir.as_fd(), name) {
-                if m.mirrors(&t, self.owner)
-                    && fsops::read_link_at(dir.as_fd(), name).ok().as_deref()
-                        == Some(text.as_slice())
-                {
-                    self.put_xattrs(Handle::At(dir.as_fd(), name), x.as_ref(), rel)
-                        .map_err(|e| ApplyError::target_write(rel, e))?;
-                    return Ok(Outcome::Unchanged { meta: m });
-                }
-            }
+        let name = paths::split(rel).1;
+        let x = self.source_xattrs(Handle::At(sd, name), rel)?;
+        let same_text =
+            || fsops::read_link_at(dir.as_fd(), name).ok().as_deref() == Some(text.as_slice());
+        if f & (flags::CONTENT | flags::ABSENT) == 0
+            && self.unchanged(dir.as_fd(), name, &m, x.as_ref(), rel, same_text)?
+        {
+            return Ok(Outcome::Unchanged { meta: m });
         }
         self.put_symlink(rel, &text, &m, x.as_ref())?;
         Ok(Outcome::Copied {
@@ -803,15 +817,17 @@ impl LocalTarget {
         }
         let name = paths::split(rel).1;
         let x = self.source_xattrs(Handle::At(sd, name), rel)?;
-        if f & (flags::CONTENT | flags::ABSENT) == 0 {
-            let dir = self.parent_dir(rel)?;
-            if let Ok(Some(t)) = fsops::lstat_at(dir.as_fd(), name) {
-                if m.mirrors(&t, self.owner) {
-                    self.put_xattrs(Handle::At(dir.as_fd(), name), x.as_ref(), rel)
-                        .map_err(|e| ApplyError::target_write(rel, e))?;
-                    return Ok(Outcome::Unchanged { meta: *m });
-                }
-            }
+        if f & (flags::CONTENT | flags::ABSENT) == 0
+            && self.unchanged(
+                self.parent_dir(rel)?.as_fd(),
+                name,
+                m,
+                x.as_ref(),
+                rel,
+                || true,
+            )?
+        {
+            return Ok(Outcome::Unchanged { meta: *m });
         }
         if self.put_special(rel, m, x.as_ref())?.contains(&"device") {
             return Ok(Outcome::Special);
@@ -918,14 +934,10 @@ impl LocalTarget {
                 return Ok(Outcome::Vanished);
             }
             let x = self.source_xattrs(Handle::Fd(src.as_fd()), rel)?;
-            if f & (flags::CONTENT | flags::ABSENT) == 0 || attempt > 1 {
-                if let Ok(Some(t)) = fsops::lstat_at(td, name) {
-                    if before.mirrors(&t, self.owner) {
-                        self.put_xattrs(Handle::At(td, name), x.as_ref(), rel)
-                            .map_err(|e| ApplyError::target_write(rel, e))?;
-                        return Ok(Outcome::Unchanged { meta: before });
-                    }
-                }
+            if (f & (flags::CONTENT | flags::ABSENT) == 0 || attempt > 1)
+                && self.unchanged(td, name, &before, x.as_ref(), rel, || true)?
+            {
+                return Ok(Outcome::Unchanged { meta: before });
             }
             let sparse =
                 self.keep.sparse && fidelity::looks_sparse(before.size, st.st_blocks as u64);

@@ -381,12 +381,9 @@ impl RemoteTarget {
 
     /// The source attributes of `h` this target keeps.
     fn source_xattrs(&self, h: Handle<'_>, rel: &[u8]) -> Result<Option<Xattrs>, ApplyError> {
-        match self.keep.namespaces() {
-            0 => Ok(None),
-            ns => fidelity::read(h, ns)
-                .map(Some)
-                .map_err(|e| ApplyError::source_read(rel, e)),
-        }
+        self.keep
+            .read(h)
+            .map_err(|e| ApplyError::source_read(rel, e))
     }
 
     /// Notes what the receiver refused for `rel`.
@@ -975,15 +972,11 @@ impl RemoteTarget {
         source: &Root,
         items: &[(Vec<u8>, Meta)],
     ) -> Vec<Result<(), ApplyError>> {
-        let ns = self.keep.namespaces();
         let mut ops = Vec::with_capacity(items.len());
         for (rel, meta) in items {
-            let xattrs = match ns {
-                0 => None,
-                // Gone or unreadable: its own event or retry follows; the
-                // rest of its attributes are still set.
-                ns => fidelity::read_at(source, rel, ns).ok(),
-            };
+            // Gone or unreadable: its own event or retry follows; the rest
+            // of its attributes are still set.
+            let xattrs = self.keep.read_at(source, rel).ok().flatten();
             ops.push(Op::SetAttrs {
                 rel: rel.clone(),
                 meta: *meta,
@@ -1172,7 +1165,7 @@ impl RemoteTarget {
                         }
                         Kind::Symlink => match source
                             .read_link(rel)
-                            .and_then(|t| Ok((t, fidelity_of(self, source, rel)?)))
+                            .and_then(|t| Ok((t, self.keep.read_at(source, rel)?)))
                         {
                             Ok((text, xattrs)) => {
                                 let bytes = text.len() as u64;
@@ -1657,14 +1650,6 @@ impl BatchSender<'_> {
 /// Whether the receiver answered that it may not make a device.
 fn refused_device(done: &Done) -> bool {
     matches!(done, Done::Partial { refused } if refused.iter().any(|k| k == "device"))
-}
-
-/// The attributes of source entry `rel` that `t` keeps, read by name.
-fn fidelity_of(t: &RemoteTarget, source: &Root, rel: &[u8]) -> io::Result<Option<Xattrs>> {
-    match t.keep.namespaces() {
-        0 => Ok(None),
-        ns => fidelity::read_at(source, rel, ns).map(Some),
-    }
 }
 
 /// Whether `bytes` read from `src` are its whole content as of `before`:
