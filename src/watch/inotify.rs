@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use inotify::{EventMask, Inotify, WatchMask};
 
+use super::fresh::{Checked, FreshWatches};
 use super::unwatched::{self, Unwatched};
 use super::{CompleteWatch, Event, WatchError, Watcher};
 use crate::filter::Filter;
@@ -55,6 +56,10 @@ const DEEPEN_CHUNK: usize = 1024;
 /// Reads after which restored watches whose paths keep failing to name
 /// them are given up on, for a walk of the whole tree (see `retry_stale`).
 const STALE_READS: u32 = 8;
+
+/// How soon fresh watches whose paths were wrong are checked again when
+/// no event comes (see [`super::fresh`]).
+const FRESH_RECHECK: Duration = Duration::from_millis(20);
 
 /// The start of the name of each group's marker file (see
 /// [`InotifyWatcher::mark_group`]).
@@ -151,6 +156,11 @@ pub struct InotifyWatcher {
     /// [`InotifyWatcher::on_mounts`]).
     table: Option<crate::mounts::MountTable>,
     mounts_pending: Option<crate::mounts::MountChanges>,
+    /// Watches added while events that may predate them are queued, until
+    /// their paths are confirmed (see [`super::fresh`]); tracked from the
+    /// end of `start` or `adopt` on (a new group has no events queued).
+    fresh: FreshWatches,
+    track_fresh: bool,
 }
 
 /// `inotify_add_watch` of directory `rel` of `root`, however deep (see
@@ -235,6 +245,8 @@ impl InotifyWatcher {
             unwatched: Unwatched::default(),
             missed: std::collections::VecDeque::new(),
             renames: std::collections::VecDeque::new(),
+            fresh: FreshWatches::default(),
+            track_fresh: false,
         }
     }
 
@@ -309,6 +321,7 @@ impl InotifyWatcher {
             return Err(refuse("the journal's watch tree lacks the source".into()));
         }
         w.collect_recent = true;
+        w.track_fresh = true;
         w.adopted = true;
         Ok(w)
     }
@@ -357,6 +370,7 @@ impl InotifyWatcher {
             w.name_group()?;
         }
         w.collect_recent = true;
+        w.track_fresh = true;
         Ok(w)
     }
 
@@ -588,6 +602,7 @@ impl InotifyWatcher {
     fn rewatch_all(&mut self) -> Result<(), WatchError> {
         self.rewatched = true;
         self.moved_from.clear();
+        self.fresh.clear();
         if let Err(e) = self.add_tree(b"") {
             tracing::warn!("{e}");
         }
@@ -822,6 +837,9 @@ impl InotifyWatcher {
 
     fn record_watch(&mut self, rel: Vec<u8>, wd: Wd) {
         self.leaving.remove(&wd);
+        if self.track_fresh {
+            self.fresh.note(wd);
+        }
         if let Some(old) = self.by_wd.insert(wd, rel.clone()) {
             // Only if the old path still names this watch: after an
             // exchange it may name the other directory's, re-added first.
@@ -860,25 +878,79 @@ impl InotifyWatcher {
         Ok(())
     }
 
+    /// Moves the watches below `from` to `to`, but fresh ones still where
+    /// their paths say (see [`super::fresh`]).
     fn rekey_tree(&mut self, from: &[u8], to: &[u8]) -> Result<(), WatchError> {
         let keys = self.subtree_keys(from);
-        let mut moved = Vec::with_capacity(keys.len());
+        let (mut moved, mut stay) = (Vec::with_capacity(keys.len()), Vec::new());
         for p in keys {
-            if let Some(wd) = self.by_path.remove(&p) {
-                let np = paths::rebase(&p, from, to);
-                self.by_wd.insert(wd, np.clone());
-                moved.push((np, wd));
+            let Some(&wd) = self.by_path.get(&p) else {
+                continue;
+            };
+            if self.stays(wd, &p) {
+                stay.push((p, wd));
+                continue;
             }
-        }
-        let new: Vec<(Vec<u8>, Vec<u8>)> = moved
-            .iter()
-            .map(|(p, wd)| (p.clone(), wd.to_le_bytes().to_vec()))
-            .collect();
-        for (p, wd) in moved {
-            self.by_path.insert(p, wd);
+            self.by_path.remove(&p);
+            let np = paths::rebase(&p, from, to);
+            self.by_wd.insert(wd, np.clone());
+            moved.push((np, wd));
         }
         self.journal.dirs_remove_tree(from)?;
-        self.journal.dirs_put(&new)?;
+        // Those staying last: their paths are the directories' now.
+        moved.extend(stay);
+        self.put_watches(moved)
+    }
+
+    /// Whether watch `wd`, filed at `rel`, is fresh and still there: a
+    /// rename read now must not move it (see [`super::fresh`]).
+    fn stays(&self, wd: Wd, rel: &[u8]) -> bool {
+        self.fresh.stays(wd, rel, |wd, rel| self.names(wd, rel))
+    }
+
+    /// Whether directory `rel` is the one watch `wd` watches: re-added by
+    /// path with `IN_MASK_ADD`, a watch comes back with the descriptor of
+    /// the directory there (one this group did not watch is removed again).
+    fn names(&self, wd: Wd, rel: &[u8]) -> Option<bool> {
+        let add = add_at(
+            &mut self.ino.watches(),
+            &self.root,
+            rel,
+            mask() | WatchMask::MASK_ADD,
+        );
+        match add {
+            Ok(got) => {
+                let got = got.get_watch_descriptor_id();
+                if got != wd && !self.by_wd.contains_key(&got) {
+                    let _ = rustix::fs::inotify::remove_watch(&self.ino, got);
+                }
+                Some(got == wd)
+            }
+            Err(e) if crate::fsops::is_missing(&e) => Some(false),
+            Err(_) => None,
+        }
+    }
+
+    /// Checks the fresh watches whose every earlier event has been read
+    /// (see [`super::fresh`]); paths that stay wrong mean the table is:
+    /// the tree is watched again and rescanned.
+    fn check_fresh(&mut self, out: &mut Vec<Event>) -> Result<(), WatchError> {
+        if self.fresh.is_empty() {
+            return Ok(());
+        }
+        let mut fresh = std::mem::take(&mut self.fresh);
+        let checked = fresh.check(
+            |wd| self.by_wd.get(&wd).cloned(),
+            |wd, rel| self.names(wd, rel),
+        );
+        self.fresh = fresh;
+        if let Checked::Lost(n) = checked {
+            tracing::warn!(
+                "{n} inotify watches were added while renames of their directories were queued and their paths could not be told: watching the whole tree again, and rescanning"
+            );
+            self.rewatch_all()?;
+            out.push(Event::Overflow);
+        }
         Ok(())
     }
 
@@ -915,12 +987,20 @@ impl InotifyWatcher {
             self.drop_held();
         }
         if self.by_path.contains_key(to) {
-            let watches: Vec<(Vec<u8>, Wd)> = self
-                .subtree_keys(to)
-                .into_iter()
-                .filter_map(|p| self.by_path.remove(&p).map(|wd| (p, wd)))
-                .collect();
+            let (mut watches, mut stay) = (Vec::new(), Vec::new());
+            for p in self.subtree_keys(to) {
+                let Some(&wd) = self.by_path.get(&p) else {
+                    continue;
+                };
+                if self.stays(wd, &p) {
+                    stay.push((p, wd));
+                } else {
+                    self.by_path.remove(&p);
+                    watches.push((p, wd));
+                }
+            }
             self.journal.dirs_remove_tree(to)?;
+            self.put_watches(stay)?;
             self.held = Some(Held {
                 from: from.to_vec(),
                 to: to.to_vec(),
@@ -1064,6 +1144,11 @@ impl InotifyWatcher {
     }
 
     fn handle(&mut self, r: Raw, out: &mut Vec<Event>) -> Result<(), WatchError> {
+        // A mark: not an event of the source (and not between the halves
+        // of an exchange either, whatever the queue says).
+        if r.mask.contains(EventMask::IGNORED) && self.fresh.mark_read(r.wd) {
+            return Ok(());
+        }
         // The halves of an exchange come back to back (a MOVE_SELF of the
         // first directory between them): anything else means the held
         // watches were of a directory the rename replaced.
@@ -1236,6 +1321,11 @@ impl Watcher for InotifyWatcher {
         if self.feed_rx.as_ref().is_some_and(|rx| !rx.is_empty()) {
             return Ok(true);
         }
+        // Fresh watches to check again, even if no event comes.
+        if self.fresh.due() {
+            self.wait_fd(timeout.min(FRESH_RECHECK))?;
+            return Ok(true);
+        }
         // Wake for the next look at directories past the watch limit.
         let timeout = match self.unwatched.due_in() {
             Some(d) if d.is_zero() => return Ok(true),
@@ -1337,6 +1427,8 @@ impl Watcher for InotifyWatcher {
         }
         self.leaving.clear();
         self.retry_stale(out)?;
+        self.check_fresh(out)?;
+        self.fresh.send_mark(&self.ino, self.journal.dir());
         self.recent.clear();
         self.rewatched = false;
         Ok(())
@@ -1346,6 +1438,52 @@ impl Watcher for InotifyWatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+
+    /// A source with directories `dirs`, its filter and a journal.
+    struct Fixture {
+        _d: tempfile::TempDir,
+        src: std::path::PathBuf,
+        filter: Arc<Filter>,
+        journal: Arc<Journal>,
+    }
+
+    fn fixture(dirs: &[&str]) -> Fixture {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        for dir in dirs {
+            std::fs::create_dir_all(src.join(dir)).unwrap();
+        }
+        let filter = Arc::new(Filter::new(&src, &[]).unwrap());
+        let journal = Arc::new(Journal::open(&d.path().join("journal")).unwrap());
+        Fixture {
+            _d: d,
+            src,
+            filter,
+            journal,
+        }
+    }
+
+    fn exchange(a: &Path, b: &Path) {
+        renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE).unwrap();
+    }
+
+    fn shown(seen: &[Vec<u8>]) -> Vec<String> {
+        seen.iter().map(|p| paths::display(p)).collect()
+    }
+
+    /// Makes directory `rel` of `src`, and asserts that its event names
+    /// it; returns the paths seen.
+    fn made_is_seen(w: &mut InotifyWatcher, src: &Path, rel: &str) -> Vec<Vec<u8>> {
+        std::fs::create_dir(src.join(rel)).unwrap();
+        let seen = event_paths(w);
+        assert!(
+            seen.iter().any(|p| p == rel.as_bytes()),
+            "{rel} unseen: {:?}",
+            shown(&seen)
+        );
+        seen
+    }
 
     fn event_paths(w: &mut InotifyWatcher) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
@@ -1414,12 +1552,65 @@ mod tests {
         let mut out = Vec::new();
         w.read(&mut out).unwrap();
         assert!(w.by_path.contains_key(b"top/q/m".as_slice()));
-        std::fs::create_dir(src.join("top/q/m/later")).unwrap();
-        let seen = event_paths(&mut w);
+        made_is_seen(&mut w, &src, "top/q/m/later");
+    }
+
+    /// Two new directories of the same name on either side of an exchange,
+    /// whose CREATEs are read after the exchange happened: each watch is
+    /// added at the path its directory has now, and the exchange read next
+    /// must not swap them (it did: changes in each were filed under the
+    /// other's path).
+    #[test]
+    fn watches_added_after_an_exchange_they_predate_keep_their_paths() {
+        let f = fixture(&["top/a", "top/b"]);
+        let src = &f.src;
+        let mut w = InotifyWatcher::start(src, f.filter.clone(), f.journal.clone(), None).unwrap();
+        std::fs::create_dir(src.join("top/a/x")).unwrap();
+        std::fs::create_dir(src.join("top/b/x")).unwrap();
+        std::fs::create_dir(src.join("top/b/x/old")).unwrap();
+        exchange(&src.join("top/a"), &src.join("top/b"));
+        event_paths(&mut w);
+        // `top/a/x` is the `x` made in `b`, with `old` in it.
+        assert!(src.join("top/a/x/old").is_dir());
+        let seen = made_is_seen(&mut w, src, "top/a/x/later");
         assert!(
-            seen.iter().any(|p| p == b"top/q/m/later"),
+            !seen.iter().any(|p| p == b"top/b/x/later"),
             "{:?}",
-            seen.iter().map(|p| paths::display(p)).collect::<Vec<_>>()
+            shown(&seen)
         );
+        // Confirmed by the checks once the mark is read: nothing rescanned.
+        while !w.fresh.is_empty() {
+            let mut out = Vec::new();
+            w.wait(Duration::from_secs(5)).unwrap();
+            w.read(&mut out).unwrap();
+            assert!(!out.iter().any(|e| matches!(e, Event::Overflow)));
+        }
+    }
+
+    /// A directory made while the daemon was down, listed by the startup
+    /// scan after its parent was exchanged with another, and reported to
+    /// capture before the exchange's events were read: watched where it is
+    /// (it was filed under the other side of the exchange: the churn test
+    /// found a directory created in it missing on the target).
+    #[test]
+    fn a_directory_the_scan_listed_after_an_exchange_of_its_parent_keeps_its_path() {
+        let f = fixture(&["top/p", "top/q"]);
+        let src = &f.src;
+        drop(InotifyWatcher::start(src, f.filter.clone(), f.journal.clone(), None).unwrap());
+        // Made while stopped: not in the watch tree.
+        std::fs::create_dir(src.join("top/p/m")).unwrap();
+        let mut w = InotifyWatcher::start(src, f.filter.clone(), f.journal.clone(), None).unwrap();
+        let feed = w.dir_feed().expect("a restored watch tree has a feed");
+        exchange(&src.join("top/p"), &src.join("top/q"));
+        // The scan listed `top/q` after the exchange.
+        feed.send(vec![b"top/q/m".to_vec()]).unwrap();
+        event_paths(&mut w);
+        assert_eq!(
+            w.by_path
+                .get(b"top/q/m".as_slice())
+                .and_then(|wd| w.by_wd.get(wd)),
+            Some(&b"top/q/m".to_vec())
+        );
+        made_is_seen(&mut w, src, "top/q/m/later");
     }
 }

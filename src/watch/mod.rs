@@ -8,6 +8,7 @@
 
 pub mod fanotify;
 pub mod fid;
+mod fresh;
 pub mod inotify;
 pub mod self_ignore;
 pub mod unwatched;
