@@ -39,7 +39,7 @@ pub enum Command {
     /// Mirror a source to one or more targets, in the foreground.
     Run {
         /// TOML configuration file (see README "Configuration").
-        #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "delay", "metrics", "watch", "scrub_interval", "log_format", "no_xattrs", "no_acls", "no_sparse", "no_special_files"])]
+        #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "delay", "metrics", "watch", "scrub_interval", "log_format", "no_xattrs", "no_acls", "no_sparse", "no_special_files", "no_hard_links"])]
         config: Option<PathBuf>,
         /// Directory to mirror.
         #[arg(long)]
@@ -185,7 +185,8 @@ pub fn man_pages(cmd: &clap::Command) -> std::io::Result<Vec<(String, Vec<u8>)>>
 }
 
 /// What a copy leaves out (everything is kept by default; the config's
-/// `xattrs`, `acls`, `sparse` and `special_files` keys say the same).
+/// `xattrs`, `acls`, `sparse`, `special_files` and `hard_links` keys say
+/// the same).
 #[derive(Args, Debug, Clone, Copy, Default)]
 pub struct FidelityArgs {
     /// Do not mirror extended attributes (user.*; trusted.* and security.*
@@ -201,6 +202,10 @@ pub struct FidelityArgs {
     /// Leave out FIFOs, sockets' entries and devices.
     #[arg(long)]
     pub no_special_files: bool,
+    /// Copy each name of a hard-linked file on its own (the target then
+    /// holds one file per name).
+    #[arg(long)]
+    pub no_hard_links: bool,
 }
 
 impl FidelityArgs {
@@ -211,6 +216,7 @@ impl FidelityArgs {
             acls: off(self.no_acls),
             sparse: off(self.no_sparse),
             special_files: off(self.no_special_files),
+            hard_links: off(self.no_hard_links),
         }
     }
 }

@@ -239,9 +239,12 @@ struct RawConfig {
     sparse: Option<bool>,
     #[serde(default)]
     special_files: Option<bool>,
+    #[serde(default)]
+    hard_links: Option<bool>,
 }
 
-/// The fidelity keys (`xattrs`, `acls`, `sparse`, `special_files`): each
+/// The fidelity keys (`xattrs`, `acls`, `sparse`, `special_files`,
+/// `hard_links`): each
 /// on unless set to false. A DR copy keeps everything by default.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FidelityKeys {
@@ -249,6 +252,7 @@ pub struct FidelityKeys {
     pub acls: Option<bool>,
     pub sparse: Option<bool>,
     pub special_files: Option<bool>,
+    pub hard_links: Option<bool>,
 }
 
 impl FidelityKeys {
@@ -259,6 +263,7 @@ impl FidelityKeys {
             acls: self.acls.unwrap_or(true),
             sparse: self.sparse.unwrap_or(true),
             specials: self.special_files.unwrap_or(true),
+            hard_links: self.hard_links.unwrap_or(true),
             ..crate::fidelity::Keep::all()
         }
     }
@@ -472,6 +477,7 @@ impl Config {
             acls: q.fidelity.acls,
             sparse: q.fidelity.sparse,
             special_files: q.fidelity.special_files,
+            hard_links: q.fidelity.hard_links,
         })
     }
 }
@@ -766,6 +772,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             acls: raw.acls,
             sparse: raw.sparse,
             special_files: raw.special_files,
+            hard_links: raw.hard_links,
         }
         .keep(),
     })

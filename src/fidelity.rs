@@ -41,13 +41,17 @@ pub mod ns {
 }
 
 /// What a target keeps beyond content, owner, mode and mtime (the config's
-/// `xattrs`, `acls`, `sparse` and `special_files`, all on by default).
+/// `xattrs`, `acls`, `sparse`, `special_files` and `hard_links`, all on
+/// by default).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Keep {
     pub xattrs: bool,
     pub acls: bool,
     pub sparse: bool,
     pub specials: bool,
+    /// Names of one source inode share one inode on the target (see
+    /// [`crate::links`]).
+    pub hard_links: bool,
     /// The writing side is root: `trusted.*` and `security.*` are read and
     /// written, devices made.
     pub privileged: bool,
@@ -61,6 +65,7 @@ impl Keep {
             acls: true,
             sparse: true,
             specials: true,
+            hard_links: true,
             privileged: rustix::process::geteuid().is_root(),
         }
     }
@@ -443,6 +448,7 @@ mod tests {
             acls: true,
             sparse: true,
             specials: true,
+            hard_links: true,
             privileged: false,
         };
         assert_eq!(k.namespaces(), ns::USER | ns::ACL);

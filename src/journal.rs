@@ -2021,6 +2021,7 @@ mod tests {
             ino: 1,
             dev: 1,
             rdev: 0,
+            nlink: 0,
         }
     }
     use crate::meta::Kind;

@@ -19,10 +19,25 @@
 //! - What is queued converges: a queued name is applied, its index entry
 //!   then matches the source, and the next lookup queues nothing.
 //! - Only live changes ask: the startup scan compares every name itself.
+//!
+//! [`Mirrored`] is the other half: where the *target* holds a copy of each
+//! hard-linked source inode, so that a second name is linked to that copy
+//! instead of copied again (as `rsync -H` does), and the target's names of
+//! one inode share one inode too. Invariants:
+//! - A name there is a hint, never trusted alone: it is used only if the
+//!   target's file at that name has the source inode's size and mtime now
+//!   (the same test that says any copy is current); one that fails is
+//!   dropped.
+//! - The names of one inode are applied one at a time ([`Mirrored::claim`]):
+//!   two names of a new inode in one round would otherwise both be copied.
+//! - Names come from this run's copies and from compare walks that find a
+//!   name current (index or target); the map is bounded
+//!   ([`MIRRORED_MAX`] inodes), and a name not remembered is copied, which
+//!   is correct, only not linked.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use rustix::fs::{AtFlags, FileType};
 
@@ -39,6 +54,122 @@ struct Known {
     names: Vec<Vec<u8>>,
     /// The link count the last search was made at.
     searched_at: Option<u64>,
+}
+
+/// Inodes whose mirrored names [`Mirrored`] remembers at most (past it,
+/// those not being applied are forgotten).
+pub const MIRRORED_MAX: usize = 1_000_000;
+
+/// Names remembered per inode in [`Mirrored`], most recent first.
+const NAMES_PER_INODE: usize = 4;
+
+/// A source inode: (device, inode number).
+pub type InodeKey = (u64, u64);
+
+/// Where the target holds copies of hard-linked source inodes (see the
+/// module's doc).
+#[derive(Default)]
+pub struct Mirrored {
+    groups: Mutex<HashMap<InodeKey, Group>>,
+    applied: Condvar,
+}
+
+#[derive(Default)]
+struct Group {
+    names: Vec<Vec<u8>>,
+    busy: bool,
+}
+
+impl Group {
+    fn remember(&mut self, rel: &[u8]) {
+        self.names.retain(|n| n.as_slice() != rel);
+        self.names.insert(0, rel.to_vec());
+        self.names.truncate(NAMES_PER_INODE);
+    }
+}
+
+/// The apply of one name of a hard-linked inode (see [`Mirrored::claim`]).
+pub struct Claim<'a> {
+    of: &'a Mirrored,
+    key: InodeKey,
+    rel: Vec<u8>,
+    mirrored: bool,
+    stale: Vec<Vec<u8>>,
+}
+
+impl Mirrored {
+    /// Claims inode `key` for the apply of its name `rel`: waits while
+    /// another name of it is applied, then returns the other names the
+    /// target is thought to hold a copy at, newest first.
+    pub fn claim(&self, key: InodeKey, rel: &[u8]) -> (Vec<Vec<u8>>, Claim<'_>) {
+        let mut groups = crate::locks::lock(&self.groups);
+        while groups.get(&key).is_some_and(|g| g.busy) {
+            groups = self.applied.wait(groups).unwrap_or_else(|p| p.into_inner());
+        }
+        bound(&mut groups, key);
+        let g = groups.entry(key).or_default();
+        g.busy = true;
+        let names = g
+            .names
+            .iter()
+            .filter(|n| n.as_slice() != rel)
+            .cloned()
+            .collect();
+        let claim = Claim {
+            of: self,
+            key,
+            rel: rel.to_vec(),
+            mirrored: false,
+            stale: Vec::new(),
+        };
+        (names, claim)
+    }
+
+    /// Notes that the target holds a current copy of inode `key` at `rel`
+    /// (a compare walk found it so); returns the newest other name
+    /// remembered, if any.
+    pub fn note(&self, key: InodeKey, rel: &[u8]) -> Option<Vec<u8>> {
+        let mut groups = crate::locks::lock(&self.groups);
+        bound(&mut groups, key);
+        let g = groups.entry(key).or_default();
+        let other = g.names.iter().find(|n| n.as_slice() != rel).cloned();
+        g.remember(rel);
+        other
+    }
+}
+
+/// Keeps the map within [`MIRRORED_MAX`] before `key` is added.
+fn bound(groups: &mut HashMap<InodeKey, Group>, key: InodeKey) {
+    if groups.len() >= MIRRORED_MAX && !groups.contains_key(&key) {
+        groups.retain(|_, g| g.busy);
+    }
+}
+
+impl Claim<'_> {
+    /// The target now holds a current copy at the claimed name.
+    pub fn mirrored(&mut self) {
+        self.mirrored = true;
+    }
+
+    /// The target's file at `name` is not a current copy (any more).
+    pub fn stale(&mut self, name: &[u8]) {
+        self.stale.push(name.to_vec());
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut groups = crate::locks::lock(&self.of.groups);
+        if let Some(g) = groups.get_mut(&self.key) {
+            g.busy = false;
+            g.names.retain(|n| !self.stale.contains(n));
+            if self.mirrored {
+                g.remember(&self.rel);
+            }
+        }
+        drop(groups);
+        self.of.applied.notify_all();
+    }
 }
 
 /// Names of hard-linked source inodes, by (device, inode).

@@ -75,7 +75,11 @@ impl Kind {
 }
 
 /// Metadata of one filesystem entry, as read by `lstat`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+///
+/// Equality leaves out `nlink`: two `Meta` are equal when they describe the
+/// same entry in the same state, and the journal's index (which records what
+/// was copied) does not keep link counts (see [`Meta::nlink`]).
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Meta {
     pub kind: Kind,
     /// Permission bits including setuid/setgid/sticky (`mode & 0o7777`).
@@ -89,7 +93,42 @@ pub struct Meta {
     pub dev: u64,
     /// The device number of a device; 0 for everything else.
     pub rdev: u64,
+    /// The link count as read (0 where unknown: decoded from the index,
+    /// received over the wire, listed without a stat). Only to find hard
+    /// links (see [`crate::links`]): not encoded, sent or compared.
+    #[serde(skip)]
+    pub nlink: u64,
 }
+
+impl PartialEq for Meta {
+    fn eq(&self, o: &Meta) -> bool {
+        let Meta {
+            kind,
+            mode,
+            uid,
+            gid,
+            size,
+            mtime_ns,
+            ctime_ns,
+            ino,
+            dev,
+            rdev,
+            nlink: _,
+        } = *self;
+        kind == o.kind
+            && mode == o.mode
+            && uid == o.uid
+            && gid == o.gid
+            && size == o.size
+            && mtime_ns == o.mtime_ns
+            && ctime_ns == o.ctime_ns
+            && ino == o.ino
+            && dev == o.dev
+            && rdev == o.rdev
+    }
+}
+
+impl Eq for Meta {}
 
 impl Meta {
     /// An entry of which only the kind is known (see [`crate::scan::Child`]).
@@ -105,6 +144,7 @@ impl Meta {
             ino: 0,
             dev: 0,
             rdev: 0,
+            nlink: 0,
         }
     }
 
@@ -132,6 +172,9 @@ impl Meta {
             ino: st.st_ino,
             dev: st.st_dev,
             rdev: if kind.is_device() { st.st_rdev } else { 0 },
+            // u32 on some architectures.
+            #[allow(clippy::unnecessary_cast)]
+            nlink: st.st_nlink as u64,
         }
     }
 
@@ -197,6 +240,7 @@ impl Meta {
             } else {
                 0
             },
+            nlink: 0,
         })
     }
 }
@@ -218,6 +262,7 @@ mod tests {
             ino: 42,
             dev: 7,
             rdev: 0,
+            nlink: 1,
         };
         assert_eq!(m.encode().len(), Meta::ENCODED_LEN);
         assert_eq!(Meta::decode(&m.encode()), Some(m));
@@ -244,6 +289,7 @@ mod tests {
             ino: 1,
             dev: 1,
             rdev: 0,
+            nlink: 1,
         };
         let b = Meta {
             ino: 9,

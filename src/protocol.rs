@@ -611,6 +611,7 @@ mod tests {
             ino: 6,
             dev: 7,
             rdev: 0,
+            nlink: 0,
         }
     }
 
@@ -672,6 +673,7 @@ mod tests {
                     meta: Meta {
                         kind: Kind::CharDev,
                         rdev: 0x103,
+                        nlink: 0,
                         ..meta()
                     },
                     xattrs: None,

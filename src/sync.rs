@@ -404,6 +404,7 @@ impl Compare<'_> {
             }
         };
         let mut same_ix = 0u64;
+        let links = self.target.links_names();
         let mut covered_n = 0u64;
         let mut same_dirs: Vec<(Vec<u8>, Meta)> = Vec::new();
         let mut todo = Vec::new();
@@ -424,6 +425,15 @@ impl Compare<'_> {
                 } else {
                     covered_n += 1;
                 }
+                continue;
+            }
+            let linked = links && c.meta.kind == Kind::File && c.meta.nlink > 1;
+            // Vouched for, but held as a copy apart from another name of
+            // the same source file: to be linked (see `Target::note_mirrored`).
+            let relink =
+                linked && ix == Some(c.meta) && !self.target.note_mirrored(&c.rel, &c.meta);
+            if relink {
+                todo.push((c.rel.clone(), flag));
                 continue;
             }
             if ix == Some(c.meta) {
@@ -455,7 +465,10 @@ impl Compare<'_> {
             };
             // Alike in metadata, but not vouched for by the index: what
             // differs may be extended attributes or ACLs.
-            if equal && !self.same_xattrs(&c.rel, tdir, name) {
+            // A name of a hard-linked file the index does not vouch for:
+            // its apply links it to the copy of another name (see
+            // `crate::links::Mirrored`), or finds it linked already.
+            if equal && (linked || !self.same_xattrs(&c.rel, tdir, name)) {
                 todo.push((c.rel.clone(), flag));
             } else if equal {
                 if ix.is_some_and(|m| m.kind == Kind::Dir) && c.meta.kind != Kind::Dir {

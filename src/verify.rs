@@ -4,9 +4,12 @@
 //! file (BLAKE3) in parallel as well. Beyond type, size, mode, mtime and
 //! owner, what a faithful copy keeps is compared too (see
 //! [`crate::fidelity`]): extended attributes and ACLs (names and values),
-//! the allocation of sparse files, special files and device numbers. What
-//! the options leave out of the mirror is left out of the comparison.
+//! the allocation of sparse files, special files and device numbers, and
+//! hard links (two source names share an inode exactly when their two
+//! target names do). What the options leave out of the mirror is left out
+//! of the comparison.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -130,6 +133,33 @@ fn hash_file(root: &Root, rel: &[u8]) -> io::Result<Option<blake3::Hash>> {
     Ok(Some(h.finalize()))
 }
 
+/// A file with more than one link on either side: its source and target
+/// inodes, and its path.
+type Linked = ((u64, u64), (u64, u64), Vec<u8>);
+
+/// The paths of `linked` whose link structure differs: the names of one
+/// source inode that do not all share one target inode, and the names of
+/// one target inode that do not all share one source inode.
+fn link_differences(linked: &[Linked]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for side in [0, 1] {
+        let mut groups: HashMap<(u64, u64), Vec<&Linked>> = HashMap::new();
+        for l in linked {
+            groups
+                .entry(if side == 0 { l.0 } else { l.1 })
+                .or_default()
+                .push(l);
+        }
+        for g in groups.values() {
+            let other = |l: &Linked| if side == 0 { l.1 } else { l.0 };
+            if g.iter().any(|l| other(l) != other(g[0])) {
+                out.extend(g.iter().map(|l| l.2.clone()));
+            }
+        }
+    }
+    out
+}
+
 /// Compares `src` and `dst`.
 pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyError> {
     let open = |p: &Path| {
@@ -142,6 +172,7 @@ pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyEr
     let d = open(dst)?;
     let diffs = Mutex::new(Vec::new());
     let entries = AtomicU64::new(1);
+    let linked = Mutex::new(Vec::<Linked>::new());
     let errors = AtomicU64::new(0);
     let push = |path: &[u8], what: String| {
         diffs
@@ -221,6 +252,17 @@ pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyEr
                         push(&c.rel, "differs(sparse)".into());
                     }
                 }
+                if opts.keep.hard_links
+                    && c.meta.kind == Kind::File
+                    && t.kind == Kind::File
+                    && (c.meta.nlink > 1 || t.nlink > 1)
+                {
+                    crate::locks::lock(&linked).push((
+                        (c.meta.dev, c.meta.ino),
+                        (t.dev, t.ino),
+                        c.rel.clone(),
+                    ));
+                }
                 if c.meta.kind == Kind::Symlink {
                     let a = s.read_link(&c.rel).ok();
                     let b = tdir
@@ -276,6 +318,10 @@ pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyEr
             push(p, format!("unreadable-target({e})"));
         },
     );
+    let linked = linked.into_inner().unwrap_or_else(|p| p.into_inner());
+    for rel in link_differences(&linked) {
+        push(&rel, "differs(hardlink)".into());
+    }
     let mut differences = diffs.into_inner().unwrap_or_else(|p| p.into_inner());
     differences.sort();
     differences.dedup();

@@ -15,12 +15,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use rustix::fs::{Mode, OFlags};
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 use super::{ApplyError, Outcome};
 use crate::fidelity::{self, Handle, Keep, Refusals, Refused, Xattrs};
 use crate::fsops::{self, Root};
 use crate::journal::flags;
+use crate::links::{Claim, Mirrored};
 use crate::meta::{Kind, Meta};
 use crate::paths;
 use crate::watch::self_ignore::SelfIgnore;
@@ -47,6 +48,9 @@ pub struct LocalTarget {
     /// What is kept beyond content (see [`crate::fidelity`]).
     keep: Keep,
     refusals: Refusals,
+    /// Where this target holds copies of hard-linked source files (see
+    /// [`crate::links::Mirrored`]; boxed, as most targets hold no links).
+    mirrored: Box<Mirrored>,
 }
 
 /// Owner, group and mode of a file as `open(O_CREAT | O_EXCL)` made it.
@@ -124,6 +128,7 @@ impl LocalTarget {
             note_made: AtomicBool::new(false),
             keep: Keep::all(),
             refusals: Refusals::new(&path.display().to_string()),
+            mirrored: Box::default(),
         })
     }
 
@@ -133,6 +138,22 @@ impl LocalTarget {
         self.keep = keep;
         self.refusals = Refusals::new(name);
         self
+    }
+
+    /// Notes that this target holds a current copy of hard-linked source
+    /// file `rel` (`m`); false when another name remembered for it is a
+    /// separate current copy (see [`super::Target::note_mirrored`]).
+    pub fn note_mirrored(&self, rel: &[u8], m: &Meta) -> bool {
+        let Some(other) = self.mirrored.note((m.dev, m.ino), rel) else {
+            return true;
+        };
+        match (self.root.lstat(rel), self.root.lstat(&other)) {
+            (Ok(Some(a)), Ok(Some(b))) if b.size == m.size && b.mtime_ns == m.mtime_ns => {
+                a.ino == b.ino && a.dev == b.dev
+            }
+            // The other is not a current copy: nothing to link to.
+            _ => true,
+        }
     }
 
     pub fn keep(&self) -> Keep {
@@ -904,6 +925,66 @@ impl LocalTarget {
         }
     }
 
+    /// Links `rel` (in target directory `td`) to a current copy of the same
+    /// source inode at one of `names`, as the source's names share it (see
+    /// [`crate::links::Mirrored`]); gives it `m`'s attributes and `x`.
+    /// `None`: none of `names` holds a current copy (each noted stale).
+    fn link_to_copy(
+        &self,
+        td: BorrowedFd<'_>,
+        rel: &[u8],
+        m: &Meta,
+        x: Option<&Xattrs>,
+        names: &[Vec<u8>],
+        claim: &mut Claim<'_>,
+    ) -> Result<Option<Outcome>, ApplyError> {
+        let name = paths::split(rel).1;
+        for other in names {
+            let copy = match self.root.lstat(other) {
+                Ok(Some(t))
+                    if t.kind == Kind::File && t.size == m.size && t.mtime_ns == m.mtime_ns =>
+                {
+                    t
+                }
+                _ => {
+                    claim.stale(other);
+                    continue;
+                }
+            };
+            let linked = |t: &Meta| t.ino == copy.ino && t.dev == copy.dev;
+            let outcome = if fsops::lstat_at(td, name)
+                .ok()
+                .flatten()
+                .is_some_and(|t| linked(&t))
+            {
+                Outcome::Unchanged { meta: *m }
+            } else {
+                let (op, oname) = paths::split(other);
+                let Ok(odir) = self.root.open_dir(op, false) else {
+                    claim.stale(other);
+                    continue;
+                };
+                let tmp = self.temp_name();
+                self.writing_in(td);
+                match rustix::fs::linkat(odir.as_fd(), oname, td, &*tmp, AtFlags::empty()) {
+                    Ok(()) => {}
+                    // Gone or replaced meanwhile: try the next, or copy.
+                    Err(rustix::io::Errno::NOENT) => {
+                        claim.stale(other);
+                        continue;
+                    }
+                    Err(e) => return Err(ApplyError::target_write(rel, e.into())),
+                }
+                self.install(td, &tmp, name, rel)?;
+                Outcome::Copied { meta: *m, bytes: 0 }
+            };
+            self.attrs_at(td, name, m, x, rel)
+                .map_err(|e| ApplyError::target_write(rel, e))?;
+            return Ok(Some(outcome));
+        }
+        Ok(None)
+    }
+
     /// Copies regular file `rel` from source directory `sd` into target
     /// directory `td` (its parents on either side) through a temporary name.
     fn file_at(
@@ -919,6 +1000,7 @@ impl LocalTarget {
                 let _ = rustix::fs::unlinkat(td, &**t, rustix::fs::AtFlags::empty());
             }
         };
+        let mut claim: Option<(Vec<Vec<u8>>, Claim<'_>)> = None;
         for attempt in 1..=COPY_TRIES {
             let src = match fsops::open_source_at(sd, name) {
                 Ok(fd) => fd,
@@ -934,9 +1016,21 @@ impl LocalTarget {
                 return Ok(Outcome::Vanished);
             }
             let x = self.source_xattrs(Handle::Fd(src.as_fd()), rel)?;
+            if self.keep.hard_links && before.nlink > 1 && claim.is_none() {
+                claim = Some(self.mirrored.claim((before.dev, before.ino), rel));
+            }
+            if let Some((names, c)) = claim.as_mut() {
+                if let Some(out) = self.link_to_copy(td, rel, &before, x.as_ref(), names, c)? {
+                    c.mirrored();
+                    return Ok(out);
+                }
+            }
             if (f & (flags::CONTENT | flags::ABSENT) == 0 || attempt > 1)
                 && self.unchanged(td, name, &before, x.as_ref(), rel, || true)?
             {
+                if let Some((_, c)) = claim.as_mut() {
+                    c.mirrored();
+                }
                 return Ok(Outcome::Unchanged { meta: before });
             }
             let sparse =
@@ -989,6 +1083,9 @@ impl LocalTarget {
                     self.install(td, &t, name, rel)?;
                 }
                 None => self.link_tmpfile(&out, td, name, rel)?,
+            }
+            if let Some((_, c)) = claim.as_mut() {
+                c.mirrored();
             }
             return Ok(Outcome::Copied {
                 meta: before,

@@ -164,6 +164,26 @@ impl Target {
         }
     }
 
+    /// Whether names of one source inode share one inode here (see
+    /// [`crate::links::Mirrored`]; a remote target copies each name).
+    pub fn links_names(&self) -> bool {
+        match self {
+            Target::Local(t) => t.keep().hard_links,
+            Target::Remote(_) => false,
+        }
+    }
+
+    /// Notes that this target holds a current copy of hard-linked source
+    /// file `rel` (`m`), for its other names to link to. False when it
+    /// holds another name of that file as a separate copy: the two are to
+    /// be linked (a copy made without links, or by an interrupted run).
+    pub fn note_mirrored(&self, rel: &[u8], m: &Meta) -> bool {
+        match self {
+            Target::Local(t) => t.note_mirrored(rel, m),
+            Target::Remote(_) => true,
+        }
+    }
+
     /// The kinds of attributes or entries this target refused so far.
     pub fn refused(&self) -> Vec<&'static str> {
         match self {

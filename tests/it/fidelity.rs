@@ -6,8 +6,10 @@
 //! a kill -9. `verify` sees each kind of divergence; a target that refuses
 //! some of them is warned once, counted, and mirrors the rest.
 //!
-//! Hard links are not kept yet (see the README's "Guarantees and limits"):
-//! no tree here holds one.
+//! Hard links are kept on local targets (the tree there holds link groups
+//! in one directory and across directories, and they change live and while
+//! the daemon is down); a remote target copies each name (see the README's
+//! "Guarantees and limits"), so its trees hold none.
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -35,8 +37,9 @@ fn sh(dir: &Path, script: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// A tree with one of everything `rsync -aHAXS` keeps but hard links.
-fn populate(src: &Path) {
+/// A tree with one of everything `rsync -aHAXS` keeps; hard links with
+/// `links`.
+fn populate(src: &Path, links: bool) {
     write(&src.join("a"), b"hello");
     write(&src.join("acl_file"), b"acl");
     mkdirp(&src.join("acl_dir"));
@@ -67,6 +70,18 @@ fn populate(src: &Path) {
         );
     }
     sh(src, &script);
+    if links {
+        // A pair in one directory (one name with attributes) and a group
+        // of three across directories.
+        sh(
+            src,
+            "ln a a2
+             echo group > sub/h1
+             ln sub/h1 sub/deeper/h2
+             ln sub/h1 h3
+             ",
+        );
+    }
     drop(UnixListener::bind(src.join("sock")).expect("bind a unix socket"));
     age(src);
 }
@@ -99,8 +114,10 @@ fn dump(dir: &Path) -> String {
                | sed \"s|^|$p acl |\"; } || true
          done
          find . -printf '%p %y %m %U %G %T@\\n' | sort
-         find . -type f -printf '%p size=%s blocks=%b\\n' | sort
-         find . \\( -type c -o -type b \\) -exec stat -c '%n %t %T' {} + | sort",
+         find . -type f -printf '%p size=%s blocks=%b links=%n\\n' | sort
+         find . \\( -type c -o -type b \\) -exec stat -c '%n %t %T' {} + | sort
+         find . -type f -links +1 -printf '%i %p\\n' | sort \\
+           | awk '{ g[$1] = g[$1] \" \" $2 } END { for (i in g) print \"linked\" g[i] }' | sort",
     )
 }
 
@@ -146,8 +163,21 @@ fn diff_lines(want: &str, got: &str) -> Vec<String> {
         .collect()
 }
 
-/// Metadata-only changes, and a file that grows a hole (acceptance 2).
-fn change_live(src: &Path) {
+/// Metadata-only changes, and a file that grows a hole (acceptance 2);
+/// with `links`, a new link to a linked file, one to a file that had one
+/// name, a member removed, one renamed and a write through one name.
+fn change_live(src: &Path, links: bool) {
+    if links {
+        sh(
+            src,
+            "ln sub/h1 sub/h4
+             ln sub/deeper/f f_too
+             rm h3
+             mv sub/deeper/h2 h2_moved
+             echo more >> sub/h1
+             ",
+        );
+    }
     sh(
         src,
         "setfattr -n user.color -v red a
@@ -164,8 +194,12 @@ fn change_live(src: &Path) {
     age(src);
 }
 
-/// Changes made while the daemon is down.
-fn change_offline(src: &Path) {
+/// Changes made while the daemon is down; with `links`, a pair broken and
+/// a new one made.
+fn change_offline(src: &Path, links: bool) {
+    if links {
+        sh(src, "rm a2; ln acl_dir/inherits inherits_too");
+    }
     sh(
         src,
         "setfattr -n user.color -v green a
@@ -181,8 +215,8 @@ fn change_offline(src: &Path) {
 
 /// Initial sync, live changes, a kill -9 and changes while down, each
 /// ending equal to rsync's copy, through a daemon `start` starts.
-fn faithful_through(env: &Env, start: &dyn Fn() -> Daemon) {
-    populate(&env.src);
+fn faithful_through(env: &Env, links: bool, start: &dyn Fn() -> Daemon) {
+    populate(&env.src, links);
     // The dump sees what it compares (a test of the test).
     let seen = dump(&env.src);
     for want in [
@@ -199,12 +233,12 @@ fn faithful_through(env: &Env, start: &dyn Fn() -> Daemon) {
     env.converge(&["--checksum"], &d);
     assert_like_rsync(env, "after the initial sync");
 
-    change_live(&env.src);
+    change_live(&env.src, links);
     env.converge(&["--checksum"], &d);
     assert_like_rsync(env, "after live changes of metadata");
 
     d.kill9();
-    change_offline(&env.src);
+    change_offline(&env.src, links);
     let d = start();
     env.converge(&["--checksum"], &d);
     assert_like_rsync(env, "after a kill -9 and changes while down");
@@ -217,7 +251,16 @@ fn faithful_through(env: &Env, start: &dyn Fn() -> Daemon) {
 #[test]
 fn a_local_target_is_what_rsync_ahaxs_makes() {
     let env = Env::new();
-    faithful_through(&env, &|| env.start(&["--metrics", "off"]));
+    faithful_through(&env, true, &|| env.start(&["--metrics", "off"]));
+    // The dump sees link groups (a test of the test).
+    let seen = dump(&env.dst);
+    for want in [
+        "linked ./h2_moved ./sub/h1 ./sub/h4",
+        "linked ./f_too ./sub/deeper/f",
+        "linked ./acl_dir/inherits ./inherits_too",
+    ] {
+        assert!(seen.contains(want), "no `{want}` in the dump:\n{seen}");
+    }
 }
 
 #[test]
@@ -226,7 +269,7 @@ fn a_tcp_target_is_what_rsync_ahaxs_makes() {
     let tcp = Tcp::new(&env);
     let _r = tcp.receiver(&env, &[]);
     let toml = config(&env, &tcp.target_toml(&env), "metrics_listen = \"off\"");
-    faithful_through(&env, &|| start_config(&env, &toml));
+    faithful_through(&env, false, &|| start_config(&env, &toml));
 }
 
 #[test]
@@ -240,7 +283,7 @@ fn an_ssh_target_is_what_rsync_ahaxs_makes() {
         &sshd.target_toml("dr", &env.dst, ""),
         "metrics_listen = \"off\"",
     );
-    faithful_through(&env, &|| start_config(&env, &toml));
+    faithful_through(&env, false, &|| start_config(&env, &toml));
 }
 
 /// A daemon mirroring to `tcp`'s receiver, with its metrics port, once its
@@ -301,7 +344,7 @@ fn a_sparse_file_crosses_the_wire_as_its_data() {
 #[test]
 fn verify_sees_each_kind_of_divergence() {
     let env = Env::new();
-    populate(&env.src);
+    populate(&env.src, true);
     let r = reference(&env.src, &env.root);
     let o = verify_out(&env.src, &r, &["--checksum"]);
     assert_eq!(o.code, Some(0), "rsync -aHAXS's copy: {}", o.describe());
@@ -312,6 +355,8 @@ fn verify_sees_each_kind_of_divergence() {
          dd if=/dev/zero of=sparse bs=1M count=50 conv=notrunc status=none
          touch -r ../src/sparse sparse
          rm fifo; touch fifo; chmod 0640 fifo; touch -r ../src/fifo fifo
+         cp -p a2 a2.new; mv a2.new a2
+         ln -f sub/deeper/f h3
          ",
     );
     if is_root() {
@@ -327,6 +372,12 @@ fn verify_sees_each_kind_of_divergence() {
         "differs(acl): acl_file",
         "differs(sparse): sparse",
         "differs(type): fifo",
+        // A pair split; a name moved from one group to another (the
+        // other names of both groups are reported with it).
+        "differs(hardlink): a",
+        "differs(hardlink): a2",
+        "differs(hardlink): h3",
+        "differs(hardlink): sub/h1",
     ];
     if is_root() {
         want.push("differs(rdev): chardev");
@@ -347,9 +398,11 @@ fn verify_sees_each_kind_of_divergence() {
             "--no-acls",
             "--no-sparse",
             "--no-special-files",
+            "--no-hard-links",
         ],
     );
     for kind in [
+        "differs(hardlink)",
         "differs(xattr)",
         "differs(acl)",
         "differs(sparse)",
@@ -375,7 +428,7 @@ fn a_target_without_xattrs_mirrors_the_rest_and_says_what_it_refuses() {
     let Some(_m) = mount("ramfs", &env.dst) else {
         return;
     };
-    populate(&env.src);
+    populate(&env.src, false);
     for i in 0..20 {
         let f = env.s(format!("many/{i}"));
         write(&f, b"x");
@@ -438,7 +491,7 @@ fn a_receiver_that_is_not_root_mirrors_the_rest() {
         return;
     }
     let env = Env::new();
-    populate(&env.src);
+    populate(&env.src, false);
     chown_r(&env.dst, NOBODY.0, NOBODY.1);
     let tcp = Tcp::new(&env);
     lchown(&tcp.token, NOBODY.0, NOBODY.1);

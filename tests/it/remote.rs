@@ -1153,6 +1153,7 @@ fn file_meta(size: u64) -> Meta {
         ino: 0,
         dev: 0,
         rdev: 0,
+        nlink: 0,
     }
 }
 
