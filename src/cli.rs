@@ -74,6 +74,12 @@ pub enum Command {
         log_format: Option<LogFormat>,
         #[command(flatten)]
         fidelity: FidelityArgs,
+        /// Write to targets drmirror never wrote to even if they hold
+        /// entries the source lacks, which the first start deletes (as the
+        /// delete mode says): for a target seeded by rsync or mirrored by
+        /// lsyncd before. Without it such a start is refused (exit 2).
+        #[arg(long)]
+        adopt_target: bool,
     },
     /// Report the running daemon's lag, backlog and targets.
     Status {

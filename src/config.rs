@@ -201,6 +201,11 @@ pub struct TargetConfig {
     /// the README's "Atomic writes").
     #[serde(default)]
     pub atomic_new_files: bool,
+    /// Write to this target the first time even though it holds entries the
+    /// source lacks (which the first start then deletes, as the delete mode
+    /// says): see `target::adopt`.
+    #[serde(default)]
+    pub adopt: bool,
 }
 
 pub const DEFAULT_DELAY: Duration = Duration::from_millis(100);
@@ -281,6 +286,9 @@ pub struct Target {
     pub path: PathBuf,
     /// How to reach it, for a remote target.
     pub remote: Option<crate::target::remote::RemoteSpec>,
+    /// Written to the first time whatever it holds (see
+    /// [`crate::target::adopt`]).
+    pub adopt: bool,
 }
 
 /// `bwlimit`: a number is KiB/s (as rsync's `--bwlimit`); a string takes a
@@ -609,6 +617,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 name,
                 path: spec.path.clone(),
                 remote: Some(spec),
+                adopt: t.adopt,
             });
             continue;
         }
@@ -691,6 +700,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             name,
             path,
             remote: None,
+            adopt: t.adopt,
         });
     }
     let state_dir = raw

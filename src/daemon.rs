@@ -33,6 +33,18 @@ use crate::watch::{Event, WatchError, Watcher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    #[error(
+        "target {name} ({path}) holds {what} that the source lacks, and drmirror never wrote \
+         to it: this first start would delete them (the delete mode removes at start what the \
+         source lacks). If it is the mirror (seeded by rsync, or lsyncd's), adopt it: \
+         `adopt = true` on the target in the config, or `drmirror run --adopt-target`; \
+         otherwise check the target's path"
+    )]
+    WrongTarget {
+        name: String,
+        path: PathBuf,
+        what: String,
+    },
     #[error("state directory {path}: {source}")]
     StateDir {
         path: PathBuf,
@@ -85,20 +97,23 @@ impl DaemonError {
     /// must settle (the configuration says to refuse), 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            DaemonError::CorruptJournal { .. } => 2,
+            DaemonError::CorruptJournal { .. } | DaemonError::WrongTarget { .. } => 2,
             _ => 1,
         }
     }
 }
 
 /// Opens a local target, once its path is known to be the target (see
-/// [`identity`]), and settles its mark.
+/// [`identity`]) and, with `guard` (the source and its filter, when a start
+/// deletes what the source lacks), not a wrong one (see
+/// [`crate::target::adopt`]), and settles its mark.
 fn open_local(
     journal: &Journal,
     id: TargetId,
     t: &crate::config::Target,
     owner: bool,
     keep: crate::fidelity::Keep,
+    guard: Option<(&Root, &Filter)>,
 ) -> Result<LocalTarget, DaemonError> {
     identity::check_path(journal, id, &t.name, &t.path)?;
     let l = LocalTarget::open(&t.path, owner).map_err(|source| DaemonError::Target {
@@ -107,6 +122,18 @@ fn open_local(
         source,
     })?;
     let l = l.keeping(keep, &t.name);
+    if let Some((source, filter)) = guard.filter(|_| !t.adopt) {
+        if identity::first_use(journal, id, l.dir_fd())? {
+            let e = crate::target::adopt::extraneous(source, l.root(), filter);
+            if e.count > 0 {
+                return Err(DaemonError::WrongTarget {
+                    name: t.name.clone(),
+                    path: t.path.clone(),
+                    what: e.describe(),
+                });
+            }
+        }
+    }
     identity::settle(journal, id, &t.name, l.dir_fd())?;
     l.note_made_parents();
     Ok(l)
@@ -509,7 +536,10 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
                 r.guard_identity(journal.clone(), id);
                 Target::Remote(Box::new(r))
             }
-            None => Target::Local(open_local(&journal, id, t, owner, cfg.keep)?),
+            None => {
+                let guard = policy.at_startup.then_some((&*source, &*filter));
+                Target::Local(open_local(&journal, id, t, owner, cfg.keep, guard)?)
+            }
         };
         if let Target::Local(l) = &target {
             let held = identity::file_id(l.dir_fd()).map_err(|source| DaemonError::Target {

@@ -37,7 +37,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use rustix::fs::{AtFlags, FileType};
 
@@ -88,9 +88,11 @@ impl Group {
     }
 }
 
-/// The apply of one name of a hard-linked inode (see [`Mirrored::claim`]).
-pub struct Claim<'a> {
-    of: &'a Mirrored,
+/// The apply of one name of a hard-linked inode (see [`Mirrored::claim`]);
+/// it owns its map, so that a remote target's batch can hold it until the
+/// receiver's answer.
+pub struct Claim {
+    of: Arc<Mirrored>,
     key: InodeKey,
     rel: Vec<u8>,
     mirrored: bool,
@@ -101,7 +103,7 @@ impl Mirrored {
     /// Claims inode `key` for the apply of its name `rel`: waits while
     /// another name of it is applied, then returns the other names the
     /// target is thought to hold a copy at, newest first.
-    pub fn claim(&self, key: InodeKey, rel: &[u8]) -> (Vec<Vec<u8>>, Claim<'_>) {
+    pub fn claim(self: &Arc<Self>, key: InodeKey, rel: &[u8]) -> (Vec<Vec<u8>>, Claim) {
         let mut groups = crate::locks::lock(&self.groups);
         while groups.get(&key).is_some_and(|g| g.busy) {
             groups = self.applied.wait(groups).unwrap_or_else(|p| p.into_inner());
@@ -116,7 +118,7 @@ impl Mirrored {
             .cloned()
             .collect();
         let claim = Claim {
-            of: self,
+            of: self.clone(),
             key,
             rel: rel.to_vec(),
             mirrored: false,
@@ -145,7 +147,7 @@ fn bound(groups: &mut HashMap<InodeKey, Group>, key: InodeKey) {
     }
 }
 
-impl Claim<'_> {
+impl Claim {
     /// The target now holds a current copy at the claimed name.
     pub fn mirrored(&mut self) {
         self.mirrored = true;
@@ -157,7 +159,7 @@ impl Claim<'_> {
     }
 }
 
-impl Drop for Claim<'_> {
+impl Drop for Claim {
     fn drop(&mut self) {
         let mut groups = crate::locks::lock(&self.of.groups);
         if let Some(g) = groups.get_mut(&self.key) {
@@ -318,5 +320,42 @@ fn visit<'s>(
     });
     for d in subdirs {
         s.spawn(move |s| visit(s, source, filter, wanted, found, d));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn names_of_one_inode_are_applied_one_at_a_time_and_remembered() {
+        let m = Arc::new(Mirrored::default());
+        let key = (1, 42);
+        let (names, mut first) = m.claim(key, b"a");
+        assert!(names.is_empty());
+        // A second name waits until the first is applied, then sees it.
+        let applied = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let second = s.spawn(|| {
+                let (names, _c) = m.claim(key, b"b");
+                assert!(applied.load(Ordering::SeqCst), "claimed while busy");
+                names
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            applied.store(true, Ordering::SeqCst);
+            first.mirrored();
+            drop(first);
+            assert_eq!(second.join().unwrap(), vec![b"a".to_vec()]);
+        });
+        // Not mirrored (a failed apply): not remembered; stale: forgotten.
+        let (names, mut c) = m.claim(key, b"c");
+        assert_eq!(names, vec![b"a".to_vec()]);
+        c.stale(b"a");
+        drop(c);
+        assert_eq!(m.note(key, b"d"), None);
+        assert_eq!(m.note(key, b"e"), Some(b"d".to_vec()));
+        let (names, _c) = m.claim(key, b"d");
+        assert_eq!(names, vec![b"e".to_vec()]);
     }
 }

@@ -212,6 +212,7 @@ fn main() -> ExitCode {
             scrub_interval,
             log_format,
             fidelity,
+            adopt_target,
         } => {
             let cfg = match config {
                 Some(f) => Config::load(&f),
@@ -229,13 +230,16 @@ fn main() -> ExitCode {
                     fidelity: fidelity.keys(),
                 }),
             };
-            let cfg = match cfg {
+            let mut cfg = match cfg {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("drmirror: config error: {e}");
                     return ExitCode::from(2);
                 }
             };
+            for t in &mut cfg.targets {
+                t.adopt |= adopt_target;
+            }
             init_logging(cfg.log_format);
             match drmirror::daemon::run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -46,7 +46,7 @@ use crate::meta::Meta;
 /// 5: `Welcome { root }` and [`Request::Mark`]: the target's identity.
 /// 6: fidelity: extended attributes and ACLs with each entry,
 ///    [`Op::Special`], [`Chunk::Hole`], `Meta::rdev`, [`Done::Partial`].
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 
 /// Largest payload accepted. Data chunks are at most [`CHUNK`] bytes, and
 /// listings are split well below this.
@@ -226,6 +226,18 @@ pub enum Op {
     Special {
         #[serde(with = "serde_bytes")]
         rel: Vec<u8>,
+        meta: Meta,
+        xattrs: Option<Xattrs>,
+    },
+    /// Make `rel` another name of the receiver's file at `to` (an earlier
+    /// path: hard links, see [`crate::links`]), which must be a current
+    /// copy of `meta` (same size and mtime), or the operation fails; then
+    /// give it `meta`'s attributes and `xattrs`.
+    Link {
+        #[serde(with = "serde_bytes")]
+        rel: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        to: Vec<u8>,
         meta: Meta,
         xattrs: Option<Xattrs>,
     },
@@ -676,6 +688,15 @@ mod tests {
                         nlink: 0,
                         ..meta()
                     },
+                    xattrs: None,
+                },
+            },
+            Request::Op {
+                batch: 9,
+                op: Op::Link {
+                    rel: b"d/second".to_vec(),
+                    to: b"first".to_vec(),
+                    meta: meta(),
                     xattrs: None,
                 },
             },

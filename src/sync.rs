@@ -465,10 +465,11 @@ impl Compare<'_> {
             };
             // Alike in metadata, but not vouched for by the index: what
             // differs may be extended attributes or ACLs.
-            // A name of a hard-linked file the index does not vouch for:
-            // its apply links it to the copy of another name (see
-            // `crate::links::Mirrored`), or finds it linked already.
-            if equal && (linked || !self.same_xattrs(&c.rel, tdir, name)) {
+            // A name of a hard-linked file the index does not vouch for,
+            // held apart from another name: its apply links them (see
+            // `crate::links::Mirrored`).
+            let split = linked && equal && !self.target.note_mirrored(&c.rel, &c.meta);
+            if equal && (split || !self.same_xattrs(&c.rel, tdir, name)) {
                 todo.push((c.rel.clone(), flag));
             } else if equal {
                 if ix.is_some_and(|m| m.kind == Kind::Dir) && c.meta.kind != Kind::Dir {

@@ -994,6 +994,18 @@ impl<'a> Session<'a> {
                     .map(done)
                     .map_err(apply_err)
             }),
+            Op::Link {
+                rel,
+                to,
+                meta,
+                xattrs,
+            } => checked(&rel, false)
+                .and_then(|()| checked(&to, false))
+                .and_then(|()| {
+                    t.put_link(&rel, &to, &meta, xattrs.as_ref())
+                        .map(done)
+                        .map_err(apply_err)
+                }),
             Op::Delete { rel } => checked(&rel, false)
                 .and_then(|()| t.delete(&rel).map(|()| Done::Ok).map_err(apply_err)),
             Op::SetAttrs { rel, meta, xattrs } => checked(&rel, true).and_then(|()| {

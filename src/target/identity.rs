@@ -242,6 +242,21 @@ fn record(journal: &Journal, t: TargetId, name: &str, v: &Verdict) -> Result<(),
     journal.meta_put(&key(t), &v.new.encode())
 }
 
+/// Whether drmirror never wrote to the target whose root is open as `dir`:
+/// the journal holds no record of it and the root carries no mark (see
+/// [`super::adopt`]).
+pub fn first_use(journal: &Journal, t: TargetId, dir: impl AsFd) -> Result<bool, IdentityError> {
+    if recorded(journal, t)?.is_some() {
+        return Ok(false);
+    }
+    let seen = Seen::of(&dir).map_err(|e| IdentityError::NotTheTarget {
+        name: String::new(),
+        path: String::new(),
+        why: e.to_string(),
+    })?;
+    Ok(!matches!(seen.mark, MarkRead::Present(_)))
+}
+
 /// Once the target is open (`dir`: a readable descriptor of its root):
 /// compares its mark with the journal's record, forgets the index of a
 /// target it cannot vouch for, and moves the generation. Returns why the

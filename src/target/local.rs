@@ -49,8 +49,8 @@ pub struct LocalTarget {
     keep: Keep,
     refusals: Refusals,
     /// Where this target holds copies of hard-linked source files (see
-    /// [`crate::links::Mirrored`]; boxed, as most targets hold no links).
-    mirrored: Box<Mirrored>,
+    /// [`crate::links::Mirrored`]).
+    mirrored: Arc<Mirrored>,
 }
 
 /// Owner, group and mode of a file as `open(O_CREAT | O_EXCL)` made it.
@@ -128,7 +128,7 @@ impl LocalTarget {
             note_made: AtomicBool::new(false),
             keep: Keep::all(),
             refusals: Refusals::new(&path.display().to_string()),
-            mirrored: Box::default(),
+            mirrored: Arc::default(),
         })
     }
 
@@ -936,53 +936,87 @@ impl LocalTarget {
         m: &Meta,
         x: Option<&Xattrs>,
         names: &[Vec<u8>],
-        claim: &mut Claim<'_>,
+        claim: &mut Claim,
     ) -> Result<Option<Outcome>, ApplyError> {
-        let name = paths::split(rel).1;
         for other in names {
-            let copy = match self.root.lstat(other) {
-                Ok(Some(t))
-                    if t.kind == Kind::File && t.size == m.size && t.mtime_ns == m.mtime_ns =>
-                {
-                    t
-                }
-                _ => {
-                    claim.stale(other);
-                    continue;
-                }
-            };
-            let linked = |t: &Meta| t.ino == copy.ino && t.dev == copy.dev;
-            let outcome = if fsops::lstat_at(td, name)
-                .ok()
-                .flatten()
-                .is_some_and(|t| linked(&t))
-            {
-                Outcome::Unchanged { meta: *m }
-            } else {
-                let (op, oname) = paths::split(other);
-                let Ok(odir) = self.root.open_dir(op, false) else {
-                    claim.stale(other);
-                    continue;
-                };
-                let tmp = self.temp_name();
-                self.writing_in(td);
-                match rustix::fs::linkat(odir.as_fd(), oname, td, &*tmp, AtFlags::empty()) {
-                    Ok(()) => {}
-                    // Gone or replaced meanwhile: try the next, or copy.
-                    Err(rustix::io::Errno::NOENT) => {
-                        claim.stale(other);
-                        continue;
-                    }
-                    Err(e) => return Err(ApplyError::target_write(rel, e.into())),
-                }
-                self.install(td, &tmp, name, rel)?;
-                Outcome::Copied { meta: *m, bytes: 0 }
-            };
-            self.attrs_at(td, name, m, x, rel)
-                .map_err(|e| ApplyError::target_write(rel, e))?;
-            return Ok(Some(outcome));
+            match self.link_at(td, rel, other, m, x)? {
+                Some((outcome, _)) => return Ok(Some(outcome)),
+                None => claim.stale(other),
+            }
         }
         Ok(None)
+    }
+
+    /// Links `rel` (in target directory `td`) to the target's file at
+    /// `other` if that is a current copy of source file `m` (its size and
+    /// mtime), and gives it `m`'s attributes and `x`. `None`: `other` is
+    /// no such copy (gone, replaced, or changed since).
+    fn link_at(
+        &self,
+        td: BorrowedFd<'_>,
+        rel: &[u8],
+        other: &[u8],
+        m: &Meta,
+        x: Option<&Xattrs>,
+    ) -> Result<Option<(Outcome, Refused)>, ApplyError> {
+        let name = paths::split(rel).1;
+        let copy = match self.root.lstat(other) {
+            Ok(Some(t)) if t.kind == Kind::File && t.size == m.size && t.mtime_ns == m.mtime_ns => {
+                t
+            }
+            _ => return Ok(None),
+        };
+        let linked = |t: &Meta| t.ino == copy.ino && t.dev == copy.dev;
+        let outcome = if fsops::lstat_at(td, name)
+            .ok()
+            .flatten()
+            .is_some_and(|t| linked(&t))
+        {
+            Outcome::Unchanged { meta: *m }
+        } else {
+            let (op, oname) = paths::split(other);
+            let Ok(odir) = self.root.open_dir(op, false) else {
+                return Ok(None);
+            };
+            let tmp = self.temp_name();
+            self.writing_in(td);
+            match rustix::fs::linkat(odir.as_fd(), oname, td, &*tmp, AtFlags::empty()) {
+                Ok(()) => {}
+                // Gone or replaced meanwhile.
+                Err(rustix::io::Errno::NOENT) => return Ok(None),
+                Err(e) => return Err(ApplyError::target_write(rel, e.into())),
+            }
+            self.install(td, &tmp, name, rel)?;
+            Outcome::Copied { meta: *m, bytes: 0 }
+        };
+        let refused = self
+            .attrs_at(td, name, m, x, rel)
+            .map_err(|e| ApplyError::target_write(rel, e))?;
+        Ok(Some((outcome, refused)))
+    }
+
+    /// A receiver's [`crate::protocol::Op::Link`]: `rel` becomes another
+    /// name of the target's file at `to`, which must be a current copy of
+    /// source file `m` (the daemon's record of it may be out of date: the
+    /// error says so, and the daemon sends the content instead).
+    pub fn put_link(
+        &self,
+        rel: &[u8],
+        to: &[u8],
+        m: &Meta,
+        x: Option<&Xattrs>,
+    ) -> Result<Refused, ApplyError> {
+        let dir = self.parent_dir(rel)?;
+        match self.link_at(dir.as_fd(), rel, to, m, x)? {
+            Some((_, refused)) => Ok(refused),
+            None => Err(ApplyError::target_write(
+                rel,
+                io::Error::other(format!(
+                    "{} is not a current copy of it to link to",
+                    paths::display(to)
+                )),
+            )),
+        }
     }
 
     /// Copies regular file `rel` from source directory `sd` into target
@@ -1000,7 +1034,7 @@ impl LocalTarget {
                 let _ = rustix::fs::unlinkat(td, &**t, rustix::fs::AtFlags::empty());
             }
         };
-        let mut claim: Option<(Vec<Vec<u8>>, Claim<'_>)> = None;
+        let mut claim: Option<(Vec<Vec<u8>>, Claim)> = None;
         for attempt in 1..=COPY_TRIES {
             let src = match fsops::open_source_at(sd, name) {
                 Ok(fd) => fd,

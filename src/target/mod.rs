@@ -3,6 +3,7 @@
 //! [`Target`] gives the shipper and the compare walks one interface to
 //! both; [`DirView`] is one target directory as a compare walk sees it.
 
+pub mod adopt;
 pub mod identity;
 pub mod local;
 pub mod remote;
@@ -158,29 +159,35 @@ impl Target {
     /// The namespaces of extended attributes this target mirrors (see
     /// [`crate::fidelity::Keep::namespaces`]).
     pub fn keep_namespaces(&self) -> u8 {
-        match self {
-            Target::Local(t) => t.keep().namespaces(),
-            Target::Remote(t) => t.keep().namespaces(),
-        }
+        self.keep().namespaces()
     }
 
     /// Whether names of one source inode share one inode here (see
-    /// [`crate::links::Mirrored`]; a remote target copies each name).
+    /// [`crate::links::Mirrored`]).
     pub fn links_names(&self) -> bool {
+        self.keep().hard_links
+    }
+
+    fn keep(&self) -> crate::fidelity::Keep {
         match self {
-            Target::Local(t) => t.keep().hard_links,
-            Target::Remote(_) => false,
+            Target::Local(t) => t.keep(),
+            Target::Remote(t) => t.keep(),
         }
     }
 
     /// Notes that this target holds a current copy of hard-linked source
     /// file `rel` (`m`), for its other names to link to. False when it
     /// holds another name of that file as a separate copy: the two are to
-    /// be linked (a copy made without links, or by an interrupted run).
+    /// be linked (a copy made without links, or by an interrupted run;
+    /// told on a local target only: a remote one would need a round trip
+    /// per name).
     pub fn note_mirrored(&self, rel: &[u8], m: &Meta) -> bool {
         match self {
             Target::Local(t) => t.note_mirrored(rel, m),
-            Target::Remote(_) => true,
+            Target::Remote(t) => {
+                t.note_mirrored(rel, m);
+                true
+            }
         }
     }
 

@@ -33,6 +33,7 @@ use super::{ApplyError, Outcome};
 use crate::fidelity::{self, Handle, Keep, Refusals, Xattrs};
 use crate::fsops::{self, Root};
 use crate::journal::flags;
+use crate::links::{Claim, InodeKey, Mirrored};
 use crate::meta::{Kind, Meta};
 use crate::paths;
 use crate::protocol::{
@@ -309,6 +310,9 @@ pub struct RemoteTarget {
     keep: Keep,
     /// What the receiver refused.
     refusals: Refusals,
+    /// Where the receiver holds copies of hard-linked source files (see
+    /// [`crate::links::Mirrored`]).
+    mirrored: Arc<Mirrored>,
 }
 
 /// What a daemon's remote target checks its receiver's root against at
@@ -346,6 +350,7 @@ impl RemoteTarget {
             guard: OnceLock::new(),
             keep: Keep::all(),
             refusals: Refusals::new(name),
+            mirrored: Arc::default(),
             name: name.to_string(),
             spec,
             owner,
@@ -362,6 +367,12 @@ impl RemoteTarget {
             epoch: Mutex::new(Epoch::default()),
             wire_bytes: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Notes that the receiver holds a current copy of hard-linked source
+    /// file `rel` (`m`), for its other names to link to.
+    pub fn note_mirrored(&self, rel: &[u8], m: &Meta) {
+        self.mirrored.note((m.dev, m.ino), rel);
     }
 
     /// This target keeps `keep` (everything by default).
@@ -1023,6 +1034,7 @@ impl RemoteTarget {
             batch,
             pending: FRAMES.with(|f| f.take()),
             sent_ops: 0,
+            linked: HashMap::new(),
         };
         let r = fill(&mut b).and_then(|()| {
             b.push(Request::EndBatch { batch })?;
@@ -1067,7 +1079,11 @@ impl RemoteTarget {
         // answer to the operation sent for it.
         enum Plan {
             Now(Result<Outcome, ApplyError>),
-            Sent { slot: usize, then: Then },
+            Sent {
+                slot: usize,
+                then: Then,
+                linking: Option<Linking>,
+            },
         }
         enum Then {
             Dir { meta: Meta, f: u8 },
@@ -1084,15 +1100,15 @@ impl RemoteTarget {
                         continue;
                     }
                     // `file` finds out by its own `fstat` (see the flag).
-                    plans.push(
-                        match b.file(sd.as_fd(), rel, None, f & flags::ABSENT != 0)? {
-                            FileSent::Sent { slot, meta, bytes } => Plan::Sent {
-                                slot,
-                                then: Then::Copied { meta, bytes },
-                            },
-                            FileSent::Now(r) => Plan::Now(r),
+                    let (sent, linking) = b.file(sd.as_fd(), rel, None, f & flags::ABSENT != 0)?;
+                    plans.push(match sent {
+                        FileSent::Sent { slot, meta, bytes } => Plan::Sent {
+                            slot,
+                            then: Then::Copied { meta, bytes },
+                            linking,
                         },
-                    );
+                        FileSent::Now(r) => Plan::Now(r),
+                    });
                     continue;
                 }
                 let m = match &src_dir {
@@ -1127,6 +1143,7 @@ impl RemoteTarget {
                             Plan::Sent {
                                 slot,
                                 then: Then::Deleted,
+                                linking: None,
                             }
                         }
                     }
@@ -1152,6 +1169,7 @@ impl RemoteTarget {
                                     Plan::Sent {
                                         slot,
                                         then: Then::Copied { meta: m, bytes: 0 },
+                                        linking: None,
                                     }
                                 }
                             }
@@ -1161,6 +1179,7 @@ impl RemoteTarget {
                             Plan::Sent {
                                 slot,
                                 then: Then::Dir { meta: m, f },
+                                linking: None,
                             }
                         }
                         Kind::Symlink => match source
@@ -1178,6 +1197,7 @@ impl RemoteTarget {
                                 Plan::Sent {
                                     slot,
                                     then: Then::Copied { meta: m, bytes },
+                                    linking: None,
                                 }
                             }
                             Err(e) if fsops::is_missing(&e) || e.raw_os_error() == Some(22) => {
@@ -1188,10 +1208,13 @@ impl RemoteTarget {
                         Kind::File => match src_dir.as_ref() {
                             None => Plan::Now(Ok(Outcome::Vanished)),
                             Some(sd) => {
-                                match b.file(sd.as_fd(), rel, Some(&m), f & flags::ABSENT != 0)? {
+                                let (sent, linking) =
+                                    b.file(sd.as_fd(), rel, Some(&m), f & flags::ABSENT != 0)?;
+                                match sent {
                                     FileSent::Sent { slot, meta, bytes } => Plan::Sent {
                                         slot,
                                         then: Then::Copied { meta, bytes },
+                                        linking,
                                     },
                                     FileSent::Now(r) => Plan::Now(r),
                                 }
@@ -1218,7 +1241,14 @@ impl RemoteTarget {
             .zip(plans)
             .map(|(&(rel, _), p)| match p {
                 Plan::Now(r) => r,
-                Plan::Sent { slot, then } => match results.get(slot) {
+                Plan::Sent {
+                    slot,
+                    then,
+                    linking,
+                } => match results
+                    .get(slot)
+                    .inspect(|r| Linking::settle(linking, r.is_ok()))
+                {
                     None => Err(self.unreachable("batch result missing")),
                     Some(Err(e)) => Err(ApplyError::target_write(rel, io::Error::other(e.clone()))),
                     Some(Ok(done)) => Ok(match then {
@@ -1334,6 +1364,36 @@ struct BatchSender<'a> {
     pending: Vec<u8>,
     /// Operations sent so far: the receiver numbers results the same way.
     sent_ops: usize,
+    /// The first name sent in this batch of each hard-linked source file
+    /// (the receiver applies a batch in order: a later name links to it).
+    linked: HashMap<InodeKey, Vec<u8>>,
+}
+
+/// A sent name of a hard-linked source file: the claim on its inode (none
+/// for a later name of one claimed in the same batch), and the name it was
+/// linked to, if it was (see [`crate::links::Mirrored`]).
+struct Linking {
+    claim: Option<Claim>,
+    to: Option<Vec<u8>>,
+}
+
+impl Linking {
+    /// Once the receiver answered: a name applied is a copy to link to; a
+    /// link refused says its source name is not a current copy.
+    fn settle(l: Option<Linking>, ok: bool) {
+        let Some(Linking {
+            claim: Some(mut c),
+            to,
+        }) = l
+        else {
+            return;
+        };
+        match (ok, to) {
+            (true, _) => c.mirrored(),
+            (false, Some(to)) => c.stale(&to),
+            (false, None) => {}
+        }
+    }
 }
 
 impl BatchSender<'_> {
@@ -1384,6 +1444,63 @@ impl BatchSender<'_> {
         rel: &[u8],
         seen: Option<&Meta>,
         absent: bool,
+    ) -> Result<(FileSent, Option<Linking>), ApplyError> {
+        let mut linking = None;
+        let sent = self.file_inner(sd, rel, seen, absent, &mut linking)?;
+        if let (FileSent::Sent { meta, .. }, Some(Linking { claim: Some(_), .. })) =
+            (&sent, &linking)
+        {
+            self.linked.insert((meta.dev, meta.ino), rel.to_vec());
+        }
+        Ok((sent, linking))
+    }
+
+    /// Sends hard-linked file `rel` (`before`) as a link to another name of
+    /// it the receiver holds a copy at (one sent earlier in this batch, or
+    /// one remembered), if any; `linking` gets the claim on its inode
+    /// either way (see [`crate::links::Mirrored`]).
+    fn link(
+        &mut self,
+        rel: &[u8],
+        before: &Meta,
+        xattrs: &Option<Xattrs>,
+        linking: &mut Option<Linking>,
+    ) -> Result<Option<FileSent>, ApplyError> {
+        let key = (before.dev, before.ino);
+        let (claim, to) = match self.linked.get(&key) {
+            Some(first) => (None, Some(first.clone())),
+            None => {
+                let (names, claim) = self.t.mirrored.claim(key, rel);
+                (Some(claim), names.into_iter().next())
+            }
+        };
+        *linking = Some(Linking {
+            claim,
+            to: to.clone(),
+        });
+        let Some(to) = to else {
+            return Ok(None);
+        };
+        let slot = self.op(Op::Link {
+            rel: rel.to_vec(),
+            to,
+            meta: *before,
+            xattrs: xattrs.clone(),
+        })?;
+        Ok(Some(FileSent::Sent {
+            slot,
+            meta: *before,
+            bytes: 0,
+        }))
+    }
+
+    fn file_inner(
+        &mut self,
+        sd: std::os::fd::BorrowedFd<'_>,
+        rel: &[u8],
+        seen: Option<&Meta>,
+        absent: bool,
+        linking: &mut Option<Linking>,
     ) -> Result<FileSent, ApplyError> {
         let name = paths::split(rel).1;
         for _attempt in 1..=COPY_TRIES {
@@ -1406,6 +1523,11 @@ impl BatchSender<'_> {
                 Ok(x) => x,
                 Err(e) => return Ok(FileSent::Now(Err(e))),
             };
+            if linking.is_none() && self.t.keep.hard_links && before.nlink > 1 {
+                if let Some(sent) = self.link(rel, &before, &xattrs, linking)? {
+                    return Ok(sent);
+                }
+            }
             if before.size <= WHOLE_MAX {
                 let fresh = absent && !self.t.spec.atomic_new_files;
                 match self.whole(&src, rel, &before, fresh, xattrs)? {

@@ -6,10 +6,8 @@
 //! a kill -9. `verify` sees each kind of divergence; a target that refuses
 //! some of them is warned once, counted, and mirrors the rest.
 //!
-//! Hard links are kept on local targets (the tree there holds link groups
-//! in one directory and across directories, and they change live and while
-//! the daemon is down); a remote target copies each name (see the README's
-//! "Guarantees and limits"), so its trees hold none.
+//! The trees hold hard links too: link groups in one directory and across
+//! directories, changed live and while the daemon is down.
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -242,6 +240,17 @@ fn faithful_through(env: &Env, links: bool, start: &dyn Fn() -> Daemon) {
     let d = start();
     env.converge(&["--checksum"], &d);
     assert_like_rsync(env, "after a kill -9 and changes while down");
+    if links {
+        // The dump sees link groups (a test of the test).
+        let seen = dump(&env.dst);
+        for want in [
+            "linked ./h2_moved ./sub/h1 ./sub/h4",
+            "linked ./f_too ./sub/deeper/f",
+            "linked ./acl_dir/inherits ./inherits_too",
+        ] {
+            assert!(seen.contains(want), "no `{want}` in the dump:\n{seen}");
+        }
+    }
     // The target's mark (an attribute of its root) is its own: the root's
     // attributes mirrored from the source leave it in place.
     assert!(!d.log().contains("mark is missing"), "{}", d.log_tail());
@@ -252,15 +261,6 @@ fn faithful_through(env: &Env, links: bool, start: &dyn Fn() -> Daemon) {
 fn a_local_target_is_what_rsync_ahaxs_makes() {
     let env = Env::new();
     faithful_through(&env, true, &|| env.start(&["--metrics", "off"]));
-    // The dump sees link groups (a test of the test).
-    let seen = dump(&env.dst);
-    for want in [
-        "linked ./h2_moved ./sub/h1 ./sub/h4",
-        "linked ./f_too ./sub/deeper/f",
-        "linked ./acl_dir/inherits ./inherits_too",
-    ] {
-        assert!(seen.contains(want), "no `{want}` in the dump:\n{seen}");
-    }
 }
 
 #[test]
@@ -269,7 +269,7 @@ fn a_tcp_target_is_what_rsync_ahaxs_makes() {
     let tcp = Tcp::new(&env);
     let _r = tcp.receiver(&env, &[]);
     let toml = config(&env, &tcp.target_toml(&env), "metrics_listen = \"off\"");
-    faithful_through(&env, false, &|| start_config(&env, &toml));
+    faithful_through(&env, true, &|| start_config(&env, &toml));
 }
 
 #[test]
@@ -283,7 +283,7 @@ fn an_ssh_target_is_what_rsync_ahaxs_makes() {
         &sshd.target_toml("dr", &env.dst, ""),
         "metrics_listen = \"off\"",
     );
-    faithful_through(&env, false, &|| start_config(&env, &toml));
+    faithful_through(&env, true, &|| start_config(&env, &toml));
 }
 
 /// A daemon mirroring to `tcp`'s receiver, with its metrics port, once its

@@ -349,3 +349,56 @@ fn copies_leave_source_access_times_alone() {
     }
     d.terminate();
 }
+
+/// A first start on a directory that holds files the source lacks, with a
+/// delete mode that would remove them (issue 33: `deleted=3` and not a
+/// word): refused with exit code 2, the count and the paths, nothing
+/// written there (not even the target's mark); adopted with
+/// `--adopt-target`; not guarded again once drmirror wrote to it, and not
+/// with `delete = false`.
+#[test]
+fn a_first_start_on_a_directory_of_other_files_is_refused_until_adopted() {
+    let env = Env::new();
+    write(&env.s("a"), b"source");
+    write(&env.d("notes"), b"not a mirror");
+    write(&env.d("b"), b"nor this");
+    write(&env.d("deep/er/c"), b"nor this");
+    let out = drmirror(&env.run_args(&["--metrics", "off"]), secs(60));
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    let all = out.all();
+    for want in [
+        "holds 5 entries (b, deep, deep/er, deep/er/c, notes)",
+        "--adopt-target",
+    ] {
+        assert!(all.contains(want), "no `{want}` in: {}", out.describe());
+    }
+    let untouched = |env: &Env| {
+        assert_eq!(read(&env.d("notes")), b"not a mirror");
+        assert!(!exists(&env.d("a")));
+        let mark = rustix::fs::getxattr(&env.dst, "user.drmirror.target", &mut [0u8; 256]);
+        assert!(mark.is_err(), "the target was marked");
+    };
+    untouched(&env);
+    // Kept with delete = false: nothing to guard against.
+    let d = env.start(&["--metrics", "off", "--delete", "false"]);
+    d.wait_initial_sync(secs(60));
+    assert!(exists(&env.d("a")) && exists(&env.d("notes")));
+    d.terminate();
+
+    // A second directory, adopted.
+    let env = Env::new();
+    write(&env.s("a"), b"source");
+    write(&env.d("seeded_by_rsync"), b"old");
+    let d = env.start(&["--metrics", "off", "--adopt-target"]);
+    d.wait_initial_sync(secs(60));
+    env.converge(&["--checksum"], &d);
+    assert!(!exists(&env.d("seeded_by_rsync")));
+    d.terminate();
+    // Written to once, it is not guarded again: an entry only it holds
+    // does not stop a start.
+    write(&env.d("later"), b"x");
+    let d = env.start(&["--metrics", "off"]);
+    d.wait_initial_sync(secs(60));
+    assert!(d.is_running(), "{}", d.log_tail());
+    d.terminate();
+}

@@ -99,14 +99,16 @@ fn delete_scenario(mode: &str, via_config: bool) {
     write(&env.d("extra.txt"), b"only in the target");
     write(&env.d("extra_dir/deep.txt"), b"only in the target too");
 
+    // A target seeded by other means: adopted (see `target::adopt`).
     let d = if via_config {
         let value = match mode {
             "true" | "false" => mode.to_string(),
             other => format!("\"{other}\""),
         };
-        env.spawn_config(&env.config_text(&format!("delete = {value}")))
+        let toml = env.config_text(&format!("delete = {value}"));
+        env.spawn_config(&format!("{toml}adopt = true\n"))
     } else {
-        env.spawn(&["--delete", mode])
+        env.spawn(&["--delete", mode, "--adopt-target"])
     };
     d.wait_ready();
     let line = d.wait_initial_sync(secs(60));
@@ -217,7 +219,7 @@ fn default_delete_mode_is_true() {
     let env = Env::new();
     write(&env.s("victim.txt"), b"victim");
     write(&env.d("extra.txt"), b"only in the target");
-    let d = env.start(&[]);
+    let d = env.start(&["--adopt-target"]);
     d.wait_initial_sync(secs(60));
     assert!(
         !exists(&env.d("extra.txt")),
