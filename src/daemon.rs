@@ -33,17 +33,11 @@ use crate::watch::{Event, WatchError, Watcher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error(
-        "target {name} ({path}) holds {what} that the source lacks, and drmirror never wrote \
-         to it: this first start would delete them (the delete mode removes at start what the \
-         source lacks). If it is the mirror (seeded by rsync, or lsyncd's), adopt it: \
-         `adopt = true` on the target in the config, or `drmirror run --adopt-target`; \
-         otherwise check the target's path"
-    )]
+    #[error("target {name} ({path}) {why}")]
     WrongTarget {
         name: String,
         path: PathBuf,
-        what: String,
+        why: String,
     },
     #[error("state directory {path}: {source}")]
     StateDir {
@@ -129,7 +123,7 @@ fn open_local(
                 return Err(DaemonError::WrongTarget {
                     name: t.name.clone(),
                     path: t.path.clone(),
-                    what: e.describe(),
+                    why: e.refusal(),
                 });
             }
         }
@@ -533,7 +527,9 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
         let target = match &t.remote {
             Some(spec) => {
                 let r = RemoteTarget::new(&t.name, spec.clone(), owner).keeping(cfg.keep);
-                r.guard_identity(journal.clone(), id);
+                let wrong_target =
+                    (policy.at_startup && !t.adopt).then(|| (source.clone(), filter.clone()));
+                r.guard_identity(journal.clone(), id, wrong_target);
                 Target::Remote(Box::new(r))
             }
             None => {

@@ -11,7 +11,9 @@
 //! would replace), the daemon refuses to start (exit 2), naming how many
 //! and the first few, unless the target is *adopted* (`adopt = true` on
 //! it, or `run --adopt-target`): the usual migration from lsyncd or a seed
-//! made by rsync.
+//! made by rsync. A remote target is looked at the same way when the first
+//! connection to it finds it so, and the connection is refused (the
+//! target is down, with the reason, until it is adopted or corrected).
 //!
 //! Invariants:
 //! - Nothing is written to a target, not even its mark, before the guard
@@ -31,6 +33,7 @@ use crate::filter::Filter;
 use crate::fsops::{self, Root};
 use crate::meta::Kind;
 use crate::paths;
+use crate::scan::Child;
 
 /// Paths named in the refusal.
 pub const SHOWN: usize = 10;
@@ -57,12 +60,37 @@ impl Extraneous {
         let noun = if self.count == 1 { "entry" } else { "entries" };
         format!("{} {noun} ({}{more})", self.count, names.join(", "))
     }
+
+    /// Why a first write is refused, after the target's name.
+    pub fn refusal(&self) -> String {
+        format!(
+            "holds {} that the source lacks, and drmirror never wrote to it: this first start \
+             would delete them (the delete mode removes at start what the source lacks). If it \
+             is the mirror (seeded by rsync, or lsyncd's), adopt it: `adopt = true` on the \
+             target in the config, or `drmirror run --adopt-target`; otherwise check the \
+             target's path",
+            self.describe()
+        )
+    }
 }
 
-/// What `target` holds that `source` lacks, or holds as another type,
-/// outside what `filter` excludes and drmirror's own temporary files: a
-/// parallel walk of the target, each entry looked up in the source.
+/// A walk of a target's tree: gets the visitor of each directory's entries
+/// (see [`crate::scan::walk`]).
+pub type Walk<'a> = &'a (dyn Fn(&[u8], &mut [Child]) + Sync);
+
+/// What local target `target` holds that `source` lacks (see [`extraneous_by`]).
 pub fn extraneous(source: &Root, target: &Root, filter: &Filter) -> Extraneous {
+    extraneous_by(source, filter, |visit| {
+        crate::scan::walk(target, b"", visit, |_, _| {})
+    })
+}
+
+/// What a target holds that `source` lacks, or holds as another type,
+/// outside what `filter` excludes and drmirror's own temporary files:
+/// `walk` walks the target (in parallel), each entry is looked up in the
+/// source. A directory the walk cannot read holds nothing a start could
+/// delete.
+pub fn extraneous_by(source: &Root, filter: &Filter, walk: impl FnOnce(Walk<'_>)) -> Extraneous {
     let count = AtomicU64::new(0);
     let first = Mutex::new(Vec::new());
     let note = |rel: &[u8]| {
@@ -75,30 +103,24 @@ pub fn extraneous(source: &Root, target: &Root, filter: &Filter) -> Extraneous {
             f.truncate(SHOWN);
         }
     };
-    crate::scan::walk(
-        target,
-        b"",
-        |_, children| {
-            for c in children.iter_mut() {
-                let name = paths::split(&c.rel).1;
-                let is_dir = c.meta.kind == Kind::Dir;
-                if fsops::is_temp_name(name) || filter.excluded(&c.rel, is_dir) {
-                    c.descend = false;
-                    continue;
-                }
-                // mkfs's, at the root of a DR filesystem.
-                let lost_found = is_dir && c.rel == b"lost+found";
-                match source.lstat(&c.rel) {
-                    Ok(Some(s)) if s.kind == c.meta.kind => {}
-                    _ if lost_found => {}
-                    // Its subtree goes with it: counted as the walk goes on.
-                    _ => note(&c.rel),
-                }
+    walk(&|_, children: &mut [Child]| {
+        for c in children.iter_mut() {
+            let name = paths::split(&c.rel).1;
+            let is_dir = c.meta.kind == Kind::Dir;
+            if fsops::is_temp_name(name) || filter.excluded(&c.rel, is_dir) {
+                c.descend = false;
+                continue;
             }
-        },
-        // Unreadable on the target: nothing a start could delete there.
-        |_, _| {},
-    );
+            // mkfs's, at the root of a DR filesystem.
+            let lost_found = is_dir && c.rel == b"lost+found";
+            match source.lstat(&c.rel) {
+                Ok(Some(s)) if s.kind == c.meta.kind => {}
+                _ if lost_found => {}
+                // Its subtree goes with it: counted as the walk goes on.
+                _ => note(&c.rel),
+            }
+        }
+    });
     let mut first = first.into_inner().unwrap_or_else(|p| p.into_inner());
     first.sort();
     first.truncate(SHOWN);

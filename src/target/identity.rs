@@ -246,15 +246,18 @@ fn record(journal: &Journal, t: TargetId, name: &str, v: &Verdict) -> Result<(),
 /// the journal holds no record of it and the root carries no mark (see
 /// [`super::adopt`]).
 pub fn first_use(journal: &Journal, t: TargetId, dir: impl AsFd) -> Result<bool, IdentityError> {
-    if recorded(journal, t)?.is_some() {
-        return Ok(false);
-    }
     let seen = Seen::of(&dir).map_err(|e| IdentityError::NotTheTarget {
         name: String::new(),
         path: String::new(),
         why: e.to_string(),
     })?;
-    Ok(!matches!(seen.mark, MarkRead::Present(_)))
+    first_use_seen(journal, t, &seen)
+}
+
+/// [`first_use`] of a target whose root shows `seen` (a remote one's, as
+/// its receiver reports it).
+pub fn first_use_seen(journal: &Journal, t: TargetId, seen: &Seen) -> Result<bool, IdentityError> {
+    Ok(recorded(journal, t)?.is_none() && !matches!(seen.mark, MarkRead::Present(_)))
 }
 
 /// Once the target is open (`dir`: a readable descriptor of its root):

@@ -324,6 +324,9 @@ struct Guard {
     /// target: an index forgotten after that also needs the whole tree
     /// compared again by the shipper.
     scan_begun: AtomicBool,
+    /// The source and its filter, when a first connection must look for
+    /// what a start would delete (see [`super::adopt`]).
+    wrong_target: Option<(Arc<Root>, Arc<crate::filter::Filter>)>,
 }
 
 impl RemoteTarget {
@@ -502,11 +505,13 @@ impl RemoteTarget {
         &self,
         journal: Arc<crate::journal::Journal>,
         t: crate::journal::TargetId,
+        wrong_target: Option<(Arc<Root>, Arc<crate::filter::Filter>)>,
     ) {
         let _ = self.guard.set(Guard {
             journal,
             t,
             scan_begun: AtomicBool::new(false),
+            wrong_target,
         });
     }
 
@@ -529,6 +534,18 @@ impl RemoteTarget {
         let Some(g) = self.guard.get() else {
             return Ok(());
         };
+        if let Some((source, filter)) = &g.wrong_target {
+            let first = super::identity::first_use_seen(&g.journal, g.t, seen)
+                .map_err(|e| e.to_string())?;
+            if first {
+                let e = super::adopt::extraneous_by(source, filter, |visit| {
+                    self.walk_on(Some(c), b"", visit, |_, _| {})
+                });
+                if e.count > 0 {
+                    return Err(format!("target {} {}", self.name, e.refusal()));
+                }
+            }
+        }
         let (distrust, mark) =
             super::identity::settle_seen(&g.journal, g.t, &self.name, &self.describe(), seen)
                 .map_err(|e| e.to_string())?;
@@ -818,11 +835,16 @@ impl RemoteTarget {
     /// attributes in namespaces `ns`; `None` when missing.
     pub fn list(&self, dir: &[u8], ns: u8) -> io::Result<Option<Vec<Entry>>> {
         let c = self.conn().map_err(io::Error::other)?;
+        self.list_on(&c, dir, ns)
+    }
+
+    /// [`RemoteTarget::list`] on connection `c`.
+    fn list_on(&self, c: &Conn, dir: &[u8], ns: u8) -> io::Result<Option<Vec<Entry>>> {
         let id = self.next_id();
-        let rx = self.register(&c, id);
+        let rx = self.register(c, id);
         let res = (|| {
             self.send(
-                &c,
+                c,
                 &[Request::List {
                     id,
                     dir: dir.to_vec(),
@@ -832,7 +854,7 @@ impl RemoteTarget {
             )?;
             let mut all = Vec::new();
             loop {
-                match self.wait(&c, &rx)? {
+                match self.wait(c, &rx)? {
                     Reply::Listing {
                         entries: None,
                         more: false,
@@ -1284,9 +1306,20 @@ impl RemoteTarget {
         D: Fn(&[u8], &mut [crate::scan::Child]) + Sync,
         E: Fn(&[u8], &io::Error) + Sync,
     {
+        self.walk_on(None, start, on_dir, on_error)
+    }
+
+    /// [`RemoteTarget::walk`] on connection `c` (one being set up), or on
+    /// the target's.
+    fn walk_on<D, E>(&self, c: Option<&Conn>, start: &[u8], on_dir: D, on_error: E)
+    where
+        D: Fn(&[u8], &mut [crate::scan::Child]) + Sync,
+        E: Fn(&[u8], &io::Error) + Sync,
+    {
         fn visit<'s, D, E>(
             s: &rayon::Scope<'s>,
             t: &'s RemoteTarget,
+            conn: Option<&'s Conn>,
             dir: Vec<u8>,
             on_dir: &'s D,
             on_error: &'s E,
@@ -1294,7 +1327,11 @@ impl RemoteTarget {
             D: Fn(&[u8], &mut [crate::scan::Child]) + Sync,
             E: Fn(&[u8], &io::Error) + Sync,
         {
-            let entries = match t.list(&dir, 0) {
+            let listed = match conn {
+                Some(c) => t.list_on(c, &dir, 0),
+                None => t.list(&dir, 0),
+            };
+            let entries = match listed {
                 Ok(Some(e)) => e,
                 Ok(None) => return,
                 Err(e) => {
@@ -1313,11 +1350,11 @@ impl RemoteTarget {
             on_dir(&dir, &mut children);
             for c in children {
                 if c.descend && c.meta.kind == Kind::Dir {
-                    s.spawn(move |s| visit(s, t, c.rel, on_dir, on_error));
+                    s.spawn(move |s| visit(s, t, conn, c.rel, on_dir, on_error));
                 }
             }
         }
-        rayon::scope(|s| visit(s, self, start.to_vec(), &on_dir, &on_error));
+        rayon::scope(|s| visit(s, self, c, start.to_vec(), &on_dir, &on_error));
     }
 
     pub fn owner(&self) -> bool {

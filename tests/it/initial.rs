@@ -402,3 +402,28 @@ fn a_first_start_on_a_directory_of_other_files_is_refused_until_adopted() {
     assert!(d.is_running(), "{}", d.log_tail());
     d.terminate();
 }
+
+/// The same guard on a `tcp://` target: its first connection finds what a
+/// start would delete and is refused, the target down with the reason and
+/// nothing written there; with `adopt = true` it is mirrored.
+#[test]
+fn a_first_connection_to_a_remote_directory_of_other_files_is_refused_until_adopted() {
+    use crate::remote::{config, start_config};
+    let env = Env::new();
+    write(&env.s("a"), b"source");
+    write(&env.d("notes"), b"not a mirror");
+    let tcp = Tcp::new(&env);
+    let _r = tcp.receiver(&env, &[]);
+    let toml = config(&env, &tcp.target_toml(&env), "metrics_listen = \"off\"");
+    let d = start_config(&env, &toml);
+    let line = d.wait_log("holds 1 entry (notes) that the source lacks", secs(60));
+    assert!(line.contains("adopt = true"), "{line}");
+    assert!(d.is_running(), "{}", d.log_tail());
+    assert_eq!(read(&env.d("notes")), b"not a mirror");
+    assert!(!exists(&env.d("a")));
+    d.terminate();
+    let d = start_config(&env, &format!("{toml}adopt = true\n"));
+    d.wait_initial_sync(secs(60));
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+}
