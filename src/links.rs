@@ -4,8 +4,10 @@
 //! under every name of it, but capture sees only the name it was made
 //! through: fanotify and inotify report the path that was opened. Left
 //! so, the mirror of the other names would stay stale without a word, with
-//! the lag at 0. After applying a live change of a file with more than one
-//! link, the shipper asks [`Links::stale_others`] for the other names whose
+//! the lag at 0 (symlinks and special files have hard links too: a
+//! `chown -h` through one name of a linked symlink is the same). After
+//! applying a live change of an entry with more than one link, the shipper
+//! asks [`Links::stale_others`] for the other names whose
 //! index entry no longer matches the source, and queues them.
 //!
 //! Invariants:
@@ -196,7 +198,7 @@ impl Links {
             .iter()
             .filter_map(|rel| {
                 let st = stat(source, rel)?;
-                (st.st_nlink > 1 && FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
+                (st.st_nlink > 1 && FileType::from_raw_mode(st.st_mode) != FileType::Directory)
                     .then(|| (rel.clone(), st.st_dev, st.st_ino, st.st_nlink))
             })
             .collect();
@@ -278,7 +280,7 @@ fn stat(source: &Root, rel: &[u8]) -> Option<rustix::fs::Stat> {
     rustix::fs::statat(dir.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW).ok()
 }
 
-/// The regular files of the source, outside what `filter` excludes, whose
+/// The entries of the source but directories, outside what `filter` excludes, whose
 /// inode number is in `wanted`: a parallel walk of names and inode numbers.
 fn search(source: &Root, filter: &Filter, wanted: &HashSet<u64>) -> Vec<(u64, Vec<u8>)> {
     let found = Mutex::new(Vec::new());
@@ -311,7 +313,11 @@ fn visit<'s>(
         };
         match t {
             FileType::Directory if !filter.excluded(&rel, true) => subdirs.push(rel),
-            FileType::RegularFile if wanted.contains(&ino) && !filter.excluded(&rel, false) => {
+            // Symlinks and special files have hard links too.
+            t if t != FileType::Directory
+                && wanted.contains(&ino)
+                && !filter.excluded(&rel, false) =>
+            {
                 crate::locks::lock(found).push((ino, rel));
             }
             _ => {}

@@ -961,7 +961,7 @@ impl Shipper {
                     }
                     let parent = paths::parent(p).map(|x| x.to_vec());
                     if v.flags & flags::LIVE != 0
-                        && matches!(o, Outcome::Copied { meta, .. } | Outcome::Unchanged { meta } if meta.kind == Kind::File)
+                        && matches!(o, Outcome::Copied { meta, .. } | Outcome::Unchanged { meta } if meta.kind != Kind::Dir)
                     {
                         live_files.push(p.clone());
                     }

@@ -581,6 +581,20 @@ fn a_change_through_one_hard_link_reaches_every_name(b: Backend) {
     env.converge(&[], &d);
     append(&env.s("d2/b"), b"three\n");
     env.converge(&["--checksum"], &d);
+
+    // Symlinks and FIFOs have hard links too (fsstress made them: a chown
+    // through one name left the other's copy with the old owner).
+    sh(
+        &env.src,
+        "ln -s d1/a sl; ln -P sl d2/sl2; mkfifo d1/p; ln d1/p d3/p2",
+    );
+    env.converge(&[], &d);
+    sh(&env.src, "chmod 0600 d3/p2");
+    if is_root() {
+        sh(&env.src, "chown -h 1234:1234 d2/sl2");
+    }
+    env.converge(&[], &d);
+    assert_eq!(mode_of(&env.d("d1/p")) & 0o777, 0o600);
     d.terminate();
 }
 
