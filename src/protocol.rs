@@ -229,9 +229,10 @@ pub enum Op {
         meta: Meta,
         xattrs: Option<Xattrs>,
     },
-    /// Make `rel` another name of the receiver's file at `to` (an earlier
-    /// path: hard links, see [`crate::links`]), which must be a current
-    /// copy of `meta` (same size and mtime), or the operation fails; then
+    /// Make `rel` another name of the receiver's entry at `to` (an earlier
+    /// path: hard links of files, symlinks and special files, see
+    /// [`crate::links`]), which must be a current copy of `meta` (same
+    /// type, size, mtime and device number), or the operation fails; then
     /// give it `meta`'s attributes and `xattrs`.
     Link {
         #[serde(with = "serde_bytes")]

@@ -427,7 +427,7 @@ impl Compare<'_> {
                 }
                 continue;
             }
-            let linked = links && c.meta.kind == Kind::File && c.meta.nlink > 1;
+            let linked = links && c.meta.kind != Kind::Dir && c.meta.nlink > 1;
             // Vouched for, but held as a copy apart from another name of
             // the same source file: to be linked (see `Target::note_mirrored`).
             let relink =

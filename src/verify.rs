@@ -253,8 +253,8 @@ pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyEr
                     }
                 }
                 if opts.keep.hard_links
-                    && c.meta.kind == Kind::File
-                    && t.kind == Kind::File
+                    && c.meta.kind != Kind::Dir
+                    && t.kind == c.meta.kind
                     && (c.meta.nlink > 1 || t.nlink > 1)
                 {
                     crate::locks::lock(&linked).push((

@@ -810,18 +810,27 @@ impl LocalTarget {
         let dir = self.parent_dir(rel)?;
         let name = paths::split(rel).1;
         let x = self.source_xattrs(Handle::At(sd, name), rel)?;
+        let (linked, mut claim) = self.linked(dir.as_fd(), rel, &m, x.as_ref())?;
+        if let Some(out) = linked {
+            return Ok(out);
+        }
         let same_text =
             || fsops::read_link_at(dir.as_fd(), name).ok().as_deref() == Some(text.as_slice());
-        if f & (flags::CONTENT | flags::ABSENT) == 0
+        let out = if f & (flags::CONTENT | flags::ABSENT) == 0
             && self.unchanged(dir.as_fd(), name, &m, x.as_ref(), rel, same_text)?
         {
-            return Ok(Outcome::Unchanged { meta: m });
+            Outcome::Unchanged { meta: m }
+        } else {
+            self.put_symlink(rel, &text, &m, x.as_ref())?;
+            Outcome::Copied {
+                meta: m,
+                bytes: text.len() as u64,
+            }
+        };
+        if let Some(c) = claim.as_mut() {
+            c.mirrored();
         }
-        self.put_symlink(rel, &text, &m, x.as_ref())?;
-        Ok(Outcome::Copied {
-            meta: m,
-            bytes: text.len() as u64,
-        })
+        Ok(out)
     }
 
     /// Mirrors special file `rel` (in source directory `sd`), unless this
@@ -838,20 +847,24 @@ impl LocalTarget {
         }
         let name = paths::split(rel).1;
         let x = self.source_xattrs(Handle::At(sd, name), rel)?;
+        let dir = self.parent_dir(rel)?;
+        let (linked, mut claim) = self.linked(dir.as_fd(), rel, m, x.as_ref())?;
+        if let Some(out) = linked {
+            return Ok(out);
+        }
         if f & (flags::CONTENT | flags::ABSENT) == 0
-            && self.unchanged(
-                self.parent_dir(rel)?.as_fd(),
-                name,
-                m,
-                x.as_ref(),
-                rel,
-                || true,
-            )?
+            && self.unchanged(dir.as_fd(), name, m, x.as_ref(), rel, || true)?
         {
+            if let Some(c) = claim.as_mut() {
+                c.mirrored();
+            }
             return Ok(Outcome::Unchanged { meta: *m });
         }
         if self.put_special(rel, m, x.as_ref())?.contains(&"device") {
             return Ok(Outcome::Special);
+        }
+        if let Some(c) = claim.as_mut() {
+            c.mirrored();
         }
         Ok(Outcome::Copied { meta: *m, bytes: 0 })
     }
@@ -947,9 +960,32 @@ impl LocalTarget {
         Ok(None)
     }
 
-    /// Links `rel` (in target directory `td`) to the target's file at
-    /// `other` if that is a current copy of source file `m` (its size and
-    /// mtime), and gives it `m`'s attributes and `x`. `None`: `other` is
+    /// For a symlink or special file `rel` (`m`, in target directory `td`)
+    /// with more than one link: claims its inode and links it to a current
+    /// copy of another name, if the target holds one (see
+    /// [`crate::links::Mirrored`]). Without an outcome, the caller applies
+    /// it and says so to the claim.
+    fn linked(
+        &self,
+        td: BorrowedFd<'_>,
+        rel: &[u8],
+        m: &Meta,
+        x: Option<&Xattrs>,
+    ) -> Result<(Option<Outcome>, Option<Claim>), ApplyError> {
+        if !(self.keep.hard_links && m.nlink > 1) {
+            return Ok((None, None));
+        }
+        let (names, mut claim) = self.mirrored.claim((m.dev, m.ino), rel);
+        let out = self.link_to_copy(td, rel, m, x, &names, &mut claim)?;
+        if out.is_some() {
+            claim.mirrored();
+        }
+        Ok((out, Some(claim)))
+    }
+
+    /// Links `rel` (in target directory `td`) to the target's entry at
+    /// `other` if that is a current copy of source entry `m` (see
+    /// [`current_copy`]), and gives it `m`'s attributes and `x`. `None`: `other` is
     /// no such copy (gone, replaced, or changed since).
     fn link_at(
         &self,
@@ -961,9 +997,7 @@ impl LocalTarget {
     ) -> Result<Option<(Outcome, Refused)>, ApplyError> {
         let name = paths::split(rel).1;
         let copy = match self.root.lstat(other) {
-            Ok(Some(t)) if t.kind == Kind::File && t.size == m.size && t.mtime_ns == m.mtime_ns => {
-                t
-            }
+            Ok(Some(t)) if current_copy(&t, m) => t,
             _ => return Ok(None),
         };
         let linked = |t: &Meta| t.ino == copy.ino && t.dev == copy.dev;
@@ -1131,6 +1165,14 @@ impl LocalTarget {
             tries: COPY_TRIES,
         })
     }
+}
+
+/// Whether target entry `t` is a current copy of source entry `m`, to be
+/// linked to as another name of it: the same type and mtime, and the same
+/// size (a file's content, a symlink's text, which never changes in
+/// place) and device number.
+fn current_copy(t: &Meta, m: &Meta) -> bool {
+    t.kind == m.kind && t.mtime_ns == m.mtime_ns && t.size == m.size && t.rdev == m.rdev
 }
 
 /// Below this size a read + write is cheaper than `copy_file_range`'s

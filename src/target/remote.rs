@@ -1183,15 +1183,19 @@ impl RemoteTarget {
                             match xattrs {
                                 Err(e) => Plan::Now(Err(e)),
                                 Ok(xattrs) => {
-                                    let slot = b.op(Op::Special {
-                                        rel: rel.to_vec(),
-                                        meta: m,
-                                        xattrs,
-                                    })?;
+                                    let (linked, linking) = b.link_entry(rel, &m, &xattrs)?;
+                                    let slot = match linked {
+                                        Some(slot) => slot,
+                                        None => b.op(Op::Special {
+                                            rel: rel.to_vec(),
+                                            meta: m,
+                                            xattrs,
+                                        })?,
+                                    };
                                     Plan::Sent {
                                         slot,
                                         then: Then::Copied { meta: m, bytes: 0 },
-                                        linking: None,
+                                        linking,
                                     }
                                 }
                             }
@@ -1210,16 +1214,20 @@ impl RemoteTarget {
                         {
                             Ok((text, xattrs)) => {
                                 let bytes = text.len() as u64;
-                                let slot = b.op(Op::Symlink {
-                                    rel: rel.to_vec(),
-                                    text,
-                                    meta: m,
-                                    xattrs,
-                                })?;
+                                let (linked, linking) = b.link_entry(rel, &m, &xattrs)?;
+                                let slot = match linked {
+                                    Some(slot) => slot,
+                                    None => b.op(Op::Symlink {
+                                        rel: rel.to_vec(),
+                                        text,
+                                        meta: m,
+                                        xattrs,
+                                    })?,
+                                };
                                 Plan::Sent {
                                     slot,
                                     then: Then::Copied { meta: m, bytes },
-                                    linking: None,
+                                    linking,
                                 }
                             }
                             Err(e) if fsops::is_missing(&e) || e.raw_os_error() == Some(22) => {
@@ -1490,6 +1498,29 @@ impl BatchSender<'_> {
             self.linked.insert((meta.dev, meta.ino), rel.to_vec());
         }
         Ok((sent, linking))
+    }
+
+    /// [`BatchSender::link`] for a symlink or special file `rel` (`m`): the
+    /// slot of the link sent, if one was; without one, the caller sends it
+    /// whole, as this batch's first name of its inode.
+    fn link_entry(
+        &mut self,
+        rel: &[u8],
+        m: &Meta,
+        xattrs: &Option<Xattrs>,
+    ) -> Result<(Option<usize>, Option<Linking>), ApplyError> {
+        if !(self.t.keep.hard_links && m.nlink > 1) {
+            return Ok((None, None));
+        }
+        let mut linking = None;
+        let slot = match self.link(rel, m, xattrs, &mut linking)? {
+            Some(FileSent::Sent { slot, .. }) => Some(slot),
+            _ => None,
+        };
+        if slot.is_none() {
+            self.linked.insert((m.dev, m.ino), rel.to_vec());
+        }
+        Ok((slot, linking))
     }
 
     /// Sends hard-linked file `rel` (`before`) as a link to another name of

@@ -69,14 +69,17 @@ fn populate(src: &Path, links: bool) {
     }
     sh(src, &script);
     if links {
-        // A pair in one directory (one name with attributes) and a group
-        // of three across directories.
+        // A pair in one directory (one name with attributes), a group of
+        // three across directories, and linked symlink and FIFO (rsync -H
+        // keeps those too).
         sh(
             src,
             "ln a a2
              echo group > sub/h1
              ln sub/h1 sub/deeper/h2
              ln sub/h1 h3
+             ln -P link sub/link_too
+             ln fifo sub/fifo_too
              ",
         );
     }
@@ -114,14 +117,20 @@ fn dump(dir: &Path) -> String {
          find . -printf '%p %y %m %U %G %T@\\n' | sort
          find . -type f -printf '%p size=%s blocks=%b links=%n\\n' | sort
          find . \\( -type c -o -type b \\) -exec stat -c '%n %t %T' {} + | sort
-         find . -type f -links +1 -printf '%i %p\\n' | sort \\
+         find . ! -type d -links +1 -printf '%i %p\\n' | sort \\
            | awk '{ g[$1] = g[$1] \" \" $2 } END { for (i in g) print \"linked\" g[i] }' | sort",
     )
 }
 
-/// What rsync -aHAXS --numeric-ids makes of `src` now, in `root/reference`.
+/// What rsync -aHAXS --numeric-ids makes of `src` now, in `root/reference`,
+/// from scratch: an update of an earlier copy is not the reference (rsync
+/// 3.5.0 updates a FIFO in place when a new one replaced it in the source,
+/// and so changes the names still linked to the old one).
 fn reference(src: &Path, root: &Path) -> PathBuf {
     let r = root.join("reference");
+    if r.exists() {
+        std::fs::remove_dir_all(&r).expect("remove the last reference");
+    }
     let out = Command::new("rsync")
         .args(["-aHAXS", "--numeric-ids", "--delete"])
         .arg(format!("{}/", src.display()))
@@ -247,6 +256,7 @@ fn faithful_through(env: &Env, links: bool, start: &dyn Fn() -> Daemon) {
             "linked ./h2_moved ./sub/h1 ./sub/h4",
             "linked ./f_too ./sub/deeper/f",
             "linked ./acl_dir/inherits ./inherits_too",
+            "linked ./link ./sub/link_too",
         ] {
             assert!(seen.contains(want), "no `{want}` in the dump:\n{seen}");
         }
