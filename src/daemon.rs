@@ -431,10 +431,16 @@ fn lag_floor(journal: &Journal, ids: impl Iterator<Item = TargetId>) -> Result<(
 /// Runs the daemon until a signal or a fatal error.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let state_dir = cfg.state_dir.clone();
-    let r = run_daemon(cfg);
+    // Held until the process ends or re-executes itself (the file is
+    // close-on-exec): no second daemon takes the state directory while
+    // this one waits for space on it.
+    let lock = lock_state_dir(&state_dir)?;
+    let board = std::sync::OnceLock::new();
+    let r = run_daemon(cfg, &lock, &board);
     if let Err(e) = &r {
         crate::rebuild::note_if_corrupt(&state_dir, e);
-        crate::state_space::wait_out_if_full(&state_dir, e, e.journal_error().is_some());
+        let from_journal = e.journal_error().is_some();
+        crate::state_space::wait_out_if_full(&state_dir, e, from_journal, board.get());
     }
     r
 }
@@ -452,7 +458,13 @@ impl DaemonError {
     }
 }
 
-fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
+/// The run itself, under the state directory's `lock`; puts its status
+/// board in `board_out`, for `status` to be answered after it stopped.
+fn run_daemon(
+    cfg: Config,
+    lock: &File,
+    board_out: &std::sync::OnceLock<Arc<crate::status::Board>>,
+) -> Result<(), DaemonError> {
     raise_fd_limit();
     // Named, so that `top -H` and perf tell the copy workers apart: unnamed,
     // they took the name of whichever thread first used the pool (`ship-0`).
@@ -460,9 +472,8 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
     let _ = rayon::ThreadPoolBuilder::new()
         .thread_name(|i| format!("work-{i}"))
         .build_global();
-    let lock = lock_state_dir(&cfg.state_dir)?;
     let guard =
-        crate::pulse::StateDirGuard::new(cfg.state_dir.join("lock"), &lock).map_err(|source| {
+        crate::pulse::StateDirGuard::new(cfg.state_dir.join("lock"), lock).map_err(|source| {
             DaemonError::StateDir {
                 path: cfg.state_dir.clone(),
                 source,
@@ -728,6 +739,7 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
         scan_entries: 0,
         scan_expected: 0,
         uncaptured: Vec::new(),
+        waiting: None,
         targets: targets
             .iter()
             .map(|t| crate::status::TargetStatus {
@@ -737,6 +749,7 @@ fn run_daemon(cfg: Config) -> Result<(), DaemonError> {
             })
             .collect(),
     }));
+    let _ = board_out.set(board.clone());
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel();
     let stop = Arc::new(AtomicBool::new(false));
     let sup = Arc::new(Supervisor::new(stop.clone(), fatal_tx));

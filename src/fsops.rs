@@ -231,6 +231,19 @@ impl Root {
 
     /// `lstat` of `rel`; `None` when it does not exist as a plain entry.
     pub fn lstat(&self, rel: &[u8]) -> io::Result<Option<Meta>> {
+        Ok(self.stat_raw(rel)?.map(|st| Meta::from_stat(&st)))
+    }
+
+    /// The bytes a copy of `rel` takes on a filesystem: its size, or what
+    /// it allocates when that is less (holes stay holes in a copy).
+    pub fn space(&self, rel: &[u8]) -> io::Result<Option<u64>> {
+        Ok(self.stat_raw(rel)?.map(|st| {
+            let allocated = (st.st_blocks as u64).saturating_mul(512);
+            (st.st_size as u64).min(allocated)
+        }))
+    }
+
+    fn stat_raw(&self, rel: &[u8]) -> io::Result<Option<rustix::fs::Stat>> {
         let r = if rel.is_empty() {
             rustix::fs::fstat(&self.fd).map_err(io::Error::from)
         } else {
@@ -241,7 +254,7 @@ impl Root {
             })
         };
         match r {
-            Ok(st) => Ok(Some(Meta::from_stat(&st))),
+            Ok(st) => Ok(Some(st)),
             Err(e) if is_missing(&e) => Ok(None),
             Err(e) => Err(e),
         }

@@ -46,7 +46,9 @@ use crate::meta::Meta;
 /// 5: `Welcome { root }` and [`Request::Mark`]: the target's identity.
 /// 6: fidelity: extended attributes and ACLs with each entry,
 ///    [`Op::Special`], [`Chunk::Hole`], `Meta::rdev`, [`Done::Partial`].
-pub const VERSION: u32 = 7;
+/// 7: [`Op::Link`], hard links.
+/// 8: [`Request::Space`]: a file that did not fit waits for room.
+pub const VERSION: u32 = 8;
 
 /// Largest payload accepted. Data chunks are at most [`CHUNK`] bytes, and
 /// listings are split well below this.
@@ -182,6 +184,12 @@ pub enum Request {
     EndBatch {
         batch: u64,
     },
+    /// The bytes free for the receiver on its root's filesystem, answered
+    /// by `Space`: a file that failed for want of room is sent again only
+    /// once it fits (see `Shipper::space_retry`).
+    Space {
+        id: u64,
+    },
 }
 
 impl Request {
@@ -198,6 +206,7 @@ impl Request {
             Request::Op { .. } => "Op",
             Request::Data { .. } => "Data",
             Request::EndBatch { .. } => "EndBatch",
+            Request::Space { .. } => "Space",
         }
     }
 }
@@ -416,6 +425,10 @@ pub enum Reply {
     /// A protocol violation: the receiver closes the connection after it.
     Fatal {
         reason: String,
+    },
+    Space {
+        id: u64,
+        free: u64,
     },
 }
 

@@ -121,21 +121,13 @@ impl Pulse {
     /// writes that are no longer the mirror.
     fn check_targets(&self) -> Result<(), DaemonError> {
         for (name, path, held) in &self.local_roots {
-            let now = rustix::fs::stat(path).map(|st| file_id(&st));
-            if now.as_ref().ok() != Some(held) {
-                let why = match now {
-                    Ok(_) => "the path now names another directory (renamed, replaced or \
-                              mounted over) than the one drmirror writes to"
-                        .to_string(),
-                    Err(e) => format!("the path is gone ({e})"),
-                };
-                return Err(IdentityError::NotTheTarget {
+            crate::target::identity::still_at(path, *held).map_err(|why| {
+                IdentityError::NotTheTarget {
                     name: name.clone(),
                     path: path.display().to_string(),
                     why,
                 }
-                .into());
-            }
+            })?;
         }
         Ok(())
     }

@@ -36,13 +36,10 @@ const BULK_WAVE: usize = 16384;
 pub const GROUP: usize = 64;
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(60);
-/// Longest wait between two attempts at a path that failed for want of
-/// space on the target (and would fit in what it has, as far as is known).
-const SPACE_RETRY: Duration = Duration::from_secs(2);
-/// A remote target's free space is not known here: a space error on a file
-/// larger than this backs off like any other error, so that a file that can
-/// never fit is not sent again every SPACE_RETRY.
-const SPACE_RETRY_MAX_BYTES: u64 = 4 << 20;
+/// First and longest wait of a path that does not fit in what is free on
+/// the target, unless that room is free sooner (see `Shipper::due`).
+const SPACE_WAIT_MIN: Duration = Duration::from_secs(60);
+const SPACE_WAIT_MAX: Duration = Duration::from_secs(900);
 /// How many failing paths `status` names.
 const FAILING_SHOWN: usize = 10;
 /// Longest time applied changes wait for their syncfs + journal commit.
@@ -184,8 +181,10 @@ pub struct Retry {
     seq: Option<u64>,
     /// The last error, for `status`.
     why: String,
-    /// Failed for want of space on a local target: due again as soon as
-    /// this many bytes are free there.
+    /// Failed for want of space on the target, where it does not fit now:
+    /// due again as soon as this many bytes are free there (or after its
+    /// long backoff, for a filesystem whose free figure understates what
+    /// fits: compression, deduplication).
     need: Option<u64>,
 }
 
@@ -735,9 +734,22 @@ impl Shipper {
     }
 
     /// Schedules the next attempt at `p` with exponential backoff.
-    fn schedule_retry(&mut self, p: &[u8], seq: Option<u64>, cap: Duration, why: String) -> u32 {
+    /// A path that waits for room (`need`) starts its backoff at
+    /// SPACE_WAIT_MIN: it goes as soon as the room is free, and a file that
+    /// cannot fit is not written, or sent over the wire, again and again.
+    fn schedule_retry(
+        &mut self,
+        p: &[u8],
+        seq: Option<u64>,
+        why: String,
+        need: Option<u64>,
+    ) -> u32 {
         let attempts = self.retry.get(p).map(|r| r.attempts + 1).unwrap_or(1);
-        let backoff = (RETRY_MIN * 2u32.saturating_pow(attempts.min(16) - 1)).min(cap);
+        let (first, cap) = match need {
+            Some(_) => (SPACE_WAIT_MIN, SPACE_WAIT_MAX),
+            None => (RETRY_MIN, RETRY_MAX),
+        };
+        let backoff = (first * 2u32.saturating_pow(attempts.min(16) - 1)).min(cap);
         self.retry.insert(
             p.to_vec(),
             Retry {
@@ -745,7 +757,7 @@ impl Shipper {
                 attempts,
                 seq,
                 why,
-                need: None,
+                need,
             },
         );
         attempts
@@ -755,48 +767,42 @@ impl Shipper {
     fn failing_shown(&self) -> Vec<String> {
         let mut v: Vec<(&Vec<u8>, &Retry)> = self.retry.iter().collect();
         v.sort_by(|a, b| a.0.cmp(b.0));
+        let now = Instant::now();
         v.into_iter()
             .take(FAILING_SHOWN)
-            .map(|(p, r)| format!("{}: {} (attempt {})", paths::display(p), r.why, r.attempts))
+            .map(|(p, r)| {
+                let next = r.at.saturating_duration_since(now).as_secs();
+                let (path, why, n) = (paths::display(p), &r.why, r.attempts);
+                format!("{path}: {why} (attempt {n}, next within {next}s)")
+            })
             .collect()
     }
 
-    /// How to retry path `p`, which failed for want of space: (the free
-    /// bytes that make it due again, the longest backoff, a note for the
-    /// message). On a local target it is due again as soon as its size is
-    /// free (checked every round), and otherwise backs off: a file that
-    /// cannot fit is not written again every few seconds, and one that can
-    /// goes as soon as space returns. A remote target's free space is not
-    /// known here: small files are retried every SPACE_RETRY, larger ones
-    /// back off, so that one that never fits is not sent again and again.
-    fn space_retry(&self, p: &[u8]) -> (Option<u64>, Duration, String) {
-        let size = self.source.lstat(p).ok().flatten().map_or(0, |m| m.size);
-        match self.target.as_ref() {
-            Target::Local(_) => {
-                let free = self.target_free().unwrap_or(0);
-                let note = format!("needs {size} bytes, {free} free; retried when they are");
-                (Some(size), RETRY_MAX, note)
-            }
-            Target::Remote(_) if size <= SPACE_RETRY_MAX_BYTES => (
-                None,
-                SPACE_RETRY,
-                format!("retrying every {}s", SPACE_RETRY.as_secs()),
+    /// How to retry path `p`, which failed for want of space: the room it
+    /// waits for, if it does not fit in what is free on the target now (its
+    /// size, or its allocated bytes if a sparse file; asked every round
+    /// while a path waits, of a remote target's receiver too), and a note
+    /// for the message. One that fits now met a disk another copy was
+    /// filling: it is retried on the short backoff of any failure.
+    fn space_retry(&self, p: &[u8]) -> (Option<u64>, String) {
+        let bytes = self.source.space(p).ok().flatten().unwrap_or(0);
+        match self.target_free() {
+            Some(f) if f >= bytes => (None, format!("needs {bytes} bytes, {f} free")),
+            Some(f) => (
+                Some(bytes),
+                format!("needs {bytes} bytes, {f} free; retried when they are"),
             ),
-            Target::Remote(_) => (
-                None,
-                RETRY_MAX,
-                format!("{size} bytes: backing off, it may not fit on the far side"),
+            None => (
+                Some(bytes),
+                format!("needs {bytes} bytes; retried when they are free"),
             ),
         }
     }
 
-    /// The bytes free on a local target (None for a remote one).
+    /// The bytes free on the target (None if it cannot tell: a remote
+    /// target that is down).
     fn target_free(&self) -> Option<u64> {
-        let Target::Local(l) = self.target.as_ref() else {
-            return None;
-        };
-        let st = rustix::fs::fstatvfs(l.root().fd()).ok()?;
-        Some(st.f_bavail.saturating_mul(st.f_frsize))
+        self.target.free_bytes().ok()
     }
 
     fn round(&mut self) -> Result<Round, JournalError> {
@@ -1471,7 +1477,7 @@ impl Shipper {
             std::mem::take(&mut *stats.failed_dirs.lock().unwrap_or_else(|p| p.into_inner()));
         for d in failed {
             let seq = self.journal.pending_get(self.t, &d)?.map(|v| v.seq);
-            self.schedule_retry(&d, seq, RETRY_MAX, "cannot list the directory".into());
+            self.schedule_retry(&d, seq, "cannot list the directory".into(), None);
         }
         tracing::debug!(
             target = %self.name, path = %paths::display(p),
@@ -1543,28 +1549,22 @@ impl Shipper {
         }
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("drmirror_errors_total", "kind" => e.kind()).increment(1);
-        // A full target is retried at a short, steady interval: once space
-        // returns, everything goes on within seconds, not after a backoff
-        // that grew through the outage.
-        let (need, cap, msg) = if e.out_of_space() {
-            let (need, cap, note) = self.space_retry(p);
-            (
-                need,
-                cap,
-                format!("waiting for space on the target ({note}): {e}"),
-            )
+        // A full target is not retried on a backoff alone: once the room a
+        // path needs is free there, it goes (within a round), not after a
+        // backoff that grew through the outage.
+        let (need, msg) = if e.out_of_space() {
+            let (need, note) = self.space_retry(p);
+            let msg = format!("waiting for space on the target ({note}): {e}");
+            (need, msg)
         } else {
-            (None, RETRY_MAX, e.to_string())
+            (None, e.to_string())
         };
         self.show_error(msg.clone());
         // A file that keeps changing raises new events all the time: those
         // must not cut its backoff short, or every round would spend three
         // full copies on it and hold back every other path.
         let changing = matches!(e, ApplyError::Changing { .. });
-        let attempts = self.schedule_retry(p, (!changing).then_some(seq), cap, msg);
-        if let Some(r) = self.retry.get_mut(p) {
-            r.need = need;
-        }
+        let attempts = self.schedule_retry(p, (!changing).then_some(seq), msg, need);
         if attempts == 1 && self.log_limit.allow() {
             tracing::warn!(target = %self.name, kind = e.kind(), "{e}; will retry");
         } else {

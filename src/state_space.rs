@@ -19,13 +19,22 @@
 //!   preallocated); any other error exits as before.
 //! - SIGTERM or SIGINT while waiting ends the process (exit 1, the error
 //!   that stopped the run logged).
+//! - The state directory stays locked while it waits (no second daemon
+//!   takes it), and `drmirror status` is answered: CRITICAL, with why it
+//!   waits, each target down with that reason and its lag counting on from
+//!   what it was when the run stopped (it never reads lower than the
+//!   truth: nothing is applied meanwhile).
 //! - Re-executions that fail again at once back off (1 s doubling to 60 s;
 //!   a run that lasted 5 minutes starts the count again), so a filesystem
 //!   that hovers at the edge cannot make a tight loop of it.
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::status::Board;
 
 /// Below this much free, a journal error is taken for a full state
 /// directory even if it does not say so.
@@ -56,7 +65,12 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
 /// short of space, waits until it has [`ROOM`] and re-executes the daemon
 /// (does not return then). Returns if there is room, if it cannot tell, on
 /// SIGTERM/SIGINT, or if the re-execution failed.
-pub fn wait_out_if_full(state: &Path, err: &dyn std::fmt::Display, from_journal: bool) {
+pub fn wait_out_if_full(
+    state: &Path,
+    err: &dyn std::fmt::Display,
+    from_journal: bool,
+    board: Option<&Arc<Board>>,
+) {
     let text = err.to_string();
     // Closing the journal may give back what it had preallocated, so the
     // journal's error itself tells too: RocksDB's own ENOSPC, or the state
@@ -75,16 +89,16 @@ pub fn wait_out_if_full(state: &Path, err: &dyn std::fmt::Display, from_journal:
         state.display(),
         MORE >> 20
     );
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
-        "waiting for space on the state directory's filesystem",
-    )]);
+    let why = "waiting for space on the state directory's filesystem";
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(why)]);
+    let waiting = board.map(|b| Waiting::start(state, b.clone(), format!("{why}: {err}")));
     let recent = now_secs().saturating_sub(last) < 300;
     let backoff = if recent {
         Duration::from_secs((1u64 << count.min(6)).min(60))
     } else {
         Duration::ZERO
     };
-    if !wait(state, backoff) {
+    if !wait(state, backoff, waiting.as_ref()) {
         return;
     }
     tracing::info!("space returned on the state directory's filesystem: starting again");
@@ -97,9 +111,67 @@ pub fn wait_out_if_full(state: &Path, err: &dyn std::fmt::Display, from_journal:
     tracing::error!("cannot start again (exec /proc/self/exe): {e}");
 }
 
+/// The status the stopped run's board shows while it waits, served on the
+/// state directory's socket.
+struct Waiting {
+    board: Arc<Board>,
+    since: Instant,
+    /// Each target's lag when the run stopped.
+    lags: Vec<f64>,
+}
+
+impl Waiting {
+    fn start(state: &Path, board: Arc<Board>, why: String) -> Waiting {
+        board.update(|s| {
+            s.waiting = Some(why.clone());
+            for t in &mut s.targets {
+                t.up = false;
+                t.last_error = Some(why.clone());
+                t.last_error_unix = Some(crate::status::unix_now());
+                t.last_error_resolved_unix = None;
+            }
+        });
+        let lags = board
+            .snapshot()
+            .targets
+            .iter()
+            .map(|t| t.lag_seconds)
+            .collect();
+        // A full filesystem may refuse even the socket's entry: then
+        // `status` finds no daemon, as before.
+        match crate::status::bind(state) {
+            Ok(listener) => {
+                let b = board.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("status".into())
+                    .spawn(move || listener.serve(&b, &AtomicBool::new(false)));
+                if let Err(e) = spawned {
+                    tracing::warn!("cannot answer status while waiting: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("cannot answer status while waiting: {e}"),
+        }
+        Waiting {
+            board,
+            since: Instant::now(),
+            lags,
+        }
+    }
+
+    /// Each target's lag grows with the clock: nothing is applied.
+    fn tick(&self) {
+        let waited = self.since.elapsed().as_secs_f64();
+        self.board.update(|s| {
+            for (t, lag) in s.targets.iter_mut().zip(&self.lags) {
+                t.lag_seconds = lag + waited;
+            }
+        });
+    }
+}
+
 /// Waits at least `backoff` and until `state` has [`MORE`] more free than
 /// now (or [`PLENTY`]), feeding the watchdog; false on SIGTERM/SIGINT.
-fn wait(state: &Path, backoff: Duration) -> bool {
+fn wait(state: &Path, backoff: Duration, waiting: Option<&Waiting>) -> bool {
     let base = free_bytes(state).unwrap_or(0);
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -123,6 +195,9 @@ fn wait(state: &Path, backoff: Duration) -> bool {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            if let Some(w) = waiting {
+                w.tick();
+            }
             let room = |f: u64| f >= base.saturating_add(MORE) || f >= PLENTY;
             if start.elapsed() >= backoff && free_bytes(state).is_some_and(room) {
                 return true;

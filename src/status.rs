@@ -37,7 +37,7 @@ pub struct TargetStatus {
     pub initial_sync_done: bool,
     /// Paths waiting for a retry after an error.
     pub failing_paths: u64,
-    /// The first few of them: `PATH: ERROR (attempt N)`.
+    /// The first few of them: `PATH: ERROR (attempt N, next within Ss)`.
     #[serde(default)]
     pub failing: Vec<String>,
     /// Background scrub (see `drmirror::scrub`): full passes finished,
@@ -76,6 +76,11 @@ pub struct Status {
     /// they show is not kept current. `status` says CRITICAL.
     #[serde(default)]
     pub uncaptured: Vec<String>,
+    /// Why the daemon is not running its pipeline but waiting (for space
+    /// on the state directory's filesystem: see [`crate::state_space`]).
+    /// `status` says CRITICAL.
+    #[serde(default)]
+    pub waiting: Option<String>,
     pub targets: Vec<TargetStatus>,
 }
 
@@ -336,6 +341,9 @@ pub fn health(s: &Status, warn_lag: f64, max_lag: f64) -> (Health, Vec<String>) 
         worst = worst.max(h);
         why.push(w);
     };
+    if let Some(w) = &s.waiting {
+        say(Health::Critical, format!("not replicating: {w}"));
+    }
     if !s.uncaptured.is_empty() {
         say(
             Health::Critical,
@@ -423,6 +431,9 @@ pub fn render(s: &Status) -> String {
         out.push_str(&format!(
             "  journal rebuilt at this start: the corrupt one is kept at {old}\n"
         ));
+    }
+    if let Some(w) = &s.waiting {
+        out.push_str(&format!("  NOT REPLICATING, {w}\n"));
     }
     for u in &s.uncaptured {
         out.push_str(&format!("  NOT CAPTURED: {u}\n"));

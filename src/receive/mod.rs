@@ -495,7 +495,23 @@ fn check_hello(
     if let Some(want) = root {
         same_root(target, &want).map_err(|reason| Refusal::new(RefusalKind::Root, reason))?;
     }
-    Ok(())
+    root_in_place(target).map_err(|reason| Refusal::new(RefusalKind::Root, reason))
+}
+
+/// `Err(why)` when the root's path no longer names the directory this
+/// receiver holds open (renamed, replaced, mounted over): what it would
+/// write is no longer the mirror at that path. Checked at each connection,
+/// each batch and each flush; the daemon then keeps the target down with
+/// the reason, and goes on once the path names that directory again (a
+/// receiver started afresh opens whatever the path names then).
+fn root_in_place(target: &LocalTarget) -> Result<(), String> {
+    target.still_at_path().map_err(|why| {
+        format!(
+            "the root {}: {why}; writing nothing there (restart the receiver to serve what the \
+             path names now)",
+            target.root().path().display()
+        )
+    })
 }
 
 /// Most batch workers per connection.
@@ -641,10 +657,14 @@ fn sync_loop<W: Write>(
                 p.wait_for(n);
             }
         }
-        let result = target
-            .sync()
-            .map(|()| true)
-            .map_err(|e| format!("syncfs: {e}"));
+        // Copies made in a directory moved away are not the mirror at the
+        // path: not confirmed (the daemon keeps them pending).
+        let result = root_in_place(target).and_then(|()| {
+            target
+                .sync()
+                .map(|()| true)
+                .map_err(|e| format!("syncfs: {e}"))
+        });
         let replies: Vec<Reply> = syncs
             .into_iter()
             .map(|(id, _)| Reply::Done {
@@ -796,6 +816,13 @@ impl<'a> Session<'a> {
                 result: crate::target::identity::put_mark(self.target.dir_fd(), &mark)
                     .map(|()| true)
                     .map_err(|e| format!("cannot mark the root: {e}")),
+            }],
+            Request::Space { id } => vec![match self.target.free_bytes() {
+                Ok(free) => Reply::Space { id, free },
+                Err(e) => Reply::Failed {
+                    id,
+                    error: format!("statvfs: {e}"),
+                },
             }],
             Request::Sync { id } => vec![Reply::Done {
                 id,
@@ -963,8 +990,11 @@ impl<'a> Session<'a> {
     }
 
     fn op(&mut self, batch: u64, op: Op) -> Result<(), String> {
-        if !self.batches.contains_key(&batch) && self.batches.len() >= MAX_OPEN_BATCHES {
-            return Err(format!("more than {MAX_OPEN_BATCHES} batches open"));
+        if !self.batches.contains_key(&batch) {
+            if self.batches.len() >= MAX_OPEN_BATCHES {
+                return Err(format!("more than {MAX_OPEN_BATCHES} batches open"));
+            }
+            root_in_place(self.target)?;
         }
         let slots = self.batches.entry(batch).or_default();
         if slots.len() >= MAX_BATCH_OPS {

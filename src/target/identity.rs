@@ -153,6 +153,22 @@ pub fn file_id(fd: impl AsFd) -> io::Result<(u64, u64)> {
     Ok((st.st_dev, st.st_ino))
 }
 
+/// `Err(why)` when `path` no longer names the directory `held` (its
+/// device and inode) that is written through: renamed, replaced, swapped
+/// for a symlink, mounted over, or gone. What is written then is no longer
+/// the mirror at the path.
+pub fn still_at(path: &Path, held: (u64, u64)) -> Result<(), String> {
+    match rustix::fs::stat(path) {
+        Ok(st) if (st.st_dev, st.st_ino) == held => Ok(()),
+        Ok(_) => Err(
+            "the path now names another directory (renamed, replaced or mounted \
+                      over) than the one drmirror writes to"
+                .into(),
+        ),
+        Err(e) => Err(format!("the path is gone ({e})")),
+    }
+}
+
 /// What a target's root shows of itself: its device and inode, and its
 /// mark (read on the target's own machine for a remote one).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -227,6 +227,22 @@ impl LocalTarget {
         &self.root
     }
 
+    /// `Err(why)` when the target's path no longer names the directory held
+    /// open here (see [`crate::target::identity::still_at`]).
+    pub fn still_at_path(&self) -> Result<(), String> {
+        let held = crate::target::identity::file_id(self.dir_fd())
+            .map_err(|e| format!("cannot look at the held directory: {e}"))?;
+        crate::target::identity::still_at(self.root.path(), held)
+    }
+
+    /// The bytes free for an unprivileged writer on the target's
+    /// filesystem (`f_bavail`: what is left once root's reserve is set
+    /// aside, the conservative answer for a copy that must fit).
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        let st = rustix::fs::fstatvfs(self.root.fd())?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
     /// Keeps this target's writes out of the capture queue from now on.
     pub fn ignore_own_writes(&self, ig: Arc<SelfIgnore>) {
         let _ = self.ignore.set(ig);

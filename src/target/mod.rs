@@ -210,6 +210,15 @@ impl Target {
         }
     }
 
+    /// The bytes free for this daemon (or the receiver) on the target's
+    /// filesystem.
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        match self {
+            Target::Local(t) => t.free_bytes(),
+            Target::Remote(t) => t.free_bytes(),
+        }
+    }
+
     pub fn lstat(&self, rel: &[u8]) -> io::Result<Option<Meta>> {
         match self {
             Target::Local(t) => t.root().lstat(rel),

@@ -985,6 +985,18 @@ impl RemoteTarget {
         }
     }
 
+    /// The bytes free for the receiver on its root's filesystem.
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        match self
+            .query(|id| Request::Space { id })
+            .map_err(io::Error::other)?
+        {
+            Reply::Space { free, .. } => Ok(free),
+            Reply::Failed { error, .. } => Err(io::Error::other(error)),
+            other => Err(io::Error::other(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     pub fn rename(&self, from: &[u8], to: &[u8]) -> Result<bool, ApplyError> {
         match self.query(|id| Request::Rename {
             id,
@@ -1925,6 +1937,7 @@ fn reader_loop(mut r: Box<dyn Read + Send>, conn: std::sync::Weak<Conn>, name: S
             | Reply::Stat { id, .. }
             | Reply::Signature { id, .. }
             | Reply::Done { id, .. }
+            | Reply::Space { id, .. }
             | Reply::Failed { id, .. } => *id,
             Reply::Batch { batch, .. } => *batch,
             Reply::Fatal { reason } => {

@@ -256,6 +256,29 @@ fn a_full_state_directory_is_waited_out_in_place() {
         "it must wait, not exit:\n{}",
         d.log_tail()
     );
+    // While it waits, `status` answers why, CRITICAL, the target down with
+    // its lag counting on.
+    let waiting = || {
+        let o = status(&state, &[]);
+        (o.code, o.all())
+    };
+    // `  target NAME: DOWN lag 12.3s backlog ...`
+    let lag = |text: &str| {
+        let line = text.lines().find(|l| l.starts_with("  target "))?;
+        let at = line.find(" lag ")? + 5;
+        line[at..].split('s').next()?.parse::<f64>().ok()
+    };
+    let (code, first) = waiting();
+    assert_eq!(code, Some(2), "{first}");
+    assert!(
+        first.contains("not replicating: waiting for space on the state directory's filesystem")
+            && first.contains("DOWN"),
+        "{first}"
+    );
+    wait_until("the lag it shows grows", secs(20), Some(&d), || {
+        let (_, now) = waiting();
+        lag(&now).is_some() && lag(&now) > lag(&first)
+    });
     // What closing the journal gave back is not taken for space returned.
     std::thread::sleep(secs(3));
     assert!(
@@ -391,6 +414,154 @@ fn a_file_that_cannot_fit_is_set_aside_and_the_rest_goes_on() {
     wait_until("no failing path left", secs(30), Some(&d), || {
         status_json(&env.state)["targets"][0]["failing_paths"] == 0
     });
+    d.terminate();
+}
+
+/// The same over `tcp://`: the receiver's disk (a 16 MiB tmpfs) cannot
+/// hold one file. It is set aside without being sent again while it cannot
+/// fit (the daemon asks the receiver for its free space, `Request::Space`),
+/// the rest of the target stays up and takes every other change, and once
+/// the file fits, it goes.
+#[test]
+fn a_file_that_cannot_fit_on_a_remote_target_is_not_sent_again_until_it_fits() {
+    if !is_root() {
+        eprintln!("SKIP: mounting a small tmpfs needs root");
+        return;
+    }
+    let env = Env::new();
+    let Some(_m) = mount_with("tmpfs", "size=16m", &env.dst) else {
+        return;
+    };
+    let tcp = Tcp::new(&env);
+    let _recv = tcp.receiver(&env, &[]);
+    let port = free_port();
+    let toml = format!(
+        "source = {}\nstate_dir = {}\nmetrics_listen = \"127.0.0.1:{port}\"\n{}",
+        toml_str(&env.src),
+        toml_str(&env.state),
+        tcp.target_toml(&env)
+    );
+    write_files(&env, "small", 20, 4096);
+    let d = env.spawn_config(&toml);
+    d.wait_log("initial sync complete", secs(60));
+    let wire = || {
+        let text = http_get(port, "/metrics").expect("metrics");
+        metric(&text, "drmirror_wire_bytes_total{target=\"dr\"}")
+    };
+    // Moved in whole: one event (one written in place could be tried
+    // while written, and again at its last write).
+    let staged = env.root.join("huge");
+    write(&staged, &pattern(24 << 20, 7));
+    std::fs::rename(&staged, env.s("huge")).expect("move huge in");
+    let failing = |s: &serde_json::Value| {
+        s["targets"][0]["failing"][0]
+            .as_str()
+            .filter(|f| {
+                f.starts_with("huge: waiting for space") && f.contains("needs 25165824 bytes")
+            })
+            .map(str::to_string)
+    };
+    wait_until(
+        "status names the file that does not fit",
+        secs(60),
+        Some(&d),
+        || failing(&status_json(&env.state)).is_some(),
+    );
+    // `(attempt N, next within Ss)`: the attempt, and how long until the
+    // next one unless the room frees up sooner.
+    let attempt = |shown: &str| {
+        let tail = shown.rsplit("(attempt ").next()?;
+        let (n, rest) = tail.split_once(", next within ")?;
+        let next: u64 = rest.strip_suffix("s)")?.parse().ok()?;
+        Some((n.to_string(), next))
+    };
+    let shown = failing(&status_json(&env.state)).unwrap_or_default();
+    let (n, next) = attempt(&shown).expect("attempt and next try in status");
+    assert!(
+        next >= 30,
+        "a file that cannot fit is tried again within {next} s: {shown}"
+    );
+    let sent = wire();
+    for i in 0..5 {
+        write(&env.s(format!("small/later{i}")), b"later");
+    }
+    wait_until("all but the huge file mirrored", secs(60), Some(&d), || {
+        let o = verify_out(&env.src, &env.dst, &[]);
+        let out = o.all();
+        let diffs: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains(": ") && !l.starts_with("verify:"))
+            .collect();
+        diffs.len() == 1 && diffs[0].ends_with(": huge")
+    });
+    let s = status_json(&env.state);
+    assert_eq!(s["targets"][0]["up"], true, "{s}");
+    assert_eq!(s["targets"][0]["failing_paths"], 1, "{s}");
+    let shown = failing(&s).unwrap_or_default();
+    let resent = wire() - sent;
+    if attempt(&shown).is_some_and(|(m, _)| m == n) {
+        assert!(
+            resent < (1 << 20) as f64,
+            "{resent} bytes on the wire while the file could not fit"
+        );
+    }
+    // Once it fits, it goes at once (a change to the path retries it; so
+    // would the room, asked every round).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(env.s("huge"))
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("truncate huge");
+    wait_converged(&env.src, &env.dst, &["--checksum"], Some(&d));
+    wait_until("no failing path left", secs(30), Some(&d), || {
+        status_json(&env.state)["targets"][0]["failing_paths"] == 0
+    });
+    d.terminate();
+}
+
+/// A path that waits for room on a remote target goes as soon as the
+/// receiver reports that room free, without a change to the path: the
+/// daemon asks every round.
+#[test]
+fn a_remote_target_that_gains_room_takes_the_waiting_file() {
+    if !is_root() {
+        eprintln!("SKIP: mounting a small tmpfs needs root");
+        return;
+    }
+    let env = Env::new();
+    let Some(_m) = mount_with("tmpfs", "size=16m", &env.dst) else {
+        return;
+    };
+    let tcp = Tcp::new(&env);
+    let _recv = tcp.receiver(&env, &[]);
+    let toml = format!(
+        "source = {}\nstate_dir = {}\n{}",
+        toml_str(&env.src),
+        toml_str(&env.state),
+        tcp.target_toml(&env)
+    );
+    write(&env.s("a"), b"a");
+    let d = env.spawn_config(&toml);
+    d.wait_log("initial sync complete", secs(60));
+    write(&env.s("big"), &pattern(20 << 20, 3));
+    wait_until(
+        "status names the file that does not fit",
+        secs(60),
+        Some(&d),
+        || {
+            status_json(&env.state)["targets"][0]["failing"][0]
+                .as_str()
+                .is_some_and(|f| f.starts_with("big: waiting for space"))
+        },
+    );
+    let grown = Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(&env.dst)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(grown, "cannot grow the tmpfs");
+    // Its backoff alone would hold it a minute (SPACE_WAIT_MIN).
+    wait_converged_for(&env.src, &env.dst, &["--checksum"], Some(&d), secs(40));
     d.terminate();
 }
 
@@ -861,4 +1032,50 @@ fn a_target_renamed_or_swapped_for_a_symlink_while_running_stops_the_daemon() {
             );
         }
     }
+}
+
+/// The same on a `tcp://` target: a receiver whose root is renamed away
+/// while it serves writes nothing more into the moved directory, the target
+/// is down with the reason, and once the directory is back at its path the
+/// mirror goes on.
+#[test]
+fn a_remote_root_renamed_while_serving_takes_no_more_writes_until_it_is_back() {
+    let env = Env::new();
+    let tcp = Tcp::new(&env);
+    let _recv = tcp.receiver(&env, &[]);
+    let toml = format!(
+        "source = {}\nstate_dir = {}\n{}",
+        toml_str(&env.src),
+        toml_str(&env.state),
+        tcp.target_toml(&env)
+    );
+    write(&env.s("a"), b"a");
+    let d = env.spawn_config(&toml);
+    env.converge(&[], &d);
+    let moved = env.root.join("dst-moved");
+    rename(&env.dst, &moved);
+    write(&env.s("b"), b"after the rename");
+    wait_until(
+        "the target is down, the rename named",
+        secs(60),
+        Some(&d),
+        || {
+            let s = status_json(&env.state);
+            s["targets"][0]["up"] == false
+                && s["targets"][0]["last_error"].as_str().is_some_and(|e| {
+                    e.contains("now names another directory") || e.contains("is gone")
+                })
+        },
+    );
+    assert!(
+        !exists(&moved.join("b")),
+        "written into the directory renamed away"
+    );
+    assert!(
+        !exists(&env.d("b")),
+        "written at the path it no longer holds"
+    );
+    rename(&moved, &env.dst);
+    wait_converged(&env.src, &env.dst, &[], Some(&d));
+    d.terminate();
 }
