@@ -1812,8 +1812,6 @@ impl Journal {
             self.db
                 .compact_range_cf_opt(self.cf(name)?, None::<&[u8]>, None::<&[u8]>, &o);
         }
-        // A drain of this size wrote the index as much: out with it too.
-        self.flush_behind()?;
         Ok(true)
     }
 
@@ -1987,20 +1985,6 @@ impl Journal {
             b.delete_range_cf(cf, s, e);
         }
         Ok(self.db.write(b)?)
-    }
-
-    /// Has every family's memtable written out in the background (the
-    /// call does not wait): after the initial sync and a large drain, so
-    /// that a crash then leaves little write-ahead log for the next start
-    /// to replay (restart-to-ready does not grow with what was written
-    /// before the crash).
-    pub fn flush_behind(&self) -> Result<()> {
-        let mut o = rocksdb::FlushOptions::default();
-        o.set_wait(false);
-        for name in CFS {
-            self.db.flush_cf_opt(self.cf(name)?, &o)?;
-        }
-        Ok(())
     }
 
     /// Flushes memtables and the WAL to disk (clean shutdown).

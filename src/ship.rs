@@ -604,7 +604,6 @@ impl Shipper {
             if r.drained && scan_was_done && !self.reported_initial {
                 self.report_initial();
                 self.settle()?;
-                self.journal.flush_behind()?;
             }
             if r.drained {
                 self.compact()?;
