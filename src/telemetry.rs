@@ -140,6 +140,14 @@ fn describe() {
         "Directory file handles resolved with open_by_handle_at (once per directory, then cached)"
     );
     describe_counter!(
+        "drmirror_capture_ignore_marks_total",
+        "fanotify: directories outside the source given an evictable ignore mark after an event from them (the kernel drops their later events)"
+    );
+    describe_counter!(
+        "drmirror_capture_ignore_flushes_total",
+        "fanotify: times every ignore mark was dropped because a directory was moved or mounted into the source"
+    );
+    describe_counter!(
         "drmirror_kernel_overflows_total",
         "Kernel event-queue overflows (each forces a rescan)"
     );
@@ -228,6 +236,8 @@ fn zero_counters() {
     for name in [
         "drmirror_backlog_collapsed_total",
         "drmirror_capture_handle_lookups_total",
+        "drmirror_capture_ignore_flushes_total",
+        "drmirror_capture_ignore_marks_total",
         "drmirror_capture_wakeups_total",
         "drmirror_kernel_overflows_total",
         "drmirror_log_write_errors_total",

@@ -203,6 +203,9 @@ pub struct FanotifyWatcher {
     /// whether that list changed since `status` was told.
     uncaptured: BTreeMap<PathBuf, String>,
     uncaptured_changed: bool,
+    /// Ignore marks on directories outside the source (see
+    /// [`super::foreign`]).
+    foreign: super::foreign::Foreign,
 }
 
 /// A bind mount under the source of a directory of a filesystem the source
@@ -214,6 +217,13 @@ pub struct FanotifyWatcher {
 pub struct Alias {
     pub origin: Vec<u8>,
     pub point: Vec<u8>,
+}
+
+/// Whether directory `dir` is `path` or one of its ancestors (both
+/// absolute).
+fn holds(dir: &[u8], path: &[u8]) -> bool {
+    path.strip_prefix(dir)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"/") || dir == b"/")
 }
 
 /// The mountinfo entry of the mount `path` is on: the one with the longest
@@ -349,6 +359,7 @@ impl FanotifyWatcher {
             mounts_pending: None,
             uncaptured: BTreeMap::new(),
             uncaptured_changed: false,
+            foreign: super::foreign::Foreign::default(),
         };
         let table = crate::mounts::parse(mountinfo.as_bytes());
         w.add_point(&source, "source", &table, mark)?;
@@ -454,6 +465,10 @@ impl FanotifyWatcher {
             return Ok(());
         };
         let table = crate::mounts::current();
+        if !c.added.is_empty() {
+            // What a new mount shows may be a directory marked as foreign.
+            self.foreign.flush(self.fd.as_fd());
+        }
         for m in &c.removed {
             let point = m.point.as_os_str().as_bytes();
             self.aliases.retain(|a| a.point != point);
@@ -681,6 +696,7 @@ impl FanotifyWatcher {
             if m & fan::FAN_DELETE != 0 && is_dir {
                 self.forget_tree(&abs);
             }
+            self.ignore_foreign(&dir);
             return Ok(());
         };
         if m & fan::FAN_CREATE != 0 {
@@ -742,6 +758,11 @@ impl FanotifyWatcher {
         let from_rel = from.as_deref().and_then(|f| self.rel_of(f));
         let to_rel = to.as_deref().and_then(|t| self.rel_of(t));
         tracing::trace!(?from_rel, ?to_rel, "fanotify rename");
+        if is_dir && from_rel.is_none() && to_rel.is_some() {
+            // It may hold directories marked as foreign: unmarked before
+            // anything inside it is recorded (see `super::foreign`).
+            self.foreign.flush(self.fd.as_fd());
+        }
         match (from_rel, to_rel) {
             (Some(f), Some(t)) => super::on_rename(&self.filter, f, t, is_dir, out),
             // Moved in from outside: its whole subtree is new to the mirror.
@@ -753,6 +774,34 @@ impl FanotifyWatcher {
             }
         }
         Ok(())
+    }
+
+    /// After an event from directory `dir` was dropped as outside the
+    /// source: marks `dir` so that the kernel drops its next ones, if its
+    /// path now is outside too (see [`super::foreign`]).
+    fn ignore_foreign(&mut self, dir: &Fid<'_>) {
+        if !self.foreign.enabled() {
+            return;
+        }
+        let key = dir.key();
+        if self.foreign.seen(&key) {
+            return;
+        }
+        let Some(mount) = self.mounts.get(&dir.fsid) else {
+            return;
+        };
+        let Ok(fd) = open_by_handle(mount, dir) else {
+            return;
+        };
+        let Some(now) = crate::fsops::dir_path(fd.as_fd()) else {
+            return;
+        };
+        if self.rel_of(&now).is_some() {
+            return;
+        }
+        let ancestor =
+            holds(&now, &self.source_abs) || self.aliases.iter().any(|a| holds(&now, &a.origin));
+        self.foreign.mark(self.fd.as_fd(), key, &fd, ancestor);
     }
 
     fn wait_fd(&mut self, timeout: Duration) -> Result<bool, WatchError> {
@@ -832,7 +881,7 @@ impl Watcher for FanotifyWatcher {
     }
 
     fn self_ignore(
-        &self,
+        &mut self,
         fixed: Vec<PathBuf>,
     ) -> Result<Option<Arc<super::self_ignore::SelfIgnore>>, WatchError> {
         let err = |e: io::Error| WatchError::Add {
@@ -843,9 +892,11 @@ impl Watcher for FanotifyWatcher {
         };
         let fd = self.fd.try_clone().map_err(err)?;
         let fsids = self.mounts.keys().copied().collect();
-        super::self_ignore::SelfIgnore::new(fd, fsids, fixed.clone(), MASK)
-            .map(|s| Some(Arc::new(s)))
-            .map_err(err)
+        let s = super::self_ignore::SelfIgnore::new(fd, fsids, fixed.clone(), MASK)
+            .map(Arc::new)
+            .map_err(err)?;
+        self.foreign.set_self_ignore(s.clone());
+        Ok(Some(s))
     }
 
     fn store_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {

@@ -23,6 +23,10 @@ pub mod consts {
     pub const FAN_RENAME: u64 = 0x1000_0000;
     pub const FAN_ONDIR: u64 = 0x4000_0000;
     pub const FAN_Q_OVERFLOW: u64 = 0x0000_4000;
+    pub const FAN_EVENT_ON_CHILD: u64 = 0x0800_0000;
+    /// Mark flags the `fanotify` crate lacks (Linux 6.0 and 5.19).
+    pub const FAN_MARK_IGNORE: u32 = 0x0000_0400;
+    pub const FAN_MARK_EVICTABLE: u32 = 0x0000_0200;
     pub const FAN_REPORT_DFID_NAME: u32 = 0x0000_0400 | 0x0000_0800;
     pub const INFO_FID: u8 = 1;
     pub const INFO_DFID_NAME: u8 = 2;

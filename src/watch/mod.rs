@@ -8,6 +8,7 @@
 
 pub mod fanotify;
 pub mod fid;
+pub mod foreign;
 mod fresh;
 pub mod inotify;
 pub mod self_ignore;
@@ -94,7 +95,7 @@ pub trait Watcher: Send {
     /// that keeps drmirror's own writes out of its queue, with `fixed`
     /// directories (the journal's) ignored for good.
     fn self_ignore(
-        &self,
+        &mut self,
         _fixed: Vec<std::path::PathBuf>,
     ) -> Result<Option<std::sync::Arc<self_ignore::SelfIgnore>>, WatchError> {
         Ok(None)

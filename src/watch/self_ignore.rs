@@ -17,7 +17,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -28,9 +28,6 @@ use super::fid::consts::*;
 
 /// Bound on the directories marked at once (each pins an inode, ~1 KiB).
 const MAX_MARKS: usize = 8192;
-
-const FAN_MARK_IGNORE: u32 = 0x0000_0400;
-const FAN_EVENT_ON_CHILD: u64 = 0x0800_0000;
 
 pub struct SelfIgnore {
     fd: OwnedFd,
@@ -43,6 +40,20 @@ pub struct SelfIgnore {
     marked: Mutex<HashSet<u64>>,
     /// Cleared when the kernel refuses ignore marks (before Linux 6.0).
     enabled: AtomicBool,
+}
+
+/// Drops every inode mark of the fanotify group `group` (its filesystem
+/// marks stay). Best effort: a mark left only lets its events through.
+pub(super) fn flush_inode_marks(group: BorrowedFd<'_>) {
+    if let Err(e) = fan::fanotify_mark(
+        group.as_raw_fd(),
+        fan::FAN_MARK_FLUSH,
+        0,
+        fan::AT_FDCWD,
+        "/",
+    ) {
+        tracing::debug!("flushing ignore marks: {e}");
+    }
 }
 
 impl SelfIgnore {
@@ -94,20 +105,13 @@ impl SelfIgnore {
     /// Drops every inode mark of the group (its filesystem marks stay) and
     /// adds the fixed ones again. Best effort, like the marks themselves.
     fn flush(&self) {
-        let r = fan::fanotify_mark(
-            self.fd.as_raw_fd(),
-            fan::FAN_MARK_FLUSH,
-            0,
-            fan::AT_FDCWD,
-            "/",
-        )
-        .and_then(|()| {
-            self.fixed
-                .iter()
-                .try_for_each(|dir| self.mark(fan::AT_FDCWD, dir))
-        });
+        flush_inode_marks(self.fd.as_fd());
+        let r = self
+            .fixed
+            .iter()
+            .try_for_each(|dir| self.mark(fan::AT_FDCWD, dir));
         if let Err(e) = r {
-            tracing::debug!("flushing ignore marks: {e}");
+            tracing::debug!("adding ignore marks again: {e}");
         }
     }
 

@@ -170,6 +170,23 @@ fn no_feedback_loop_inotify() {
     with_backend(Backend::Inotify, no_feedback_loop)
 }
 
+/// A fanotify environment on a tmpfs of its own (mounted at its root, with
+/// `dst/` and `state/` made again): the filesystem mark sees only this
+/// test's files, not those the other tests create meanwhile on `/tmp`'s.
+/// None (skipped) where fanotify or the mount is not available.
+fn fanotify_on_a_tmpfs() -> Option<(Env, MountGuard)> {
+    if let Err(why) = fanotify_available() {
+        eprintln!("SKIP: {why}");
+        return None;
+    }
+    let env = Env::with(Backend::Fanotify);
+    let m = mount("tmpfs", &env.root)?;
+    for d in [&env.src, &env.dst, &env.state] {
+        mkdirp(d);
+    }
+    Some((env, m))
+}
+
 /// An initial sync into a target on the source's own filesystem: with
 /// fanotify's filesystem-wide mark, every copy would come back as events
 /// (a create, writes, attribute changes) to be read and dropped. The ignore
@@ -178,17 +195,9 @@ fn no_feedback_loop_inotify() {
 /// several per file.
 #[test]
 fn fanotify_keeps_its_own_target_writes_out_of_the_queue() {
-    if !is_root() {
-        eprintln!("SKIP: mounting a tmpfs and fanotify need root");
-        return;
-    }
-    let env = Env::with(Backend::Fanotify);
-    let Some(_m) = mount("tmpfs", &env.root) else {
+    let Some((env, _m)) = fanotify_on_a_tmpfs() else {
         return;
     };
-    for d in [&env.dst, &env.state] {
-        mkdirp(d);
-    }
     let files = 3000;
     gen_tree(&env.src, files, 100);
     let port = free_port();
@@ -402,5 +411,56 @@ fn fanotify_a_mount_it_cannot_mark_while_running_is_reported_by_status() {
     wait_until("status clears the mount", secs(10), Some(&d), || {
         ask().0 == Some(0)
     });
+    d.terminate();
+}
+
+/// Events outside the source on its filesystem are dropped in the kernel
+/// after the first from each directory (an evictable ignore mark, see
+/// `src/watch/foreign.rs`), and a directory moved from there into the
+/// source is captured whole afterwards: its marks, and those of the
+/// directories below it, are gone before its later changes are made.
+#[test]
+fn fanotify_foreign_directories_are_ignored_in_the_kernel_until_moved_in() {
+    let Some((env, _m)) = fanotify_on_a_tmpfs() else {
+        return;
+    };
+    write(&env.s("keep"), b"k");
+    let outside = env.root.join("outside");
+    mkdirp(&outside);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = env.start(&["--metrics", &addr]);
+    env.converge(&[], &d);
+    let scrape = |series: &str| {
+        let text = http_get(port, "/metrics")
+            .unwrap_or_else(|| panic!("no /metrics on {addr}\n{}", d.log_tail()));
+        metric(&text, series)
+    };
+    write(&outside.join("d/sub/first"), b"1");
+    wait_until("a foreign directory is marked", secs(30), Some(&d), || {
+        scrape("drmirror_capture_ignore_marks_total") >= 2.0
+    });
+    wait_capture_quiet(port, &d);
+    let dropped = || scrape("drmirror_capture_dropped_total{reason=\"outside_source\"}");
+    let before = dropped();
+    let files = 2000;
+    for i in 0..files {
+        write(&outside.join(format!("d/sub/f{i}")), b"outside");
+    }
+    wait_capture_quiet(port, &d);
+    let reached = dropped() - before;
+    assert!(
+        reached < (files / 4) as f64,
+        "{reached} events of {files} files written outside the source reached capture"
+    );
+
+    rename(&outside.join("d"), &env.s("d"));
+    env.converge(&[], &d);
+    write(&env.s("d/sub/after"), b"written after the move");
+    write(&env.s("d/later"), b"and here");
+    write(&env.s("d/sub/new/deep"), b"and deeper");
+    env.converge(&[], &d);
+    assert_eq!(read(&env.d("d/sub/after")), b"written after the move");
+    assert_eq!(read(&env.d("d/sub/new/deep")), b"and deeper");
     d.terminate();
 }

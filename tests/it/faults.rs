@@ -417,6 +417,27 @@ fn a_file_that_cannot_fit_is_set_aside_and_the_rest_goes_on() {
     d.terminate();
 }
 
+/// A `tcp://` target whose receiver writes to a 16 MiB tmpfs (env's dst),
+/// and the daemon's config for it, `extra` keys first. None without root
+/// (the test is skipped). The guards hold the receiver and the mount (and
+/// drop in that order: a tuple drops its first field first).
+fn small_remote_disk(env: &Env, extra: &str) -> Option<((Daemon, MountGuard), String)> {
+    if !is_root() {
+        eprintln!("SKIP: mounting a small tmpfs needs root");
+        return None;
+    }
+    let m = mount_with("tmpfs", "size=16m", &env.dst)?;
+    let tcp = Tcp::new(env);
+    let recv = tcp.receiver(env, &[]);
+    let toml = format!(
+        "source = {}\nstate_dir = {}\n{extra}{}",
+        toml_str(&env.src),
+        toml_str(&env.state),
+        tcp.target_toml(env)
+    );
+    Some(((recv, m), toml))
+}
+
 /// The same over `tcp://`: the receiver's disk (a 16 MiB tmpfs) cannot
 /// hold one file. It is set aside without being sent again while it cannot
 /// fit (the daemon asks the receiver for its free space, `Request::Space`),
@@ -424,23 +445,13 @@ fn a_file_that_cannot_fit_is_set_aside_and_the_rest_goes_on() {
 /// the file fits, it goes.
 #[test]
 fn a_file_that_cannot_fit_on_a_remote_target_is_not_sent_again_until_it_fits() {
-    if !is_root() {
-        eprintln!("SKIP: mounting a small tmpfs needs root");
-        return;
-    }
     let env = Env::new();
-    let Some(_m) = mount_with("tmpfs", "size=16m", &env.dst) else {
+    let port = free_port();
+    let Some((_disk, toml)) =
+        small_remote_disk(&env, &format!("metrics_listen = \"127.0.0.1:{port}\"\n"))
+    else {
         return;
     };
-    let tcp = Tcp::new(&env);
-    let _recv = tcp.receiver(&env, &[]);
-    let port = free_port();
-    let toml = format!(
-        "source = {}\nstate_dir = {}\nmetrics_listen = \"127.0.0.1:{port}\"\n{}",
-        toml_str(&env.src),
-        toml_str(&env.state),
-        tcp.target_toml(&env)
-    );
     write_files(&env, "small", 20, 4096);
     let d = env.spawn_config(&toml);
     d.wait_log("initial sync complete", secs(60));
@@ -524,22 +535,10 @@ fn a_file_that_cannot_fit_on_a_remote_target_is_not_sent_again_until_it_fits() {
 /// daemon asks every round.
 #[test]
 fn a_remote_target_that_gains_room_takes_the_waiting_file() {
-    if !is_root() {
-        eprintln!("SKIP: mounting a small tmpfs needs root");
-        return;
-    }
     let env = Env::new();
-    let Some(_m) = mount_with("tmpfs", "size=16m", &env.dst) else {
+    let Some((_disk, toml)) = small_remote_disk(&env, "") else {
         return;
     };
-    let tcp = Tcp::new(&env);
-    let _recv = tcp.receiver(&env, &[]);
-    let toml = format!(
-        "source = {}\nstate_dir = {}\n{}",
-        toml_str(&env.src),
-        toml_str(&env.state),
-        tcp.target_toml(&env)
-    );
     write(&env.s("a"), b"a");
     let d = env.spawn_config(&toml);
     d.wait_log("initial sync complete", secs(60));

@@ -806,3 +806,50 @@ suite!(
     live_log_rotation_keeps_both_files_right,
     live_directory_moved_out_and_name_reused_keeps_watching,
 );
+
+/// A change made while a large backlog drains reaches the target in a
+/// round or two, not after a pass over the backlog (the live lane,
+/// `src/lane.rs`). The backlog: 20,000 rewrites found by the startup scan
+/// under `m/`, each round of the shipper slowed to 500 ms (a stand-in for
+/// a slow target), 2,048 entries a round: ten rounds, about 5 s. The new
+/// file sorts before `m/`, behind the sweep's cursor: without the lane it
+/// waits for the sweep to wrap around, after every `m/` file is rewritten.
+#[test]
+fn a_change_made_during_a_large_backlog_does_not_wait_for_it() {
+    const N: usize = 20_000;
+    let env = Env::new();
+    mkdirp(&env.s("a"));
+    for i in 0..N {
+        write(&env.s(format!("m/d{:02}/f{i:05}", i % 40)), b"old");
+    }
+    let d = env.start(&[]);
+    env.converge(&[], &d);
+    d.terminate();
+    for i in 0..N {
+        write(&env.s(format!("m/d{:02}/f{i:05}", i % 40)), b"new!");
+    }
+    let new_on_target = || {
+        (0..40)
+            .filter_map(|k| fs::read_dir(env.d(format!("m/d{k:02}"))).ok())
+            .flat_map(|rd| rd.filter_map(|e| e.ok()))
+            .filter(|e| e.metadata().is_ok_and(|m| m.len() == 4))
+            .count()
+    };
+    let d = env.start_env(&[], &[(drmirror::failpoints::Hook::SlowRound.var(), "500")]);
+    d.wait_log("startup scan done", secs(60));
+    wait_until("the backlog is draining", secs(60), Some(&d), || {
+        new_on_target() > 0
+    });
+    write(&env.s("a/probe"), b"written during the backlog");
+    wait_until("the probe is on the target", secs(60), Some(&d), || {
+        exists(&env.d("a/probe"))
+    });
+    let done = new_on_target();
+    assert!(
+        done < N,
+        "the new file reached the target only after the whole backlog ({done} of {N} rewrites)\n{}",
+        d.log_tail()
+    );
+    env.converge(&[], &d);
+    d.terminate();
+}

@@ -37,5 +37,6 @@ mod remote;
 mod renames;
 mod scrub;
 mod signals;
+mod tools;
 mod util;
 mod verify_cmd;
