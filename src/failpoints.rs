@@ -30,9 +30,6 @@ pub enum Hook {
     AbortBeforeCommit,
     /// Stands in for the kernel's boot id; empty: none (`durability`).
     BootId,
-    /// Each shipper round ends with a pause of this many milliseconds, a
-    /// stand-in for a slow target draining a large backlog (`ship`).
-    SlowRound,
 }
 
 #[cfg(feature = "failpoints")]
@@ -47,7 +44,6 @@ impl Hook {
             Hook::ExitOnSync => "DRMIRROR_TEST_EXIT_ON_SYNC",
             Hook::AbortBeforeCommit => "DRMIRROR_TEST_ABORT_BEFORE_COMMIT",
             Hook::BootId => "DRMIRROR_TEST_BOOT_ID",
-            Hook::SlowRound => "DRMIRROR_TEST_SLOW_ROUND_MS",
         }
     }
 }

@@ -348,8 +348,6 @@ pub struct Journal {
     /// Each target's oldest pending capture time, known without a walk:
     /// see [`Journal::oldest_pending_ns`].
     lag: Mutex<std::collections::HashMap<TargetId, LagClock>>,
-    /// The paths recorded lately, served first (see [`crate::lane`]).
-    lanes: crate::lane::Lanes,
 }
 
 /// What the journal knows of a target's oldest pending change between two
@@ -684,7 +682,6 @@ impl Journal {
             }),
             churn: AtomicU64::new(0),
             lag: Mutex::default(),
-            lanes: crate::lane::Lanes::default(),
         };
         j.check_schema()?;
         let seq = j.meta_u64(META_SEQ)?.unwrap_or(0);
@@ -1082,8 +1079,6 @@ impl Journal {
         let pending = self.cf(CF_PENDING)?;
         let renames = self.cf(CF_RENAMES)?;
         let mut b = WriteBatch::default();
-        // For the live lanes, once written.
-        let mut live: Vec<(TargetId, Vec<u8>)> = Vec::new();
         // The counter goes into the first write: a rename below may split
         // this call into several writes, and after a crash between them a
         // reused sequence number could make `complete` drop a newer change.
@@ -1123,7 +1118,6 @@ impl Journal {
                         let e = bound.size.entry(t).or_default();
                         e.0 += 1;
                         e.1 += (k.len() + v.len()) as u64;
-                        live.push((t, k[2..].to_vec()));
                         b.merge_cf(pending, k, v);
                     }
                 }
@@ -1151,52 +1145,13 @@ impl Journal {
                         .encode();
                         b.merge_cf(pending, key(t, from), mark);
                         b.merge_cf(pending, key(t, to), mark);
-                        live.push((t, from.to_vec()));
-                        live.push((t, to.to_vec()));
                     }
                 }
             }
         }
         self.db.write(b)?;
         self.note_recorded(targets, now);
-        self.lanes.push(&live);
         Ok(())
-    }
-
-    /// Up to `limit` of the paths recorded lately for target `t` (see
-    /// [`crate::lane`]), with their pending entries as they are now, in
-    /// path order; paths no longer pending are left out.
-    pub fn pending_live(&self, t: TargetId, limit: usize) -> Result<Vec<(Vec<u8>, Pending)>> {
-        let mut paths = self.lanes.take(t, limit);
-        if paths.is_empty() {
-            return Ok(Vec::new());
-        }
-        paths.sort();
-        let keys: Vec<Vec<u8>> = paths.iter().map(|p| key(t, p)).collect();
-        let got = self
-            .db
-            .batched_multi_get_cf(self.cf(CF_PENDING)?, &keys, false);
-        let mut out = Vec::new();
-        for (p, r) in paths.into_iter().zip(got) {
-            if let Some(v) = r? {
-                let e = Pending::decode(&v).ok_or_else(|| {
-                    JournalError::Corrupt(format!("pending value of {} bytes", v.len()))
-                })?;
-                out.push((p, e));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Empties target `t`'s live lane (a round read its whole backlog).
-    pub fn live_clear(&self, t: TargetId) {
-        self.lanes.take(t, usize::MAX);
-    }
-
-    /// Returns paths [`Journal::pending_live`] gave that a round could not
-    /// apply yet, to be served again first.
-    pub fn live_put_back(&self, t: TargetId, paths: &[Vec<u8>]) {
-        self.lanes.put_back(t, paths);
     }
 
     /// Notes changes captured at `ns` for `targets`, after their write.
@@ -2318,35 +2273,6 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].0, b"b");
         assert_eq!(j.index_get(t, b"a").unwrap(), Some(m));
-    }
-
-    #[test]
-    fn the_live_lane_gives_what_was_recorded_lately_as_it_is_now() {
-        let d = tempfile::tempdir().unwrap();
-        let j = Journal::open(d.path()).unwrap();
-        let (t, u) = (j.target_id("t").unwrap(), j.target_id("u").unwrap());
-        j.record(&[t, u], &[dirty(b"z", 0), dirty(b"a", 0)])
-            .unwrap();
-        j.record(&[t], &[dirty(b"a", flags::CONTENT)]).unwrap();
-        // In path order, each with its pending entry as it is now.
-        let live = j.pending_live(t, 10).unwrap();
-        let paths: Vec<&[u8]> = live.iter().map(|(p, _)| p.as_slice()).collect();
-        assert_eq!(paths, vec![b"a".as_slice(), b"z"]);
-        assert_eq!(live[0].1, j.pending_get(t, b"a").unwrap().unwrap());
-        assert!(j.pending_live(t, 10).unwrap().is_empty(), "taken once");
-        // Another target's lane is its own; a path completed meanwhile is
-        // left out.
-        let c = Completion {
-            done: vec![(b"a".to_vec(), j.pending_get(u, b"a").unwrap().unwrap().seq)],
-            ..Default::default()
-        };
-        j.complete(u, &c).unwrap();
-        let live = j.pending_live(u, 10).unwrap();
-        assert_eq!(live.len(), 1);
-        assert_eq!(live[0].0, b"z");
-        // Put back (held behind a rename), it comes again.
-        j.live_put_back(u, &[b"z".to_vec()]);
-        assert_eq!(j.pending_live(u, 10).unwrap().len(), 1);
     }
 
     #[test]

@@ -12,8 +12,7 @@
 //!
 //! - [`paths`]: relative paths as raw bytes; [`meta`]: what is compared.
 //! - [`fsops`]: symlink-safe `*at` access beneath a root; [`scan`]: the parallel walk.
-//! - [`journal`]: the persistent backlog, index and watch tree; [`lane`]: what
-//!   capture recorded lately, served before an old backlog.
+//! - [`journal`]: the persistent backlog, index and watch tree.
 //! - [`watch`]: capture backends; [`filter`]: excludes; [`handover`]: the fd store.
 //! - [`sync`]: compare walks; [`ship`]: applying the backlog; [`target`]: writing the mirror;
 //!   [`durability`]: when a copy may be recorded before it is flushed.
@@ -41,7 +40,6 @@ pub mod handover;
 pub mod heartbeat;
 pub mod journal;
 pub mod keepalive;
-pub mod lane;
 pub mod links;
 pub mod locks;
 pub mod logsink;

@@ -1,11 +1,8 @@
 //! The shipper: one per target, draining that target's backlog.
 //!
 //! A round takes the oldest renames (applied in order), then a batch of
-//! pending paths (the sweep: the next ones in path order after the last
-//! round's, so every entry is reached within a pass) together with the
-//! paths capture recorded lately (the live lane, [`crate::lane`]: a change
-//! made now does not wait for a pass over an old backlog), applied in
-//! parallel (every apply is idempotent and creates the parents it needs), re-stamps the directories it touched (deepest
+//! pending paths (applied in parallel: every apply is idempotent and creates
+//! the parents it needs), re-stamps the directories it touched (deepest
 //! first: writing into a directory changes its mtime), flushes the target,
 //! and only then tells the journal. A path that fails is retried with
 //! exponential backoff and never holds back the others.
@@ -29,9 +26,6 @@ use crate::target::local::DeletePolicy;
 use crate::target::{ApplyError, Outcome, Target};
 
 const BATCH: usize = 2048;
-/// Entries of the live lane (see [`crate::lane`]) a round applies at most,
-/// besides its batch.
-const LIVE_PER_ROUND: usize = 2048;
 /// Most [`flags::BULK`] entries (directories) one round applies.
 const BULK_PER_ROUND: usize = 256;
 /// Renames a round applies at most (before its batch of entries).
@@ -265,12 +259,6 @@ fn sync_target(target: &Target, name: &str) -> Flushed {
         }
     }
 }
-
-/// See [`crate::failpoints::Hook::SlowRound`].
-static SLOW_ROUND: std::sync::LazyLock<Option<u64>> = std::sync::LazyLock::new(|| {
-    crate::failpoints::get(crate::failpoints::Hook::SlowRound)
-        .and_then(|v| v.to_str().and_then(|s| s.parse().ok()))
-});
 
 /// See [`crate::failpoints::Hook::AbortBeforeCommit`].
 static ABORT_BEFORE_COMMIT: std::sync::LazyLock<bool> =
@@ -852,9 +840,6 @@ impl Shipper {
         } else {
             None
         };
-        // What capture recorded lately, served with the sweep's batch
-        // (see `crate::lane`); read before the renames, like the batch.
-        let live = self.live_entries(at_start && !full)?;
         let renames = self.journal.renames(self.t, RENAMES_PER_ROUND)?;
         // Entries recorded after a rename this round does not apply wait
         // for it: applied before it, a copy to its destination would be
@@ -930,29 +915,14 @@ impl Shipper {
         } else {
             None
         };
-        // One path order over both: parents before their children. A path
-        // in both takes the lane's entry, read after the batch: if it
-        // changed in between, its newer sequence number lets the apply
-        // complete it.
-        let mut both: Vec<&(Vec<u8>, Pending)> = live.iter().chain(batch.iter()).collect();
-        both.sort_by(|a, b| a.0.cmp(&b.0));
-        both.dedup_by(|later, kept| later.0 == kept.0);
-        let todo: Vec<&(Vec<u8>, Pending)> = both
-            .into_iter()
+        let todo: Vec<&(Vec<u8>, Pending)> = batch
+            .iter()
             .filter(|(_, v)| cut.is_none_or(|c| v.seq < c))
             .filter(|(p, v)| self.due(p, v.seq, now, free))
             .collect();
-        if let Some(c) = cut {
-            if batch.iter().any(|(_, v)| v.seq >= c) {
-                // This batch again, once the renames are through.
-                self.cursor = cursor0;
-            }
-            let held: Vec<Vec<u8>> = live
-                .iter()
-                .filter(|(_, v)| v.seq >= c)
-                .map(|(p, _)| p.clone())
-                .collect();
-            self.journal.live_put_back(self.t, &held);
+        if cut.is_some_and(|c| batch.iter().any(|(_, v)| v.seq >= c)) {
+            // This batch again, once the renames are through.
+            self.cursor = cursor0;
         }
 
         let t_apply = Instant::now();
@@ -1151,11 +1121,6 @@ impl Shipper {
             apply_ms, round_ms = t_round.elapsed().as_secs_f64() * 1e3,
             "round"
         );
-        if !todo.is_empty() {
-            if let Some(ms) = *SLOW_ROUND {
-                std::thread::sleep(Duration::from_millis(ms));
-            }
-        }
         // Subtrees to compare (new or moved-in directories, rescans).
         for (p, f, created) in scans {
             self.scan_subtree(&p, f, created)?;
@@ -1174,22 +1139,6 @@ impl Shipper {
                 && renames.is_empty()
                 && batch.iter().all(|(p, _)| self.retry.contains_key(p)),
         })
-    }
-
-    /// The live lane's entries (see [`crate::lane`]). A BULK entry (a
-    /// directory the scan found missing) is left to the sweep, which bounds
-    /// how many a round applies. When the round's batch is the whole
-    /// backlog (`whole`), the lane is only emptied: what it holds is in the
-    /// batch or was recorded since, for the next round (which capture's
-    /// wake-up starts).
-    fn live_entries(&self, whole: bool) -> Result<Vec<(Vec<u8>, Pending)>, JournalError> {
-        if whole {
-            self.journal.live_clear(self.t);
-            return Ok(Vec::new());
-        }
-        let mut live = self.journal.pending_live(self.t, LIVE_PER_ROUND)?;
-        live.retain(|(_, v)| v.flags & flags::BULK == 0);
-        Ok(live)
     }
 
     /// Applies `todo` on the target. An entry that the index holds as a
