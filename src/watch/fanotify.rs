@@ -219,13 +219,6 @@ pub struct Alias {
     pub point: Vec<u8>,
 }
 
-/// Whether directory `dir` is `path` or one of its ancestors (both
-/// absolute).
-fn holds(dir: &[u8], path: &[u8]) -> bool {
-    path.strip_prefix(dir)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"/") || dir == b"/")
-}
-
 /// The mountinfo entry of the mount `path` is on: the one with the longest
 /// mount point above it (the last of equals: the one mounted on top).
 fn mount_of<'m>(
@@ -799,8 +792,9 @@ impl FanotifyWatcher {
         if self.rel_of(&now).is_some() {
             return;
         }
-        let ancestor =
-            holds(&now, &self.source_abs) || self.aliases.iter().any(|a| holds(&now, &a.origin));
+        // `now` holds the source or a bind origin (absolute paths).
+        let holds = |path: &[u8]| now == b"/" || paths::is_within(path, &now);
+        let ancestor = holds(&self.source_abs) || self.aliases.iter().any(|a| holds(&a.origin));
         self.foreign.mark(self.fd.as_fd(), key, &fd, ancestor);
     }
 
