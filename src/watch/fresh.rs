@@ -156,6 +156,19 @@ impl FreshWatches {
         }
     }
 
+    /// Asks for a mark at the next [`Self::send_mark`], and returns it: once
+    /// [`Self::read_back`], every event queued before then has been read.
+    pub fn mark_next(&mut self) -> u64 {
+        self.unmarked = true;
+        self.sent + 1
+    }
+
+    /// Whether mark `seq` (of [`Self::mark_next`]) has been read back, or
+    /// could not be sent.
+    pub fn read_back(&self, seq: u64) -> bool {
+        self.seen >= seq
+    }
+
     /// Whether fresh watches wait for a check (see [`Self::check`]) that
     /// no event will bring: capture should look again soon.
     pub fn due(&self) -> bool {

@@ -161,6 +161,9 @@ pub struct InotifyWatcher {
     /// end of `start` or `adopt` on (a new group has no events queued).
     fresh: FreshWatches,
     track_fresh: bool,
+    /// Until this mark of `fresh` is read back, a walk that watched new
+    /// directories may have missed some (see [`InotifyWatcher::may_miss`]).
+    walk_tail: Option<u64>,
 }
 
 /// `inotify_add_watch` of directory `rel` of `root`, however deep (see
@@ -245,6 +248,7 @@ impl InotifyWatcher {
             unwatched: Unwatched::default(),
             missed: std::collections::VecDeque::new(),
             renames: std::collections::VecDeque::new(),
+            walk_tail: None,
             fresh: FreshWatches::default(),
             track_fresh: false,
         }
@@ -624,6 +628,7 @@ impl InotifyWatcher {
                 Err(crossbeam_channel::TryRecvError::Disconnected) => {
                     self.feed_rx = None;
                     self.renames.clear();
+                    self.walk_tail = Some(self.fresh.mark_next());
                     break;
                 }
             }
@@ -675,6 +680,31 @@ impl InotifyWatcher {
             self.renames.pop_front();
         }
         self.renames.push_back((from.to_vec(), to.to_vec(), now));
+    }
+
+    /// Whether a directory rename read now may have moved directories no
+    /// watch covers into the renamed one. A walk lists each directory some
+    /// time after it watched it: one moved away in between, out of a part
+    /// not listed yet into a part listed already, is listed in neither,
+    /// and the directories below it that no watch covered yet (made while
+    /// the daemon was down, or by `mkdir -p` before its first watch) stay
+    /// unwatched: every later change inside them goes unseen (the churn
+    /// test found one so, after a restart whose startup scan met an
+    /// exchange of its parent). So while the startup scan runs, and until
+    /// every event queued before it ended or before a walk that added new
+    /// watches returned has been read, a renamed directory is walked again
+    /// for watches.
+    fn may_miss(&mut self) -> bool {
+        if self.feed_rx.is_some() {
+            return true;
+        }
+        match self.walk_tail {
+            Some(m) if !self.fresh.read_back(m) => true,
+            _ => {
+                self.walk_tail = None;
+                false
+            }
+        }
     }
 
     /// Tries the directories past the watch limit again, when due, and
@@ -798,6 +828,9 @@ impl InotifyWatcher {
         let added = added.into_inner().unwrap_or_else(|p| p.into_inner());
         self.recent
             .extend(seen.into_inner().unwrap_or_else(|p| p.into_inner()));
+        if added.iter().any(|(_, wd)| !self.by_wd.contains_key(wd)) {
+            self.walk_tail = Some(self.fresh.mark_next());
+        }
         let mut dirs = Vec::with_capacity(added.len() + 1);
         if let Some(&wd) = self.by_path.get(rel) {
             dirs.push((rel.to_vec(), wd.to_le_bytes().to_vec()));
@@ -836,6 +869,7 @@ impl InotifyWatcher {
     }
 
     fn record_watch(&mut self, rel: Vec<u8>, wd: Wd) {
+        tracing::trace!(wd, path = %paths::display(&rel), "watch filed");
         self.leaving.remove(&wd);
         if self.track_fresh {
             self.fresh.note(wd);
@@ -888,11 +922,13 @@ impl InotifyWatcher {
                 continue;
             };
             if self.stays(wd, &p) {
+                tracing::trace!(wd, path = %paths::display(&p), "fresh watch stays");
                 stay.push((p, wd));
                 continue;
             }
             self.by_path.remove(&p);
             let np = paths::rebase(&p, from, to);
+            tracing::trace!(wd, from = %paths::display(&p), to = %paths::display(&np), "watch moved");
             self.by_wd.insert(wd, np.clone());
             moved.push((np, wd));
         }
@@ -1001,6 +1037,7 @@ impl InotifyWatcher {
             }
             self.journal.dirs_remove_tree(to)?;
             self.put_watches(stay)?;
+            tracing::trace!(from = %paths::display(from), to = %paths::display(to), watches = watches.len(), "watches held");
             self.held = Some(Held {
                 from: from.to_vec(),
                 to: to.to_vec(),
@@ -1034,6 +1071,7 @@ impl InotifyWatcher {
             .map(|(p, wd)| (p.clone(), wd.to_le_bytes().to_vec()))
             .collect();
         for (p, wd) in watches {
+            tracing::trace!(wd, path = %paths::display(&p), "watch put");
             self.by_wd.insert(wd, p.clone());
             self.by_path.insert(p, wd);
         }
@@ -1094,8 +1132,9 @@ impl InotifyWatcher {
                 // A directory renamed before its CREATE was read (`mkdir d;
                 // mv d e`, both in one read) was never watched: nothing
                 // moved to `to`, which needs watches of its own, or every
-                // later change inside it goes unseen.
-                if is_dir && !te && !self.by_path.contains_key(&to) {
+                // later change inside it goes unseen. Nor, perhaps, are
+                // directories below it that a walk missed (see `may_miss`).
+                if is_dir && !te && (!self.by_path.contains_key(&to) || self.may_miss()) {
                     if let Err(e) = self.add_tree(&to) {
                         tracing::warn!("{e}");
                     }
@@ -1144,6 +1183,14 @@ impl InotifyWatcher {
     }
 
     fn handle(&mut self, r: Raw, out: &mut Vec<Event>) -> Result<(), WatchError> {
+        tracing::trace!(
+            wd = r.wd,
+            mask = ?r.mask,
+            cookie = r.cookie,
+            dir = ?self.by_wd.get(&r.wd).map(|d| paths::display(d)),
+            name = ?r.name.as_deref().map(paths::display),
+            "event"
+        );
         // A mark: not an event of the source (and not between the halves
         // of an exchange either, whatever the queue says).
         if r.mask.contains(EventMask::IGNORED) && self.fresh.mark_read(r.wd) {
@@ -1553,6 +1600,44 @@ mod tests {
         w.read(&mut out).unwrap();
         assert!(w.by_path.contains_key(b"top/q/m".as_slice()));
         made_is_seen(&mut w, &src, "top/q/m/later");
+    }
+
+    /// A directory made while the daemon was down (`top/p/m`, and `n` in
+    /// it), in a directory an exchange with a file moved from where the
+    /// startup scan had not listed yet to where it had, so that the scan
+    /// listed it nowhere: watched once the exchange is read, whether the
+    /// scan ended before that read (`ended_first`) or after. It was not:
+    /// the churn test found a directory made in it later missing on the
+    /// target.
+    fn rename_across_the_scan(ended_first: bool) {
+        let f = fixture(&["top/p"]);
+        let src = &f.src;
+        std::fs::write(src.join("top/file"), b"f").unwrap();
+        drop(InotifyWatcher::start(src, f.filter.clone(), f.journal.clone(), None).unwrap());
+        std::fs::create_dir_all(src.join("top/p/m/n")).unwrap();
+        let mut w = InotifyWatcher::start(src, f.filter.clone(), f.journal.clone(), None).unwrap();
+        let feed = w.dir_feed().expect("a restored watch tree has a feed");
+        // The scan lists `top` (`p` a directory, `file` a file) ...
+        feed.send(vec![b"top/p".to_vec()]).unwrap();
+        exchange(&src.join("top/p"), &src.join("top/file"));
+        // ... then `top/p`, a file now.
+        if ended_first {
+            drop(feed);
+            event_paths(&mut w);
+        } else {
+            event_paths(&mut w);
+            drop(feed);
+        }
+        for dir in ["top/file/m", "top/file/m/n"] {
+            assert!(w.by_path.contains_key(dir.as_bytes()), "{dir} unwatched");
+        }
+        made_is_seen(&mut w, src, "top/file/m/n/later");
+    }
+
+    #[test]
+    fn a_directory_the_scan_never_listed_for_a_rename_across_it_is_watched() {
+        rename_across_the_scan(true);
+        rename_across_the_scan(false);
     }
 
     /// Two new directories of the same name on either side of an exchange,

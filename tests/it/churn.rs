@@ -84,8 +84,9 @@ struct Churn {
     failed: u64,
     entries: usize,
     log: VecDeque<String>,
-    /// Every operation and kill, in order (`ops.log` in the test's
-    /// directory, kept with it when a run fails).
+    /// Every operation and kill, in order, each with the time (UTC) it was
+    /// done (`ops.log` in the test's directory, kept with it when a run
+    /// fails).
     trace: std::io::BufWriter<fs::File>,
 }
 
@@ -124,14 +125,14 @@ impl Churn {
                 self.log.pop_front();
             }
             let line = format!("{} {op:?} {what}", self.done);
-            let _ = writeln!(self.trace, "{line}");
+            let _ = writeln!(self.trace, "{} {line}", stamp());
             self.log.push_back(line);
         }
     }
 
     /// Marks an event of the run (a kill, a restart) in the op log.
     fn mark(&mut self, what: &str) {
-        let _ = writeln!(self.trace, "--- {what} after op {}", self.done);
+        let _ = writeln!(self.trace, "{} --- {what} after op {}", stamp(), self.done);
         let _ = self.trace.flush();
     }
 
@@ -422,6 +423,22 @@ fn daemon_logs(root: &Path) -> String {
         .iter()
         .map(|p| String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned())
         .collect()
+}
+
+/// The wall-clock time, as the daemons' logs print it (UTC), to line
+/// `ops.log` up with them.
+fn stamp() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let day = t.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        day / 3600,
+        day / 60 % 60,
+        day % 60,
+        t.subsec_micros()
+    )
 }
 
 fn lmeta_opt(p: &Path) -> Option<fs::Metadata> {
