@@ -352,6 +352,7 @@ fn capture_loop(
             board.update(|s| s.uncaptured = u);
         }
         heartbeat.tick(journal)?;
+        crate::failpoints::hold_while(crate::failpoints::Hook::HoldCapture);
         let before_wait = crate::journal::now_ns();
         if !watcher.wait(Duration::from_millis(200))? {
             // Nothing queued: every event before the wait began is read.

@@ -30,6 +30,13 @@ pub enum Hook {
     AbortBeforeCommit,
     /// Stands in for the kernel's boot id; empty: none (`durability`).
     BootId,
+    /// A file: while it exists, a round that applied something waits
+    /// before re-stamping the directories it touched, with `FILE.held`
+    /// there to say so (`ship`).
+    HoldRestamp,
+    /// A file: while it exists, capture reads nothing, with `FILE.held`
+    /// there to say so (`daemon`).
+    HoldCapture,
 }
 
 #[cfg(feature = "failpoints")]
@@ -44,6 +51,8 @@ impl Hook {
             Hook::ExitOnSync => "DRMIRROR_TEST_EXIT_ON_SYNC",
             Hook::AbortBeforeCommit => "DRMIRROR_TEST_ABORT_BEFORE_COMMIT",
             Hook::BootId => "DRMIRROR_TEST_BOOT_ID",
+            Hook::HoldRestamp => "DRMIRROR_TEST_HOLD_RESTAMP",
+            Hook::HoldCapture => "DRMIRROR_TEST_HOLD_CAPTURE",
         }
     }
 }
@@ -63,4 +72,23 @@ pub fn get(_hook: Hook) -> Option<OsString> {
 /// Whether the hook is set.
 pub fn set(hook: Hook) -> bool {
     get(hook).is_some()
+}
+
+/// Waits while the file `hook` names exists, with `FILE.held` there
+/// meanwhile (a test makes its move once it sees that, then removes the
+/// file). A test hook: a poll is all it needs.
+pub fn hold_while(hook: Hook) {
+    let Some(gate) = get(hook).map(std::path::PathBuf::from) else {
+        return;
+    };
+    if !gate.exists() {
+        return;
+    }
+    let mut held = gate.clone().into_os_string();
+    held.push(".held");
+    let _ = std::fs::write(&held, b"");
+    while gate.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = std::fs::remove_file(&held);
 }

@@ -306,7 +306,26 @@ pub struct Completion {
 
 impl Completion {
     /// Appends `o` (applied after `self`).
+    ///
+    /// [`Journal::complete`] removes index entries before it puts any, which
+    /// is the order within one round (a file put where a directory's subtree
+    /// is dropped). Across rounds the later one wins: what `o` removes
+    /// cancels what `self` would put there or below. (Committed together, a
+    /// round's put of a file it copied outlived the next round's removal of
+    /// it, and an entry vouched for a directory that round could not
+    /// re-stamp.)
     pub fn merge(&mut self, o: Completion) {
+        if !o.index_remove.is_empty() || !o.index_remove_tree.is_empty() {
+            let gone: std::collections::HashSet<&[u8]> = o
+                .index_remove
+                .iter()
+                .chain(&o.index_remove_tree)
+                .map(Vec::as_slice)
+                .collect();
+            let kept = |p: &Vec<u8>| !paths::ancestors_or_self(p).any(|a| gone.contains(a));
+            self.index_put.retain(|(p, _)| kept(p));
+            self.index_new.retain(|(p, _)| kept(p));
+        }
         self.done.extend(o.done);
         self.index_put.extend(o.index_put);
         self.index_new.extend(o.index_new);
@@ -1091,6 +1110,14 @@ impl Journal {
             let seq = first + i as u64;
             match c {
                 Change::Dirty { path, flags } => {
+                    tracing::trace!(seq, path = %paths::display(path), flags, "recorded")
+                }
+                Change::Rename { from, to } => {
+                    tracing::trace!(seq, from = %paths::display(from), to = %paths::display(to), "recorded rename")
+                }
+            }
+            match c {
+                Change::Dirty { path, flags } => {
                     let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
                     for &t in targets {
                         let (k, f) = match bound.level(t) {
@@ -1820,6 +1847,9 @@ impl Journal {
         if entries.is_empty() {
             return Ok(());
         }
+        for (path, flags) in entries {
+            tracing::trace!(path = %paths::display(path), flags, "enqueued");
+        }
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut b = WriteBatch::default();
         let recorded = self.merge_pending(&mut b, t, entries)?;
@@ -2166,6 +2196,43 @@ mod tests {
             vec![false, true, true, false, false, false, false, true]
         );
         assert!(j.dirlist(t).unwrap().iter().all(|(p, _)| p != b"o/y"));
+    }
+
+    /// Two rounds' completions committed as one: what the later one
+    /// removes (a file it deleted, a directory it could not re-stamp, with
+    /// what was below it) is not put back by the earlier one's entries; what
+    /// it puts after its own removal stays.
+    #[test]
+    fn a_later_rounds_removal_wins_over_an_earlier_rounds_put() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t = j.target_id("t").unwrap();
+        let (f, dir) = (meta(Kind::File), meta(Kind::Dir));
+        let mut acc = Completion {
+            index_put: vec![
+                (b"gone".to_vec(), f),
+                (b"d".to_vec(), dir),
+                (b"d/x".to_vec(), f),
+                (b"dx".to_vec(), f),
+                (b"kept".to_vec(), f),
+            ],
+            index_new: vec![(b"t/n".to_vec(), f)],
+            ..Completion::default()
+        };
+        acc.merge(Completion {
+            index_remove: vec![b"gone".to_vec(), b"d".to_vec()],
+            index_remove_tree: vec![b"t".to_vec()],
+            index_put: vec![(b"d/y".to_vec(), f)],
+            ..Completion::default()
+        });
+        j.complete(t, &acc).unwrap();
+        let has = |p: &[u8]| j.index_get_many(t, &[p]).unwrap()[0].is_some();
+        for p in [&b"gone"[..], b"d", b"d/x", b"t/n"] {
+            assert!(!has(p), "{}", paths::display(p));
+        }
+        for p in [&b"dx"[..], b"kept", b"d/y"] {
+            assert!(has(p), "{}", paths::display(p));
+        }
     }
 
     #[test]

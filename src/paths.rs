@@ -27,6 +27,11 @@ pub fn parent(rel: &[u8]) -> Option<&[u8]> {
     }
 }
 
+/// `rel`, its parent, and so on up to the root (the empty path).
+pub fn ancestors_or_self(rel: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::successors(Some(rel), |p| parent(p))
+}
+
 /// `base/name`, or `name` when `base` is the root.
 pub fn join(base: &[u8], name: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(base.len() + 1 + name.len());
@@ -195,6 +200,13 @@ mod tests {
             proptest::prop_assert!(validate(&moved).is_ok());
             proptest::prop_assert!(is_within(&moved, &b));
         }
+    }
+
+    #[test]
+    fn ancestors_go_up_to_the_root() {
+        let up: Vec<&[u8]> = ancestors_or_self(b"a/b/c").collect();
+        assert_eq!(up, [&b"a/b/c"[..], b"a/b", b"a", b""]);
+        assert_eq!(ancestors_or_self(b"").count(), 1);
     }
 
     #[test]

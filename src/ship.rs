@@ -805,6 +805,51 @@ impl Shipper {
         self.target.free_bytes().ok()
     }
 
+    /// Sets the attributes of the directories a round `touched` on the
+    /// target (deepest first, in one call: one batch for a remote target),
+    /// as the source has them now, and indexes them.
+    ///
+    /// One gone from its path since the apply (renamed away, removed), or
+    /// whose attributes could not be set, keeps on the target the mtime the
+    /// round's writes gave it: the index must not vouch for it, not even
+    /// with this round's own entry from its apply (see `Completion::merge`
+    /// for an earlier round's). It did: renamed on with an ancestor, the
+    /// entry vouched for a directory whose mtime differed, and no compare
+    /// looked (the churn test's `…/sub (metadata)` divergences).
+    fn restamp(&self, touched: &BTreeSet<Vec<u8>>, c: &mut Completion, wrote: &mut bool) {
+        let mut dirs: Vec<(Vec<u8>, crate::meta::Meta)> = Vec::new();
+        let mut unstamped = Vec::new();
+        for d in touched.iter().rev() {
+            if self.filter.excluded(d, true) {
+                continue;
+            }
+            match self.source.lstat(d) {
+                Ok(Some(m)) if m.kind == Kind::Dir => dirs.push((d.clone(), m)),
+                _ => unstamped.push(d.clone()),
+            }
+        }
+        let set = self.target.set_attrs_many(&self.source, &dirs);
+        for ((d, m), r) in dirs.into_iter().zip(set) {
+            match r {
+                Ok(()) => {
+                    tracing::trace!(path = %paths::display(&d), "dir attrs set");
+                    c.index_put.push((d, m));
+                    *wrote = true;
+                }
+                Err(e) => {
+                    tracing::debug!("{e}");
+                    unstamped.push(d);
+                }
+            }
+        }
+        if unstamped.is_empty() {
+            return;
+        }
+        let gone: HashSet<&[u8]> = unstamped.iter().map(Vec::as_slice).collect();
+        c.index_put.retain(|(p, _)| !gone.contains(p.as_slice()));
+        c.index_remove.extend(unstamped);
+    }
+
     fn round(&mut self) -> Result<Round, JournalError> {
         let mut c = Completion::default();
         let mut touched: BTreeSet<Vec<u8>> = BTreeSet::new();
@@ -859,7 +904,9 @@ impl Shipper {
             .collect();
         self.journal.doubt_put(self.t, &sides, round)?;
         for r in &renames {
-            match self.target.rename(&r.from, &r.to) {
+            let applied = self.target.rename(&r.from, &r.to);
+            tracing::trace!(target = %self.name, from = %paths::display(&r.from), to = %paths::display(&r.to), seq = r.seq, outcome = ?applied, "rename");
+            match applied {
                 Ok(true) => {
                     self.stats.renamed.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("drmirror_applied_total", "target" => self.name.clone(), "op" => "rename").increment(1);
@@ -935,6 +982,7 @@ impl Shipper {
         let mut target_errors = 0u64;
         let mut live_files = Vec::new();
         for (p, v, r) in results {
+            tracing::trace!(target = %self.name, path = %paths::display(p), flags = v.flags, seq = v.seq, outcome = ?r, "applied");
             if matches!(r, Err(ApplyError::TargetWrite { .. })) {
                 target_errors += 1;
             }
@@ -1070,29 +1118,10 @@ impl Shipper {
             .store(self.retry.len() as u64, Ordering::Relaxed);
         self.publish_applied(&applied, target_errors);
 
-        // Deepest first, in one call (one batch for a remote target).
-        let mut dirs: Vec<(Vec<u8>, crate::meta::Meta)> = Vec::new();
-        for d in touched.iter().rev() {
-            if self.filter.excluded(d, true) {
-                continue;
-            }
-            if let Ok(Some(m)) = self.source.lstat(d) {
-                if m.kind == Kind::Dir {
-                    dirs.push((d.clone(), m));
-                }
-            }
+        if !touched.is_empty() {
+            crate::failpoints::hold_while(crate::failpoints::Hook::HoldRestamp);
         }
-        let set = self.target.set_attrs_many(&self.source, &dirs);
-        for ((d, m), r) in dirs.into_iter().zip(set) {
-            match r {
-                Ok(()) => {
-                    tracing::trace!(path = %paths::display(&d), "dir attrs set");
-                    c.index_put.push((d, m));
-                    wrote = true;
-                }
-                Err(e) => tracing::debug!("{e}"),
-            }
-        }
+        self.restamp(&touched, &mut c, &mut wrote);
         // An entry whose subtree is compared below stays pending until that
         // compare has enqueued what differs in it: done before, it would
         // leave a moment with the subtree's differences in no pending entry

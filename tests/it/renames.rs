@@ -211,6 +211,51 @@ fn a_directory_renamed_as_soon_as_made_is_watched(b: Backend) {
     d.terminate();
 }
 
+/// A file rewritten in `a/d` (the directory's own mtime unchanged in the
+/// source, but changed on the target by the copy), and `a` renamed to `b`
+/// after the copy, before its round re-stamps `a/d`, the rename read only
+/// after that round's commit: the round cannot re-stamp `a/d`, and the
+/// index must stop vouching for it. It did not: renamed on to `b/d`, the
+/// entry vouched for a directory whose mtime on the target was the
+/// copy's, and nothing but a scrub pass would look (the churn test's
+/// `…/sub (metadata)` divergences). The shipper's, so one backend.
+#[test]
+fn an_ancestor_renamed_before_its_round_restamps() {
+    use drmirror::failpoints::Hook;
+    let env = Env::new();
+    write(&env.s("a/d/f"), b"one");
+    let gate = |name: &str| env.root.join(name);
+    let held = |name: &str| env.root.join(format!("{name}.held"));
+    let var = |name: &str| gate(name).to_str().expect("a UTF-8 temp dir").to_owned();
+    let (restamp, capture) = (var("restamp"), var("capture"));
+    let d = env.start_env(
+        &[],
+        &[
+            (Hook::HoldRestamp.var(), &restamp),
+            (Hook::HoldCapture.var(), &capture),
+        ],
+    );
+    env.converge(&[], &d);
+    write(&gate("restamp"), b"");
+    write(&env.s("a/d/f"), b"two, longer");
+    wait_until(
+        "the round to hold before its re-stamp",
+        secs(30),
+        Some(&d),
+        || exists(&held("restamp")),
+    );
+    write(&gate("capture"), b"");
+    wait_until("capture to hold", secs(30), Some(&d), || {
+        exists(&held("capture"))
+    });
+    rename(&env.s("a"), &env.s("b"));
+    remove_file(&gate("restamp"));
+    wait_committed(&env.state);
+    remove_file(&gate("capture"));
+    env.converge(&[], &d);
+    d.terminate();
+}
+
 suite!(
     a_directory_renamed_as_soon_as_made_is_watched,
     a_directory_and_a_file_exchanged_twice,
