@@ -160,13 +160,15 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Write the manual pages, generated from this command line's own
-    /// definition, into DIR: drmirror.1 and drmirror-SUBCOMMAND.1.
+    /// Write the manual pages into DIR: drmirror.1 and drmirror-SUBCOMMAND.1,
+    /// generated from this command line's own definition, and
+    /// drmirror.toml.5, from the README's table of configuration keys.
     Man { dir: PathBuf },
 }
 
 /// The manual pages of the command line `cmd` (`drmirror`'s, from
-/// [`Cli`]): (file name, roff text) for the command and each subcommand.
+/// [`Cli`]): (file name, roff text) for the command, each subcommand, and
+/// the configuration file (see [`config_page`]).
 pub fn man_pages(cmd: &clap::Command) -> std::io::Result<Vec<(String, Vec<u8>)>> {
     let mut pages = Vec::new();
     let mut top = Vec::new();
@@ -187,7 +189,88 @@ pub fn man_pages(cmd: &clap::Command) -> std::io::Result<Vec<(String, Vec<u8>)>>
         clap_mangen::Man::new(named).render(&mut page)?;
         pages.push((format!("{title}.1"), page));
     }
+    let version = cmd.get_version().unwrap_or_default();
+    pages.push((format!("{}.toml.5", cmd.get_name()), config_page(version)));
     Ok(pages)
+}
+
+/// The README, whose table of configuration keys is the one source of
+/// `drmirror.toml(5)` (see [`config_page`]).
+const README: &str = include_str!("../README.md");
+
+/// The header row of the README's table of configuration keys.
+const KEYS_HEADER: &str = "| Key | Type | Default | Meaning |";
+
+/// The README's table of configuration keys: (key, type, default,
+/// meaning), as markdown, in order.
+pub fn config_keys() -> Vec<[String; 4]> {
+    README
+        .lines()
+        .skip_while(|l| l.trim() != KEYS_HEADER)
+        // The header and the |---| line.
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|row| {
+            let cells: Vec<String> = row
+                .trim()
+                .trim_matches('|')
+                .split(" | ")
+                .map(|c| c.trim().to_string())
+                .collect();
+            <[String; 4]>::try_from(cells).ok()
+        })
+        .collect()
+}
+
+/// Markdown of a table cell as roff: `code` in bold, backslashes and
+/// line-leading dots escaped.
+fn roff(md: &str) -> String {
+    let escaped = md.replace('\\', "\\e");
+    let mut out = String::with_capacity(escaped.len());
+    for (i, part) in escaped.split('`').enumerate() {
+        if i % 2 == 1 {
+            out.push_str("\\fB");
+            out.push_str(part);
+            out.push_str("\\fR");
+        } else {
+            out.push_str(part);
+        }
+    }
+    if out.starts_with(['.', '\'']) {
+        out.insert_str(0, "\\&");
+    }
+    out
+}
+
+/// `drmirror.toml(5)`: the configuration file's keys, from the README's
+/// table (so that the two cannot disagree).
+pub fn config_page(version: &str) -> Vec<u8> {
+    let mut t = String::new();
+    t.push_str(&format!(
+        ".TH drmirror.toml 5 \"\" \"drmirror {version}\" \"File Formats\"\n"
+    ));
+    t.push_str(".SH NAME\ndrmirror.toml \\- the configuration file of drmirror(1)\n");
+    t.push_str(".SH SYNOPSIS\n\\fBdrmirror run \\-\\-config\\fR \\fIFILE\\fR\n.br\n");
+    t.push_str("/etc/drmirror/\\fIINSTANCE\\fR.toml (the \\fBdrmirror@.service\\fR unit)\n");
+    t.push_str(".SH DESCRIPTION\nA TOML file: the tree to mirror, where its journal is kept, and one \\fB[[target]]\\fR table per mirror. ");
+    t.push_str("Unknown keys are errors. Durations are strings such as \\fB\"100ms\"\\fR, \\fB\"5s\"\\fR or \\fB\"24h\"\\fR. ");
+    t.push_str("The sections named below (\\(lqChange capture\\(rq, \\(lqFaults\\(rq, ...) are the README's.\n");
+    t.push_str(".SH KEYS\n");
+    for [key, ty, default, meaning] in config_keys() {
+        let default = if default.starts_with("required") || default.starts_with("at least") {
+            roff(&default)
+        } else {
+            format!("default: {}", roff(&default))
+        };
+        t.push_str(&format!(
+            ".TP\n.B {}\n{}; {default}.\n.br\n{}\n",
+            key.trim_matches('`'),
+            roff(&ty),
+            roff(&meaning)
+        ));
+    }
+    t.push_str(".SH SEE ALSO\ndrmirror(1), drmirror-run(1), drmirror-status(1)\n");
+    t.into_bytes()
 }
 
 /// What a copy leaves out (everything is kept by default; the config's

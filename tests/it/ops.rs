@@ -527,6 +527,88 @@ fn idle_status_thread_sleeps_until_asked() {
 /// `drmirror completions SHELL` prints a script that knows the subcommands,
 /// and `drmirror man DIR` writes a page per command, named and titled
 /// `drmirror-SUBCOMMAND` (rendered by man(1) where it is installed).
+/// The keys a config parser error lists as expected for an unknown key
+/// `bogus` in `toml` (its real list: the parser refuses unknown keys).
+fn keys_expected(env: &Env, toml: &str) -> Vec<String> {
+    let config = env.write_config(toml);
+    let o = drmirror(&["run".into(), "--config".into(), config.into()], secs(20));
+    let said = o
+        .stderr
+        .split("expected")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no list of expected keys\n{}", o.describe()));
+    said.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// drmirror.toml(5), the README's table of keys and the keys the config
+/// parser accepts are the same set: a key added to one and not the others
+/// fails here.
+#[test]
+fn the_config_manual_page_names_every_key_the_parser_takes() {
+    let env = Env::new();
+    let src = toml_str(&env.src);
+    let dst = toml_str(&env.dst);
+    let top = keys_expected(&env, &format!("source = {src}\nbogus = 1\n"));
+    let backlog = keys_expected(&env, &format!("source = {src}\n[backlog]\nbogus = 1\n"));
+    let target = keys_expected(
+        &env,
+        &format!("source = {src}\n[[target]]\npath = {dst}\nbogus = 1\n"),
+    );
+    let mut parser: Vec<String> = top
+        .into_iter()
+        .filter(|k| k != "backlog" && k != "target")
+        .chain(backlog.iter().map(|k| format!("backlog.{k}")))
+        .chain(target.iter().map(|k| format!("target.{k}")))
+        .collect();
+    parser.sort();
+    assert!(parser.len() > 20, "{parser:?}");
+
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    let mut table: Vec<String> = readme
+        .lines()
+        .skip_while(|l| l.trim() != "| Key | Type | Default | Meaning |")
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|l| l.split('`').nth(1).map(str::to_owned))
+        .filter(|k| k != "[[target]]")
+        .collect();
+    table.sort();
+    assert_eq!(table, parser, "README table (left) against the parser");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = drmirror(&["man".into(), dir.path().into()], secs(20));
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let page =
+        std::fs::read_to_string(dir.path().join("drmirror.toml.5")).expect("drmirror.toml.5");
+    let lines: Vec<&str> = page.lines().collect();
+    let mut manual: Vec<String> = lines
+        .windows(2)
+        .filter(|w| w[0] == ".TP")
+        .filter_map(|w| w[1].strip_prefix(".B ").map(str::to_owned))
+        .filter(|k| k != "[[target]]")
+        .collect();
+    manual.sort();
+    assert_eq!(manual, parser, "drmirror.toml(5) (left) against the parser");
+    if let Some(man) = tool("man") {
+        let o = Command::new(man)
+            .arg("-l")
+            .arg(dir.path().join("drmirror.toml.5"))
+            .env("MANWIDTH", "80")
+            .output()
+            .expect("man");
+        let shown = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && shown.contains("KEYS") && shown.contains("scrub_interval"),
+            "man -l drmirror.toml.5: {shown}"
+        );
+    }
+}
+
 #[test]
 fn completions_and_manual_pages_come_from_the_command_line() {
     for shell in ["bash", "zsh", "fish"] {
