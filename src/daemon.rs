@@ -6,8 +6,9 @@
 //! flow. Stop (SIGTERM/SIGINT): stop capture and shippers at a batch
 //! boundary, flush the journal, exit 0.
 
+use std::collections::HashSet;
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -459,6 +460,477 @@ impl DaemonError {
     }
 }
 
+/// One target of this run: its journal id, the target, and what its
+/// shipper and startup scan share with the rest of the daemon.
+struct TargetRun {
+    id: TargetId,
+    name: String,
+    target: Arc<Target>,
+    wake: Sender<()>,
+    wake_rx: crossbeam_channel::Receiver<()>,
+    scan_done: Arc<AtomicBool>,
+    hurry: crate::ship::Hurry,
+    scan_stats: Arc<ScanStats>,
+}
+
+/// The local roots held open (name, path, and the directory's identity),
+/// which the pulse checks are still the ones in place.
+type LocalRoots = Vec<(String, PathBuf, crate::pulse::FileId)>;
+
+/// Opens every configured target (a remote one connects on first use) and
+/// settles what its last run left in doubt.
+fn open_targets(
+    cfg: &Config,
+    journal: &Arc<Journal>,
+    source: &Arc<Root>,
+    filter: &Arc<Filter>,
+    policy: DeletePolicy,
+    owner: bool,
+) -> Result<(Vec<TargetRun>, LocalRoots), DaemonError> {
+    let mut targets = Vec::new();
+    let mut local_roots = Vec::new();
+    for t in &cfg.targets {
+        let id = journal.target_id(&t.name)?;
+        // Before anything reads the index (see `Journal::doubt_put`).
+        let doubted = journal.resolve_doubts(id)?;
+        if doubted > 0 {
+            tracing::info!(
+                "target {}: the last run stopped while changing {doubted} path(s) on it: \
+                 what the journal says the target holds there is forgotten, and compared \
+                 with the target itself",
+                t.name
+            );
+        }
+        // A remote target connects on first use: one that is down at start
+        // must not keep the daemon (and capture) from starting.
+        let target = match &t.remote {
+            Some(spec) => {
+                let r = RemoteTarget::new(&t.name, spec.clone(), owner).keeping(cfg.keep);
+                let wrong_target =
+                    (policy.at_startup && !t.adopt).then(|| (source.clone(), filter.clone()));
+                r.guard_identity(journal.clone(), id, wrong_target);
+                Target::Remote(Box::new(r))
+            }
+            None => {
+                let guard = policy.at_startup.then_some((&**source, &**filter));
+                Target::Local(open_local(journal, id, t, owner, cfg.keep, guard)?)
+            }
+        };
+        if let Target::Local(l) = &target {
+            let held = identity::file_id(l.dir_fd()).map_err(|source| DaemonError::Target {
+                name: t.name.clone(),
+                path: t.path.clone(),
+                source,
+            })?;
+            local_roots.push((t.name.clone(), t.path.clone(), held));
+        }
+        let (wake, wake_rx) = bounded(1);
+        targets.push(TargetRun {
+            id,
+            name: t.name.clone(),
+            target: Arc::new(target),
+            wake,
+            wake_rx,
+            scan_done: Arc::new(AtomicBool::new(false)),
+            hurry: Default::default(),
+            scan_stats: Arc::new(ScanStats::default()),
+        });
+    }
+    Ok((targets, local_roots))
+}
+
+/// Copies the last run recorded before flushing them (see
+/// [`crate::durability`]) are lost if the machine went down since: such a
+/// local target is compared whole again. (A remote target's note is of its
+/// receiver's machine: its shipper's flusher compares it with the boot the
+/// receiver reports.)
+///
+/// Returns the boot id (see [`crate::durability::boot_id`]).
+fn forget_unflushed(
+    journal: &Journal,
+    targets: &[TargetRun],
+) -> Result<Option<Vec<u8>>, DaemonError> {
+    let boot = crate::durability::boot_id();
+    for t in targets {
+        if !matches!(t.target.as_ref(), Target::Local(_)) {
+            continue;
+        }
+        if let Some(noted) = journal.unflushed(t.id)? {
+            if boot.as_deref() != Some(noted.as_slice()) {
+                tracing::warn!(
+                    target = %t.name,
+                    "the machine restarted (or a flush failed) before the last copies to this \
+                     target were on its disk: comparing the whole target with the source again"
+                );
+                journal.forget_target(t.id)?;
+            }
+        }
+    }
+    Ok(boot)
+}
+
+/// The capture group the service manager kept across the last stop (see
+/// [`crate::handover`]), taken over if it was set up for this source and
+/// backend and can be trusted; otherwise dropped.
+fn adopt_stored(
+    cfg: &Config,
+    filter: &Arc<Filter>,
+    journal: &Arc<Journal>,
+    first: Option<TargetId>,
+    lost_read: bool,
+    source_key: &[u8],
+) -> Result<Option<Box<dyn Watcher>>, DaemonError> {
+    let Some((backend, fd)) = crate::handover::take_stored() else {
+        return Ok(None);
+    };
+    let same = journal
+        .meta_get(crate::journal::META_CAPTURE_SOURCE)?
+        .as_deref()
+        == Some(source_key);
+    let wanted = match cfg.watch {
+        WatchMode::Auto => true,
+        WatchMode::Fanotify => backend == "fanotify",
+        WatchMode::Inotify => backend == "inotify",
+    };
+    let (f, j) = (filter.clone(), journal.clone());
+    let taken = if !same || !wanted {
+        Err("it was set up for another source or backend".to_string())
+    } else if backend == "fanotify" {
+        // fanotify events name the object (a file handle), not a watch:
+        // the group is sound even if the last run lost events it had
+        // read; the rescan finds those.
+        FanotifyWatcher::adopt(fd, &cfg.source, f, j, !lost_read)
+            .map(|w| Box::new(w) as Box<dyn Watcher>)
+            .map_err(|e| e.to_string())
+    } else if lost_read {
+        // inotify events name a watch number: a run that died mid-read
+        // may have moved watches it never recorded.
+        Err("the last run died holding events it had not recorded".to_string())
+    } else {
+        InotifyWatcher::adopt(fd, &cfg.source, f, j, first)
+            .map(|w| Box::new(w) as Box<dyn Watcher>)
+            .map_err(|e| e.to_string())
+    };
+    match taken {
+        Ok(w) => Ok(Some(w)),
+        Err(why) => {
+            tracing::info!("dropping the stored {backend} capture descriptor: {why}");
+            crate::handover::remove_stored(backend);
+            Ok(None)
+        }
+    }
+}
+
+/// A new capture group, of the backend `watch` asks for (`auto`: fanotify
+/// where the kernel and filesystems allow it, inotify otherwise).
+fn new_watcher(
+    cfg: &Config,
+    filter: &Arc<Filter>,
+    journal: &Arc<Journal>,
+    first: Option<TargetId>,
+) -> Result<Box<dyn Watcher>, DaemonError> {
+    let inotify = || -> Result<Box<dyn Watcher>, WatchError> {
+        let w = InotifyWatcher::start(&cfg.source, filter.clone(), journal.clone(), first)?;
+        Ok(Box::new(w))
+    };
+    let fanotify = || -> Result<Box<dyn Watcher>, WatchError> {
+        let w = FanotifyWatcher::start(&cfg.source, filter.clone(), journal.clone())?;
+        Ok(Box::new(w))
+    };
+    Ok(match cfg.watch {
+        WatchMode::Inotify => inotify()?,
+        WatchMode::Fanotify => fanotify()?,
+        WatchMode::Auto => match fanotify() {
+            Ok(w) => {
+                tracing::info!("capture backend: fanotify (watch = \"auto\"; the kernel and filesystem support it)");
+                w
+            }
+            Err(e @ WatchError::Unsupported(_)) => {
+                tracing::info!("capture backend: inotify (watch = \"auto\"; {e})");
+                inotify()?
+            }
+            Err(e) => return Err(e.into()),
+        },
+    })
+}
+
+/// With fanotify, writes to the journal and to a local target on a
+/// filesystem under the source come back as events: kept out of the
+/// kernel queue (see [`crate::watch::self_ignore`]).
+fn keep_own_writes_out(
+    watcher: &mut dyn Watcher,
+    jpath: &Path,
+    handed_over: bool,
+    targets: &[TargetRun],
+) {
+    match watcher.self_ignore(vec![jpath.to_path_buf()]) {
+        Ok(Some(ig)) => {
+            if handed_over {
+                let ig = ig.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("ignore-reset".into())
+                    .spawn(move || ig.reset());
+                if let Err(e) = spawned {
+                    tracing::debug!("cannot start the ignore-mark reset: {e}");
+                }
+            }
+            for t in targets {
+                if let Target::Local(l) = t.target.as_ref() {
+                    if ig.covers(l.root().fd()) {
+                        l.ignore_own_writes(ig.clone());
+                    }
+                }
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("{e}; drmirror's own writes will wake capture (and be dropped)"),
+    }
+}
+
+/// A target's startup scan: compares the whole source with what the
+/// target holds (the journal's index where it can be trusted, the target
+/// itself where not) and enqueues what differs; then says so
+/// (`scan_done`), which the lag and the heartbeat wait for.
+struct StartupScan {
+    id: TargetId,
+    name: String,
+    journal: Arc<Journal>,
+    source: Arc<Root>,
+    target: Arc<Target>,
+    filter: Arc<Filter>,
+    owner: bool,
+    policy: DeletePolicy,
+    board: Arc<crate::status::Board>,
+    stop: Arc<AtomicBool>,
+    scan_pool: Arc<rayon::ThreadPool>,
+    dirs_seen: Option<Sender<Vec<Vec<u8>>>>,
+    complete_watch: Option<crate::watch::CompleteWatch>,
+    scan_done: Arc<AtomicBool>,
+    stats: Arc<ScanStats>,
+    wake: Sender<()>,
+    hurry: crate::ship::Hurry,
+    /// Capture was handed over without a gap and every scan had finished:
+    /// nothing to compare.
+    seamless: bool,
+    /// Capture was handed over without a gap: a scan cut short resumes
+    /// from its checkpoint.
+    gapless: bool,
+    absent_ok: bool,
+    /// Directories that may hold temporary files of copies cut short (see
+    /// `Journal::pending_parents`), when they could be listed.
+    temp_dirs: Option<HashSet<Vec<u8>>>,
+}
+
+impl StartupScan {
+    fn run(self) -> Result<(), DaemonError> {
+        if self.seamless {
+            tracing::info!(
+                "startup scan skipped target={}: capture was handed over and nothing was missed",
+                self.name
+            );
+            self.board.update(|s| s.scan_running = false);
+            self.done();
+            return Ok(());
+        }
+        if let Target::Remote(r) = self.target.as_ref() {
+            r.settle_before_scan();
+        }
+        self.check_index_sample()?;
+        let resume = self.resume_list()?;
+        let expected = self.journal.scan_entries(self.id)?;
+        self.board
+            .track_scan(self.stats.clone(), expected.unwrap_or(0));
+        let pb =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} startup scan of {msg}: {pos} entries compared ({per_sec})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        pb.set_message(self.name.clone());
+        pb.enable_steady_tick(Duration::from_millis(200));
+        let cmp = Compare {
+            source: &self.source,
+            target: &self.target,
+            journal: &self.journal,
+            t: self.id,
+            filter: &self.filter,
+            owner: self.owner,
+            stats: &self.stats,
+            stop: &self.stop,
+            progress: Some(&pb),
+            dirs_seen: self.dirs_seen.as_ref(),
+            absent_ok: self.absent_ok,
+        };
+        let t0 = Instant::now();
+        metrics::gauge!("drmirror_scan_running").increment(1.0);
+        metrics::gauge!("drmirror_startup_scan_in_progress", "target" => self.name.clone())
+            .set(1.0);
+        self.changed_dirs_first(&cmp, t0)?;
+        // Compare nothing that capture would not also see change from then
+        // on (see `Watcher::complete_watch`). The wait is capture's setup,
+        // not the scan's work: it is logged apart and left out of the
+        // scan's rate.
+        let waited = Instant::now();
+        if let Some(cw) = &self.complete_watch {
+            let _ = cw.go.try_send(());
+            let _ = cw.done.recv();
+        }
+        let waited = waited.elapsed();
+        let deletions = self.deletions(&cmp)?;
+        let t_walk = Instant::now();
+        let r = self
+            .scan_pool
+            .install(|| cmp.reconcile(b"", flags::STARTUP, Some(&resume), deletions));
+        let walk_ms = t_walk.elapsed().as_millis();
+        pb.finish_and_clear();
+        metrics::gauge!("drmirror_scan_running").decrement(1.0);
+        metrics::gauge!("drmirror_startup_scan_in_progress", "target" => self.name.clone())
+            .set(0.0);
+        self.board.update(|s| s.scan_running = false);
+        r.and_then(|()| self.record_complete(deletions))?;
+        let secs = t0.elapsed().saturating_sub(waited).as_secs_f64();
+        let scanned = self.stats.scanned.load(Ordering::Relaxed);
+        tracing::info!(
+            "startup scan done target={} scanned={} differing={} in_sync={} errors={} resumed_subtrees={} deletions={} secs={:.2} rate={:.0}/s capture_wait_ms={} walk_ms={}",
+            self.name,
+            scanned,
+            self.stats.differing(),
+            self.stats.in_sync.load(Ordering::Relaxed),
+            self.stats.errors.load(Ordering::Relaxed),
+            self.stats.resumed.load(Ordering::Relaxed),
+            match deletions {
+                Deletions::Index => "index",
+                _ => "target-listing",
+            },
+            secs,
+            scanned as f64 / secs.max(1e-6),
+            waited.as_millis(),
+            walk_ms
+        );
+        // What it found is enqueued, stamped with the floor: the lag stays
+        // until that is applied.
+        self.journal.clear_startup_floor(self.id);
+        self.done();
+        Ok(())
+    }
+
+    /// Tells the shipper (and the heartbeat) that the scan is through.
+    fn done(&self) {
+        self.scan_done.store(true, Ordering::Release);
+        let _ = self.wake.try_send(());
+    }
+
+    /// A sample of what the index says the target holds, checked on the
+    /// target: if it does not hold, the index is forgotten.
+    fn check_index_sample(&self) -> Result<(), DaemonError> {
+        let t0 = Instant::now();
+        let lookup = |paths: &[Vec<u8>]| match self.target.as_ref() {
+            Target::Local(l) => paths.iter().map(|p| l.root().lstat(p)).collect(),
+            Target::Remote(r) => r.lstat_many(paths),
+        };
+        if let Some(why) = identity::sample_holds(&self.journal, self.id, self.owner, lookup)? {
+            tracing::warn!(
+                "target {}: {why}: comparing the whole target with the \
+                 source, not trusting what the journal says it holds",
+                self.name
+            );
+            self.journal.forget_target(self.id)?;
+        } else {
+            tracing::debug!(target = %self.name, ms = t0.elapsed().as_millis() as u64, "index sample checked");
+        }
+        Ok(())
+    }
+
+    /// The directories an interrupted scan checkpointed, when it may
+    /// resume (only a scan that was cut short has a checkpoint); the scan
+    /// is marked incomplete until it ends.
+    fn resume_list(&self) -> Result<HashSet<Vec<u8>>, DaemonError> {
+        let (j, id) = (&self.journal, self.id);
+        let resume = if !j.scan_complete(id)? && self.gapless {
+            j.recon_done_list(id)?
+        } else {
+            j.recon_done_clear(id)?;
+            Default::default()
+        };
+        j.set_scan_complete(id, false)?;
+        if !resume.is_empty() {
+            tracing::info!(
+                "startup scan resumes target={}: capture was handed over without a gap, and the interrupted scan had checkpointed {} directories",
+                self.name,
+                resume.len()
+            );
+        }
+        Ok(resume)
+    }
+
+    /// Directories that changed since they were last mirrored stand out,
+    /// and go first (see `Compare::changed_dirs_first`); what the crash or
+    /// stop left unmirrored is then all enqueued, and shipped at once.
+    fn changed_dirs_first(&self, cmp: &Compare, t0: Instant) -> Result<(), DaemonError> {
+        let pre_stats = ScanStats::default();
+        let pre = Compare {
+            stats: &pre_stats,
+            progress: None,
+            dirs_seen: None,
+            ..*cmp
+        };
+        let n = self
+            .scan_pool
+            .install(|| pre.changed_dirs_first(flags::STARTUP))?;
+        tracing::info!(
+            "changed directories compared first target={} dirs={n} differing={} ms={}",
+            self.name,
+            pre_stats.differing(),
+            t0.elapsed().as_millis()
+        );
+        self.hurry.set();
+        let _ = self.wake.try_send(());
+        Ok(())
+    }
+
+    /// How the walk finds what the source lacks. Once a complete scan has
+    /// listed the target, the index accounts for all it holds, bar the
+    /// temporary files of copies cut short (removed here first): deletions
+    /// are found in it, with no target listing. With `delete` at startup,
+    /// that scan must also have deleted the extras it found (not so under a
+    /// policy that kept them).
+    fn deletions(&self, cmp: &Compare) -> Result<Deletions, DaemonError> {
+        let (j, id) = (&self.journal, self.id);
+        let index_whole =
+            j.index_whole(id)? && (!self.policy.at_startup || j.scan_deleted_extras(id)?);
+        Ok(match &self.temp_dirs {
+            Some(dirs) if index_whole => {
+                self.scan_pool
+                    .install(|| cmp.remove_stale_temps(dirs, flags::STARTUP))?;
+                Deletions::Index
+            }
+            _ => Deletions::TargetListing,
+        })
+    }
+
+    /// Records a walk that ran to the end (one cut short by a stop must run
+    /// again next time).
+    fn record_complete(&self, deletions: Deletions) -> Result<(), JournalError> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let (j, id) = (&self.journal, self.id);
+        j.set_scan_complete(id, true)?;
+        j.set_index_whole(id)?;
+        if deletions == Deletions::TargetListing {
+            j.set_scan_deleted_extras(id, self.policy.at_startup)?;
+        }
+        j.recon_done_clear(id)?;
+        // A whole walk: the next one's 100%.
+        if self.stats.resumed.load(Ordering::Relaxed) == 0 {
+            j.set_scan_entries(id, self.stats.scanned.load(Ordering::Relaxed))?;
+        }
+        Ok(())
+    }
+}
+
 /// The run itself, under the state directory's `lock`; puts its status
 /// board in `board_out`, for `status` to be answered after it stopped.
 fn run_daemon(
@@ -510,190 +982,27 @@ fn run_daemon(
         while_running: cfg.delete.while_running(),
     };
 
-    struct T {
-        id: TargetId,
-        name: String,
-        target: Arc<Target>,
-        wake: Sender<()>,
-        wake_rx: crossbeam_channel::Receiver<()>,
-        scan_done: Arc<AtomicBool>,
-        hurry: crate::ship::Hurry,
-        scan_stats: Arc<ScanStats>,
-    }
-    let mut targets = Vec::new();
-    let mut local_roots = Vec::new();
-    for t in &cfg.targets {
-        let id = journal.target_id(&t.name)?;
-        // Before anything reads the index (see `Journal::doubt_put`).
-        let doubted = journal.resolve_doubts(id)?;
-        if doubted > 0 {
-            tracing::info!(
-                "target {}: the last run stopped while changing {doubted} path(s) on it: \
-                 what the journal says the target holds there is forgotten, and compared \
-                 with the target itself",
-                t.name
-            );
-        }
-        // A remote target connects on first use: one that is down at start
-        // must not keep the daemon (and capture) from starting.
-        let target = match &t.remote {
-            Some(spec) => {
-                let r = RemoteTarget::new(&t.name, spec.clone(), owner).keeping(cfg.keep);
-                let wrong_target =
-                    (policy.at_startup && !t.adopt).then(|| (source.clone(), filter.clone()));
-                r.guard_identity(journal.clone(), id, wrong_target);
-                Target::Remote(Box::new(r))
-            }
-            None => {
-                let guard = policy.at_startup.then_some((&*source, &*filter));
-                Target::Local(open_local(&journal, id, t, owner, cfg.keep, guard)?)
-            }
-        };
-        if let Target::Local(l) = &target {
-            let held = identity::file_id(l.dir_fd()).map_err(|source| DaemonError::Target {
-                name: t.name.clone(),
-                path: t.path.clone(),
-                source,
-            })?;
-            local_roots.push((t.name.clone(), t.path.clone(), held));
-        }
-        let (wake, wake_rx) = bounded(1);
-        targets.push(T {
-            id,
-            name: t.name.clone(),
-            target: Arc::new(target),
-            wake,
-            wake_rx,
-            scan_done: Arc::new(AtomicBool::new(false)),
-            hurry: Default::default(),
-            scan_stats: Arc::new(ScanStats::default()),
-        });
-    }
-
-    // Copies the last run recorded before flushing them (see
-    // crate::durability) are lost if the machine went down since. (A remote
-    // target's note is of its receiver's machine: its shipper's flusher
-    // compares it with the boot the receiver reports.)
-    let boot = crate::durability::boot_id();
-    for t in &targets {
-        if !matches!(t.target.as_ref(), Target::Local(_)) {
-            continue;
-        }
-        if let Some(noted) = journal.unflushed(t.id)? {
-            if boot.as_deref() != Some(noted.as_slice()) {
-                tracing::warn!(
-                    target = %t.name,
-                    "the machine restarted (or a flush failed) before the last copies to this \
-                     target were on its disk: comparing the whole target with the source again"
-                );
-                journal.forget_target(t.id)?;
-            }
-        }
-    }
+    let (targets, local_roots) = open_targets(&cfg, &journal, &source, &filter, policy, owner)?;
+    let boot = forget_unflushed(&journal, &targets)?;
 
     let run_seq0 = journal.seq_now();
     let started = Instant::now();
     let source_key = std::fs::canonicalize(&cfg.source)
         .map(|p| p.into_os_string().into_encoded_bytes())
         .unwrap_or_default();
-    let inotify = || -> Result<Box<dyn Watcher>, WatchError> {
-        Ok(Box::new(InotifyWatcher::start(
-            &cfg.source,
-            filter.clone(),
-            journal.clone(),
-            targets.first().map(|t| t.id),
-        )?))
-    };
-    let fanotify = || -> Result<Box<dyn Watcher>, WatchError> {
-        let w = FanotifyWatcher::start(&cfg.source, filter.clone(), journal.clone())?;
-        Ok(Box::new(w))
-    };
     // Events the last run took off the kernel queue but never recorded are
     // lost even when the queue itself is handed over.
     let lost_read = journal.capture_was_reading()?;
-    let mut adopted: Option<Box<dyn Watcher>> = None;
-    if let Some((backend, fd)) = crate::handover::take_stored() {
-        let same = journal
-            .meta_get(crate::journal::META_CAPTURE_SOURCE)?
-            .as_deref()
-            == Some(source_key.as_slice());
-        let wanted = match cfg.watch {
-            WatchMode::Auto => true,
-            WatchMode::Fanotify => backend == "fanotify",
-            WatchMode::Inotify => backend == "inotify",
-        };
-        let (f, j) = (filter.clone(), journal.clone());
-        let taken = if !same || !wanted {
-            Err("it was set up for another source or backend".to_string())
-        } else if backend == "fanotify" {
-            // fanotify events name the object (a file handle), not a watch:
-            // the group is sound even if the last run lost events it had
-            // read; the rescan below finds those.
-            FanotifyWatcher::adopt(fd, &cfg.source, f, j, !lost_read)
-                .map(|w| Box::new(w) as Box<dyn Watcher>)
-                .map_err(|e| e.to_string())
-        } else if lost_read {
-            // inotify events name a watch number: a run that died mid-read
-            // may have moved watches it never recorded.
-            Err("the last run died holding events it had not recorded".to_string())
-        } else {
-            let first = targets.first().map(|t| t.id);
-            InotifyWatcher::adopt(fd, &cfg.source, f, j, first)
-                .map(|w| Box::new(w) as Box<dyn Watcher>)
-                .map_err(|e| e.to_string())
-        };
-        match taken {
-            Ok(w) => adopted = Some(w),
-            Err(why) => {
-                tracing::info!("dropping the stored {backend} capture descriptor: {why}");
-                crate::handover::remove_stored(backend);
-            }
-        }
-    }
+    let first = targets.first().map(|t| t.id);
+    let adopted = adopt_stored(&cfg, &filter, &journal, first, lost_read, &source_key)?;
     let handed_over = adopted.is_some();
-    let mut watcher: Box<dyn Watcher> = match (adopted, cfg.watch) {
-        (Some(w), _) => w,
-        (None, WatchMode::Inotify) => inotify()?,
-        (None, WatchMode::Fanotify) => fanotify()?,
-        (None, WatchMode::Auto) => match fanotify() {
-            Ok(w) => {
-                tracing::info!("capture backend: fanotify (watch = \"auto\"; the kernel and filesystem support it)");
-                w
-            }
-            Err(e @ WatchError::Unsupported(_)) => {
-                tracing::info!("capture backend: inotify (watch = \"auto\"; {e})");
-                inotify()?
-            }
-            Err(e) => return Err(e.into()),
-        },
+    let mut watcher = match adopted {
+        Some(w) => w,
+        None => new_watcher(&cfg, &filter, &journal, first)?,
     };
     let dir_feed = watcher.dir_feed();
     let complete_watch = watcher.complete_watch();
-    // With fanotify, writes to the journal and to a local target on a
-    // filesystem under the source come back as events: keep them out of
-    // the kernel queue (see crate::watch::self_ignore).
-    match watcher.self_ignore(vec![jpath.clone()]) {
-        Ok(Some(ig)) => {
-            if handed_over {
-                let ig = ig.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("ignore-reset".into())
-                    .spawn(move || ig.reset());
-                if let Err(e) = spawned {
-                    tracing::debug!("cannot start the ignore-mark reset: {e}");
-                }
-            }
-            for t in &targets {
-                if let Target::Local(l) = t.target.as_ref() {
-                    if ig.covers(l.root().fd()) {
-                        l.ignore_own_writes(ig.clone());
-                    }
-                }
-            }
-        }
-        Ok(None) => {}
-        Err(e) => tracing::warn!("{e}; drmirror's own writes will wake capture (and be dropped)"),
-    }
+    keep_own_writes_out(watcher.as_mut(), &jpath, handed_over, &targets);
     if !handed_over {
         if let Some(fd) = watcher.store_fd() {
             if crate::handover::store(watcher.backend(), fd) {
@@ -927,223 +1236,31 @@ fn run_daemon(
             );
         }
 
-        let stop = stop.clone();
-        let board = board.clone();
-        let scan_pool = scan_pool.clone();
-        let (journal, source, target, filter) = (
-            journal.clone(),
-            source.clone(),
-            t.target.clone(),
-            filter.clone(),
-        );
-        // One scan reporting directories is enough for the watcher.
-        let dirs_seen = if i == 0 { dir_feed.clone() } else { None };
-        let complete_watch = complete_watch.clone();
-        let (id, name, scan_done, stats, wake, hurry) = (
-            t.id,
-            t.name.clone(),
-            t.scan_done.clone(),
-            t.scan_stats.clone(),
-            t.wake.clone(),
-            t.hurry.clone(),
-        );
-        threads.push(sup.spawn(format!("scan-{}", t.id), Role::Task, move || {
-                    if seamless {
-                        tracing::info!("startup scan skipped target={name}: capture was handed over and nothing was missed");
-                        board.update(|s| s.scan_running = false);
-                        scan_done.store(true, Ordering::Release);
-                        let _ = wake.try_send(());
-                        return Ok(());
-                    }
-                    if let Target::Remote(r) = target.as_ref() {
-                        r.settle_before_scan();
-                    }
-                    {
-                        let t0 = Instant::now();
-                        let lookup = |paths: &[Vec<u8>]| match target.as_ref() {
-                            Target::Local(l) => paths.iter().map(|p| l.root().lstat(p)).collect(),
-                            Target::Remote(r) => r.lstat_many(paths),
-                        };
-                        if let Some(why) = identity::sample_holds(&journal, id, owner, lookup)? {
-                            tracing::warn!(
-                                "target {name}: {why}: comparing the whole target with the \
-                                 source, not trusting what the journal says it holds"
-                            );
-                            journal.forget_target(id)?;
-                        } else {
-                            tracing::debug!(target = %name, ms = t0.elapsed().as_millis() as u64, "index sample checked");
-                        }
-                    }
-                    let was_complete = match journal.scan_complete(id) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            return Err(e.into());
-                        }
-                    };
-                    let resume = if !was_complete && gapless {
-                        // Only a scan that was cut short has a checkpoint.
-                        journal.recon_done_list(id)
-                    } else {
-                        journal.recon_done_clear(id).map(|()| Default::default())
-                    };
-                    let resume = match resume.and_then(|r| journal.set_scan_complete(id, false).map(|()| r)) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            return Err(e.into());
-                        }
-                    };
-                    if !resume.is_empty() {
-                        tracing::info!(
-                            "startup scan resumes target={name}: capture was handed over without a gap, and the interrupted scan had checkpointed {} directories",
-                            resume.len()
-                        );
-                    }
-                    match journal.scan_entries(id) {
-                        Ok(expected) => board.track_scan(stats.clone(), expected.unwrap_or(0)),
-                        Err(e) => {
-                            return Err(e.into());
-                        }
-                    }
-                    let pb = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
-                    pb.set_style(
-                        indicatif::ProgressStyle::with_template("{spinner} startup scan of {msg}: {pos} entries compared ({per_sec})")
-                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-                    );
-                    pb.set_message(name.clone());
-                    pb.enable_steady_tick(Duration::from_millis(200));
-                    let cmp = Compare {
-                        source: &source,
-                        target: &target,
-                        journal: &journal,
-                        t: id,
-                        filter: &filter,
-                        owner,
-                        stats: &stats,
-                        stop: &stop,
-                        progress: Some(&pb),
-                        dirs_seen: dirs_seen.as_ref(),
-                        absent_ok,
-                    };
-                    let t0 = Instant::now();
-                    metrics::gauge!("drmirror_scan_running").increment(1.0);
-                    metrics::gauge!("drmirror_startup_scan_in_progress", "target" => name.clone()).set(1.0);
-                    {
-                        // Directories that changed since they were last
-                        // mirrored stand out, and go first (see
-                        // `changed_dirs_first`).
-                        let pre_stats = ScanStats::default();
-                        let pre = Compare { stats: &pre_stats, progress: None, dirs_seen: None, ..cmp };
-                        match scan_pool.install(|| pre.changed_dirs_first(flags::STARTUP)) {
-                            Ok(n) => {
-                                tracing::info!(
-                                    "changed directories compared first target={name} dirs={n} differing={} ms={}",
-                                    pre_stats.differing(),
-                                    t0.elapsed().as_millis()
-                                );
-                                // What the crash or stop left unmirrored
-                                // is all enqueued: ship it at once.
-                                hurry.set();
-                                let _ = wake.try_send(());
-                            }
-                            Err(e) => {
-                                return Err(e.into());
-                            }
-                        }
-                    }
-                    // Compare nothing that capture would not also see
-                    // change from then on (see `Watcher::complete_watch`).
-                    // The wait is capture's setup, not the scan's work: it
-                    // is logged apart and left out of the scan's rate.
-                    let waited = Instant::now();
-                    if let Some(cw) = complete_watch {
-                        let _ = cw.go.try_send(());
-                        let _ = cw.done.recv();
-                    }
-                    let waited = waited.elapsed();
-                    // Once a complete scan has listed the target, the index
-                    // accounts for all it holds, bar the temporary files of
-                    // copies cut short: deletions are found in it, with no
-                    // target listing, once those are gone. With `delete` at
-                    // startup, that scan must also have deleted the extras
-                    // it found (not so under a policy that kept them).
-                    let index_whole = journal.index_whole(id).and_then(|w| {
-                        Ok(w && (!policy.at_startup || journal.scan_deleted_extras(id)?))
-                    });
-                    let index_whole = match index_whole {
-                        Ok(w) => w,
-                        Err(e) => {
-                            return Err(e.into());
-                        }
-                    };
-                    let deletions = match &temp_dirs {
-                        Some(dirs) if index_whole => {
-                            if let Err(e) = scan_pool.install(|| cmp.remove_stale_temps(dirs, flags::STARTUP)) {
-                                return Err(e.into());
-                            }
-                            Deletions::Index
-                        }
-                        _ => Deletions::TargetListing,
-                    };
-                    let t_walk = Instant::now();
-                    let r = scan_pool.install(|| cmp.reconcile(b"", flags::STARTUP, Some(&resume), deletions));
-                    let walk_ms = t_walk.elapsed().as_millis();
-                    pb.finish_and_clear();
-                    metrics::gauge!("drmirror_scan_running").decrement(1.0);
-                    metrics::gauge!("drmirror_startup_scan_in_progress", "target" => name.clone()).set(0.0);
-                    let scanned = stats.scanned.load(Ordering::Relaxed);
-                    board.update(|s| s.scan_running = false);
-                    // A walk cut short by a stop must run again next time.
-                    let r = r.and_then(|()| {
-                        if stop.load(Ordering::Relaxed) {
-                            Ok(())
-                        } else {
-                            journal
-                                .set_scan_complete(id, true)
-                                .and_then(|()| journal.set_index_whole(id))
-                                .and_then(|()| match deletions {
-                                    Deletions::TargetListing => {
-                                        journal.set_scan_deleted_extras(id, policy.at_startup)
-                                    }
-                                    _ => Ok(()),
-                                })
-                                .and_then(|()| journal.recon_done_clear(id))
-                                .and_then(|()| match stats.resumed.load(Ordering::Relaxed) {
-                                    // A whole walk: the next one's 100%.
-                                    0 => journal.set_scan_entries(id, scanned),
-                                    _ => Ok(()),
-                                })
-                        }
-                    });
-                    match r {
-                        Ok(()) => {
-                            let secs = t0.elapsed().saturating_sub(waited).as_secs_f64();
-                            tracing::info!(
-                                "startup scan done target={} scanned={} differing={} in_sync={} errors={} resumed_subtrees={} deletions={} secs={:.2} rate={:.0}/s capture_wait_ms={} walk_ms={}",
-                                name,
-                                scanned,
-                                stats.differing(),
-                                stats.in_sync.load(Ordering::Relaxed),
-                                stats.errors.load(Ordering::Relaxed),
-                                stats.resumed.load(Ordering::Relaxed),
-                                match deletions {
-                                    Deletions::Index => "index",
-                                    _ => "target-listing",
-                                },
-                                secs,
-                                scanned as f64 / secs.max(1e-6),
-                                waited.as_millis(),
-                                walk_ms
-                            );
-                            // What it found is enqueued, stamped with the
-                            // floor: the lag stays until that is applied.
-                            journal.clear_startup_floor(id);
-                            scan_done.store(true, Ordering::Release);
-                            let _ = wake.try_send(());
-                            Ok(())
-                        }
-                        Err(e) => Err(e.into()),
-                    }
-                })?);
+        let scan = StartupScan {
+            id: t.id,
+            name: t.name.clone(),
+            journal: journal.clone(),
+            source: source.clone(),
+            target: t.target.clone(),
+            filter: filter.clone(),
+            owner,
+            policy,
+            board: board.clone(),
+            stop: stop.clone(),
+            scan_pool: scan_pool.clone(),
+            // One scan reporting directories is enough for the watcher.
+            dirs_seen: if i == 0 { dir_feed.clone() } else { None },
+            complete_watch: complete_watch.clone(),
+            scan_done: t.scan_done.clone(),
+            stats: t.scan_stats.clone(),
+            wake: t.wake.clone(),
+            hurry: t.hurry.clone(),
+            seamless,
+            gapless,
+            absent_ok,
+            temp_dirs,
+        };
+        threads.push(sup.spawn(format!("scan-{}", t.id), Role::Task, move || scan.run())?);
     }
 
     // The scan holds the only sender now: its end tells the watcher that the

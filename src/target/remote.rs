@@ -623,75 +623,11 @@ impl RemoteTarget {
         let (mut r, w, mut child): (Box<dyn Read + Send>, Box<dyn Write + Send>, Option<Child>) =
             match &self.spec.transport {
                 Transport::Ssh { .. } => {
-                    let mut cmd = Command::new("ssh");
-                    // First: for ssh the first value given for an option
-                    // wins, so the user's `-o` overrides the defaults below.
-                    cmd.args(&self.spec.ssh_args);
-                    cmd.args(["-o", "BatchMode=yes", "-o", "ServerAliveInterval=15"]);
-                    cmd.args(["-o", "ServerAliveCountMax=3", "-o", "ConnectTimeout=10"]);
-                    let dest = ssh_dest(&self.spec.transport).unwrap_or_default();
-                    if let Some(c) = self.ciphers(&dest) {
-                        cmd.arg("-o").arg(format!("Ciphers={c}"));
-                    }
-                    if let Some(i) = &self.spec.identity {
-                        cmd.arg("-i").arg(i);
-                    }
-                    cmd.args(&dest);
-                    cmd.arg("--");
-                    cmd.arg(format!(
-                        "{} receive --root {}",
-                        self.spec.command,
-                        shell_quote(&self.spec.path.to_string_lossy())
-                    ));
-                    cmd.stdin(Stdio::piped())
-                        .stdout(Stdio::piped())
-                        .stderr(Stdio::piped());
-                    let mut child = cmd.spawn().map_err(|e| format!("cannot run ssh: {e}"))?;
-                    let (Some(i), Some(o), Some(err)) =
-                        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-                    else {
-                        return Err("ssh without pipes".into());
-                    };
-                    let name = self.name.clone();
-                    let said = ssh_said.clone();
-                    // The far side's complaints (auth, missing drmirror) are
-                    // the best explanation an operator gets: into our log,
-                    // and the last few kept for the error (see `ssh_failure`).
-                    let _ =
-                        std::thread::Builder::new()
-                            .name("ssh-stderr".into())
-                            .spawn(move || {
-                                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                                    // ssh's own lines start with "ssh: " already.
-                                    let shown = if line.starts_with("ssh: ") {
-                                        line.clone()
-                                    } else {
-                                        format!("ssh: {line}")
-                                    };
-                                    tracing::warn!(target = %name, "{shown}");
-                                    let mut s = said.lock().unwrap_or_else(|p| p.into_inner());
-                                    if s.len() == SSH_LINES_KEPT {
-                                        s.remove(0);
-                                    }
-                                    s.push(line);
-                                }
-                            });
-                    (Box::new(o), Box::new(i), Some(child))
+                    let (r, w, child) = self.spawn_ssh(&ssh_said)?;
+                    (r, w, Some(child))
                 }
                 Transport::Tcp { host, port } => {
-                    let addr = (host.as_str(), *port)
-                        .to_socket_addrs()
-                        .map_err(|e| format!("{host}: {e}"))?
-                        .next()
-                        .ok_or_else(|| format!("{host}: no address"))?;
-                    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-                        .map_err(|e| format!("connect {addr}: {e}"))?;
-                    let _ = s.set_nodelay(true);
-                    if let Err(e) = crate::keepalive::detect_dead_peer(&s) {
-                        tracing::warn!(target = %self.name, "cannot set TCP keepalive: {e}; a silently dead link is found only by the reply timeout");
-                    }
-                    s.set_read_timeout(Some(Duration::from_secs(30)))
-                        .map_err(|e| e.to_string())?;
+                    let s = self.dial(host, *port)?;
                     let w = s.try_clone().map_err(|e| e.to_string())?;
                     tcp = Some(s.try_clone().map_err(|e| e.to_string())?);
                     (Box::new(s), Box::new(w), None)
@@ -753,6 +689,87 @@ impl RemoteTarget {
         }
         metrics::counter!("drmirror_reconnects_total", "target" => self.name.clone(), "result" => "connected").increment(1);
         Ok(conn)
+    }
+
+    /// Starts `ssh … drmirror receive`; its stderr lines go to the log and
+    /// the last few into `said` (see `ssh_failure`).
+    #[allow(clippy::type_complexity)]
+    fn spawn_ssh(
+        &self,
+        said: &Arc<Mutex<Vec<String>>>,
+    ) -> Result<(Box<dyn Read + Send>, Box<dyn Write + Send>, Child), String> {
+        let mut cmd = Command::new("ssh");
+        // First: for ssh the first value given for an option
+        // wins, so the user's `-o` overrides the defaults below.
+        cmd.args(&self.spec.ssh_args);
+        cmd.args(["-o", "BatchMode=yes", "-o", "ServerAliveInterval=15"]);
+        cmd.args(["-o", "ServerAliveCountMax=3", "-o", "ConnectTimeout=10"]);
+        let dest = ssh_dest(&self.spec.transport).unwrap_or_default();
+        if let Some(c) = self.ciphers(&dest) {
+            cmd.arg("-o").arg(format!("Ciphers={c}"));
+        }
+        if let Some(i) = &self.spec.identity {
+            cmd.arg("-i").arg(i);
+        }
+        cmd.args(&dest);
+        cmd.arg("--");
+        cmd.arg(format!(
+            "{} receive --root {}",
+            self.spec.command,
+            shell_quote(&self.spec.path.to_string_lossy())
+        ));
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| format!("cannot run ssh: {e}"))?;
+        let (Some(i), Some(o), Some(err)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err("ssh without pipes".into());
+        };
+        let name = self.name.clone();
+        let said = said.clone();
+        // The far side's complaints (auth, missing drmirror) are
+        // the best explanation an operator gets: into our log,
+        // and the last few kept for the error (see `ssh_failure`).
+        let _ = std::thread::Builder::new()
+            .name("ssh-stderr".into())
+            .spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    // ssh's own lines start with "ssh: " already.
+                    let shown = if line.starts_with("ssh: ") {
+                        line.clone()
+                    } else {
+                        format!("ssh: {line}")
+                    };
+                    tracing::warn!(target = %name, "{shown}");
+                    let mut s = said.lock().unwrap_or_else(|p| p.into_inner());
+                    if s.len() == SSH_LINES_KEPT {
+                        s.remove(0);
+                    }
+                    s.push(line);
+                }
+            });
+        Ok((Box::new(o), Box::new(i), child))
+    }
+
+    /// Connects to a `tcp://` receiver, with keepalive and a handshake
+    /// timeout.
+    fn dial(&self, host: &str, port: u16) -> Result<TcpStream, String> {
+        let addr = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| format!("{host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{host}: no address"))?;
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let _ = s.set_nodelay(true);
+        if let Err(e) = crate::keepalive::detect_dead_peer(&s) {
+            tracing::warn!(target = %self.name, "cannot set TCP keepalive: {e}; a silently dead link is found only by the reply timeout");
+        }
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        Ok(s)
     }
 
     fn next_id(&self) -> u64 {
