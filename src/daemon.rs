@@ -569,89 +569,94 @@ fn forget_unflushed(
     Ok(boot)
 }
 
-/// The capture group the service manager kept across the last stop (see
-/// [`crate::handover`]), taken over if it was set up for this source and
-/// backend and can be trusted; otherwise dropped.
-fn adopt_stored(
-    cfg: &Config,
-    filter: &Arc<Filter>,
-    journal: &Arc<Journal>,
+/// What a capture group is set up with: the source, its filter, the
+/// journal, and the first target (whose index inotify asks about renames).
+struct CaptureSetup<'a> {
+    cfg: &'a Config,
+    filter: &'a Arc<Filter>,
+    journal: &'a Arc<Journal>,
     first: Option<TargetId>,
-    lost_read: bool,
-    source_key: &[u8],
-) -> Result<Option<Box<dyn Watcher>>, DaemonError> {
-    let Some((backend, fd)) = crate::handover::take_stored() else {
-        return Ok(None);
-    };
-    let same = journal
-        .meta_get(crate::journal::META_CAPTURE_SOURCE)?
-        .as_deref()
-        == Some(source_key);
-    let wanted = match cfg.watch {
-        WatchMode::Auto => true,
-        WatchMode::Fanotify => backend == "fanotify",
-        WatchMode::Inotify => backend == "inotify",
-    };
-    let (f, j) = (filter.clone(), journal.clone());
-    let taken = if !same || !wanted {
-        Err("it was set up for another source or backend".to_string())
-    } else if backend == "fanotify" {
-        // fanotify events name the object (a file handle), not a watch:
-        // the group is sound even if the last run lost events it had
-        // read; the rescan finds those.
-        FanotifyWatcher::adopt(fd, &cfg.source, f, j, !lost_read)
-            .map(|w| Box::new(w) as Box<dyn Watcher>)
-            .map_err(|e| e.to_string())
-    } else if lost_read {
-        // inotify events name a watch number: a run that died mid-read
-        // may have moved watches it never recorded.
-        Err("the last run died holding events it had not recorded".to_string())
-    } else {
-        InotifyWatcher::adopt(fd, &cfg.source, f, j, first)
-            .map(|w| Box::new(w) as Box<dyn Watcher>)
-            .map_err(|e| e.to_string())
-    };
-    match taken {
-        Ok(w) => Ok(Some(w)),
-        Err(why) => {
-            tracing::info!("dropping the stored {backend} capture descriptor: {why}");
-            crate::handover::remove_stored(backend);
-            Ok(None)
-        }
-    }
 }
 
-/// A new capture group, of the backend `watch` asks for (`auto`: fanotify
-/// where the kernel and filesystems allow it, inotify otherwise).
-fn new_watcher(
-    cfg: &Config,
-    filter: &Arc<Filter>,
-    journal: &Arc<Journal>,
-    first: Option<TargetId>,
-) -> Result<Box<dyn Watcher>, DaemonError> {
-    let inotify = || -> Result<Box<dyn Watcher>, WatchError> {
-        let w = InotifyWatcher::start(&cfg.source, filter.clone(), journal.clone(), first)?;
-        Ok(Box::new(w))
-    };
-    let fanotify = || -> Result<Box<dyn Watcher>, WatchError> {
-        let w = FanotifyWatcher::start(&cfg.source, filter.clone(), journal.clone())?;
-        Ok(Box::new(w))
-    };
-    Ok(match cfg.watch {
-        WatchMode::Inotify => inotify()?,
-        WatchMode::Fanotify => fanotify()?,
-        WatchMode::Auto => match fanotify() {
-            Ok(w) => {
-                tracing::info!("capture backend: fanotify (watch = \"auto\"; the kernel and filesystem support it)");
-                w
+impl CaptureSetup<'_> {
+    /// The capture group the service manager kept across the last stop (see
+    /// [`crate::handover`]), taken over if it was set up for this source and
+    /// backend and can be trusted; otherwise dropped.
+    fn adopt_stored(
+        &self,
+        lost_read: bool,
+        source_key: &[u8],
+    ) -> Result<Option<Box<dyn Watcher>>, DaemonError> {
+        let (cfg, filter, journal, first) = (self.cfg, self.filter, self.journal, self.first);
+        let Some((backend, fd)) = crate::handover::take_stored() else {
+            return Ok(None);
+        };
+        let same = journal
+            .meta_get(crate::journal::META_CAPTURE_SOURCE)?
+            .as_deref()
+            == Some(source_key);
+        let wanted = match cfg.watch {
+            WatchMode::Auto => true,
+            WatchMode::Fanotify => backend == "fanotify",
+            WatchMode::Inotify => backend == "inotify",
+        };
+        let (f, j) = (filter.clone(), journal.clone());
+        let taken = if !same || !wanted {
+            Err("it was set up for another source or backend".to_string())
+        } else if backend == "fanotify" {
+            // fanotify events name the object (a file handle), not a watch:
+            // the group is sound even if the last run lost events it had
+            // read; the rescan finds those.
+            FanotifyWatcher::adopt(fd, &cfg.source, f, j, !lost_read)
+                .map(|w| Box::new(w) as Box<dyn Watcher>)
+                .map_err(|e| e.to_string())
+        } else if lost_read {
+            // inotify events name a watch number: a run that died mid-read
+            // may have moved watches it never recorded.
+            Err("the last run died holding events it had not recorded".to_string())
+        } else {
+            InotifyWatcher::adopt(fd, &cfg.source, f, j, first)
+                .map(|w| Box::new(w) as Box<dyn Watcher>)
+                .map_err(|e| e.to_string())
+        };
+        match taken {
+            Ok(w) => Ok(Some(w)),
+            Err(why) => {
+                tracing::info!("dropping the stored {backend} capture descriptor: {why}");
+                crate::handover::remove_stored(backend);
+                Ok(None)
             }
-            Err(e @ WatchError::Unsupported(_)) => {
-                tracing::info!("capture backend: inotify (watch = \"auto\"; {e})");
-                inotify()?
-            }
-            Err(e) => return Err(e.into()),
-        },
-    })
+        }
+    }
+
+    /// A new capture group, of the backend `watch` asks for (`auto`: fanotify
+    /// where the kernel and filesystems allow it, inotify otherwise).
+    fn new_watcher(&self) -> Result<Box<dyn Watcher>, DaemonError> {
+        let (cfg, filter, journal, first) = (self.cfg, self.filter, self.journal, self.first);
+        let inotify = || -> Result<Box<dyn Watcher>, WatchError> {
+            let w = InotifyWatcher::start(&cfg.source, filter.clone(), journal.clone(), first)?;
+            Ok(Box::new(w))
+        };
+        let fanotify = || -> Result<Box<dyn Watcher>, WatchError> {
+            let w = FanotifyWatcher::start(&cfg.source, filter.clone(), journal.clone())?;
+            Ok(Box::new(w))
+        };
+        Ok(match cfg.watch {
+            WatchMode::Inotify => inotify()?,
+            WatchMode::Fanotify => fanotify()?,
+            WatchMode::Auto => match fanotify() {
+                Ok(w) => {
+                    tracing::info!("capture backend: fanotify (watch = \"auto\"; the kernel and filesystem support it)");
+                    w
+                }
+                Err(e @ WatchError::Unsupported(_)) => {
+                    tracing::info!("capture backend: inotify (watch = \"auto\"; {e})");
+                    inotify()?
+                }
+                Err(e) => return Err(e.into()),
+            },
+        })
+    }
 }
 
 /// With fanotify, writes to the journal and to a local target on a
@@ -993,12 +998,17 @@ fn run_daemon(
     // Events the last run took off the kernel queue but never recorded are
     // lost even when the queue itself is handed over.
     let lost_read = journal.capture_was_reading()?;
-    let first = targets.first().map(|t| t.id);
-    let adopted = adopt_stored(&cfg, &filter, &journal, first, lost_read, &source_key)?;
+    let setup = CaptureSetup {
+        cfg: &cfg,
+        filter: &filter,
+        journal: &journal,
+        first: targets.first().map(|t| t.id),
+    };
+    let adopted = setup.adopt_stored(lost_read, &source_key)?;
     let handed_over = adopted.is_some();
     let mut watcher = match adopted {
         Some(w) => w,
-        None => new_watcher(&cfg, &filter, &journal, first)?,
+        None => setup.new_watcher()?,
     };
     let dir_feed = watcher.dir_feed();
     let complete_watch = watcher.complete_watch();
