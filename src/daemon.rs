@@ -353,7 +353,7 @@ fn capture_loop(
             board.update(|s| s.uncaptured = u);
         }
         heartbeat.tick(journal)?;
-        crate::failpoints::hold_while(crate::failpoints::Hook::HoldCapture);
+        crate::failpoints::hold_while(crate::failpoints::Hook::HoldCapture, |_| true);
         let before_wait = crate::journal::now_ns();
         if !watcher.wait(Duration::from_millis(200))? {
             // Nothing queued: every event before the wait began is read.
@@ -720,6 +720,9 @@ struct StartupScan {
     /// Capture was handed over without a gap: a scan cut short resumes
     /// from its checkpoint.
     gapless: bool,
+    /// When capture was last known whole, if events may have been lost
+    /// since (ns since the epoch; see `Compare::changed_dirs_first`).
+    whole_until: Option<u64>,
     absent_ok: bool,
     /// Directories that may hold temporary files of copies cut short (see
     /// `Journal::pending_parents`), when they could be listed.
@@ -881,9 +884,13 @@ impl StartupScan {
             dirs_seen: None,
             ..*cmp
         };
+        // The filesystem stamps changes with a clock up to a tick behind.
+        let recent = self
+            .whole_until
+            .map(|ns| ns.saturating_sub(1_000_000_000) as i64);
         let n = self
             .scan_pool
-            .install(|| pre.changed_dirs_first(flags::STARTUP))?;
+            .install(|| pre.changed_dirs_first(flags::STARTUP, recent))?;
         tracing::info!(
             "changed directories compared first target={} dirs={n} differing={} ms={}",
             self.name,
@@ -1029,6 +1036,12 @@ fn run_daemon(
     // it did not finish can resume from its checkpoint.
     let gapless = handed_over && !lost_read;
     let seamless = gapless && scans_complete;
+    // Read before capture starts: it moves on from here.
+    let whole_until = if gapless {
+        None
+    } else {
+        journal.captured_through()?
+    };
     if !seamless {
         lag_floor(&journal, targets.iter().map(|t| t.id))?;
     }
@@ -1267,6 +1280,7 @@ fn run_daemon(
             hurry: t.hurry.clone(),
             seamless,
             gapless,
+            whole_until,
             absent_ok,
             temp_dirs,
         };

@@ -31,8 +31,9 @@ pub enum Hook {
     /// Stands in for the kernel's boot id; empty: none (`durability`).
     BootId,
     /// A file: while it exists, a round that applied something waits
-    /// before re-stamping the directories it touched, with `FILE.held`
-    /// there to say so (`ship`).
+    /// before re-stamping the directories it touched (if the file holds a
+    /// path, only a round that touched it), with `FILE.held` there to say
+    /// so (`ship`).
     HoldRestamp,
     /// A file: while it exists, capture reads nothing, with `FILE.held`
     /// there to say so (`daemon`).
@@ -76,12 +77,16 @@ pub fn set(hook: Hook) -> bool {
 
 /// Waits while the file `hook` names exists, with `FILE.held` there
 /// meanwhile (a test makes its move once it sees that, then removes the
-/// file). A test hook: a poll is all it needs.
-pub fn hold_while(hook: Hook) {
+/// file). A file that holds a path holds only where `about` says yes to
+/// it. A test hook: a poll is all it needs.
+pub fn hold_while(hook: Hook, about: impl Fn(&[u8]) -> bool) {
     let Some(gate) = get(hook).map(std::path::PathBuf::from) else {
         return;
     };
-    if !gate.exists() {
+    let Ok(only) = std::fs::read(&gate) else {
+        return;
+    };
+    if !only.is_empty() && !about(&only) {
         return;
     }
     let mut held = gate.clone().into_os_string();

@@ -312,8 +312,7 @@ impl Completion {
     /// is dropped). Across rounds the later one wins: what `o` removes
     /// cancels what `self` would put there or below. (Committed together, a
     /// round's put of a file it copied outlived the next round's removal of
-    /// it, and an entry vouched for a directory that round could not
-    /// re-stamp.)
+    /// it.)
     pub fn merge(&mut self, o: Completion) {
         if !o.index_remove.is_empty() || !o.index_remove_tree.is_empty() {
             let gone: std::collections::HashSet<&[u8]> = o

@@ -131,6 +131,18 @@ impl PartialEq for Meta {
 impl Eq for Meta {}
 
 impl Meta {
+    /// This entry as an index entry that vouches for nothing: the index
+    /// still accounts for it (a compare finds the target's entry extra
+    /// when the source loses it), but it equals no metadata a source
+    /// entry can have (a change time no clock gives), so every compare
+    /// looks at the target itself.
+    pub fn unverified(self) -> Meta {
+        Meta {
+            ctime_ns: i64::MIN,
+            ..self
+        }
+    }
+
     /// An entry of which only the kind is known (see [`crate::scan::Child`]).
     pub fn kind_only(kind: Kind) -> Meta {
         Meta {

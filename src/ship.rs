@@ -26,6 +26,8 @@ use crate::target::local::DeletePolicy;
 use crate::target::{ApplyError, Outcome, Target};
 
 const BATCH: usize = 2048;
+/// Pending entries, in path order, as a round reads them.
+type Batch = Vec<(Vec<u8>, Pending)>;
 /// Most [`flags::BULK`] entries (directories) one round applies.
 const BULK_PER_ROUND: usize = 256;
 /// Renames a round applies at most (before its batch of entries).
@@ -811,11 +813,15 @@ impl Shipper {
     ///
     /// One gone from its path since the apply (renamed away, removed), or
     /// whose attributes could not be set, keeps on the target the mtime the
-    /// round's writes gave it: the index must not vouch for it, not even
-    /// with this round's own entry from its apply (see `Completion::merge`
-    /// for an earlier round's). It did: renamed on with an ancestor, the
-    /// entry vouched for a directory whose mtime differed, and no compare
-    /// looked (the churn test's `…/sub (metadata)` divergences).
+    /// round's writes gave it: its index entry, this round's own from its
+    /// apply included, must vouch for nothing
+    /// ([`crate::meta::Meta::unverified`]). It
+    /// did vouch: renamed on with an ancestor, the entry stood for a
+    /// directory whose mtime differed, and no compare looked (the churn
+    /// test's `…/sub (metadata)` divergences). Not dropped: the index must
+    /// still account for all the target holds, or a compare that finds
+    /// deletions in it misses the directory once the source loses it (the
+    /// churn test's `(extra)` divergences, with a first version of this).
     fn restamp(&self, touched: &BTreeSet<Vec<u8>>, c: &mut Completion, wrote: &mut bool) {
         let mut dirs: Vec<(Vec<u8>, crate::meta::Meta)> = Vec::new();
         let mut unstamped = Vec::new();
@@ -842,26 +848,21 @@ impl Shipper {
                 }
             }
         }
-        if unstamped.is_empty() {
-            return;
+        for d in unstamped {
+            let known = match c.index_put.iter().rposition(|(p, _)| *p == d) {
+                Some(i) => Some(c.index_put.remove(i).1),
+                None => self.journal.index_get(self.t, &d).ok().flatten(),
+            };
+            c.index_put.retain(|(p, _)| *p != d);
+            if let Some(m) = known {
+                c.index_put.push((d, m.unverified()));
+            }
         }
-        let gone: HashSet<&[u8]> = unstamped.iter().map(Vec::as_slice).collect();
-        c.index_put.retain(|(p, _)| !gone.contains(p.as_slice()));
-        c.index_remove.extend(unstamped);
     }
 
-    fn round(&mut self) -> Result<Round, JournalError> {
-        let mut c = Completion::default();
-        let mut touched: BTreeSet<Vec<u8>> = BTreeSet::new();
-        let mut wrote = false;
-        let t_round = Instant::now();
-
-        if self.cursor.is_none() {
-            self.flush_wait()?;
-        }
-        // The batch is read before the renames: a rename recorded between
-        // the two reads is then applied before entries that predate it (and
-        // its own marks stay pending), never after entries that follow it.
+    /// The next batch of pending entries from the cursor on, and whether
+    /// it is full (more follow it); the cursor moves past it.
+    fn next_batch(&mut self) -> Result<(Batch, bool), JournalError> {
         let mut batch = self
             .journal
             .pending_batch(self.t, self.cursor.as_deref(), BATCH)?;
@@ -878,13 +879,25 @@ impl Shipper {
             batch.truncate(cut);
             full = true;
         }
-        let at_start = self.cursor.is_none();
-        let cursor0 = self.cursor.clone();
         self.cursor = if full {
             batch.last().map(|(p, _)| p.clone())
         } else {
             None
         };
+        Ok((batch, full))
+    }
+
+    /// Applies the oldest pending renames, in order, and commits them on
+    /// their own (their index moves must not be reordered). Returns whether
+    /// there were any, and `cut`: entries recorded from then on wait for
+    /// the renames not applied yet.
+    fn apply_renames(
+        &mut self,
+        round: u64,
+        touched: &mut BTreeSet<Vec<u8>>,
+    ) -> Result<(bool, Option<u64>), JournalError> {
+        let mut c = Completion::default();
+        let mut wrote = false;
         let renames = self.journal.renames(self.t, RENAMES_PER_ROUND)?;
         // Entries recorded after a rename this round does not apply wait
         // for it: applied before it, a copy to its destination would be
@@ -896,8 +909,6 @@ impl Shipper {
         let mut cut = (renames.len() == RENAMES_PER_ROUND)
             .then(|| renames.last().map(|r| r.seq + 1))
             .flatten();
-        self.rounds += 1;
-        let round = self.rounds;
         let sides: Vec<&[u8]> = renames
             .iter()
             .flat_map(|r| [r.from.as_slice(), r.to.as_slice()])
@@ -950,11 +961,31 @@ impl Shipper {
         if !renames.is_empty() {
             // Renames are committed on their own, after everything before
             // them: their index moves must not be reordered.
-            self.acc.merge(std::mem::take(&mut c));
+            self.acc.merge(c);
             self.acc_wrote |= wrote;
             self.flush_wait()?;
-            wrote = false;
         }
+        Ok((!renames.is_empty(), cut))
+    }
+
+    fn round(&mut self) -> Result<Round, JournalError> {
+        let mut c = Completion::default();
+        let mut touched: BTreeSet<Vec<u8>> = BTreeSet::new();
+        let mut wrote = false;
+        let t_round = Instant::now();
+
+        if self.cursor.is_none() {
+            self.flush_wait()?;
+        }
+        // The batch is read before the renames: a rename recorded between
+        // the two reads is then applied before entries that predate it (and
+        // its own marks stay pending), never after entries that follow it.
+        let at_start = self.cursor.is_none();
+        let cursor0 = self.cursor.clone();
+        let (batch, full) = self.next_batch()?;
+        self.rounds += 1;
+        let round = self.rounds;
+        let (renamed, cut) = self.apply_renames(round, &mut touched)?;
 
         let now = Instant::now();
         let free = if self.retry.values().any(|r| r.need.is_some()) {
@@ -1119,7 +1150,9 @@ impl Shipper {
         self.publish_applied(&applied, target_errors);
 
         if !touched.is_empty() {
-            crate::failpoints::hold_while(crate::failpoints::Hook::HoldRestamp);
+            crate::failpoints::hold_while(crate::failpoints::Hook::HoldRestamp, |p| {
+                touched.contains(p)
+            });
         }
         self.restamp(&touched, &mut c, &mut wrote);
         // An entry whose subtree is compared below stays pending until that
@@ -1162,10 +1195,10 @@ impl Shipper {
             self.flush()?;
         }
         Ok(Round {
-            worked: !todo.is_empty() || !renames.is_empty(),
+            worked: !todo.is_empty() || renamed,
             drained: at_start
                 && !full
-                && renames.is_empty()
+                && !renamed
                 && batch.iter().all(|(p, _)| self.retry.contains_key(p)),
         })
     }

@@ -175,7 +175,16 @@ impl Compare<'_> {
     /// (created since the last walk by a run that then lost their events)
     /// are found by the full walk that follows. Returns the number of
     /// directories compared. Errors are left to the full walk.
-    pub fn changed_dirs_first(&self, flag: u8) -> Result<u64, JournalError> {
+    ///
+    /// A directory changed at or after `recent` (ns since the epoch: when
+    /// capture was last known whole, less a margin for the filesystem's
+    /// coarse clock) is compared too, whatever its index entry says: that
+    /// entry may have been re-stamped from the source after a change that
+    /// capture then lost (a crash with events still queued), vouching for a
+    /// listing the target does not have. The full walk finds deletions in
+    /// the index, and an entry the target holds but the index does not
+    /// (a directory a bulk copy made, not indexed yet) would stay there.
+    pub fn changed_dirs_first(&self, flag: u8, recent: Option<i64>) -> Result<u64, JournalError> {
         let sh = WalkShared {
             err: Mutex::new(None),
             index: None,
@@ -225,7 +234,8 @@ impl Compare<'_> {
                 };
                 match self.source.lstat_quick(rel) {
                     Ok(Some(m)) if m.kind == Kind::Dir => {
-                        if ix != Some(m) {
+                        let late = recent.is_some_and(|t| m.mtime_ns >= t || m.ctime_ns >= t);
+                        if ix != Some(m) || late {
                             compare(rel);
                             changed.push((rel.to_vec(), flag));
                         }

@@ -52,6 +52,8 @@ use crate::target::local::DeletePolicy;
 /// starts a process and authenticates: every few seconds.
 const TCP_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_millis(250));
 const SSH_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(4));
+/// An ssh child's stdout, stdin, and the child.
+type SshPipes = (Box<dyn Read + Send>, Box<dyn Write + Send>, Child);
 /// How often a target that stays unreachable is logged again.
 const UNREACHABLE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// A reply not seen in this long means a hung link: the connection is
@@ -693,11 +695,7 @@ impl RemoteTarget {
 
     /// Starts `ssh … drmirror receive`; its stderr lines go to the log and
     /// the last few into `said` (see `ssh_failure`).
-    #[allow(clippy::type_complexity)]
-    fn spawn_ssh(
-        &self,
-        said: &Arc<Mutex<Vec<String>>>,
-    ) -> Result<(Box<dyn Read + Send>, Box<dyn Write + Send>, Child), String> {
+    fn spawn_ssh(&self, said: &Arc<Mutex<Vec<String>>>) -> Result<SshPipes, String> {
         let mut cmd = Command::new("ssh");
         // First: for ssh the first value given for an option
         // wins, so the user's `-o` overrides the defaults below.

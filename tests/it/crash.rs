@@ -494,3 +494,53 @@ fn copies_recorded_unflushed_are_compared_again_after_a_machine_restart() {
         "a clean stop leaves nothing unflushed"
     );
 }
+
+/// A directory made while the daemon was down goes out as one bulk entry
+/// (`a/m/n`: made on the target, indexed only once re-stamped); it leaves
+/// the source (`rm -r`, which capture, held, never records) before its
+/// round re-stamps, so it is never indexed, while its parent `a/m` is
+/// re-stamped from the source as it is after the removal. Then a crash:
+/// the restart's startup scan must still find `a/m/n` extra on the target.
+/// It did not (the churn test's `(extra)` divergences): `a/m` looked
+/// unchanged against its index entry, so its listing was not compared,
+/// and the full walk finds deletions in the index, which lacked `a/m/n`.
+/// A directory changed since capture was last known whole is now compared
+/// with the target's listing whatever its index entry says.
+#[test]
+fn a_change_lost_in_a_crash_after_its_directory_was_restamped_is_found() {
+    use drmirror::failpoints::Hook;
+    let env = Env::new();
+    write(&env.s("a/f"), b"f");
+    let gate = |name: &str| env.root.join(name);
+    let held = |name: &str| env.root.join(format!("{name}.held"));
+    let var = |name: &str| gate(name).to_str().expect("a UTF-8 temp dir").to_owned();
+    let (restamp, capture) = (var("restamp"), var("capture"));
+    let hooks = [
+        (Hook::HoldRestamp.var(), restamp.as_str()),
+        (Hook::HoldCapture.var(), capture.as_str()),
+    ];
+    let d = env.start_env(&[], &hooks);
+    env.converge(&[], &d);
+    d.kill9();
+    // `m` new too: the first pass compares `a` and makes `m` as a plain
+    // entry; the compare of `m`'s subtree that follows finds `n` missing on
+    // the target and makes it one bulk entry.
+    write(&env.s("a/m/n/x"), b"x");
+    // Only the round that made `a/m/n` holds.
+    write(&gate("restamp"), b"a/m/n");
+    let d = env.start_env(&[], &hooks);
+    wait_until("the round of a/m/n to hold", secs(30), Some(&d), || {
+        exists(&held("restamp"))
+    });
+    write(&gate("capture"), b"");
+    wait_until("capture to hold", secs(30), Some(&d), || {
+        exists(&held("capture"))
+    });
+    remove_dir_all(&env.s("a/m/n"));
+    remove_file(&gate("restamp"));
+    wait_committed(&env.state);
+    d.kill9();
+    let d = env.start(&[]);
+    env.converge(&[], &d);
+    d.terminate();
+}
