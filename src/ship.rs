@@ -849,8 +849,9 @@ impl Shipper {
             }
         }
         for d in unstamped {
-            let known = match c.index_put.iter().rposition(|(p, _)| *p == d) {
-                Some(i) => Some(c.index_put.remove(i).1),
+            let own = c.index_put.iter().rev().find(|(p, _)| *p == d);
+            let known = match own {
+                Some(&(_, m)) => Some(m),
                 None => self.journal.index_get(self.t, &d).ok().flatten(),
             };
             c.index_put.retain(|(p, _)| *p != d);
