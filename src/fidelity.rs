@@ -87,6 +87,13 @@ impl Keep {
         }
     }
 
+    /// Whether entries of `kind` are mirrored (the FIFOs, sockets' entries
+    /// and devices only with `specials`; what [`crate::meta::Kind::Other`]
+    /// stands for never).
+    pub fn mirrors_kind(self, kind: crate::meta::Kind) -> bool {
+        kind != crate::meta::Kind::Other && (self.specials || !kind.is_special())
+    }
+
     /// The namespaces whose attributes are mirrored (0: none).
     pub fn namespaces(self) -> u8 {
         let mut n = 0;
@@ -414,6 +421,11 @@ impl Refusals {
     /// The kinds refused so far (for `status`).
     pub fn seen(&self) -> Vec<&'static str> {
         crate::locks::lock(&self.warned).iter().copied().collect()
+    }
+
+    /// Whether making devices was refused.
+    pub fn devices(&self) -> bool {
+        crate::locks::lock(&self.warned).contains("device")
     }
 }
 

@@ -7,7 +7,10 @@
 //! directory list (see [`Journal::dirlist_chunks`]); in each it lists the
 //! source and the target directory and compares each entry's metadata
 //! (kind, mode, mtime, size, owner, symlink text: what [`Meta::mirrors`]
-//! compares). A pass is paced to take `scrub_interval` (24 h by default):
+//! compares), for the kinds of entry the target holds
+//! ([`Target::holds_kind`]: a difference it could not mend is none).
+//! Extended attributes, ACLs, link structure, holes and file content are
+//! left to `drmirror verify`. A pass is paced to take `scrub_interval` (24 h by default):
 //! entries per second = the last startup scan's entry count / interval,
 //! never fewer than [`MIN_RATE`].
 //!
@@ -222,7 +225,9 @@ impl Scrub {
             return Some(children.len() as u64);
         };
         for c in &children {
-            if c.meta.kind == Kind::Other || self.filter.excluded(&c.rel, c.meta.kind == Kind::Dir)
+            // Not a kind this target holds: a difference it could not mend.
+            if !self.target.holds_kind(c.meta.kind)
+                || self.filter.excluded(&c.rel, c.meta.kind == Kind::Dir)
             {
                 continue;
             }

@@ -431,7 +431,10 @@ impl Compare<'_> {
                 c.descend = false;
                 continue;
             }
-            if c.meta.kind == Kind::Other {
+            // A kind this target does not hold (special files with
+            // `special_files = false`, devices without root) would be sent
+            // again at every compare, to be refused again.
+            if !self.target.holds_kind(c.meta.kind) {
                 continue;
             }
             if covered {

@@ -211,7 +211,7 @@ pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyEr
             let sdir = s.open_dir(dir, false).ok();
             let mut files = Vec::new();
             for c in children.iter_mut() {
-                if !mirrored(c.meta.kind, opts.keep)
+                if !opts.keep.mirrors_kind(c.meta.kind)
                     || opts.filter.excluded(&c.rel, c.meta.kind == Kind::Dir)
                 {
                     c.descend = false;
@@ -301,7 +301,7 @@ pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyEr
                     .as_ref()
                     .and_then(|sd| fsops::lstat_at(sd.as_fd(), name).ok().flatten());
                 match src {
-                    Some(m) if mirrored(m.kind, opts.keep) => {
+                    Some(m) if opts.keep.mirrors_kind(m.kind) => {
                         if m.kind != c.meta.kind {
                             c.descend = false;
                         }
@@ -330,11 +330,6 @@ pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyEr
         differences,
         errors: errors.load(Ordering::Relaxed),
     })
-}
-
-/// Whether entries of `kind` are mirrored under `keep`.
-fn mirrored(kind: Kind, keep: Keep) -> bool {
-    kind != Kind::Other && (keep.specials || !kind.is_special())
 }
 
 impl Report {

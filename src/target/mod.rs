@@ -162,6 +162,13 @@ impl Target {
         self.keep().namespaces()
     }
 
+    /// Whether this target holds entries of `kind`: the kinds it mirrors
+    /// (see [`crate::fidelity::Keep::mirrors_kind`]), devices only while
+    /// making them was not refused (the writing side is not root).
+    pub fn holds_kind(&self, kind: crate::meta::Kind) -> bool {
+        self.keep().mirrors_kind(kind) && !(kind.is_device() && self.refusals().devices())
+    }
+
     /// Whether names of one source inode share one inode here (see
     /// [`crate::links::Mirrored`]).
     pub fn links_names(&self) -> bool {
@@ -193,9 +200,13 @@ impl Target {
 
     /// The kinds of attributes or entries this target refused so far.
     pub fn refused(&self) -> Vec<&'static str> {
+        self.refusals().seen()
+    }
+
+    fn refusals(&self) -> &crate::fidelity::Refusals {
         match self {
-            Target::Local(t) => t.refusals().seen(),
-            Target::Remote(t) => t.refusals().seen(),
+            Target::Local(t) => t.refusals(),
+            Target::Remote(t) => t.refusals(),
         }
     }
 

@@ -768,14 +768,7 @@ fn fifos_with_blocked_readers_and_writers_stop_nothing() {
     gen_tree(&env.s("t"), 30, 10);
     let (r, w) = (env.s("t/read.fifo"), env.s("t/write.fifo"));
     for p in [&r, &w] {
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            p.as_path(),
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o644),
-            0,
-        )
-        .expect("mkfifo");
+        mkfifo(p);
     }
     // Each blocks in open(2) until the other end is opened.
     let mut reader = std::process::Command::new("cat")

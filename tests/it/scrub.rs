@@ -111,6 +111,50 @@ fn a_planted_divergence_is_found_counted_and_repaired_over_tcp() {
     a_planted_divergence_is_found_counted_and_repaired(true)
 }
 
+/// With `special_files = false` a FIFO stays out of the mirror, and no
+/// part of the daemon takes that for a difference to mend: no scrub pass
+/// counts it a divergence (before, one every pass, each requeued in vain),
+/// and a restart's compare does not send it again.
+#[test]
+fn a_kind_the_target_does_not_keep_is_no_divergence() {
+    let env = Env::new();
+    write(&env.s("a/f"), b"f");
+    mkfifo(&env.s("a/fifo"));
+    let made = std::time::Instant::now();
+    let toml = env
+        .config_text("scrub_interval = \"1s\"\nspecial_files = false\nmetrics_listen = \"off\"\n");
+    let d = env.spawn_config(&toml);
+    d.wait_log("drmirror ready", secs(60));
+    env.converge(&["--checksum", "--no-special-files"], &d);
+    assert!(fs::symlink_metadata(env.d("a/fifo")).is_err());
+    // The scrub judges only an entry still for its settle time: wait for
+    // that to pass (a deliberate passage of time), then two whole passes.
+    let settled = drmirror::scrub::SETTLE + secs(1);
+    wait_until("the FIFO to settle", secs(60), Some(&d), || {
+        made.elapsed() > settled
+    });
+    let passes = d.log().matches("scrub pass done").count();
+    wait_until("two scrub passes after it", secs(60), Some(&d), || {
+        d.log().matches("scrub pass done").count() >= passes + 2
+    });
+    assert!(
+        !d.log().contains("diverged from the source"),
+        "{}",
+        d.log_tail()
+    );
+    d.terminate();
+    let d = env.spawn_config(&toml);
+    d.wait_log("startup scan done", secs(60));
+    let log = d.log();
+    let line = log.lines().find(|l| l.contains("startup scan done"));
+    assert!(
+        line.is_some_and(|l| l.contains(" differing=0 ")),
+        "{}",
+        d.log_tail()
+    );
+    d.terminate();
+}
+
 #[test]
 fn a_bad_scrub_interval_is_refused_naming_the_key() {
     let env = Env::new();

@@ -265,6 +265,18 @@ pub fn lchown(p: &Path, uid: u32, gid: u32) {
         .unwrap_or_else(|e| panic!("lchown {uid}:{gid} {}: {e}", p.display()));
 }
 
+/// Makes FIFO `p` (mode 0644).
+pub fn mkfifo(p: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        p,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap_or_else(|e| panic!("mkfifo {}: {e}", p.display()));
+}
+
 pub fn symlink(text: impl AsRef<Path>, link: &Path) {
     if let Some(parent) = link.parent() {
         mkdirp(parent);
