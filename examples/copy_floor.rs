@@ -1,6 +1,6 @@
 //! The floor of an initial sync with drmirror's copy engine: the same
 //! parallel walk, listing as the daemon lists a directory the target lacks
-//! (names and kinds, no stat per entry: `scan::walk_tracked_lite`),
+//! (a stat per entry: `scan::walk`),
 //! feeding the same per-file copy (`LocalTarget::apply_group`: O_TMPFILE,
 //! stat before and after, linkat),
 //! then the directories' attributes, deepest first; but no journal, no
@@ -52,10 +52,11 @@ fn main() -> Result<()> {
     if let Some(m) = root.lstat(b"")? {
         lock(&dirs).push((Vec::new(), m));
     }
-    scan::walk_tracked_lite(
+    // Listed with a stat per entry, as the daemon's startup scan lists a
+    // directory new on the target (for its progress in bytes).
+    scan::walk(
         &root,
         b"",
-        |_| true,
         |dir, children| {
             let entries: Vec<(&[u8], u8)> = children
                 .iter()
@@ -94,7 +95,6 @@ fn main() -> Result<()> {
             eprintln!("copy_floor: {}: {e}", String::from_utf8_lossy(p));
             failed.fetch_add(1, Ordering::Relaxed);
         },
-        |_, _| {},
     );
     let mut dirs = dirs.into_inner().unwrap_or_else(|p| p.into_inner());
     // Deepest first, as the daemon stamps them: a child's creation would

@@ -473,6 +473,81 @@ struct TargetRun {
     scan_stats: Arc<ScanStats>,
 }
 
+/// What every target's shipper shares (see [`new_shipper`]).
+struct ShipperSetup<'a> {
+    journal: &'a Arc<Journal>,
+    source: &'a Arc<Root>,
+    filter: &'a Arc<Filter>,
+    policy: DeletePolicy,
+    owner: bool,
+    delay: Duration,
+    stop: &'a Arc<AtomicBool>,
+    board: &'a Arc<crate::status::Board>,
+    scan_pool: &'a Arc<rayon::ThreadPool>,
+    /// This boot's id (see [`forget_unflushed`]).
+    boot: &'a Option<Vec<u8>>,
+    run_seq0: u64,
+}
+
+/// The shipper of target `t` (the `i`th), its progress shown in `status`.
+fn new_shipper(t: &TargetRun, i: usize, s: &ShipperSetup<'_>) -> Shipper {
+    let stats = Arc::new(ShipStats::default());
+    s.board.track_sync(
+        &t.name,
+        crate::progress::Tracked {
+            scan: t.scan_stats.clone(),
+            ship: stats.clone(),
+            scan_done: t.scan_done.clone(),
+        },
+    );
+    let defer_ok = matches!(t.target.as_ref(), Target::Local(l) if crate::durability::local_disk(l.root().fd()));
+    Shipper {
+        links: Default::default(),
+        boot_id: if defer_ok { s.boot.clone() } else { None },
+        boot_gen: 0,
+        run_seq0: s.run_seq0,
+        rounds: 0,
+        progress_ticks: Default::default(),
+        t: t.id,
+        name: t.name.clone(),
+        journal: s.journal.clone(),
+        source: s.source.clone(),
+        target: t.target.clone(),
+        filter: s.filter.clone(),
+        policy: s.policy,
+        owner: s.owner,
+        delay: s.delay,
+        wake: t.wake_rx.clone(),
+        stop: s.stop.clone(),
+        stats,
+        scan_done: t.scan_done.clone(),
+        hurry: t.hurry.clone(),
+        scan_stats: t.scan_stats.clone(),
+        retry: Default::default(),
+        cursor: None,
+        reported_initial: false,
+        acc: Default::default(),
+        acc_wrote: false,
+        last_flush: Instant::now(),
+        flush_tx: None,
+        board: s.board.clone(),
+        last_report: None,
+        scan_pool: s.scan_pool.clone(),
+        io_pool: match *t.target {
+            Target::Remote(_) => rayon::ThreadPoolBuilder::new()
+                .num_threads(crate::ship::REMOTE_IN_FLIGHT)
+                .thread_name(move |n| format!("send-{i}-{n}"))
+                .build()
+                .ok()
+                .map(Arc::new),
+            Target::Local(_) => None,
+        },
+        report_every: Duration::from_secs(1),
+        log_limit: Default::default(),
+        target_up: true,
+    }
+}
+
 /// The local roots held open (name, path, and the directory's identity),
 /// which the pulse checks are still the ones in place.
 type LocalRoots = Vec<(String, PathBuf, crate::pulse::FileId)>;
@@ -748,16 +823,10 @@ impl StartupScan {
         let expected = self.journal.scan_entries(self.id)?;
         self.board
             .track_scan(self.stats.clone(), expected.unwrap_or(0));
-        let pb =
-            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} startup scan of {msg}: {pos} entries compared ({per_sec})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-        );
-        pb.set_message(self.name.clone());
-        pb.enable_steady_tick(Duration::from_millis(200));
+        let pb = crate::progress::spinner(&format!(
+            "{{spinner}} startup scan of {}: {{pos}} entries compared ({{per_sec}})",
+            self.name
+        ));
         let cmp = Compare {
             source: &self.source,
             target: &self.target,
@@ -1061,7 +1130,12 @@ fn run_daemon(
             );
         }
     }
-    metrics::gauge!("drmirror_capture_backend", "backend" => watcher.backend()).set(1.0);
+    metrics::gauge!(
+        "drmirror_capture_info",
+        "backend" => watcher.backend(),
+        "source" => cfg.source.display().to_string()
+    )
+    .set(1.0);
     let board = Arc::new(crate::status::Board::new(crate::status::Status {
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
@@ -1123,6 +1197,7 @@ fn run_daemon(
         guard,
         local_roots,
         stop: stop.clone(),
+        process: Default::default(),
     };
     pulse.prime()?;
     if let Some((addr, e)) = endpoint {
@@ -1187,51 +1262,23 @@ fn run_daemon(
             journal.pending_parents(t.id, 200_000)?
         };
         let absent_ok = !journal.pending_any(t.id)?;
-        let defer_ok = matches!(t.target.as_ref(), Target::Local(l) if crate::durability::local_disk(l.root().fd()));
-        let shipper = Shipper {
-            links: Default::default(),
-            boot_id: if defer_ok { boot.clone() } else { None },
-            boot_gen: 0,
-            run_seq0,
-            rounds: 0,
-            t: t.id,
-            name: t.name.clone(),
-            journal: journal.clone(),
-            source: source.clone(),
-            target: t.target.clone(),
-            filter: filter.clone(),
-            policy,
-            owner,
-            delay: cfg.delay,
-            wake: t.wake_rx.clone(),
-            stop: stop.clone(),
-            stats: Arc::new(ShipStats::default()),
-            scan_done: t.scan_done.clone(),
-            hurry: t.hurry.clone(),
-            scan_stats: t.scan_stats.clone(),
-            retry: Default::default(),
-            cursor: None,
-            reported_initial: false,
-            acc: Default::default(),
-            acc_wrote: false,
-            last_flush: Instant::now(),
-            flush_tx: None,
-            board: board.clone(),
-            last_report: None,
-            scan_pool: scan_pool.clone(),
-            io_pool: match *t.target {
-                Target::Remote(_) => rayon::ThreadPoolBuilder::new()
-                    .num_threads(crate::ship::REMOTE_IN_FLIGHT)
-                    .thread_name(move |n| format!("send-{i}-{n}"))
-                    .build()
-                    .ok()
-                    .map(Arc::new),
-                Target::Local(_) => None,
+        let shipper = new_shipper(
+            t,
+            i,
+            &ShipperSetup {
+                journal: &journal,
+                source: &source,
+                filter: &filter,
+                policy,
+                owner,
+                delay: cfg.delay,
+                stop: &stop,
+                board: &board,
+                scan_pool: &scan_pool,
+                boot: &boot,
+                run_seq0,
             },
-            report_every: Duration::from_secs(1),
-            log_limit: Default::default(),
-            target_up: true,
-        };
+        );
         threads.push(
             sup.spawn(format!("ship-{}", t.id), Role::Essential, move || {
                 shipper.run().map_err(DaemonError::from)

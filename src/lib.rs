@@ -25,7 +25,8 @@
 //!   the lag's floor after a start that may have missed changes), [`logsink`] (a log write never fails),
 //!   [`rebuild`] (a corrupt journal moved aside),
 //!   [`target::identity`] (the target's mark and the index sample), and
-//!   [`scrub`] (the slow background comparison that trusts no index).
+//!   [`scrub`] (the slow background comparison that trusts no index),
+//!   [`progress`] (an initial sync's progress in entries and bytes).
 //! - [`failpoints`]: the test hooks, compiled only for the tests.
 
 pub mod cli;
@@ -46,6 +47,7 @@ pub mod logsink;
 pub mod meta;
 pub mod mounts;
 pub mod paths;
+pub mod progress;
 pub mod protocol;
 pub mod pulse;
 pub mod rebuild;

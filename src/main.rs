@@ -288,37 +288,62 @@ fn main() -> ExitCode {
             exclude,
             no_owner,
             fidelity,
-        } => {
-            let filter = match drmirror::filter::Filter::new(&source, &exclude) {
-                Ok(f) => f,
-                Err(e) => {
-                    eprintln!("drmirror: config error: `exclude`: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let opts = drmirror::verify::Options {
-                checksum,
-                owner: !no_owner && rustix::process::geteuid().is_root(),
-                filter,
-                keep: fidelity.keys().keep(),
-            };
-            match drmirror::verify::verify(&source, &target, &opts) {
-                Ok(r) => {
-                    // Not print!: a closed pipe (`| head`) must end the
-                    // output, not panic.
-                    use std::io::Write;
-                    let _ = std::io::stdout().lock().write_all(r.render().as_bytes());
-                    if r.differences.is_empty() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
-                }
-                Err(e) => {
-                    eprintln!("drmirror: verify: {e}");
-                    ExitCode::from(2)
-                }
+        } => verify(
+            &source,
+            &target,
+            checksum,
+            &exclude,
+            !no_owner,
+            fidelity.keys().keep(),
+        ),
+    }
+}
+
+/// `drmirror verify`: exit 0 equal, 1 different, 2 could not compare.
+fn verify(
+    source: &std::path::Path,
+    target: &std::path::Path,
+    checksum: bool,
+    exclude: &[String],
+    owner: bool,
+    keep: drmirror::fidelity::Keep,
+) -> ExitCode {
+    let filter = match drmirror::filter::Filter::new(source, exclude) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("drmirror: config error: `exclude`: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = drmirror::verify::Options {
+        checksum,
+        owner: owner && rustix::process::geteuid().is_root(),
+        filter,
+        keep,
+        // Drawn only when stderr is a terminal.
+        progress: Some(drmirror::progress::spinner(
+            "{spinner} verify: {pos} entries compared{msg} ({elapsed})",
+        )),
+    };
+    let report = drmirror::verify::verify(source, target, &opts);
+    if let Some(pb) = &opts.progress {
+        pb.finish_and_clear();
+    }
+    match report {
+        Ok(r) => {
+            // Not print!: a closed pipe (`| head`) must end the output, not
+            // panic.
+            use std::io::Write;
+            let _ = std::io::stdout().lock().write_all(r.render().as_bytes());
+            if r.differences.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
             }
+        }
+        Err(e) => {
+            eprintln!("drmirror: verify: {e}");
+            ExitCode::from(2)
         }
     }
 }

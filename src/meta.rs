@@ -143,23 +143,6 @@ impl Meta {
         }
     }
 
-    /// An entry of which only the kind is known (see [`crate::scan::Child`]).
-    pub fn kind_only(kind: Kind) -> Meta {
-        Meta {
-            kind,
-            mode: 0,
-            uid: 0,
-            gid: 0,
-            size: 0,
-            mtime_ns: 0,
-            ctime_ns: 0,
-            ino: 0,
-            dev: 0,
-            rdev: 0,
-            nlink: 0,
-        }
-    }
-
     // `st_mtime` is i64 on 64-bit targets and narrower elsewhere.
     #[allow(clippy::useless_conversion)]
     pub fn from_stat(st: &Stat) -> Meta {

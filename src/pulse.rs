@@ -77,7 +77,13 @@ pub struct Pulse {
     /// the daemon holds open (see [`crate::target::identity`]).
     pub local_roots: Vec<(String, PathBuf, FileId)>,
     pub stop: Arc<AtomicBool>,
+    /// The `process_*` metrics, refreshed every [`PROCESS_EVERY`] turns.
+    pub process: metrics_process::Collector,
 }
+
+/// Turns of the pulse between two refreshes of the `process_*` metrics
+/// (once a second: they are read from `/proc`).
+const PROCESS_EVERY: u32 = 4;
 
 impl Pulse {
     /// Publishes every target's lag until `stop`; an error if the state
@@ -85,7 +91,12 @@ impl Pulse {
     pub fn run(self) -> Result<(), DaemonError> {
         // On a fixed schedule, so that each value holds until the next.
         let mut next = std::time::Instant::now();
+        let mut turn = 0u32;
         while !self.stop.load(Ordering::Relaxed) {
+            if turn % PROCESS_EVERY == 0 {
+                self.process.collect();
+            }
+            turn = turn.wrapping_add(1);
             next += PERIOD;
             self.publish_lag(next.saturating_duration_since(std::time::Instant::now()));
             if let Err(why) = self.guard.check() {

@@ -23,8 +23,7 @@ use crate::paths;
 #[derive(Debug)]
 pub struct Child {
     pub rel: Vec<u8>,
-    /// From `lstat`; in a directory listed lite (see [`walk_tracked_lite`])
-    /// only `kind` is known and the rest is zero.
+    /// From `lstat`.
     pub meta: Meta,
     /// Whether the walk descends into it; set by the walk for directories,
     /// may be cleared by the visitor (an excluded directory, say).
@@ -55,28 +54,7 @@ where
     E: Fn(&[u8], &io::Error) + Sync,
     F: Fn(&[u8], u64) + Sync,
 {
-    walk_tracked_lite(root, start, |_| false, on_dir, on_error, on_done);
-}
-
-/// [`walk_tracked`], listing each directory for which `lite` is true
-/// without a `stat` per entry: its children carry only their kind, from
-/// the listing (for a visitor that needs no more there, such as a compare
-/// walk in a directory the target lacks, where everything is copied).
-pub fn walk_tracked_lite<L, D, E, F>(
-    root: &Root,
-    start: &[u8],
-    lite: L,
-    on_dir: D,
-    on_error: E,
-    on_done: F,
-) where
-    L: Fn(&[u8]) -> bool + Sync,
-    D: Fn(&[u8], &mut [Child]) + Sync,
-    E: Fn(&[u8], &io::Error) + Sync,
-    F: Fn(&[u8], u64) + Sync,
-{
     let cb = Callbacks {
-        lite: &lite,
         on_dir: &on_dir,
         on_error: &on_error,
         on_done: &on_done,
@@ -90,8 +68,7 @@ pub fn walk_tracked_lite<L, D, E, F>(
     rayon::scope(|s| walk_dir(s, root, node, &cb));
 }
 
-struct Callbacks<'a, L, D, E, F> {
-    lite: &'a L,
+struct Callbacks<'a, D, E, F> {
     on_dir: &'a D,
     on_error: &'a E,
     on_done: &'a F,
@@ -124,33 +101,18 @@ fn finish<F: Fn(&[u8], u64)>(node: Arc<Node>, on_done: &F) {
     }
 }
 
-fn walk_dir<'s, L, D, E, F>(
+fn walk_dir<'s, D, E, F>(
     s: &rayon::Scope<'s>,
     root: &'s Root,
     node: Arc<Node>,
-    cb: &'s Callbacks<'s, L, D, E, F>,
+    cb: &'s Callbacks<'s, D, E, F>,
 ) where
-    L: Fn(&[u8]) -> bool + Sync,
     D: Fn(&[u8], &mut [Child]) + Sync,
     E: Fn(&[u8], &io::Error) + Sync,
     F: Fn(&[u8], u64) + Sync,
 {
     let dir = &node.rel;
-    let listed = if (cb.lite)(dir) {
-        read_names(root, dir).map(|names| {
-            names
-                .into_iter()
-                .map(|(name, kind)| Child {
-                    rel: paths::join(dir, &name),
-                    meta: Meta::kind_only(kind),
-                    descend: kind == Kind::Dir,
-                })
-                .collect()
-        })
-    } else {
-        read_children(root, dir)
-    };
-    let mut children = match listed {
+    let mut children = match read_children(root, dir) {
         Ok(c) => c,
         Err(e) => {
             if !crate::fsops::is_missing(&e) {

@@ -58,6 +58,8 @@ pub struct ShipStats {
     pub errors: AtomicU64,
     /// Paths currently waiting for a retry.
     pub failing: AtomicU64,
+    /// What was applied of this run's startup scan (see [`crate::progress`]).
+    pub initial: crate::progress::Applied,
 }
 
 pub struct Shipper {
@@ -115,6 +117,8 @@ pub struct Shipper {
     /// Rounds started, numbering the doubts each records
     /// (see [`Journal::doubt_put`]).
     pub rounds: u64,
+    /// When the initial sync's progress was last published and logged.
+    pub progress_ticks: crate::progress::Ticks,
 }
 
 /// Batches in flight to a remote target (threads of its I/O pool).
@@ -532,6 +536,14 @@ impl BulkDir {
     }
 }
 
+/// What [`Shipper::bulk_file`] found of one file.
+#[derive(Default)]
+struct BulkFile {
+    wrote: bool,
+    target_error: bool,
+    unreachable: bool,
+}
+
 /// Entries (paths and flags) of one BULK directory (its index in the
 /// round's list), applied as one group.
 type BulkTask = (usize, Vec<(Vec<u8>, u8)>);
@@ -605,6 +617,8 @@ impl Shipper {
             self.report(false)?;
             if r.drained && scan_was_done && !self.reported_initial {
                 self.report_initial();
+                // `status` says so at once, with the backlog it drained.
+                self.report(true)?;
                 self.settle()?;
             }
             if r.drained {
@@ -635,6 +649,9 @@ impl Shipper {
     /// Publishes lag, backlog and health (metrics and status), at most once
     /// a second unless `now`.
     fn report(&mut self, now: bool) -> Result<(), JournalError> {
+        if !self.reported_initial && self.progress_ticks.publish_due() {
+            self.publish_progress();
+        }
         if !now
             && self
                 .last_report
@@ -711,17 +728,52 @@ impl Shipper {
             })
     }
 
+    /// The initial sync's progress now (see [`crate::progress`]).
+    fn progress(&self) -> crate::progress::Progress {
+        self.stats
+            .failing
+            .store(self.retry.len() as u64, Ordering::Relaxed);
+        crate::progress::Progress::of(
+            &self.scan_stats,
+            &self.stats.initial,
+            self.scan_done.load(Ordering::Acquire),
+            self.retry.len() as u64,
+        )
+    }
+
+    /// Puts the progress in the metrics (`status` reads it itself: see
+    /// [`crate::status::Board::track_sync`]); logs it every
+    /// [`crate::progress::LOG_EVERY`].
+    fn publish_progress(&mut self) -> crate::progress::Progress {
+        let p = self.progress();
+        crate::progress::publish(&self.name, &p);
+        if self.progress_ticks.log_due() {
+            tracing::info!(
+                "initial sync running target={}: {} ({}{})",
+                self.name,
+                p.summary(),
+                p.counters(),
+                if p.totals_final {
+                    ""
+                } else {
+                    ", startup scan still counting"
+                }
+            );
+        }
+        p
+    }
+
     fn report_initial(&mut self) {
         self.reported_initial = true;
-        let s = &self.stats;
+        // Whatever is left there was never applied as a BULK directory.
+        crate::locks::lock(&self.scan_stats.covered_dirs).clear();
+        let p = self.publish_progress();
         tracing::info!(
-            "initial sync complete target={} scanned={} copied={} skipped={} deleted={} failed={}",
+            "initial sync complete target={} {} bytes={} of {}",
             self.name,
-            self.scan_stats.scanned.load(Ordering::Relaxed),
-            s.copied.load(Ordering::Relaxed),
-            self.scan_stats.in_sync.load(Ordering::Relaxed),
-            s.deleted.load(Ordering::Relaxed),
-            self.retry.len(),
+            p.counters(),
+            p.bytes_done,
+            p.bytes_total,
         );
     }
 
@@ -1051,6 +1103,9 @@ impl Shipper {
                     {
                         live_files.push(p.clone());
                     }
+                    self.stats
+                        .initial
+                        .note(p, v.flags, v.seq, self.run_seq0, &o);
                     match o {
                         Outcome::Copied { meta, bytes } => {
                             self.stats.copied.fetch_add(1, Ordering::Relaxed);
@@ -1324,6 +1379,12 @@ impl Shipper {
         // per dir.
         let mut tasks: Vec<BulkTask> = Vec::new();
         let mut left = vec![0usize; dirs.len()];
+        // Whether each directory's files count in the initial sync's
+        // progress when applied (see `ScanStats::covered_dirs`).
+        let counted: Vec<bool> = dirs
+            .iter()
+            .map(|d| self.scan_stats.take_covered(&d.path))
+            .collect();
         let mut finished = Completion::default();
         for (i, (d, names)) in dirs.iter().zip(listed).enumerate() {
             let names = match names {
@@ -1401,50 +1462,14 @@ impl Shipper {
             for ((i, rels), out) in wave.iter().zip(results) {
                 let d = &dirs[*i];
                 for ((rel, _), r) in rels.iter().zip(out) {
-                    match r {
-                        Ok(Outcome::Copied { meta, bytes }) => {
-                            self.stats.copied.fetch_add(1, Ordering::Relaxed);
-                            self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
-                            applied.copied += 1;
-                            applied.bytes += bytes;
-                            wrote = true;
-                            if d.created {
-                                c.index_new.push((rel.clone(), meta));
-                            } else {
-                                c.index_put.push((rel.clone(), meta));
-                            }
-                        }
-                        Ok(Outcome::Unchanged { meta }) => {
-                            self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
-                            c.index_put.push((rel.clone(), meta));
-                        }
-                        Ok(Outcome::Deleted) => {
-                            self.stats.deleted.fetch_add(1, Ordering::Relaxed);
-                            applied.deleted += 1;
-                            c.index_remove_tree.push(rel.clone());
-                            wrote = true;
-                        }
-                        // Became a directory since the listing: compared
-                        // with its subtree, as an entry of its own.
-                        // (NeedsDoubt: never, without the flag; applied
-                        // again as an entry of its own to be safe.)
-                        Ok(Outcome::Dir { .. }) | Ok(Outcome::NeedsDoubt) => {
-                            c.requeue.push((rel.clone(), d.origin() | flags::RECURSIVE))
-                        }
-                        Ok(Outcome::DeleteSkipped | Outcome::Special | Outcome::Vanished) => {}
-                        Err(ApplyError::Unreachable { .. }) => {
-                            // The whole directory goes again once the
-                            // target is back.
-                            unreachable[*i] = true;
-                            self.target_up = false;
-                        }
-                        Err(e) => {
-                            if matches!(e, ApplyError::TargetWrite { .. }) {
-                                target_errors += 1;
-                            }
-                            c.requeue.push((rel.clone(), d.origin()));
-                            self.failed(rel, d.seq, e);
-                        }
+                    let f = self.bulk_file(d, counted[*i], rel, r, &mut c, applied);
+                    wrote |= f.wrote;
+                    target_errors += u64::from(f.target_error);
+                    if f.unreachable {
+                        // The whole directory goes again once the target
+                        // is back.
+                        unreachable[*i] = true;
+                        self.target_up = false;
                     }
                 }
                 left[*i] -= 1;
@@ -1457,11 +1482,76 @@ impl Shipper {
             if self.last_flush.elapsed() >= GROUP_COMMIT {
                 self.flush()?;
             }
+            if !self.reported_initial && self.progress_ticks.publish_due() {
+                self.publish_progress();
+            }
             if unreachable.iter().any(|u| *u) {
                 break;
             }
         }
         Ok(target_errors)
+    }
+
+    /// Takes the outcome `r` of file `rel` of BULK directory `d` into `c`
+    /// and `applied`; `counted`: its files count in the initial sync's
+    /// progress (see `ScanStats::covered_dirs`).
+    fn bulk_file(
+        &mut self,
+        d: &BulkDir,
+        counted: bool,
+        rel: &[u8],
+        r: Result<Outcome, ApplyError>,
+        c: &mut Completion,
+        applied: &mut Applied,
+    ) -> BulkFile {
+        let mut out = BulkFile::default();
+        // A directory (now) or a failure goes again as an entry of its
+        // own, counted when that is applied.
+        if let (Ok(o), true) = (&r, counted) {
+            if !matches!(o, Outcome::Dir { .. } | Outcome::NeedsDoubt) {
+                self.stats
+                    .initial
+                    .note(rel, d.origin(), d.seq, self.run_seq0, o);
+            }
+        }
+        match r {
+            Ok(Outcome::Copied { meta, bytes }) => {
+                self.stats.copied.fetch_add(1, Ordering::Relaxed);
+                self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+                applied.copied += 1;
+                applied.bytes += bytes;
+                out.wrote = true;
+                if d.created {
+                    c.index_new.push((rel.to_vec(), meta));
+                } else {
+                    c.index_put.push((rel.to_vec(), meta));
+                }
+            }
+            Ok(Outcome::Unchanged { meta }) => {
+                self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+                c.index_put.push((rel.to_vec(), meta));
+            }
+            Ok(Outcome::Deleted) => {
+                self.stats.deleted.fetch_add(1, Ordering::Relaxed);
+                applied.deleted += 1;
+                c.index_remove_tree.push(rel.to_vec());
+                out.wrote = true;
+            }
+            // Became a directory since the listing: compared with its
+            // subtree, as an entry of its own. (NeedsDoubt: never, without
+            // the flag; applied again as an entry of its own to be safe.)
+            Ok(Outcome::Dir { .. }) | Ok(Outcome::NeedsDoubt) => c
+                .requeue
+                .push((rel.to_vec(), d.origin() | flags::RECURSIVE)),
+            Ok(Outcome::DeleteSkipped | Outcome::Special | Outcome::Vanished) => {}
+            Err(ApplyError::Unreachable { .. }) => out.unreachable = true,
+            Err(e) => {
+                out.target_error = matches!(e, ApplyError::TargetWrite { .. });
+                c.requeue.push((rel.to_vec(), d.origin()));
+                self.failed(rel, d.seq, e);
+            }
+        }
+        out
     }
 
     /// Enqueues (in `c`) the entries of BULK directory `d` on the target
@@ -1534,6 +1624,12 @@ impl Shipper {
             }
             Ok(())
         })?;
+        if flag & flags::STARTUP != 0 && !self.reported_initial {
+            // Part of the startup scan's work (a directory it could not
+            // list, or one a BULK entry found made since): its entries
+            // count in the initial sync's totals (see `crate::progress`).
+            self.scan_stats.absorb(&stats);
+        }
         // Unlistable directories were re-enqueued by the walk; back off
         // before trying them again.
         let failed =
@@ -1565,7 +1661,7 @@ impl Shipper {
             }
         }
         if a.bytes > 0 {
-            metrics::counter!("drmirror_bytes_sent_total", "target" => name.clone())
+            metrics::counter!("drmirror_sent_bytes_total", "target" => name.clone())
                 .increment(a.bytes);
         }
         let any = a.copied + a.deleted + a.mkdir;

@@ -52,6 +52,10 @@ pub struct TargetStatus {
     /// [`crate::fidelity::KINDS`]): the rest is mirrored without it.
     #[serde(default)]
     pub not_kept: Vec<String>,
+    /// The initial sync's progress in this run, entries and bytes (see
+    /// [`crate::progress`]); kept at its final figures once it is done.
+    #[serde(default)]
+    pub sync: Option<crate::progress::Progress>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -91,6 +95,8 @@ pub struct Board {
     /// The counters of the startup scans, read at each snapshot: the scans
     /// count every entry, too often to take a lock each time.
     scans: Mutex<Vec<Arc<ScanStats>>>,
+    /// Each target's initial sync progress, read at each snapshot too.
+    syncs: Mutex<Vec<(String, crate::progress::Tracked)>>,
 }
 
 impl Board {
@@ -98,6 +104,7 @@ impl Board {
         Board {
             inner: Mutex::new(status),
             scans: Mutex::default(),
+            syncs: Mutex::default(),
         }
     }
 
@@ -109,6 +116,12 @@ impl Board {
             .unwrap_or_else(|p| p.into_inner())
             .push(stats);
         self.update(|s| s.scan_expected += expected);
+    }
+
+    /// Shows target `name`'s initial sync progress from `tracked` (see
+    /// [`crate::progress`]).
+    pub fn track_sync(&self, name: &str, tracked: crate::progress::Tracked) {
+        crate::locks::lock(&self.syncs).push((name.to_string(), tracked));
     }
 
     pub fn update(&self, f: impl FnOnce(&mut Status)) {
@@ -131,6 +144,11 @@ impl Board {
                 .iter()
                 .map(|st| st.scanned.load(Ordering::Relaxed))
                 .sum();
+        }
+        for (name, tracked) in crate::locks::lock(&self.syncs).iter() {
+            if let Some(t) = s.targets.iter_mut().find(|t| &t.name == name) {
+                t.sync = Some(tracked.now());
+            }
         }
         s
     }
@@ -290,6 +308,9 @@ pub fn one_line(s: &Status) -> String {
             t.lag_seconds,
             t.backlog_entries
         ));
+        if let Some(p) = t.sync.filter(|_| !t.initial_sync_done) {
+            line.push_str(&format!(", initial sync {}", p.summary()));
+        }
     }
     line
 }
@@ -453,6 +474,13 @@ pub fn render(s: &Status) -> String {
             },
             last_error(t),
         ));
+        if let Some(p) = &t.sync {
+            out.push_str(&format!(
+                "    initial sync{}: {}\n",
+                if t.initial_sync_done { " done" } else { "" },
+                p.summary()
+            ));
+        }
         for f in &t.failing {
             out.push_str(&format!("    failing: {f}\n"));
         }

@@ -66,6 +66,7 @@ pub fn install(addr: SocketAddr) -> Result<Endpoint, TelemetryError> {
     };
     metrics::set_global_recorder(recorder).map_err(|e| err(e.to_string()))?;
     describe();
+    metrics_process::Collector::default().describe();
     zero_counters();
     gauge!("drmirror_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(Endpoint { runtime, exporter })
@@ -123,7 +124,7 @@ fn describe() {
         "Changes applied to a target, by operation"
     );
     describe_counter!(
-        "drmirror_bytes_sent_total",
+        "drmirror_sent_bytes_total",
         Unit::Bytes,
         "File and symlink bytes written to the target"
     );
@@ -157,8 +158,8 @@ fn describe() {
         "1 while a startup scan or rescan runs"
     );
     describe_gauge!(
-        "drmirror_capture_backend",
-        "The change-capture backend in use (label), always 1"
+        "drmirror_capture_info",
+        "The change-capture backend in use and the source it mirrors (labels), always 1"
     );
 }
 
@@ -198,6 +199,31 @@ fn describe_health() {
         "drmirror_initial_sync_in_progress",
         "1 until a target's initial sync (or the compare after a start) has finished, per target"
     );
+    for (name, what) in [
+        (
+            "drmirror_initial_sync_done_files",
+            "files (entries but directories) in place",
+        ),
+        (
+            "drmirror_initial_sync_total_files",
+            "files (entries but directories) the startup scan found so far",
+        ),
+        (
+            "drmirror_initial_sync_done_bytes",
+            "bytes of regular files in place",
+        ),
+        (
+            "drmirror_initial_sync_total_bytes",
+            "bytes of the regular files the startup scan found so far",
+        ),
+    ] {
+        describe_gauge!(
+            name,
+            format!(
+                "Initial sync progress in this run, per target: {what} (see drmirror::progress)"
+            )
+        );
+    }
     describe_gauge!(
         "drmirror_startup_scan_in_progress",
         "1 while a target's startup scan runs, per target"

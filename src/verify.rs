@@ -32,6 +32,9 @@ pub struct Options {
     pub filter: Filter,
     /// What the mirror keeps beyond content, and so what is compared.
     pub keep: Keep,
+    /// Advanced by the source entries compared; its message says the bytes
+    /// checksummed (a bar on a terminal: see `drmirror verify`).
+    pub progress: Option<indicatif::ProgressBar>,
 }
 
 /// A target file allocating more than its source's blocks and this much
@@ -174,6 +177,7 @@ pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyEr
     let entries = AtomicU64::new(1);
     let linked = Mutex::new(Vec::<Linked>::new());
     let errors = AtomicU64::new(0);
+    let hashed = AtomicU64::new(0);
     let push = |path: &[u8], what: String| {
         diffs
             .lock()
@@ -273,16 +277,24 @@ pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyEr
                     }
                 }
                 if opts.checksum && c.meta.kind == Kind::File && c.meta.size == t.size {
-                    files.push(c.rel.clone());
+                    files.push((c.rel.clone(), c.meta.size));
                 }
             }
             files
                 .par_iter()
-                .for_each(|rel| match (hash_file(&s, rel), hash_file(&d, rel)) {
+                .for_each(|(rel, _)| match (hash_file(&s, rel), hash_file(&d, rel)) {
                     (Ok(a), Ok(b)) if a == b => {}
                     (Ok(_), Ok(_)) => push(rel, "differs(content)".into()),
                     (Err(e), _) | (_, Err(e)) => on_error(rel, &e),
                 });
+            if let Some(pb) = &opts.progress {
+                let n: u64 = files.iter().map(|(_, size)| size).sum();
+                let total = hashed.fetch_add(n, Ordering::Relaxed) + n;
+                pb.inc(children.len() as u64);
+                if opts.checksum {
+                    pb.set_message(format!(", {} checksummed", crate::progress::bytes(total)));
+                }
+            }
         },
         on_error,
     );

@@ -74,13 +74,18 @@ fn initial_sync_20000_files() {
     let env = Env::new();
     gen_tree(&env.src, 20_000, 1000);
     let d = env.start(&[]);
-    let copied = d.initial_copied(secs(240));
+    let line = d.wait_initial_sync(secs(240));
     env.converge_for(&[], &d, secs(180));
-    assert!(
-        copied >= 20_000,
-        "copied={copied} < 20000\n{}",
-        d.log_tail()
-    );
+    // Every file counted once: copied, nothing else (see
+    // `drmirror::progress`).
+    for (key, want) in [("files", 20_000), ("copied", 20_000), ("skipped", 0)] {
+        assert_eq!(
+            kv(&line, key),
+            Some(want),
+            "{key} in {line}\n{}",
+            d.log_tail()
+        );
+    }
     assert_eq!(count_files(&env.dst, &is_gen_name), 20_000);
     d.terminate();
 }
@@ -276,6 +281,13 @@ fn kill9_during_initial_sync_resumes() {
          target, so at most {bound} should have been copied (it started over?)\n{line}"
     );
     assert_eq!(count_files(&env.dst, &is_gen_name), N);
+    // The resumed run's counters add up (see `drmirror::progress`).
+    let k = |key: &str| kv(&line, key).unwrap_or_else(|| panic!("no {key}= in {line}"));
+    assert_eq!(
+        k("files"),
+        k("copied") + k("skipped") + k("gone") + k("failed"),
+        "{line}"
+    );
     d2.terminate();
 }
 
@@ -424,6 +436,93 @@ fn a_first_connection_to_a_remote_directory_of_other_files_is_refused_until_adop
     d.terminate();
     let d = start_config(&env, &format!("{toml}adopt = true\n"));
     d.wait_initial_sync(secs(60));
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+}
+
+/// The initial sync's progress (issue 32): during an initial sync of 50,000
+/// files to a `tcp://` target, `status --json` shows it moving, in files
+/// and in bytes, and it ends at done = total (every source file, every byte
+/// of them), with counters that add up: total = copied + skipped + gone +
+/// failed, in `status` and in the log line.
+#[test]
+fn the_initial_sync_progress_moves_and_ends_at_done_equal_total() {
+    let env = Env::new();
+    let made = gen_tree(&env.s("t"), 50_000, 250);
+    write(&env.s("t/d0000/same"), b"already there");
+    let files = 50_001;
+    let bytes: u64 = made
+        .iter()
+        .map(|f| fs::metadata(f).expect("stat").len())
+        .sum::<u64>()
+        + 13;
+    // One file already on the target as the source has it: skipped, not
+    // copied (an adopted target).
+    mkdirp(&env.d("t/d0000"));
+    fs::copy(env.s("t/d0000/same"), env.d("t/d0000/same")).expect("copy");
+    copy_mtime(&env.s("t/d0000/same"), &env.d("t/d0000/same"));
+    let tcp = Tcp::new(&env);
+    let _r = tcp.receiver(&env, &[]);
+    let toml = crate::remote::config(
+        &env,
+        &format!("{}adopt = true\n", tcp.target_toml(&env)),
+        "metrics_listen = \"off\"",
+    );
+    let d = crate::remote::start_config(&env, &toml);
+    let mut seen: Vec<(u64, u64, u64)> = Vec::new();
+    while !d.log().contains("initial sync complete") {
+        let st = status_json(&env.state);
+        let p = &st["targets"][0]["sync"];
+        if let (Some(done), Some(total), Some(b)) = (
+            p["files_done"].as_u64(),
+            p["files_total"].as_u64(),
+            p["bytes_done"].as_u64(),
+        ) {
+            if done < total && seen.last() != Some(&(done, total, b)) {
+                seen.push((done, total, b));
+            }
+        }
+        assert!(d.poll_exit().is_none(), "{}", d.log_tail());
+        thread::sleep(ms(50));
+    }
+    let moving = seen
+        .windows(2)
+        .filter(|w| w[1].0 > w[0].0 && w[1].2 > w[0].2);
+    assert!(
+        moving.count() >= 1,
+        "no progress seen moving in files and bytes: {seen:?}\n{}",
+        d.log_tail()
+    );
+    assert!(
+        seen.windows(2)
+            .all(|w| w[1].0 >= w[0].0 && w[1].2 >= w[0].2),
+        "progress went back: {seen:?}"
+    );
+    let st = status_json(&env.state);
+    let p = &st["targets"][0]["sync"];
+    let n = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("no {k} in {st}"));
+    assert_eq!((n("files_done"), n("files_total")), (files, files), "{st}");
+    assert_eq!((n("bytes_done"), n("bytes_total")), (bytes, bytes), "{st}");
+    assert_eq!(p["totals_final"], true, "{st}");
+    assert_eq!(
+        n("copied") + n("skipped") + n("gone") + n("failed"),
+        files,
+        "{st}"
+    );
+    assert_eq!((n("skipped"), n("failed")), (1, 0), "{st}");
+    let line = d.wait_initial_sync(secs(1));
+    let k = |key: &str| kv(&line, key).unwrap_or_else(|| panic!("no {key}= in {line}"));
+    assert_eq!(k("files"), files, "{line}");
+    assert_eq!(
+        k("copied") + k("skipped") + k("gone") + k("failed"),
+        files,
+        "{line}"
+    );
+    let text = status(&env.state, &[]).stdout;
+    assert!(
+        text.contains("initial sync done: 50,001 of 50,001 files (100.0%)"),
+        "{text}"
+    );
     env.converge(&["--checksum"], &d);
     d.terminate();
 }

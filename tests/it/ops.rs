@@ -142,8 +142,12 @@ fn status_and_prometheus_follow_an_outage() {
         "drmirror_backlog_entries",
         "drmirror_target_up",
         "drmirror_build_info",
-        "drmirror_capture_backend",
+        "drmirror_capture_info",
         "drmirror_applied_total",
+        "drmirror_initial_sync_done_files",
+        "drmirror_initial_sync_total_bytes",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
     ] {
         assert!(
             metrics.contains(name),
