@@ -508,6 +508,7 @@ fn new_shipper(t: &TargetRun, i: usize, s: &ShipperSetup<'_>) -> Shipper {
         run_seq0: s.run_seq0,
         rounds: 0,
         progress_ticks: Default::default(),
+        progress_bar: None,
         t: t.id,
         name: t.name.clone(),
         journal: s.journal.clone(),

@@ -119,6 +119,9 @@ pub struct Shipper {
     pub rounds: u64,
     /// When the initial sync's progress was last published and logged.
     pub progress_ticks: crate::progress::Ticks,
+    /// The initial sync's progress on a terminal (`run` in the foreground),
+    /// from its first publication to its end.
+    pub progress_bar: Option<indicatif::ProgressBar>,
 }
 
 /// Batches in flight to a remote target (threads of its I/O pool).
@@ -747,6 +750,12 @@ impl Shipper {
     fn publish_progress(&mut self) -> crate::progress::Progress {
         let p = self.progress();
         crate::progress::publish(&self.name, &p);
+        let name = &self.name;
+        self.progress_bar
+            .get_or_insert_with(|| {
+                crate::progress::spinner(&format!("{{spinner}} initial sync of {name}: {{msg}}"))
+            })
+            .set_message(p.summary());
         if self.progress_ticks.log_due() {
             tracing::info!(
                 "initial sync running target={}: {} ({}{})",
@@ -768,6 +777,9 @@ impl Shipper {
         // Whatever is left there was never applied as a BULK directory.
         crate::locks::lock(&self.scan_stats.covered_dirs).clear();
         let p = self.publish_progress();
+        if let Some(pb) = self.progress_bar.take() {
+            pb.finish_and_clear();
+        }
         tracing::info!(
             "initial sync complete target={} {} bytes={} of {}",
             self.name,
