@@ -842,10 +842,17 @@ impl StartupScan {
             absent_ok: self.absent_ok,
         };
         let t0 = Instant::now();
+        self.stats.walk_seq0.store(u64::MAX, Ordering::Release);
         metrics::gauge!("drmirror_scan_running").increment(1.0);
         metrics::gauge!("drmirror_startup_scan_in_progress", "target" => self.name.clone())
             .set(1.0);
-        self.changed_dirs_first(&cmp, t0)?;
+        // Nothing mirrored yet (a first sync): the walk compares it all
+        // with the target's listing, and a first pass would only send the
+        // root's files a second time (its entries in flight when the walk
+        // compares them again).
+        if !self.journal.index_children(self.id, b"")?.is_empty() {
+            self.changed_dirs_first(&cmp, t0)?;
+        }
         // Compare nothing that capture would not also see change from then
         // on (see `Watcher::complete_watch`). The wait is capture's setup,
         // not the scan's work: it is logged apart and left out of the
@@ -857,6 +864,9 @@ impl StartupScan {
         }
         let waited = waited.elapsed();
         let deletions = self.deletions(&cmp)?;
+        self.stats
+            .walk_seq0
+            .store(self.journal.seq_now(), Ordering::Release);
         let t_walk = Instant::now();
         let r = self
             .scan_pool

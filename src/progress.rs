@@ -30,7 +30,9 @@
 //! compares and applies: the subtrees an earlier run had finished are
 //! skipped by the scan (`resumed_subtrees` in its log line), and entries
 //! that earlier run left pending there count in neither figure (their
-//! sequence numbers predate this run: [`Applied::note`]).
+//! sequence numbers predate this run: [`Applied::note`]). Neither do the
+//! entries a restart's first pass enqueues before the full walk (which
+//! compares the same directories again and counts them once).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -61,10 +63,11 @@ pub struct Applied {
 impl Applied {
     /// Counts outcome `o` of the entry at `rel`, flagged `f`, of sequence
     /// number `seq`, if it is one of this run's scan: enqueued by it
-    /// ([`flags::STARTUP`]) at or after `run_seq0`, and not the root
-    /// (compared apart from the walk).
-    pub fn note(&self, rel: &[u8], f: u8, seq: u64, run_seq0: u64, o: &Outcome) {
-        if f & flags::STARTUP == 0 || seq < run_seq0 || rel.is_empty() {
+    /// ([`flags::STARTUP`]) at or after `from` (when its full walk began:
+    /// see [`ScanStats::walk_seq0`]), and not the root (compared apart
+    /// from the walk).
+    pub fn note(&self, rel: &[u8], f: u8, seq: u64, from: u64, o: &Outcome) {
+        if f & flags::STARTUP == 0 || seq < from || rel.is_empty() {
             return;
         }
         let (n, bytes) = match o {

@@ -731,6 +731,14 @@ impl Shipper {
             })
     }
 
+    /// The first sequence number whose entries count in the initial sync's
+    /// progress: this run's, from the startup scan's full walk on (see
+    /// `ScanStats::walk_seq0`).
+    fn counts_from(&self) -> u64 {
+        self.run_seq0
+            .max(self.scan_stats.walk_seq0.load(Ordering::Acquire))
+    }
+
     /// The initial sync's progress now (see [`crate::progress`]).
     fn progress(&self) -> crate::progress::Progress {
         self.stats
@@ -1117,7 +1125,7 @@ impl Shipper {
                     }
                     self.stats
                         .initial
-                        .note(p, v.flags, v.seq, self.run_seq0, &o);
+                        .note(p, v.flags, v.seq, self.counts_from(), &o);
                     match o {
                         Outcome::Copied { meta, bytes } => {
                             self.stats.copied.fetch_add(1, Ordering::Relaxed);
@@ -1523,7 +1531,7 @@ impl Shipper {
             if !matches!(o, Outcome::Dir { .. } | Outcome::NeedsDoubt) {
                 self.stats
                     .initial
-                    .note(rel, d.origin(), d.seq, self.run_seq0, o);
+                    .note(rel, d.origin(), d.seq, self.counts_from(), o);
             }
         }
         match r {

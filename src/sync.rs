@@ -60,6 +60,13 @@ pub struct ScanStats {
     /// look and listed file by file in the other: only what this set says
     /// was covered is counted done through its BULK entry.
     pub covered_dirs: Mutex<std::collections::HashSet<Vec<u8>>>,
+    /// The journal's sequence number when a startup scan's full walk
+    /// began (`u64::MAX` before it, set by the scan): the initial sync's
+    /// progress counts only what the shipper applies of entries enqueued
+    /// from then on (see [`crate::progress::Applied::note`]). A restart's
+    /// first pass enqueues entries before it, which the walk compares
+    /// again: counted once, by the walk (in sync, or enqueued anew).
+    pub walk_seq0: AtomicU64,
 }
 
 impl ScanStats {

@@ -450,12 +450,16 @@ fn the_initial_sync_progress_moves_and_ends_at_done_equal_total() {
     let env = Env::new();
     let made = gen_tree(&env.s("t"), 50_000, 250);
     write(&env.s("t/d0000/same"), b"already there");
-    let files = 50_001;
+    // A file at the top too: a first pass over the root would send it a
+    // second time (and count it twice).
+    write(&env.s("top"), b"top");
+    let files = 50_002;
     let bytes: u64 = made
         .iter()
         .map(|f| fs::metadata(f).expect("stat").len())
         .sum::<u64>()
-        + 13;
+        + 13
+        + 3;
     // One file already on the target as the source has it: skipped, not
     // copied (an adopted target).
     mkdirp(&env.d("t/d0000"));
@@ -520,7 +524,7 @@ fn the_initial_sync_progress_moves_and_ends_at_done_equal_total() {
     );
     let text = status(&env.state, &[]).stdout;
     assert!(
-        text.contains("initial sync done: 50,001 of 50,001 files (100.0%)"),
+        text.contains("initial sync done: 50,002 of 50,002 files (100.0%)"),
         "{text}"
     );
     env.converge(&["--checksum"], &d);
