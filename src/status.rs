@@ -511,6 +511,55 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_initial_sync_progress_is_read_live_and_shown_while_it_runs() {
+        let board = Board::new(Status {
+            capture_backend: "inotify".into(),
+            targets: vec![TargetStatus {
+                name: "dr".into(),
+                up: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let scan = Arc::new(ScanStats::default());
+        board.track_sync(
+            "dr",
+            crate::progress::Tracked {
+                scan: scan.clone(),
+                ship: Arc::default(),
+                scan_done: Arc::default(),
+            },
+        );
+        scan.files.store(2000, Ordering::Relaxed);
+        scan.in_sync_files.store(500, Ordering::Relaxed);
+        scan.bytes.store(3 << 20, Ordering::Relaxed);
+        let s = board.snapshot();
+        let line = one_line(&s);
+        assert!(
+            line.ends_with(
+                "dr: lag 0.0s, backlog 0, initial sync 500 of ~2,000 files (25.0% of those found so far), 0 B of ~3.0 MiB"
+            ),
+            "{line}"
+        );
+        assert!(
+            render(&s).contains("    initial sync: 500 of ~2,000 files"),
+            "{}",
+            render(&s)
+        );
+        // Done: no longer in the one-line summary, the figures kept.
+        let board = Board::new(Status {
+            targets: vec![TargetStatus {
+                initial_sync_done: true,
+                ..s.targets[0].clone()
+            }],
+            ..s
+        });
+        let s = board.snapshot();
+        assert!(!one_line(&s).contains("initial sync"), "{}", one_line(&s));
+        assert!(render(&s).contains("initial sync done: 500 of ~2,000"));
+    }
+
+    #[test]
     fn scan_progress_is_a_share_of_the_last_full_count() {
         let board = Board::new(Status {
             capture_backend: "fanotify".into(),
