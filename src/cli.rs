@@ -136,10 +136,17 @@ pub enum Command {
     },
     /// Compare a source tree with its mirror; exit 1 listing differences.
     Verify {
-        #[arg(long)]
-        source: PathBuf,
-        #[arg(long)]
-        target: PathBuf,
+        /// Compare the local targets of this config with its source, under
+        /// its excludes and fidelity keys (instead of --source/--target).
+        #[arg(long, short, conflicts_with_all = ["source", "target", "exclude", "no_xattrs", "no_acls", "no_sparse", "no_special_files", "no_hard_links"])]
+        config: Option<PathBuf>,
+        /// With --config: only the target of this name.
+        #[arg(long, requires = "config")]
+        name: Option<String>,
+        #[arg(long, required_unless_present = "config")]
+        source: Option<PathBuf>,
+        #[arg(long, required_unless_present = "config")]
+        target: Option<PathBuf>,
         /// Also compare file contents (BLAKE3, in parallel).
         #[arg(long)]
         checksum: bool,

@@ -2,6 +2,7 @@
 //! its documented prefix; identical trees exit 0.
 
 use crate::util::*;
+use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 
@@ -250,6 +251,75 @@ fn verify_unreadable_root_is_error() {
         o.code,
         Some(2),
         "nonexistent source must exit 2\n{}",
+        o.describe()
+    );
+}
+
+/// `verify --config` compares each local target of a config with its
+/// source under the config's excludes and fidelity keys (issue 33: it used
+/// to ignore them); `--name` picks one target; an unknown name, and a
+/// remote target, say so and exit 2.
+#[test]
+fn verify_with_a_config_uses_its_excludes_and_fidelity_keys() {
+    let env = fixture();
+    let other = env.root.join("dst2");
+    clone_tree(&env.src, &other);
+    // Left out by the config: an excluded file, and an attribute with
+    // `xattrs = false`.
+    write(&env.s("dir/scratch.tmp"), b"junk");
+    copy_mtime(&env.s("dir"), &env.d("dir"));
+    copy_mtime(&env.s("dir"), &other.join("dir"));
+    let attr = std::process::Command::new("setfattr")
+        .args(["-n", "user.note", "-v", "1"])
+        .arg(env.s("a.txt"))
+        .status();
+    assert!(attr.is_ok_and(|s| s.success()), "setfattr");
+    let toml = format!(
+        "source = {}\nstate_dir = {}\nexclude = [\"*.tmp\"]\nxattrs = false\n\n\
+         [[target]]\nname = \"one\"\npath = {}\n\n[[target]]\nname = \"two\"\npath = {}\n",
+        toml_str(&env.src),
+        toml_str(&env.state),
+        toml_str(&env.dst),
+        toml_str(&other)
+    );
+    let cfg = env.write_config(&toml);
+    let run = |extra: &[&str]| {
+        let mut args: Vec<OsString> = vec!["verify".into(), "--config".into(), cfg.clone().into()];
+        args.extend(extra.iter().map(OsString::from));
+        drmirror(&args, secs(60))
+    };
+    let o = run(&["--checksum"]);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(o.stdout.contains("target one (") && o.stdout.contains("target two ("));
+    // Without the config, both differences count.
+    assert_eq!(env.verify_out(&[]).code, Some(1));
+    // A real difference in one target: found, with --name too.
+    write(&other.join("x"), b"changed on the DR side");
+    let o = run(&[]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(has_diff(&o.stdout, "size", "x"), "{}", o.describe());
+    assert_eq!(run(&["--name", "one"]).code, Some(0));
+    assert_eq!(run(&["--name", "two"]).code, Some(1));
+    let o = run(&["--name", "three"]);
+    assert_eq!(o.code, Some(2), "{}", o.describe());
+    assert!(o.stderr.contains("no target named \"three\"") && o.stderr.contains("one, two"));
+    // A remote target cannot be verified from here: said, exit 2.
+    let token = env.root.join("token");
+    write(&token, b"secret");
+    let remote = env.write_config(&format!(
+        "source = {}\nstate_dir = {}\n\n[[target]]\nname = \"far\"\npath = \"tcp://127.0.0.1:9/srv/dr\"\ntoken_file = {}\n",
+        toml_str(&env.src),
+        toml_str(&env.state),
+        toml_str(&token)
+    ));
+    let o = drmirror(
+        &["verify".into(), "--config".into(), remote.into_os_string()],
+        secs(60),
+    );
+    assert_eq!(o.code, Some(2), "{}", o.describe());
+    assert!(
+        o.stderr.contains("target far: a remote target"),
+        "{}",
         o.describe()
     );
 }
