@@ -143,8 +143,10 @@ pub enum Command {
         /// With --config: only the target of this name.
         #[arg(long, requires = "config")]
         name: Option<String>,
+        /// The source tree.
         #[arg(long, required_unless_present = "config")]
         source: Option<PathBuf>,
+        /// Its mirror (a local directory).
         #[arg(long, required_unless_present = "config")]
         target: Option<PathBuf>,
         /// Also compare file contents (BLAKE3, in parallel).
