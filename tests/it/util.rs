@@ -953,15 +953,34 @@ pub fn wait_converged_for(
         }
         if start.elapsed() >= timeout {
             panic!(
-                "not converged after {timeout:?}: {} -> {} (verify {:?})\nlast verify: {}\n{}",
+                "not converged after {timeout:?}: {} -> {} (verify {:?})\nlast verify: {}\n{}\n{}",
                 src.display(),
                 dst.display(),
                 extra,
                 o.describe(),
-                d.map(|d| d.log_tail()).unwrap_or_default()
+                d.map(|d| d.log_tail()).unwrap_or_default(),
+                keep_for_study(src)
             );
         }
         thread::sleep(ms(200));
+    }
+}
+
+/// A copy of the run directory holding `src` (source, target, state and
+/// daemon logs), made before a failing test's unwinding removes it: a
+/// divergence seen once must be studied from what it left.
+fn keep_for_study(src: &Path) -> String {
+    let Some(root) = src.parent() else {
+        return String::new();
+    };
+    let to = std::env::temp_dir().join(format!(
+        "drmirror-failed-{}-{}",
+        std::process::id(),
+        CONFIG_SEQ.fetch_add(1, Ordering::SeqCst)
+    ));
+    match Command::new("cp").arg("-a").arg(root).arg(&to).status() {
+        Ok(st) if st.success() => format!("run directory copied to {}", to.display()),
+        r => format!("could not copy {} for study: {r:?}", root.display()),
     }
 }
 
