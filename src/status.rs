@@ -510,17 +510,23 @@ pub fn render(s: &Status) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_initial_sync_progress_is_read_live_and_shown_while_it_runs() {
-        let board = Board::new(Status {
-            capture_backend: "inotify".into(),
+    /// A status with one target, `dr`, up.
+    fn one_target(backend: &str, scan_running: bool) -> Status {
+        Status {
+            capture_backend: backend.into(),
+            scan_running,
             targets: vec![TargetStatus {
                 name: "dr".into(),
                 up: true,
                 ..Default::default()
             }],
             ..Default::default()
-        });
+        }
+    }
+
+    #[test]
+    fn the_initial_sync_progress_is_read_live_and_shown_while_it_runs() {
+        let board = Board::new(one_target("inotify", false));
         let scan = Arc::new(ScanStats::default());
         board.track_sync(
             "dr",
@@ -561,16 +567,7 @@ mod tests {
 
     #[test]
     fn scan_progress_is_a_share_of_the_last_full_count() {
-        let board = Board::new(Status {
-            capture_backend: "fanotify".into(),
-            scan_running: true,
-            targets: vec![TargetStatus {
-                name: "dr".into(),
-                up: true,
-                ..Default::default()
-            }],
-            ..Default::default()
-        });
+        let board = Board::new(one_target("fanotify", true));
         let a = Arc::new(ScanStats::default());
         board.track_scan(a.clone(), 0);
         a.scanned.store(250, Ordering::Relaxed);
