@@ -70,7 +70,7 @@ fn main() -> Result<()> {
                 })
                 .collect();
             for chunk in entries.chunks(GROUP) {
-                for r in target.apply_group(&root, dir, chunk, policy) {
+                for r in target.apply_group(&root, dir, chunk, &[], policy) {
                     match r {
                         Ok(Outcome::Copied { .. }) => {
                             copied.fetch_add(1, Ordering::Relaxed);

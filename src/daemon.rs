@@ -528,6 +528,7 @@ fn new_shipper(t: &TargetRun, i: usize, s: &ShipperSetup<'_>) -> Shipper {
         cursor: None,
         reported_initial: false,
         acc: Default::default(),
+        inflight: Default::default(),
         acc_wrote: false,
         last_flush: Instant::now(),
         flush_tx: None,
@@ -828,7 +829,9 @@ impl StartupScan {
             "{{spinner}} startup scan of {}: {{pos}} entries compared ({{per_sec}})",
             self.name
         ));
+        let distrust = self.journal.distrusted(self.id)?;
         let cmp = Compare {
+            distrust: &distrust,
             source: &self.source,
             target: &self.target,
             journal: &self.journal,
@@ -1015,6 +1018,7 @@ impl StartupScan {
             j.set_scan_deleted_extras(id, self.policy.at_startup)?;
         }
         j.recon_done_clear(id)?;
+        j.distrust_clear(id)?;
         // A whole walk: the next one's 100%.
         if self.stats.resumed.load(Ordering::Relaxed) == 0 {
             j.set_scan_entries(id, self.stats.scanned.load(Ordering::Relaxed))?;

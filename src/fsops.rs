@@ -386,6 +386,13 @@ pub fn kernel_path(root: &Root, rel: &[u8]) -> io::Result<(PathBuf, Option<Owned
     Ok((link, Some(fd)))
 }
 
+/// `lstat` of absolute path `p`; `None` when it cannot be had (gone, or a
+/// path past `PATH_MAX`: callers treat that as "not there" and look again).
+pub fn lstat_abs(p: &[u8]) -> Option<rustix::fs::Stat> {
+    use std::os::unix::ffi::OsStrExt;
+    rustix::fs::lstat(std::ffi::OsStr::from_bytes(p)).ok()
+}
+
 /// The absolute path of the directory open as `fd`, however long.
 /// `/proc/self/fd/N` names at most `PATH_MAX` bytes (the kernel renders it
 /// into one page and fails with ENAMETOOLONG past that); then the path is

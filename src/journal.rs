@@ -77,6 +77,11 @@ const META_RECON_DONE: &[u8] = b"recon_done/";
 /// renaming one): written before the target is touched, removed with the
 /// round's index changes. See [`Journal::doubt_put`].
 const META_DOUBT: &[u8] = b"doubt/";
+/// Distrust: `distrust/<target be16><path>` → empty: a doubt a crash left
+/// (see [`Journal::resolve_doubts`]) whose subtree a startup scan has not
+/// compared to the end yet: there, a target file alike in metadata does
+/// not stand for the source's (see [`crate::target::Vouch`]).
+const META_DISTRUST: &[u8] = b"distrust/";
 /// The name of the marker file (in the journal's directory) that the
 /// current inotify group watches: identifies the group at a handover.
 pub const META_INOTIFY_GROUP: &[u8] = b"inotify_group";
@@ -878,7 +883,7 @@ impl Journal {
         ] {
             b.delete_cf(meta, tkey(k, t));
         }
-        for k in [META_RECON_DONE, META_DOUBT] {
+        for k in [META_RECON_DONE, META_DOUBT, META_DISTRUST] {
             let (p, pend) = tkey_range(k, t);
             b.delete_range_cf(meta, &p, &pend);
         }
@@ -976,36 +981,33 @@ impl Journal {
     pub fn resolve_doubts(&self, t: TargetId) -> Result<usize> {
         let (p, end) = tkey_range(META_DOUBT, t);
         let meta = self.cf(CF_META)?;
-        let mut doubted = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(meta, IteratorMode::From(&p, Direction::Forward))
-        {
-            let (k, _) = item?;
-            match k.strip_prefix(p.as_slice()) {
-                Some(d) => doubted.push(d.to_vec()),
-                None => break,
-            }
-        }
+        let doubted = self.meta_paths(META_DOUBT, t)?;
         if doubted.is_empty() {
             return Ok(0);
         }
         let mut b = WriteBatch::default();
+        let distrust = tkey(META_DISTRUST, t);
         for d in &doubted {
             let (s, e) = subtree_range(t, d);
             for cf in [self.cf(CF_INDEX)?, self.cf(CF_DIRLIST)?] {
                 b.delete_cf(cf, key(t, d));
                 b.delete_range_cf(cf, &s, &e);
             }
+            // The renames of a chain may have been applied on the target
+            // in part, or twice: what is there may be another file's copy
+            // alike in size and mtime, so metadata vouches for nothing
+            // there until a startup scan has compared it all.
+            b.put_cf(meta, [distrust.as_slice(), d].concat(), b"");
         }
         b.delete_range_cf(meta, &p, &end);
         // Without the index there, nothing would find what the target
         // holds there and the source does not: each subtree is compared
         // with the target's own listing (the startup scan's deletion
-        // policy applies).
+        // policy applies), its files by content ([`flags::CONTENT`] on a
+        // directory's entry: see `Shipper::scan_subtree`).
         let rescan: Vec<(Vec<u8>, u8)> = doubted
             .into_iter()
-            .map(|d| (d, flags::RECURSIVE | flags::STARTUP))
+            .map(|d| (d, flags::RECURSIVE | flags::STARTUP | flags::CONTENT))
             .collect();
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let recorded = self.merge_pending(&mut b, t, &rescan)?;
@@ -1016,10 +1018,16 @@ impl Journal {
         Ok(rescan.len())
     }
 
-    /// The doubts of target `t` (tests).
-    #[cfg(test)]
-    fn doubts(&self, t: TargetId) -> Result<Vec<Vec<u8>>> {
-        let p = tkey(META_DOUBT, t);
+    /// The subtrees of target `t` where metadata vouches for no copy (see
+    /// `META_DISTRUST`).
+    pub fn distrusted(&self, t: TargetId) -> Result<Vec<Vec<u8>>> {
+        self.meta_paths(META_DISTRUST, t)
+    }
+
+    /// The paths of target `t`'s `meta` keys under `kind` (doubts,
+    /// distrusts).
+    fn meta_paths(&self, kind: &[u8], t: TargetId) -> Result<Vec<Vec<u8>>> {
+        let p = tkey(kind, t);
         let mut out = Vec::new();
         for item in self.db.iterator_cf(
             self.cf(CF_META)?,
@@ -1032,6 +1040,20 @@ impl Journal {
             }
         }
         Ok(out)
+    }
+
+    /// A startup scan compared everything: no subtree is distrusted now.
+    pub fn distrust_clear(&self, t: TargetId) -> Result<()> {
+        let (p, end) = tkey_range(META_DISTRUST, t);
+        Ok(self
+            .db
+            .delete_range_cf(self.cf(CF_META)?, p.as_slice(), end.as_slice())?)
+    }
+
+    /// The doubts of target `t` (tests).
+    #[cfg(test)]
+    fn doubts(&self, t: TargetId) -> Result<Vec<Vec<u8>>> {
+        self.meta_paths(META_DOUBT, t)
     }
 
     fn meta_u64(&self, k: &[u8]) -> Result<Option<u64>> {
@@ -2151,8 +2173,12 @@ mod tests {
             .into_iter()
             .map(|(p, v)| (p, v.flags))
             .collect();
-        let f = flags::RECURSIVE | flags::STARTUP;
+        // Compared by content there (see `META_DISTRUST`), until a startup
+        // scan is through.
+        let f = flags::RECURSIVE | flags::STARTUP | flags::CONTENT;
         assert_eq!(rescan, vec![(b"a".to_vec(), f), (b"b".to_vec(), f)]);
+        assert_eq!(j.distrusted(t).unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
+        assert!(j.distrusted(u).unwrap().is_empty());
         let left: Vec<Option<Meta>> = held
             .iter()
             .map(|(p, _)| j.index_get_many(t, &[p.as_slice()]).unwrap()[0])
@@ -2160,6 +2186,8 @@ mod tests {
         assert_eq!(left, vec![None, None, None, None, Some(m), None]);
         assert_eq!(j.index_children(u, b"a").unwrap().len(), 2, "other target");
         assert_eq!(j.resolve_doubts(t).unwrap(), 0);
+        j.distrust_clear(t).unwrap();
+        assert!(j.distrusted(t).unwrap().is_empty());
     }
 
     #[test]

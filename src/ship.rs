@@ -23,11 +23,13 @@ use crate::paths;
 use crate::scan;
 use crate::sync::{Compare, ScanStats};
 use crate::target::local::DeletePolicy;
-use crate::target::{ApplyError, Outcome, Target};
+use crate::target::{ApplyError, Outcome, Target, Vouch};
 
 const BATCH: usize = 2048;
+/// A pending entry: its path and what is pending there.
+type BatchEntry = (Vec<u8>, Pending);
 /// Pending entries, in path order, as a round reads them.
-type Batch = Vec<(Vec<u8>, Pending)>;
+type Batch = Vec<BatchEntry>;
 /// Most [`flags::BULK`] entries (directories) one round applies.
 const BULK_PER_ROUND: usize = 256;
 /// Renames a round applies at most (before its batch of entries).
@@ -62,6 +64,61 @@ pub struct ShipStats {
     pub initial: crate::progress::Applied,
 }
 
+/// The index entries of commits handed to the flusher thread and not yet
+/// in the journal. A round reads what the index names at its paths (to
+/// vouch for look-alikes, to doubt a removal first: see
+/// [`crate::target::Vouch`]); read from the journal alone, a copy made a
+/// round earlier was not named yet, and its removal now went undoubted
+/// (the swap storm with crashes: the earlier commit landed, the removal's
+/// did not, and the index named a file the target had lost).
+#[derive(Default)]
+pub struct Inflight {
+    handed: u64,
+    /// The last commit the flusher made.
+    committed: Arc<AtomicU64>,
+    /// Path → the commit that changes it, and what the index names there
+    /// after it (`None`: nothing).
+    at: HashMap<Vec<u8>, (u64, Option<crate::meta::Meta>)>,
+}
+
+impl Inflight {
+    /// `c` goes to the flusher: returns its number.
+    fn hand(&mut self, c: &Completion) -> u64 {
+        self.handed += 1;
+        let n = self.handed;
+        for (p, m) in c.index_put.iter().chain(&c.index_new) {
+            self.at.insert(p.clone(), (n, Some(*m)));
+        }
+        // A subtree removed or moved: its paths below are read from the
+        // journal (at worst a removal doubted in vain, a copy made again).
+        for p in c.index_remove.iter().chain(&c.index_remove_tree) {
+            self.at.insert(p.clone(), (n, None));
+        }
+        for (from, to) in &c.index_moves {
+            self.at.insert(from.clone(), (n, None));
+            self.at.insert(to.clone(), (n, None));
+        }
+        n
+    }
+
+    /// What the index names at `keys`, given `stored`, the journal's.
+    fn held(
+        &mut self,
+        keys: &[&[u8]],
+        stored: Vec<Option<crate::meta::Meta>>,
+    ) -> Vec<Option<crate::meta::Meta>> {
+        let done = self.committed.load(Ordering::Acquire);
+        self.at.retain(|_, (n, _)| *n > done);
+        keys.iter()
+            .zip(stored)
+            .map(|(k, m)| match self.at.get(*k) {
+                Some((_, now)) => *now,
+                None => m,
+            })
+            .collect()
+    }
+}
+
 pub struct Shipper {
     pub t: TargetId,
     pub name: String,
@@ -88,6 +145,8 @@ pub struct Shipper {
     pub reported_initial: bool,
     /// Applied but not yet committed (see [`Shipper::flush`]).
     pub acc: Completion,
+    /// Handed to the flusher, not yet committed (see [`Inflight`]).
+    pub inflight: Inflight,
     pub acc_wrote: bool,
     pub last_flush: Instant,
     /// To the flusher thread, while [`Shipper::run`] runs.
@@ -229,6 +288,8 @@ pub enum FlushJob {
         wrote: bool,
         defer: bool,
         boot: ApplyBoot,
+        /// Its [`Inflight`] number.
+        n: u64,
     },
     /// Flush the target if copies were recorded unflushed.
     Settle,
@@ -292,6 +353,8 @@ struct Flusher {
     /// A flush failed while the note was set: it stays, whatever the later
     /// flushes do (the data of the failed writeback is gone).
     poisoned: bool,
+    /// The [`Inflight`] number of the last commit made.
+    committed: Arc<AtomicU64>,
 }
 
 impl Flusher {
@@ -473,10 +536,12 @@ fn flusher_loop(rx: crossbeam_channel::Receiver<FlushJob>, mut f: Flusher) {
                 wrote,
                 defer,
                 boot,
+                n,
             } => {
                 if failed.is_none() {
-                    if let Err(e) = f.commit(&c, wrote, defer, &boot) {
-                        failed = Some(e);
+                    match f.commit(&c, wrote, defer, &boot) {
+                        Ok(()) => f.committed.store(n, Ordering::Release),
+                        Err(e) => failed = Some(e),
                     }
                 }
             }
@@ -568,6 +633,7 @@ impl Shipper {
             name: self.name.clone(),
             note,
             poisoned: false,
+            committed: self.inflight.committed.clone(),
         }
     }
 
@@ -1033,9 +1099,8 @@ impl Shipper {
         }
         if !renames.is_empty() {
             // Renames are committed on their own, after everything before
-            // them: their index moves must not be reordered.
-            self.acc.merge(c);
-            self.acc_wrote |= wrote;
+            // them (see `Shipper::accumulate`).
+            self.accumulate(c, wrote)?;
             self.flush_wait()?;
         }
         Ok((!renames.is_empty(), cut))
@@ -1240,16 +1305,8 @@ impl Shipper {
             .partition(|(p, _)| scans.iter().any(|(s, _, _)| s == p));
         c.done = done;
         // Group commit: one syncfs and one journal write per second (or
-        // when the backlog is drained), not per batch. Removals and moves must
-        // not be reordered before earlier index puts, so they flush first.
-        if !c.index_remove_tree.is_empty()
-            || !c.index_remove.is_empty()
-            || !c.index_moves.is_empty()
-        {
-            self.flush()?;
-        }
-        self.acc.merge(c);
-        self.acc_wrote |= wrote;
+        // when the backlog is drained), not per batch.
+        self.accumulate(c, wrote)?;
         if !full || self.last_flush.elapsed() >= GROUP_COMMIT {
             self.flush()?;
         }
@@ -1259,7 +1316,13 @@ impl Shipper {
             apply_ms, round_ms = t_round.elapsed().as_secs_f64() * 1e3,
             "round"
         );
-        // Subtrees to compare (new or moved-in directories, rescans).
+        // Subtrees to compare (new or moved-in directories, rescans). One
+        // the target had already is compared with the index as committed,
+        // so what this round applied must be in it: a copy not yet there
+        // would look unvouched and be made again (`Meta::unvouched`).
+        if scans.iter().any(|(_, _, created)| !created) {
+            self.flush_wait()?;
+        }
         for (p, f, created) in scans {
             self.scan_subtree(&p, f, created)?;
         }
@@ -1290,19 +1353,28 @@ impl Shipper {
     /// keeps its doubt until a later round applies it).
     #[allow(clippy::type_complexity)]
     fn apply_todo<'b>(
-        &self,
+        &mut self,
         todo: &[&'b (Vec<u8>, Pending)],
         round: u64,
     ) -> Result<Applied3<'b>, JournalError> {
         let keys: Vec<&[u8]> = todo.iter().map(|(p, _)| p.as_slice()).collect();
-        let held = self.journal.index_get_many(self.t, &keys)?;
-        let holds_dir: HashSet<&[u8]> = keys
-            .into_iter()
-            .zip(held)
-            .filter(|(_, m)| m.is_some_and(|m| m.kind == Kind::Dir))
-            .map(|(p, _)| p)
-            .collect();
-        let mut results = self.apply_groups(todo, &holds_dir);
+        let stored = self.journal.index_get_many(self.t, &keys)?;
+        let held = self.inflight.held(&keys, stored);
+        let mut holds_dir: HashSet<&[u8]> = HashSet::new();
+        let mut vouch = Vec::with_capacity(todo.len());
+        for ((p, v), m) in todo.iter().zip(held) {
+            if m.is_some_and(|m| m.kind == Kind::Dir) {
+                holds_dir.insert(p.as_slice());
+            }
+            // Asked when the entry is applied, not when it was enqueued:
+            // renames applied on the target in between (the index moves
+            // with them) may have put the copy of another file there (what
+            // the swap test found: a compare enqueued `q/id` into a
+            // directory new on the target, the next round's renames moved
+            // `p`'s copy there, and the apply found it unchanged).
+            vouch.push(Vouch::of(m.as_ref(), v.flags & flags::LIVE != 0));
+        }
+        let mut results = self.apply_groups(todo, &holds_dir, &vouch);
         // `results` is in `todo`'s order.
         let need: Vec<usize> = (0..results.len())
             .filter(|&i| matches!(results[i].2, Ok(Outcome::NeedsDoubt)))
@@ -1311,11 +1383,20 @@ impl Shipper {
             return Ok((results, holds_dir, HashSet::new()));
         }
         let again: Vec<&'b (Vec<u8>, Pending)> = need.iter().map(|&i| todo[i]).collect();
+        // Doubted now: a copy named there may go (but nothing vouches for
+        // what may be there again by then).
+        let again_vouch: Vec<Vouch> = need
+            .iter()
+            .map(|&i| match vouch[i] {
+                Vouch::Copy { .. } => Vouch::Nothing,
+                v => v,
+            })
+            .collect();
         let doubted: Vec<&'b [u8]> = again.iter().map(|(p, _)| p.as_slice()).collect();
         self.journal.doubt_put(self.t, &doubted, round)?;
-        for (i, (_, _, r)) in need
-            .into_iter()
-            .zip(self.apply_groups(&again, &HashSet::new()))
+        for (i, (_, _, r)) in
+            need.into_iter()
+                .zip(self.apply_groups(&again, &HashSet::new(), &again_vouch))
         {
             results[i].2 = r;
         }
@@ -1325,27 +1406,28 @@ impl Shipper {
     /// Applies `todo` in runs of entries with the same parent (the batch is
     /// in path order), at most GROUP long so that one big directory still
     /// spreads over all cores. Entries in `holds_dir` are flagged
-    /// [`flags::HOLDS_DIR`].
+    /// [`flags::HOLDS_DIR`]; `vouch` is in `todo`'s order.
     fn apply_groups<'b>(
         &self,
         todo: &[&'b (Vec<u8>, Pending)],
         holds_dir: &HashSet<&[u8]>,
+        vouch: &[Vouch],
     ) -> Vec<Applying<'b>> {
-        let mut groups: Vec<&[&(Vec<u8>, Pending)]> = Vec::new();
+        let mut groups: Vec<(&[&'b BatchEntry], &[Vouch])> = Vec::new();
         let mut start = 0;
         for i in 1..=todo.len() {
             let split = i == todo.len()
                 || i - start >= GROUP
                 || paths::split(&todo[i].0).0 != paths::split(&todo[start].0).0;
             if split {
-                groups.push(&todo[start..i]);
+                groups.push((&todo[start..i], &vouch[start..i]));
                 start = i;
             }
         }
         let apply = || -> Vec<Applying<'b>> {
             groups
                 .par_iter()
-                .flat_map_iter(|g| {
+                .flat_map_iter(|&(g, vouch)| {
                     let parent = paths::split(&g[0].0).0;
                     let entries: Vec<(&[u8], u8)> = g
                         .iter()
@@ -1360,9 +1442,9 @@ impl Shipper {
                             (p.as_slice(), f)
                         })
                         .collect();
-                    let out = self
-                        .target
-                        .apply_group(&self.source, parent, &entries, self.policy);
+                    let out =
+                        self.target
+                            .apply_group(&self.source, parent, &entries, vouch, self.policy);
                     g.iter().zip(out).map(|(&(p, v), r)| (p, v, r))
                 })
                 .collect()
@@ -1449,7 +1531,7 @@ impl Shipper {
                 left[i] += 1;
             }
         }
-        self.acc.merge(finished);
+        self.accumulate(finished, false)?;
         let mut unreachable = vec![false; dirs.len()];
         let mut target_errors = 0u64;
         let mut tasks = tasks.into_iter().peekable();
@@ -1469,7 +1551,7 @@ impl Shipper {
                         let entries: Vec<(&[u8], u8)> =
                             rels.iter().map(|(r, lf)| (r.as_slice(), f | lf)).collect();
                         self.target
-                            .apply_group(&self.source, &d.path, &entries, self.policy)
+                            .apply_group(&self.source, &d.path, &entries, &[], self.policy)
                     })
                     .collect()
             };
@@ -1497,8 +1579,7 @@ impl Shipper {
                     c.done.push((d.path.clone(), d.seq));
                 }
             }
-            self.acc.merge(c);
-            self.acc_wrote |= wrote;
+            self.accumulate(c, wrote)?;
             if self.last_flush.elapsed() >= GROUP_COMMIT {
                 self.flush()?;
             }
@@ -1618,7 +1699,14 @@ impl Shipper {
 
     fn scan_subtree(&mut self, p: &[u8], f: u8, created: bool) -> Result<(), JournalError> {
         let stats = ScanStats::default();
+        // Left by a crash mid-rename (see `Journal::resolve_doubts`).
+        let distrust = if f & flags::CONTENT != 0 {
+            vec![p.to_vec()]
+        } else {
+            Vec::new()
+        };
         let cmp = Compare {
+            distrust: &distrust,
             dirs_seen: None,
             source: &self.source,
             target: &self.target,
@@ -1767,6 +1855,26 @@ impl Shipper {
         }
     }
 
+    /// Adds `c` (applied after everything in `self.acc`) to what the next
+    /// [`Shipper::flush`] commits. A completion that removes or moves index
+    /// entries is committed apart from the puts before it:
+    /// [`Journal::complete`] removes and moves before it puts, so within
+    /// one commit an earlier round's put of a file copied into a directory
+    /// the renames then moved landed at the directory's old path, and the
+    /// index vouched there for the copy of another file (the swap storm's
+    /// divergence that outlived the fix of `Shipper::unvouched`).
+    fn accumulate(&mut self, c: Completion, wrote: bool) -> Result<(), JournalError> {
+        if !c.index_remove_tree.is_empty()
+            || !c.index_remove.is_empty()
+            || !c.index_moves.is_empty()
+        {
+            self.flush()?;
+        }
+        self.acc.merge(c);
+        self.acc_wrote |= wrote;
+        Ok(())
+    }
+
     /// Hands what was applied to the flusher thread, which makes it durable
     /// on the target (syncfs) and then tells the journal, while this thread
     /// goes on applying the next batch. At most two commits are in flight.
@@ -1790,12 +1898,14 @@ impl Shipper {
         match &self.flush_tx {
             Some(tx) => {
                 let defer = wrote && matches!(boot, ApplyBoot::Boot(_)) && !self.reported_initial;
+                let n = self.inflight.hand(&c);
                 if tx
                     .send(FlushJob::Commit {
                         c: Box::new(c),
                         wrote,
                         defer,
                         boot,
+                        n,
                     })
                     .is_err()
                 {
@@ -1867,6 +1977,7 @@ mod tests {
             name: "dr".into(),
             note: None,
             poisoned: false,
+            committed: Default::default(),
         };
         (f, t, state, dst)
     }

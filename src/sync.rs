@@ -21,7 +21,7 @@ use crate::locks::lock;
 use crate::meta::{Kind, Meta};
 use crate::paths;
 use crate::scan;
-use crate::target::{DirView, Target};
+use crate::target::{DirView, Target, Vouch};
 
 /// Counters of a compare walk.
 #[derive(Default, Debug)]
@@ -193,6 +193,10 @@ pub struct Compare<'a> {
     /// an older entry copying into it at the same time at worst copies a
     /// file twice, the source's content both times.
     pub absent_ok: bool,
+    /// Subtrees where a target file alike in metadata does not stand for
+    /// the source's without the index naming it (see
+    /// [`crate::target::Vouch`]; a live compare is so everywhere).
+    pub distrust: &'a [Vec<u8>],
 }
 
 fn symlink_same(src_dir: &Root, rel: &[u8], tdir: Option<&DirView>, name: &[u8]) -> bool {
@@ -201,15 +205,6 @@ fn symlink_same(src_dir: &Root, rel: &[u8], tdir: Option<&DirView>, name: &[u8])
         (Ok(a), Some(b)) => a == b,
         _ => false,
     }
-}
-
-/// Whether the index's entry `ix` records a regular file copied from
-/// another source file than the one now at its path (same filesystem,
-/// another inode).
-fn replaced_file(ix: Option<&Meta>, now: &Meta) -> bool {
-    ix.is_some_and(|m| {
-        m.kind == Kind::File && now.kind == Kind::File && m.dev == now.dev && m.ino != now.ino
-    })
 }
 
 /// What the workers of one walk share.
@@ -563,7 +558,7 @@ impl Compare<'_> {
                 }
                 continue;
             }
-            if replaced_file(ix.as_ref(), &c.meta) {
+            if ix.is_some_and(|m| m.copied_from_another(&c.meta)) {
                 // The index says the target's file here was copied from
                 // another source file. Its size and mtime may still match
                 // (directories swapped through a temporary name, two files
@@ -589,7 +584,12 @@ impl Compare<'_> {
             // held apart from another name: its apply links them (see
             // `crate::links::Mirrored`).
             let split = linked && equal && !self.target.note_mirrored(&c.rel, &c.meta);
-            if equal && (split || !self.same_xattrs(&c.rel, tdir, name)) {
+            let live = flag & flags::LIVE != 0
+                || self.distrust.iter().any(|d| paths::is_within(&c.rel, d));
+            let vouch = Vouch::of(ix.as_ref(), live);
+            if equal && !vouch.lets_stand(&c.meta) {
+                todo.push((c.rel.clone(), flag | flags::CONTENT));
+            } else if equal && (split || !self.same_xattrs(&c.rel, tdir, name)) {
                 todo.push((c.rel.clone(), flag));
             } else if equal {
                 if ix.is_some_and(|m| m.kind == Kind::Dir) && c.meta.kind != Kind::Dir {
@@ -997,6 +997,7 @@ mod tests {
             progress: None,
             dirs_seen: None,
             absent_ok,
+            distrust: &[],
         };
         cmp.reconcile(b"", flags::STARTUP, resume, deletions)
             .unwrap();

@@ -302,6 +302,7 @@ impl LocalTarget {
         source: &Root,
         parent: &[u8],
         entries: &[(&[u8], u8)],
+        vouch: &[super::Vouch],
         policy: DeletePolicy,
     ) -> Vec<Result<Outcome, ApplyError>> {
         let src_dir = match source.open_dir(parent, false) {
@@ -317,20 +318,22 @@ impl LocalTarget {
         let mut tdir: Option<OwnedFd> = None;
         entries
             .iter()
-            .map(|&(rel, f)| {
+            .enumerate()
+            .map(|(i, &(rel, f))| {
+                let v = vouch.get(i).copied().unwrap_or(super::Vouch::Metadata);
                 let Some(sd) = src_dir.as_ref() else {
-                    if super::needs_doubt(f, None) {
+                    if super::needs_doubt(f, v, None) {
                         return Ok(Outcome::NeedsDoubt);
                     }
                     return self.remove(rel, f, policy);
                 };
                 let name = paths::split(rel).1;
                 if f & flags::LISTED_FILE != 0 && !rel.is_empty() {
-                    if super::needs_doubt(f, Some(Kind::File)) {
+                    if super::needs_doubt(f, v, Some(Kind::File)) {
                         return Ok(Outcome::NeedsDoubt);
                     }
                     // `file_at` finds out by its own `fstat` (see the flag).
-                    return self.file_in(sd.as_fd(), &mut tdir, rel, f);
+                    return self.file_in(sd.as_fd(), &mut tdir, rel, f, v);
                 }
                 // The root (a rescan after a queue overflow) has no name
                 // in a parent directory.
@@ -340,7 +343,7 @@ impl LocalTarget {
                     fsops::lstat_at(sd.as_fd(), name)
                 }
                 .map_err(|e| ApplyError::source_read(rel, e))?;
-                if super::needs_doubt(f, m.map(|m| m.kind)) {
+                if super::needs_doubt(f, v, m.map(|m| m.kind)) {
                     return Ok(Outcome::NeedsDoubt);
                 }
                 match m {
@@ -349,7 +352,7 @@ impl LocalTarget {
                         Kind::Other => Ok(Outcome::Special),
                         Kind::Dir => self.dir(rel, &m, f),
                         Kind::Symlink => self.symlink(source, sd.as_fd(), rel, f),
-                        Kind::File => self.file_in(sd.as_fd(), &mut tdir, rel, f),
+                        Kind::File => self.file_in(sd.as_fd(), &mut tdir, rel, f, v),
                         _ => self.special(sd.as_fd(), rel, &m, f),
                     },
                 }
@@ -365,12 +368,13 @@ impl LocalTarget {
         tdir: &mut Option<OwnedFd>,
         rel: &[u8],
         f: u8,
+        vouch: super::Vouch,
     ) -> Result<Outcome, ApplyError> {
         let td = match tdir.take() {
             Some(td) => td,
             None => self.parent_dir(rel)?,
         };
-        let r = self.file_at(sd, td.as_fd(), rel, f);
+        let r = self.file_at(sd, td.as_fd(), rel, f, vouch);
         *tdir = Some(td);
         r
     }
@@ -1070,13 +1074,17 @@ impl LocalTarget {
     }
 
     /// Copies regular file `rel` from source directory `sd` into target
-    /// directory `td` (its parents on either side) through a temporary name.
+    /// directory `td` (its parents on either side) through a temporary name,
+    /// unless the target's file is alike and `vouch` lets it stand for the
+    /// very file opened (asked of its `fstat`, not of an earlier look: a
+    /// rename of the source in between must not pass).
     fn file_at(
         &self,
         sd: BorrowedFd<'_>,
         td: BorrowedFd<'_>,
         rel: &[u8],
         f: u8,
+        vouch: super::Vouch,
     ) -> Result<Outcome, ApplyError> {
         let name = paths::split(rel).1;
         let unlink_tmp = |tmp: &Option<fsops::TempName>| {
@@ -1110,6 +1118,7 @@ impl LocalTarget {
                 }
             }
             if (f & (flags::CONTENT | flags::ABSENT) == 0 || attempt > 1)
+                && vouch.lets_stand(&before)
                 && self.unchanged(td, name, &before, x.as_ref(), rel, || true)?
             {
                 if let Some((_, c)) = claim.as_mut() {

@@ -120,16 +120,21 @@ impl Target {
         }
     }
 
+    /// `vouch[i]`: what lets the target's file of `entries[i]` stand when
+    /// it looks alike (all [`Vouch::Metadata`] when `vouch` is empty; a
+    /// remote target sends every file's content, or its delta, anyway),
+    /// and whether the index names a copy there (see [`needs_doubt`]).
     pub fn apply_group(
         &self,
         source: &Root,
         parent: &[u8],
         entries: &[(&[u8], u8)],
+        vouch: &[Vouch],
         policy: DeletePolicy,
     ) -> Vec<Result<Outcome, ApplyError>> {
         match self {
-            Target::Local(t) => t.apply_group(source, parent, entries, policy),
-            Target::Remote(t) => t.apply_group(source, parent, entries, policy),
+            Target::Local(t) => t.apply_group(source, parent, entries, vouch, policy),
+            Target::Remote(t) => t.apply_group(source, parent, entries, vouch, policy),
         }
     }
 
@@ -296,10 +301,66 @@ pub enum Outcome {
     NeedsDoubt,
 }
 
+/// What lets a target file alike in metadata (size, mtime, mode, owner)
+/// stand for the source file it is compared with, instead of a copy.
+///
+/// The index names the source file each copy was made from, and renames
+/// applied on the target move those names with the copies: another file
+/// named there means other content, however alike (directories swapped
+/// through a temporary name, files written in one clock tick). In steady
+/// state the index names every file the target holds, so a live change at
+/// a path it names nothing at got there by a way no copy vouches for
+/// (renames capture saw in another order than they were made, a compare
+/// that read the source ahead of the renames recorded so far): copied. A
+/// startup compare trusts the metadata, as rsync does, so that a target
+/// seeded by another tool is not copied again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vouch {
+    /// Its metadata.
+    Metadata,
+    /// Only being a copy of this source file (device, inode).
+    Copy { dev: u64, ino: u64 },
+    /// Nothing: it is copied.
+    Nothing,
+}
+
+impl Vouch {
+    /// From the index's entry for the path and whether the change is live.
+    pub fn of(held: Option<&Meta>, live: bool) -> Vouch {
+        match held {
+            Some(h) if h.kind == Kind::File => Vouch::Copy {
+                dev: h.dev,
+                ino: h.ino,
+            },
+            Some(_) => Vouch::Metadata,
+            None if live => Vouch::Nothing,
+            None => Vouch::Metadata,
+        }
+    }
+
+    /// Whether a target file alike in metadata to source entry `now` may
+    /// stand for it (anything but a regular file may: its metadata and
+    /// link text are all there is).
+    pub fn lets_stand(self, now: &Meta) -> bool {
+        now.kind != Kind::File
+            || match self {
+                Vouch::Metadata => true,
+                // Another filesystem's inode numbers say nothing.
+                Vouch::Copy { dev, ino } => now.dev != dev || now.ino == ino,
+                Vouch::Nothing => false,
+            }
+    }
+}
+
 /// [`Outcome::NeedsDoubt`] for an entry flagged [`flags::HOLDS_DIR`] whose
-/// source is not a directory (`None`: gone).
-pub fn needs_doubt(f: u8, source: Option<Kind>) -> bool {
-    f & flags::HOLDS_DIR != 0 && source != Some(Kind::Dir)
+/// source is not a directory (`None`: gone), and for one whose source is
+/// gone where the index names a copy (`vouch`): a crash after the target
+/// lost it, before the journal recorded that, left the index naming a
+/// file the target lacked, and a start found the source's file there again
+/// alike (moved back with its directory): in sync, never copied.
+pub fn needs_doubt(f: u8, vouch: Vouch, source: Option<Kind>) -> bool {
+    (f & flags::HOLDS_DIR != 0 && source != Some(Kind::Dir))
+        || (source.is_none() && matches!(vouch, Vouch::Copy { .. }))
 }
 
 /// Why a path could not be applied. Each is logged, counted and retried.
@@ -353,5 +414,64 @@ impl ApplyError {
         }
         let msg = source.to_string();
         msg.contains("No space left on device") || msg.contains("Disk quota exceeded")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(dev: u64, ino: u64) -> Meta {
+        Meta {
+            kind: Kind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 1,
+            mtime_ns: 1,
+            ctime_ns: 1,
+            ino,
+            dev,
+            rdev: 0,
+            nlink: 1,
+        }
+    }
+
+    #[test]
+    fn a_look_alike_stands_only_for_the_copy_the_index_names() {
+        let (a, b) = (file(1, 10), file(1, 11));
+        assert!(Vouch::of(Some(&a), true).lets_stand(&a));
+        assert!(
+            !Vouch::of(Some(&a), false).lets_stand(&b),
+            "another file's copy"
+        );
+        assert!(
+            Vouch::of(Some(&a), true).lets_stand(&file(2, 11)),
+            "another filesystem"
+        );
+        assert!(!Vouch::of(None, true).lets_stand(&a), "live, named nowhere");
+        assert!(
+            Vouch::of(None, false).lets_stand(&a),
+            "a startup compare trusts metadata"
+        );
+        let dir = Meta {
+            kind: Kind::Dir,
+            ..a
+        };
+        assert!(Vouch::of(Some(&dir), true).lets_stand(&a));
+        assert!(Vouch::Nothing.lets_stand(&dir), "only files have content");
+    }
+
+    #[test]
+    fn a_removal_where_the_index_names_a_copy_is_doubted_first() {
+        let copy = Vouch::of(Some(&file(1, 10)), true);
+        assert!(needs_doubt(0, copy, None));
+        assert!(!needs_doubt(0, copy, Some(Kind::File)));
+        assert!(!needs_doubt(0, Vouch::Nothing, None));
+        assert!(needs_doubt(
+            flags::HOLDS_DIR,
+            Vouch::Metadata,
+            Some(Kind::File)
+        ));
     }
 }

@@ -1137,6 +1137,7 @@ impl RemoteTarget {
         source: &Root,
         parent: &[u8],
         entries: &[(&[u8], u8)],
+        vouch: &[super::Vouch],
         policy: DeletePolicy,
     ) -> Vec<Result<Outcome, ApplyError>> {
         let src_dir = match source.open_dir(parent, false) {
@@ -1166,10 +1167,11 @@ impl RemoteTarget {
         }
         let mut plans: Vec<Plan> = Vec::with_capacity(entries.len());
         let r = self.batch(|b| {
-            for &(rel, f) in entries {
+            for (i, &(rel, f)) in entries.iter().enumerate() {
+                let v = vouch.get(i).copied().unwrap_or(super::Vouch::Metadata);
                 if let (Some(sd), true) = (&src_dir, f & flags::LISTED_FILE != 0 && !rel.is_empty())
                 {
-                    if super::needs_doubt(f, Some(Kind::File)) {
+                    if super::needs_doubt(f, v, Some(Kind::File)) {
                         plans.push(Plan::Now(Ok(Outcome::NeedsDoubt)));
                         continue;
                     }
@@ -1204,7 +1206,7 @@ impl RemoteTarget {
                         }
                     },
                 };
-                if super::needs_doubt(f, m.map(|m| m.kind)) {
+                if super::needs_doubt(f, v, m.map(|m| m.kind)) {
                     plans.push(Plan::Now(Ok(Outcome::NeedsDoubt)));
                     continue;
                 }

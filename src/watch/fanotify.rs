@@ -206,6 +206,9 @@ pub struct FanotifyWatcher {
     /// Ignore marks on directories outside the source (see
     /// [`super::foreign`]).
     foreign: super::foreign::Foreign,
+    /// Where the objects renamed since the queue was last empty should be
+    /// (see [`super::renamed`]).
+    renamed: super::renamed::Renamed,
 }
 
 /// A bind mount under the source of a directory of a filesystem the source
@@ -353,6 +356,7 @@ impl FanotifyWatcher {
             uncaptured: BTreeMap::new(),
             uncaptured_changed: false,
             foreign: super::foreign::Foreign::default(),
+            renamed: super::renamed::Renamed::default(),
         };
         let table = crate::mounts::parse(mountinfo.as_bytes());
         w.add_point(&source, "source", &table, mark)?;
@@ -750,6 +754,10 @@ impl FanotifyWatcher {
         }
         let from_rel = from.as_deref().and_then(|f| self.rel_of(f));
         let to_rel = to.as_deref().and_then(|t| self.rel_of(t));
+        if let (Some(obj), Some(f)) = (ev.fid, &from) {
+            let inside = to.as_deref().filter(|_| to_rel.is_some());
+            self.renamed.moved(obj.key(), f, inside, is_dir);
+        }
         tracing::trace!(?from_rel, ?to_rel, "fanotify rename");
         if is_dir && from_rel.is_none() && to_rel.is_some() {
             // It may hold directories marked as foreign: unmarked before
@@ -767,6 +775,61 @@ impl FanotifyWatcher {
             }
         }
         Ok(())
+    }
+
+    /// Looks up each object renamed since the last check by its handle;
+    /// where one is not at the path its events put it, renames were lost
+    /// (see [`super::renamed`]): the subtree at that path, and at its real
+    /// path when it is found, are compared again.
+    fn check_renamed(&mut self, out: &mut Vec<Event>) {
+        let mut lost = 0u64;
+        for (key, expected) in self.renamed.take() {
+            let Some(f) = fid::Fid::from_key(&key) else {
+                continue;
+            };
+            let Some(mount) = self.mounts.get(&f.fsid) else {
+                continue;
+            };
+            // Gone since (deleted): its deletion is an event of its own.
+            let Ok(fd) = open_by_handle(mount, &f) else {
+                continue;
+            };
+            let Ok(st) = rustix::fs::fstat(&fd) else {
+                continue;
+            };
+            let here = crate::fsops::lstat_abs(&expected)
+                .is_some_and(|t| t.st_ino == st.st_ino && t.st_dev == st.st_dev);
+            if here {
+                continue;
+            }
+            lost += 1;
+            let is_dir = rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir();
+            // The real path of a directory is always known; a file's, when
+            // the kernel has its name at hand.
+            let real = crate::fsops::dir_path(fd.as_fd())
+                .filter(|p| crate::fsops::lstat_abs(p).is_some_and(|t| t.st_ino == st.st_ino));
+            if is_dir {
+                self.forget_tree(&expected);
+                if let Some(r) = &real {
+                    self.forget_tree(r);
+                    self.learn(key.clone(), r.clone());
+                }
+            }
+            for p in std::iter::once(expected).chain(real) {
+                if let Some(rel) = self.rel_of(&p) {
+                    super::on_gone(&self.filter, rel, is_dir, out);
+                }
+            }
+        }
+        if lost > 0 {
+            metrics::counter!("drmirror_capture_dropped_total", "reason" => "merged_rename")
+                .increment(lost);
+            tracing::info!(
+                entries = lost,
+                "renamed entries are not where capture's events put them (the kernel merged \
+                 renames equal to ones still queued): comparing them again"
+            );
+        }
     }
 
     /// After an event from directory `dir` was dropped as outside the
@@ -901,10 +964,15 @@ impl Watcher for FanotifyWatcher {
         self.on_mounts(out)?;
         // Bounded, so that the journal write (and so replication) is never
         // held back by a never-ending stream.
+        let mut drained = false;
         for _ in 0..64 {
             if !self.read_some(out)? {
+                drained = true;
                 break;
             }
+        }
+        if (drained && !self.renamed.is_empty()) || self.renamed.is_full() {
+            self.check_renamed(out);
         }
         self.persist()
     }

@@ -58,6 +58,17 @@ pub struct Fid<'a> {
 }
 
 impl Fid<'_> {
+    /// The handle a [`Fid::key`] was made of.
+    pub fn from_key(key: &[u8]) -> Option<Fid<'_>> {
+        let fsid = key.get(..8)?.try_into().ok()?;
+        let handle_type = i32::from_le_bytes(key.get(8..12)?.try_into().ok()?);
+        Some(Fid {
+            fsid,
+            handle_type,
+            handle: &key[12..],
+        })
+    }
+
     pub fn key(&self) -> Vec<u8> {
         let mut k = Vec::with_capacity(12 + self.handle.len());
         k.extend_from_slice(&self.fsid);

@@ -11,6 +11,7 @@ pub mod fid;
 pub mod foreign;
 mod fresh;
 pub mod inotify;
+mod renamed;
 pub mod self_ignore;
 pub mod unwatched;
 

@@ -282,7 +282,115 @@ fn a_directory_renamed_before_its_round_restamps_then_a_crash() {
     d.terminate();
 }
 
+/// Pairs of directories `p{k}`, `q{k}` of three files each, alike in size
+/// and mtime: only content tells their files apart.
+fn swap_pairs(env: &Env) {
+    for k in 0..PAIRS {
+        for side in ["p", "q"] {
+            for j in 0..3 {
+                let f = env.s(format!("{side}{k}/id{j}"));
+                write(&f, side.as_bytes());
+                set_mtime(&f, 1_600_000_000, 0);
+            }
+        }
+    }
+}
+
+const PAIRS: u64 = 4;
+
+/// Swaps pairs of [`swap_pairs`] at random through a temporary name, as
+/// fast as renames go, writing a new file now and then, until `stop`.
+fn swap_until(src: &std::path::Path, seed: u64, stop: &std::sync::atomic::AtomicBool) {
+    let mut rng = XorShift::new(seed);
+    let mut i = 0u64;
+    let tmp = src.join("tmpx");
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let k = rng.below(PAIRS);
+        let (p, q) = (src.join(format!("p{k}")), src.join(format!("q{k}")));
+        rename(&p, &tmp);
+        rename(&q, &p);
+        rename(&tmp, &q);
+        if rng.below(8) == 0 {
+            write(&p.join(format!("n{seed}-{i}")), format!("{i}").as_bytes());
+        }
+        i += 1;
+    }
+}
+
+/// Runs [`swap_until`] for `d`, then waits for it.
+fn swap_for(src: &std::path::Path, seed: u64, d: std::time::Duration) {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| swap_until(src, seed, &stop));
+        std::thread::sleep(d);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+}
+
+/// `swaps_through_a_temporary_name` as a storm: four pairs of directories
+/// swapped at random for two seconds. Capture falls behind, renames fall
+/// back to copies, and a compare enqueues a file into a directory that
+/// the next round's renames replace with another whose files are alike
+/// in size and mtime (what that test found once in CI, and this storm in
+/// 2 of 23 runs: the apply found the other file's copy unchanged, and the
+/// mirror kept it without a word).
+fn swap_storm(b: Backend) {
+    let env = Env::with(b);
+    swap_pairs(&env);
+    let d = env.start(&[]);
+    env.converge(&["--checksum"], &d);
+    swap_for(&env.src, 29, std::time::Duration::from_secs(2));
+    env.converge(&["--checksum"], &d);
+    wait_committed(&env.state);
+    d.terminate();
+    let d = env.start(&[]);
+    env.converge(&["--checksum"], &d);
+    d.terminate();
+}
+
+/// The storm, with the daemon killed (-9) in the middle of it, six times:
+/// renames applied on the target but not yet committed in the journal
+/// are applied again at the restart, and the start must not trust
+/// what it finds where they went.
+///
+/// OPEN (ignored until fixed): it still fails in most runs on both
+/// backends (files missing on the target, or `id` files holding the other
+/// directory's content, with the index naming them as copied); see the
+/// closing note of stop 47. Run with `--ignored`.
+#[test]
+#[ignore = "open silent divergence after kill -9 in a rename storm (stop 47)"]
+fn swap_storm_crashes_fanotify() {
+    with_backend(Backend::Fanotify, swap_storm_crashes)
+}
+
+#[test]
+#[ignore = "open silent divergence after kill -9 in a rename storm (stop 47)"]
+fn swap_storm_crashes_inotify() {
+    with_backend(Backend::Inotify, swap_storm_crashes)
+}
+
+fn swap_storm_crashes(b: Backend) {
+    let env = Env::with(b);
+    swap_pairs(&env);
+    let mut d = env.start(&[]);
+    env.converge(&["--checksum"], &d);
+    let mut rng = XorShift::new(7);
+    for cycle in 0..6 {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| swap_until(&env.src, cycle, &stop));
+            std::thread::sleep(ms(100 + rng.below(500)));
+            d.kill9();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        d = env.start(&[]);
+        env.converge(&["--checksum"], &d);
+    }
+    d.terminate();
+}
+
 suite!(
+    swap_storm,
     a_directory_renamed_as_soon_as_made_is_watched,
     a_directory_and_a_file_exchanged_twice,
     moved_onto_an_empty_directory_and_back,

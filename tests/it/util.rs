@@ -979,9 +979,44 @@ fn keep_for_study(src: &Path) -> String {
         CONFIG_SEQ.fetch_add(1, Ordering::SeqCst)
     ));
     match Command::new("cp").arg("-a").arg(root).arg(&to).status() {
-        Ok(st) if st.success() => format!("run directory copied to {}", to.display()),
-        r => format!("could not copy {} for study: {r:?}", root.display()),
+        Ok(st) if st.success() => {}
+        r => return format!("could not copy {} for study: {r:?}", root.display()),
     }
+    // The copy has inodes of its own: the source's, to check the index's
+    // claims against, and those claims (read from the copied journal).
+    let inodes = Command::new("find")
+        .arg(src)
+        .args(["-printf", "%i %s %T@ %P\n"])
+        .output();
+    if let Ok(out) = inodes {
+        let _ = fs::write(to.join("source-inodes.txt"), out.stdout);
+    }
+    if let Ok(j) = drmirror::journal::Journal::open(&to.join("state").join("journal")) {
+        let mut lines = String::new();
+        let mut dirs = vec![Vec::new()];
+        while let Some(d) = dirs.pop() {
+            for (name, m) in j.index_children(0, &d).unwrap_or_default() {
+                let p = if d.is_empty() {
+                    name
+                } else {
+                    [d.as_slice(), b"/", name.as_slice()].concat()
+                };
+                lines.push_str(&format!(
+                    "{} {} {} {} {:?}\n",
+                    m.ino,
+                    m.size,
+                    m.mtime_ns,
+                    String::from_utf8_lossy(&p),
+                    m.kind
+                ));
+                if m.kind == drmirror::meta::Kind::Dir {
+                    dirs.push(p);
+                }
+            }
+        }
+        let _ = fs::write(to.join("index.txt"), lines);
+    }
+    format!("run directory copied to {}", to.display())
 }
 
 /// Polls `cond` every 50 ms; panics with `what` and the daemon log on timeout.
