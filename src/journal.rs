@@ -1697,6 +1697,9 @@ impl Journal {
             std::collections::BTreeMap::new();
         for (from, to) in &c.index_moves {
             let moved = self.index_subtree_overlaid(t, from, &overlay)?;
+            // What the index says the target holds is what a divergence is
+            // read from: each change of it can be followed at trace level.
+            tracing::trace!(target_id = t, from = %paths::display(from), to = %paths::display(to), entries = moved.len(), "index move");
             // Whatever the target held at `to` was replaced by the rename.
             for (k, _) in self.index_subtree_overlaid(t, to, &overlay)? {
                 overlay.insert(k, None);
@@ -1731,6 +1734,7 @@ impl Journal {
             }
         }
         for p in &c.index_remove_tree {
+            tracing::trace!(target_id = t, path = %paths::display(p), "index subtree removed");
             let (s, e) = subtree_range(t, p);
             for cf in [index, dirlist] {
                 b.delete_cf(cf, key(t, p));
@@ -1743,6 +1747,7 @@ impl Journal {
         // round's reads cost more with every file deleted since the last
         // flush (the soak's CPU per change climbed from 0.4 to 5 ms).
         for p in &c.index_remove {
+            tracing::trace!(target_id = t, path = %paths::display(p), "index entry removed");
             if self.index_has_children(t, p)? {
                 let (s, e) = subtree_range(t, p);
                 for cf in [index, dirlist] {

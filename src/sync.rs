@@ -679,6 +679,11 @@ impl Compare<'_> {
         if let Err(e) = self.journal.enqueue(self.t, &todo) {
             Self::keep_first(err, e);
         }
+        if tracing::enabled!(tracing::Level::TRACE) {
+            for (p, m) in &same {
+                tracing::trace!(path = %paths::display(p), ino = m.ino, "index claim from a compare");
+            }
+        }
         let forget = crate::journal::Completion {
             index_remove_tree: unheld,
             ..Default::default()
