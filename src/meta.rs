@@ -131,19 +131,6 @@ impl PartialEq for Meta {
 impl Eq for Meta {}
 
 impl Meta {
-    /// Whether this index entry records a regular file copied from
-    /// another source file than `now`, the one at its path now (same
-    /// filesystem, another inode). The target's copy may then match `now`
-    /// in size and mtime (directories swapped through a temporary name,
-    /// two files written in one clock tick) and still hold the other
-    /// file's content: its metadata cannot vouch for it.
-    pub fn copied_from_another(&self, now: &Meta) -> bool {
-        self.kind == Kind::File
-            && now.kind == Kind::File
-            && self.dev == now.dev
-            && self.ino != now.ino
-    }
-
     /// This entry as an index entry that vouches for nothing: the index
     /// still accounts for it (a compare finds the target's entry extra
     /// when the source loses it), but it equals no metadata a source

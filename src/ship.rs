@@ -1319,7 +1319,7 @@ impl Shipper {
         // Subtrees to compare (new or moved-in directories, rescans). One
         // the target had already is compared with the index as committed,
         // so what this round applied must be in it: a copy not yet there
-        // would look unvouched and be made again (`Meta::unvouched`).
+        // would not be vouched for and be made again (`target::Vouch`).
         if scans.iter().any(|(_, _, created)| !created) {
             self.flush_wait()?;
         }
@@ -1862,7 +1862,7 @@ impl Shipper {
     /// one commit an earlier round's put of a file copied into a directory
     /// the renames then moved landed at the directory's old path, and the
     /// index vouched there for the copy of another file (the swap storm's
-    /// divergence that outlived the fix of `Shipper::unvouched`).
+    /// divergence that outlived the first fix of the look-alike check).
     fn accumulate(&mut self, c: Completion, wrote: bool) -> Result<(), JournalError> {
         if !c.index_remove_tree.is_empty()
             || !c.index_remove.is_empty()

@@ -558,7 +558,10 @@ impl Compare<'_> {
                 }
                 continue;
             }
-            if ix.is_some_and(|m| m.copied_from_another(&c.meta)) {
+            let live = flag & flags::LIVE != 0
+                || self.distrust.iter().any(|d| paths::is_within(&c.rel, d));
+            let vouch = Vouch::of(ix.as_ref(), live);
+            if matches!(vouch, Vouch::Copy { .. }) && !vouch.lets_stand(&c.meta) {
                 // The index says the target's file here was copied from
                 // another source file. Its size and mtime may still match
                 // (directories swapped through a temporary name, two files
@@ -584,9 +587,6 @@ impl Compare<'_> {
             // held apart from another name: its apply links them (see
             // `crate::links::Mirrored`).
             let split = linked && equal && !self.target.note_mirrored(&c.rel, &c.meta);
-            let live = flag & flags::LIVE != 0
-                || self.distrust.iter().any(|d| paths::is_within(&c.rel, d));
-            let vouch = Vouch::of(ix.as_ref(), live);
             if equal && !vouch.lets_stand(&c.meta) {
                 todo.push((c.rel.clone(), flag | flags::CONTENT));
             } else if equal && (split || !self.same_xattrs(&c.rel, tdir, name)) {
