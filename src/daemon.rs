@@ -578,6 +578,7 @@ fn open_targets(
                 t.name
             );
         }
+        journal.distrust_renamed(id)?;
         // A remote target connects on first use: one that is down at start
         // must not keep the daemon (and capture) from starting.
         let target = match &t.remote {
@@ -829,9 +830,9 @@ impl StartupScan {
             "{{spinner}} startup scan of {}: {{pos}} entries compared ({{per_sec}})",
             self.name
         ));
-        let distrust = self.journal.distrusted(self.id)?;
         let cmp = Compare {
-            distrust: &distrust,
+            // The journal's distrust applies (see `journal::trust`).
+            distrust: &[],
             source: &self.source,
             target: &self.target,
             journal: &self.journal,
@@ -1018,7 +1019,6 @@ impl StartupScan {
             j.set_scan_deleted_extras(id, self.policy.at_startup)?;
         }
         j.recon_done_clear(id)?;
-        j.distrust_clear(id)?;
         // A whole walk: the next one's 100%.
         if self.stats.resumed.load(Ordering::Relaxed) == 0 {
             j.set_scan_entries(id, self.stats.scanned.load(Ordering::Relaxed))?;

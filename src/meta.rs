@@ -240,6 +240,24 @@ impl Meta {
     }
 }
 
+/// A one-byte regular file `ino` on device `dev` (unit tests).
+#[cfg(test)]
+pub fn test_file(dev: u64, ino: u64) -> Meta {
+    Meta {
+        kind: Kind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        size: 1,
+        mtime_ns: 1,
+        ctime_ns: 1,
+        ino,
+        dev,
+        rdev: 0,
+        nlink: 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use crate::filter::Filter;
 use crate::fsops::Root;
 use crate::journal::{flags, Completion, Journal, JournalError, Pending, TargetId};
-use crate::meta::Kind;
+use crate::meta::{Kind, Meta};
 use crate::paths;
 use crate::scan;
 use crate::sync::{Compare, ScanStats};
@@ -604,6 +604,30 @@ impl BulkDir {
     }
 }
 
+/// The paths a round removed from the target.
+fn removed_in<'b>(results: &[Applying<'b>]) -> Vec<&'b [u8]> {
+    results
+        .iter()
+        .filter(|(_, _, r)| matches!(r, Ok(Outcome::Deleted)))
+        .map(|(p, _, _)| p.as_slice())
+        .collect()
+}
+
+/// Whether what the apply of `p` wrote or found may be gone: an ancestor
+/// was removed in the same round, its entry applied beside `p`'s (groups of
+/// siblings run in parallel), maybe after it. Committed, the index named
+/// files the target had lost with the directory (the crash storm test:
+/// `tmpx` deleted while the source lacked it, its files copied while the
+/// source had it again).
+fn overtaken(p: &[u8], r: &Result<Outcome, ApplyError>, removed: &[&[u8]]) -> bool {
+    matches!(
+        r,
+        Ok(Outcome::Copied { .. } | Outcome::Unchanged { .. } | Outcome::Dir { .. })
+    ) && removed
+        .iter()
+        .any(|d| d.len() < p.len() && paths::is_within(p, d))
+}
+
 /// What [`Shipper::bulk_file`] found of one file.
 #[derive(Default)]
 struct BulkFile {
@@ -692,6 +716,9 @@ impl Shipper {
             }
             if r.drained {
                 self.compact()?;
+                if scan_was_done && self.retry.is_empty() {
+                    self.trust_again()?;
+                }
             }
             if r.worked {
                 continue;
@@ -711,6 +738,18 @@ impl Shipper {
                 }
                 while self.wake.try_recv().is_ok() {}
             }
+        }
+        Ok(())
+    }
+
+    /// Once the startup scan compared everything and its entries are
+    /// applied, look-alikes in subtrees a crash left distrusted (see
+    /// `journal::trust`, rule 2) were all compared by content or copied:
+    /// the distrust ends.
+    fn trust_again(&mut self) -> Result<(), JournalError> {
+        if !self.journal.trust(self.t)?.trusts_all() {
+            tracing::info!(target = %self.name, "subtrees a crash left in doubt are compared and in sync");
+            self.journal.distrust_clear(self.t)?;
         }
         Ok(())
     }
@@ -960,11 +999,18 @@ impl Shipper {
     /// still account for all the target holds, or a compare that finds
     /// deletions in it misses the directory once the source loses it (the
     /// churn test's `(extra)` divergences, with a first version of this).
-    fn restamp(&self, touched: &BTreeSet<Vec<u8>>, c: &mut Completion, wrote: &mut bool) {
+    /// Unless the round removed it from the target: restamped or put back,
+    /// the index named a directory the target no longer held (the crash
+    /// storm test: `tmpx`, deleted with the round's entry while the source
+    /// still had it, came back as the round's last write).
+    fn restamp(&mut self, touched: &BTreeSet<Vec<u8>>, c: &mut Completion, wrote: &mut bool) {
         let mut dirs: Vec<(Vec<u8>, crate::meta::Meta)> = Vec::new();
         let mut unstamped = Vec::new();
         for d in touched.iter().rev() {
-            if self.filter.excluded(d, true) {
+            // Removed by this round: a copy beside it may have made it again
+            // (its entry is applied again, see `overtaken`), but this round
+            // vouches for nothing there.
+            if self.filter.excluded(d, true) || c.removes(d) {
                 continue;
             }
             match self.source.lstat(d) {
@@ -990,7 +1036,10 @@ impl Shipper {
             let own = c.index_put.iter().rev().find(|(p, _)| *p == d);
             let known = match own {
                 Some(&(_, m)) => Some(m),
-                None => self.journal.index_get(self.t, &d).ok().flatten(),
+                None => {
+                    let stored = self.journal.index_get(self.t, &d).ok().flatten();
+                    self.inflight.held(&[d.as_slice()], vec![stored])[0]
+                }
             };
             c.index_put.retain(|(p, _)| *p != d);
             if let Some(m) = known {
@@ -1053,7 +1102,12 @@ impl Shipper {
             .flat_map(|r| [r.from.as_slice(), r.to.as_slice()])
             .collect();
         self.journal.doubt_put(self.t, &sides, round)?;
+        // From here until their index moves are committed, a startup scan's
+        // claims are not written (see `journal::trust`, rule 1).
+        let trust = self.journal.trust(self.t)?;
+        let _under_way = (!renames.is_empty()).then(|| trust.renames_begin());
         for r in &renames {
+            self.journal.distrust_carry(self.t, &r.from, &r.to)?;
             let applied = self.target.rename(&r.from, &r.to);
             tracing::trace!(target = %self.name, from = %paths::display(&r.from), to = %paths::display(&r.to), seq = r.seq, outcome = ?applied, "rename");
             match applied {
@@ -1150,8 +1204,14 @@ impl Shipper {
         let mut applied = Applied::default();
         let mut target_errors = 0u64;
         let mut live_files = Vec::new();
+        let removed = removed_in(&results);
         for (p, v, r) in results {
             tracing::trace!(target = %self.name, path = %paths::display(p), flags = v.flags, seq = v.seq, outcome = ?r, "applied");
+            if overtaken(p, &r, &removed) {
+                // Stays pending: applied again by a later round.
+                tracing::debug!(target = %self.name, path = %paths::display(p), "applied while an ancestor was removed: again");
+                continue;
+            }
             if matches!(r, Err(ApplyError::TargetWrite { .. })) {
                 target_errors += 1;
             }
@@ -1358,22 +1418,13 @@ impl Shipper {
         round: u64,
     ) -> Result<Applied3<'b>, JournalError> {
         let keys: Vec<&[u8]> = todo.iter().map(|(p, _)| p.as_slice()).collect();
-        let stored = self.journal.index_get_many(self.t, &keys)?;
-        let held = self.inflight.held(&keys, stored);
-        let mut holds_dir: HashSet<&[u8]> = HashSet::new();
-        let mut vouch = Vec::with_capacity(todo.len());
-        for ((p, v), m) in todo.iter().zip(held) {
-            if m.is_some_and(|m| m.kind == Kind::Dir) {
-                holds_dir.insert(p.as_slice());
-            }
-            // Asked when the entry is applied, not when it was enqueued:
-            // renames applied on the target in between (the index moves
-            // with them) may have put the copy of another file there (what
-            // the swap test found: a compare enqueued `q/id` into a
-            // directory new on the target, the next round's renames moved
-            // `p`'s copy there, and the apply found it unchanged).
-            vouch.push(Vouch::of(m.as_ref(), v.flags & flags::LIVE != 0));
-        }
+        let (held, vouch) = self.vouches(&keys, |i| todo[i].1.flags & flags::LIVE != 0)?;
+        let holds_dir: HashSet<&[u8]> = todo
+            .iter()
+            .zip(held)
+            .filter(|(_, m)| m.is_some_and(|m| m.kind == Kind::Dir))
+            .map(|((p, _), _)| p.as_slice())
+            .collect();
         let mut results = self.apply_groups(todo, &holds_dir, &vouch);
         // `results` is in `todo`'s order.
         let need: Vec<usize> = (0..results.len())
@@ -1401,6 +1452,35 @@ impl Shipper {
             results[i].2 = r;
         }
         Ok((results, holds_dir, doubted.into_iter().collect()))
+    }
+
+    /// What the index holds at each of `keys` (its claims in flight
+    /// included) and what vouches for a look-alike there (see
+    /// [`Vouch`]): `live(i)` for an entry seen changing live (or compared
+    /// by content), and in a distrusted subtree (see `journal::trust`,
+    /// rule 2) no look-alike stands.
+    ///
+    /// Asked when an entry is applied, not when it was enqueued: renames
+    /// applied on the target in between (the index moves with them) may
+    /// have put the copy of another file there (what the swap test found:
+    /// a compare enqueued `q/id` into a directory new on the target, the
+    /// next round's renames moved `p`'s copy there, and the apply found it
+    /// unchanged).
+    #[allow(clippy::type_complexity)]
+    fn vouches(
+        &mut self,
+        keys: &[&[u8]],
+        live: impl Fn(usize) -> bool,
+    ) -> Result<(Vec<Option<Meta>>, Vec<Vouch>), JournalError> {
+        let stored = self.journal.index_get_many(self.t, keys)?;
+        let held = self.inflight.held(keys, stored);
+        let trust = self.journal.trust(self.t)?;
+        let vouch = held
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Vouch::of(m.as_ref(), live(i) || trust.distrusts(keys[i])))
+            .collect();
+        Ok((held, vouch))
     }
 
     /// Applies `todo` in runs of entries with the same parent (the batch is
@@ -1543,15 +1623,17 @@ impl Shipper {
                 n += t.1.len();
                 wave.push(t);
             }
+            let vouch = self.bulk_vouches(&dirs, &wave)?;
             let apply = || -> Vec<Vec<Result<Outcome, ApplyError>>> {
                 wave.par_iter()
-                    .map(|(i, rels)| {
+                    .zip(&vouch)
+                    .map(|((i, rels), vouch)| {
                         let d = &dirs[*i];
                         let f = d.origin() | if d.created { flags::ABSENT } else { 0 };
                         let entries: Vec<(&[u8], u8)> =
                             rels.iter().map(|(r, lf)| (r.as_slice(), f | lf)).collect();
                         self.target
-                            .apply_group(&self.source, &d.path, &entries, &[], self.policy)
+                            .apply_group(&self.source, &d.path, &entries, vouch, self.policy)
                     })
                     .collect()
             };
@@ -1591,6 +1673,31 @@ impl Shipper {
             }
         }
         Ok(target_errors)
+    }
+
+    /// What vouches for a look-alike in each task of `wave` (see
+    /// [`Shipper::vouches`]). In a directory the apply created, nothing
+    /// can be there (metadata, unasked); in one the target had, a
+    /// look-alike may have come with a rename (the crash storm test: a
+    /// startup compare found `q1` missing on the target, renames replayed
+    /// after the crash put `p1`'s copy there, and the directory's BULK
+    /// apply found its files unchanged).
+    fn bulk_vouches(
+        &mut self,
+        dirs: &[BulkDir],
+        wave: &[BulkTask],
+    ) -> Result<Vec<Vec<Vouch>>, JournalError> {
+        wave.iter()
+            .map(|(i, rels)| {
+                let d = &dirs[*i];
+                if d.created {
+                    return Ok(Vec::new());
+                }
+                let keys: Vec<&[u8]> = rels.iter().map(|(r, _)| r.as_slice()).collect();
+                let live = d.flags & (flags::LIVE | flags::CONTENT) != 0;
+                Ok(self.vouches(&keys, |_| live)?.1)
+            })
+            .collect()
     }
 
     /// Takes the outcome `r` of file `rel` of BULK directory `d` into `c`
@@ -2031,5 +2138,41 @@ mod tests {
         assert_eq!(f.journal.pending_count(t).unwrap(), 1);
         f.commit(&c, true, false, &ApplyBoot::Unknown).unwrap();
         assert_eq!(f.journal.pending_count(t).unwrap(), 0);
+    }
+
+    /// What a round applied under a directory it also removed is applied
+    /// again; what it applied beside or above it stands.
+    #[test]
+    fn an_apply_under_a_directory_the_round_removed_is_overtaken() {
+        let v = Pending {
+            seq: 1,
+            first_seen_ns: 0,
+            flags: 0,
+        };
+        let file = crate::meta::test_file(1, 1);
+        let paths: Vec<Vec<u8>> = ["tmp", "tmp/a", "tmpx/b", "q/c"]
+            .iter()
+            .map(|p| p.as_bytes().to_vec())
+            .collect();
+        let copied = || {
+            Ok(Outcome::Copied {
+                meta: file,
+                bytes: 1,
+            })
+        };
+        let results: Vec<Applying> = vec![
+            (&paths[0], &v, Ok(Outcome::Deleted)),
+            (&paths[1], &v, copied()),
+            (&paths[2], &v, copied()),
+            (&paths[3], &v, copied()),
+        ];
+        let removed = removed_in(&results);
+        assert_eq!(removed, vec![b"tmp".as_slice()]);
+        let again: Vec<bool> = results
+            .iter()
+            .map(|(p, _, r)| overtaken(p, r, &removed))
+            .collect();
+        assert_eq!(again, vec![false, true, false, false]);
+        assert!(!overtaken(b"tmp/a", &Ok(Outcome::Deleted), &removed));
     }
 }

@@ -195,7 +195,8 @@ pub struct Compare<'a> {
     pub absent_ok: bool,
     /// Subtrees where a target file alike in metadata does not stand for
     /// the source's without the index naming it (see
-    /// [`crate::target::Vouch`]; a live compare is so everywhere).
+    /// [`crate::target::Vouch`]; a live compare is so everywhere), besides
+    /// those the journal distrusts (see `journal::trust`).
     pub distrust: &'a [Vec<u8>],
 }
 
@@ -458,6 +459,12 @@ impl Compare<'_> {
         sh: &WalkShared,
     ) {
         let err = &sh.err;
+        let trust = match self.journal.trust(self.t) {
+            Ok(t) => t,
+            Err(e) => return Self::keep_first(err, e),
+        };
+        // Before the index is read (see `journal::trust`, rule 1).
+        let mut epoch = trust.epoch();
         // A BULK entry copies this directory's entries when it is applied:
         // the target lacked the directory when its parent was compared, and
         // nothing can be there that the apply would not find itself.
@@ -470,7 +477,11 @@ impl Compare<'_> {
             vec![None; children.len()]
         } else if deletions == Deletions::Index {
             let ix = match &sh.index {
-                Some(r) => r.children(self.t, dir),
+                Some(r) => r.children(self.t, dir).map(|(ix, e)| {
+                    // The reader's view may be older than this directory.
+                    epoch = e;
+                    ix
+                }),
                 None => self.journal.index_children(self.t, dir),
             };
             match ix {
@@ -559,7 +570,8 @@ impl Compare<'_> {
                 continue;
             }
             let live = flag & flags::LIVE != 0
-                || self.distrust.iter().any(|d| paths::is_within(&c.rel, d));
+                || self.distrust.iter().any(|d| paths::is_within(&c.rel, d))
+                || trust.distrusts(&c.rel);
             let vouch = Vouch::of(ix.as_ref(), live);
             if matches!(vouch, Vouch::Copy { .. }) && !vouch.lets_stand(&c.meta) {
                 // The index says the target's file here was copied from
@@ -670,6 +682,10 @@ impl Compare<'_> {
                 todo.push((rel, flag));
             }
         }
+        // The claims first: those a rename overtook join `todo`.
+        if let Err(e) = self.claim(&trust, epoch, &same, unheld, flag, &mut todo) {
+            Self::keep_first(err, e);
+        }
         self.stats
             .enqueued
             .fetch_add(todo.len() as u64, Ordering::Relaxed);
@@ -679,22 +695,46 @@ impl Compare<'_> {
         if let Err(e) = self.journal.enqueue(self.t, &todo) {
             Self::keep_first(err, e);
         }
-        if tracing::enabled!(tracing::Level::TRACE) {
-            for (p, m) in &same {
-                tracing::trace!(path = %paths::display(p), ino = m.ino, "index claim from a compare");
-            }
+    }
+
+    /// Writes in the index the look-alikes a compare found in place (`same`)
+    /// and forgets what it held below those of them it held as directories
+    /// (`unheld`): unless a target rename began since `epoch` (see
+    /// `journal::trust`, rule 1). If one did, they are added to `todo`: the
+    /// shipper applies them after its renames, and each apply says whether
+    /// the file is in place.
+    fn claim(
+        &self,
+        trust: &crate::journal::TargetTrust,
+        epoch: u64,
+        same: &[(Vec<u8>, Meta)],
+        unheld: Vec<Vec<u8>>,
+        flag: u8,
+        todo: &mut Vec<(Vec<u8>, u8)>,
+    ) -> Result<(), JournalError> {
+        if same.is_empty() {
+            return Ok(());
         }
         let forget = crate::journal::Completion {
             index_remove_tree: unheld,
             ..Default::default()
         };
-        if let Err(e) = self
-            .journal
-            .complete(self.t, &forget)
-            .and_then(|()| self.journal.index_put_many(self.t, &same))
-        {
-            Self::keep_first(err, e);
+        let claimed = trust.claim_if_unmoved(epoch, || {
+            self.journal.complete(self.t, &forget)?;
+            self.journal.index_put_many(self.t, same)
+        })?;
+        if !claimed {
+            tracing::debug!(
+                entries = same.len(),
+                "a target rename overtook a compare: its claims are applied instead"
+            );
+            todo.extend(same.iter().map(|(p, _)| (p.clone(), flag)));
+        } else if tracing::enabled!(tracing::Level::TRACE) {
+            for (p, m) in same {
+                tracing::trace!(path = %paths::display(p), ino = m.ino, "index claim from a compare");
+            }
         }
+        Ok(())
     }
 
     /// The source walk.

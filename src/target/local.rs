@@ -329,10 +329,8 @@ impl LocalTarget {
                 };
                 let name = paths::split(rel).1;
                 if f & flags::LISTED_FILE != 0 && !rel.is_empty() {
-                    if super::needs_doubt(f, v, Some(Kind::File)) {
-                        return Ok(Outcome::NeedsDoubt);
-                    }
-                    // `file_at` finds out by its own `fstat` (see the flag).
+                    // `file_at` finds out by its own `fstat` (see the flag),
+                    // and whether a doubt is needed.
                     return self.file_in(sd.as_fd(), &mut tdir, rel, f, v);
                 }
                 // The root (a rescan after a queue overflow) has no name
@@ -343,7 +341,7 @@ impl LocalTarget {
                     fsops::lstat_at(sd.as_fd(), name)
                 }
                 .map_err(|e| ApplyError::source_read(rel, e))?;
-                if super::needs_doubt(f, v, m.map(|m| m.kind)) {
+                if super::needs_doubt(f, v, m.as_ref()) {
                     return Ok(Outcome::NeedsDoubt);
                 }
                 match m {
@@ -1106,6 +1104,10 @@ impl LocalTarget {
             let before = Meta::from_stat(&st);
             if before.kind != Kind::File {
                 return Ok(Outcome::Vanished);
+            }
+            if super::needs_doubt(f, vouch, Some(&before)) {
+                // Replaced since the lstat that found no doubt needed.
+                return Ok(Outcome::NeedsDoubt);
             }
             let x = self.source_xattrs(Handle::Fd(src.as_fd()), rel)?;
             if self.keep.hard_links && before.nlink > 1 && claim.is_none() {

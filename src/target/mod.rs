@@ -353,14 +353,19 @@ impl Vouch {
 }
 
 /// [`Outcome::NeedsDoubt`] for an entry flagged [`flags::HOLDS_DIR`] whose
-/// source is not a directory (`None`: gone), and for one whose source is
-/// gone where the index names a copy (`vouch`): a crash after the target
-/// lost it, before the journal recorded that, left the index naming a
-/// file the target lacked, and a start found the source's file there again
-/// alike (moved back with its directory): in sync, never copied.
-pub fn needs_doubt(f: u8, vouch: Vouch, source: Option<Kind>) -> bool {
-    (f & flags::HOLDS_DIR != 0 && source != Some(Kind::Dir))
-        || (source.is_none() && matches!(vouch, Vouch::Copy { .. }))
+/// source is not a directory (`None`: gone), and for one where the index
+/// names a copy (`vouch`) that the apply is about to remove or replace
+/// with another file's: the index is committed after the target changed,
+/// and a crash in between left it naming a file the target had lost, or
+/// the other file's copy; a start then found the named source file there
+/// again, alike (moved back with its directory): in sync, never copied.
+/// (The crash storm test: an `id` file copied over in the crashed run
+/// from the other directory's file, the index still naming the old one.)
+/// `source`: the source's entry as the apply found it, `None` if gone.
+pub fn needs_doubt(f: u8, vouch: Vouch, source: Option<&Meta>) -> bool {
+    (f & flags::HOLDS_DIR != 0 && source.map(|m| m.kind) != Some(Kind::Dir))
+        || (matches!(vouch, Vouch::Copy { .. })
+            && source.is_none_or(|m| m.kind != Kind::File || !vouch.lets_stand(m)))
 }
 
 /// Why a path could not be applied. Each is logged, counted and retried.
@@ -421,21 +426,7 @@ impl ApplyError {
 mod tests {
     use super::*;
 
-    fn file(dev: u64, ino: u64) -> Meta {
-        Meta {
-            kind: Kind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            size: 1,
-            mtime_ns: 1,
-            ctime_ns: 1,
-            ino,
-            dev,
-            rdev: 0,
-            nlink: 1,
-        }
-    }
+    use crate::meta::test_file as file;
 
     #[test]
     fn a_look_alike_stands_only_for_the_copy_the_index_names() {
@@ -463,15 +454,25 @@ mod tests {
     }
 
     #[test]
-    fn a_removal_where_the_index_names_a_copy_is_doubted_first() {
+    fn a_removal_or_replacement_of_a_copy_the_index_names_is_doubted_first() {
         let copy = Vouch::of(Some(&file(1, 10)), true);
         assert!(needs_doubt(0, copy, None));
-        assert!(!needs_doubt(0, copy, Some(Kind::File)));
+        // The same source file, changed: copied over without a doubt.
+        assert!(!needs_doubt(0, copy, Some(&file(1, 10))));
+        // Another source file: the copy the index names is replaced.
+        assert!(needs_doubt(0, copy, Some(&file(1, 11))));
+        let dir = Meta {
+            kind: Kind::Dir,
+            ..file(1, 10)
+        };
+        assert!(needs_doubt(0, copy, Some(&dir)));
         assert!(!needs_doubt(0, Vouch::Nothing, None));
+        assert!(!needs_doubt(0, Vouch::Metadata, Some(&file(1, 11))));
         assert!(needs_doubt(
             flags::HOLDS_DIR,
             Vouch::Metadata,
-            Some(Kind::File)
+            Some(&file(1, 10))
         ));
+        assert!(!needs_doubt(flags::HOLDS_DIR, Vouch::Metadata, Some(&dir)));
     }
 }

@@ -1171,12 +1171,9 @@ impl RemoteTarget {
                 let v = vouch.get(i).copied().unwrap_or(super::Vouch::Metadata);
                 if let (Some(sd), true) = (&src_dir, f & flags::LISTED_FILE != 0 && !rel.is_empty())
                 {
-                    if super::needs_doubt(f, v, Some(Kind::File)) {
-                        plans.push(Plan::Now(Ok(Outcome::NeedsDoubt)));
-                        continue;
-                    }
-                    // `file` finds out by its own `fstat` (see the flag).
-                    let (sent, linking) = b.file(sd.as_fd(), rel, None, f & flags::ABSENT != 0)?;
+                    // `file` finds out by its own `fstat` (see the flag),
+                    // and whether a doubt is needed.
+                    let (sent, linking) = b.file(sd.as_fd(), rel, None, (f, v))?;
                     plans.push(match sent {
                         FileSent::Sent { slot, meta, bytes } => Plan::Sent {
                             slot,
@@ -1206,7 +1203,7 @@ impl RemoteTarget {
                         }
                     },
                 };
-                if super::needs_doubt(f, v, m.map(|m| m.kind)) {
+                if super::needs_doubt(f, v, m.as_ref()) {
                     plans.push(Plan::Now(Ok(Outcome::NeedsDoubt)));
                     continue;
                 }
@@ -1292,8 +1289,7 @@ impl RemoteTarget {
                         Kind::File => match src_dir.as_ref() {
                             None => Plan::Now(Ok(Outcome::Vanished)),
                             Some(sd) => {
-                                let (sent, linking) =
-                                    b.file(sd.as_fd(), rel, Some(&m), f & flags::ABSENT != 0)?;
+                                let (sent, linking) = b.file(sd.as_fd(), rel, Some(&m), (f, v))?;
                                 match sent {
                                     FileSent::Sent { slot, meta, bytes } => Plan::Sent {
                                         slot,
@@ -1542,10 +1538,10 @@ impl BatchSender<'_> {
         sd: std::os::fd::BorrowedFd<'_>,
         rel: &[u8],
         seen: Option<&Meta>,
-        absent: bool,
+        entry: (u8, super::Vouch),
     ) -> Result<(FileSent, Option<Linking>), ApplyError> {
         let mut linking = None;
-        let sent = self.file_inner(sd, rel, seen, absent, &mut linking)?;
+        let sent = self.file_inner(sd, rel, seen, entry, &mut linking)?;
         if let (FileSent::Sent { meta, .. }, Some(Linking { claim: Some(_), .. })) =
             (&sent, &linking)
         {
@@ -1621,10 +1617,11 @@ impl BatchSender<'_> {
         sd: std::os::fd::BorrowedFd<'_>,
         rel: &[u8],
         seen: Option<&Meta>,
-        absent: bool,
+        (f, vouch): (u8, super::Vouch),
         linking: &mut Option<Linking>,
     ) -> Result<FileSent, ApplyError> {
         let name = paths::split(rel).1;
+        let absent = f & flags::ABSENT != 0;
         for _attempt in 1..=COPY_TRIES {
             let src = match fsops::open_source_at(sd, name) {
                 Ok(fd) => fd,
@@ -1640,6 +1637,10 @@ impl BatchSender<'_> {
             let before = Meta::from_stat(&st);
             if before.kind != Kind::File {
                 return Ok(FileSent::Now(Ok(Outcome::Vanished)));
+            }
+            if super::needs_doubt(f, vouch, Some(&before)) {
+                // Replaced since the lstat that found no doubt needed.
+                return Ok(FileSent::Now(Ok(Outcome::NeedsDoubt)));
             }
             let xattrs = match self.t.source_xattrs(Handle::Fd(src.as_fd()), rel) {
                 Ok(x) => x,

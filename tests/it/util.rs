@@ -969,7 +969,7 @@ pub fn wait_converged_for(
 /// A copy of the run directory holding `src` (source, target, state and
 /// daemon logs), made before a failing test's unwinding removes it: a
 /// divergence seen once must be studied from what it left.
-fn keep_for_study(src: &Path) -> String {
+pub fn keep_for_study(src: &Path) -> String {
     let Some(root) = src.parent() else {
         return String::new();
     };

@@ -42,6 +42,9 @@ use rocksdb::{
 use crate::meta::{Kind, Meta};
 use crate::paths;
 
+mod trust;
+pub use trust::TargetTrust;
+
 /// Version of the on-disk layout. A journal written by another version is
 /// refused: guessing at its meaning could silently corrupt the mirror.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -310,6 +313,16 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// Whether it removes what the index holds at `p` (the entry, or a
+    /// subtree it lies in).
+    pub fn removes(&self, p: &[u8]) -> bool {
+        self.index_remove.iter().any(|r| r == p)
+            || self
+                .index_remove_tree
+                .iter()
+                .any(|r| paths::is_within(p, r))
+    }
+
     /// Appends `o` (applied after `self`).
     ///
     /// [`Journal::complete`] removes index entries before it puts any, which
@@ -371,6 +384,8 @@ pub struct Journal {
     /// Each target's oldest pending capture time, known without a walk:
     /// see [`Journal::oldest_pending_ns`].
     lag: Mutex<std::collections::HashMap<TargetId, LagClock>>,
+    /// Each target's rules for look-alikes (see [`trust`]), made on first use.
+    trust: Mutex<std::collections::HashMap<TargetId, std::sync::Arc<TargetTrust>>>,
 }
 
 /// What the journal knows of a target's oldest pending change between two
@@ -510,6 +525,9 @@ fn children_at(
     Ok(out)
 }
 
+/// A directory's entries in the index: names and metadata, in name order.
+pub type Children = Vec<(Vec<u8>, Meta)>;
+
 /// Iterators over the index, kept for reuse by a walk that reads the
 /// children of directory after directory (a reconciliation): making one
 /// (a view of every memtable and level, with their index blocks) cost as
@@ -523,10 +541,14 @@ fn children_at(
 /// make it enqueue a path again, never miss one.
 pub struct IndexReaders<'a> {
     journal: &'a Journal,
+    /// Iterators, when each was made or refreshed, and the target's rename
+    /// epoch read just before (see [`Journal::trust`]).
+    #[allow(clippy::type_complexity)]
     pool: Mutex<
         Vec<(
             rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
             std::time::Instant,
+            (TargetId, u64),
         )>,
     >,
 }
@@ -543,26 +565,33 @@ impl<'a> IndexReaders<'a> {
         }
     }
 
-    /// As [`Journal::index_children`].
-    pub fn children(&self, t: TargetId, dir: &[u8]) -> Result<Vec<(Vec<u8>, Meta)>> {
+    /// As [`Journal::index_children`], with the rename epoch of target `t`
+    /// as it was before the index was read (for
+    /// [`TargetTrust::claim_if_unmoved`]).
+    pub fn children(&self, t: TargetId, dir: &[u8]) -> Result<(Children, u64)> {
         let reuse = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let (mut it, made) = match reuse {
-            Some((mut it, made)) if made.elapsed() >= Self::FRESH => {
+        let (mut it, made, epoch) = match reuse {
+            Some((mut it, made, e)) if made.elapsed() >= Self::FRESH || e.0 != t => {
+                let e = self.journal.trust(t)?.epoch();
                 it.refresh()?;
-                (it, std::time::Instant::now())
+                (it, std::time::Instant::now(), (t, e))
             }
             Some(r) => r,
-            None => (
-                self.journal.db.raw_iterator_cf(self.journal.cf(CF_INDEX)?),
-                std::time::Instant::now(),
-            ),
+            None => {
+                let e = self.journal.trust(t)?.epoch();
+                (
+                    self.journal.db.raw_iterator_cf(self.journal.cf(CF_INDEX)?),
+                    std::time::Instant::now(),
+                    (t, e),
+                )
+            }
         };
         let r = children_at(&mut it, &children_prefix(t, dir));
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((it, made));
-        r
+            .push((it, made, epoch));
+        r.map(|c| (c, epoch.1))
     }
 }
 
@@ -705,6 +734,7 @@ impl Journal {
             }),
             churn: AtomicU64::new(0),
             lag: Mutex::default(),
+            trust: Mutex::default(),
         };
         j.check_schema()?;
         let seq = j.meta_u64(META_SEQ)?.unwrap_or(0);
@@ -910,20 +940,7 @@ impl Journal {
 
     /// The directories a reconciliation that was cut short had finished.
     pub fn recon_done_list(&self, t: TargetId) -> Result<std::collections::HashSet<Vec<u8>>> {
-        let p = Self::recon_prefix(t);
-        let mut out = std::collections::HashSet::new();
-        let it = self.db.iterator_cf(
-            self.cf(CF_META)?,
-            IteratorMode::From(&p, rocksdb::Direction::Forward),
-        );
-        for item in it {
-            let (k, _) = item?;
-            match k.strip_prefix(p.as_slice()) {
-                Some(d) => out.insert(d.to_vec()),
-                None => break,
-            };
-        }
-        Ok(out)
+        Ok(self.meta_paths(META_RECON_DONE, t)?.into_iter().collect())
     }
 
     /// Forgets a reconciliation's checkpoint (it finished, or a new one
@@ -1000,6 +1017,7 @@ impl Journal {
             b.put_cf(meta, [distrust.as_slice(), d].concat(), b"");
         }
         b.delete_range_cf(meta, &p, &end);
+        let trust = self.trust(t)?;
         // Without the index there, nothing would find what the target
         // holds there and the source does not: each subtree is compared
         // with the target's own listing (the startup scan's deletion
@@ -1012,15 +1030,81 @@ impl Journal {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let recorded = self.merge_pending(&mut b, t, &rescan)?;
         self.db.write(b)?;
+        for (d, _) in &rescan {
+            trust.add(d);
+        }
         if let Some(ns) = recorded {
             self.note_recorded(&[t], ns);
         }
         Ok(rescan.len())
     }
 
-    /// The subtrees of target `t` where metadata vouches for no copy (see
-    /// `META_DISTRUST`).
-    pub fn distrusted(&self, t: TargetId) -> Result<Vec<Vec<u8>>> {
+    /// Target `t`'s rules for look-alikes (see [`trust`]); its distrusted
+    /// subtrees are read from the journal on first use.
+    pub fn trust(&self, t: TargetId) -> Result<std::sync::Arc<TargetTrust>> {
+        let mut all = self.trust.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tr) = all.get(&t) {
+            return Ok(tr.clone());
+        }
+        let tr = std::sync::Arc::new(TargetTrust::with_distrust(
+            self.meta_paths(META_DISTRUST, t)?,
+        ));
+        all.insert(t, tr.clone());
+        Ok(tr)
+    }
+
+    /// At a start: distrusts both sides of every rename waiting for target
+    /// `t`. A copy the last run made but had not recorded (a crash) may
+    /// have landed where the source held that file before renames the
+    /// target had not applied yet; replayed now, they move it, unnamed by
+    /// the index, where the source holds another file alike (the crash
+    /// storm test: `p2/id*` holding `q2`'s content after a start that found
+    /// no doubt). Returns how many renames there were.
+    pub fn distrust_renamed(&self, t: TargetId) -> Result<usize> {
+        let renames = self.renames(t, usize::MAX)?;
+        let sides: Vec<&[u8]> = renames
+            .iter()
+            .flat_map(|r| [r.from.as_slice(), r.to.as_slice()])
+            .collect();
+        self.distrust_add(t, &sides)?;
+        Ok(renames.len())
+    }
+
+    /// Distrusts `paths` of target `t` (see [`trust`], rule 2), in the
+    /// journal first.
+    fn distrust_add(&self, t: TargetId, paths: &[&[u8]]) -> Result<()> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let trust = self.trust(t)?;
+        let cf = self.cf(CF_META)?;
+        let mut b = WriteBatch::default();
+        let p = tkey(META_DISTRUST, t);
+        for d in paths {
+            b.put_cf(cf, [p.as_slice(), d].concat(), b"");
+        }
+        self.db.write(b)?;
+        for d in paths {
+            trust.add(d);
+        }
+        Ok(())
+    }
+
+    /// Before the target applies a rename `from` → `to`: distrusts where it
+    /// carries a distrusted subtree (see [`TargetTrust::carried`]), in the
+    /// journal first.
+    pub fn distrust_carry(&self, t: TargetId, from: &[u8], to: &[u8]) -> Result<()> {
+        let carried = self.trust(t)?.carried(from, to);
+        for d in &carried {
+            tracing::debug!(target_id = t, path = %paths::display(d), "distrust carried by a rename");
+        }
+        let carried: Vec<&[u8]> = carried.iter().map(|d| d.as_slice()).collect();
+        self.distrust_add(t, &carried)
+    }
+
+    /// The subtrees of target `t` distrusted in the journal (tests).
+    #[cfg(test)]
+    fn distrusted(&self, t: TargetId) -> Result<Vec<Vec<u8>>> {
         self.meta_paths(META_DISTRUST, t)
     }
 
@@ -1042,17 +1126,19 @@ impl Journal {
         Ok(out)
     }
 
-    /// A startup scan compared everything: no subtree is distrusted now.
+    /// A startup scan compared everything and what it enqueued is applied:
+    /// no subtree is distrusted now.
     pub fn distrust_clear(&self, t: TargetId) -> Result<()> {
         let (p, end) = tkey_range(META_DISTRUST, t);
-        Ok(self
-            .db
-            .delete_range_cf(self.cf(CF_META)?, p.as_slice(), end.as_slice())?)
+        self.db
+            .delete_range_cf(self.cf(CF_META)?, p.as_slice(), end.as_slice())?;
+        self.trust(t)?.clear();
+        Ok(())
     }
 
-    /// The doubts of target `t` (tests).
-    #[cfg(test)]
-    fn doubts(&self, t: TargetId) -> Result<Vec<Vec<u8>>> {
+    /// The doubts of target `t` (tests, and a test's check of what the
+    /// index claims after a crash).
+    pub fn doubts(&self, t: TargetId) -> Result<Vec<Vec<u8>>> {
         self.meta_paths(META_DOUBT, t)
     }
 
@@ -1759,6 +1845,11 @@ impl Journal {
             }
         }
         let mut deletes = 0u64;
+        if tracing::enabled!(tracing::Level::TRACE) {
+            for (p, m) in c.index_put.iter().chain(&c.index_new) {
+                tracing::trace!(target_id = t, path = %paths::display(p), ino = m.ino, kind = ?m.kind, "index put");
+            }
+        }
         for (p, m) in &c.index_put {
             b.put_cf(index, key(t, p), m.encode());
             if m.kind == Kind::Dir {
@@ -2184,6 +2275,8 @@ mod tests {
         assert_eq!(rescan, vec![(b"a".to_vec(), f), (b"b".to_vec(), f)]);
         assert_eq!(j.distrusted(t).unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
         assert!(j.distrusted(u).unwrap().is_empty());
+        assert!(j.trust(t).unwrap().distrusts(b"a/x"));
+        assert!(!j.trust(u).unwrap().distrusts(b"a/x"));
         let left: Vec<Option<Meta>> = held
             .iter()
             .map(|(p, _)| j.index_get_many(t, &[p.as_slice()]).unwrap()[0])
@@ -2193,6 +2286,51 @@ mod tests {
         assert_eq!(j.resolve_doubts(t).unwrap(), 0);
         j.distrust_clear(t).unwrap();
         assert!(j.distrusted(t).unwrap().is_empty());
+        assert!(j.trust(t).unwrap().trusts_all());
+    }
+
+    /// Distrust a rename carried is in the journal before the rename is
+    /// applied: a crash then, and the next start still distrusts it.
+    #[test]
+    fn distrust_carried_by_a_rename_outlives_a_crash() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t = j.target_id("t").unwrap();
+        j.doubt_put(t, &[b"p"], 1).unwrap();
+        j.resolve_doubts(t).unwrap();
+        j.distrust_carry(t, b"p", b"tmpx").unwrap();
+        j.distrust_carry(t, b"q", b"p").unwrap();
+        assert!(j.trust(t).unwrap().distrusts(b"tmpx/id"));
+        drop(j);
+        let j = Journal::open(d.path()).unwrap();
+        let tr = j.trust(t).unwrap();
+        assert!(tr.distrusts(b"tmpx/id") && tr.distrusts(b"p") && !tr.distrusts(b"q"));
+        assert_eq!(
+            j.distrusted(t).unwrap(),
+            vec![b"p".to_vec(), b"tmpx".to_vec()]
+        );
+    }
+
+    /// A start distrusts where the renames still waiting will move things.
+    #[test]
+    fn a_start_distrusts_both_sides_of_the_renames_waiting() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path()).unwrap();
+        let t = j.target_id("t").unwrap();
+        let u = j.target_id("u").unwrap();
+        let rename = Change::Rename {
+            from: b"a/x".to_vec(),
+            to: b"b/y".to_vec(),
+        };
+        j.record(&[t], &[rename]).unwrap();
+        assert_eq!(j.distrust_renamed(t).unwrap(), 1);
+        let tr = j.trust(t).unwrap();
+        assert!(tr.distrusts(b"a/x/f") && tr.distrusts(b"b/y") && !tr.distrusts(b"a"));
+        assert!(j.trust(u).unwrap().trusts_all());
+        assert_eq!(
+            j.distrusted(t).unwrap(),
+            vec![b"a/x".to_vec(), b"b/y".to_vec()]
+        );
     }
 
     #[test]
@@ -2516,7 +2654,7 @@ mod tests {
         let readers = IndexReaders::new(&j);
         let names = |dir: &[u8]| -> Vec<String> {
             let got = j.index_children(t, dir).unwrap();
-            assert_eq!(readers.children(t, dir).unwrap(), got, "{dir:?}");
+            assert_eq!(readers.children(t, dir).unwrap().0, got, "{dir:?}");
             got.into_iter()
                 .map(|(n, _)| String::from_utf8(n).unwrap())
                 .collect()
@@ -2578,7 +2716,7 @@ mod tests {
             for dir in &order {
                 let want = j.index_children(t, dir.as_bytes()).unwrap();
                 assert_eq!(
-                    readers.children(t, dir.as_bytes()).unwrap(),
+                    readers.children(t, dir.as_bytes()).unwrap().0,
                     want,
                     "{dir:?} in {order:?}"
                 );
