@@ -163,7 +163,9 @@ fn link_differences(linked: &[Linked]) -> Vec<Vec<u8>> {
     out
 }
 
-/// Compares `src` and `dst`.
+/// Compares `src` and `dst`: the source walk finds what is missing or
+/// differs, the target walk what is extra; hard links are compared once
+/// both walks are through.
 pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyError> {
     let open = |p: &Path| {
         Root::open(p).map_err(|source| VerifyError::Root {
@@ -171,177 +173,236 @@ pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyEr
             source,
         })
     };
-    let s = open(src)?;
-    let d = open(dst)?;
-    let diffs = Mutex::new(Vec::new());
-    let entries = AtomicU64::new(1);
-    let linked = Mutex::new(Vec::<Linked>::new());
-    let errors = AtomicU64::new(0);
-    let hashed = AtomicU64::new(0);
-    let push = |path: &[u8], what: String| {
-        diffs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Difference {
-                path: path.to_vec(),
-                what,
-            })
+    let v = Verifier {
+        s: open(src)?,
+        d: open(dst)?,
+        opts,
+        diffs: Mutex::new(Vec::new()),
+        entries: AtomicU64::new(1),
+        linked: Mutex::new(Vec::new()),
+        errors: AtomicU64::new(0),
+        hashed: AtomicU64::new(0),
     };
-    match (s.lstat(b""), d.lstat(b"")) {
-        (Ok(Some(a)), Ok(Some(b))) => {
-            if let Some(w) = compare_meta(&a, &b, opts.owner) {
-                push(b"", format!("differs({w})"));
+    v.roots(src, dst)?;
+    scan::walk(
+        &v.s,
+        b"",
+        |dir, children| v.source_dir(dir, children),
+        |p, e| v.unreadable(p, e),
+    );
+    scan::walk(
+        &v.d,
+        b"",
+        |dir, children| v.target_dir(dir, children),
+        |p, e| {
+            v.errors.fetch_add(1, Ordering::Relaxed);
+            v.push(p, format!("unreadable-target({e})"));
+        },
+    );
+    Ok(v.report())
+}
+
+/// One comparison's state, shared by the walks' workers.
+struct Verifier<'o> {
+    s: Root,
+    d: Root,
+    opts: &'o Options,
+    diffs: Mutex<Vec<Difference>>,
+    /// Entries compared (the root included).
+    entries: AtomicU64,
+    linked: Mutex<Vec<Linked>>,
+    errors: AtomicU64,
+    /// Bytes checksummed (progress).
+    hashed: AtomicU64,
+}
+
+impl Verifier<'_> {
+    fn push(&self, path: &[u8], what: String) {
+        crate::locks::lock(&self.diffs).push(Difference {
+            path: path.to_vec(),
+            what,
+        })
+    }
+
+    fn unreadable(&self, p: &[u8], e: &io::Error) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.push(p, format!("unreadable({e})"));
+    }
+
+    /// The roots themselves: both must be there.
+    fn roots(&self, src: &Path, dst: &Path) -> Result<(), VerifyError> {
+        match (self.s.lstat(b""), self.d.lstat(b"")) {
+            (Ok(Some(a)), Ok(Some(b))) => {
+                if let Some(w) = compare_meta(&a, &b, self.opts.owner) {
+                    self.push(b"", format!("differs({w})"));
+                }
+                Ok(())
             }
-        }
-        (a, b) => {
-            return Err(VerifyError::Root {
+            (a, b) => Err(VerifyError::Root {
                 path: if a.is_err() { src } else { dst }.display().to_string(),
                 source: a
                     .err()
                     .or(b.err())
                     .unwrap_or_else(|| io::Error::other("not found")),
-            })
+            }),
         }
     }
-    let on_error = |p: &[u8], e: &io::Error| {
-        errors.fetch_add(1, Ordering::Relaxed);
-        push(p, format!("unreadable({e})"));
-    };
-    scan::walk(
-        &s,
-        b"",
-        |dir, children| {
-            let tdir = d.open_dir(dir, false).ok();
-            let sdir = s.open_dir(dir, false).ok();
-            let mut files = Vec::new();
-            for c in children.iter_mut() {
-                if !opts.keep.mirrors_kind(c.meta.kind)
-                    || opts.filter.excluded(&c.rel, c.meta.kind == Kind::Dir)
-                {
-                    c.descend = false;
-                    continue;
-                }
-                entries.fetch_add(1, Ordering::Relaxed);
-                let name = paths::split(&c.rel).1;
-                let t = tdir
-                    .as_ref()
-                    .and_then(|td| fsops::lstat_at(td.as_fd(), name).ok().flatten());
-                let Some(t) = t else {
-                    push(&c.rel, "missing".into());
-                    c.descend = false;
-                    continue;
-                };
-                if let Some(w) = compare_meta(&c.meta, &t, opts.owner) {
-                    push(&c.rel, format!("differs({w})"));
-                    if w == "type" {
-                        c.descend = false;
-                        continue;
-                    }
-                }
-                if let (Some(sd), Some(td)) = (&sdir, &tdir) {
-                    let (sd, td) = (sd.as_fd(), td.as_fd());
-                    match compare_xattrs(sd, td, name, opts.keep.namespaces()) {
-                        Ok(kinds) => {
-                            for k in kinds {
-                                push(&c.rel, format!("differs({k})"));
-                            }
-                        }
-                        Err(e) => on_error(&c.rel, &e),
-                    }
-                    if opts.keep.sparse
-                        && c.meta.kind == Kind::File
-                        && c.meta.size >= SPARSE_SLACK
-                        && lost_holes(sd, td, name).unwrap_or(false)
-                    {
-                        push(&c.rel, "differs(sparse)".into());
-                    }
-                }
-                if opts.keep.hard_links
-                    && c.meta.kind != Kind::Dir
-                    && t.kind == c.meta.kind
-                    && (c.meta.nlink > 1 || t.nlink > 1)
-                {
-                    crate::locks::lock(&linked).push((
-                        (c.meta.dev, c.meta.ino),
-                        (t.dev, t.ino),
-                        c.rel.clone(),
-                    ));
-                }
-                if c.meta.kind == Kind::Symlink {
-                    let a = s.read_link(&c.rel).ok();
-                    let b = tdir
-                        .as_ref()
-                        .and_then(|td| fsops::read_link_at(td.as_fd(), name).ok());
-                    if a != b {
-                        push(&c.rel, "differs(symlink)".into());
-                    }
-                }
-                if opts.checksum && c.meta.kind == Kind::File && c.meta.size == t.size {
-                    files.push((c.rel.clone(), c.meta.size));
-                }
+
+    /// A source directory's `children` against the target's.
+    fn source_dir(&self, dir: &[u8], children: &mut [scan::Child]) {
+        let tdir = self.d.open_dir(dir, false).ok();
+        let sdir = self.s.open_dir(dir, false).ok();
+        let mut files = Vec::new();
+        for c in children.iter_mut() {
+            let opts = self.opts;
+            if !opts.keep.mirrors_kind(c.meta.kind)
+                || opts.filter.excluded(&c.rel, c.meta.kind == Kind::Dir)
+            {
+                c.descend = false;
+                continue;
             }
-            files
-                .par_iter()
-                .for_each(|(rel, _)| match (hash_file(&s, rel), hash_file(&d, rel)) {
-                    (Ok(a), Ok(b)) if a == b => {}
-                    (Ok(_), Ok(_)) => push(rel, "differs(content)".into()),
-                    (Err(e), _) | (_, Err(e)) => on_error(rel, &e),
-                });
-            if let Some(pb) = &opts.progress {
-                let n: u64 = files.iter().map(|(_, size)| size).sum();
-                let total = hashed.fetch_add(n, Ordering::Relaxed) + n;
-                pb.inc(children.len() as u64);
-                if opts.checksum {
-                    pb.set_message(format!(", {} checksummed", crate::progress::bytes(total)));
-                }
+            self.entries.fetch_add(1, Ordering::Relaxed);
+            let name = paths::split(&c.rel).1;
+            let t = tdir
+                .as_ref()
+                .and_then(|td| fsops::lstat_at(td.as_fd(), name).ok().flatten());
+            let Some(t) = t else {
+                self.push(&c.rel, "missing".into());
+                c.descend = false;
+                continue;
+            };
+            if !self.entry(c, &t, sdir.as_ref(), tdir.as_ref()) {
+                c.descend = false;
+                continue;
             }
-        },
-        on_error,
-    );
-    scan::walk(
-        &d,
-        b"",
-        |dir, children| {
-            let sdir = s.open_dir(dir, false).ok();
-            for c in children.iter_mut() {
-                if opts.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
-                    c.descend = false;
-                    continue;
-                }
-                let name = paths::split(&c.rel).1;
-                let src = sdir
-                    .as_ref()
-                    .and_then(|sd| fsops::lstat_at(sd.as_fd(), name).ok().flatten());
-                match src {
-                    Some(m) if opts.keep.mirrors_kind(m.kind) => {
-                        if m.kind != c.meta.kind {
-                            c.descend = false;
-                        }
-                    }
-                    _ => {
-                        push(&c.rel, "extra".into());
-                        c.descend = false;
-                    }
-                }
+            if opts.checksum && c.meta.kind == Kind::File && c.meta.size == t.size {
+                files.push((c.rel.clone(), c.meta.size));
             }
-        },
-        |p, e| {
-            errors.fetch_add(1, Ordering::Relaxed);
-            push(p, format!("unreadable-target({e})"));
-        },
-    );
-    let linked = linked.into_inner().unwrap_or_else(|p| p.into_inner());
-    for rel in link_differences(&linked) {
-        push(&rel, "differs(hardlink)".into());
+        }
+        self.hash(&files);
+        if let Some(pb) = &self.opts.progress {
+            let n: u64 = files.iter().map(|(_, size)| size).sum();
+            let total = self.hashed.fetch_add(n, Ordering::Relaxed) + n;
+            pb.inc(children.len() as u64);
+            if self.opts.checksum {
+                pb.set_message(format!(", {} checksummed", crate::progress::bytes(total)));
+            }
+        }
     }
-    let mut differences = diffs.into_inner().unwrap_or_else(|p| p.into_inner());
-    differences.sort();
-    differences.dedup();
-    Ok(Report {
-        entries: entries.load(Ordering::Relaxed),
-        differences,
-        errors: errors.load(Ordering::Relaxed),
-    })
+
+    /// Source entry `c` against its target `t` (in directories `sdir`,
+    /// `tdir`), content aside; false when they differ in type (nothing
+    /// more to compare there).
+    fn entry(
+        &self,
+        c: &scan::Child,
+        t: &Meta,
+        sdir: Option<&std::os::fd::OwnedFd>,
+        tdir: Option<&std::os::fd::OwnedFd>,
+    ) -> bool {
+        let opts = self.opts;
+        let name = paths::split(&c.rel).1;
+        if let Some(w) = compare_meta(&c.meta, t, opts.owner) {
+            self.push(&c.rel, format!("differs({w})"));
+            if w == "type" {
+                return false;
+            }
+        }
+        if let (Some(sd), Some(td)) = (sdir, tdir) {
+            let (sd, td) = (sd.as_fd(), td.as_fd());
+            match compare_xattrs(sd, td, name, opts.keep.namespaces()) {
+                Ok(kinds) => kinds
+                    .into_iter()
+                    .for_each(|k| self.push(&c.rel, format!("differs({k})"))),
+                Err(e) => self.unreadable(&c.rel, &e),
+            }
+            if opts.keep.sparse
+                && c.meta.kind == Kind::File
+                && c.meta.size >= SPARSE_SLACK
+                && lost_holes(sd, td, name).unwrap_or(false)
+            {
+                self.push(&c.rel, "differs(sparse)".into());
+            }
+        }
+        if opts.keep.hard_links
+            && c.meta.kind != Kind::Dir
+            && t.kind == c.meta.kind
+            && (c.meta.nlink > 1 || t.nlink > 1)
+        {
+            crate::locks::lock(&self.linked).push((
+                (c.meta.dev, c.meta.ino),
+                (t.dev, t.ino),
+                c.rel.clone(),
+            ));
+        }
+        if c.meta.kind == Kind::Symlink {
+            let a = self.s.read_link(&c.rel).ok();
+            let b = tdir.and_then(|td| fsops::read_link_at(td.as_fd(), name).ok());
+            if a != b {
+                self.push(&c.rel, "differs(symlink)".into());
+            }
+        }
+        true
+    }
+
+    /// Checksums `files` on both sides, in parallel.
+    fn hash(&self, files: &[(Vec<u8>, u64)]) {
+        files.par_iter().for_each(|(rel, _)| {
+            match (hash_file(&self.s, rel), hash_file(&self.d, rel)) {
+                (Ok(a), Ok(b)) if a == b => {}
+                (Ok(_), Ok(_)) => self.push(rel, "differs(content)".into()),
+                (Err(e), _) | (_, Err(e)) => self.unreadable(rel, &e),
+            }
+        });
+    }
+
+    /// A target directory's `children`: those the source lacks (or holds
+    /// as a kind not mirrored) are extra.
+    fn target_dir(&self, dir: &[u8], children: &mut [scan::Child]) {
+        let sdir = self.s.open_dir(dir, false).ok();
+        for c in children.iter_mut() {
+            if self.opts.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
+                c.descend = false;
+                continue;
+            }
+            let name = paths::split(&c.rel).1;
+            let src = sdir
+                .as_ref()
+                .and_then(|sd| fsops::lstat_at(sd.as_fd(), name).ok().flatten());
+            match src {
+                Some(m) if self.opts.keep.mirrors_kind(m.kind) => {
+                    if m.kind != c.meta.kind {
+                        c.descend = false;
+                    }
+                }
+                _ => {
+                    self.push(&c.rel, "extra".into());
+                    c.descend = false;
+                }
+            }
+        }
+    }
+
+    /// The differences, sorted, with those of hard-link structure.
+    fn report(self) -> Report {
+        let linked = self.linked.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut differences = self.diffs.into_inner().unwrap_or_else(|p| p.into_inner());
+        differences.extend(
+            link_differences(&linked)
+                .into_iter()
+                .map(|path| Difference {
+                    path,
+                    what: "differs(hardlink)".into(),
+                }),
+        );
+        differences.sort();
+        differences.dedup();
+        Report {
+            entries: self.entries.load(Ordering::Relaxed),
+            differences,
+            errors: self.errors.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Report {
