@@ -41,22 +41,8 @@ pub enum Command {
         /// TOML configuration file (see README "Configuration").
         #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "delay", "metrics", "watch", "scrub_interval", "log_format", "no_xattrs", "no_acls", "no_sparse", "no_special_files", "no_hard_links"])]
         config: Option<PathBuf>,
-        /// Directory to mirror.
-        #[arg(long)]
-        source: Option<PathBuf>,
-        /// Directory or ssh://[user@]host[:port]/path URL to mirror into
-        /// (repeatable).
-        #[arg(long)]
-        target: Vec<PathBuf>,
-        /// State directory holding the journal (default: see README).
-        #[arg(long)]
-        state: Option<PathBuf>,
-        /// Exclude pattern, gitignore syntax (repeatable).
-        #[arg(long)]
-        exclude: Vec<String>,
-        /// Delete mode: true, false, startup or running.
-        #[arg(long, value_parser = parse_delete)]
-        delete: Option<DeleteMode>,
+        #[command(flatten)]
+        quick: QuickArgs,
         /// Batching delay, e.g. 100ms.
         #[arg(long, value_parser = parse_delay)]
         delay: Option<Duration>,
@@ -72,8 +58,6 @@ pub enum Command {
         /// Log lines as `text` (default) or `json` (one object per line).
         #[arg(long, value_parser = parse_log_format)]
         log_format: Option<LogFormat>,
-        #[command(flatten)]
-        fidelity: FidelityArgs,
         /// Write to targets drmirror never wrote to even if they hold
         /// entries the source lacks, which the first start deletes (as the
         /// delete mode says): for a target seeded by rsync or mirrored by
@@ -133,6 +117,27 @@ pub enum Command {
         /// Prometheus endpoint of the receiver, e.g. 127.0.0.1:9732.
         #[arg(long)]
         metrics: Option<String>,
+    },
+    /// Show what a start would do, doing none of it: checks the config and
+    /// every target (reachable, writable, receiver version, token), then
+    /// reports what a first start would copy, make, update and delete.
+    /// Exit 0: a start would succeed; 1: it would wait for a target
+    /// (unreachable, not writable); 2: it would be refused (bad config, an
+    /// unusable local target, a wrong target).
+    Check {
+        /// TOML configuration file.
+        #[arg(long, short, conflicts_with_all = ["source", "target", "state", "exclude", "delete", "no_xattrs", "no_acls", "no_sparse", "no_special_files", "no_hard_links"])]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        quick: QuickArgs,
+        /// As `run --adopt-target`: the start would write to targets that
+        /// hold entries the source lacks.
+        #[arg(long)]
+        adopt_target: bool,
+        /// Print every path: `copy:`, `mkdir:`, `attrs:`, and `delete:` (or
+        /// `keep:` when the delete mode keeps them).
+        #[arg(long)]
+        list: bool,
     },
     /// Compare a source tree with its mirror; exit 1 listing differences.
     Verify {
@@ -285,6 +290,45 @@ pub fn config_page(version: &str) -> Vec<u8> {
 /// What a copy leaves out (everything is kept by default; the config's
 /// `xattrs`, `acls`, `sparse`, `special_files` and `hard_links` keys say
 /// the same).
+/// The quick form's settings `run` and `check` share (a config file
+/// conflicts with each).
+#[derive(Args, Debug, Default)]
+pub struct QuickArgs {
+    /// Directory to mirror.
+    #[arg(long)]
+    pub source: Option<PathBuf>,
+    /// Directory or ssh://[user@]host[:port]/path URL to mirror into
+    /// (repeatable).
+    #[arg(long)]
+    pub target: Vec<PathBuf>,
+    /// State directory holding the journal (default: see README).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Exclude pattern, gitignore syntax (repeatable).
+    #[arg(long)]
+    pub exclude: Vec<String>,
+    /// Delete mode: true, false, startup or running.
+    #[arg(long, value_parser = parse_delete)]
+    pub delete: Option<DeleteMode>,
+    #[command(flatten)]
+    pub fidelity: FidelityArgs,
+}
+
+impl QuickArgs {
+    /// The quick form these make (the command's own settings left unset).
+    pub fn form(self) -> crate::config::QuickForm {
+        crate::config::QuickForm {
+            source: self.source,
+            targets: self.target,
+            state_dir: self.state,
+            exclude: self.exclude,
+            delete: self.delete,
+            fidelity: self.fidelity.keys(),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone, Copy, Default)]
 pub struct FidelityArgs {
     /// Do not mirror extended attributes (user.*; trusted.* and security.*

@@ -31,6 +31,15 @@ impl DeleteMode {
     pub fn while_running(self) -> bool {
         matches!(self, DeleteMode::Always | DeleteMode::Running)
     }
+    /// As the configuration spells it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DeleteMode::Always => "true",
+            DeleteMode::Never => "false",
+            DeleteMode::Startup => "\"startup\"",
+            DeleteMode::Running => "\"running\"",
+        }
+    }
     pub fn parse(s: &str) -> Option<DeleteMode> {
         Some(match s {
             "true" => DeleteMode::Always,

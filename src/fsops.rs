@@ -573,6 +573,18 @@ pub fn remove_tree_at(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
     }
 }
 
+/// Whether this process may create entries in directory `dir`: its
+/// permissions for the effective user, and `EROFS` on a read-only mount.
+pub fn writable(dir: impl AsFd) -> io::Result<()> {
+    rustix::fs::accessat(
+        dir,
+        ".",
+        rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+        rustix::fs::AtFlags::EACCESS,
+    )?;
+    Ok(())
+}
+
 /// The names in an open directory (without `.` and `..`), from its start
 /// whatever was read from `dir` before.
 pub fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {

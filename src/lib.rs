@@ -17,7 +17,8 @@
 //! - [`sync`]: compare walks; [`ship`]: applying the backlog; [`target`]: writing the mirror;
 //!   [`durability`]: when a copy may be recorded before it is flushed.
 //! - [`protocol`]: frames on the wire; [`receive`]: the DR-side receiver.
-//! - [`verify`]: comparing two trees; [`config`], [`cli`], [`daemon`]: the front;
+//! - [`verify`]: comparing a tree with its mirror, local or remote; [`check`]: what a
+//!   start would do, doing none of it; [`config`], [`cli`], [`daemon`]: the front;
 //!   [`mounts`]: a target reachable through the source by a bind mount.
 //! - Beside the pipeline: [`supervise`] (no thread dies quietly), [`pulse`]
 //!   (the lag from the clock; the state directory and local targets still
@@ -29,6 +30,7 @@
 //!   [`progress`] (an initial sync's progress in entries and bytes).
 //! - [`failpoints`]: the test hooks, compiled only for the tests.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;

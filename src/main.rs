@@ -201,35 +201,22 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run {
             config,
-            source,
-            target,
-            state,
-            exclude,
-            delete,
+            quick,
             delay,
             metrics,
             watch,
             scrub_interval,
             log_format,
-            fidelity,
             adopt_target,
         } => {
-            let cfg = match config {
-                Some(f) => Config::load(&f),
-                None => Config::from_quick(QuickForm {
-                    source,
-                    targets: target,
-                    state_dir: state,
-                    exclude,
-                    delete,
-                    delay,
-                    metrics_listen: metrics,
-                    watch,
-                    scrub_interval,
-                    log_format,
-                    fidelity: fidelity.keys(),
-                }),
-            };
+            let cfg = load(config, || QuickForm {
+                delay,
+                metrics_listen: metrics,
+                watch,
+                scrub_interval,
+                log_format,
+                ..quick.form()
+            });
             let mut cfg = match cfg {
                 Ok(c) => c,
                 Err(e) => {
@@ -279,6 +266,15 @@ fn main() -> ExitCode {
             max_lag,
             warn_lag,
         } => status(state, config, source, json, (warn_lag, max_lag)),
+        Command::Check {
+            config,
+            quick,
+            adopt_target,
+            list,
+        } => {
+            let cfg = load(config, || quick.form());
+            check(cfg, adopt_target, list)
+        }
         Command::Completions { shell } => completions(shell),
         Command::Man { dir } => man(&dir),
         Command::Verify {
@@ -291,32 +287,96 @@ fn main() -> ExitCode {
             no_owner,
             fidelity,
         } => ExitCode::from(match (config, source, target) {
-            (Some(f), _, _) => verify_config(&f, name.as_deref(), checksum, !no_owner),
-            (None, Some(s), Some(t)) => verify(
-                &s,
-                &t,
-                checksum,
-                &exclude,
-                !no_owner,
-                fidelity.keys().keep(),
-            ),
+            (Some(f), _, _) => match Config::load(&f) {
+                Ok(cfg) => verify_config(
+                    &cfg,
+                    &f.display().to_string(),
+                    name.as_deref(),
+                    checksum,
+                    !no_owner,
+                ),
+                Err(e) => {
+                    eprintln!("drmirror: config error: {e}");
+                    2
+                }
+            },
+            (None, Some(s), Some(t))
+                if t.to_str().is_some_and(drmirror::target::remote::is_url) =>
+            {
+                // A remote target: its URL is read as `run` reads it.
+                let quick = QuickForm {
+                    source: Some(s),
+                    targets: vec![t],
+                    exclude,
+                    fidelity: fidelity.keys(),
+                    ..Default::default()
+                };
+                match Config::from_quick(quick) {
+                    Ok(cfg) => verify_config(&cfg, "the command line", None, checksum, !no_owner),
+                    Err(e) => {
+                        eprintln!("drmirror: config error: {e}");
+                        2
+                    }
+                }
+            }
+            (None, Some(s), Some(t)) => match drmirror::verify::Mirror::local(&t) {
+                Ok(m) => verify(
+                    &s,
+                    &m,
+                    checksum,
+                    &exclude,
+                    !no_owner,
+                    fidelity.keys().keep(),
+                ),
+                Err(e) => {
+                    eprintln!("drmirror: verify: {e}");
+                    2
+                }
+            },
             // clap requires both without --config.
             _ => 2,
         }),
     }
 }
 
-/// `drmirror verify --config FILE [--name NAME]`: each local target of the
-/// config (or the one named) against its source, under the config's
-/// excludes and fidelity keys. The worst exit code of them.
-fn verify_config(file: &std::path::Path, name: Option<&str>, checksum: bool, owner: bool) -> u8 {
-    let cfg = match Config::load(file) {
+/// The config file, or else the quick form `quick` makes.
+fn load(
+    file: Option<std::path::PathBuf>,
+    quick: impl FnOnce() -> QuickForm,
+) -> Result<Config, drmirror::config::ConfigError> {
+    match file {
+        Some(f) => Config::load(&f),
+        None => Config::from_quick(quick()),
+    }
+}
+
+/// `drmirror check`: see [`drmirror::check`].
+fn check(cfg: Result<Config, drmirror::config::ConfigError>, adopt: bool, list: bool) -> ExitCode {
+    let mut cfg = match cfg {
         Ok(c) => c,
         Err(e) => {
             eprintln!("drmirror: config error: {e}");
-            return 2;
+            return ExitCode::from(2);
         }
     };
+    for t in &mut cfg.targets {
+        t.adopt |= adopt;
+    }
+    let mut out = std::io::stdout().lock();
+    match drmirror::check::run(&cfg, list, &mut out) {
+        Ok(o) => ExitCode::from(o.exit_code()),
+        Err(e) => {
+            eprintln!("drmirror: check: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `drmirror verify --config FILE [--name NAME]`: each target of the
+/// config (or the one named) against its source, under the config's
+/// excludes and fidelity keys; a remote one through its receiver. The
+/// worst exit code of them.
+fn verify_config(cfg: &Config, from: &str, name: Option<&str>, checksum: bool, owner: bool) -> u8 {
     let picked: Vec<_> = cfg
         .targets
         .iter()
@@ -325,36 +385,38 @@ fn verify_config(file: &std::path::Path, name: Option<&str>, checksum: bool, own
     if picked.is_empty() {
         let names: Vec<&str> = cfg.targets.iter().map(|t| t.name.as_str()).collect();
         eprintln!(
-            "drmirror: verify: no target named {:?} in {} (its targets: {})",
+            "drmirror: verify: no target named {:?} in {from} (its targets: {})",
             name.unwrap_or_default(),
-            file.display(),
             names.join(", ")
         );
         return 2;
     }
     let mut worst = 0;
     for t in &picked {
-        if t.remote.is_some() {
-            eprintln!(
-                "drmirror: verify: target {}: a remote target cannot be verified from here; \
-                 on the DR host, run `drmirror verify --source A_COPY_OF_THE_SOURCE --target {}`",
-                t.name,
-                t.path.display()
-            );
-            worst = worst.max(2);
-            continue;
-        }
         if picked.len() > 1 {
             println!("target {} ({}):", t.name, t.path.display());
         }
-        let code = verify(
-            &cfg.source,
-            &t.path,
-            checksum,
-            &cfg.exclude,
-            owner,
-            cfg.keep,
-        );
+        let code = match &t.remote {
+            Some(spec) => {
+                let rt = drmirror::target::remote::RemoteTarget::new(&t.name, spec.clone(), owner)
+                    .keeping(cfg.keep);
+                if rt.ready().is_err() {
+                    let why = rt.unreachable_reason().unwrap_or_default();
+                    eprintln!("drmirror: verify: cannot reach {}: {why}", rt.describe());
+                    2
+                } else {
+                    let m = drmirror::verify::Mirror::Remote(&rt);
+                    verify(&cfg.source, &m, checksum, &cfg.exclude, owner, cfg.keep)
+                }
+            }
+            None => match drmirror::verify::Mirror::local(&t.path) {
+                Ok(m) => verify(&cfg.source, &m, checksum, &cfg.exclude, owner, cfg.keep),
+                Err(e) => {
+                    eprintln!("drmirror: verify: {e}");
+                    2
+                }
+            },
+        };
         worst = worst.max(code);
     }
     worst
@@ -363,7 +425,7 @@ fn verify_config(file: &std::path::Path, name: Option<&str>, checksum: bool, own
 /// `drmirror verify`: exit 0 equal, 1 different, 2 could not compare.
 fn verify(
     source: &std::path::Path,
-    target: &std::path::Path,
+    target: &drmirror::verify::Mirror<'_>,
     checksum: bool,
     exclude: &[String],
     owner: bool,

@@ -48,7 +48,9 @@ use crate::meta::Meta;
 ///    [`Op::Special`], [`Chunk::Hole`], `Meta::rdev`, [`Done::Partial`].
 /// 7: [`Op::Link`], hard links.
 /// 8: [`Request::Space`]: a file that did not fit waits for room.
-pub const VERSION: u32 = 8;
+/// 9: [`Request::Hash`] (`verify --checksum` of a remote target) and
+///    [`Request::Writable`] (`drmirror check`).
+pub const VERSION: u32 = 9;
 
 /// Largest payload accepted. Data chunks are at most [`CHUNK`] bytes, and
 /// listings are split well below this.
@@ -190,6 +192,21 @@ pub enum Request {
     Space {
         id: u64,
     },
+    /// The BLAKE3 hash of the receiver's copy of file `rel`, answered by
+    /// [`Reply::Hash`]: what `verify --checksum` compares, computed on the
+    /// DR host (by its workers, several files at once) so that a copy is
+    /// audited without sending its content back.
+    Hash {
+        id: u64,
+        #[serde(with = "serde_bytes")]
+        rel: Vec<u8>,
+    },
+    /// Whether the receiver may write beneath its root (permissions, a
+    /// read-only mount), answered by `Done`: what `drmirror check` asks
+    /// without writing anything.
+    Writable {
+        id: u64,
+    },
 }
 
 impl Request {
@@ -207,6 +224,8 @@ impl Request {
             Request::Data { .. } => "Data",
             Request::EndBatch { .. } => "EndBatch",
             Request::Space { .. } => "Space",
+            Request::Hash { .. } => "Hash",
+            Request::Writable { .. } => "Writable",
         }
     }
 }
@@ -408,7 +427,8 @@ pub enum Reply {
         blocks: Vec<[u8; 16]>,
     },
     /// Answer to `Rename` (`Ok(true)`: renamed; `Ok(false)`: `from` is not
-    /// there) and to `Sync` (`Ok(true)`).
+    /// there), to `Sync` and `Mark` (`Ok(true)`), and to `Writable`
+    /// (`Ok(true)`, or why not).
     Done {
         id: u64,
         result: Result<bool, String>,
@@ -429,6 +449,12 @@ pub enum Reply {
     Space {
         id: u64,
         free: u64,
+    },
+    /// Answer to `Hash`; `None` when the receiver holds no regular file
+    /// at the path.
+    Hash {
+        id: u64,
+        hash: Option<[u8; 32]>,
     },
 }
 

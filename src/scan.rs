@@ -162,6 +162,52 @@ pub fn read_children(root: &Root, dir: &[u8]) -> io::Result<Vec<Child>> {
     Ok(out)
 }
 
+/// The entries of directory `dir` as a listing carries them (what the
+/// receiver answers [`crate::protocol::Request::List`] with, and what
+/// `verify` compares a local mirror by): metadata, symlink texts, and
+/// extended attributes in namespaces `ns` (0: none; unreadable ones are
+/// left out, `xattrs: None`, so that the entry differs). `None`: no such
+/// directory. Names `skip` says so of are left out; it gets the
+/// directory's fd when it could be opened.
+pub fn entries(
+    root: &Root,
+    dir: &[u8],
+    ns: u8,
+    skip: impl Fn(Option<std::os::fd::BorrowedFd<'_>>, &[u8]) -> bool,
+) -> io::Result<Option<Vec<crate::protocol::Entry>>> {
+    let children = match read_children(root, dir) {
+        Ok(c) => c,
+        Err(e) if crate::fsops::is_missing(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let dfd = root.open_dir(dir, false).ok();
+    let d = dfd.as_ref().map(|d| d.as_fd());
+    let mut out = Vec::with_capacity(children.len());
+    for c in children {
+        let name = paths::split(&c.rel).1.to_vec();
+        if skip(d, &name) {
+            continue;
+        }
+        let link = match (c.meta.kind, d) {
+            (Kind::Symlink, Some(d)) => crate::fsops::read_link_at(d, &name).ok(),
+            _ => None,
+        };
+        let xattrs = match d {
+            Some(d) if ns != 0 => {
+                crate::fidelity::read(crate::fidelity::Handle::At(d, &name), ns).ok()
+            }
+            _ => None,
+        };
+        out.push(crate::protocol::Entry {
+            name,
+            meta: c.meta,
+            link,
+            xattrs,
+        });
+    }
+    Ok(Some(out))
+}
+
 /// The names in directory `dir` with their kinds, from the listing alone:
 /// `getdents` reports the type on the filesystems a mirror's source lives
 /// on, so this costs no `stat` per entry (one whose type it leaves unknown

@@ -8,6 +8,13 @@
 //! hard links (two source names share an inode exactly when their two
 //! target names do). What the options leave out of the mirror is left out
 //! of the comparison.
+//!
+//! One walk, of the source: each source directory is compared with the
+//! listing of its mirror ([`Mirror::list`]), which finds what is missing,
+//! differs or is extra there; the walk descends where both sides hold a
+//! directory. The mirror is a local directory or a receiver's root
+//! ([`Mirror::Remote`]): the same listing, over the wire, and checksums
+//! computed on the DR host.
 
 use std::collections::HashMap;
 use std::io;
@@ -23,7 +30,9 @@ use crate::filter::Filter;
 use crate::fsops::{self, Root};
 use crate::meta::{Kind, Meta};
 use crate::paths;
+use crate::protocol::Entry;
 use crate::scan;
+use crate::target::remote::RemoteTarget;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -52,6 +61,8 @@ pub struct Difference {
 #[derive(Debug, Default)]
 pub struct Report {
     pub entries: u64,
+    /// Of those, entries other than directories.
+    pub files: u64,
     pub differences: Vec<Difference>,
     /// Directories or files that could not be read (each also a difference).
     pub errors: u64,
@@ -85,17 +96,9 @@ fn compare_meta(s: &Meta, t: &Meta, owner: bool) -> Option<&'static str> {
     None
 }
 
-/// Whether entry `name` differs in its extended attributes (`xattr`) or
-/// ACLs (`acl`) between source directory `sd` and target directory `td`.
-fn compare_xattrs(
-    sd: std::os::fd::BorrowedFd<'_>,
-    td: std::os::fd::BorrowedFd<'_>,
-    name: &[u8],
-    ns: u8,
-) -> io::Result<Vec<&'static str>> {
-    let a = fidelity::read(Handle::At(sd, name), ns)?;
-    let b = fidelity::read(Handle::At(td, name), ns)?;
-    let mut out = Vec::new();
+/// What differs between the extended attributes `a` and `b` of one
+/// entry: `xattr` (attributes other than ACLs) and `acl`.
+fn xattr_differences(a: &fidelity::Xattrs, b: &fidelity::Xattrs) -> Vec<&'static str> {
     let is_acl = |n: &[u8]| n.starts_with(b"system.posix_acl_");
     let part = |x: &fidelity::Xattrs, acl: bool| -> Vec<fidelity::Xattr> {
         x.list
@@ -104,36 +107,96 @@ fn compare_xattrs(
             .cloned()
             .collect()
     };
-    if part(&a, false) != part(&b, false) {
+    let mut out = Vec::new();
+    if part(a, false) != part(b, false) {
         out.push("xattr");
     }
-    if part(&a, true) != part(&b, true) {
+    if part(a, true) != part(b, true) {
         out.push("acl");
     }
-    Ok(out)
+    out
 }
 
-/// Whether target file `name` allocates far more than its source (see
-/// [`SPARSE_SLACK`]).
-fn lost_holes(
-    sd: std::os::fd::BorrowedFd<'_>,
-    td: std::os::fd::BorrowedFd<'_>,
-    name: &[u8],
-) -> io::Result<bool> {
-    let blocks = |d| {
-        rustix::fs::statat(d, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
-            .map(|st| st.st_blocks as u64 * 512)
-    };
-    Ok(blocks(td)? > blocks(sd)? + SPARSE_SLACK)
-}
-
-fn hash_file(root: &Root, rel: &[u8]) -> io::Result<Option<blake3::Hash>> {
+fn hash_file(root: &Root, rel: &[u8]) -> io::Result<Option<[u8; 32]>> {
     let Some((f, _)) = root.open_file(rel)? else {
         return Ok(None);
     };
     let mut h = blake3::Hasher::new();
     h.update_reader(f)?;
-    Ok(Some(h.finalize()))
+    Ok(Some(*h.finalize().as_bytes()))
+}
+
+/// The mirror's side of a comparison.
+pub enum Mirror<'t> {
+    /// A local directory.
+    Local(Root),
+    /// A receiver's root, asked over the wire: listings with extended
+    /// attributes, and checksums computed on the DR host. What a listing
+    /// does not carry is not compared there: the allocation of sparse
+    /// files, and a target's hard links among names the source does not
+    /// link (link counts are not sent).
+    Remote(&'t RemoteTarget),
+}
+
+impl Mirror<'_> {
+    /// The local directory `path`.
+    pub fn local(path: &Path) -> Result<Mirror<'static>, VerifyError> {
+        Root::open(path)
+            .map(Mirror::Local)
+            .map_err(|source| VerifyError::Root {
+                path: path.display().to_string(),
+                source,
+            })
+    }
+
+    fn root_meta(&self) -> io::Result<Option<Meta>> {
+        match self {
+            Mirror::Local(r) => r.lstat(b""),
+            Mirror::Remote(t) => t.lstat(b""),
+        }
+    }
+
+    /// Directory `dir`'s entries, with attributes in namespaces `ns`.
+    fn list(&self, dir: &[u8], ns: u8) -> io::Result<Option<Vec<Entry>>> {
+        match self {
+            Mirror::Local(r) => scan::entries(r, dir, ns, |_, _| false),
+            Mirror::Remote(t) => t.list(dir, ns),
+        }
+    }
+
+    /// The BLAKE3 hash of file `rel`; `None` when there is none.
+    fn hash(&self, rel: &[u8]) -> io::Result<Option<[u8; 32]>> {
+        match self {
+            Mirror::Local(r) => hash_file(r, rel),
+            Mirror::Remote(t) => t.hash(rel),
+        }
+    }
+
+    /// Bytes allocated to `rel`, where known (see [`Mirror::Remote`]).
+    fn allocated(&self, rel: &[u8]) -> Option<u64> {
+        match self {
+            Mirror::Local(r) => allocated(r.open_dir(paths::split(rel).0, false).ok()?, rel),
+            Mirror::Remote(_) => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Mirror::Local(r) => r.path().display().to_string(),
+            Mirror::Remote(t) => t.describe(),
+        }
+    }
+}
+
+/// Bytes allocated to entry `rel` of directory `dir`.
+fn allocated(dir: impl AsFd, rel: &[u8]) -> Option<u64> {
+    rustix::fs::statat(
+        dir,
+        paths::split(rel).1,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .ok()
+    .map(|st| st.st_blocks as u64 * 512)
 }
 
 /// A file with more than one link on either side: its source and target
@@ -163,53 +226,43 @@ fn link_differences(linked: &[Linked]) -> Vec<Vec<u8>> {
     out
 }
 
-/// Compares `src` and `dst`: the source walk finds what is missing or
-/// differs, the target walk what is extra; hard links are compared once
-/// both walks are through.
-pub fn verify(src: &Path, dst: &Path, opts: &Options) -> Result<Report, VerifyError> {
-    let open = |p: &Path| {
-        Root::open(p).map_err(|source| VerifyError::Root {
-            path: p.display().to_string(),
-            source,
-        })
-    };
+/// Compares source `src` with its mirror `dst` (see the module doc).
+pub fn verify(src: &Path, dst: &Mirror<'_>, opts: &Options) -> Result<Report, VerifyError> {
+    let s = Root::open(src).map_err(|source| VerifyError::Root {
+        path: src.display().to_string(),
+        source,
+    })?;
     let v = Verifier {
-        s: open(src)?,
-        d: open(dst)?,
+        s,
+        d: dst,
         opts,
         diffs: Mutex::new(Vec::new()),
         entries: AtomicU64::new(1),
+        files: AtomicU64::new(0),
         linked: Mutex::new(Vec::new()),
         errors: AtomicU64::new(0),
         hashed: AtomicU64::new(0),
     };
-    v.roots(src, dst)?;
+    v.roots()?;
     scan::walk(
         &v.s,
         b"",
         |dir, children| v.source_dir(dir, children),
         |p, e| v.unreadable(p, e),
     );
-    scan::walk(
-        &v.d,
-        b"",
-        |dir, children| v.target_dir(dir, children),
-        |p, e| {
-            v.errors.fetch_add(1, Ordering::Relaxed);
-            v.push(p, format!("unreadable-target({e})"));
-        },
-    );
     Ok(v.report())
 }
 
-/// One comparison's state, shared by the walks' workers.
+/// One comparison's state, shared by the walk's workers.
 struct Verifier<'o> {
     s: Root,
-    d: Root,
+    d: &'o Mirror<'o>,
     opts: &'o Options,
     diffs: Mutex<Vec<Difference>>,
     /// Entries compared (the root included).
     entries: AtomicU64,
+    /// Of those, entries other than directories.
+    files: AtomicU64,
     linked: Mutex<Vec<Linked>>,
     errors: AtomicU64,
     /// Bytes checksummed (progress).
@@ -230,8 +283,8 @@ impl Verifier<'_> {
     }
 
     /// The roots themselves: both must be there.
-    fn roots(&self, src: &Path, dst: &Path) -> Result<(), VerifyError> {
-        match (self.s.lstat(b""), self.d.lstat(b"")) {
+    fn roots(&self) -> Result<(), VerifyError> {
+        match (self.s.lstat(b""), self.d.root_meta()) {
             (Ok(Some(a)), Ok(Some(b))) => {
                 if let Some(w) = compare_meta(&a, &b, self.opts.owner) {
                     self.push(b"", format!("differs({w})"));
@@ -239,7 +292,11 @@ impl Verifier<'_> {
                 Ok(())
             }
             (a, b) => Err(VerifyError::Root {
-                path: if a.is_err() { src } else { dst }.display().to_string(),
+                path: if a.is_err() {
+                    self.s.path().display().to_string()
+                } else {
+                    self.d.describe()
+                },
                 source: a
                     .err()
                     .or(b.err())
@@ -248,13 +305,24 @@ impl Verifier<'_> {
         }
     }
 
-    /// A source directory's `children` against the target's.
+    /// A source directory's `children` against the listing of its mirror:
+    /// what is missing, differs or is extra there.
     fn source_dir(&self, dir: &[u8], children: &mut [scan::Child]) {
-        let tdir = self.d.open_dir(dir, false).ok();
+        let opts = self.opts;
+        let listed = match self.d.list(dir, opts.keep.namespaces()) {
+            Ok(l) => l.unwrap_or_default(),
+            Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.push(dir, format!("unreadable-target({e})"));
+                children.iter_mut().for_each(|c| c.descend = false);
+                return;
+            }
+        };
+        let mut target: HashMap<&[u8], &Entry> =
+            listed.iter().map(|e| (e.name.as_slice(), e)).collect();
         let sdir = self.s.open_dir(dir, false).ok();
         let mut files = Vec::new();
         for c in children.iter_mut() {
-            let opts = self.opts;
             if !opts.keep.mirrors_kind(c.meta.kind)
                 || opts.filter.excluded(&c.rel, c.meta.kind == Kind::Dir)
             {
@@ -262,21 +330,27 @@ impl Verifier<'_> {
                 continue;
             }
             self.entries.fetch_add(1, Ordering::Relaxed);
-            let name = paths::split(&c.rel).1;
-            let t = tdir
-                .as_ref()
-                .and_then(|td| fsops::lstat_at(td.as_fd(), name).ok().flatten());
-            let Some(t) = t else {
+            if c.meta.kind != Kind::Dir {
+                self.files.fetch_add(1, Ordering::Relaxed);
+            }
+            let Some(t) = target.remove(paths::split(&c.rel).1) else {
                 self.push(&c.rel, "missing".into());
                 c.descend = false;
                 continue;
             };
-            if !self.entry(c, &t, sdir.as_ref(), tdir.as_ref()) {
+            if !self.entry(c, t, sdir.as_ref()) {
                 c.descend = false;
                 continue;
             }
-            if opts.checksum && c.meta.kind == Kind::File && c.meta.size == t.size {
+            if opts.checksum && c.meta.kind == Kind::File && c.meta.size == t.meta.size {
                 files.push((c.rel.clone(), c.meta.size));
+            }
+        }
+        // The source lacks these, or holds them as a kind not mirrored.
+        for t in target.values() {
+            let rel = paths::join(dir, &t.name);
+            if !opts.filter.excluded(&rel, t.meta.kind == Kind::Dir) {
+                self.push(&rel, "extra".into());
             }
         }
         self.hash(&files);
@@ -290,97 +364,81 @@ impl Verifier<'_> {
         }
     }
 
-    /// Source entry `c` against its target `t` (in directories `sdir`,
-    /// `tdir`), content aside; false when they differ in type (nothing
+    /// Source entry `c` against its mirror `t` (`sdir`: the source
+    /// directory), content aside; false when they differ in type (nothing
     /// more to compare there).
-    fn entry(
-        &self,
-        c: &scan::Child,
-        t: &Meta,
-        sdir: Option<&std::os::fd::OwnedFd>,
-        tdir: Option<&std::os::fd::OwnedFd>,
-    ) -> bool {
+    fn entry(&self, c: &scan::Child, t: &Entry, sdir: Option<&std::os::fd::OwnedFd>) -> bool {
         let opts = self.opts;
         let name = paths::split(&c.rel).1;
-        if let Some(w) = compare_meta(&c.meta, t, opts.owner) {
+        if let Some(w) = compare_meta(&c.meta, &t.meta, opts.owner) {
             self.push(&c.rel, format!("differs({w})"));
             if w == "type" {
                 return false;
             }
         }
-        if let (Some(sd), Some(td)) = (sdir, tdir) {
-            let (sd, td) = (sd.as_fd(), td.as_fd());
-            match compare_xattrs(sd, td, name, opts.keep.namespaces()) {
-                Ok(kinds) => kinds
-                    .into_iter()
-                    .for_each(|k| self.push(&c.rel, format!("differs({k})"))),
-                Err(e) => self.unreadable(&c.rel, &e),
-            }
+        if let Some(sd) = sdir.map(|d| d.as_fd()) {
+            self.attributes(c, t, sd);
             if opts.keep.sparse
                 && c.meta.kind == Kind::File
                 && c.meta.size >= SPARSE_SLACK
-                && lost_holes(sd, td, name).unwrap_or(false)
+                && allocated(sd, &c.rel)
+                    .zip(self.d.allocated(&c.rel))
+                    .is_some_and(|(s, t)| t > s + SPARSE_SLACK)
             {
                 self.push(&c.rel, "differs(sparse)".into());
             }
         }
         if opts.keep.hard_links
             && c.meta.kind != Kind::Dir
-            && t.kind == c.meta.kind
-            && (c.meta.nlink > 1 || t.nlink > 1)
+            && (c.meta.nlink > 1 || t.meta.nlink > 1)
         {
             crate::locks::lock(&self.linked).push((
                 (c.meta.dev, c.meta.ino),
-                (t.dev, t.ino),
+                (t.meta.dev, t.meta.ino),
                 c.rel.clone(),
             ));
         }
         if c.meta.kind == Kind::Symlink {
-            let a = self.s.read_link(&c.rel).ok();
-            let b = tdir.and_then(|td| fsops::read_link_at(td.as_fd(), name).ok());
-            if a != b {
+            let name_link = sdir.and_then(|sd| fsops::read_link_at(sd.as_fd(), name).ok());
+            if name_link != t.link {
                 self.push(&c.rel, "differs(symlink)".into());
             }
         }
         true
     }
 
+    /// Extended attributes and ACLs of source entry `c` (in directory `sd`)
+    /// against those listed with its mirror `t`.
+    fn attributes(&self, c: &scan::Child, t: &Entry, sd: std::os::fd::BorrowedFd<'_>) {
+        let ns = self.opts.keep.namespaces();
+        if ns == 0 {
+            return;
+        }
+        let name = paths::split(&c.rel).1;
+        let ours = match fidelity::read(Handle::At(sd, name), ns) {
+            Ok(x) => x,
+            Err(e) => return self.unreadable(&c.rel, &e),
+        };
+        match &t.xattrs {
+            Some(theirs) => xattr_differences(&ours, theirs)
+                .into_iter()
+                .for_each(|k| self.push(&c.rel, format!("differs({k})"))),
+            None => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.push(&c.rel, "unreadable-target(its extended attributes)".into());
+            }
+        }
+    }
+
     /// Checksums `files` on both sides, in parallel.
     fn hash(&self, files: &[(Vec<u8>, u64)]) {
-        files.par_iter().for_each(|(rel, _)| {
-            match (hash_file(&self.s, rel), hash_file(&self.d, rel)) {
+        files.par_iter().for_each(
+            |(rel, _)| match (hash_file(&self.s, rel), self.d.hash(rel)) {
                 (Ok(a), Ok(b)) if a == b => {}
                 (Ok(_), Ok(_)) => self.push(rel, "differs(content)".into()),
                 (Err(e), _) | (_, Err(e)) => self.unreadable(rel, &e),
-            }
-        });
-    }
-
-    /// A target directory's `children`: those the source lacks (or holds
-    /// as a kind not mirrored) are extra.
-    fn target_dir(&self, dir: &[u8], children: &mut [scan::Child]) {
-        let sdir = self.s.open_dir(dir, false).ok();
-        for c in children.iter_mut() {
-            if self.opts.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
-                c.descend = false;
-                continue;
-            }
-            let name = paths::split(&c.rel).1;
-            let src = sdir
-                .as_ref()
-                .and_then(|sd| fsops::lstat_at(sd.as_fd(), name).ok().flatten());
-            match src {
-                Some(m) if self.opts.keep.mirrors_kind(m.kind) => {
-                    if m.kind != c.meta.kind {
-                        c.descend = false;
-                    }
-                }
-                _ => {
-                    self.push(&c.rel, "extra".into());
-                    c.descend = false;
-                }
-            }
-        }
+            },
+        );
     }
 
     /// The differences, sorted, with those of hard-link structure.
@@ -399,6 +457,7 @@ impl Verifier<'_> {
         differences.dedup();
         Report {
             entries: self.entries.load(Ordering::Relaxed),
+            files: self.files.load(Ordering::Relaxed),
             differences,
             errors: self.errors.load(Ordering::Relaxed),
         }

@@ -602,6 +602,11 @@ impl Route {
                     self.next
                 }
             },
+            // Hashing reads whole files: on the workers, several at once.
+            Request::Hash { .. } => {
+                self.next = (self.next + 1) % workers;
+                self.next
+            }
             _ => return Ok(None),
         }))
     }
@@ -805,6 +810,13 @@ impl<'a> Session<'a> {
                 },
             }],
             Request::Signature { id, rel } => vec![self.signature(id, &rel)],
+            Request::Hash { id, rel } => vec![self.hash(id, &rel)],
+            Request::Writable { id } => vec![Reply::Done {
+                id,
+                result: crate::fsops::writable(self.target.dir_fd())
+                    .map(|()| true)
+                    .map_err(|e| format!("cannot write beneath the root: {e}")),
+            }],
             Request::Rename { id, from, to } => {
                 let result = checked(&from, false)
                     .and_then(|()| checked(&to, false))
@@ -874,9 +886,20 @@ impl<'a> Session<'a> {
         if let Err(error) = checked(dir, true) {
             return vec![Reply::Failed { id, error }];
         }
-        let children = match crate::scan::read_children(self.target.root(), dir) {
-            Ok(c) => c,
-            Err(e) if fsops::is_missing(&e) => {
+        // Temp files are leftovers of a connection that died mid-file: not
+        // listed, and removed once stale.
+        let skip = |d: Option<std::os::fd::BorrowedFd<'_>>, name: &[u8]| {
+            if !fsops::is_temp_name(name) {
+                return false;
+            }
+            if let Some(d) = d.filter(|_| fsops::is_stale_temp_name(name)) {
+                let _ = fsops::remove_tree_at(d, name);
+            }
+            true
+        };
+        let entries = match crate::scan::entries(self.target.root(), dir, ns, skip) {
+            Ok(Some(e)) => e,
+            Ok(None) => {
                 return vec![Reply::Listing {
                     id,
                     entries: None,
@@ -890,40 +913,6 @@ impl<'a> Session<'a> {
                 }]
             }
         };
-        let dfd = self.target.root().open_dir(dir, false).ok();
-        let mut entries = Vec::with_capacity(children.len());
-        for c in children {
-            let name = paths::split(&c.rel).1.to_vec();
-            if fsops::is_temp_name(&name) {
-                // Leftovers of a connection that died mid-file.
-                if fsops::is_stale_temp_name(&name) {
-                    if let Some(d) = &dfd {
-                        let _ = fsops::remove_tree_at(d.as_fd(), &name);
-                    }
-                }
-                continue;
-            }
-            let link = if c.meta.kind == Kind::Symlink {
-                dfd.as_ref()
-                    .and_then(|d| fsops::read_link_at(d.as_fd(), &name).ok())
-            } else {
-                None
-            };
-            // Unreadable attributes: listed without them (the entry then
-            // differs, and its apply says why).
-            let xattrs = match (&dfd, ns) {
-                (Some(d), ns) if ns != 0 => {
-                    crate::fidelity::read(crate::fidelity::Handle::At(d.as_fd(), &name), ns).ok()
-                }
-                _ => None,
-            };
-            entries.push(Entry {
-                name,
-                meta: c.meta,
-                link,
-                xattrs,
-            });
-        }
         let mut out = Vec::new();
         let mut it = entries.into_iter().peekable();
         loop {
@@ -945,6 +934,30 @@ impl<'a> Session<'a> {
             if !more {
                 return out;
             }
+        }
+    }
+
+    /// Answers [`Request::Hash`]: the BLAKE3 hash of the file at `rel`.
+    fn hash(&self, id: u64, rel: &[u8]) -> Reply {
+        if let Err(error) = checked(rel, false) {
+            return Reply::Failed { id, error };
+        }
+        let failed = |e: io::Error| Reply::Failed {
+            id,
+            error: format!("cannot read {}: {e}", paths::display(rel)),
+        };
+        let f = match self.target.root().open_file(rel) {
+            Ok(Some((f, m))) if m.kind == Kind::File => f,
+            Ok(_) => return Reply::Hash { id, hash: None },
+            Err(e) => return failed(e),
+        };
+        let mut h = blake3::Hasher::new();
+        match h.update_reader(f) {
+            Ok(_) => Reply::Hash {
+                id,
+                hash: Some(*h.finalize().as_bytes()),
+            },
+            Err(e) => failed(e),
         }
     }
 

@@ -239,6 +239,8 @@ struct Conn {
     child: Mutex<Option<Child>>,
     /// The receiving machine's boot id (`Welcome`), if it reported one.
     boot: Option<Vec<u8>>,
+    /// What its root showed of itself (`Welcome`).
+    root: super::identity::Seen,
 }
 
 /// Which boot of the receiving machine the connections served.
@@ -678,6 +680,7 @@ impl RemoteTarget {
             dead: AtomicBool::new(false),
             child: Mutex::new(child),
             boot,
+            root: root.clone(),
         });
         let weak = Arc::downgrade(&conn);
         let name = self.name.clone();
@@ -925,6 +928,42 @@ impl RemoteTarget {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
         res.map_err(io::Error::other)
+    }
+
+    /// What the receiver's root showed of itself when connecting (its
+    /// mark: whether drmirror wrote there before).
+    pub fn root_seen(&self) -> io::Result<super::identity::Seen> {
+        Ok(self.conn().map_err(io::Error::other)?.root.clone())
+    }
+
+    /// Whether the receiver may write beneath its root (`Err`: why not).
+    pub fn writable(&self) -> io::Result<()> {
+        match self
+            .query(|id| Request::Writable { id })
+            .map_err(io::Error::other)?
+        {
+            Reply::Done { result: Ok(_), .. } => Ok(()),
+            Reply::Done { result: Err(e), .. } | Reply::Failed { error: e, .. } => {
+                Err(io::Error::other(e))
+            }
+            other => Err(io::Error::other(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// The BLAKE3 hash of the target's file `rel`, computed by the
+    /// receiver; `None` when it holds no regular file there.
+    pub fn hash(&self, rel: &[u8]) -> io::Result<Option<[u8; 32]>> {
+        match self
+            .query(|id| Request::Hash {
+                id,
+                rel: rel.to_vec(),
+            })
+            .map_err(io::Error::other)?
+        {
+            Reply::Hash { hash, .. } => Ok(hash),
+            Reply::Failed { error, .. } => Err(io::Error::other(error)),
+            other => Err(io::Error::other(format!("unexpected reply {other:?}"))),
+        }
     }
 
     pub fn lstat(&self, rel: &[u8]) -> io::Result<Option<Meta>> {
@@ -1981,6 +2020,7 @@ fn reader_loop(mut r: Box<dyn Read + Send>, conn: std::sync::Weak<Conn>, name: S
             | Reply::Signature { id, .. }
             | Reply::Done { id, .. }
             | Reply::Space { id, .. }
+            | Reply::Hash { id, .. }
             | Reply::Failed { id, .. } => *id,
             Reply::Batch { batch, .. } => *batch,
             Reply::Fatal { reason } => {

@@ -415,3 +415,32 @@ path = {dst2}
     }
     d.terminate();
 }
+
+/// The README's example configuration (also the package's
+/// `examples/drmirror.toml`) is valid, once its paths are this machine's.
+#[test]
+fn readme_example_config_is_valid() {
+    let env = Env::new();
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let example: String = readme
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|r| r.split("\n```").next())
+        .expect("a ```toml block in the README")
+        .to_string();
+    let token = env.root.join("token");
+    write(&token, b"secret");
+    let toml = example
+        .replace("\"/data\"", &toml_str(&env.src))
+        .replace("\"/var/lib/drmirror/data\"", &toml_str(&env.state))
+        .replace("\"/mnt/dr/data\"", &toml_str(&env.dst))
+        .replace("\"/etc/drmirror/dr3.token\"", &toml_str(&token));
+    assert_ne!(
+        toml, example,
+        "the example's paths changed: update this test"
+    );
+    if let Err(e) = drmirror::config::Config::from_toml(&toml, "README example") {
+        panic!("the README's example config is invalid: {e}\n{toml}");
+    }
+}

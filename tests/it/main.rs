@@ -21,6 +21,7 @@ macro_rules! suite {
 }
 
 mod capture;
+mod check_cmd;
 mod churn;
 mod config;
 mod crash;

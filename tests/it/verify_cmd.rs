@@ -258,7 +258,7 @@ fn verify_unreadable_root_is_error() {
 /// `verify --config` compares each local target of a config with its
 /// source under the config's excludes and fidelity keys (issue 33: it used
 /// to ignore them); `--name` picks one target; an unknown name, and a
-/// remote target, say so and exit 2.
+/// remote target that cannot be reached, say so and exit 2.
 #[test]
 fn verify_with_a_config_uses_its_excludes_and_fidelity_keys() {
     let env = fixture();
@@ -303,7 +303,7 @@ fn verify_with_a_config_uses_its_excludes_and_fidelity_keys() {
     let o = run(&["--name", "three"]);
     assert_eq!(o.code, Some(2), "{}", o.describe());
     assert!(o.stderr.contains("no target named \"three\"") && o.stderr.contains("one, two"));
-    // A remote target cannot be verified from here: said, exit 2.
+    // A remote target that cannot be reached: said, exit 2.
     let token = env.root.join("token");
     write(&token, b"secret");
     let remote = env.write_config(&format!(
@@ -318,8 +318,110 @@ fn verify_with_a_config_uses_its_excludes_and_fidelity_keys() {
     );
     assert_eq!(o.code, Some(2), "{}", o.describe());
     assert!(
-        o.stderr.contains("target far: a remote target"),
+        o.stderr.contains("cannot reach tcp://127.0.0.1:9/srv/dr"),
         "{}",
         o.describe()
     );
+}
+
+/// The difference lines of a verify output (its summary left out).
+fn difference_lines(stdout: &str) -> Vec<String> {
+    let mut v: Vec<String> = stdout
+        .lines()
+        .filter(|l| !l.starts_with("verify: ") && !l.starts_with("target "))
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+/// `verify --config` of a remote target (issue 33): through the receiver,
+/// identical trees are reported identical, and each kind of difference
+/// local verify finds (missing, extra, size, mode, mtime, and content with
+/// `--checksum`, hashed on the DR side) is found the same.
+fn verify_remote(env: &Env, target_toml: &str) {
+    let cfg = env.write_config(&format!(
+        "source = {}\nstate_dir = {}\n\n{target_toml}",
+        toml_str(&env.src),
+        toml_str(&env.state),
+    ));
+    let run = |extra: &[&str]| {
+        let mut args: Vec<OsString> = vec!["verify".into(), "--config".into(), cfg.clone().into()];
+        args.extend(extra.iter().map(OsString::from));
+        drmirror(&args, secs(120))
+    };
+    for extra in [&[][..], &["--checksum"][..]] {
+        let o = run(extra);
+        assert_eq!(o.code, Some(0), "{extra:?}: {}", o.describe());
+        assert!(
+            o.stdout.contains("verify: trees are identical"),
+            "{}",
+            o.describe()
+        );
+    }
+    // One difference of each kind.
+    remove_file(&env.d("x"));
+    write(&env.d("dir/extra.txt"), b"extra");
+    copy_mtime(&env.src, &env.dst);
+    write(&env.d("a.txt"), b"alphabet");
+    copy_mtime(&env.s("a.txt"), &env.d("a.txt"));
+    chmod(&env.d("dir/b.txt"), 0o600);
+    set_mtime(&env.d("dir/c.bin"), 1_600_000_000, 7);
+    // Content alone: same size and mtime, one byte changed.
+    let victim = env.d("dir/c2.bin");
+    write(&env.s("dir/c2.bin"), &pattern(3000, 9));
+    let mut changed = pattern(3000, 9);
+    changed[100] ^= 0x55;
+    write(&victim, &changed);
+    copy_mtime(&env.s("dir/c2.bin"), &victim);
+    copy_mtime(&env.s("dir"), &env.d("dir"));
+    let local = env.verify_out(&["--checksum"]);
+    let remote = run(&["--checksum"]);
+    assert_eq!(remote.code, Some(1), "{}", remote.describe());
+    for (kind, path) in [
+        ("missing", "x"),
+        ("extra", "dir/extra.txt"),
+        ("size", "a.txt"),
+        ("mode", "dir/b.txt"),
+        ("mtime", "dir/c.bin"),
+        ("content", "dir/c2.bin"),
+    ] {
+        assert!(
+            has_diff(&remote.stdout, kind, path),
+            "remote verify: no `{kind}` line for {path}\n{}",
+            remote.describe()
+        );
+    }
+    assert_eq!(
+        difference_lines(&remote.stdout),
+        difference_lines(&local.stdout),
+        "remote and local verify disagree\nremote:\n{}\nlocal:\n{}",
+        remote.describe(),
+        local.describe()
+    );
+    // Without --checksum the content difference is not seen.
+    let o = run(&[]);
+    assert_eq!(o.code, Some(1), "{}", o.describe());
+    assert!(
+        !has_diff(&o.stdout, "content", "dir/c2.bin"),
+        "{}",
+        o.describe()
+    );
+}
+
+#[test]
+fn verify_a_tcp_target() {
+    let env = fixture();
+    let tcp = Tcp::new(&env);
+    let _r = tcp.receiver(&env, &[]);
+    verify_remote(&env, &tcp.target_toml(&env));
+}
+
+#[test]
+fn verify_an_ssh_target() {
+    let env = fixture();
+    let Some(sshd) = crate::remote::Sshd::start(&env.root) else {
+        return;
+    };
+    verify_remote(&env, &sshd.target_toml("dr", &env.dst, ""));
 }
