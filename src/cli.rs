@@ -140,33 +140,7 @@ pub enum Command {
         list: bool,
     },
     /// Compare a source tree with its mirror; exit 1 listing differences.
-    Verify {
-        /// Compare the local targets of this config with its source, under
-        /// its excludes and fidelity keys (instead of --source/--target).
-        #[arg(long, short, conflicts_with_all = ["source", "target", "exclude", "no_xattrs", "no_acls", "no_sparse", "no_special_files", "no_hard_links"])]
-        config: Option<PathBuf>,
-        /// With --config: only the target of this name.
-        #[arg(long, requires = "config")]
-        name: Option<String>,
-        /// The source tree.
-        #[arg(long, required_unless_present = "config")]
-        source: Option<PathBuf>,
-        /// Its mirror (a local directory).
-        #[arg(long, required_unless_present = "config")]
-        target: Option<PathBuf>,
-        /// Also compare file contents (BLAKE3, in parallel).
-        #[arg(long)]
-        checksum: bool,
-        /// Exclude pattern, gitignore syntax (repeatable).
-        #[arg(long)]
-        exclude: Vec<String>,
-        /// Do not compare owner and group (compared by default when root).
-        #[arg(long)]
-        no_owner: bool,
-        /// Leave out of the comparison what the mirror leaves out.
-        #[command(flatten)]
-        fidelity: FidelityArgs,
-    },
+    Verify(VerifyArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish,
     /// powershell), e.g. `drmirror completions bash >
     /// /usr/share/bash-completion/completions/drmirror`.
@@ -290,6 +264,38 @@ pub fn config_page(version: &str) -> Vec<u8> {
 /// What a copy leaves out (everything is kept by default; the config's
 /// `xattrs`, `acls`, `sparse`, `special_files` and `hard_links` keys say
 /// the same).
+/// `drmirror verify`'s arguments.
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Compare the targets of this config, local or remote, with its
+    /// source, under its excludes and fidelity keys (instead of
+    /// --source/--target).
+    #[arg(long, short, conflicts_with_all = ["source", "target", "exclude", "no_xattrs", "no_acls", "no_sparse", "no_special_files", "no_hard_links"])]
+    pub config: Option<PathBuf>,
+    /// With --config: only the target of this name.
+    #[arg(long, requires = "config")]
+    pub name: Option<String>,
+    /// The source tree.
+    #[arg(long, required_unless_present = "config")]
+    pub source: Option<PathBuf>,
+    /// Its mirror: a local directory, or an ssh:// URL.
+    #[arg(long, required_unless_present = "config")]
+    pub target: Option<PathBuf>,
+    /// Also compare file contents (BLAKE3, in parallel; a remote target's
+    /// on the DR host).
+    #[arg(long)]
+    pub checksum: bool,
+    /// Exclude pattern, gitignore syntax (repeatable).
+    #[arg(long)]
+    pub exclude: Vec<String>,
+    /// Do not compare owner and group (compared by default when root).
+    #[arg(long)]
+    pub no_owner: bool,
+    /// Leave out of the comparison what the mirror leaves out.
+    #[command(flatten)]
+    pub fidelity: FidelityArgs,
+}
+
 /// The quick form's settings `run` and `check` share (a config file
 /// conflicts with each).
 #[derive(Args, Debug, Default)]

@@ -594,162 +594,10 @@ pub fn default_state_dir(source: &Path) -> PathBuf {
 }
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
-    let source = raw
-        .source
-        .canonicalize()
-        .map_err(|e| field("source", format!("{}: {e}", raw.source.display())))?;
-    if !source.is_dir() {
-        return Err(field(
-            "source",
-            format!("{} is not a directory", source.display()),
-        ));
-    }
-    if raw.targets.is_empty() {
-        return Err(field("target", "at least one [[target]] is required"));
-    }
-    let mut targets: Vec<Target> = Vec::new();
+    let source = source_dir(&raw.source)?;
     let mounts = crate::mounts::current();
-    for t in &raw.targets {
-        if let Some(url) = t.path.to_str().filter(|u| crate::target::remote::is_url(u)) {
-            let spec = remote_target(t, url)?;
-            let name = t.name.clone().unwrap_or_else(|| url.to_string());
-            if name.is_empty() {
-                return Err(field("target.name", "must not be empty"));
-            }
-            if targets.iter().any(|o| o.name == name) {
-                return Err(field(
-                    "target.name",
-                    format!("duplicate target name {name:?}"),
-                ));
-            }
-            targets.push(Target {
-                name,
-                path: spec.path.clone(),
-                remote: Some(spec),
-                adopt: t.adopt,
-            });
-            continue;
-        }
-        if t.ssh_identity.is_some()
-            || !t.ssh_args.is_empty()
-            || t.ssh_prefer_aes_gcm.is_some()
-            || t.remote_command.is_some()
-            || t.token_file.is_some()
-            || t.compress
-            || t.bwlimit.is_some()
-            || t.atomic_new_files
-        {
-            return Err(field(
-                "target",
-                format!(
-                    "{}: ssh_*, remote_command, token_file, compress, bwlimit and atomic_new_files apply to ssh:// and tcp:// targets only",
-                    t.path.display()
-                ),
-            ));
-        }
-        let path = canonical_lenient(&t.path)
-            .map_err(|e| field("target", format!("{}: {e}", t.path.display())))?;
-        if path.starts_with(&source) {
-            return Err(field(
-                "target",
-                format!(
-                    "{} is inside the source {}",
-                    path.display(),
-                    source.display()
-                ),
-            ));
-        }
-        if source.starts_with(&path) {
-            return Err(field(
-                "target",
-                format!(
-                    "{} contains the source {}",
-                    path.display(),
-                    source.display()
-                ),
-            ));
-        }
-        if let Some(at) = crate::mounts::visible_inside(&mounts, &source, &path) {
-            return Err(field(
-                "target",
-                format!(
-                    "{} is also reachable inside the source as {} (a mount): the mirror would be copied into itself",
-                    path.display(),
-                    at.display()
-                ),
-            ));
-        }
-        if let Some(at) = crate::mounts::visible_inside(&mounts, &path, &source) {
-            return Err(field(
-                "target",
-                format!(
-                    "{} shows the source again at {} (a mount): the mirror would be written into the source",
-                    path.display(),
-                    at.display()
-                ),
-            ));
-        }
-        let name = t.name.clone().unwrap_or_else(|| path.display().to_string());
-        if name.is_empty() {
-            return Err(field("target.name", "must not be empty"));
-        }
-        if targets.iter().any(|o| o.name == name) {
-            return Err(field(
-                "target.name",
-                format!("duplicate target name {name:?}"),
-            ));
-        }
-        if targets.iter().any(|o| o.remote.is_none() && o.path == path) {
-            return Err(field(
-                "target",
-                format!("{} is listed twice", path.display()),
-            ));
-        }
-        targets.push(Target {
-            name,
-            path,
-            remote: None,
-            adopt: t.adopt,
-        });
-    }
-    let state_dir = raw
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| default_state_dir(&source));
-    let state_dir = canonical_lenient(&state_dir)
-        .map_err(|e| field("state_dir", format!("{}: {e}", state_dir.display())))?;
-    if state_dir.starts_with(&source) {
-        return Err(field(
-            "state_dir",
-            format!(
-                "{} is inside the source {}",
-                state_dir.display(),
-                source.display()
-            ),
-        ));
-    }
-    if let Some(at) = crate::mounts::visible_inside(&mounts, &source, &state_dir) {
-        return Err(field(
-            "state_dir",
-            format!(
-                "{} is also reachable inside the source as {} (a mount)",
-                state_dir.display(),
-                at.display()
-            ),
-        ));
-    }
-    for t in targets.iter().filter(|t| t.remote.is_none()) {
-        if state_dir.starts_with(&t.path) || t.path.starts_with(&state_dir) {
-            return Err(field(
-                "state_dir",
-                format!(
-                    "{} overlaps the target {}",
-                    state_dir.display(),
-                    t.path.display()
-                ),
-            ));
-        }
-    }
+    let targets = targets(&raw.targets, &source, &mounts)?;
+    let state_dir = state_dir(raw.state_dir.as_deref(), &source, &mounts, &targets)?;
     let mut gi = ignore::gitignore::GitignoreBuilder::new(&source);
     for pat in &raw.exclude {
         gi.add_line(None, pat)
@@ -795,6 +643,170 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
         .keep(),
     })
+}
+
+/// `source`, canonical: it must be a directory.
+fn source_dir(raw: &Path) -> Result<PathBuf, ConfigError> {
+    let source = raw
+        .canonicalize()
+        .map_err(|e| field("source", format!("{}: {e}", raw.display())))?;
+    if !source.is_dir() {
+        return Err(field(
+            "source",
+            format!("{} is not a directory", source.display()),
+        ));
+    }
+    Ok(source)
+}
+
+/// The `[[target]]`s, each checked (see [`local_target`]) and named once.
+fn targets(
+    raw: &[TargetConfig],
+    source: &Path,
+    mounts: &[crate::mounts::Mount],
+) -> Result<Vec<Target>, ConfigError> {
+    if raw.is_empty() {
+        return Err(field("target", "at least one [[target]] is required"));
+    }
+    let mut targets: Vec<Target> = Vec::new();
+    for t in raw {
+        let url = t.path.to_str().filter(|u| crate::target::remote::is_url(u));
+        let (path, remote) = match url {
+            Some(url) => {
+                let spec = remote_target(t, url)?;
+                (spec.path.clone(), Some(spec))
+            }
+            None => (local_target(t, source, mounts)?, None),
+        };
+        let name = t.name.clone().unwrap_or_else(|| match url {
+            Some(url) => url.to_string(),
+            None => path.display().to_string(),
+        });
+        if name.is_empty() {
+            return Err(field("target.name", "must not be empty"));
+        }
+        if targets.iter().any(|o| o.name == name) {
+            return Err(field(
+                "target.name",
+                format!("duplicate target name {name:?}"),
+            ));
+        }
+        if remote.is_none() && targets.iter().any(|o| o.remote.is_none() && o.path == path) {
+            return Err(field(
+                "target",
+                format!("{} is listed twice", path.display()),
+            ));
+        }
+        targets.push(Target {
+            name,
+            path,
+            remote,
+            adopt: t.adopt,
+        });
+    }
+    Ok(targets)
+}
+
+/// A local target's path, canonical: no remote-only key, and neither
+/// inside the source nor containing it, by path or through a mount.
+fn local_target(
+    t: &TargetConfig,
+    source: &Path,
+    mounts: &[crate::mounts::Mount],
+) -> Result<PathBuf, ConfigError> {
+    if t.ssh_identity.is_some()
+        || !t.ssh_args.is_empty()
+        || t.ssh_prefer_aes_gcm.is_some()
+        || t.remote_command.is_some()
+        || t.token_file.is_some()
+        || t.compress
+        || t.bwlimit.is_some()
+        || t.atomic_new_files
+    {
+        return Err(field(
+            "target",
+            format!(
+                "{}: ssh_*, remote_command, token_file, compress, bwlimit and atomic_new_files apply to ssh:// and tcp:// targets only",
+                t.path.display()
+            ),
+        ));
+    }
+    let path = canonical_lenient(&t.path)
+        .map_err(|e| field("target", format!("{}: {e}", t.path.display())))?;
+    let problem = if path.starts_with(source) {
+        format!(
+            "{} is inside the source {}",
+            path.display(),
+            source.display()
+        )
+    } else if source.starts_with(&path) {
+        format!(
+            "{} contains the source {}",
+            path.display(),
+            source.display()
+        )
+    } else if let Some(at) = crate::mounts::visible_inside(mounts, source, &path) {
+        format!(
+            "{} is also reachable inside the source as {} (a mount): the mirror would be copied into itself",
+            path.display(),
+            at.display()
+        )
+    } else if let Some(at) = crate::mounts::visible_inside(mounts, &path, source) {
+        format!(
+            "{} shows the source again at {} (a mount): the mirror would be written into the source",
+            path.display(),
+            at.display()
+        )
+    } else {
+        return Ok(path);
+    };
+    Err(field("target", problem))
+}
+
+/// `state_dir` (or the default for `source`), canonical: not inside the
+/// source (by path or through a mount), and apart from every local target.
+fn state_dir(
+    raw: Option<&Path>,
+    source: &Path,
+    mounts: &[crate::mounts::Mount],
+    targets: &[Target],
+) -> Result<PathBuf, ConfigError> {
+    let state_dir = raw.map_or_else(|| default_state_dir(source), Path::to_path_buf);
+    let state_dir = canonical_lenient(&state_dir)
+        .map_err(|e| field("state_dir", format!("{}: {e}", state_dir.display())))?;
+    if state_dir.starts_with(source) {
+        return Err(field(
+            "state_dir",
+            format!(
+                "{} is inside the source {}",
+                state_dir.display(),
+                source.display()
+            ),
+        ));
+    }
+    if let Some(at) = crate::mounts::visible_inside(mounts, source, &state_dir) {
+        return Err(field(
+            "state_dir",
+            format!(
+                "{} is also reachable inside the source as {} (a mount)",
+                state_dir.display(),
+                at.display()
+            ),
+        ));
+    }
+    for t in targets.iter().filter(|t| t.remote.is_none()) {
+        if state_dir.starts_with(&t.path) || t.path.starts_with(&state_dir) {
+            return Err(field(
+                "state_dir",
+                format!(
+                    "{} overlaps the target {}",
+                    state_dir.display(),
+                    t.path.display()
+                ),
+            ));
+        }
+    }
+    Ok(state_dir)
 }
 
 /// Parses a `--delay` argument.

@@ -117,16 +117,15 @@ fn open_local(
         source,
     })?;
     let l = l.keeping(keep, &t.name);
-    if let Some((source, filter)) = guard.filter(|_| !t.adopt) {
+    if let Some((source, filter)) = guard {
         if identity::first_use(journal, id, l.dir_fd())? {
-            let e = crate::target::adopt::extraneous(source, l.root(), filter);
-            if e.count > 0 {
-                return Err(DaemonError::WrongTarget {
+            crate::target::adopt::extraneous(source, l.root(), filter)
+                .judge(&t.name, t.adopt)
+                .map_err(|why| DaemonError::WrongTarget {
                     name: t.name.clone(),
                     path: t.path.clone(),
-                    why: e.refusal(),
-                });
-            }
+                    why,
+                })?;
         }
     }
     identity::settle(journal, id, &t.name, l.dir_fd())?;
@@ -584,8 +583,9 @@ fn open_targets(
         let target = match &t.remote {
             Some(spec) => {
                 let r = RemoteTarget::new(&t.name, spec.clone(), owner).keeping(cfg.keep);
-                let wrong_target =
-                    (policy.at_startup && !t.adopt).then(|| (source.clone(), filter.clone()));
+                let wrong_target = policy
+                    .at_startup
+                    .then(|| (source.clone(), filter.clone(), t.adopt));
                 r.guard_identity(journal.clone(), id, wrong_target);
                 Target::Remote(Box::new(r))
             }
@@ -656,7 +656,90 @@ struct CaptureSetup<'a> {
     first: Option<TargetId>,
 }
 
+/// What a start must scan, as capture was set up (see
+/// [`CaptureSetup::start`]).
+struct Capture {
+    /// Capture ran without a gap since the last run started: a startup
+    /// scan it did not finish can resume from its checkpoint.
+    gapless: bool,
+    /// And every scan had finished: nothing to scan.
+    seamless: bool,
+    /// Without a gapless handover: changes are known captured up to here
+    /// (see `Compare::changed_dirs_first`).
+    whole_until: Option<u64>,
+}
+
 impl CaptureSetup<'_> {
+    /// Sets capture up: the group the service manager kept (see
+    /// [`CaptureSetup::adopt_stored`]) or a new one, the daemon's own
+    /// writes kept out, the group stored for the next start; and works out
+    /// what this start must scan. With the watcher, its feeds for the
+    /// startup scan.
+    fn start(
+        &self,
+        jpath: &Path,
+        targets: &[TargetRun],
+    ) -> Result<(Box<dyn Watcher>, Feeds, Capture), DaemonError> {
+        let journal = self.journal;
+        let source_key = std::fs::canonicalize(&self.cfg.source)
+            .map(|p| p.into_os_string().into_encoded_bytes())
+            .unwrap_or_default();
+        // Events the last run took off the kernel queue but never recorded
+        // are lost even when the queue itself is handed over.
+        let lost_read = journal.capture_was_reading()?;
+        let adopted = self.adopt_stored(lost_read, &source_key)?;
+        let handed_over = adopted.is_some();
+        let mut watcher = match adopted {
+            Some(w) => w,
+            None => self.new_watcher()?,
+        };
+        let feeds = (watcher.dir_feed(), watcher.complete_watch());
+        keep_own_writes_out(watcher.as_mut(), jpath, handed_over, targets);
+        if !handed_over {
+            if let Some(fd) = watcher.store_fd() {
+                if crate::handover::store(watcher.backend(), fd) {
+                    journal.meta_put(crate::journal::META_CAPTURE_SOURCE, &source_key)?;
+                }
+            }
+        }
+        journal.set_capture_reading(false)?;
+        let mut scans_complete = true;
+        for t in targets {
+            scans_complete &= journal.scan_complete(t.id)?;
+        }
+        let gapless = handed_over && !lost_read;
+        let seamless = gapless && scans_complete;
+        // Read before capture starts: it moves on from here.
+        let whole_until = if gapless {
+            None
+        } else {
+            journal.captured_through()?
+        };
+        if !seamless {
+            lag_floor(journal, targets.iter().map(|t| t.id))?;
+        }
+        if handed_over && seamless {
+            tracing::info!(
+                "capture handed over by the service manager: no event was missed, no rescan needed"
+            );
+        } else if handed_over {
+            tracing::info!(
+                "capture handed over by the service manager, but {}: rescanning",
+                if lost_read {
+                    "the last run died holding events it had not recorded"
+                } else {
+                    "a startup scan had not finished"
+                }
+            );
+        }
+        let cap = Capture {
+            gapless,
+            seamless,
+            whole_until,
+        };
+        Ok((watcher, feeds, cap))
+    }
+
     /// The capture group the service manager kept across the last stop (see
     /// [`crate::handover`]), taken over if it was set up for this source and
     /// backend and can be trusted; otherwise dropped.
@@ -1052,18 +1135,7 @@ fn run_daemon(
     let (journal, rebuilt) = crate::rebuild::open(&cfg, &jpath)?;
     let journal = Arc::new(journal);
     journal.set_backlog_bound(cfg.backlog.max_entries, cfg.backlog.max_bytes);
-    // Metrics are how the RPO is watched, but a mirror that stops
-    // replicating because a port is taken would be worse. Served once the
-    // lag is published (see `telemetry::Endpoint`).
-    let endpoint = cfg
-        .metrics_listen
-        .and_then(|addr| match crate::telemetry::install(addr) {
-            Ok(e) => Some((addr, e)),
-            Err(e) => {
-                tracing::error!("{e}; running without the metrics endpoint");
-                None
-            }
-        });
+    let endpoint = metrics_endpoint(&cfg);
     metrics::gauge!("drmirror_journal_rebuilt").set(if rebuilt.is_some() { 1.0 } else { 0.0 });
     let owner = rustix::process::geteuid().is_root();
     let source = Arc::new(
@@ -1080,117 +1152,21 @@ fn run_daemon(
 
     let (targets, local_roots) = open_targets(&cfg, &journal, &source, &filter, policy, owner)?;
     let boot = forget_unflushed(&journal, &targets)?;
-
     let run_seq0 = journal.seq_now();
     let started = Instant::now();
-    let source_key = std::fs::canonicalize(&cfg.source)
-        .map(|p| p.into_os_string().into_encoded_bytes())
-        .unwrap_or_default();
-    // Events the last run took off the kernel queue but never recorded are
-    // lost even when the queue itself is handed over.
-    let lost_read = journal.capture_was_reading()?;
     let setup = CaptureSetup {
         cfg: &cfg,
         filter: &filter,
         journal: &journal,
         first: targets.first().map(|t| t.id),
     };
-    let adopted = setup.adopt_stored(lost_read, &source_key)?;
-    let handed_over = adopted.is_some();
-    let mut watcher = match adopted {
-        Some(w) => w,
-        None => setup.new_watcher()?,
-    };
-    let dir_feed = watcher.dir_feed();
-    let complete_watch = watcher.complete_watch();
-    keep_own_writes_out(watcher.as_mut(), &jpath, handed_over, &targets);
-    if !handed_over {
-        if let Some(fd) = watcher.store_fd() {
-            if crate::handover::store(watcher.backend(), fd) {
-                journal.meta_put(crate::journal::META_CAPTURE_SOURCE, &source_key)?;
-            }
-        }
-    }
-    journal.set_capture_reading(false)?;
-    let mut scans_complete = true;
-    for t in &targets {
-        scans_complete &= journal.scan_complete(t.id)?;
-    }
-    // Capture ran without a gap since the last run started: a startup scan
-    // it did not finish can resume from its checkpoint.
-    let gapless = handed_over && !lost_read;
-    let seamless = gapless && scans_complete;
-    // Read before capture starts: it moves on from here.
-    let whole_until = if gapless {
-        None
-    } else {
-        journal.captured_through()?
-    };
-    if !seamless {
-        lag_floor(&journal, targets.iter().map(|t| t.id))?;
-    }
-    if handed_over {
-        if seamless {
-            tracing::info!(
-                "capture handed over by the service manager: no event was missed, no rescan needed"
-            );
-        } else {
-            tracing::info!(
-                "capture handed over by the service manager, but {}: rescanning",
-                if lost_read {
-                    "the last run died holding events it had not recorded"
-                } else {
-                    "a startup scan had not finished"
-                }
-            );
-        }
-    }
-    metrics::gauge!(
-        "drmirror_capture_info",
-        "backend" => watcher.backend(),
-        "source" => cfg.source.display().to_string()
-    )
-    .set(1.0);
-    let board = Arc::new(crate::status::Board::new(crate::status::Status {
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        pid: std::process::id(),
-        source: cfg.source.display().to_string(),
-        capture_backend: watcher.backend().to_string(),
-        scan_running: true,
-        journal_rebuilt: rebuilt.map(|p| p.display().to_string()),
-        scan_entries: 0,
-        scan_expected: 0,
-        uncaptured: Vec::new(),
-        waiting: None,
-        targets: targets
-            .iter()
-            .map(|t| crate::status::TargetStatus {
-                name: t.name.clone(),
-                up: true,
-                ..Default::default()
-            })
-            .collect(),
-    }));
+    let (watcher, (dir_feed, complete_watch), cap) = setup.start(&jpath, &targets)?;
+    let board = new_board(&cfg, watcher.backend(), rebuilt, &targets);
     let _ = board_out.set(board.clone());
-    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (fatal_tx, fatal_rx) = tokio::sync::mpsc::unbounded_channel();
     let stop = Arc::new(AtomicBool::new(false));
     let sup = Arc::new(Supervisor::new(stop.clone(), fatal_tx));
-    // Scans (startup, rescans) run on their own pool: rayon serves work from
-    // outside a pool only when its workers are idle, so a long scan on the
-    // global pool would hold back live capture (new directories are walked
-    // there) and the shippers' copies for as long as it runs.
-    let scan_pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
-            .thread_name(|i| format!("scan-{i}"))
-            // Below the capture and shipper threads: a rescan must not hold
-            // back live changes (the restart window) on a small machine.
-            .start_handler(|_| {
-                let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
-            })
-            .build()
-            .map_err(|e| DaemonError::Signals(std::io::Error::other(e)))?,
-    );
+    let scan_pool = new_scan_pool()?;
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     {
         let listener =
@@ -1204,7 +1180,6 @@ fn run_daemon(
             Ok(())
         })?);
     }
-
     let pulse = crate::pulse::Pulse {
         journal: journal.clone(),
         targets: targets.iter().map(|t| (t.id, t.name.clone())).collect(),
@@ -1222,152 +1197,61 @@ fn run_daemon(
         }
     }
     threads.push(sup.spawn("pulse", Role::Essential, move || pulse.run())?);
+    tracing::info!(
+        "drmirror ready backend={} watches={} source={} targets={} setup_ms={} ({})",
+        watcher.backend(),
+        watcher.watched(),
+        cfg.source.display(),
+        targets.len(),
+        started.elapsed().as_millis(),
+        watcher.describe()
+    );
+    threads.push(spawn_capture(
+        &sup,
+        watcher,
+        &journal,
+        &targets,
+        &stop,
+        &board,
+        cap.seamless,
+    )?);
 
-    // Capture.
-    {
-        let stop = stop.clone();
-        let journal = journal.clone();
-        let ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
-        let wakers: Vec<_> = targets
-            .iter()
-            .map(|t| (t.wake.clone(), t.hurry.clone()))
-            .collect();
-        tracing::info!(
-            "drmirror ready backend={} watches={} source={} targets={} setup_ms={} ({})",
-            watcher.backend(),
-            watcher.watched(),
-            cfg.source.display(),
-            targets.len(),
-            started.elapsed().as_millis(),
-            watcher.describe()
-        );
-        // Under systemd (Type=notify): capture is live, the scan follows.
-        let _ = sd_notify::notify(&[
-            sd_notify::NotifyState::Ready,
-            sd_notify::NotifyState::Status(if seamless {
-                "capturing (handed over, no rescan)"
-            } else {
-                "capturing; startup scan running"
-            }),
-        ]);
-        let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
-        let board = board.clone();
-        let mut heartbeat =
-            crate::heartbeat::Heartbeat::new(targets.iter().map(|t| t.scan_done.clone()).collect());
-        threads.push(sup.spawn("capture", Role::Essential, move || {
-            capture_loop(
-                watcher.as_mut(),
-                &journal,
-                &ids,
-                &wakers,
-                &stop,
-                watchdog,
-                &board,
-                &mut heartbeat,
-            )
-        })?);
-    }
-
-    // Shippers and startup scans.
+    // Shippers, scrubs and startup scans.
+    let ship = ShipperSetup {
+        journal: &journal,
+        source: &source,
+        filter: &filter,
+        policy,
+        owner,
+        delay: cfg.delay,
+        stop: &stop,
+        board: &board,
+        scan_pool: &scan_pool,
+        boot: &boot,
+        run_seq0,
+    };
     for (i, t) in targets.iter().enumerate() {
-        // Before this run ships anything (see `Journal::pending_parents`).
-        let temp_dirs = if seamless {
-            None
-        } else {
-            journal.pending_parents(t.id, 200_000)?
-        };
-        let absent_ok = !journal.pending_any(t.id)?;
-        let shipper = new_shipper(
-            t,
-            i,
-            &ShipperSetup {
-                journal: &journal,
-                source: &source,
-                filter: &filter,
-                policy,
-                owner,
-                delay: cfg.delay,
-                stop: &stop,
-                board: &board,
-                scan_pool: &scan_pool,
-                boot: &boot,
-                run_seq0,
-            },
+        // One scan reporting directories is enough for the watcher.
+        let feeds = (
+            if i == 0 { dir_feed.clone() } else { None },
+            complete_watch.clone(),
         );
-        threads.push(
-            sup.spawn(format!("ship-{}", t.id), Role::Essential, move || {
-                shipper.run().map_err(DaemonError::from)
-            })?,
-        );
-        if let Some(interval) = cfg.scrub_interval {
-            let scrub = crate::scrub::Scrub {
-                t: t.id,
-                name: t.name.clone(),
-                journal: journal.clone(),
-                source: source.clone(),
-                target: t.target.clone(),
-                filter: filter.clone(),
-                owner,
-                interval,
-                scan_done: t.scan_done.clone(),
-                wake: t.wake.clone(),
-                board: board.clone(),
-                stop: stop.clone(),
-            };
-            threads.push(
-                sup.spawn(format!("scrub-{}", t.id), Role::Essential, move || {
-                    scrub.run()
-                })?,
-            );
-        }
-
-        let scan = StartupScan {
-            id: t.id,
-            name: t.name.clone(),
-            journal: journal.clone(),
-            source: source.clone(),
-            target: t.target.clone(),
-            filter: filter.clone(),
-            owner,
-            policy,
-            board: board.clone(),
-            stop: stop.clone(),
-            scan_pool: scan_pool.clone(),
-            // One scan reporting directories is enough for the watcher.
-            dirs_seen: if i == 0 { dir_feed.clone() } else { None },
-            complete_watch: complete_watch.clone(),
-            scan_done: t.scan_done.clone(),
-            stats: t.scan_stats.clone(),
-            wake: t.wake.clone(),
-            hurry: t.hurry.clone(),
-            seamless,
-            gapless,
-            whole_until,
-            absent_ok,
-            temp_dirs,
-        };
-        threads.push(sup.spawn(format!("scan-{}", t.id), Role::Task, move || scan.run())?);
+        spawn_target(
+            &sup,
+            &mut threads,
+            (t, i),
+            &ship,
+            &cap,
+            feeds,
+            cfg.scrub_interval,
+        )?;
     }
-
-    // The scan holds the only sender now: its end tells the watcher that the
-    // restored watch tree is confirmed.
+    // The scans hold the only senders now: their end tells the watcher
+    // that the restored watch tree is confirmed.
     drop(dir_feed);
     drop(complete_watch);
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(DaemonError::Signals)?;
-    let outcome: Result<(), DaemonError> = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-        let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
-        tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); Ok(()) }
-            _ = int.recv() => { tracing::info!("SIGINT: stopping"); Ok(()) }
-            Some(e) = fatal_rx.recv() => Err(e),
-        }
-    });
+    let outcome = wait_for_stop(fatal_rx);
     stop.store(true, Ordering::SeqCst);
     for t in &targets {
         let _ = t.wake.try_send(());
@@ -1387,6 +1271,218 @@ fn run_daemon(
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// The metrics endpoint, bound (served once the lag is published: see
+/// `telemetry::Endpoint`). Metrics are how the RPO is watched, but a
+/// mirror that stops replicating because a port is taken would be worse:
+/// an error is logged and the daemon runs without it.
+fn metrics_endpoint(cfg: &Config) -> Option<(std::net::SocketAddr, crate::telemetry::Endpoint)> {
+    cfg.metrics_listen
+        .and_then(|addr| match crate::telemetry::install(addr) {
+            Ok(e) => Some((addr, e)),
+            Err(e) => {
+                tracing::error!("{e}; running without the metrics endpoint");
+                None
+            }
+        })
+}
+
+/// The status board `drmirror status` reads, as a start begins.
+fn new_board(
+    cfg: &Config,
+    backend: &str,
+    rebuilt: Option<PathBuf>,
+    targets: &[TargetRun],
+) -> Arc<crate::status::Board> {
+    metrics::gauge!(
+        "drmirror_capture_info",
+        "backend" => backend.to_string(),
+        "source" => cfg.source.display().to_string()
+    )
+    .set(1.0);
+    Arc::new(crate::status::Board::new(crate::status::Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        source: cfg.source.display().to_string(),
+        capture_backend: backend.to_string(),
+        scan_running: true,
+        journal_rebuilt: rebuilt.map(|p| p.display().to_string()),
+        scan_entries: 0,
+        scan_expected: 0,
+        uncaptured: Vec::new(),
+        waiting: None,
+        targets: targets
+            .iter()
+            .map(|t| crate::status::TargetStatus {
+                name: t.name.clone(),
+                up: true,
+                ..Default::default()
+            })
+            .collect(),
+    }))
+}
+
+/// The pool scans (startup, rescans) run on. Their own: rayon serves work
+/// from outside a pool only when its workers are idle, so a long scan on
+/// the global pool would hold back live capture (new directories are
+/// walked there) and the shippers' copies for as long as it runs.
+fn new_scan_pool() -> Result<Arc<rayon::ThreadPool>, DaemonError> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .thread_name(|i| format!("scan-{i}"))
+        // Below the capture and shipper threads: a rescan must not hold
+        // back live changes (the restart window) on a small machine.
+        .start_handler(|_| {
+            let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
+        })
+        .build()
+        .map_err(|e| DaemonError::Signals(std::io::Error::other(e)))?;
+    Ok(Arc::new(pool))
+}
+
+/// Tells systemd capture is live (`READY=1`; the scan follows) and starts
+/// the capture thread.
+fn spawn_capture(
+    sup: &Arc<Supervisor>,
+    mut watcher: Box<dyn Watcher>,
+    journal: &Arc<Journal>,
+    targets: &[TargetRun],
+    stop: &Arc<AtomicBool>,
+    board: &Arc<crate::status::Board>,
+    seamless: bool,
+) -> Result<JoinHandle<()>, DaemonError> {
+    let (stop, journal, board) = (stop.clone(), journal.clone(), board.clone());
+    let ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
+    let wakers: Vec<_> = targets
+        .iter()
+        .map(|t| (t.wake.clone(), t.hurry.clone()))
+        .collect();
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(if seamless {
+            "capturing (handed over, no rescan)"
+        } else {
+            "capturing; startup scan running"
+        }),
+    ]);
+    let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let mut heartbeat =
+        crate::heartbeat::Heartbeat::new(targets.iter().map(|t| t.scan_done.clone()).collect());
+    sup.spawn("capture", Role::Essential, move || {
+        capture_loop(
+            watcher.as_mut(),
+            &journal,
+            &ids,
+            &wakers,
+            &stop,
+            watchdog,
+            &board,
+            &mut heartbeat,
+        )
+    })
+}
+
+/// The directory feed and the watch tree's confirmation a startup scan
+/// gives the watcher (see [`Watcher::dir_feed`]).
+type Feeds = (
+    Option<Sender<Vec<Vec<u8>>>>,
+    Option<crate::watch::CompleteWatch>,
+);
+
+/// Starts target `t`'s (the `i`th) threads: its shipper, its scrub (every
+/// `scrub`, if any) and its startup scan (as `cap` allows).
+fn spawn_target(
+    sup: &Arc<Supervisor>,
+    threads: &mut Vec<JoinHandle<()>>,
+    (t, i): (&TargetRun, usize),
+    s: &ShipperSetup<'_>,
+    cap: &Capture,
+    (dirs_seen, complete_watch): Feeds,
+    scrub: Option<Duration>,
+) -> Result<(), DaemonError> {
+    let journal = s.journal;
+    // Before this run ships anything (see `Journal::pending_parents`).
+    let temp_dirs = if cap.seamless {
+        None
+    } else {
+        journal.pending_parents(t.id, 200_000)?
+    };
+    let absent_ok = !journal.pending_any(t.id)?;
+    let shipper = new_shipper(t, i, s);
+    threads.push(
+        sup.spawn(format!("ship-{}", t.id), Role::Essential, move || {
+            shipper.run().map_err(DaemonError::from)
+        })?,
+    );
+    if let Some(interval) = scrub {
+        let scrub = crate::scrub::Scrub {
+            t: t.id,
+            name: t.name.clone(),
+            journal: journal.clone(),
+            source: s.source.clone(),
+            target: t.target.clone(),
+            filter: s.filter.clone(),
+            owner: s.owner,
+            interval,
+            scan_done: t.scan_done.clone(),
+            wake: t.wake.clone(),
+            board: s.board.clone(),
+            stop: s.stop.clone(),
+        };
+        threads.push(
+            sup.spawn(format!("scrub-{}", t.id), Role::Essential, move || {
+                scrub.run()
+            })?,
+        );
+    }
+    let scan = StartupScan {
+        id: t.id,
+        name: t.name.clone(),
+        journal: journal.clone(),
+        source: s.source.clone(),
+        target: t.target.clone(),
+        filter: s.filter.clone(),
+        owner: s.owner,
+        policy: s.policy,
+        board: s.board.clone(),
+        stop: s.stop.clone(),
+        scan_pool: s.scan_pool.clone(),
+        dirs_seen,
+        complete_watch,
+        scan_done: t.scan_done.clone(),
+        stats: t.scan_stats.clone(),
+        wake: t.wake.clone(),
+        hurry: t.hurry.clone(),
+        seamless: cap.seamless,
+        gapless: cap.gapless,
+        whole_until: cap.whole_until,
+        absent_ok,
+        temp_dirs,
+    };
+    threads.push(sup.spawn(format!("scan-{}", t.id), Role::Task, move || scan.run())?);
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT (`Ok`), or for a part of the daemon that
+/// died (its error).
+fn wait_for_stop(
+    mut fatal_rx: tokio::sync::mpsc::UnboundedReceiver<DaemonError>,
+) -> Result<(), DaemonError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Signals)?;
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); Ok(()) }
+            Some(e) = fatal_rx.recv() => Err(e),
+        }
+    })
 }
 
 #[cfg(test)]

@@ -208,35 +208,17 @@ fn main() -> ExitCode {
             scrub_interval,
             log_format,
             adopt_target,
-        } => {
-            let cfg = load(config, || QuickForm {
+        } => run(
+            load(config, || QuickForm {
                 delay,
                 metrics_listen: metrics,
                 watch,
                 scrub_interval,
                 log_format,
                 ..quick.form()
-            });
-            let mut cfg = match cfg {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("drmirror: config error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            for t in &mut cfg.targets {
-                t.adopt |= adopt_target;
-            }
-            init_logging(cfg.log_format);
-            match drmirror::daemon::run(cfg) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    let code = e.exit_code();
-                    tracing::error!("{}", render(&anyhow::Error::new(e).context("drmirror run")));
-                    ExitCode::from(code)
-                }
-            }
-        }
+            }),
+            adopt_target,
+        ),
         Command::Receive {
             root,
             listen,
@@ -277,65 +259,82 @@ fn main() -> ExitCode {
         }
         Command::Completions { shell } => completions(shell),
         Command::Man { dir } => man(&dir),
-        Command::Verify {
-            config,
-            name,
-            source,
-            target,
-            checksum,
-            exclude,
-            no_owner,
-            fidelity,
-        } => ExitCode::from(match (config, source, target) {
-            (Some(f), _, _) => match Config::load(&f) {
-                Ok(cfg) => verify_config(
-                    &cfg,
-                    &f.display().to_string(),
-                    name.as_deref(),
-                    checksum,
-                    !no_owner,
-                ),
-                Err(e) => {
-                    eprintln!("drmirror: config error: {e}");
-                    2
-                }
-            },
-            (None, Some(s), Some(t))
-                if t.to_str().is_some_and(drmirror::target::remote::is_url) =>
-            {
-                // A remote target: its URL is read as `run` reads it.
-                let quick = QuickForm {
-                    source: Some(s),
-                    targets: vec![t],
-                    exclude,
-                    fidelity: fidelity.keys(),
-                    ..Default::default()
-                };
-                match Config::from_quick(quick) {
-                    Ok(cfg) => verify_config(&cfg, "the command line", None, checksum, !no_owner),
-                    Err(e) => {
-                        eprintln!("drmirror: config error: {e}");
-                        2
-                    }
-                }
+        Command::Verify(a) => ExitCode::from(verify_cmd(a)),
+    }
+}
+
+/// `drmirror run`: the daemon, in the foreground.
+fn run(cfg: Result<Config, drmirror::config::ConfigError>, adopt: bool) -> ExitCode {
+    let cfg = match adopting(cfg, adopt) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(cfg.log_format);
+    match drmirror::daemon::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.exit_code();
+            tracing::error!("{}", render(&anyhow::Error::new(e).context("drmirror run")));
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// The config, its targets adopted with `--adopt-target`; a config error
+/// is said and exits 2.
+fn adopting(
+    cfg: Result<Config, drmirror::config::ConfigError>,
+    adopt: bool,
+) -> Result<Config, ExitCode> {
+    let mut cfg = cfg.map_err(|e| {
+        eprintln!("drmirror: config error: {e}");
+        ExitCode::from(2)
+    })?;
+    for t in &mut cfg.targets {
+        t.adopt |= adopt;
+    }
+    Ok(cfg)
+}
+
+/// `drmirror verify`: exit 0 identical, 1 different, 2 could not compare.
+fn verify_cmd(a: drmirror::cli::VerifyArgs) -> u8 {
+    let owner = !a.no_owner;
+    let loaded = |cfg: Result<Config, drmirror::config::ConfigError>, from: &str| match cfg {
+        Ok(cfg) => verify_config(&cfg, from, a.name.as_deref(), a.checksum, owner),
+        Err(e) => {
+            eprintln!("drmirror: config error: {e}");
+            2
+        }
+    };
+    match (&a.config, &a.source, &a.target) {
+        (Some(f), _, _) => loaded(Config::load(f), &f.display().to_string()),
+        (None, Some(s), Some(t)) if t.to_str().is_some_and(drmirror::target::remote::is_url) => {
+            // A remote target: its URL is read as `run` reads it.
+            let quick = QuickForm {
+                source: Some(s.clone()),
+                targets: vec![t.clone()],
+                exclude: a.exclude.clone(),
+                fidelity: a.fidelity.keys(),
+                ..Default::default()
+            };
+            loaded(Config::from_quick(quick), "the command line")
+        }
+        (None, Some(s), Some(t)) => match drmirror::verify::Mirror::local(t) {
+            Ok(m) => verify(
+                s,
+                &m,
+                a.checksum,
+                &a.exclude,
+                owner,
+                a.fidelity.keys().keep(),
+            ),
+            Err(e) => {
+                eprintln!("drmirror: verify: {e}");
+                2
             }
-            (None, Some(s), Some(t)) => match drmirror::verify::Mirror::local(&t) {
-                Ok(m) => verify(
-                    &s,
-                    &m,
-                    checksum,
-                    &exclude,
-                    !no_owner,
-                    fidelity.keys().keep(),
-                ),
-                Err(e) => {
-                    eprintln!("drmirror: verify: {e}");
-                    2
-                }
-            },
-            // clap requires both without --config.
-            _ => 2,
-        }),
+        },
+        // clap requires both without --config.
+        _ => 2,
     }
 }
 
@@ -352,16 +351,10 @@ fn load(
 
 /// `drmirror check`: see [`drmirror::check`].
 fn check(cfg: Result<Config, drmirror::config::ConfigError>, adopt: bool, list: bool) -> ExitCode {
-    let mut cfg = match cfg {
+    let cfg = match adopting(cfg, adopt) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("drmirror: config error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    for t in &mut cfg.targets {
-        t.adopt |= adopt;
-    }
     let mut out = std::io::stdout().lock();
     match drmirror::check::run(&cfg, list, &mut out) {
         Ok(o) => ExitCode::from(o.exit_code()),

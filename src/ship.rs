@@ -336,6 +336,25 @@ static ABORT_BEFORE_COMMIT: std::sync::LazyLock<bool> =
 
 /// An entry of a round and what applying it came to.
 type Applying<'b> = (&'b Vec<u8>, &'b Pending, Result<Outcome, ApplyError>);
+/// What a round's applies add up to before it commits (see
+/// [`Shipper::record`]).
+#[derive(Default)]
+struct RoundAcc {
+    c: Completion,
+    /// Directories whose mtime the round moved: re-stamped.
+    touched: BTreeSet<Vec<u8>>,
+    /// Whether anything was written to the target.
+    wrote: bool,
+    /// Subtrees to compare: (path, flags, created by this round).
+    scans: Vec<(Vec<u8>, u8, bool)>,
+    /// Directories to copy whole.
+    bulk: Vec<BulkDir>,
+    applied: Applied,
+    target_errors: u64,
+    /// Files a live change copied (their other hard-linked names follow).
+    live_files: Vec<Vec<u8>>,
+}
+
 /// What [`Shipper::apply_todo`] returns: the results, the entries the
 /// index held as directories, and those of them doubted.
 type Applied3<'b> = (Vec<Applying<'b>>, HashSet<&'b [u8]>, HashSet<&'b [u8]>);
@@ -1161,9 +1180,7 @@ impl Shipper {
     }
 
     fn round(&mut self) -> Result<Round, JournalError> {
-        let mut c = Completion::default();
-        let mut touched: BTreeSet<Vec<u8>> = BTreeSet::new();
-        let mut wrote = false;
+        let mut acc = RoundAcc::default();
         let t_round = Instant::now();
 
         if self.cursor.is_none() {
@@ -1177,7 +1194,7 @@ impl Shipper {
         let (batch, full) = self.next_batch()?;
         self.rounds += 1;
         let round = self.rounds;
-        let (renamed, cut) = self.apply_renames(round, &mut touched)?;
+        let (renamed, cut) = self.apply_renames(round, &mut acc.touched)?;
 
         let now = Instant::now();
         let free = if self.retry.values().any(|r| r.need.is_some()) {
@@ -1199,135 +1216,17 @@ impl Shipper {
         let (results, held_dirs, doubted) = self.apply_todo(&todo, round)?;
         let apply_ms = t_apply.elapsed().as_secs_f64() * 1e3;
 
-        let mut scans = Vec::new();
-        let mut bulk = Vec::new();
-        let mut applied = Applied::default();
-        let mut target_errors = 0u64;
-        let mut live_files = Vec::new();
-        let removed = removed_in(&results);
-        for (p, v, r) in results {
-            tracing::trace!(target = %self.name, path = %paths::display(p), flags = v.flags, seq = v.seq, outcome = ?r, "applied");
-            if overtaken(p, &r, &removed) {
-                // Stays pending: applied again by a later round.
-                tracing::debug!(target = %self.name, path = %paths::display(p), "applied while an ancestor was removed: again");
-                continue;
-            }
-            if matches!(r, Err(ApplyError::TargetWrite { .. })) {
-                target_errors += 1;
-            }
-            if r.is_ok() && doubted.contains(p.as_slice()) {
-                c.undoubt.push((p.clone(), round));
-            }
-            if held_dirs.contains(p.as_slice())
-                && matches!(
-                    r,
-                    Ok(Outcome::Copied { .. }) | Ok(Outcome::Unchanged { .. })
-                )
-            {
-                // A file or symlink where the index held a directory: what
-                // it held below is gone from the target. Left, those
-                // entries came back to life when a directory was renamed
-                // there again, vouching for files the target lacked (the
-                // churn test's divergence after chains of exchanges).
-                c.index_remove_tree.push(p.clone());
-            }
-            match r {
-                // Not applied (see `apply_todo`): stays pending.
-                Ok(Outcome::NeedsDoubt) => {}
-                Ok(o) => {
-                    if self.retry.remove(p.as_slice()).is_some() {
-                        tracing::info!(target = %self.name, path = %paths::display(p), "applied after earlier failures");
-                    }
-                    // A BULK directory is done once its files are.
-                    if v.flags & flags::BULK == 0 || !matches!(o, Outcome::Dir { .. }) {
-                        c.done.push((p.clone(), v.seq));
-                    }
-                    let parent = paths::parent(p).map(|x| x.to_vec());
-                    if v.flags & flags::LIVE != 0
-                        && matches!(o, Outcome::Copied { meta, .. } | Outcome::Unchanged { meta } if meta.kind != Kind::Dir)
-                    {
-                        live_files.push(p.clone());
-                    }
-                    self.stats
-                        .initial
-                        .note(p, v.flags, v.seq, self.counts_from(), &o);
-                    match o {
-                        Outcome::Copied { meta, bytes } => {
-                            self.stats.copied.fetch_add(1, Ordering::Relaxed);
-                            self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
-                            applied.copied += 1;
-                            applied.bytes += bytes;
-                            c.index_put.push((p.clone(), meta));
-                            touched.extend(parent);
-                            wrote = true;
-                        }
-                        Outcome::Unchanged { meta } => {
-                            self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
-                            c.index_put.push((p.clone(), meta));
-                            // The copy may be one a crash cut off before its
-                            // round re-stamped the directory, which the index
-                            // still holds as mirrored: nothing else would fix
-                            // the directory's mtime.
-                            touched.extend(parent);
-                        }
-                        Outcome::Dir {
-                            meta,
-                            created,
-                            scan,
-                        } => {
-                            if created {
-                                self.stats.copied.fetch_add(1, Ordering::Relaxed);
-                                applied.mkdir += 1;
-                                wrote = true;
-                            }
-                            // Even when it existed: a copy in this batch may
-                            // have created it as the parent of a file.
-                            touched.extend(parent);
-                            touched.insert(p.clone());
-                            if v.flags & flags::BULK != 0 {
-                                // Done once its files are; indexed when its
-                                // attributes are set after them (an index
-                                // entry committed before would vouch for
-                                // the mtime the copies are about to move).
-                                bulk.push(BulkDir {
-                                    path: p.clone(),
-                                    seq: v.seq,
-                                    created,
-                                    flags: v.flags,
-                                });
-                                // The walk that enqueued it covers the
-                                // subtree, unless a rescan was asked since.
-                                if v.flags & flags::RECURSIVE != 0 {
-                                    scans.push((p.clone(), v.flags, created));
-                                }
-                                continue;
-                            }
-                            c.index_put.push((p.clone(), meta));
-                            if scan {
-                                scans.push((p.clone(), v.flags, created));
-                            }
-                        }
-                        Outcome::Deleted => {
-                            self.stats.deleted.fetch_add(1, Ordering::Relaxed);
-                            applied.deleted += 1;
-                            if held_dirs.contains(p.as_slice()) {
-                                c.index_remove_tree.push(p.clone());
-                            } else {
-                                c.index_remove.push(p.clone());
-                            }
-                            touched.extend(parent);
-                            wrote = true;
-                        }
-                        // Also a copy a crash cut off (see above), since
-                        // deleted on the source.
-                        Outcome::DeleteSkipped => touched.extend(parent),
-                        // (NeedsDoubt: matched above.)
-                        Outcome::Special | Outcome::Vanished | Outcome::NeedsDoubt => {}
-                    }
-                }
-                Err(e) => self.failed(p, v.seq, e),
-            }
-        }
+        self.record(results, round, (&held_dirs, &doubted), &mut acc);
+        let RoundAcc {
+            mut c,
+            touched,
+            mut wrote,
+            scans,
+            bulk,
+            mut applied,
+            mut target_errors,
+            live_files,
+        } = acc;
         target_errors += self.apply_bulk(bulk, &mut applied)?;
         // Other names of hard-linked files changed through one of them.
         for rel in self.stale_links(&live_files) {
@@ -1376,6 +1275,24 @@ impl Shipper {
             apply_ms, round_ms = t_round.elapsed().as_secs_f64() * 1e3,
             "round"
         );
+        self.compare_subtrees(scans, after_scan)?;
+        Ok(Round {
+            worked: !todo.is_empty() || renamed,
+            drained: at_start
+                && !full
+                && !renamed
+                && batch.iter().all(|(p, _)| self.retry.contains_key(p)),
+        })
+    }
+
+    /// Compares the subtrees a round asked for (new or moved-in
+    /// directories, rescans), then commits the entries that waited for
+    /// those compares (`after_scan`).
+    fn compare_subtrees(
+        &mut self,
+        scans: Vec<(Vec<u8>, u8, bool)>,
+        after_scan: Vec<(Vec<u8>, u64)>,
+    ) -> Result<(), JournalError> {
         // Subtrees to compare (new or moved-in directories, rescans). One
         // the target had already is compared with the index as committed,
         // so what this round applied must be in it: a copy not yet there
@@ -1393,13 +1310,155 @@ impl Shipper {
             });
             self.flush()?;
         }
-        Ok(Round {
-            worked: !todo.is_empty() || renamed,
-            drained: at_start
-                && !full
-                && !renamed
-                && batch.iter().all(|(p, _)| self.retry.contains_key(p)),
-        })
+        Ok(())
+    }
+
+    /// Records what a round's applies (`results`) did into `acc`: the
+    /// entries done, the index's changes, the directories to re-stamp,
+    /// compare or copy whole (BULK), and the counts. `held`: the entries the
+    /// index held as directories, and those of them doubted.
+    fn record(
+        &mut self,
+        results: Vec<Applying<'_>>,
+        round: u64,
+        (held_dirs, doubted): (&HashSet<&[u8]>, &HashSet<&[u8]>),
+        acc: &mut RoundAcc,
+    ) {
+        let removed = removed_in(&results);
+        for (p, v, r) in results {
+            tracing::trace!(target = %self.name, path = %paths::display(p), flags = v.flags, seq = v.seq, outcome = ?r, "applied");
+            if overtaken(p, &r, &removed) {
+                // Stays pending: applied again by a later round.
+                tracing::debug!(target = %self.name, path = %paths::display(p), "applied while an ancestor was removed: again");
+                continue;
+            }
+            if matches!(r, Err(ApplyError::TargetWrite { .. })) {
+                acc.target_errors += 1;
+            }
+            if r.is_ok() && doubted.contains(p.as_slice()) {
+                acc.c.undoubt.push((p.clone(), round));
+            }
+            if held_dirs.contains(p.as_slice())
+                && matches!(
+                    r,
+                    Ok(Outcome::Copied { .. }) | Ok(Outcome::Unchanged { .. })
+                )
+            {
+                // A file or symlink where the index held a directory: what
+                // it held below is gone from the target. Left, those
+                // entries came back to life when a directory was renamed
+                // there again, vouching for files the target lacked (the
+                // churn test's divergence after chains of exchanges).
+                acc.c.index_remove_tree.push(p.clone());
+            }
+            match r {
+                // Not applied (see `apply_todo`): stays pending.
+                Ok(Outcome::NeedsDoubt) => {}
+                Ok(o) => self.record_outcome(p, v, o, held_dirs.contains(p.as_slice()), acc),
+                Err(e) => self.failed(p, v.seq, e),
+            }
+        }
+    }
+
+    /// [`Shipper::record`] of entry `p` (`v`) applied with outcome `o`
+    /// (`held_dir`: the index held a directory there).
+    fn record_outcome(
+        &mut self,
+        p: &Vec<u8>,
+        v: &Pending,
+        o: Outcome,
+        held_dir: bool,
+        acc: &mut RoundAcc,
+    ) {
+        if self.retry.remove(p.as_slice()).is_some() {
+            tracing::info!(target = %self.name, path = %paths::display(p), "applied after earlier failures");
+        }
+        // A BULK directory is done once its files are.
+        if v.flags & flags::BULK == 0 || !matches!(o, Outcome::Dir { .. }) {
+            acc.c.done.push((p.clone(), v.seq));
+        }
+        let parent = paths::parent(p).map(|x| x.to_vec());
+        if v.flags & flags::LIVE != 0
+            && matches!(o, Outcome::Copied { meta, .. } | Outcome::Unchanged { meta } if meta.kind != Kind::Dir)
+        {
+            acc.live_files.push(p.clone());
+        }
+        self.stats
+            .initial
+            .note(p, v.flags, v.seq, self.counts_from(), &o);
+        match o {
+            Outcome::Copied { meta, bytes } => {
+                self.stats.copied.fetch_add(1, Ordering::Relaxed);
+                self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
+                acc.applied.copied += 1;
+                acc.applied.bytes += bytes;
+                acc.c.index_put.push((p.clone(), meta));
+                acc.touched.extend(parent);
+                acc.wrote = true;
+            }
+            Outcome::Unchanged { meta } => {
+                self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+                acc.c.index_put.push((p.clone(), meta));
+                // The copy may be one a crash cut off before its
+                // round re-stamped the directory, which the index
+                // still holds as mirrored: nothing else would fix
+                // the directory's mtime.
+                acc.touched.extend(parent);
+            }
+            Outcome::Dir {
+                meta,
+                created,
+                scan,
+            } => {
+                if created {
+                    self.stats.copied.fetch_add(1, Ordering::Relaxed);
+                    acc.applied.mkdir += 1;
+                    acc.wrote = true;
+                }
+                // Even when it existed: a copy in this batch may
+                // have created it as the parent of a file.
+                acc.touched.extend(parent);
+                acc.touched.insert(p.clone());
+                if v.flags & flags::BULK != 0 {
+                    // Done once its files are; indexed when its
+                    // attributes are set after them (an index
+                    // entry committed before would vouch for
+                    // the mtime the copies are about to move).
+                    acc.bulk.push(BulkDir {
+                        path: p.clone(),
+                        seq: v.seq,
+                        created,
+                        flags: v.flags,
+                    });
+                    // The walk that enqueued it covers the
+                    // subtree, unless a rescan was asked since.
+                    if v.flags & flags::RECURSIVE != 0 {
+                        acc.scans.push((p.clone(), v.flags, created));
+                    }
+                    return;
+                }
+                acc.c.index_put.push((p.clone(), meta));
+                if scan {
+                    acc.scans.push((p.clone(), v.flags, created));
+                }
+            }
+            Outcome::Deleted => {
+                self.stats.deleted.fetch_add(1, Ordering::Relaxed);
+                acc.applied.deleted += 1;
+                if held_dir {
+                    acc.c.index_remove_tree.push(p.clone());
+                } else {
+                    acc.c.index_remove.push(p.clone());
+                }
+                acc.touched.extend(parent);
+                acc.wrote = true;
+            }
+            // Also a copy a crash cut off (see above), since
+            // deleted on the source.
+            Outcome::DeleteSkipped => acc.touched.extend(parent),
+            // (NeedsDoubt: matched above.)
+            Outcome::Special | Outcome::Vanished | Outcome::NeedsDoubt => {}
+        }
     }
 
     /// Applies `todo` on the target. An entry that the index holds as a
@@ -1552,15 +1611,6 @@ impl Shipper {
         if dirs.is_empty() {
             return Ok(0);
         }
-        let source = self.source.clone();
-        let listed: Vec<_> = dirs
-            .par_iter()
-            .map(|d| scan::read_names(&source, &d.path))
-            .collect();
-        // (dir index, entry paths and flags) per task; the number of tasks
-        // per dir.
-        let mut tasks: Vec<BulkTask> = Vec::new();
-        let mut left = vec![0usize; dirs.len()];
         // Whether each directory's files count in the initial sync's
         // progress when applied (see `ScanStats::covered_dirs`).
         let counted: Vec<bool> = dirs
@@ -1568,49 +1618,7 @@ impl Shipper {
             .map(|d| self.scan_stats.take_covered(&d.path))
             .collect();
         let mut finished = Completion::default();
-        for (i, (d, names)) in dirs.iter().zip(listed).enumerate() {
-            let names = match names {
-                Ok(n) => n,
-                // Gone from the source: its deletion follows.
-                Err(e) if crate::fsops::is_missing(&e) => {
-                    finished.done.push((d.path.clone(), d.seq));
-                    continue;
-                }
-                Err(e) => {
-                    self.failed(&d.path, d.seq, ApplyError::source_read(&d.path, e));
-                    continue;
-                }
-            };
-            if !d.created {
-                // Applied again (after a crash, say): the target may hold
-                // entries the source has lost meanwhile, copied by the
-                // earlier apply but never indexed, so that no other walk
-                // would find them. Each becomes an entry of its own.
-                if let Err(e) = self.bulk_extras(d, &names, &mut finished) {
-                    self.failed(&d.path, d.seq, e);
-                    continue;
-                }
-            }
-            let rels: Vec<(Vec<u8>, u8)> = names
-                .into_iter()
-                .filter_map(|(n, k)| match k {
-                    Kind::File => Some((paths::join(&d.path, &n), flags::LISTED_FILE)),
-                    Kind::Symlink | Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev => {
-                        Some((paths::join(&d.path, &n), 0))
-                    }
-                    Kind::Dir | Kind::Other => None,
-                })
-                .filter(|(rel, _)| !self.filter.excluded(rel, false))
-                .collect();
-            if rels.is_empty() {
-                finished.done.push((d.path.clone(), d.seq));
-                continue;
-            }
-            for chunk in rels.chunks(GROUP) {
-                tasks.push((i, chunk.to_vec()));
-                left[i] += 1;
-            }
-        }
+        let (tasks, mut left) = self.bulk_tasks(&dirs, &mut finished);
         self.accumulate(finished, false)?;
         let mut unreachable = vec![false; dirs.len()];
         let mut target_errors = 0u64;
@@ -1673,6 +1681,71 @@ impl Shipper {
             }
         }
         Ok(target_errors)
+    }
+
+    /// The files of each directory of `dirs`, listed in the source, cut
+    /// into tasks of at most [`GROUP`] (directory index, entries), and the
+    /// number of tasks per directory. A directory gone from the source, or
+    /// with nothing to copy, is done (`finished`); one that cannot be
+    /// listed fails.
+    fn bulk_tasks(
+        &mut self,
+        dirs: &[BulkDir],
+        finished: &mut Completion,
+    ) -> (Vec<BulkTask>, Vec<usize>) {
+        let source = self.source.clone();
+        let listed: Vec<_> = dirs
+            .par_iter()
+            .map(|d| scan::read_names(&source, &d.path))
+            .collect();
+        // (dir index, entry paths and flags) per task; the number of tasks
+        // per dir.
+        let mut tasks: Vec<BulkTask> = Vec::new();
+        let mut left = vec![0usize; dirs.len()];
+        for (i, (d, names)) in dirs.iter().zip(listed).enumerate() {
+            let names = match names {
+                Ok(n) => n,
+                // Gone from the source: its deletion follows.
+                Err(e) if crate::fsops::is_missing(&e) => {
+                    finished.done.push((d.path.clone(), d.seq));
+                    continue;
+                }
+                Err(e) => {
+                    self.failed(&d.path, d.seq, ApplyError::source_read(&d.path, e));
+                    continue;
+                }
+            };
+            if !d.created {
+                // Applied again (after a crash, say): the target may hold
+                // entries the source has lost meanwhile, copied by the
+                // earlier apply but never indexed, so that no other walk
+                // would find them. Each becomes an entry of its own.
+                if let Err(e) = self.bulk_extras(d, &names, finished) {
+                    self.failed(&d.path, d.seq, e);
+                    continue;
+                }
+            }
+            let rels: Vec<(Vec<u8>, u8)> = names
+                .into_iter()
+                .filter_map(|(n, k)| match k {
+                    Kind::File => Some((paths::join(&d.path, &n), flags::LISTED_FILE)),
+                    Kind::Symlink | Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev => {
+                        Some((paths::join(&d.path, &n), 0))
+                    }
+                    Kind::Dir | Kind::Other => None,
+                })
+                .filter(|(rel, _)| !self.filter.excluded(rel, false))
+                .collect();
+            if rels.is_empty() {
+                finished.done.push((d.path.clone(), d.seq));
+                continue;
+            }
+            for chunk in rels.chunks(GROUP) {
+                tasks.push((i, chunk.to_vec()));
+                left[i] += 1;
+            }
+        }
+        (tasks, left)
     }
 
     /// What vouches for a look-alike in each task of `wave` (see

@@ -112,6 +112,74 @@ impl ScanStats {
     }
 }
 
+/// What a compare of one directory found, child by child (see
+/// `Compare::compare_child`).
+#[derive(Default)]
+struct Found {
+    tally: Tally,
+    /// Entries to enqueue, with their flags.
+    todo: Vec<(Vec<u8>, u8)>,
+    /// Look-alikes in place, to claim in the index.
+    same: Vec<(Vec<u8>, Meta)>,
+    /// Directories the index vouches for (with `list_dirs`).
+    same_dirs: Vec<(Vec<u8>, Meta)>,
+    /// Entries in place where the index held a directory.
+    unheld: Vec<Vec<u8>>,
+    /// Directories new on the target, each one BULK entry.
+    new_bulk: Vec<Vec<u8>>,
+}
+
+/// How the children of one directory are compared.
+struct Child<'a> {
+    flag: u8,
+    /// A BULK entry covers the directory.
+    covered: bool,
+    list_dirs: bool,
+    /// The target keeps hard links.
+    links: bool,
+    /// New directories become BULK entries.
+    bulk: bool,
+    trust: &'a crate::journal::TargetTrust,
+}
+
+/// A target directory's listing, read once, when first needed.
+struct LazyView<'a> {
+    target: &'a Target,
+    dir: &'a [u8],
+    /// `Some(None)`: the target lacks the directory.
+    view: Option<Option<DirView>>,
+    /// Why it could not be listed.
+    failed: Option<io::Error>,
+}
+
+impl<'a> LazyView<'a> {
+    fn new(target: &'a Target, dir: &'a [u8]) -> LazyView<'a> {
+        LazyView {
+            target,
+            dir,
+            view: None,
+            failed: None,
+        }
+    }
+
+    /// The listing (`None`: the target lacks the directory, or could not
+    /// list it: see `failed`).
+    fn get(&mut self) -> Option<&DirView> {
+        if self.view.is_none() {
+            self.view = Some(self.target.view(self.dir).unwrap_or_else(|e| {
+                self.failed = Some(e);
+                None
+            }));
+        }
+        self.view.as_ref().and_then(|v| v.as_ref())
+    }
+
+    /// Whether the target lacks the directory (or could not list it).
+    fn absent(&self) -> bool {
+        matches!(self.view, Some(None))
+    }
+}
+
 /// What one directory's compare adds to [`ScanStats`].
 #[derive(Default)]
 struct Tally {
@@ -469,166 +537,28 @@ impl Compare<'_> {
         // the target lacked the directory when its parent was compared, and
         // nothing can be there that the apply would not find itself.
         let covered = sh.bulk.as_ref().is_some_and(|b| lock(b).remove(dir));
-        let mut new_bulk = Vec::new();
-        let names = deletions == Deletions::TargetListing;
-        let mut extra_ix = Vec::new();
-        let indexed = if covered && deletions != Deletions::Index {
-            // Compared with nothing: the BULK entry copies them all.
-            vec![None; children.len()]
-        } else if deletions == Deletions::Index {
-            let ix = match &sh.index {
-                Some(r) => r.children(self.t, dir).map(|(ix, e)| {
-                    // The reader's view may be older than this directory.
-                    epoch = e;
-                    ix
-                }),
-                None => self.journal.index_children(self.t, dir),
-            };
-            match ix {
-                Ok(ix) => {
-                    // Both in name order (siblings' keys differ only in the
-                    // name): one merge pairs them.
-                    children.sort_unstable_by(|a, b| a.rel.cmp(&b.rel));
-                    let mut v = Vec::with_capacity(children.len());
-                    let mut ix = ix.into_iter().peekable();
-                    for c in children.iter() {
-                        let name = paths::split(&c.rel).1;
-                        while let Some((n, m)) = ix.next_if(|(n, _)| n.as_slice() < name) {
-                            extra_ix.push((n, m));
-                        }
-                        v.push(ix.next_if(|(n, _)| n.as_slice() == name).map(|(_, m)| m));
-                    }
-                    extra_ix.extend(ix);
-                    v
-                }
-                Err(e) => {
-                    Self::keep_first(err, e);
-                    vec![None; children.len()]
-                }
-            }
-        } else {
-            let rels: Vec<&[u8]> = children.iter().map(|c| c.rel.as_slice()).collect();
-            match self.journal.index_get_many(self.t, &rels) {
-                Ok(v) => v,
-                Err(e) => {
-                    Self::keep_first(err, e);
-                    vec![None; children.len()]
-                }
-            }
+        let (indexed, extra_ix) = self.indexed(dir, children, covered, deletions, sh, &mut epoch);
+        let mut tv = LazyView::new(self.target, dir);
+        let mut found = Found::default();
+        let how = Child {
+            flag,
+            covered,
+            list_dirs,
+            links: self.target.links_names(),
+            bulk: sh.bulk.is_some(),
+            trust: &trust,
         };
-        let mut tdir = None;
-        let mut view_failed = None;
-        let mut view = |tdir: &mut Option<Option<DirView>>| {
-            if tdir.is_none() {
-                *tdir = Some(self.target.view(dir).unwrap_or_else(|e| {
-                    view_failed = Some(e);
-                    None
-                }));
-            }
-        };
-        let mut tally = Tally::default();
-        let links = self.target.links_names();
-        let mut same_dirs: Vec<(Vec<u8>, Meta)> = Vec::new();
-        let mut todo = Vec::new();
-        let mut same: Vec<(Vec<u8>, Meta)> = Vec::new();
-        let mut unheld: Vec<Vec<u8>> = Vec::new();
         for (c, ix) in children.iter_mut().zip(indexed) {
-            if self.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
-                c.descend = false;
-                continue;
-            }
-            // A kind this target does not hold (special files with
-            // `special_files = false`, devices without root) would be sent
-            // again at every compare, to be refused again.
-            if !self.target.holds_kind(c.meta.kind) {
-                continue;
-            }
-            tally.compared(&c.meta);
-            if covered {
-                if c.meta.kind == Kind::Dir {
-                    todo.push((c.rel.clone(), flag | flags::BULK));
-                    new_bulk.push(c.rel.clone());
-                } else {
-                    tally.covered += 1;
-                }
-                continue;
-            }
-            let linked = links && c.meta.kind != Kind::Dir && c.meta.nlink > 1;
-            // Vouched for, but held as a copy apart from another name of
-            // the same source file: to be linked (see `Target::note_mirrored`).
-            let relink =
-                linked && ix == Some(c.meta) && !self.target.note_mirrored(&c.rel, &c.meta);
-            if relink {
-                todo.push((c.rel.clone(), flag));
-                continue;
-            }
-            if ix == Some(c.meta) {
-                tally.in_sync(&c.meta);
-                if list_dirs && c.meta.kind == Kind::Dir {
-                    same_dirs.push((c.rel.clone(), c.meta));
-                }
-                continue;
-            }
-            let live = flag & flags::LIVE != 0
-                || self.distrust.iter().any(|d| paths::is_within(&c.rel, d))
-                || trust.distrusts(&c.rel);
-            let vouch = Vouch::of(ix.as_ref(), live);
-            if matches!(vouch, Vouch::Copy { .. }) && !vouch.lets_stand(&c.meta) {
-                // The index says the target's file here was copied from
-                // another source file. Its size and mtime may still match
-                // (directories swapped through a temporary name, two files
-                // written in one clock tick): the target's metadata cannot
-                // vouch for its content, so it is copied.
-                todo.push((c.rel.clone(), flag | flags::CONTENT));
-                continue;
-            }
-            view(&mut tdir);
-            let absent_dir = matches!(tdir, Some(None));
-            let tdir = tdir.as_ref().and_then(|t| t.as_ref());
-            let name = paths::split(&c.rel).1;
-            let t = tdir.and_then(|d| d.lstat(name));
-            let equal = match t {
-                Some(t) if c.meta.mirrors(&t, self.owner) => {
-                    c.meta.kind != Kind::Symlink || symlink_same(self.source, &c.rel, tdir, name)
-                }
-                _ => false,
-            };
-            // Alike in metadata, but not vouched for by the index: what
-            // differs may be extended attributes or ACLs.
-            // A name of a hard-linked file the index does not vouch for,
-            // held apart from another name: its apply links them (see
-            // `crate::links::Mirrored`).
-            let split = linked && equal && !self.target.note_mirrored(&c.rel, &c.meta);
-            if equal && !vouch.lets_stand(&c.meta) {
-                todo.push((c.rel.clone(), flag | flags::CONTENT));
-            } else if equal && (split || !self.same_xattrs(&c.rel, tdir, name)) {
-                todo.push((c.rel.clone(), flag));
-            } else if equal {
-                if ix.is_some_and(|m| m.kind == Kind::Dir) && c.meta.kind != Kind::Dir {
-                    // What the index held below it is gone (see the
-                    // shipper's rounds).
-                    unheld.push(c.rel.clone());
-                }
-                tally.in_sync(&c.meta);
-                same.push((c.rel.clone(), c.meta));
-            } else if t.is_none() && c.meta.kind == Kind::Dir && sh.bulk.is_some() {
-                // New on the target: one entry for the directory and its
-                // files (see `covered`).
-                todo.push((c.rel.clone(), flag | flags::BULK));
-                new_bulk.push(c.rel.clone());
-            } else if absent_dir && self.absent_ok && c.meta.kind != Kind::Dir {
-                // The target lacks the whole directory: the apply need not
-                // look there before copying (a negative lookup searches the
-                // directory's leaf block, for every file of an initial
-                // sync). Not for a single missing name: in a directory the
-                // target has, a shipper may be copying it right now from an
-                // older entry (see `absent_ok`). A target that could not be
-                // listed at all drops `todo`.
-                todo.push((c.rel.clone(), flag | flags::ABSENT));
-            } else {
-                todo.push((c.rel.clone(), flag));
-            }
+            self.compare_child(c, ix, &how, &mut found, &mut tv);
         }
+        let Found {
+            tally,
+            mut todo,
+            same,
+            same_dirs,
+            unheld,
+            new_bulk,
+        } = found;
         let subdirs: Vec<&[u8]> = children
             .iter()
             .filter(|c| c.descend && c.meta.kind == Kind::Dir)
@@ -648,10 +578,11 @@ impl Compare<'_> {
             }
         }
         self.stats.add(&tally);
+        let names = deletions == Deletions::TargetListing;
         if names {
-            view(&mut tdir);
+            tv.get();
         }
-        if let Some(e) = view_failed {
+        if let Some(e) = tv.failed.take() {
             // The target could not list `dir` (a remote target that
             // went away): nothing here was compared. The whole
             // subtree is compared again, as one recursive entry,
@@ -661,8 +592,7 @@ impl Compare<'_> {
             return;
         }
         if names {
-            let view = tdir.as_ref().and_then(|t| t.as_ref());
-            if let Err(e) = self.extra_target_names(dir, children, flag, view) {
+            if let Err(e) = self.extra_target_names(dir, children, flag, tv.get()) {
                 Self::keep_first(err, e);
             }
         }
@@ -694,6 +624,175 @@ impl Compare<'_> {
         }
         if let Err(e) = self.journal.enqueue(self.t, &todo) {
             Self::keep_first(err, e);
+        }
+    }
+
+    /// What the index holds for each of `children` (sorted by name when
+    /// read by listing), and what it holds that `children` lack (with
+    /// [`Deletions::Index`]); `epoch` becomes that of the reader's snapshot
+    /// when a reader is used. Nothing is read for a directory a BULK entry
+    /// covers (except to find deletions). An error is kept and reads as
+    /// nothing held.
+    #[allow(clippy::type_complexity)]
+    fn indexed(
+        &self,
+        dir: &[u8],
+        children: &mut [scan::Child],
+        covered: bool,
+        deletions: Deletions,
+        sh: &WalkShared,
+        epoch: &mut u64,
+    ) -> (Vec<Option<Meta>>, Vec<(Vec<u8>, Meta)>) {
+        let mut extra_ix = Vec::new();
+        if covered && deletions != Deletions::Index {
+            // Compared with nothing: the BULK entry copies them all.
+            return (vec![None; children.len()], extra_ix);
+        }
+        if deletions != Deletions::Index {
+            let rels: Vec<&[u8]> = children.iter().map(|c| c.rel.as_slice()).collect();
+            return match self.journal.index_get_many(self.t, &rels) {
+                Ok(v) => (v, extra_ix),
+                Err(e) => {
+                    Self::keep_first(&sh.err, e);
+                    (vec![None; children.len()], extra_ix)
+                }
+            };
+        }
+        let ix = match &sh.index {
+            Some(r) => r.children(self.t, dir).map(|(ix, e)| {
+                // The reader's view may be older than this directory.
+                *epoch = e;
+                ix
+            }),
+            None => self.journal.index_children(self.t, dir),
+        };
+        let ix = match ix {
+            Ok(ix) => ix,
+            Err(e) => {
+                Self::keep_first(&sh.err, e);
+                return (vec![None; children.len()], extra_ix);
+            }
+        };
+        // Both in name order (siblings' keys differ only in the name): one
+        // merge pairs them.
+        children.sort_unstable_by(|a, b| a.rel.cmp(&b.rel));
+        let mut v = Vec::with_capacity(children.len());
+        let mut ix = ix.into_iter().peekable();
+        for c in children.iter() {
+            let name = paths::split(&c.rel).1;
+            while let Some((n, m)) = ix.next_if(|(n, _)| n.as_slice() < name) {
+                extra_ix.push((n, m));
+            }
+            v.push(ix.next_if(|(n, _)| n.as_slice() == name).map(|(_, m)| m));
+        }
+        extra_ix.extend(ix);
+        (v, extra_ix)
+    }
+
+    /// Child `c` of a directory being compared, the index holding `ix`
+    /// there: in place (claimed or vouched), or an entry to enqueue, into
+    /// `found`; `tv` lists the target's directory when first needed.
+    fn compare_child(
+        &self,
+        c: &mut scan::Child,
+        ix: Option<Meta>,
+        how: &Child<'_>,
+        found: &mut Found,
+        tv: &mut LazyView<'_>,
+    ) {
+        let flag = how.flag;
+        if self.filter.excluded(&c.rel, c.meta.kind == Kind::Dir) {
+            c.descend = false;
+            return;
+        }
+        // A kind this target does not hold (special files with
+        // `special_files = false`, devices without root) would be sent
+        // again at every compare, to be refused again.
+        if !self.target.holds_kind(c.meta.kind) {
+            return;
+        }
+        found.tally.compared(&c.meta);
+        if how.covered {
+            if c.meta.kind == Kind::Dir {
+                found.todo.push((c.rel.clone(), flag | flags::BULK));
+                found.new_bulk.push(c.rel.clone());
+            } else {
+                found.tally.covered += 1;
+            }
+            return;
+        }
+        let linked = how.links && c.meta.kind != Kind::Dir && c.meta.nlink > 1;
+        // Vouched for, but held as a copy apart from another name of the
+        // same source file: to be linked (see `Target::note_mirrored`).
+        if linked && ix == Some(c.meta) && !self.target.note_mirrored(&c.rel, &c.meta) {
+            found.todo.push((c.rel.clone(), flag));
+            return;
+        }
+        if ix == Some(c.meta) {
+            found.tally.in_sync(&c.meta);
+            if how.list_dirs && c.meta.kind == Kind::Dir {
+                found.same_dirs.push((c.rel.clone(), c.meta));
+            }
+            return;
+        }
+        let live = flag & flags::LIVE != 0
+            || self.distrust.iter().any(|d| paths::is_within(&c.rel, d))
+            || how.trust.distrusts(&c.rel);
+        let vouch = Vouch::of(ix.as_ref(), live);
+        if matches!(vouch, Vouch::Copy { .. }) && !vouch.lets_stand(&c.meta) {
+            // The index says the target's file here was copied from another
+            // source file. Its size and mtime may still match (directories
+            // swapped through a temporary name, two files written in one
+            // clock tick): the target's metadata cannot vouch for its
+            // content, so it is copied.
+            found.todo.push((c.rel.clone(), flag | flags::CONTENT));
+            return;
+        }
+        tv.get();
+        let absent_dir = tv.absent();
+        let tdir = tv.view.as_ref().and_then(|t| t.as_ref());
+        let name = paths::split(&c.rel).1;
+        let t = tdir.and_then(|d| d.lstat(name));
+        let equal = match t {
+            Some(t) if c.meta.mirrors(&t, self.owner) => {
+                c.meta.kind != Kind::Symlink || symlink_same(self.source, &c.rel, tdir, name)
+            }
+            _ => false,
+        };
+        // Alike in metadata, but not vouched for by the index: what differs
+        // may be extended attributes or ACLs. A name of a hard-linked file
+        // the index does not vouch for, held apart from another name: its
+        // apply links them (see `crate::links::Mirrored`).
+        let split = linked && equal && !self.target.note_mirrored(&c.rel, &c.meta);
+        let entry = |f: u8| (c.rel.clone(), f);
+        if equal && !vouch.lets_stand(&c.meta) {
+            found.todo.push(entry(flag | flags::CONTENT));
+        } else if equal && (split || !self.same_xattrs(&c.rel, tdir, name)) {
+            found.todo.push(entry(flag));
+        } else if equal {
+            if ix.is_some_and(|m| m.kind == Kind::Dir) && c.meta.kind != Kind::Dir {
+                // What the index held below it is gone (see the shipper's
+                // rounds).
+                found.unheld.push(c.rel.clone());
+            }
+            found.tally.in_sync(&c.meta);
+            found.same.push((c.rel.clone(), c.meta));
+        } else if t.is_none() && c.meta.kind == Kind::Dir && how.bulk {
+            // New on the target: one entry for the directory and its files
+            // (see `covered`).
+            found.todo.push(entry(flag | flags::BULK));
+            found.new_bulk.push(c.rel.clone());
+        } else if absent_dir && self.absent_ok && c.meta.kind != Kind::Dir {
+            // The target lacks the whole directory: the apply need not look
+            // there before copying (a negative lookup searches the
+            // directory's leaf block, for every file of an initial sync).
+            // Not for a single missing name: in a directory the target has,
+            // a shipper may be copying it right now from an older entry
+            // (see `absent_ok`). A target that could not be listed at all
+            // drops `todo`.
+            found.todo.push(entry(flag | flags::ABSENT));
+        } else {
+            found.todo.push(entry(flag));
         }
     }
 

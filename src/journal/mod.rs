@@ -1769,56 +1769,8 @@ impl Journal {
         let index = self.cf(CF_INDEX)?;
         let renames = self.cf(CF_RENAMES)?;
         let dirlist = self.cf(CF_DIRLIST)?;
-        let is_dir = |v: &[u8]| Meta::decode(v).is_some_and(|m| m.kind == Kind::Dir);
         let mut b = WriteBatch::default();
-        // The moves are worked out in memory, in order, and written with the
-        // rest in one batch. In order: a chain applied in one round (`mv p
-        // tmp; mv q p; mv tmp q`) must see what the moves before it did, not
-        // the index as committed (read so, the third move found nothing at
-        // `tmp`, and `q`'s entries were lost). In one batch: the renames'
-        // rows are deleted in it, and a chain replayed after a crash that
-        // had written only some of its moves would swap the directories back
-        // on the target under an index that no longer says so.
-        let mut overlay: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>> =
-            std::collections::BTreeMap::new();
-        for (from, to) in &c.index_moves {
-            let moved = self.index_subtree_overlaid(t, from, &overlay)?;
-            // What the index says the target holds is what a divergence is
-            // read from: each change of it can be followed at trace level.
-            tracing::trace!(target_id = t, from = %paths::display(from), to = %paths::display(to), entries = moved.len(), "index move");
-            // Whatever the target held at `to` was replaced by the rename.
-            for (k, _) in self.index_subtree_overlaid(t, to, &overlay)? {
-                overlay.insert(k, None);
-            }
-            let (ts, te) = subtree_range(t, to);
-            for cf in [index, dirlist] {
-                b.delete_cf(cf, key(t, to));
-                b.delete_range_cf(cf, &ts, &te);
-            }
-            for (k, _) in &moved {
-                overlay.insert(k.clone(), None);
-            }
-            for (k, v) in moved {
-                let new = key(t, &paths::rebase(&k[2..], from, to));
-                overlay.insert(new, Some(v));
-            }
-        }
-        for (k, v) in overlay {
-            match v {
-                Some(v) => {
-                    if is_dir(&v) {
-                        b.put_cf(dirlist, &k, &v);
-                    } else {
-                        b.delete_cf(dirlist, &k);
-                    }
-                    b.put_cf(index, k, v);
-                }
-                None => {
-                    b.delete_cf(index, &k);
-                    b.delete_cf(dirlist, &k);
-                }
-            }
-        }
+        self.batch_index_moves(&mut b, t, &c.index_moves)?;
         for p in &c.index_remove_tree {
             tracing::trace!(target_id = t, path = %paths::display(p), "index subtree removed");
             let (s, e) = subtree_range(t, p);
@@ -1900,6 +1852,68 @@ impl Journal {
             c.since = None;
         }
         self.churn.fetch_add(deletes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The index moves of renames applied (`moves`, in order), written
+    /// into `b`.
+    fn batch_index_moves(
+        &self,
+        b: &mut WriteBatch,
+        t: TargetId,
+        moves: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<()> {
+        let index = self.cf(CF_INDEX)?;
+        let dirlist = self.cf(CF_DIRLIST)?;
+        let is_dir = |v: &[u8]| Meta::decode(v).is_some_and(|m| m.kind == Kind::Dir);
+        // The moves are worked out in memory, in order, and written with the
+        // rest in one batch. In order: a chain applied in one round (`mv p
+        // tmp; mv q p; mv tmp q`) must see what the moves before it did, not
+        // the index as committed (read so, the third move found nothing at
+        // `tmp`, and `q`'s entries were lost). In one batch: the renames'
+        // rows are deleted in it, and a chain replayed after a crash that
+        // had written only some of its moves would swap the directories back
+        // on the target under an index that no longer says so.
+        let mut overlay: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>> =
+            std::collections::BTreeMap::new();
+        for (from, to) in moves {
+            let moved = self.index_subtree_overlaid(t, from, &overlay)?;
+            // What the index says the target holds is what a divergence is
+            // read from: each change of it can be followed at trace level.
+            tracing::trace!(target_id = t, from = %paths::display(from), to = %paths::display(to), entries = moved.len(), "index move");
+            // Whatever the target held at `to` was replaced by the rename.
+            for (k, _) in self.index_subtree_overlaid(t, to, &overlay)? {
+                overlay.insert(k, None);
+            }
+            let (ts, te) = subtree_range(t, to);
+            for cf in [index, dirlist] {
+                b.delete_cf(cf, key(t, to));
+                b.delete_range_cf(cf, &ts, &te);
+            }
+            for (k, _) in &moved {
+                overlay.insert(k.clone(), None);
+            }
+            for (k, v) in moved {
+                let new = key(t, &paths::rebase(&k[2..], from, to));
+                overlay.insert(new, Some(v));
+            }
+        }
+        for (k, v) in overlay {
+            match v {
+                Some(v) => {
+                    if is_dir(&v) {
+                        b.put_cf(dirlist, &k, &v);
+                    } else {
+                        b.delete_cf(dirlist, &k);
+                    }
+                    b.put_cf(index, k, v);
+                }
+                None => {
+                    b.delete_cf(index, &k);
+                    b.delete_cf(dirlist, &k);
+                }
+            }
+        }
         Ok(())
     }
 

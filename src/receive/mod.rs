@@ -213,23 +213,102 @@ fn stop_on_signal(stop: Arc<AtomicBool>, listener: TcpListener) -> io::Result<()
 pub fn serve<R: Read, W: Write + Send>(
     target: &LocalTarget,
     mut r: R,
-    w: W,
+    mut w: W,
     token: Option<&[u8]>,
     gate: &mut dyn Admission,
 ) -> Result<(), ReceiveError> {
-    let mut w = w;
     let mut buf = Vec::new();
-    // Read and written unbuffered, at most `HELLO_MAX` bytes: nothing
-    // larger is allocated before the peer has shown the token.
-    let hello = protocol::read_payload_max(&mut r, &mut buf, HELLO_MAX)
-        .and_then(|()| protocol::decode::<Request>(&buf));
+    admit(target, &mut r, &mut w, &mut buf, token, gate)?;
+    let r = BufReader::with_capacity(256 * 1024, r);
+    let mut w = BufWriter::with_capacity(64 * 1024, w);
+    // Held until this function returns, after the workers are done.
+    let _session = crate::root_lock::acquire(target.root().fd(), crate::root_lock::TAKEOVER_WAIT);
+    welcome(target, &mut w)?;
+    // Replies come from the reading loop, the workers and the sync thread.
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, MAX_WORKERS);
+    let shared = Shared {
+        w: Mutex::new(w),
+        progress: (0..workers).map(|_| Progress::default()).collect(),
+        failed: Mutex::new(None),
+        queued: AtomicU64::new(0),
+        hung_up: AtomicBool::new(false),
+        dropped: AtomicU64::new(0),
+    };
+    let result = std::thread::scope(|sc| {
+        // Batches are applied by a few workers side by side: creating a
+        // file on a journaling filesystem is tens of microseconds of kernel
+        // work, and one thread leaves the DR host's other cores idle. Every
+        // request of a batch (its operations and their files' data) goes to
+        // one worker, in order. The daemon never has two batches in flight
+        // that touch the same path (one path appears once per round, and a
+        // round waits for all its acks), so batches need no order between
+        // them; renames and syncs wait for what was received before them.
+        let mut txs = Vec::with_capacity(workers);
+        for p in &shared.progress {
+            let (tx, rx) = crossbeam_channel::bounded::<(Request, u64)>(WORKER_QUEUE);
+            txs.push(tx);
+            let shared = &shared;
+            sc.spawn(move || worker(target, rx, p, shared));
+        }
+        // `syncfs` can take a few hundred ms on a busy disk: it runs beside
+        // the loop so that applying the next batches does not wait for it.
+        // Bounded: a peer that sends syncs without reading the replies
+        // stops being read instead of growing this queue.
+        let (sync_tx, sync_rx) = crossbeam_channel::bounded::<(u64, Vec<u64>)>(64);
+        let syncer = sc.spawn(|| sync_loop(target, sync_rx, &shared.w, &shared.progress));
+        let result = read_loop(target, r, buf, &shared, &txs, &sync_tx);
+        drop(txs);
+        drop(sync_tx);
+        let _ = syncer.join();
+        result
+    });
+    let dropped = shared.dropped.into_inner();
+    if dropped > 0 {
+        tracing::info!("the peer hung up: {dropped} of its requests dropped unapplied (never acknowledged, so it sends them again)");
+    }
+    result
+}
+
+/// What a connection's reading loop, workers and sync thread share.
+struct Shared<W: Write> {
+    w: Mutex<BufWriter<W>>,
+    /// One per worker.
+    progress: Vec<Progress>,
+    /// The first error that ends the connection.
+    failed: Mutex<Option<String>>,
+    /// Bytes of frames handed to workers and not yet handled.
+    queued: AtomicU64,
+    /// The peer is gone: nothing applied from now on can be acknowledged,
+    /// and its next session waits for this one (`root_lock`), so the
+    /// workers drop what they still hold instead of applying it.
+    hung_up: AtomicBool,
+    /// Requests dropped so.
+    dropped: AtomicU64,
+}
+
+/// Reads the peer's Hello (at most `HELLO_MAX` bytes, unbuffered: nothing
+/// larger is allocated before the peer has shown the token), checks it and
+/// takes a session slot; a refusal is answered and returned.
+fn admit<R: Read, W: Write>(
+    target: &LocalTarget,
+    r: &mut R,
+    w: &mut W,
+    buf: &mut Vec<u8>,
+    token: Option<&[u8]>,
+    gate: &mut dyn Admission,
+) -> Result<(), ReceiveError> {
+    let hello = protocol::read_payload_max(r, buf, HELLO_MAX)
+        .and_then(|()| protocol::decode::<Request>(buf));
     let checked = check_hello(target, hello, token).and_then(|()| gate.admit());
     if let Err(refusal) = checked {
         // Cut from outside (the deadline, a newer connection): that is the
         // reason, not the end of file it caused.
         let refusal = gate.cut().unwrap_or(refusal);
         let _ = protocol::write_frame(
-            &mut w,
+            w,
             &Reply::Refused {
                 reason: refusal.reason.clone(),
             },
@@ -237,10 +316,12 @@ pub fn serve<R: Read, W: Write + Send>(
         let _ = w.flush();
         return Err(ReceiveError::Refused(refusal));
     }
-    let mut r = BufReader::with_capacity(256 * 1024, r);
-    let mut w = BufWriter::with_capacity(64 * 1024, w);
-    // Held until this function returns, after the workers are done.
-    let _session = crate::root_lock::acquire(target.root().fd(), crate::root_lock::TAKEOVER_WAIT);
+    Ok(())
+}
+
+/// Answers an admitted Hello: this receiver's version, boot id (when its
+/// root is on a local disk) and what its root shows of itself.
+fn welcome<W: Write>(target: &LocalTarget, w: &mut W) -> Result<(), ReceiveError> {
     let boot = if crate::durability::local_disk(target.root().fd()) {
         crate::durability::boot_id()
     } else {
@@ -254,7 +335,7 @@ pub fn serve<R: Read, W: Write + Send>(
                 target.root().path().display()
             );
             let _ = protocol::write_frame(
-                &mut w,
+                w,
                 &Reply::Refused {
                     reason: reason.clone(),
                 },
@@ -264,7 +345,7 @@ pub fn serve<R: Read, W: Write + Send>(
         }
     };
     protocol::write_frame(
-        &mut w,
+        w,
         &Reply::Welcome {
             version: VERSION,
             boot,
@@ -272,169 +353,143 @@ pub fn serve<R: Read, W: Write + Send>(
         },
     )?;
     w.flush().map_err(FrameError::Io)?;
+    Ok(())
+}
 
-    // Replies come from this loop, the workers and the sync thread.
-    let w = Mutex::new(w);
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, MAX_WORKERS);
-    let progress: Vec<Progress> = (0..workers).map(|_| Progress::default()).collect();
-    let failed: Mutex<Option<String>> = Mutex::new(None);
-    // Bytes of frames handed to workers and not yet handled.
-    let queued = AtomicU64::new(0);
-    // The peer is gone: nothing applied from now on can be acknowledged,
-    // and its next session waits for this one (`root_lock`), so the
-    // workers drop what they still hold instead of applying it.
-    let hung_up = AtomicBool::new(false);
-    let dropped = AtomicU64::new(0);
-    let result = std::thread::scope(|sc| {
-        // Batches are applied by a few workers side by side: creating a
-        // file on a journaling filesystem is tens of microseconds of kernel
-        // work, and one thread leaves the DR host's other cores idle. Every
-        // request of a batch (its operations and their files' data) goes to
-        // one worker, in order. The daemon never has two batches in flight
-        // that touch the same path (one path appears once per round, and a
-        // round waits for all its acks), so batches need no order between
-        // them; renames and syncs wait for what was received before them.
-        let mut txs = Vec::with_capacity(workers);
-        for p in &progress {
-            let (tx, rx) = crossbeam_channel::bounded::<(Request, u64)>(WORKER_QUEUE);
-            txs.push(tx);
-            let (w, failed, queued) = (&w, &failed, &queued);
-            let (hung_up, dropped) = (&hung_up, &dropped);
-            sc.spawn(move || {
-                // Set however the worker ends (a panic included), so that
-                // nobody waits for requests it will never handle.
-                struct Stopped<'p>(&'p Progress);
-                impl Drop for Stopped<'_> {
-                    fn drop(&mut self) {
-                        self.0.stopped.store(true, Ordering::Release);
-                    }
-                }
-                let _stopped = Stopped(p);
-                let mut s = Session::new(target);
-                for (req, size) in rx {
-                    if hung_up.load(Ordering::Acquire) {
-                        queued.fetch_sub(size, Ordering::AcqRel);
-                        p.done.fetch_add(1, Ordering::Release);
-                        dropped.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    let r = s.handle(req);
-                    queued.fetch_sub(size, Ordering::AcqRel);
-                    p.done.fetch_add(1, Ordering::Release);
-                    let err = match r {
-                        Ok(replies) => send_replies(w, &replies).err().map(|e| e.to_string()),
-                        Err(reason) => {
-                            fatal(w, &reason);
-                            Some(reason)
-                        }
-                    };
-                    if let Some(e) = err {
-                        keep_first(failed, e);
-                        break;
-                    }
-                }
-                s.abort_all();
-            });
+/// One worker: handles the requests routed to it, in order, until the
+/// channel closes or a reply cannot be sent.
+fn worker<W: Write>(
+    target: &LocalTarget,
+    rx: crossbeam_channel::Receiver<(Request, u64)>,
+    p: &Progress,
+    shared: &Shared<W>,
+) {
+    // Set however the worker ends (a panic included), so that nobody waits
+    // for requests it will never handle.
+    struct Stopped<'p>(&'p Progress);
+    impl Drop for Stopped<'_> {
+        fn drop(&mut self) {
+            self.0.stopped.store(true, Ordering::Release);
         }
-        // `syncfs` can take a few hundred ms on a busy disk: it runs beside
-        // the loop so that applying the next batches does not wait for it.
-        // Bounded: a peer that sends syncs without reading the replies
-        // stops being read instead of growing this queue.
-        let (sync_tx, sync_rx) = crossbeam_channel::bounded::<(u64, Vec<u64>)>(64);
-        let syncer = sc.spawn(|| sync_loop(target, sync_rx, &w, &progress));
-        let mut queries = Session::new(target);
-        let mut route = Route::default();
-        let result = loop {
-            if let Some(reason) = lock(&failed).take() {
-                break Err(ReceiveError::Protocol(reason));
+    }
+    let _stopped = Stopped(p);
+    let mut s = Session::new(target);
+    for (req, size) in rx {
+        if shared.hung_up.load(Ordering::Acquire) {
+            shared.queued.fetch_sub(size, Ordering::AcqRel);
+            p.done.fetch_add(1, Ordering::Release);
+            shared.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let r = s.handle(req);
+        shared.queued.fetch_sub(size, Ordering::AcqRel);
+        p.done.fetch_add(1, Ordering::Release);
+        let err = match r {
+            Ok(replies) => send_replies(&shared.w, &replies)
+                .err()
+                .map(|e| e.to_string()),
+            Err(reason) => {
+                fatal(&shared.w, &reason);
+                Some(reason)
             }
-            let req = match protocol::read_frame::<_, Request>(&mut r, &mut buf) {
-                Ok(req) => req,
-                Err(FrameError::Closed) => {
-                    hung_up.store(true, Ordering::Release);
-                    break Ok(());
-                }
-                Err(e) if e.is_disconnect() => {
-                    hung_up.store(true, Ordering::Release);
-                    break Err(e.into());
-                }
-                Err(e) => {
-                    let reason = e.to_string();
-                    fatal(&w, &reason);
-                    break Err(ReceiveError::Protocol(reason));
-                }
-            };
-            let worker = match route.worker(&req, workers) {
-                Ok(k) => k,
-                Err(reason) => {
-                    fatal(&w, &reason);
-                    break Err(ReceiveError::Protocol(reason));
-                }
-            };
-            if let Some(k) = worker {
-                // Memory stays bounded whatever the peer sends: past the
-                // budget, reading waits for the workers.
-                let size = buf.len() as u64;
-                while queued.load(Ordering::Acquire) > QUEUE_BUDGET
-                    && !progress.iter().any(|p| p.stopped.load(Ordering::Acquire))
-                {
-                    std::thread::sleep(std::time::Duration::from_micros(200));
-                }
-                queued.fetch_add(size, Ordering::AcqRel);
-                progress[k].sent.fetch_add(1, Ordering::Release);
-                if txs[k].send((req, size)).is_err() {
-                    let reason = lock(&failed)
-                        .take()
-                        .unwrap_or_else(|| "a worker stopped".into());
-                    break Err(ReceiveError::Protocol(reason));
+        };
+        if let Some(e) = err {
+            keep_first(&shared.failed, e);
+            break;
+        }
+    }
+    s.abort_all();
+}
+
+/// Reads the peer's requests until it hangs up: batches go to their
+/// workers (memory bounded by `QUEUE_BUDGET`), syncs to the sync thread,
+/// queries are answered here (a rename once the workers have handled what
+/// came before it).
+fn read_loop<R: Read, W: Write>(
+    target: &LocalTarget,
+    mut r: BufReader<R>,
+    mut buf: Vec<u8>,
+    shared: &Shared<W>,
+    txs: &[crossbeam_channel::Sender<(Request, u64)>],
+    sync_tx: &crossbeam_channel::Sender<(u64, Vec<u64>)>,
+) -> Result<(), ReceiveError> {
+    let (w, progress) = (&shared.w, &shared.progress);
+    let mut queries = Session::new(target);
+    let mut route = Route::default();
+    loop {
+        if let Some(reason) = lock(&shared.failed).take() {
+            return Err(ReceiveError::Protocol(reason));
+        }
+        let req = match protocol::read_frame::<_, Request>(&mut r, &mut buf) {
+            Ok(req) => req,
+            Err(FrameError::Closed) => {
+                shared.hung_up.store(true, Ordering::Release);
+                return Ok(());
+            }
+            Err(e) if e.is_disconnect() => {
+                shared.hung_up.store(true, Ordering::Release);
+                return Err(e.into());
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                fatal(w, &reason);
+                return Err(ReceiveError::Protocol(reason));
+            }
+        };
+        let worker = match route.worker(&req, txs.len()) {
+            Ok(k) => k,
+            Err(reason) => {
+                fatal(w, &reason);
+                return Err(ReceiveError::Protocol(reason));
+            }
+        };
+        if let Some(k) = worker {
+            // Memory stays bounded whatever the peer sends: past the
+            // budget, reading waits for the workers.
+            let size = buf.len() as u64;
+            while shared.queued.load(Ordering::Acquire) > QUEUE_BUDGET
+                && !progress.iter().any(|p| p.stopped.load(Ordering::Acquire))
+            {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            shared.queued.fetch_add(size, Ordering::AcqRel);
+            progress[k].sent.fetch_add(1, Ordering::Release);
+            if txs[k].send((req, size)).is_err() {
+                let reason = lock(&shared.failed)
+                    .take()
+                    .unwrap_or_else(|| "a worker stopped".into());
+                return Err(ReceiveError::Protocol(reason));
+            }
+            continue;
+        }
+        match req {
+            Request::Sync { id } => {
+                let upto = progress
+                    .iter()
+                    .map(|p| p.sent.load(Ordering::Acquire))
+                    .collect();
+                if sync_tx.send((id, upto)).is_err() {
+                    return Err(ReceiveError::Protocol("the sync thread stopped".into()));
                 }
                 continue;
             }
-            match req {
-                Request::Sync { id } => {
-                    let upto = progress
-                        .iter()
-                        .map(|p| p.sent.load(Ordering::Acquire))
-                        .collect();
-                    if sync_tx.send((id, upto)).is_err() {
-                        break Err(ReceiveError::Protocol("the sync thread stopped".into()));
-                    }
-                    continue;
-                }
-                Request::Rename { .. } => {
-                    // The renamed path may be the parent of files that
-                    // batches received before it are still writing.
-                    for p in &progress {
-                        p.wait_for(p.sent.load(Ordering::Acquire));
-                    }
-                }
-                _ => {}
-            }
-            match queries.handle(req) {
-                Ok(replies) => {
-                    if let Err(e) = send_replies(&w, &replies) {
-                        break Err(e.into());
-                    }
-                }
-                Err(reason) => {
-                    fatal(&w, &reason);
-                    break Err(ReceiveError::Protocol(reason));
+            Request::Rename { .. } => {
+                // The renamed path may be the parent of files that
+                // batches received before it are still writing.
+                for p in progress {
+                    p.wait_for(p.sent.load(Ordering::Acquire));
                 }
             }
-        };
-        drop(txs);
-        drop(sync_tx);
-        let _ = syncer.join();
-        result
-    });
-    let dropped = dropped.into_inner();
-    if dropped > 0 {
-        tracing::info!("the peer hung up: {dropped} of its requests dropped unapplied (never acknowledged, so it sends them again)");
+            _ => {}
+        }
+        match queries.handle(req) {
+            Ok(replies) => send_replies(w, &replies)?,
+            Err(reason) => {
+                fatal(w, &reason);
+                return Err(ReceiveError::Protocol(reason));
+            }
+        }
     }
-    result
 }
 
 /// Checks a Hello: a drmirror client of this protocol version, with the
@@ -1063,16 +1118,10 @@ impl<'a> Session<'a> {
                 delta,
                 xattrs,
             } => {
-                if self.open.contains_key(&file) {
-                    return Err(format!("file stream {file} opened twice"));
-                }
-                if self.open.len() >= MAX_OPEN_FILES {
-                    return Err(format!("more than {MAX_OPEN_FILES} files open at once"));
-                }
-                let mut inc = Incoming {
+                let inc = Incoming {
                     batch,
                     index,
-                    rel: rel.clone(),
+                    rel,
                     meta,
                     tmp: None,
                     base: None,
@@ -1081,33 +1130,7 @@ impl<'a> Session<'a> {
                     xattrs,
                     len: 0,
                 };
-                match checked(&rel, false) {
-                    Err(e) => inc.failed = Some(e),
-                    Ok(()) => {
-                        if delta {
-                            match t.root().open_file(&rel) {
-                                Ok(Some((f, _))) => inc.base = Some(f),
-                                Ok(None) => {
-                                    inc.failed = Some(format!(
-                                        "{}: no copy to apply a delta to",
-                                        paths::display(&rel)
-                                    ))
-                                }
-                                Err(e) => {
-                                    inc.failed = Some(format!("{}: {e}", paths::display(&rel)))
-                                }
-                            }
-                        }
-                        if inc.failed.is_none() {
-                            match self.begin(batch, &rel, meta.mode) {
-                                Ok(tmp) => inc.tmp = Some(tmp),
-                                Err(e) => inc.failed = Some(apply_err(e)),
-                            }
-                        }
-                    }
-                }
-                self.open.insert(file, inc);
-                return Ok(());
+                return self.open_stream(file, inc, delta);
             }
             Op::Whole {
                 rel,
@@ -1134,6 +1157,45 @@ impl<'a> Session<'a> {
         };
         self.result(batch, index, r);
         Ok(())
+    }
+
+    /// Opens file stream `file` for `inc` (its content arrives in `Data`
+    /// frames); with `delta`, against the copy the target holds. A path or
+    /// a target that refuses it fails the file, not the connection: the
+    /// stream is read and dropped.
+    fn open_stream(&mut self, file: u64, mut inc: Incoming, delta: bool) -> Result<(), String> {
+        if self.open.contains_key(&file) {
+            return Err(format!("file stream {file} opened twice"));
+        }
+        if self.open.len() >= MAX_OPEN_FILES {
+            return Err(format!("more than {MAX_OPEN_FILES} files open at once"));
+        }
+        let rel = inc.rel.clone();
+        let opened = checked(&rel, false).and_then(|()| {
+            if delta {
+                inc.base = Some(self.delta_base(&rel)?);
+            }
+            self.begin(inc.batch, &rel, inc.meta.mode)
+                .map_err(apply_err)
+        });
+        match opened {
+            Ok(tmp) => inc.tmp = Some(tmp),
+            Err(e) => inc.failed = Some(e),
+        }
+        self.open.insert(file, inc);
+        Ok(())
+    }
+
+    /// The target's copy of `rel`, which a delta applies to.
+    fn delta_base(&self, rel: &[u8]) -> Result<File, String> {
+        match self.target.root().open_file(rel) {
+            Ok(Some((f, _))) => Ok(f),
+            Ok(None) => Err(format!(
+                "{}: no copy to apply a delta to",
+                paths::display(rel)
+            )),
+            Err(e) => Err(format!("{}: {e}", paths::display(rel))),
+        }
     }
 
     /// A temp file for `rel` in its parent directory, which the previous

@@ -11,7 +11,9 @@
 //! would replace), the daemon refuses to start (exit 2), naming how many
 //! and the first few, unless the target is *adopted* (`adopt = true` on
 //! it, or `run --adopt-target`): the usual migration from lsyncd or a seed
-//! made by rsync. A remote target is looked at the same way when the first
+//! made by rsync. An adopted target is looked at too (one walk of it, at
+//! its first start only), and what the start deletes there is logged: the
+//! count and the first paths. A remote target is looked at the same way when the first
 //! connection to it finds it so, and the connection is refused (the
 //! target is down, with the reason, until it is adopted or corrected).
 //!
@@ -59,6 +61,30 @@ impl Extraneous {
         };
         let noun = if self.count == 1 { "entry" } else { "entries" };
         format!("{} {noun} ({}{more})", self.count, names.join(", "))
+    }
+
+    /// What an adopted target's first start says it deletes, after the
+    /// target's name.
+    pub fn adopted(&self) -> String {
+        format!(
+            "adopted: this first start deletes {} that the source lacks (the delete mode \
+             removes at start what the source lacks)",
+            self.describe()
+        )
+    }
+
+    /// What the guard makes of a first write (see the module doc): `Err`
+    /// with the refusal, after the target's name, unless `adopt`; an
+    /// adopted target's deletions are logged.
+    pub fn judge(&self, name: &str, adopt: bool) -> Result<(), String> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        if !adopt {
+            return Err(self.refusal());
+        }
+        tracing::warn!("target {name} {}", self.adopted());
+        Ok(())
     }
 
     /// Why a first write is refused, after the target's name.

@@ -342,10 +342,15 @@ struct Guard {
     /// target: an index forgotten after that also needs the whole tree
     /// compared again by the shipper.
     scan_begun: AtomicBool,
-    /// The source and its filter, when a first connection must look for
-    /// what a start would delete (see [`super::adopt`]).
-    wrong_target: Option<(Arc<Root>, Arc<crate::filter::Filter>)>,
+    /// When a start deletes what the source lacks: what a first
+    /// connection looks for it with, and whether the target is adopted
+    /// (see [`super::adopt`]).
+    wrong_target: Option<WrongTarget>,
 }
+
+/// The source and its filter, to look for what a first start would
+/// delete, and whether the target is adopted (see [`super::adopt`]).
+pub type WrongTarget = (Arc<Root>, Arc<crate::filter::Filter>, bool);
 
 impl RemoteTarget {
     pub fn new(name: &str, spec: RemoteSpec, owner: bool) -> RemoteTarget {
@@ -534,7 +539,7 @@ impl RemoteTarget {
         &self,
         journal: Arc<crate::journal::Journal>,
         t: crate::journal::TargetId,
-        wrong_target: Option<(Arc<Root>, Arc<crate::filter::Filter>)>,
+        wrong_target: Option<WrongTarget>,
     ) {
         let _ = self.guard.set(Guard {
             journal,
@@ -563,16 +568,15 @@ impl RemoteTarget {
         let Some(g) = self.guard.get() else {
             return Ok(());
         };
-        if let Some((source, filter)) = &g.wrong_target {
+        if let Some((source, filter, adopt)) = &g.wrong_target {
             let first = super::identity::first_use_seen(&g.journal, g.t, seen)
                 .map_err(|e| e.to_string())?;
             if first {
-                let e = super::adopt::extraneous_by(source, filter, |visit| {
+                super::adopt::extraneous_by(source, filter, |visit| {
                     self.walk_on(Some(c), b"", visit, |_, _| {})
-                });
-                if e.count > 0 {
-                    return Err(format!("target {} {}", self.name, e.refusal()));
-                }
+                })
+                .judge(&self.name, *adopt)
+                .map_err(|why| format!("target {} {why}", self.name))?;
             }
         }
         let (distrust, mark) =
@@ -1189,159 +1193,11 @@ impl RemoteTarget {
                     .collect()
             }
         };
-        // What each entry becomes: decided here, or by the receiver's
-        // answer to the operation sent for it.
-        enum Plan {
-            Now(Result<Outcome, ApplyError>),
-            Sent {
-                slot: usize,
-                then: Then,
-                linking: Option<Linking>,
-            },
-        }
-        enum Then {
-            Dir { meta: Meta, f: u8 },
-            Copied { meta: Meta, bytes: u64 },
-            Deleted,
-        }
         let mut plans: Vec<Plan> = Vec::with_capacity(entries.len());
         let r = self.batch(|b| {
             for (i, &(rel, f)) in entries.iter().enumerate() {
                 let v = vouch.get(i).copied().unwrap_or(super::Vouch::Metadata);
-                if let (Some(sd), true) = (&src_dir, f & flags::LISTED_FILE != 0 && !rel.is_empty())
-                {
-                    // `file` finds out by its own `fstat` (see the flag),
-                    // and whether a doubt is needed.
-                    let (sent, linking) = b.file(sd.as_fd(), rel, None, (f, v))?;
-                    plans.push(match sent {
-                        FileSent::Sent { slot, meta, bytes } => Plan::Sent {
-                            slot,
-                            then: Then::Copied { meta, bytes },
-                            linking,
-                        },
-                        FileSent::Now(r) => Plan::Now(r),
-                    });
-                    continue;
-                }
-                let m = match &src_dir {
-                    None => None,
-                    Some(sd) if !rel.is_empty() => {
-                        match fsops::lstat_at(sd.as_fd(), paths::split(rel).1) {
-                            Ok(m) => m,
-                            Err(e) => {
-                                plans.push(Plan::Now(Err(ApplyError::source_read(rel, e))));
-                                continue;
-                            }
-                        }
-                    }
-                    Some(_) => match source.lstat(rel) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            plans.push(Plan::Now(Err(ApplyError::source_read(rel, e))));
-                            continue;
-                        }
-                    },
-                };
-                if super::needs_doubt(f, v, m.as_ref()) {
-                    plans.push(Plan::Now(Ok(Outcome::NeedsDoubt)));
-                    continue;
-                }
-                let plan = match m {
-                    None => {
-                        if rel.is_empty() || !policy.allows(f) {
-                            Plan::Now(Ok(Outcome::DeleteSkipped))
-                        } else {
-                            let slot = b.op(Op::Delete { rel: rel.to_vec() })?;
-                            Plan::Sent {
-                                slot,
-                                then: Then::Deleted,
-                                linking: None,
-                            }
-                        }
-                    }
-                    Some(m) => match m.kind {
-                        Kind::Other => Plan::Now(Ok(Outcome::Special)),
-                        k if k.is_special() && !self.keep.specials => {
-                            Plan::Now(Ok(Outcome::Special))
-                        }
-                        Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev => {
-                            let name = paths::split(rel).1;
-                            let xattrs = match &src_dir {
-                                Some(sd) => self.source_xattrs(Handle::At(sd.as_fd(), name), rel),
-                                None => Ok(None),
-                            };
-                            match xattrs {
-                                Err(e) => Plan::Now(Err(e)),
-                                Ok(xattrs) => {
-                                    let (linked, linking) = b.link_entry(rel, &m, &xattrs)?;
-                                    let slot = match linked {
-                                        Some(slot) => slot,
-                                        None => b.op(Op::Special {
-                                            rel: rel.to_vec(),
-                                            meta: m,
-                                            xattrs,
-                                        })?,
-                                    };
-                                    Plan::Sent {
-                                        slot,
-                                        then: Then::Copied { meta: m, bytes: 0 },
-                                        linking,
-                                    }
-                                }
-                            }
-                        }
-                        Kind::Dir => {
-                            let slot = b.op(Op::Mkdir { rel: rel.to_vec() })?;
-                            Plan::Sent {
-                                slot,
-                                then: Then::Dir { meta: m, f },
-                                linking: None,
-                            }
-                        }
-                        Kind::Symlink => match source
-                            .read_link(rel)
-                            .and_then(|t| Ok((t, self.keep.read_at(source, rel)?)))
-                        {
-                            Ok((text, xattrs)) => {
-                                let bytes = text.len() as u64;
-                                let (linked, linking) = b.link_entry(rel, &m, &xattrs)?;
-                                let slot = match linked {
-                                    Some(slot) => slot,
-                                    None => b.op(Op::Symlink {
-                                        rel: rel.to_vec(),
-                                        text,
-                                        meta: m,
-                                        xattrs,
-                                    })?,
-                                };
-                                Plan::Sent {
-                                    slot,
-                                    then: Then::Copied { meta: m, bytes },
-                                    linking,
-                                }
-                            }
-                            Err(e) if fsops::is_missing(&e) || e.raw_os_error() == Some(22) => {
-                                Plan::Now(Ok(Outcome::Vanished))
-                            }
-                            Err(e) => Plan::Now(Err(ApplyError::source_read(rel, e))),
-                        },
-                        Kind::File => match src_dir.as_ref() {
-                            None => Plan::Now(Ok(Outcome::Vanished)),
-                            Some(sd) => {
-                                let (sent, linking) = b.file(sd.as_fd(), rel, Some(&m), (f, v))?;
-                                match sent {
-                                    FileSent::Sent { slot, meta, bytes } => Plan::Sent {
-                                        slot,
-                                        then: Then::Copied { meta, bytes },
-                                        linking,
-                                    },
-                                    FileSent::Now(r) => Plan::Now(r),
-                                }
-                            }
-                        },
-                    },
-                };
-                plans.push(plan);
+                plans.push(self.plan(b, source, src_dir.as_ref(), (rel, f, v), policy)?);
             }
             Ok(())
         });
@@ -1358,42 +1214,162 @@ impl RemoteTarget {
         entries
             .iter()
             .zip(plans)
-            .map(|(&(rel, _), p)| match p {
-                Plan::Now(r) => r,
-                Plan::Sent {
-                    slot,
-                    then,
-                    linking,
-                } => match results
-                    .get(slot)
-                    .inspect(|r| Linking::settle(linking, r.is_ok()))
-                {
-                    None => Err(self.unreachable("batch result missing")),
-                    Some(Err(e)) => Err(ApplyError::target_write(rel, io::Error::other(e.clone()))),
-                    Some(Ok(done)) => Ok(match then {
-                        // A device the receiver may not make: not mirrored.
-                        Then::Copied { .. } if refused_device(done) => {
-                            self.note_refused(rel, done);
-                            Outcome::Special
-                        }
-                        Then::Deleted => Outcome::Deleted,
-                        Then::Copied { meta, bytes } => {
-                            self.note_refused(rel, done);
-                            Outcome::Copied { meta, bytes }
-                        }
-                        Then::Dir { meta, f } => {
-                            let created = matches!(done, Done::Dir { created: true });
-                            Outcome::Dir {
-                                meta,
-                                created,
-                                scan: f & flags::RECURSIVE != 0
-                                    || (created && f & flags::LIVE != 0),
-                            }
-                        }
-                    }),
-                },
-            })
+            .map(|(&(rel, _), p)| self.settle(rel, p, &results))
             .collect()
+    }
+
+    /// What entry `rel` (its flags `f`, what vouches for a look-alike `v`)
+    /// becomes in batch `b`: an operation sent, or an outcome decided here.
+    /// `src_dir`: its source directory (`None`: gone).
+    fn plan(
+        &self,
+        b: &mut BatchSender<'_>,
+        source: &Root,
+        src_dir: Option<&OwnedFd>,
+        (rel, f, v): (&[u8], u8, super::Vouch),
+        policy: DeletePolicy,
+    ) -> Result<Plan, ApplyError> {
+        if let (Some(sd), true) = (src_dir, f & flags::LISTED_FILE != 0 && !rel.is_empty()) {
+            // `file` finds out by its own `fstat` (see the flag), and
+            // whether a doubt is needed.
+            let (sent, linking) = b.file(sd.as_fd(), rel, None, (f, v))?;
+            return Ok(Plan::of_file(sent, linking));
+        }
+        let m = match src_dir {
+            None => Ok(None),
+            Some(sd) if !rel.is_empty() => fsops::lstat_at(sd.as_fd(), paths::split(rel).1),
+            Some(_) => source.lstat(rel),
+        };
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => return Ok(Plan::Now(Err(ApplyError::source_read(rel, e)))),
+        };
+        if super::needs_doubt(f, v, m.as_ref()) {
+            return Ok(Plan::Now(Ok(Outcome::NeedsDoubt)));
+        }
+        let Some(m) = m else {
+            if rel.is_empty() || !policy.allows(f) {
+                return Ok(Plan::Now(Ok(Outcome::DeleteSkipped)));
+            }
+            let slot = b.op(Op::Delete { rel: rel.to_vec() })?;
+            return Ok(Plan::sent(slot, Then::Deleted, None));
+        };
+        Ok(match m.kind {
+            Kind::Other => Plan::Now(Ok(Outcome::Special)),
+            k if k.is_special() && !self.keep.specials => Plan::Now(Ok(Outcome::Special)),
+            Kind::Fifo | Kind::Socket | Kind::CharDev | Kind::BlockDev => {
+                let name = paths::split(rel).1;
+                let xattrs = match src_dir {
+                    Some(sd) => self.source_xattrs(Handle::At(sd.as_fd(), name), rel),
+                    None => Ok(None),
+                };
+                match xattrs {
+                    Err(e) => Plan::Now(Err(e)),
+                    Ok(xattrs) => {
+                        let (linked, linking) = b.link_entry(rel, &m, &xattrs)?;
+                        let slot = match linked {
+                            Some(slot) => slot,
+                            None => b.op(Op::Special {
+                                rel: rel.to_vec(),
+                                meta: m,
+                                xattrs,
+                            })?,
+                        };
+                        Plan::sent(slot, Then::Copied { meta: m, bytes: 0 }, linking)
+                    }
+                }
+            }
+            Kind::Dir => {
+                let slot = b.op(Op::Mkdir { rel: rel.to_vec() })?;
+                Plan::sent(slot, Then::Dir { meta: m, f }, None)
+            }
+            Kind::Symlink => self.plan_symlink(b, source, rel, m)?,
+            Kind::File => match src_dir {
+                None => Plan::Now(Ok(Outcome::Vanished)),
+                Some(sd) => {
+                    let (sent, linking) = b.file(sd.as_fd(), rel, Some(&m), (f, v))?;
+                    Plan::of_file(sent, linking)
+                }
+            },
+        })
+    }
+
+    /// [`RemoteTarget::plan`] of symlink `rel` (`m`).
+    fn plan_symlink(
+        &self,
+        b: &mut BatchSender<'_>,
+        source: &Root,
+        rel: &[u8],
+        m: Meta,
+    ) -> Result<Plan, ApplyError> {
+        let read = source
+            .read_link(rel)
+            .and_then(|t| Ok((t, self.keep.read_at(source, rel)?)));
+        Ok(match read {
+            Ok((text, xattrs)) => {
+                let bytes = text.len() as u64;
+                let (linked, linking) = b.link_entry(rel, &m, &xattrs)?;
+                let slot = match linked {
+                    Some(slot) => slot,
+                    None => b.op(Op::Symlink {
+                        rel: rel.to_vec(),
+                        text,
+                        meta: m,
+                        xattrs,
+                    })?,
+                };
+                Plan::sent(slot, Then::Copied { meta: m, bytes }, linking)
+            }
+            Err(e) if fsops::is_missing(&e) || e.raw_os_error() == Some(22) => {
+                Plan::Now(Ok(Outcome::Vanished))
+            }
+            Err(e) => Plan::Now(Err(ApplyError::source_read(rel, e))),
+        })
+    }
+
+    /// What `rel` became, by its plan `p` and the batch's `results`.
+    fn settle(
+        &self,
+        rel: &[u8],
+        p: Plan,
+        results: &[Result<Done, String>],
+    ) -> Result<Outcome, ApplyError> {
+        let (slot, then, linking) = match p {
+            Plan::Now(r) => return r,
+            Plan::Sent {
+                slot,
+                then,
+                linking,
+            } => (slot, then, linking),
+        };
+        let done = match results
+            .get(slot)
+            .inspect(|r| Linking::settle(linking, r.is_ok()))
+        {
+            None => return Err(self.unreachable("batch result missing")),
+            Some(Err(e)) => return Err(ApplyError::target_write(rel, io::Error::other(e.clone()))),
+            Some(Ok(done)) => done,
+        };
+        Ok(match then {
+            // A device the receiver may not make: not mirrored.
+            Then::Copied { .. } if refused_device(done) => {
+                self.note_refused(rel, done);
+                Outcome::Special
+            }
+            Then::Deleted => Outcome::Deleted,
+            Then::Copied { meta, bytes } => {
+                self.note_refused(rel, done);
+                Outcome::Copied { meta, bytes }
+            }
+            Then::Dir { meta, f } => {
+                let created = matches!(done, Done::Dir { created: true });
+                Outcome::Dir {
+                    meta,
+                    created,
+                    scan: f & flags::RECURSIVE != 0 || (created && f & flags::LIVE != 0),
+                }
+            }
+        })
     }
 
     /// The target's entries below `start`, walked in parallel (one listing
@@ -1470,6 +1446,44 @@ impl RemoteTarget {
                 _ => None,
             },
         )
+    }
+}
+
+/// What an entry of a group becomes: decided before the batch, or by the
+/// receiver's answer to the operation sent for it.
+enum Plan {
+    Now(Result<Outcome, ApplyError>),
+    Sent {
+        slot: usize,
+        then: Then,
+        linking: Option<Linking>,
+    },
+}
+
+/// What a sent operation means once the receiver did it.
+enum Then {
+    Dir { meta: Meta, f: u8 },
+    Copied { meta: Meta, bytes: u64 },
+    Deleted,
+}
+
+impl Plan {
+    fn sent(slot: usize, then: Then, linking: Option<Linking>) -> Plan {
+        Plan::Sent {
+            slot,
+            then,
+            linking,
+        }
+    }
+
+    /// A file's plan, by what sending it did.
+    fn of_file(sent: FileSent, linking: Option<Linking>) -> Plan {
+        match sent {
+            FileSent::Sent { slot, meta, bytes } => {
+                Plan::sent(slot, Then::Copied { meta, bytes }, linking)
+            }
+            FileSent::Now(r) => Plan::Now(r),
+        }
     }
 }
 

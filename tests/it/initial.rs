@@ -391,6 +391,37 @@ fn a_first_start_on_a_directory_of_other_files_is_refused_until_adopted() {
         assert!(mark.is_err(), "the target was marked");
     };
     untouched(&env);
+    // Byte for byte as it was: every name, type, size, mtime and content.
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+    let tree = |root: &Path| -> Vec<(String, u64, i64, Vec<u8>)> {
+        let mut v = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).expect("read_dir") {
+                let p = e.expect("entry").path();
+                let md = std::fs::symlink_metadata(&p).expect("lstat");
+                let data = if md.is_file() { read(&p) } else { Vec::new() };
+                v.push((
+                    p.display().to_string(),
+                    md.mode() as u64,
+                    md.mtime_nsec() + md.mtime() * 1_000_000_000,
+                    data,
+                ));
+                if md.is_dir() {
+                    stack.push(p);
+                }
+            }
+        }
+        v.sort();
+        v
+    };
+    let before = tree(&env.dst);
+    assert_eq!(
+        drmirror(&env.run_args(&["--metrics", "off"]), secs(60)).code,
+        Some(2)
+    );
+    assert_eq!(tree(&env.dst), before, "a refused start changed the target");
     // Kept with delete = false: nothing to guard against.
     let d = env.start(&["--metrics", "off", "--delete", "false"]);
     d.wait_initial_sync(secs(60));
@@ -402,6 +433,11 @@ fn a_first_start_on_a_directory_of_other_files_is_refused_until_adopted() {
     write(&env.s("a"), b"source");
     write(&env.d("seeded_by_rsync"), b"old");
     let d = env.start(&["--metrics", "off", "--adopt-target"]);
+    // What the adopted start deletes, said.
+    d.wait_log(
+        "adopted: this first start deletes 1 entry (seeded_by_rsync) that the source lacks",
+        secs(60),
+    );
     d.wait_initial_sync(secs(60));
     env.converge(&["--checksum"], &d);
     assert!(!exists(&env.d("seeded_by_rsync")));
@@ -435,6 +471,10 @@ fn a_first_connection_to_a_remote_directory_of_other_files_is_refused_until_adop
     assert!(!exists(&env.d("a")));
     d.terminate();
     let d = start_config(&env, &format!("{toml}adopt = true\n"));
+    d.wait_log(
+        "adopted: this first start deletes 1 entry (notes)",
+        secs(60),
+    );
     d.wait_initial_sync(secs(60));
     env.converge(&["--checksum"], &d);
     d.terminate();
