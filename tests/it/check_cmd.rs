@@ -5,40 +5,20 @@
 use crate::util::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-/// Every entry below `root`: (inode, ctime, mtime, size), and the root's
-/// extended attributes (where a mark would go).
-type Snapshot = (BTreeMap<String, (u64, i64, i64, u64)>, Vec<u8>);
+/// Every entry below `root` (see [`tree_state`]), and the root's extended
+/// attributes (where a mark would go).
+type Snapshot = (BTreeMap<String, EntryState>, Vec<u8>);
 
 fn snapshot(root: &Path) -> Snapshot {
-    let mut m = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir") {
-            let p = e.expect("entry").path();
-            let md = std::fs::symlink_metadata(&p).expect("lstat");
-            let rel = p.strip_prefix(root).expect("below").display().to_string();
-            let key = (
-                md.ino(),
-                md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-                md.mtime(),
-                md.size(),
-            );
-            m.insert(rel, key);
-            if md.is_dir() {
-                stack.push(p);
-            }
-        }
-    }
     let x = std::process::Command::new("getfattr")
         .args(["-d", "-m", "-"])
         .arg(root)
         .output()
         .map(|o| o.stdout)
         .unwrap_or_default();
-    (m, x)
+    (tree_state(root), x)
 }
 
 /// A source and a target that differs from it in every way a start

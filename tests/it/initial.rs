@@ -392,36 +392,16 @@ fn a_first_start_on_a_directory_of_other_files_is_refused_until_adopted() {
     };
     untouched(&env);
     // Byte for byte as it was: every name, type, size, mtime and content.
-    use std::os::unix::fs::MetadataExt;
-    use std::path::Path;
-    let tree = |root: &Path| -> Vec<(String, u64, i64, Vec<u8>)> {
-        let mut v = Vec::new();
-        let mut stack = vec![root.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).expect("read_dir") {
-                let p = e.expect("entry").path();
-                let md = std::fs::symlink_metadata(&p).expect("lstat");
-                let data = if md.is_file() { read(&p) } else { Vec::new() };
-                v.push((
-                    p.display().to_string(),
-                    md.mode() as u64,
-                    md.mtime_nsec() + md.mtime() * 1_000_000_000,
-                    data,
-                ));
-                if md.is_dir() {
-                    stack.push(p);
-                }
-            }
-        }
-        v.sort();
-        v
-    };
-    let before = tree(&env.dst);
+    let before = tree_state(&env.dst);
     assert_eq!(
         drmirror(&env.run_args(&["--metrics", "off"]), secs(60)).code,
         Some(2)
     );
-    assert_eq!(tree(&env.dst), before, "a refused start changed the target");
+    assert_eq!(
+        tree_state(&env.dst),
+        before,
+        "a refused start changed the target"
+    );
     // Kept with delete = false: nothing to guard against.
     let d = env.start(&["--metrics", "off", "--delete", "false"]);
     d.wait_initial_sync(secs(60));

@@ -1696,3 +1696,43 @@ pub fn rewrite_without_pause(path: &Path, stop: &std::sync::atomic::AtomicBool) 
     }
     n
 }
+
+/// One entry of a tree as [`tree_state`] records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryState {
+    pub mode: u32,
+    pub ino: u64,
+    pub ctime_ns: i64,
+    pub mtime_ns: i64,
+    pub size: u64,
+    /// A regular file's content.
+    pub content: Vec<u8>,
+}
+
+/// Every entry below `root` (its path relative to `root` → its state): a
+/// tree compared before and after shows whatever was written, replaced or
+/// removed there.
+pub fn tree_state(root: &Path) -> std::collections::BTreeMap<String, EntryState> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap_or_else(|e| panic!("read_dir {}: {e}", d.display())) {
+            let p = e.expect("entry").path();
+            let md = fs::symlink_metadata(&p).expect("lstat");
+            let rel = p.strip_prefix(root).expect("below").display().to_string();
+            let state = EntryState {
+                mode: md.mode(),
+                ino: md.ino(),
+                ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+                mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+                size: md.size(),
+                content: if md.is_file() { read(&p) } else { Vec::new() },
+            };
+            out.insert(rel, state);
+            if md.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
