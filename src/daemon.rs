@@ -474,24 +474,32 @@ struct TargetRun {
 
 /// What every target's shipper shares (see [`new_shipper`]).
 struct ShipperSetup<'a> {
-    journal: &'a Arc<Journal>,
-    source: &'a Arc<Root>,
-    filter: &'a Arc<Filter>,
-    policy: DeletePolicy,
-    owner: bool,
+    sh: &'a Shared,
     delay: Duration,
-    stop: &'a Arc<AtomicBool>,
-    board: &'a Arc<crate::status::Board>,
-    scan_pool: &'a Arc<rayon::ThreadPool>,
     /// This boot's id (see [`forget_unflushed`]).
     boot: &'a Option<Vec<u8>>,
     run_seq0: u64,
 }
 
+/// What a run's threads share: the journal, the source and its filter,
+/// how the targets are written, the status board, the stop flag and the
+/// scans' pool.
+#[derive(Clone)]
+struct Shared {
+    journal: Arc<Journal>,
+    source: Arc<Root>,
+    filter: Arc<Filter>,
+    policy: DeletePolicy,
+    owner: bool,
+    board: Arc<crate::status::Board>,
+    stop: Arc<AtomicBool>,
+    scan_pool: Arc<rayon::ThreadPool>,
+}
+
 /// The shipper of target `t` (the `i`th), its progress shown in `status`.
 fn new_shipper(t: &TargetRun, i: usize, s: &ShipperSetup<'_>) -> Shipper {
     let stats = Arc::new(ShipStats::default());
-    s.board.track_sync(
+    s.sh.board.track_sync(
         &t.name,
         crate::progress::Tracked {
             scan: t.scan_stats.clone(),
@@ -510,15 +518,15 @@ fn new_shipper(t: &TargetRun, i: usize, s: &ShipperSetup<'_>) -> Shipper {
         progress_bar: None,
         t: t.id,
         name: t.name.clone(),
-        journal: s.journal.clone(),
-        source: s.source.clone(),
+        journal: s.sh.journal.clone(),
+        source: s.sh.source.clone(),
         target: t.target.clone(),
-        filter: s.filter.clone(),
-        policy: s.policy,
-        owner: s.owner,
+        filter: s.sh.filter.clone(),
+        policy: s.sh.policy,
+        owner: s.sh.owner,
         delay: s.delay,
         wake: t.wake_rx.clone(),
-        stop: s.stop.clone(),
+        stop: s.sh.stop.clone(),
         stats,
         scan_done: t.scan_done.clone(),
         hurry: t.hurry.clone(),
@@ -531,9 +539,9 @@ fn new_shipper(t: &TargetRun, i: usize, s: &ShipperSetup<'_>) -> Shipper {
         acc_wrote: false,
         last_flush: Instant::now(),
         flush_tx: None,
-        board: s.board.clone(),
+        board: s.sh.board.clone(),
         last_report: None,
-        scan_pool: s.scan_pool.clone(),
+        scan_pool: s.sh.scan_pool.clone(),
         io_pool: match *t.target {
             Target::Remote(_) => rayon::ThreadPoolBuilder::new()
                 .num_threads(crate::ship::REMOTE_IN_FLIGHT)
@@ -658,6 +666,7 @@ struct CaptureSetup<'a> {
 
 /// What a start must scan, as capture was set up (see
 /// [`CaptureSetup::start`]).
+#[derive(Clone, Copy)]
 struct Capture {
     /// Capture ran without a gap since the last run started: a startup
     /// scan it did not finish can resume from its checkpoint.
@@ -858,32 +867,18 @@ fn keep_own_writes_out(
 /// itself where not) and enqueues what differs; then says so
 /// (`scan_done`), which the lag and the heartbeat wait for.
 struct StartupScan {
+    sh: Shared,
     id: TargetId,
     name: String,
-    journal: Arc<Journal>,
-    source: Arc<Root>,
     target: Arc<Target>,
-    filter: Arc<Filter>,
-    owner: bool,
-    policy: DeletePolicy,
-    board: Arc<crate::status::Board>,
-    stop: Arc<AtomicBool>,
-    scan_pool: Arc<rayon::ThreadPool>,
     dirs_seen: Option<Sender<Vec<Vec<u8>>>>,
     complete_watch: Option<crate::watch::CompleteWatch>,
     scan_done: Arc<AtomicBool>,
     stats: Arc<ScanStats>,
     wake: Sender<()>,
     hurry: crate::ship::Hurry,
-    /// Capture was handed over without a gap and every scan had finished:
-    /// nothing to compare.
-    seamless: bool,
-    /// Capture was handed over without a gap: a scan cut short resumes
-    /// from its checkpoint.
-    gapless: bool,
-    /// When capture was last known whole, if events may have been lost
-    /// since (ns since the epoch; see `Compare::changed_dirs_first`).
-    whole_until: Option<u64>,
+    /// What capture's set-up leaves this scan to do.
+    cap: Capture,
     absent_ok: bool,
     /// Directories that may hold temporary files of copies cut short (see
     /// `Journal::pending_parents`), when they could be listed.
@@ -892,12 +887,12 @@ struct StartupScan {
 
 impl StartupScan {
     fn run(self) -> Result<(), DaemonError> {
-        if self.seamless {
+        if self.cap.seamless {
             tracing::info!(
                 "startup scan skipped target={}: capture was handed over and nothing was missed",
                 self.name
             );
-            self.board.update(|s| s.scan_running = false);
+            self.sh.board.update(|s| s.scan_running = false);
             self.done();
             return Ok(());
         }
@@ -906,8 +901,9 @@ impl StartupScan {
         }
         self.check_index_sample()?;
         let resume = self.resume_list()?;
-        let expected = self.journal.scan_entries(self.id)?;
-        self.board
+        let expected = self.sh.journal.scan_entries(self.id)?;
+        self.sh
+            .board
             .track_scan(self.stats.clone(), expected.unwrap_or(0));
         let pb = crate::progress::spinner(&format!(
             "{{spinner}} startup scan of {}: {{pos}} entries compared ({{per_sec}})",
@@ -916,14 +912,14 @@ impl StartupScan {
         let cmp = Compare {
             // The journal's distrust applies (see `journal::trust`).
             distrust: &[],
-            source: &self.source,
+            source: &self.sh.source,
             target: &self.target,
-            journal: &self.journal,
+            journal: &self.sh.journal,
             t: self.id,
-            filter: &self.filter,
-            owner: self.owner,
+            filter: &self.sh.filter,
+            owner: self.sh.owner,
             stats: &self.stats,
-            stop: &self.stop,
+            stop: &self.sh.stop,
             progress: Some(&pb),
             dirs_seen: self.dirs_seen.as_ref(),
             absent_ok: self.absent_ok,
@@ -937,7 +933,7 @@ impl StartupScan {
         // with the target's listing, and a first pass would only send the
         // root's files a second time (its entries in flight when the walk
         // compares them again).
-        if !self.journal.index_children(self.id, b"")?.is_empty() {
+        if !self.sh.journal.index_children(self.id, b"")?.is_empty() {
             self.changed_dirs_first(&cmp, t0)?;
         }
         // Compare nothing that capture would not also see change from then
@@ -953,9 +949,10 @@ impl StartupScan {
         let deletions = self.deletions(&cmp)?;
         self.stats
             .walk_seq0
-            .store(self.journal.seq_now(), Ordering::Release);
+            .store(self.sh.journal.seq_now(), Ordering::Release);
         let t_walk = Instant::now();
         let r = self
+            .sh
             .scan_pool
             .install(|| cmp.reconcile(b"", flags::STARTUP, Some(&resume), deletions));
         let walk_ms = t_walk.elapsed().as_millis();
@@ -963,7 +960,7 @@ impl StartupScan {
         metrics::gauge!("drmirror_scan_running").decrement(1.0);
         metrics::gauge!("drmirror_startup_scan_in_progress", "target" => self.name.clone())
             .set(0.0);
-        self.board.update(|s| s.scan_running = false);
+        self.sh.board.update(|s| s.scan_running = false);
         r.and_then(|()| self.record_complete(deletions))?;
         let secs = t0.elapsed().saturating_sub(waited).as_secs_f64();
         let scanned = self.stats.scanned.load(Ordering::Relaxed);
@@ -986,7 +983,7 @@ impl StartupScan {
         );
         // What it found is enqueued, stamped with the floor: the lag stays
         // until that is applied.
-        self.journal.clear_startup_floor(self.id);
+        self.sh.journal.clear_startup_floor(self.id);
         self.done();
         Ok(())
     }
@@ -1005,13 +1002,14 @@ impl StartupScan {
             Target::Local(l) => paths.iter().map(|p| l.root().lstat(p)).collect(),
             Target::Remote(r) => r.lstat_many(paths),
         };
-        if let Some(why) = identity::sample_holds(&self.journal, self.id, self.owner, lookup)? {
+        if let Some(why) = identity::sample_holds(&self.sh.journal, self.id, self.sh.owner, lookup)?
+        {
             tracing::warn!(
                 "target {}: {why}: comparing the whole target with the \
                  source, not trusting what the journal says it holds",
                 self.name
             );
-            self.journal.forget_target(self.id)?;
+            self.sh.journal.forget_target(self.id)?;
         } else {
             tracing::debug!(target = %self.name, ms = t0.elapsed().as_millis() as u64, "index sample checked");
         }
@@ -1022,8 +1020,8 @@ impl StartupScan {
     /// resume (only a scan that was cut short has a checkpoint); the scan
     /// is marked incomplete until it ends.
     fn resume_list(&self) -> Result<HashSet<Vec<u8>>, DaemonError> {
-        let (j, id) = (&self.journal, self.id);
-        let resume = if !j.scan_complete(id)? && self.gapless {
+        let (j, id) = (&self.sh.journal, self.id);
+        let resume = if !j.scan_complete(id)? && self.cap.gapless {
             j.recon_done_list(id)?
         } else {
             j.recon_done_clear(id)?;
@@ -1053,9 +1051,11 @@ impl StartupScan {
         };
         // The filesystem stamps changes with a clock up to a tick behind.
         let recent = self
+            .cap
             .whole_until
             .map(|ns| ns.saturating_sub(1_000_000_000) as i64);
         let n = self
+            .sh
             .scan_pool
             .install(|| pre.changed_dirs_first(flags::STARTUP, recent))?;
         tracing::info!(
@@ -1076,12 +1076,13 @@ impl StartupScan {
     /// that scan must also have deleted the extras it found (not so under a
     /// policy that kept them).
     fn deletions(&self, cmp: &Compare) -> Result<Deletions, DaemonError> {
-        let (j, id) = (&self.journal, self.id);
+        let (j, id) = (&self.sh.journal, self.id);
         let index_whole =
-            j.index_whole(id)? && (!self.policy.at_startup || j.scan_deleted_extras(id)?);
+            j.index_whole(id)? && (!self.sh.policy.at_startup || j.scan_deleted_extras(id)?);
         Ok(match &self.temp_dirs {
             Some(dirs) if index_whole => {
-                self.scan_pool
+                self.sh
+                    .scan_pool
                     .install(|| cmp.remove_stale_temps(dirs, flags::STARTUP))?;
                 Deletions::Index
             }
@@ -1092,14 +1093,14 @@ impl StartupScan {
     /// Records a walk that ran to the end (one cut short by a stop must run
     /// again next time).
     fn record_complete(&self, deletions: Deletions) -> Result<(), JournalError> {
-        if self.stop.load(Ordering::Relaxed) {
+        if self.sh.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let (j, id) = (&self.journal, self.id);
+        let (j, id) = (&self.sh.journal, self.id);
         j.set_scan_complete(id, true)?;
         j.set_index_whole(id)?;
         if deletions == Deletions::TargetListing {
-            j.set_scan_deleted_extras(id, self.policy.at_startup)?;
+            j.set_scan_deleted_extras(id, self.sh.policy.at_startup)?;
         }
         j.recon_done_clear(id)?;
         // A whole walk: the next one's 100%.
@@ -1167,19 +1168,7 @@ fn run_daemon(
     let stop = Arc::new(AtomicBool::new(false));
     let sup = Arc::new(Supervisor::new(stop.clone(), fatal_tx));
     let scan_pool = new_scan_pool()?;
-    let mut threads: Vec<JoinHandle<()>> = Vec::new();
-    {
-        let listener =
-            crate::status::bind(&cfg.state_dir).map_err(|source| DaemonError::StateDir {
-                path: cfg.state_dir.join(crate::status::SOCKET_NAME),
-                source,
-            })?;
-        let (board, stop) = (board.clone(), stop.clone());
-        threads.push(sup.spawn("status", Role::Essential, move || {
-            listener.serve(&board, &stop);
-            Ok(())
-        })?);
-    }
+    let mut threads: Vec<JoinHandle<()>> = vec![spawn_status(&sup, &cfg.state_dir, &board, &stop)?];
     let pulse = crate::pulse::Pulse {
         journal: journal.clone(),
         targets: targets.iter().map(|t| (t.id, t.name.clone())).collect(),
@@ -1189,14 +1178,7 @@ fn run_daemon(
         stop: stop.clone(),
         process: Default::default(),
     };
-    pulse.prime()?;
-    if let Some((addr, e)) = endpoint {
-        match e.serve() {
-            Ok(()) => tracing::info!("metrics on http://{addr}/metrics"),
-            Err(e) => tracing::error!("{e}; running without the metrics endpoint"),
-        }
-    }
-    threads.push(sup.spawn("pulse", Role::Essential, move || pulse.run())?);
+    threads.push(spawn_pulse(&sup, pulse, endpoint)?);
     tracing::info!(
         "drmirror ready backend={} watches={} source={} targets={} setup_ms={} ({})",
         watcher.backend(),
@@ -1217,16 +1199,19 @@ fn run_daemon(
     )?);
 
     // Shippers, scrubs and startup scans.
-    let ship = ShipperSetup {
-        journal: &journal,
-        source: &source,
-        filter: &filter,
+    let sh = Shared {
+        journal: journal.clone(),
+        source,
+        filter,
         policy,
         owner,
+        board,
+        stop: stop.clone(),
+        scan_pool,
+    };
+    let ship = ShipperSetup {
+        sh: &sh,
         delay: cfg.delay,
-        stop: &stop,
-        board: &board,
-        scan_pool: &scan_pool,
         boot: &boot,
         run_seq0,
     };
@@ -1341,6 +1326,41 @@ fn new_scan_pool() -> Result<Arc<rayon::ThreadPool>, DaemonError> {
     Ok(Arc::new(pool))
 }
 
+/// Publishes the first figures, then serves the metrics (`endpoint`) and
+/// starts the pulse that keeps them current.
+fn spawn_pulse(
+    sup: &Arc<Supervisor>,
+    pulse: crate::pulse::Pulse,
+    endpoint: Option<(std::net::SocketAddr, crate::telemetry::Endpoint)>,
+) -> Result<JoinHandle<()>, DaemonError> {
+    pulse.prime()?;
+    if let Some((addr, e)) = endpoint {
+        match e.serve() {
+            Ok(()) => tracing::info!("metrics on http://{addr}/metrics"),
+            Err(e) => tracing::error!("{e}; running without the metrics endpoint"),
+        }
+    }
+    sup.spawn("pulse", Role::Essential, move || pulse.run())
+}
+
+/// Serves `drmirror status` on the state directory's socket.
+fn spawn_status(
+    sup: &Arc<Supervisor>,
+    state_dir: &Path,
+    board: &Arc<crate::status::Board>,
+    stop: &Arc<AtomicBool>,
+) -> Result<JoinHandle<()>, DaemonError> {
+    let listener = crate::status::bind(state_dir).map_err(|source| DaemonError::StateDir {
+        path: state_dir.join(crate::status::SOCKET_NAME),
+        source,
+    })?;
+    let (board, stop) = (board.clone(), stop.clone());
+    sup.spawn("status", Role::Essential, move || {
+        listener.serve(&board, &stop);
+        Ok(())
+    })
+}
+
 /// Tells systemd capture is live (`READY=1`; the scan follows) and starts
 /// the capture thread.
 fn spawn_capture(
@@ -1401,7 +1421,7 @@ fn spawn_target(
     (dirs_seen, complete_watch): Feeds,
     scrub: Option<Duration>,
 ) -> Result<(), DaemonError> {
-    let journal = s.journal;
+    let journal = &s.sh.journal;
     // Before this run ships anything (see `Journal::pending_parents`).
     let temp_dirs = if cap.seamless {
         None
@@ -1416,19 +1436,20 @@ fn spawn_target(
         })?,
     );
     if let Some(interval) = scrub {
+        let sh = s.sh;
         let scrub = crate::scrub::Scrub {
             t: t.id,
             name: t.name.clone(),
             journal: journal.clone(),
-            source: s.source.clone(),
+            source: sh.source.clone(),
             target: t.target.clone(),
-            filter: s.filter.clone(),
-            owner: s.owner,
+            filter: sh.filter.clone(),
+            owner: sh.owner,
             interval,
             scan_done: t.scan_done.clone(),
             wake: t.wake.clone(),
-            board: s.board.clone(),
-            stop: s.stop.clone(),
+            board: sh.board.clone(),
+            stop: sh.stop.clone(),
         };
         threads.push(
             sup.spawn(format!("scrub-{}", t.id), Role::Essential, move || {
@@ -1437,26 +1458,17 @@ fn spawn_target(
         );
     }
     let scan = StartupScan {
+        sh: s.sh.clone(),
         id: t.id,
         name: t.name.clone(),
-        journal: journal.clone(),
-        source: s.source.clone(),
         target: t.target.clone(),
-        filter: s.filter.clone(),
-        owner: s.owner,
-        policy: s.policy,
-        board: s.board.clone(),
-        stop: s.stop.clone(),
-        scan_pool: s.scan_pool.clone(),
         dirs_seen,
         complete_watch,
         scan_done: t.scan_done.clone(),
         stats: t.scan_stats.clone(),
         wake: t.wake.clone(),
         hurry: t.hurry.clone(),
-        seamless: cap.seamless,
-        gapless: cap.gapless,
-        whole_until: cap.whole_until,
+        cap: *cap,
         absent_ok,
         temp_dirs,
     };

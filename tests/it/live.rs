@@ -117,8 +117,9 @@ fn live_rename_within_dir_keeps_inode(b: Backend) {
     assert_eq!(
         ino(&env.d("dir/new.txt")),
         ino0,
-        "target inode changed: the rename was applied as delete + copy, not as a rename\n{}",
-        d.log_tail()
+        "target inode changed: the rename was applied as delete + copy, not as a rename\n{}\n{}",
+        d.log_tail(),
+        keep_for_study(&env.src)
     );
 
     // Rename over an existing file.
@@ -128,8 +129,9 @@ fn live_rename_within_dir_keeps_inode(b: Backend) {
     assert_eq!(
         ino(&env.d("dir/x")),
         ino0,
-        "rename over an existing file was not applied as a rename\n{}",
-        d.log_tail()
+        "rename over an existing file was not applied as a rename\n{}\n{}",
+        d.log_tail(),
+        keep_for_study(&env.src)
     );
     d.terminate();
 }
